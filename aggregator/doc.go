@@ -1,0 +1,19 @@
+// Package aggregator is the first stage of dimsum's ingest path. It validates
+// each pushed event against the schema, rolls it up in memory into every
+// cuboid of its family's lattice for the window the event falls in, and once
+// the window's grace period has passed flushes the window's partial cube to a
+// combiner.
+//
+// Events later than the grace period still count: they reopen their window,
+// which goes out in the next flush as a late delta under a new sequence
+// number, up to MaxLateness. Every flush carries the identity (source, window,
+// sequence), so a combiner applies a retried flush once.
+//
+//	a, err := aggregator.New(aggregator.Options{Schema: s, Sink: sink})
+//	if err != nil { ... }
+//	defer a.Close() // flushes every window, open or not
+//	resp, err := a.Push(req) // resp.Rejects lists each refused event
+//
+// A batch is acknowledged once it is in the in-memory cube; a process crash
+// before the window is flushed loses it (see docs/architecture.md).
+package aggregator

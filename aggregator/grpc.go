@@ -1,0 +1,46 @@
+package aggregator
+
+import (
+	"context"
+	"errors"
+
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/dimsum/dimsum/wire/wirepb"
+)
+
+// Register serves the aggregator's Ingest service on s.
+func (a *Aggregator) Register(s *grpc.Server) {
+	wirepb.RegisterIngestServer(s, ingestServer{a: a})
+}
+
+type ingestServer struct {
+	wirepb.UnimplementedIngestServer
+	a *Aggregator
+}
+
+func (s ingestServer) Push(_ context.Context, req *wirepb.PushRequest) (*wirepb.PushResponse, error) {
+	resp, err := s.a.Push(req)
+	if err != nil {
+		return nil, grpcError(err)
+	}
+	return resp, nil
+}
+
+// grpcError maps an aggregator error to the status a publisher sees.
+func grpcError(err error) error {
+	switch {
+	case errors.Is(err, ErrBatchTooLarge):
+		st, _ := status.New(codes.InvalidArgument, err.Error()).WithDetails(&errdetails.BadRequest{
+			FieldViolations: []*errdetails.BadRequest_FieldViolation{{Field: "events", Description: err.Error()}},
+		})
+		return st.Err()
+	case errors.Is(err, ErrClosed):
+		return status.Error(codes.Unavailable, err.Error())
+	default:
+		return status.Error(codes.Internal, err.Error())
+	}
+}

@@ -1,0 +1,66 @@
+package aggregator
+
+import (
+	"strings"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/dimsum/dimsum/wire/wirepb"
+)
+
+type metrics struct {
+	accepted       prometheus.Counter
+	rejected       *prometheus.CounterVec
+	late           prometheus.Counter
+	batchesRefused prometheus.Counter
+	flushes        prometheus.Counter
+	flushedCells   prometheus.Counter
+	flushErrors    prometheus.Counter
+	openWindows    prometheus.Gauge
+}
+
+func newMetrics(reg prometheus.Registerer) *metrics {
+	m := &metrics{
+		accepted: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "dimsum_aggregator_events_accepted_total",
+			Help: "Events validated and counted into the in-memory cube.",
+		}),
+		rejected: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "dimsum_aggregator_events_rejected_total",
+			Help: "Events refused, by reason; each was reported to its publisher.",
+		}, []string{"reason"}),
+		late: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "dimsum_aggregator_events_late_total",
+			Help: "Accepted events whose window had already closed; they went out as late deltas.",
+		}),
+		batchesRefused: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "dimsum_aggregator_batches_refused_total",
+			Help: "Whole batches refused for exceeding the batch size limit.",
+		}),
+		flushes: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "dimsum_aggregator_flushes_total",
+			Help: "Partial cubes taken by a combiner.",
+		}),
+		flushedCells: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "dimsum_aggregator_flushed_cells_total",
+			Help: "Cells in the partial cubes taken by a combiner.",
+		}),
+		flushErrors: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "dimsum_aggregator_flush_errors_total",
+			Help: "Failed flush attempts; each is retried with backoff.",
+		}),
+		openWindows: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "dimsum_aggregator_open_windows",
+			Help: "Windows held in memory, waiting for their grace period to pass.",
+		}),
+	}
+	if reg != nil {
+		reg.MustRegister(m.accepted, m.rejected, m.late, m.batchesRefused, m.flushes, m.flushedCells, m.flushErrors, m.openWindows)
+	}
+	return m
+}
+
+// reasonLabel turns REJECT_REASON_TOO_OLD into too_old.
+func reasonLabel(r wirepb.RejectReason) string {
+	return strings.ToLower(strings.TrimPrefix(r.String(), "REJECT_REASON_"))
+}

@@ -1,0 +1,131 @@
+package aggregator
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/dimsum/dimsum/schema"
+)
+
+// Options configure an Aggregator. The zero value of every field but Schema
+// and Sink is replaced by its default in EnsureDefaults.
+type Options struct {
+	// Schema declares the families the aggregator accepts. Required.
+	Schema *schema.Schema
+
+	// Sink receives every closed window's partial cube. Required.
+	Sink Sink
+
+	// Name identifies this aggregator in flush identities. A process adds its
+	// start time to it, so flushes of two incarnations never collide. The
+	// default is the host name.
+	Name string
+
+	// Grace is how long a window stays open after its end, waiting for
+	// events that arrive a little late, before it is flushed. Window + grace
+	// is the freshness of the data. The default is 10s.
+	Grace time.Duration
+
+	// MaxLateness is how old an event may be and still count. An event
+	// older than its window's end plus grace goes out in the next flush as a
+	// late delta; one older than MaxLateness is rejected. It must not exceed
+	// the finest resolution's retention. The default is 1h.
+	MaxLateness time.Duration
+
+	// MaxFutureSkew is how far ahead of this node's clock an event may be
+	// stamped. The default is 1m.
+	MaxFutureSkew time.Duration
+
+	// MaxBatchEvents is the largest batch Push takes; a larger one is refused
+	// whole, so that one request cannot hold the cube's lock for long. The
+	// default is 100,000.
+	MaxBatchEvents int
+
+	// MaxCellsPerWindow bounds the finest cells of one family in one window;
+	// events that would create more are rejected with a cardinality-limit
+	// reason. The default is 1,000,000.
+	MaxCellsPerWindow int
+
+	// FlushInterval is how often closed windows are looked for, with 10%
+	// jitter. The default is the window divided by 10, at least 100ms.
+	FlushInterval time.Duration
+
+	// RetryBackoff is the first wait after a failed flush; it doubles up to
+	// 30s. The default is 200ms.
+	RetryBackoff time.Duration
+
+	// Logger receives operational logs. nil discards them.
+	Logger *slog.Logger
+
+	// Registerer registers the aggregator's metrics. nil registers none.
+	Registerer prometheus.Registerer
+
+	// Now is the clock. The default is time.Now.
+	Now func() time.Time
+}
+
+// ErrOptions marks invalid options.
+var ErrOptions = errors.New("aggregator: invalid options")
+
+// EnsureDefaults fills every unset field with its default.
+func (o *Options) EnsureDefaults() {
+	if o.Name == "" {
+		o.Name, _ = os.Hostname()
+		if o.Name == "" {
+			o.Name = "aggregator"
+		}
+	}
+	if o.Grace == 0 {
+		o.Grace = 10 * time.Second
+	}
+	if o.MaxLateness == 0 {
+		o.MaxLateness = time.Hour
+	}
+	if o.MaxFutureSkew == 0 {
+		o.MaxFutureSkew = time.Minute
+	}
+	if o.MaxBatchEvents == 0 {
+		o.MaxBatchEvents = 100_000
+	}
+	if o.MaxCellsPerWindow == 0 {
+		o.MaxCellsPerWindow = 1_000_000
+	}
+	if o.FlushInterval == 0 && o.Schema != nil {
+		o.FlushInterval = max(o.Schema.Window()/10, 100*time.Millisecond)
+	}
+	if o.RetryBackoff == 0 {
+		o.RetryBackoff = 200 * time.Millisecond
+	}
+	if o.Logger == nil {
+		o.Logger = slog.New(slog.DiscardHandler)
+	}
+	if o.Now == nil {
+		o.Now = time.Now
+	}
+}
+
+// Validate reports the first invalid field.
+func (o *Options) Validate() error {
+	switch {
+	case o.Schema == nil:
+		return fmt.Errorf("%w: no schema", ErrOptions)
+	case o.Sink == nil:
+		return fmt.Errorf("%w: no sink", ErrOptions)
+	case o.Grace < 0:
+		return fmt.Errorf("%w: negative grace %s", ErrOptions, o.Grace)
+	case o.MaxLateness < 0 || o.MaxFutureSkew < 0:
+		return fmt.Errorf("%w: negative lateness or skew", ErrOptions)
+	case o.MaxLateness > o.Schema.Resolutions[0].Retention:
+		return fmt.Errorf("%w: max lateness %s exceeds the finest retention %s", ErrOptions, o.MaxLateness, o.Schema.Resolutions[0].Retention)
+	case o.MaxBatchEvents < 0 || o.MaxCellsPerWindow < 0:
+		return fmt.Errorf("%w: negative limit", ErrOptions)
+	case o.FlushInterval <= 0 || o.RetryBackoff <= 0:
+		return fmt.Errorf("%w: flush interval and retry backoff must be positive", ErrOptions)
+	}
+	return nil
+}

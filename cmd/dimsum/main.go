@@ -1,0 +1,70 @@
+// Command dimsum runs a dimsum node or one of its tools.
+//
+//	dimsum [all] [flags]   an all-in-one node: aggregator, combiner and query
+//	dimsum load [flags]    push a synthetic workload to a node
+//	dimsum version         print the version
+package main
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"runtime"
+	"runtime/debug"
+	"strings"
+)
+
+// version is set at build time with -ldflags "-X main.version=...".
+var version = ""
+
+func main() {
+	args := os.Args[1:]
+	cmd := "all"
+	if len(args) > 0 && !strings.HasPrefix(args[0], "-") {
+		cmd, args = args[0], args[1:]
+	}
+	var err error
+	switch cmd {
+	case "all":
+		err = runAll(args)
+	case "load":
+		err = runLoad(args)
+	case "version":
+		fmt.Printf("dimsum %s (%s)\n", buildVersion(), runtime.Version())
+	case "help":
+		usage()
+	default:
+		usage()
+		err = fmt.Errorf("unknown command %q", cmd)
+	}
+	if errors.Is(err, flag.ErrHelp) {
+		return
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "dimsum:", err)
+		os.Exit(1)
+	}
+}
+
+func usage() {
+	fmt.Fprint(os.Stderr, `usage: dimsum <command> [flags]
+
+commands:
+  all      run an all-in-one node (the default): aggregator, combiner and query
+  load     push a synthetic log-derived workload to a node over gRPC
+  version  print the version
+
+Run 'dimsum <command> -h' for a command's flags.
+`)
+}
+
+func buildVersion() string {
+	if version != "" {
+		return version
+	}
+	if bi, ok := debug.ReadBuildInfo(); ok && bi.Main.Version != "" && bi.Main.Version != "(devel)" {
+		return bi.Main.Version
+	}
+	return "devel"
+}

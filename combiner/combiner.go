@@ -1,0 +1,173 @@
+package combiner
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"log/slog"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/dimsum/dimsum/schema"
+	"github.com/dimsum/dimsum/tsdb"
+	"github.com/dimsum/dimsum/wire/wirepb"
+)
+
+// Store is what the combiner needs of the cube store.
+type Store interface {
+	// Apply merges deltas into every resolution at once, unless a write with
+	// the same idempotency key was applied before.
+	Apply(idempotencyKey []byte, keyTime int64, deltas []tsdb.Delta) (applied bool, err error)
+}
+
+// Options configure a Combiner.
+type Options struct {
+	// Schema the flushes are checked against. Required.
+	Schema *schema.Schema
+	// Store persists the global cube. Required.
+	Store Store
+	// Logger receives operational logs. nil discards them.
+	Logger *slog.Logger
+	// Registerer registers the combiner's metrics. nil registers none.
+	Registerer prometheus.Registerer
+}
+
+// ErrBadFlush marks a flush that does not fit the schema; nothing of it is
+// written.
+var ErrBadFlush = errors.New("combiner: bad flush")
+
+// Combiner applies flushes to the store.
+type Combiner struct {
+	opts    Options
+	metrics *metrics
+}
+
+// New builds a combiner.
+func New(opts Options) (*Combiner, error) {
+	if opts.Schema == nil || opts.Store == nil {
+		return nil, errors.New("combiner: invalid options: schema and store are required")
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	return &Combiner{opts: opts, metrics: newMetrics(opts.Registerer)}, nil
+}
+
+// Apply checks a flush against the schema and writes it. It reports whether
+// the flush was a duplicate of one applied before.
+func (c *Combiner) Apply(req *wirepb.FlushRequest) (duplicate bool, err error) {
+	deltas, err := c.deltas(req)
+	if err != nil {
+		c.metrics.refused.Inc()
+		return false, err
+	}
+	applied, err := c.opts.Store.Apply(flushKey(req), req.WindowStartMs, deltas)
+	if err != nil {
+		return false, fmt.Errorf("combiner: cannot apply flush from %s: %w", req.Source, err)
+	}
+	if !applied {
+		c.metrics.duplicates.Inc()
+		c.opts.Logger.Info("duplicate flush ignored", "source", req.Source, "window", req.WindowStartMs, "sequence", req.Sequence)
+		return true, nil
+	}
+	c.metrics.applied.Inc()
+	c.metrics.cells.Add(float64(len(deltas)))
+	return false, nil
+}
+
+// flushKey is the flush's identity: source, window start and sequence.
+func flushKey(req *wirepb.FlushRequest) []byte {
+	k := make([]byte, 0, len(req.Source)+1+16)
+	k = append(k, req.Source...)
+	k = append(k, 0)
+	k = binary.BigEndian.AppendUint64(k, uint64(req.WindowStartMs))
+	return binary.BigEndian.AppendUint64(k, req.Sequence)
+}
+
+func (c *Combiner) deltas(req *wirepb.FlushRequest) ([]tsdb.Delta, error) {
+	if req.Source == "" {
+		return nil, fmt.Errorf("%w: no source", ErrBadFlush)
+	}
+	str := func(i uint32) (string, error) {
+		if int(i) >= len(req.Dict) {
+			return "", fmt.Errorf("%w: index %d outside the dictionary of %d strings", ErrBadFlush, i, len(req.Dict))
+		}
+		return req.Dict[i], nil
+	}
+	deltas := make([]tsdb.Delta, len(req.Cells))
+	values := make([]string, 0, len(req.Cells)*schema.MaxLevels)
+	for i, cell := range req.Cells {
+		name, err := str(cell.Family)
+		if err != nil {
+			return nil, err
+		}
+		f := c.opts.Schema.Family(name)
+		if f == nil {
+			return nil, fmt.Errorf("%w: unknown family %q", ErrBadFlush, name)
+		}
+		cub, ok := f.Cuboid(schema.CuboidID(cell.Cuboid))
+		if !ok || cell.Cuboid > uint32(^schema.CuboidID(0)) {
+			return nil, fmt.Errorf("%w: family %q has no cuboid %d", ErrBadFlush, name, cell.Cuboid)
+		}
+		if len(cell.Values) != len(cub.Labels) {
+			return nil, fmt.Errorf("%w: cuboid %d of %q has %d labels, the cell %d values", ErrBadFlush, cell.Cuboid, name, len(cub.Labels), len(cell.Values))
+		}
+		start := len(values)
+		for _, v := range cell.Values {
+			s, err := str(v)
+			if err != nil {
+				return nil, err
+			}
+			values = append(values, s)
+		}
+		deltas[i] = tsdb.Delta{
+			Family: name,
+			Cuboid: cub.ID,
+			Values: values[start:len(values):len(values)],
+			Time:   req.WindowStartMs,
+			Sum:    cell.Sum,
+			Count:  cell.Count,
+		}
+	}
+	return deltas, nil
+}
+
+// Register serves the Combiner service on s.
+func (c *Combiner) Register(s *grpc.Server) {
+	wirepb.RegisterCombinerServer(s, server{c: c})
+}
+
+type server struct {
+	wirepb.UnimplementedCombinerServer
+	c *Combiner
+}
+
+func (s server) Flush(_ context.Context, req *wirepb.FlushRequest) (*wirepb.FlushResponse, error) {
+	dup, err := s.c.Apply(req)
+	switch {
+	case errors.Is(err, ErrBadFlush):
+		return nil, status.Error(codes.InvalidArgument, err.Error())
+	case err != nil:
+		s.c.opts.Logger.Error("flush not applied", "source", req.Source, "window", req.WindowStartMs, "err", err)
+		return nil, status.Error(codes.Unavailable, err.Error())
+	}
+	return &wirepb.FlushResponse{Duplicate: dup}, nil
+}
+
+// Client adapts a gRPC connection to a combiner into the aggregator's sink.
+type Client struct{ c wirepb.CombinerClient }
+
+// NewClient returns a sink that flushes over conn.
+func NewClient(conn grpc.ClientConnInterface) *Client {
+	return &Client{c: wirepb.NewCombinerClient(conn)}
+}
+
+// Flush sends one partial cube.
+func (c *Client) Flush(ctx context.Context, req *wirepb.FlushRequest) error {
+	_, err := c.c.Flush(ctx, req)
+	return err
+}

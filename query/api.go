@@ -1,0 +1,536 @@
+package query
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math"
+	"net/http"
+	"runtime"
+	"slices"
+	"strconv"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/common/model"
+	"github.com/prometheus/prometheus/model/labels"
+	"github.com/prometheus/prometheus/promql"
+	"github.com/prometheus/prometheus/promql/parser"
+	"github.com/prometheus/prometheus/storage"
+	"github.com/prometheus/prometheus/util/annotations"
+
+	"github.com/dimsum/dimsum/schema"
+)
+
+// Options configure the HTTP API.
+type Options struct {
+	// Schema of the cube. Required.
+	Schema *schema.Schema
+	// Reader of the cube. Required.
+	Reader Reader
+	// Timeout bounds one query's evaluation; a request's own timeout
+	// parameter may only shorten it. The default is 2m.
+	Timeout time.Duration
+	// MaxSamples bounds the samples one query may hold in memory at once.
+	// The default is 50,000,000, as Prometheus'.
+	MaxSamples int
+	// LookbackDelta is how far back an instant selector looks for a sample.
+	// The default is 5m, as Prometheus'.
+	LookbackDelta time.Duration
+	// Version is reported by /api/v1/status/buildinfo.
+	Version string
+	// Logger receives operational logs. nil discards them.
+	Logger *slog.Logger
+	// Registerer registers the engine's metrics. nil registers none.
+	Registerer prometheus.Registerer
+	// Now is the clock. The default is time.Now.
+	Now func() time.Time
+}
+
+// EnsureDefaults fills every unset field with its default.
+func (o *Options) EnsureDefaults() {
+	if o.Timeout == 0 {
+		o.Timeout = 2 * time.Minute
+	}
+	if o.MaxSamples == 0 {
+		o.MaxSamples = 50_000_000
+	}
+	if o.LookbackDelta == 0 {
+		o.LookbackDelta = 5 * time.Minute
+	}
+	if o.Version == "" {
+		o.Version = "devel"
+	}
+	if o.Logger == nil {
+		o.Logger = slog.New(slog.DiscardHandler)
+	}
+	if o.Now == nil {
+		o.Now = time.Now
+	}
+}
+
+// API serves the Prometheus HTTP API over the cube.
+type API struct {
+	opts      Options
+	engine    *promql.Engine
+	queryable *Queryable
+}
+
+// NewAPI builds the API and its PromQL engine.
+func NewAPI(opts Options) (*API, error) {
+	opts.EnsureDefaults()
+	if opts.Schema == nil || opts.Reader == nil {
+		return nil, errors.New("query: invalid options: schema and reader are required")
+	}
+	engine := promql.NewEngine(promql.EngineOpts{
+		Logger:               opts.Logger,
+		Reg:                  opts.Registerer,
+		MaxSamples:           opts.MaxSamples,
+		Timeout:              opts.Timeout,
+		LookbackDelta:        opts.LookbackDelta,
+		EnableAtModifier:     true,
+		EnableNegativeOffset: true,
+		// A subquery without a step evaluates at one minute, Prometheus'
+		// default global evaluation interval.
+		NoStepSubqueryIntervalFn: func(int64) int64 { return time.Minute.Milliseconds() },
+	})
+	return &API{opts: opts, engine: engine, queryable: NewQueryable(opts.Schema, opts.Reader, opts.Now)}, nil
+}
+
+// Register adds the API's routes to mux under /api/v1/.
+func (a *API) Register(mux *http.ServeMux) {
+	mux.HandleFunc("/api/v1/query", a.wrap(a.query))
+	mux.HandleFunc("/api/v1/query_range", a.wrap(a.queryRange))
+	mux.HandleFunc("/api/v1/labels", a.wrap(a.labelNames))
+	mux.HandleFunc("/api/v1/label/{name}/values", a.wrap(a.labelValues))
+	mux.HandleFunc("/api/v1/series", a.wrap(a.series))
+	mux.HandleFunc("/api/v1/metadata", a.wrap(a.metadata))
+	mux.HandleFunc("/api/v1/status/buildinfo", a.wrap(a.buildInfo))
+}
+
+// Error types of the Prometheus API, with the HTTP status each maps to.
+type errorType string
+
+const (
+	errBadData   errorType = "bad_data"
+	errExec      errorType = "execution"
+	errCanceled  errorType = "canceled"
+	errTimeout   errorType = "timeout"
+	errInternal  errorType = "internal"
+	errNotFound  errorType = "not_found"
+	errNotMethod errorType = "method_not_allowed"
+)
+
+func (t errorType) status() int {
+	switch t {
+	case errBadData:
+		return http.StatusBadRequest
+	case errExec:
+		return http.StatusUnprocessableEntity
+	case errCanceled:
+		return 499
+	case errTimeout:
+		return http.StatusServiceUnavailable
+	case errNotFound:
+		return http.StatusNotFound
+	case errNotMethod:
+		return http.StatusMethodNotAllowed
+	default:
+		return http.StatusInternalServerError
+	}
+}
+
+type apiError struct {
+	typ errorType
+	err error
+}
+
+func (e *apiError) Error() string { return string(e.typ) + ": " + e.err.Error() }
+
+func badData(format string, args ...any) *apiError {
+	return &apiError{errBadData, fmt.Errorf(format, args...)}
+}
+
+type response struct {
+	Status    string   `json:"status"`
+	Data      any      `json:"data,omitempty"`
+	ErrorType string   `json:"errorType,omitempty"`
+	Error     string   `json:"error,omitempty"`
+	Warnings  []string `json:"warnings,omitempty"`
+	Infos     []string `json:"infos,omitempty"`
+}
+
+type result struct {
+	data  any
+	annos annotations.Annotations
+}
+
+type handler func(r *http.Request) (result, *apiError)
+
+// wrap parses the form (GET query or POST form body), runs h and writes the
+// Prometheus JSON envelope.
+func (a *API) wrap(h handler) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		var res result
+		var aerr *apiError
+		if r.Method != http.MethodGet && r.Method != http.MethodPost {
+			aerr = &apiError{errNotMethod, fmt.Errorf("method %s not allowed, use GET or POST", r.Method)}
+		} else if err := r.ParseForm(); err != nil {
+			aerr = badData("cannot parse form: %v", err)
+		} else {
+			res, aerr = h(r)
+		}
+		w.Header().Set("Content-Type", "application/json")
+		resp := response{Status: "success", Data: res.data}
+		if aerr != nil {
+			resp = response{Status: "error", ErrorType: string(aerr.typ), Error: aerr.err.Error()}
+			w.WriteHeader(aerr.typ.status())
+			if aerr.typ == errInternal {
+				a.opts.Logger.Error("query failed", "path", r.URL.Path, "err", aerr.err)
+			}
+		}
+		resp.Warnings, resp.Infos = res.annos.AsStrings(r.FormValue("query"), 10, 10)
+		if err := json.NewEncoder(w).Encode(resp); err != nil {
+			a.opts.Logger.Debug("cannot write response", "err", err)
+		}
+	}
+}
+
+type queryData struct {
+	ResultType parser.ValueType `json:"resultType"`
+	Result     parser.Value     `json:"result"`
+}
+
+func (a *API) query(r *http.Request) (result, *apiError) {
+	ts := a.opts.Now()
+	if v := r.FormValue("time"); v != "" {
+		var err error
+		if ts, err = parseTime(v); err != nil {
+			return result{}, badData("invalid parameter \"time\": %v", err)
+		}
+	}
+	ctx, cancel, aerr := a.context(r)
+	if aerr != nil {
+		return result{}, aerr
+	}
+	defer cancel()
+	q, err := a.engine.NewInstantQuery(ctx, a.queryable, nil, r.FormValue("query"), ts)
+	if err != nil {
+		return result{}, badData("invalid parameter \"query\": %v", err)
+	}
+	return a.exec(ctx, q)
+}
+
+// maxPoints is Prometheus' limit of points per series in a range query.
+const maxPoints = 11000
+
+func (a *API) queryRange(r *http.Request) (result, *apiError) {
+	start, err := parseTime(r.FormValue("start"))
+	if err != nil {
+		return result{}, badData("invalid parameter \"start\": %v", err)
+	}
+	end, err := parseTime(r.FormValue("end"))
+	if err != nil {
+		return result{}, badData("invalid parameter \"end\": %v", err)
+	}
+	if end.Before(start) {
+		return result{}, badData("invalid parameter \"end\": end timestamp must not be before start time")
+	}
+	step, err := parseDuration(r.FormValue("step"))
+	if err != nil {
+		return result{}, badData("invalid parameter \"step\": %v", err)
+	}
+	if step <= 0 {
+		return result{}, badData("zero or negative query resolution step widths are not accepted. Try a positive integer")
+	}
+	if end.Sub(start)/step > maxPoints {
+		return result{}, badData("exceeded maximum resolution of %d points per timeseries. Try decreasing the query resolution (?step=XX)", maxPoints)
+	}
+	ctx, cancel, aerr := a.context(r)
+	if aerr != nil {
+		return result{}, aerr
+	}
+	defer cancel()
+	q, err := a.engine.NewRangeQuery(ctx, a.queryable, nil, r.FormValue("query"), start, end, step)
+	if err != nil {
+		return result{}, badData("invalid parameter \"query\": %v", err)
+	}
+	return a.exec(ctx, q)
+}
+
+// context applies the request's timeout parameter.
+func (a *API) context(r *http.Request) (context.Context, context.CancelFunc, *apiError) {
+	ctx := r.Context()
+	if v := r.FormValue("timeout"); v != "" {
+		d, err := parseDuration(v)
+		if err != nil {
+			return nil, nil, badData("invalid parameter \"timeout\": %v", err)
+		}
+		c, cancel := context.WithTimeout(ctx, d)
+		return c, cancel, nil
+	}
+	return ctx, func() {}, nil
+}
+
+func (a *API) exec(ctx context.Context, q promql.Query) (result, *apiError) {
+	defer q.Close()
+	res := q.Exec(ctx)
+	if res.Err != nil {
+		return result{annos: res.Warnings}, engineError(res.Err)
+	}
+	return result{data: queryData{ResultType: res.Value.Type(), Result: res.Value}, annos: res.Warnings}, nil
+}
+
+// engineError classifies an evaluation error the way Prometheus' API does.
+func engineError(err error) *apiError {
+	var (
+		canceled promql.ErrQueryCanceled
+		timeout  promql.ErrQueryTimeout
+		stor     promql.ErrStorage
+	)
+	switch {
+	case errors.As(err, &canceled), errors.Is(err, context.Canceled):
+		return &apiError{errCanceled, err}
+	case errors.As(err, &timeout), errors.Is(err, context.DeadlineExceeded):
+		return &apiError{errTimeout, err}
+	case errors.As(err, &stor):
+		return &apiError{errInternal, err}
+	}
+	return &apiError{errExec, err}
+}
+
+// promqlParser parses match[] selectors with PromQL's default options, as
+// the engine parses queries.
+var promqlParser = parser.NewParser(parser.Options{})
+
+// selectors parses the match[] parameters.
+func selectors(r *http.Request) ([][]*labels.Matcher, *apiError) {
+	var out [][]*labels.Matcher
+	for _, s := range r.Form["match[]"] {
+		ms, err := promqlParser.ParseMetricSelector(s)
+		if err != nil {
+			return nil, badData("invalid parameter \"match[]\": %v", err)
+		}
+		out = append(out, ms)
+	}
+	return out, nil
+}
+
+// timeRange parses start and end, which default to the whole of time.
+func timeRange(r *http.Request) (int64, int64, *apiError) {
+	start, end := int64(math.MinInt64/2), int64(math.MaxInt64/2)
+	if v := r.FormValue("start"); v != "" {
+		t, err := parseTime(v)
+		if err != nil {
+			return 0, 0, badData("invalid parameter \"start\": %v", err)
+		}
+		start = t.UnixMilli()
+	}
+	if v := r.FormValue("end"); v != "" {
+		t, err := parseTime(v)
+		if err != nil {
+			return 0, 0, badData("invalid parameter \"end\": %v", err)
+		}
+		end = t.UnixMilli()
+	}
+	if end < start {
+		return 0, 0, badData("invalid parameter \"end\": end timestamp must not be before start time")
+	}
+	return start, end, nil
+}
+
+func limit(r *http.Request) (int, *apiError) {
+	v := r.FormValue("limit")
+	if v == "" {
+		return 0, nil
+	}
+	n, err := strconv.Atoi(v)
+	if err != nil || n < 0 {
+		return 0, badData("invalid parameter \"limit\": %q is not a non-negative integer", v)
+	}
+	return n, nil
+}
+
+// truncate cuts a list to the limit, warning as Prometheus does.
+func truncate[T any](list []T, n int) ([]T, annotations.Annotations) {
+	if n == 0 || len(list) <= n {
+		return list, nil
+	}
+	var annos annotations.Annotations
+	annos.Add(errors.New("results truncated due to limit"))
+	return list[:n], annos
+}
+
+// labelQuery runs f over the union of the match[] selectors (or once with no
+// matchers) and merges the sorted results.
+func (a *API) labelQuery(r *http.Request, f func(storage.Querier, []*labels.Matcher) ([]string, error)) (result, *apiError) {
+	start, end, aerr := timeRange(r)
+	if aerr != nil {
+		return result{}, aerr
+	}
+	sels, aerr := selectors(r)
+	if aerr != nil {
+		return result{}, aerr
+	}
+	n, aerr := limit(r)
+	if aerr != nil {
+		return result{}, aerr
+	}
+	if len(sels) == 0 {
+		sels = [][]*labels.Matcher{nil}
+	}
+	q, _ := a.queryable.Querier(start, end)
+	defer q.Close()
+	set := map[string]struct{}{}
+	for _, ms := range sels {
+		vals, err := f(q, ms)
+		if err != nil {
+			return result{}, &apiError{errInternal, err}
+		}
+		for _, v := range vals {
+			set[v] = struct{}{}
+		}
+	}
+	out, annos := truncate(sortedKeys(set), n)
+	return result{data: out, annos: annos}, nil
+}
+
+func (a *API) labelNames(r *http.Request) (result, *apiError) {
+	return a.labelQuery(r, func(q storage.Querier, ms []*labels.Matcher) ([]string, error) {
+		names, _, err := q.LabelNames(r.Context(), nil, ms...)
+		return names, err
+	})
+}
+
+func (a *API) labelValues(r *http.Request) (result, *apiError) {
+	name := r.PathValue("name")
+	if !model.UTF8Validation.IsValidLabelName(name) {
+		return result{}, badData("invalid label name: %q", name)
+	}
+	return a.labelQuery(r, func(q storage.Querier, ms []*labels.Matcher) ([]string, error) {
+		vals, _, err := q.LabelValues(r.Context(), name, nil, ms...)
+		return vals, err
+	})
+}
+
+func (a *API) series(r *http.Request) (result, *apiError) {
+	sels, aerr := selectors(r)
+	if aerr != nil {
+		return result{}, aerr
+	}
+	if len(sels) == 0 {
+		return result{}, badData("no match[] parameter provided")
+	}
+	start, end, aerr := timeRange(r)
+	if aerr != nil {
+		return result{}, aerr
+	}
+	n, aerr := limit(r)
+	if aerr != nil {
+		return result{}, aerr
+	}
+	q, _ := a.queryable.Querier(start, end)
+	defer q.Close()
+	var sets []storage.SeriesSet
+	for _, ms := range sels {
+		sets = append(sets, q.Select(r.Context(), true, &storage.SelectHints{Start: start, End: end, Func: "series"}, ms...))
+	}
+	set := storage.NewMergeSeriesSet(sets, 0, storage.ChainedSeriesMerge)
+	out := []labels.Labels{}
+	for set.Next() {
+		out = append(out, set.At().Labels())
+	}
+	if err := set.Err(); err != nil {
+		return result{}, engineError(err)
+	}
+	out, annos := truncate(out, n)
+	return result{data: out, annos: annos}, nil
+}
+
+type metadata struct {
+	Type string `json:"type"`
+	Help string `json:"help"`
+	Unit string `json:"unit"`
+}
+
+func (a *API) metadata(r *http.Request) (result, *apiError) {
+	n, aerr := limit(r)
+	if aerr != nil {
+		return result{}, aerr
+	}
+	metric := r.FormValue("metric")
+	out := map[string][]metadata{}
+	var names []string
+	for _, f := range a.opts.Schema.Families {
+		for _, m := range []struct {
+			name string
+			md   metadata
+		}{
+			{f.Name + TotalSuffix, metadata{Type: "counter", Help: f.Help + " Cumulative view: use rate() or increase(); raw values are offsets."}},
+			{f.Name + DeltaSuffix, metadata{Type: "gauge", Help: f.Help + " Per-step view: each sample is the exact count of its step."}},
+		} {
+			if metric == "" || metric == m.name {
+				out[m.name] = []metadata{m.md}
+				names = append(names, m.name)
+			}
+		}
+	}
+	if n > 0 && len(names) > n {
+		slices.Sort(names)
+		for _, name := range names[n:] {
+			delete(out, name)
+		}
+	}
+	return result{data: out}, nil
+}
+
+func (a *API) buildInfo(*http.Request) (result, *apiError) {
+	return result{data: map[string]string{
+		"version":   a.opts.Version,
+		"revision":  "",
+		"branch":    "",
+		"buildUser": "",
+		"buildDate": "",
+		"goVersion": runtime.Version(),
+	}}, nil
+}
+
+// parseTime reads a unix timestamp in seconds (with a fraction) or an
+// RFC3339 time, as Prometheus' API does.
+func parseTime(s string) (time.Time, error) {
+	if s == "" {
+		return time.Time{}, errors.New("missing timestamp")
+	}
+	if f, err := strconv.ParseFloat(s, 64); err == nil {
+		if math.IsNaN(f) || math.IsInf(f, 0) || math.Abs(f) > float64(math.MaxInt64/int64(time.Second)) {
+			return time.Time{}, fmt.Errorf("cannot parse %q to a valid timestamp", s)
+		}
+		sec, frac := math.Modf(f)
+		return time.Unix(int64(sec), int64(math.Round(frac*1e9))).UTC(), nil
+	}
+	if t, err := time.Parse(time.RFC3339Nano, s); err == nil {
+		return t, nil
+	}
+	return time.Time{}, fmt.Errorf("cannot parse %q to a valid timestamp", s)
+}
+
+// parseDuration reads seconds (with a fraction) or a Prometheus duration
+// such as "5m".
+func parseDuration(s string) (time.Duration, error) {
+	if s == "" {
+		return 0, errors.New("missing duration")
+	}
+	if f, err := strconv.ParseFloat(s, 64); err == nil {
+		ts := f * float64(time.Second)
+		if math.IsNaN(ts) || ts > float64(math.MaxInt64) || ts < float64(math.MinInt64) {
+			return 0, fmt.Errorf("cannot parse %q to a valid duration. It overflows int64", s)
+		}
+		return time.Duration(ts), nil
+	}
+	if d, err := model.ParseDuration(s); err == nil {
+		return time.Duration(d), nil
+	}
+	return 0, fmt.Errorf("cannot parse %q to a valid duration", s)
+}

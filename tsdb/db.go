@@ -1,0 +1,415 @@
+package tsdb
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/cockroachdb/pebble/v2"
+	"github.com/dimsum/dimsum/schema"
+)
+
+// Error classes. Callers tell them apart with errors.Is.
+var (
+	// ErrBadInput marks a request that names an unknown family, cuboid or
+	// resolution, or carries malformed deltas. Nothing was written.
+	ErrBadInput = errors.New("tsdb: bad input")
+	// ErrCorrupt marks a stored value that cannot be decoded. The error
+	// names the key in hex. A corrupt value is never read as zero.
+	ErrCorrupt = errors.New("tsdb: corrupt")
+	// ErrClosed is returned by every method called after Close.
+	ErrClosed = errors.New("tsdb: closed")
+)
+
+// DB is the global cube persisted in Pebble. Its methods are safe for
+// concurrent use: Apply calls are serialized, and Cells and Steps run
+// concurrently with Apply and with each other.
+type DB struct {
+	opts    Options
+	log     *slog.Logger
+	pdb     *pebble.DB
+	metrics *metrics
+
+	// families are the schema's families by name; fixed after Open.
+	families map[string]*familyState
+	// res holds, per schema resolution, its step and row span in the units
+	// the hot paths need.
+	res []resolution
+
+	state struct {
+		sync.RWMutex
+		// closed is set by Close; every method checks it under the lock
+		// so that none uses Pebble after it is closed.
+		closed bool
+	}
+
+	// apply serializes Apply and owns its scratch space, reused so that a
+	// batch costs no allocation per delta.
+	apply struct {
+		sync.Mutex
+		entries []entry
+		cellBuf []byte // a delta's encoded cell values
+		keyBuf  []byte // dictionary and idempotency keys
+		rowBuf  []byte // the row operand being encoded
+		touched []*cellDict
+	}
+}
+
+// resolution is a schema resolution in milliseconds.
+type resolution struct {
+	stepSec     uint32
+	stepMs      int64
+	rowSpanMs   int64
+	retentionMs int64
+}
+
+// familyState is a family of the schema with its persisted ID and the cell
+// dictionaries of its materialized cuboids.
+type familyState struct {
+	id  uint16
+	fam *schema.Family
+	// cuboids is indexed by CuboidID; nil where the cuboid is not
+	// materialized.
+	cuboids []*cellDict
+}
+
+func (f *familyState) cuboid(id schema.CuboidID) *cellDict {
+	if int(id) >= len(f.cuboids) {
+		return nil
+	}
+	return f.cuboids[id]
+}
+
+// cellDict maps the cells of one (family, cuboid) to dense uint32 IDs.
+// Apply assigns an ID to a new cell and writes the assignment in the batch
+// that carries the cell's first data, so a cell ID on disk always has its
+// dictionary entry. Readers see a new cell only once that batch committed.
+type cellDict struct {
+	fam    uint16
+	cuboid schema.CuboidID
+	labels []string
+
+	// ids maps a cell's encoded values (appendCellValues) to its ID. Only
+	// Open and Apply (under DB.apply) touch it.
+	ids map[string]uint32
+
+	mu sync.RWMutex
+	// keys holds the encoded values of each cell, by ID, and values their
+	// split form, substrings of the key. Entries at and beyond visible
+	// belong to an Apply in flight: they are never shown to readers, and
+	// they are dropped if its batch fails to commit. Apply appends under mu;
+	// readers copy the slice headers under mu and read without it, since
+	// entries below visible never change.
+	keys    []string
+	values  [][]string
+	visible int
+}
+
+// snapshot returns the committed cells, by ID.
+func (d *cellDict) snapshot() [][]string {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	return d.values[:d.visible]
+}
+
+// Open opens or creates the store in opts.Dir.
+func Open(opts Options) (*DB, error) {
+	opts.EnsureDefaults()
+	if err := opts.Validate(); err != nil {
+		return nil, err
+	}
+	db := &DB{
+		opts:     opts,
+		log:      opts.Logger,
+		families: make(map[string]*familyState, len(opts.Schema.Families)),
+	}
+	for _, r := range opts.Schema.Resolutions {
+		db.res = append(db.res, resolution{
+			stepSec:     uint32(r.Step / time.Second),
+			stepMs:      r.Step.Milliseconds(),
+			rowSpanMs:   r.RowSpan().Milliseconds(),
+			retentionMs: r.Retention.Milliseconds(),
+		})
+	}
+	m, err := newMetrics(opts.Registerer)
+	if err != nil {
+		return nil, fmt.Errorf("tsdb: cannot register metrics: %w", err)
+	}
+	db.metrics = m
+
+	cache := pebble.NewCache(opts.CacheSize)
+	defer cache.Unref()
+	db.pdb, err = pebble.Open(opts.Dir, &pebble.Options{
+		Cache:              cache,
+		Merger:             rowMerger,
+		Logger:             pebbleLogger{db.log.With("component", "pebble")},
+		EventListener:      eventListener(db.log.With("component", "pebble")),
+		FormatMajorVersion: pebble.FormatNewest,
+	})
+	if err != nil {
+		m.unregister()
+		return nil, fmt.Errorf("tsdb: cannot open pebble in %s: %w", opts.Dir, err)
+	}
+	if err := db.load(); err != nil {
+		_ = db.pdb.Close()
+		m.unregister()
+		return nil, err
+	}
+	return db, nil
+}
+
+// load checks the format version, then loads the family and cell
+// dictionaries.
+func (db *DB) load() error {
+	if err := db.checkFormat(); err != nil {
+		return err
+	}
+	byID, err := db.loadFamilies()
+	if err != nil {
+		return err
+	}
+	return db.loadCells(byID)
+}
+
+func (db *DB) checkFormat() error {
+	v, closer, err := db.pdb.Get(metaFormatKey)
+	if errors.Is(err, pebble.ErrNotFound) {
+		iter, err := db.pdb.NewIter(nil)
+		if err != nil {
+			return fmt.Errorf("tsdb: cannot check the store is empty: %w", err)
+		}
+		empty := !iter.First()
+		if err := errors.Join(iter.Error(), iter.Close()); err != nil {
+			return fmt.Errorf("tsdb: cannot check the store is empty: %w", err)
+		}
+		if !empty {
+			return fmt.Errorf("tsdb: %s holds a Pebble store without a dimsum format record; refusing to use it", db.opts.Dir)
+		}
+		val := binary.AppendUvarint(nil, formatVersion)
+		if err := db.pdb.Set(metaFormatKey, val, pebble.Sync); err != nil {
+			return fmt.Errorf("tsdb: cannot write the format record: %w", err)
+		}
+		db.log.Info("created store", "dir", db.opts.Dir, "format", formatVersion)
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("tsdb: cannot read the format record: %w", err)
+	}
+	defer closer.Close()
+	got, n := binary.Uvarint(v)
+	if n <= 0 || n != len(v) {
+		return fmt.Errorf("%w: format record %x holds %x", ErrCorrupt, metaFormatKey, v)
+	}
+	if got != formatVersion {
+		return fmt.Errorf("tsdb: %s has format version %d; this binary reads only version %d (docs/format/tsdb.md)", db.opts.Dir, got, formatVersion)
+	}
+	return nil
+}
+
+// familyRecord is the value of a family-dictionary entry: the ID, then what
+// fixes the meaning of the family's cuboid IDs and rows (its kind and
+// dimensions), so that Open can refuse a schema that changed them.
+func appendFamilyRecord(dst []byte, id uint16, fam *schema.Family) []byte {
+	dst = binary.BigEndian.AppendUint16(dst, id)
+	dst = append(dst, byte(fam.Kind))
+	dims := make([]string, len(fam.Dimensions))
+	for i, d := range fam.Dimensions {
+		dims[i] = d.Name
+	}
+	return appendCellValues(dst, dims)
+}
+
+func (db *DB) loadFamilies() (map[uint16]*familyState, error) {
+	type stored struct {
+		id     uint16
+		record []byte
+	}
+	byName := map[string]stored{}
+	used := map[uint16]string{}
+	next := 0
+	iter, err := db.pdb.NewIter(&pebble.IterOptions{LowerBound: []byte{prefixFamily}, UpperBound: []byte{prefixFamily + 1}})
+	if err != nil {
+		return nil, fmt.Errorf("tsdb: cannot read the family dictionary: %w", err)
+	}
+	for valid := iter.First(); valid; valid = iter.Next() {
+		name := string(iter.Key()[1:])
+		v := iter.Value()
+		if len(v) < 3 {
+			_ = iter.Close()
+			return nil, fmt.Errorf("%w: family record %x holds %x", ErrCorrupt, iter.Key(), v)
+		}
+		id := binary.BigEndian.Uint16(v)
+		if other, dup := used[id]; dup {
+			_ = iter.Close()
+			return nil, fmt.Errorf("%w: families %q and %q share ID %d", ErrCorrupt, other, name, id)
+		}
+		used[id] = name
+		byName[name] = stored{id: id, record: slices.Clone(v)}
+		next = max(next, int(id)+1)
+	}
+	if err := errors.Join(iter.Error(), iter.Close()); err != nil {
+		return nil, fmt.Errorf("tsdb: cannot read the family dictionary: %w", err)
+	}
+
+	byID := map[uint16]*familyState{}
+	b := db.pdb.NewBatch()
+	defer b.Close()
+	for _, fam := range db.opts.Schema.Families {
+		st, ok := byName[fam.Name]
+		if ok {
+			want := appendFamilyRecord(nil, st.id, fam)
+			if string(want) != string(st.record) {
+				return nil, fmt.Errorf("tsdb: family %q: the schema changed its kind or dimensions since its data was written (stored record %x, schema's %x); give the new definition a new family name", fam.Name, st.record, want)
+			}
+		} else {
+			if next > math.MaxUint16 {
+				return nil, fmt.Errorf("tsdb: family %q: no family ID left", fam.Name)
+			}
+			st = stored{id: uint16(next)}
+			next++
+			if err := b.Set(appendFamilyKey(nil, fam.Name), appendFamilyRecord(nil, st.id, fam), nil); err != nil {
+				return nil, err
+			}
+			db.log.Info("added family", "family", fam.Name, "id", st.id)
+		}
+		fs := &familyState{id: st.id, fam: fam}
+		for _, c := range fam.Cuboids() {
+			if int(c.ID) >= len(fs.cuboids) {
+				fs.cuboids = append(fs.cuboids, make([]*cellDict, int(c.ID)+1-len(fs.cuboids))...)
+			}
+			fs.cuboids[c.ID] = &cellDict{fam: st.id, cuboid: c.ID, labels: c.Labels, ids: map[string]uint32{}}
+		}
+		db.families[fam.Name] = fs
+		byID[st.id] = fs
+	}
+	if !b.Empty() {
+		if err := b.Commit(pebble.Sync); err != nil {
+			return nil, fmt.Errorf("tsdb: cannot write the family dictionary: %w", err)
+		}
+	}
+	for name := range byName {
+		if db.families[name] == nil {
+			db.log.Info("stored family is not in the schema; its data is kept but not served", "family", name)
+		}
+	}
+	return byID, nil
+}
+
+func (db *DB) loadCells(byID map[uint16]*familyState) error {
+	iter, err := db.pdb.NewIter(&pebble.IterOptions{LowerBound: []byte{prefixCell}, UpperBound: []byte{prefixCell + 1}})
+	if err != nil {
+		return fmt.Errorf("tsdb: cannot read the cell dictionary: %w", err)
+	}
+	defer iter.Close()
+	total := 0
+	for valid := iter.First(); valid; valid = iter.Next() {
+		famID, cuboid, cell, err := parseCellKey(iter.Key())
+		if err != nil {
+			return fmt.Errorf("%w: cell dictionary key %x: %v", ErrCorrupt, iter.Key(), err)
+		}
+		fs := byID[famID]
+		if fs == nil {
+			continue // a family no longer in the schema
+		}
+		d := fs.cuboid(cuboid)
+		if d == nil {
+			// Cuboids are fixed by the dimensions, which loadFamilies
+			// checked, so this is a cuboid no longer materialized.
+			continue
+		}
+		if cell != uint32(len(d.keys)) {
+			return fmt.Errorf("%w: cell dictionary key %x: cell %d follows %d cells", ErrCorrupt, iter.Key(), cell, len(d.keys))
+		}
+		key := string(iter.Value())
+		values, err := decodeCellValues(key)
+		if err == nil && len(values) != len(d.labels) {
+			err = fmt.Errorf("%d values for %d labels", len(values), len(d.labels))
+		}
+		if err != nil {
+			return fmt.Errorf("%w: cell dictionary entry %x: %v", ErrCorrupt, iter.Key(), err)
+		}
+		if _, dup := d.ids[key]; dup {
+			return fmt.Errorf("%w: cell dictionary entry %x repeats an earlier cell", ErrCorrupt, iter.Key())
+		}
+		d.ids[key] = cell
+		d.keys = append(d.keys, key)
+		d.values = append(d.values, values)
+		d.visible = len(d.keys)
+		total++
+	}
+	if err := iter.Error(); err != nil {
+		return fmt.Errorf("tsdb: cannot read the cell dictionary: %w", err)
+	}
+	db.metrics.cells.Set(float64(total))
+	db.log.Info("loaded cell dictionaries", "cells", total)
+	return nil
+}
+
+// Close closes the store. Methods called afterwards return ErrClosed.
+func (db *DB) Close() error {
+	db.state.Lock()
+	defer db.state.Unlock()
+	if db.state.closed {
+		return ErrClosed
+	}
+	db.state.closed = true
+	db.metrics.unregister()
+	if err := db.pdb.Close(); err != nil {
+		return fmt.Errorf("tsdb: cannot close pebble: %w", err)
+	}
+	return nil
+}
+
+// pebbleLogger bridges Pebble's printf-style logger into slog.
+type pebbleLogger struct{ l *slog.Logger }
+
+func (p pebbleLogger) Infof(format string, args ...any) { p.l.Info(fmt.Sprintf(format, args...)) }
+
+func (p pebbleLogger) Errorf(format string, args ...any) { p.l.Error(fmt.Sprintf(format, args...)) }
+
+// Fatalf is called by Pebble on a broken invariant, after which it must not
+// continue. Pebble's own default exits the process; a library must not, so
+// this panics and leaves the decision to whoever recovers.
+func (p pebbleLogger) Fatalf(format string, args ...any) {
+	msg := fmt.Sprintf(format, args...)
+	p.l.Error(msg, "fatal", true)
+	panic("pebble: " + msg)
+}
+
+// eventListener logs the Pebble events an operator must see: failures,
+// stalls and slow disks. Flushes and compactions are logged at debug level.
+func eventListener(l *slog.Logger) *pebble.EventListener {
+	return &pebble.EventListener{
+		BackgroundError: func(err error) { l.Error("background error", "err", err) },
+		DataCorruption: func(info pebble.DataCorruptionInfo) {
+			l.Error("data corruption", "path", info.Path, "err", info.Details)
+		},
+		DiskSlow: func(info pebble.DiskSlowInfo) {
+			l.Warn("disk slow", "path", info.Path, "op", info.OpType.String(), "duration", info.Duration)
+		},
+		LowDiskSpace: func(info pebble.LowDiskSpaceInfo) {
+			l.Warn("low disk space", "avail_bytes", info.AvailBytes, "total_bytes", info.TotalBytes)
+		},
+		WriteStallBegin: func(info pebble.WriteStallBeginInfo) { l.Warn("write stall", "reason", info.Reason) },
+		WriteStallEnd:   func() { l.Info("write stall ended") },
+		FlushEnd: func(info pebble.FlushInfo) {
+			if info.Err != nil {
+				l.Error("flush failed", "err", info.Err)
+				return
+			}
+			l.Debug("flushed", "job", info.JobID, "bytes", info.InputBytes, "duration", info.TotalDuration)
+		},
+		CompactionEnd: func(info pebble.CompactionInfo) {
+			if info.Err != nil {
+				l.Error("compaction failed", "err", info.Err)
+				return
+			}
+			l.Debug("compacted", "job", info.JobID, "reason", info.Reason, "duration", info.TotalDuration)
+		},
+	}
+}

@@ -1,0 +1,180 @@
+package tsdb
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+
+	"github.com/dimsum/dimsum/schema"
+)
+
+// Key prefixes: the first byte of every key names its kind. ONLY APPEND TO
+// THIS LIST: the values are part of the on-disk format (docs/format/tsdb.md).
+// Metadata sorts first so that Open's dictionary scans touch only the head of
+// the key space; data, the bulk, comes last.
+const (
+	prefixMeta      byte = 0x00 // 0x00 | name → value
+	prefixFamily    byte = 0x01 // 0x01 | family name → family ID
+	prefixCell      byte = 0x02 // 0x02 | family ID | cuboid | cell ID → cell values
+	prefixIdemTime  byte = 0x03 // 0x03 | keyTime | idempotency key → empty
+	prefixIdemKey   byte = 0x04 // 0x04 | idempotency key → keyTime
+	prefixData      byte = 0x10 // 0x10 | step | family ID | cuboid | cell ID | row → row value
+	prefixDataLimit byte = 0x11 // exclusive upper bound of the data keys
+)
+
+// formatVersion is the version of the layout described in
+// docs/format/tsdb.md. Open writes it into an empty store and refuses any
+// other value, so that a binary never misreads a layout it does not know.
+const formatVersion = 1
+
+// metaFormatKey is the key of the format-version record.
+var metaFormatKey = []byte{prefixMeta, 'f', 'o', 'r', 'm', 'a', 't'}
+
+// Fixed widths of the key fields.
+const (
+	dataKeyLen = 1 + 4 + 2 + 2 + 4 + 8
+	cellKeyLen = 1 + 2 + 2 + 4
+)
+
+// dataKey is a data key held by value, so that Apply can sort thousands of
+// them without an allocation each.
+type dataKey [dataKeyLen]byte
+
+// flipSign maps an int64 to a uint64 whose big-endian bytes sort in the
+// int64's order: negative rows and key times sort before positive ones.
+func flipSign(v int64) uint64 { return uint64(v) ^ (1 << 63) }
+
+func unflipSign(u uint64) int64 { return int64(u ^ (1 << 63)) }
+
+// makeDataKey builds the key of one row of one cell at one resolution.
+// stepSec is the resolution's step in seconds rather than its index in the
+// schema, so that adding or removing a resolution never makes old rows read
+// as another resolution's (docs/format/tsdb.md, "Why").
+func makeDataKey(stepSec uint32, fam uint16, cuboid schema.CuboidID, cell uint32, row int64) dataKey {
+	var k dataKey
+	k[0] = prefixData
+	binary.BigEndian.PutUint32(k[1:5], stepSec)
+	binary.BigEndian.PutUint16(k[5:7], fam)
+	binary.BigEndian.PutUint16(k[7:9], uint16(cuboid))
+	binary.BigEndian.PutUint32(k[9:13], cell)
+	binary.BigEndian.PutUint64(k[13:21], flipSign(row))
+	return k
+}
+
+// parsedDataKey is a data key split into its fields.
+type parsedDataKey struct {
+	stepSec uint32
+	fam     uint16
+	cuboid  schema.CuboidID
+	cell    uint32
+	row     int64
+}
+
+var errBadKey = errors.New("malformed key")
+
+func parseDataKey(k []byte) (parsedDataKey, error) {
+	if len(k) != dataKeyLen || k[0] != prefixData {
+		return parsedDataKey{}, errBadKey
+	}
+	return parsedDataKey{
+		stepSec: binary.BigEndian.Uint32(k[1:5]),
+		fam:     binary.BigEndian.Uint16(k[5:7]),
+		cuboid:  schema.CuboidID(binary.BigEndian.Uint16(k[7:9])),
+		cell:    binary.BigEndian.Uint32(k[9:13]),
+		row:     unflipSign(binary.BigEndian.Uint64(k[13:21])),
+	}, nil
+}
+
+// appendFamilyKey appends the family-dictionary key of a family name.
+func appendFamilyKey(dst []byte, name string) []byte {
+	dst = append(dst, prefixFamily)
+	return append(dst, name...)
+}
+
+// appendCellKey appends the cell-dictionary key of one cell. Cell IDs are
+// dense per (family, cuboid), so Open reads each dictionary in ID order.
+func appendCellKey(dst []byte, fam uint16, cuboid schema.CuboidID, cell uint32) []byte {
+	dst = append(dst, prefixCell)
+	dst = binary.BigEndian.AppendUint16(dst, fam)
+	dst = binary.BigEndian.AppendUint16(dst, uint16(cuboid))
+	return binary.BigEndian.AppendUint32(dst, cell)
+}
+
+func parseCellKey(k []byte) (fam uint16, cuboid schema.CuboidID, cell uint32, err error) {
+	if len(k) != cellKeyLen || k[0] != prefixCell {
+		return 0, 0, 0, errBadKey
+	}
+	return binary.BigEndian.Uint16(k[1:3]), schema.CuboidID(binary.BigEndian.Uint16(k[3:5])), binary.BigEndian.Uint32(k[5:9]), nil
+}
+
+// appendIdemTimeKey appends the key that orders idempotency records by the
+// time they belong to, so that forgetting old keys is one range deletion.
+func appendIdemTimeKey(dst []byte, keyTime int64, key []byte) []byte {
+	dst = append(dst, prefixIdemTime)
+	dst = binary.BigEndian.AppendUint64(dst, flipSign(keyTime))
+	return append(dst, key...)
+}
+
+// appendIdemKey appends the key under which an idempotency key is looked up.
+// It exists next to the time-ordered record because a retry is recognised by
+// its key alone, whatever keyTime the caller passes with it.
+func appendIdemKey(dst []byte, key []byte) []byte {
+	dst = append(dst, prefixIdemKey)
+	return append(dst, key...)
+}
+
+// appendCellValues appends the encoding of a cell's label values: a uvarint
+// count, then each value as a uvarint length and its bytes. The same bytes
+// are the cell dictionary's value on disk and its map key in memory.
+func appendCellValues(dst []byte, values []string) []byte {
+	dst = binary.AppendUvarint(dst, uint64(len(values)))
+	for _, v := range values {
+		dst = binary.AppendUvarint(dst, uint64(len(v)))
+		dst = append(dst, v...)
+	}
+	return dst
+}
+
+// decodeCellValues splits an encoding made by appendCellValues. The values
+// are substrings of s, so a cell's values share one allocation.
+func decodeCellValues(s string) ([]string, error) {
+	n, s, err := stringUvarint(s)
+	if err != nil {
+		return nil, err
+	}
+	if n > schema.MaxLevels {
+		return nil, fmt.Errorf("%d values, at most %d", n, schema.MaxLevels)
+	}
+	values := make([]string, n)
+	for i := range values {
+		var l uint64
+		l, s, err = stringUvarint(s)
+		if err != nil {
+			return nil, err
+		}
+		if l > uint64(len(s)) {
+			return nil, errors.New("value overruns the record")
+		}
+		values[i], s = s[:l], s[l:]
+	}
+	if len(s) != 0 {
+		return nil, fmt.Errorf("%d trailing bytes", len(s))
+	}
+	return values, nil
+}
+
+// stringUvarint reads a uvarint from the head of s.
+func stringUvarint(s string) (uint64, string, error) {
+	var v uint64
+	for i := 0; i < len(s) && i < binary.MaxVarintLen64; i++ {
+		b := s[i]
+		if i == binary.MaxVarintLen64-1 && b > 1 {
+			return 0, s, errors.New("uvarint overflows 64 bits")
+		}
+		v |= uint64(b&0x7f) << (7 * i)
+		if b < 0x80 {
+			return v, s[i+1:], nil
+		}
+	}
+	return 0, s, errors.New("truncated uvarint")
+}

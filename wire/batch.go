@@ -1,0 +1,57 @@
+package wire
+
+import "github.com/dimsum/dimsum/wire/wirepb"
+
+// Batch builds a PushRequest, interning every string into the request's
+// dictionary so that a value repeated across events is sent once. The zero
+// value is ready to use.
+type Batch struct {
+	req   wirepb.PushRequest
+	index map[string]uint32
+	// events are allocated in blocks so that adding one costs no allocation
+	// in the common case.
+	block []wirepb.Event
+}
+
+// Add appends one event. labels alternate name, value, name, value.
+func (b *Batch) Add(family string, timestampMS int64, value float64, labels ...string) {
+	if len(b.block) == 0 {
+		b.block = make([]wirepb.Event, 256)
+	}
+	ev := &b.block[0]
+	b.block = b.block[1:]
+	ev.Family = b.intern(family)
+	ev.TimestampMs = timestampMS
+	ev.Value = value
+	ev.Labels = make([]uint32, len(labels))
+	for i, l := range labels {
+		ev.Labels[i] = b.intern(l)
+	}
+	b.req.Events = append(b.req.Events, ev)
+}
+
+func (b *Batch) intern(s string) uint32 {
+	if i, ok := b.index[s]; ok {
+		return i
+	}
+	if b.index == nil {
+		b.index = map[string]uint32{}
+	}
+	i := uint32(len(b.req.Dict))
+	b.req.Dict = append(b.req.Dict, s)
+	b.index[s] = i
+	return i
+}
+
+// Len is the number of events in the batch.
+func (b *Batch) Len() int { return len(b.req.Events) }
+
+// Request returns the batch as a PushRequest. The batch must not be changed
+// while the request is in use; call Reset to start the next one.
+func (b *Batch) Request() *wirepb.PushRequest { return &b.req }
+
+// Reset empties the batch for reuse.
+func (b *Batch) Reset() {
+	b.req = wirepb.PushRequest{}
+	clear(b.index)
+}
