@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc"
@@ -109,12 +110,18 @@ func (c *Combiner) deltas(req *wirepb.FlushRequest) ([]tsdb.Delta, error) {
 		if f == nil {
 			return nil, fmt.Errorf("%w: unknown family %q", ErrBadFlush, name)
 		}
+		if cell.Cuboid > math.MaxUint16 {
+			return nil, fmt.Errorf("%w: family %q has no cuboid %d", ErrBadFlush, name, cell.Cuboid)
+		}
 		cub, ok := f.Cuboid(schema.CuboidID(cell.Cuboid))
-		if !ok || cell.Cuboid > uint32(^schema.CuboidID(0)) {
+		if !ok {
 			return nil, fmt.Errorf("%w: family %q has no cuboid %d", ErrBadFlush, name, cell.Cuboid)
 		}
 		if len(cell.Values) != len(cub.Labels) {
 			return nil, fmt.Errorf("%w: cuboid %d of %q has %d labels, the cell %d values", ErrBadFlush, cell.Cuboid, name, len(cub.Labels), len(cell.Values))
+		}
+		if math.IsNaN(cell.Sum) || math.IsInf(cell.Sum, 0) || (f.Kind == schema.KindCounter && cell.Sum < 0) {
+			return nil, fmt.Errorf("%w: cell %d of %q has sum %v, want a finite non-negative number", ErrBadFlush, i, name, cell.Sum)
 		}
 		start := len(values)
 		for _, v := range cell.Values {

@@ -1,0 +1,175 @@
+package combiner
+
+import (
+	"context"
+	"errors"
+	"math"
+	"net"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/dimsum/dimsum/schema"
+	"github.com/dimsum/dimsum/tsdb"
+	"github.com/dimsum/dimsum/wire/wirepb"
+)
+
+func newCombiner(t testing.TB) (*Combiner, *tsdb.DB) {
+	t.Helper()
+	s := schema.Default()
+	db, err := tsdb.Open(tsdb.Options{Dir: t.TempDir(), Schema: s, NoSync: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { db.Close() })
+	c, err := New(Options{Schema: s, Store: db})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c, db
+}
+
+// flush is a one-cell flush into the apex cuboid and one into the finest.
+func flush(window int64, seq uint64) *wirepb.FlushRequest {
+	finest := uint32(schema.Default().Family("requests").Finest().ID)
+	return &wirepb.FlushRequest{
+		Source: "agg/1", WindowStartMs: window, Sequence: seq,
+		Dict: []string{"requests", "dc1", "c1", "h1", "get", "200"},
+		Cells: []*wirepb.FlushCell{
+			{Family: 0, Cuboid: 0, Sum: 5, Count: 2},
+			{Family: 0, Cuboid: finest, Values: []uint32{1, 2, 3, 4, 5}, Sum: 5, Count: 2},
+		},
+	}
+}
+
+// apexSum reads the apex cuboid's finest steps around window.
+func apexSum(t *testing.T, db *tsdb.DB, window int64) float64 {
+	t.Helper()
+	cells, err := db.Cells("requests", 0, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sum := 0.0
+	for _, c := range cells {
+		steps, err := db.Steps(0, "requests", 0, c.ID, window-60_000, window+60_000, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, s := range steps {
+			sum += s.Sum
+		}
+	}
+	return sum
+}
+
+func TestApplyOnce(t *testing.T) {
+	c, db := newCombiner(t)
+	w := time.Now().Truncate(10 * time.Second).UnixMilli()
+	for i, want := range []bool{false, true, true} {
+		dup, err := c.Apply(flush(w, 0))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if dup != want {
+			t.Errorf("apply %d: duplicate = %v, want %v", i, dup, want)
+		}
+	}
+	if dup, err := c.Apply(flush(w, 1)); err != nil || dup {
+		t.Fatalf("next sequence: duplicate %v, err %v", dup, err)
+	}
+	if got := apexSum(t, db, w); got != 10 {
+		t.Errorf("apex sum %v, want 10 (two distinct flushes of 5)", got)
+	}
+}
+
+func TestBadFlush(t *testing.T) {
+	w := time.Now().Truncate(10 * time.Second).UnixMilli()
+	for _, tc := range []struct {
+		name   string
+		change func(*wirepb.FlushRequest)
+	}{
+		{"no source", func(r *wirepb.FlushRequest) { r.Source = "" }},
+		{"unknown family", func(r *wirepb.FlushRequest) { r.Dict[0] = "nope" }},
+		{"family outside dict", func(r *wirepb.FlushRequest) { r.Cells[1].Family = 99 }},
+		{"value outside dict", func(r *wirepb.FlushRequest) { r.Cells[1].Values[2] = 99 }},
+		{"unknown cuboid", func(r *wirepb.FlushRequest) { r.Cells[1].Cuboid = 16 }},
+		{"cuboid beyond 16 bits", func(r *wirepb.FlushRequest) { r.Cells[0].Cuboid = 1 << 16 }},
+		{"NaN sum", func(r *wirepb.FlushRequest) { r.Cells[1].Sum = math.NaN() }},
+		{"negative sum", func(r *wirepb.FlushRequest) { r.Cells[0].Sum = -1 }},
+		{"too few values", func(r *wirepb.FlushRequest) { r.Cells[1].Values = r.Cells[1].Values[:4] }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c, db := newCombiner(t)
+			req := flush(w, 0)
+			tc.change(req)
+			if _, err := c.Apply(req); !errors.Is(err, ErrBadFlush) {
+				t.Fatalf("error %v, want ErrBadFlush", err)
+			}
+			if got := apexSum(t, db, w); got != 0 {
+				t.Errorf("a refused flush wrote %v", got)
+			}
+		})
+	}
+}
+
+// TestGRPC flushes over a real loopback connection.
+func TestGRPC(t *testing.T) {
+	c, db := newCombiner(t)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := grpc.NewServer()
+	c.Register(srv)
+	go srv.Serve(ln)
+	defer srv.Stop()
+	conn, err := grpc.NewClient("passthrough:///"+ln.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	client := wirepb.NewCombinerClient(conn)
+	ctx := context.Background()
+	w := time.Now().Truncate(10 * time.Second).UnixMilli()
+
+	for _, want := range []bool{false, true} {
+		resp, err := client.Flush(ctx, flush(w, 3))
+		if err != nil || resp.Duplicate != want {
+			t.Fatalf("Flush: %v, duplicate %v, want %v", err, resp.GetDuplicate(), want)
+		}
+	}
+	bad := flush(w, 4)
+	bad.Dict[0] = "nope"
+	if _, err := client.Flush(ctx, bad); status.Code(err) != codes.InvalidArgument {
+		t.Errorf("bad flush: %v, want InvalidArgument", err)
+	}
+	if err := NewClient(conn).Flush(ctx, flush(w, 5)); err != nil {
+		t.Fatal(err)
+	}
+	if got := apexSum(t, db, w); got != 10 {
+		t.Errorf("apex sum %v, want 10", got)
+	}
+}
+
+func FuzzApply(f *testing.F) {
+	w := time.Now().Truncate(10 * time.Second).UnixMilli()
+	for _, r := range []*wirepb.FlushRequest{flush(w, 0), {Source: "x", Cells: []*wirepb.FlushCell{{Family: 3}}}} {
+		b, _ := proto.Marshal(r)
+		f.Add(b)
+	}
+	c, _ := newCombiner(f)
+	f.Fuzz(func(t *testing.T, data []byte) {
+		var req wirepb.FlushRequest
+		if proto.Unmarshal(data, &req) != nil {
+			return
+		}
+		if _, err := c.Apply(&req); err != nil && !errors.Is(err, ErrBadFlush) && !errors.Is(err, tsdb.ErrBadInput) {
+			t.Fatalf("unexpected error class: %v", err)
+		}
+	})
+}
