@@ -507,8 +507,9 @@ func parseTime(s string) (time.Time, error) {
 		if math.IsNaN(f) || math.IsInf(f, 0) || math.Abs(f) > float64(math.MaxInt64/int64(time.Second)) {
 			return time.Time{}, fmt.Errorf("cannot parse %q to a valid timestamp", s)
 		}
+		// Timestamps are milliseconds, as in Prometheus.
 		sec, frac := math.Modf(f)
-		return time.Unix(int64(sec), int64(math.Round(frac*1e9))).UTC(), nil
+		return time.Unix(int64(sec), int64(math.Round(frac*1000))*int64(time.Millisecond)).UTC(), nil
 	}
 	if t, err := time.Parse(time.RFC3339Nano, s); err == nil {
 		return t, nil

@@ -1,0 +1,72 @@
+package query
+
+import (
+	"math"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestParseTime(t *testing.T) {
+	for _, tc := range []struct {
+		in   string
+		want time.Time
+		ok   bool
+	}{
+		{"1700000000", time.Unix(1700000000, 0), true},
+		{"1700000000.123", time.Unix(1700000000, 123_000_000), true},
+		{"-1.5", time.Unix(-2, 500_000_000), true},
+		{"2023-11-14T22:13:20Z", time.Unix(1700000000, 0), true},
+		{"2023-11-14T23:13:20.5+01:00", time.Unix(1700000000, 500_000_000), true},
+		{"", time.Time{}, false},
+		{"NaN", time.Time{}, false},
+		{"Inf", time.Time{}, false},
+		{"1e300", time.Time{}, false},
+		{"yesterday", time.Time{}, false},
+	} {
+		got, err := parseTime(tc.in)
+		if (err == nil) != tc.ok || (tc.ok && !got.Equal(tc.want)) {
+			t.Errorf("parseTime(%q) = %v, %v; want %v ok=%v", tc.in, got, err, tc.want, tc.ok)
+		}
+	}
+}
+
+func TestParseDuration(t *testing.T) {
+	for _, tc := range []struct {
+		in   string
+		want time.Duration
+		ok   bool
+	}{
+		{"15", 15 * time.Second, true},
+		{"0.5", 500 * time.Millisecond, true},
+		{"5m", 5 * time.Minute, true},
+		{"1h30m", 90 * time.Minute, true},
+		{"", 0, false},
+		{"1e30", 0, false},
+		{"NaN", 0, false},
+		{"5 minutes", 0, false},
+	} {
+		got, err := parseDuration(tc.in)
+		if (err == nil) != tc.ok || got != tc.want {
+			t.Errorf("parseDuration(%q) = %v, %v; want %v ok=%v", tc.in, got, err, tc.want, tc.ok)
+		}
+	}
+}
+
+// FuzzParseTime checks that no input panics and that a numeric timestamp
+// that parses lands within a second of the number.
+func FuzzParseTime(f *testing.F) {
+	for _, s := range []string{"1700000000.5", "2023-11-14T22:13:20Z", "-9e18", "NaN", "1e19", "5m"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		ts, err := parseTime(s)
+		if x, ferr := strconv.ParseFloat(s, 64); err == nil && ferr == nil && math.Abs(float64(ts.Unix())-x) > 1 {
+			t.Fatalf("parseTime(%q) = %v", s, ts)
+		}
+		if d, err := parseDuration(s); err == nil && d < 0 && !strings.HasPrefix(strings.TrimSpace(s), "-") {
+			t.Fatalf("parseDuration(%q) = %v", s, d)
+		}
+	})
+}
