@@ -85,10 +85,10 @@ func TestSynthesis(t *testing.T) {
 	s := testSchema(t)
 	db := openStore(t, s)
 	base := time.Now().Truncate(time.Hour).Add(-3 * time.Hour).UnixMilli()
-	put(t, db, s, "a", base+1_000, 3)     // step [base, base+10s)
-	put(t, db, s, "a", base+25_000, 4)    // step [base+20s, base+30s)
-	put(t, db, s, "a", base+31_000, 5)    // step [base+30s, base+40s), open at maxt
-	put(t, db, s, "b", base-600_000, 1)   // outside the selection
+	put(t, db, s, "a", base+1_000, 3)   // step [base, base+10s)
+	put(t, db, s, "a", base+25_000, 4)  // step [base+20s, base+30s)
+	put(t, db, s, "a", base+31_000, 5)  // step [base+30s, base+40s), open at maxt
+	put(t, db, s, "b", base-600_000, 1) // outside the selection
 	now := func() time.Time { return time.UnixMilli(base + 3_600_000) }
 	q, _ := NewQueryable(s, db, now).Querier(base, base+35_000)
 
