@@ -1,6 +1,7 @@
 package aggregator
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -53,12 +54,16 @@ type Aggregator struct {
 		values []string
 		// windows holds the open (and late) windows by start time.
 		windows map[int64]*window
-		// seqs holds the next flush sequence per window start, kept until
-		// no event can reach the window any more.
-		seqs map[int64]uint64
+		// seq is the sequence of the next flush. It grows across windows,
+		// so (source, window, sequence) never repeats within an
+		// incarnation, however late a window is reopened.
+		seq uint64
 	}
 
 	flushMu sync.Mutex // one flush at a time, so sequences go out in order
+	// pending holds the requests a loop flush could not deliver before
+	// Close; guarded by flushMu.
+	pending []*wirepb.FlushRequest
 	stop    chan struct{}
 	done    chan struct{}
 }
@@ -123,7 +128,6 @@ func New(opts Options) (*Aggregator, error) {
 	a.mu.intern = map[string]uint32{}
 	a.mu.values = []string{""}
 	a.mu.windows = map[int64]*window{}
-	a.mu.seqs = map[int64]uint64{}
 	go a.loop()
 	return a, nil
 }
@@ -351,8 +355,11 @@ func (a *Aggregator) loop() {
 }
 
 // flush sends every window whose grace has passed (all of them when final)
-// to the sink, retrying each until it is taken or, outside a final flush,
-// until Close.
+// to the sink, retrying each until it is taken. A loop flush interrupted by
+// Close leaves its undelivered requests in pending, and the final flush sends
+// them first under the same identities: an attempt that failed on this side
+// may still have been applied by the combiner, so the data must never go out
+// again under a new sequence.
 func (a *Aggregator) flush(final bool) {
 	a.flushMu.Lock()
 	defer a.flushMu.Unlock()
@@ -361,36 +368,39 @@ func (a *Aggregator) flush(final bool) {
 
 	type ready struct {
 		start int64
-		seq   uint64
 		w     *window
 	}
 	var todo []ready
 	a.mu.Lock()
 	for start, w := range a.mu.windows {
 		if final || start+a.step+grace <= now {
-			todo = append(todo, ready{start, a.mu.seqs[start], w})
-			a.mu.seqs[start]++
+			todo = append(todo, ready{start: start, w: w})
 			delete(a.mu.windows, start)
 		}
 	}
-	horizon := now - a.opts.MaxLateness.Milliseconds() - a.step
-	for start := range a.mu.seqs {
-		if start < horizon {
-			delete(a.mu.seqs, start)
-		}
-	}
+	slices.SortFunc(todo, func(x, y ready) int { return cmp.Compare(x.start, y.start) })
+	seq := a.mu.seq
+	a.mu.seq += uint64(len(todo))
 	values := a.mu.values
 	open := len(a.mu.windows)
 	a.mu.Unlock()
 	a.metrics.openWindows.Set(float64(open))
 
-	slices.SortFunc(todo, func(x, y ready) int { return int(x.start - y.start) })
+	reqs := a.pending
+	a.pending = nil
+	for i, r := range todo {
+		reqs = append(reqs, a.flushRequest(r.start, seq+uint64(i), r.w, values))
+	}
 	deadline := time.Now().Add(finalFlushTimeout)
-	for _, r := range todo {
-		req := a.flushRequest(r.start, r.seq, r.w, values)
-		if err := a.send(req, final, deadline); err != nil {
+	for i, req := range reqs {
+		err := a.send(req, final, deadline)
+		switch {
+		case errors.Is(err, errStopping):
+			a.pending = reqs[i:]
+			return
+		case err != nil:
 			a.opts.Logger.Error("partial cube lost: the combiner did not take it before shutdown",
-				"window", time.UnixMilli(r.start).UTC(), "cells", len(r.w.aggs), "err", err)
+				"window", time.UnixMilli(req.WindowStartMs).UTC(), "sequence", req.Sequence, "cells", len(req.Cells), "err", err)
 		}
 	}
 }
@@ -433,8 +443,8 @@ func (a *Aggregator) flushRequest(start int64, seq uint64, w *window, values []s
 }
 
 // send delivers a flush, retrying with backoff. A final send gives up at the
-// deadline; any other gives up only when the aggregator is closing, in
-// which case the final flush takes the window's data again.
+// deadline; any other gives up only when the aggregator is closing, with
+// errStopping.
 func (a *Aggregator) send(req *wirepb.FlushRequest, final bool, deadline time.Time) error {
 	backoff := a.opts.RetryBackoff
 	for {
@@ -455,8 +465,7 @@ func (a *Aggregator) send(req *wirepb.FlushRequest, final bool, deadline time.Ti
 		select {
 		case <-a.stop:
 			if !final {
-				a.requeue(req)
-				return nil
+				return errStopping
 			}
 		case <-time.After(backoff):
 		}
@@ -469,38 +478,8 @@ const (
 	finalFlushTimeout = 30 * time.Second
 )
 
-// requeue merges an undelivered flush back into the cube, so the final flush
-// sends it under a new sequence. It is safe only because the combiner never
-// took this request: every attempt failed.
-func (a *Aggregator) requeue(req *wirepb.FlushRequest) {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	w := a.mu.windows[req.WindowStartMs]
-	if w == nil {
-		w = &window{cells: map[cellKey]int32{}, finest: make([]int, len(a.fams))}
-		a.mu.windows[req.WindowStartMs] = w
-	}
-	for _, c := range req.Cells {
-		fi := a.byName[req.Dict[c.Family]]
-		key := cellKey{fam: uint16(fi), cuboid: schema.CuboidID(c.Cuboid)}
-		mask := a.fams[fi].masks[c.Cuboid]
-		k := 0
-		for j := range key.v {
-			if mask&(1<<j) != 0 {
-				key.v[j] = a.internLocked(req.Dict[c.Values[k]])
-				k++
-			}
-		}
-		i, ok := w.cells[key]
-		if !ok {
-			i = int32(len(w.aggs))
-			w.aggs = append(w.aggs, agg{})
-			w.cells[key] = i
-		}
-		w.aggs[i].sum += c.Sum
-		w.aggs[i].count += c.Count
-	}
-}
+// errStopping interrupts a loop flush's retries when Close begins.
+var errStopping = errors.New("aggregator: stopping")
 
 // Close stops taking events and flushes every window, open or not, so a
 // graceful stop loses nothing the combiner can take within 30s.
