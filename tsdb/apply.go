@@ -27,6 +27,7 @@ type Delta struct {
 type entry struct {
 	key   dataKey
 	slot  uint16
+	seq   uint32 // position in the batch, which orders the additions
 	sum   float64
 	count uint64
 }
@@ -117,6 +118,7 @@ func (db *DB) Apply(idempotencyKey []byte, keyTime int64, deltas []Delta) (appli
 			entries = append(entries, entry{
 				key:   makeDataKey(r.stepSec, fs.id, d.Cuboid, cell, row),
 				slot:  uint16((stepStart - row*r.rowSpanMs) / r.stepMs),
+				seq:   uint32(len(entries)),
 				sum:   d.Sum,
 				count: d.Count,
 			})
@@ -126,13 +128,17 @@ func (db *DB) Apply(idempotencyKey []byte, keyTime int64, deltas []Delta) (appli
 
 	// Fold the batch's cell-steps into one operand per row: a coarse row
 	// receives many fine steps of one batch, and fewer operands mean less
-	// for reads and compactions to fold. The sort is stable so that sums
-	// are added in delta order, which keeps Apply deterministic.
-	slices.SortStableFunc(entries, func(x, y entry) int {
+	// for reads and compactions to fold. Ties are broken by position so
+	// that sums are added in delta order, which keeps Apply deterministic
+	// (an unstable sort with a total order is faster than a stable one).
+	slices.SortFunc(entries, func(x, y entry) int {
 		if c := bytes.Compare(x.key[:], y.key[:]); c != 0 {
 			return c
 		}
-		return int(x.slot) - int(y.slot)
+		if x.slot != y.slot {
+			return int(x.slot) - int(y.slot)
+		}
+		return int(x.seq) - int(y.seq)
 	})
 	var enc rowEncoder
 	operands := 0

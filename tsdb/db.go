@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/cockroachdb/pebble/v2"
+	"github.com/cockroachdb/pebble/v2/bloom"
 	"github.com/dimsum/dimsum/schema"
 )
 
@@ -144,13 +145,7 @@ func Open(opts Options) (*DB, error) {
 
 	cache := pebble.NewCache(opts.CacheSize)
 	defer cache.Unref()
-	db.pdb, err = pebble.Open(opts.Dir, &pebble.Options{
-		Cache:              cache,
-		Merger:             rowMerger,
-		Logger:             pebbleLogger{db.log.With("component", "pebble")},
-		EventListener:      eventListener(db.log.With("component", "pebble")),
-		FormatMajorVersion: pebble.FormatNewest,
-	})
+	db.pdb, err = pebble.Open(opts.Dir, pebbleOptions(cache, db.log.With("component", "pebble")))
 	if err != nil {
 		m.unregister()
 		return nil, fmt.Errorf("tsdb: cannot open pebble in %s: %w", opts.Dir, err)
@@ -161,6 +156,28 @@ func Open(opts Options) (*DB, error) {
 		return nil, err
 	}
 	return db, nil
+}
+
+// pebbleOptions configures Pebble for the cube.
+func pebbleOptions(cache *pebble.Cache, log *slog.Logger) *pebble.Options {
+	o := &pebble.Options{
+		Cache:              cache,
+		Merger:             rowMerger,
+		Logger:             pebbleLogger{log},
+		EventListener:      eventListener(log),
+		FormatMajorVersion: pebble.FormatNewest,
+	}
+	// Every Apply with an idempotency key looks it up, and almost every
+	// lookup misses: a Bloom filter answers most misses without reading a
+	// data block. At 10 bits a key it costs ~1.2 bytes per row, which holds
+	// up to 360 steps.
+	for i := range o.Levels {
+		o.Levels[i].FilterPolicy = bloom.FilterPolicy(10)
+	}
+	// Snappy on the upper levels, zstd on the bottom ones, where nearly all
+	// of a long-retention cube lives.
+	o.ApplyCompressionSettings(func() pebble.DBCompressionSettings { return pebble.DBCompressionBalanced })
+	return o
 }
 
 // load checks the format version, then loads the family and cell

@@ -20,6 +20,7 @@ const mergerName = "dimsum.row.v1"
 // or without the oldest one (includesBase), and give the same row. Float sums
 // of whole numbers below 2^53 are exact in any order; other sums may differ
 // in the last bit between groupings, as float addition does.
+// See docs/format/tsdb.md, "Merge operator".
 var rowMerger = &pebble.Merger{
 	Name: mergerName,
 	Merge: func(key, value []byte) (pebble.ValueMerger, error) {

@@ -131,7 +131,7 @@ func testProperty(t *testing.T, seed uint64) {
 	m := &model{s: s, now: now, steps: map[modelKey]Step{}}
 
 	var batches []batch
-	for i := range 150 {
+	for i := range 250 {
 		b := batch{keyTime: now - rng.Int64N(3600e3)}
 		if rng.IntN(10) > 0 {
 			b.key = fmt.Appendf(nil, "agg-%d/seq-%d", rng.IntN(3), i)

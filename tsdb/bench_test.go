@@ -1,0 +1,203 @@
+package tsdb
+
+import (
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"testing"
+	"time"
+
+	"github.com/dimsum/dimsum/schema"
+)
+
+// benchDeltas returns one window's partial cube over the default schema:
+// hosts x transactions x statuses finest cells, rolled up into every
+// cuboid, as an aggregator flushes it.
+func benchDeltas(s *schema.Schema, hosts, txns, statuses int, t int64) []Delta {
+	fam := s.Family("requests")
+	type cellKey [5]string
+	var deltas []Delta
+	for _, c := range fam.Cuboids() {
+		seen := map[cellKey]bool{}
+		for h := range hosts {
+			for x := range txns {
+				for st := range statuses {
+					full := []string{fmt.Sprintf("dc%d", h%3), fmt.Sprintf("c%d", h%7), fmt.Sprintf("host%04d", h), fmt.Sprintf("GET /api/%d", x), fmt.Sprint(200 + st)}
+					var k cellKey
+					values := make([]string, len(c.Slots))
+					for i, slot := range c.Slots {
+						values[i] = full[slot]
+						k[slot] = full[slot]
+					}
+					if seen[k] {
+						continue
+					}
+					seen[k] = true
+					deltas = append(deltas, Delta{Family: "requests", Cuboid: c.ID, Values: values, Time: t, Sum: 3, Count: 3})
+				}
+			}
+		}
+	}
+	return deltas
+}
+
+// BenchmarkApply applies one window's partial cube per iteration, each
+// window 10s after the previous one, into every resolution of the default
+// schema (10s, 1m, 1h). After the run it compacts and reports the disk
+// space a stored cell-step takes: the run is short, so rows are sparse and
+// keys weigh more than in a steady state (see BenchmarkSteps for that).
+func BenchmarkApply(b *testing.B) {
+	for _, sync := range []bool{false, true} {
+		b.Run(fmt.Sprintf("sync=%v", sync), func(b *testing.B) {
+			s := schema.Default()
+			now := testNow
+			db, err := Open(Options{Dir: b.TempDir(), Schema: s, NoSync: !sync, now: func() time.Time { return now }})
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer db.Close()
+			start := now.Add(-7 * 24 * time.Hour).UnixMilli()
+			deltas := benchDeltas(s, 20, 10, 3, start)
+			// Create the cells first: the steady state has them all.
+			if _, err := db.Apply(nil, 0, deltas); err != nil {
+				b.Fatal(err)
+			}
+			key := make([]byte, 0, 32)
+			b.ReportAllocs()
+			b.ResetTimer()
+			rng := rand.New(rand.NewPCG(1, 2))
+			for i := range b.N {
+				t := start + int64(i%50000)*10000 // stay within the finest retention
+				for j := range deltas {
+					setWindow(rng, &deltas[j], t)
+				}
+				key = fmt.Appendf(key[:0], "bench/%d", i)
+				if _, err := db.Apply(key, t, deltas); err != nil {
+					b.Fatal(err)
+				}
+			}
+			b.StopTimer()
+			b.ReportMetric(float64(b.N*len(deltas))/b.Elapsed().Seconds(), "deltas/s")
+			b.ReportMetric(float64(len(deltas)), "deltas/op")
+			if err := db.pdb.Compact(context.Background(), []byte{0}, []byte{0xff}, false); err != nil {
+				b.Fatal(err)
+			}
+			cellSteps := 0
+			for res := range s.Resolutions {
+				for _, c := range s.Family("requests").Cuboids() {
+					cells, err := db.Cells("requests", c.ID, nil)
+					if err != nil {
+						b.Fatal(err)
+					}
+					for _, cell := range cells {
+						steps, err := db.Steps(res, "requests", c.ID, cell.ID, 0, now.UnixMilli(), nil)
+						if err != nil {
+							b.Fatal(err)
+						}
+						cellSteps += len(steps)
+					}
+				}
+			}
+			b.ReportMetric(float64(sstBytes(db))/float64(cellSteps), "sst-B/cell-step")
+		})
+	}
+}
+
+// BenchmarkSteps reads one cell over a day at each resolution of the
+// default schema, from a compacted store holding two days of 10s steps for a
+// few hundred cells. It also reports the sstable bytes a stored cell-step
+// takes in that store, counting every resolution's cell-steps.
+func BenchmarkSteps(b *testing.B) {
+	s := schema.Default()
+	now := testNow
+	db, err := Open(Options{Dir: b.TempDir(), Schema: s, NoSync: true, now: func() time.Time { return now }})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer db.Close()
+	windows := 2 * 24 * 360
+	start := now.UnixMilli() - int64(windows)*10000
+	deltas := benchDeltas(s, 5, 4, 2, start)
+	rng := rand.New(rand.NewPCG(1, 2))
+	for i := range windows {
+		for j := range deltas {
+			setWindow(rng, &deltas[j], start+int64(i)*10000)
+		}
+		if _, err := db.Apply(nil, 0, deltas); err != nil {
+			b.Fatal(err)
+		}
+	}
+	if err := db.pdb.Compact(context.Background(), []byte{0}, []byte{0xff}, false); err != nil {
+		b.Fatal(err)
+	}
+	cellSteps := 0
+	for _, r := range s.Resolutions {
+		cellSteps += len(deltas) * int(int64(windows)*10000/r.Step.Milliseconds())
+	}
+	perStep := float64(sstBytes(db)) / float64(cellSteps)
+	finest := s.Family("requests").Finest().ID
+	mint, maxt := start, start+24*3600e3-1
+	for res := range s.Resolutions {
+		b.Run(fmt.Sprintf("res=%v", s.Resolutions[res].Step), func(b *testing.B) {
+			var dst []Step
+			b.ReportAllocs()
+			n := 0
+			for range b.N {
+				dst, err = db.Steps(res, "requests", finest, 3, mint, maxt, dst[:0])
+				if err != nil {
+					b.Fatal(err)
+				}
+				n += len(dst)
+			}
+			if n == 0 {
+				b.Fatal("no steps read")
+			}
+			b.ReportMetric(float64(n)/b.Elapsed().Seconds(), "steps/s")
+			b.ReportMetric(float64(n)/float64(b.N), "steps/op")
+			b.ReportMetric(perStep, "sst-B/cell-step")
+		})
+	}
+}
+
+// BenchmarkMerge folds two operands of a full row, as reads and
+// compactions do.
+func BenchmarkMerge(b *testing.B) {
+	var full []slotValue
+	for slot := range schema.StepsPerRow {
+		full = append(full, slotValue{slot, float64(slot * 3), uint64(slot)})
+	}
+	row := encodeRow(full...)
+	key := []byte("key")
+	b.ReportAllocs()
+	for range b.N {
+		vm, err := rowMerger.Merge(key, row)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if err := vm.MergeNewer(row); err != nil {
+			b.Fatal(err)
+		}
+		_, closer, err := vm.Finish(true)
+		if err != nil {
+			b.Fatal(err)
+		}
+		closer.Close()
+	}
+	b.ReportMetric(float64(b.N*2*schema.StepsPerRow)/b.Elapsed().Seconds(), "steps/s")
+	b.ReportMetric(float64(len(row))/schema.StepsPerRow, "B/step")
+}
+
+// sstBytes is the size of db's sstables: what the data takes on disk once
+// the write-ahead log is recycled.
+func sstBytes(db *DB) int64 {
+	m := db.pdb.Metrics()
+	return m.Total().TablesSize
+}
+
+// setWindow moves a delta to window t with a new, varying count: constant
+// values would compress to nothing and flatter the size figures.
+func setWindow(rng *rand.Rand, d *Delta, t int64) {
+	d.Time = t
+	d.Count = uint64(rng.IntN(40))
+	d.Sum = float64(d.Count * uint64(1+rng.IntN(3)))
+}

@@ -1,0 +1,167 @@
+package tsdb
+
+import (
+	"errors"
+	"log/slog"
+	"strings"
+	"testing"
+
+	"github.com/cockroachdb/pebble/v2"
+	"github.com/dimsum/dimsum/schema"
+)
+
+// TestCorruptRow writes undecodable values under a data key behind the
+// DB's back and requires Steps to report corruption naming the key, never
+// zeros.
+func TestCorruptRow(t *testing.T) {
+	s := testSchema(t)
+	finest := cuboidOf(t, s, "requests", "dc", "host", "txn")
+	now := testNow.UnixMilli()
+	delta := Delta{Family: "requests", Cuboid: finest, Values: []string{"d1", "h1", "GET"}, Time: now, Sum: 5, Count: 1}
+	for _, tc := range []struct {
+		name    string
+		garbage []byte
+		// mergeOnTop adds a valid operand above the garbage, so that the
+		// merge operator meets it rather than the row decoder.
+		mergeOnTop bool
+	}{
+		{"bad magic", []byte{0xff, 0x01, 0x02}, false},
+		{"empty", []byte{}, false},
+		{"truncated", []byte{rowMagic, 0x00, 0x05}, false},
+		{"slot out of range", []byte{rowMagic, 0xff, 0x7f, 0x01, 0x01}, false},
+		{"bad magic under an operand", []byte{0xff, 0x01, 0x02}, true},
+		{"truncated under an operand", []byte{rowMagic, 0x01}, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			db := openTest(t, t.TempDir(), s)
+			defer closeTest(t, db)
+			if _, err := db.Apply(nil, 0, []Delta{delta}); err != nil {
+				t.Fatal(err)
+			}
+			r := db.res[0]
+			key := makeDataKey(r.stepSec, db.families["requests"].id, finest, 0, floorDiv(now, r.rowSpanMs))
+			if err := db.pdb.Set(key[:], tc.garbage, pebble.Sync); err != nil {
+				t.Fatal(err)
+			}
+			if tc.mergeOnTop {
+				if _, err := db.Apply(nil, 0, []Delta{delta}); err != nil {
+					t.Fatal(err)
+				}
+			}
+			steps, err := db.Steps(0, "requests", finest, 0, now-3600e3, now, nil)
+			if !isCorruptNaming(err, key[:]) {
+				t.Fatalf("got steps %v, err %v; want an error wrapping ErrCorrupt naming %x", steps, err, key)
+			}
+			// Other resolutions are untouched.
+			if steps, err := db.Steps(1, "requests", finest, 0, now-3600e3, now, nil); err != nil || len(steps) != 1 {
+				t.Fatalf("resolution 1: %v, %v", steps, err)
+			}
+		})
+	}
+}
+
+// TestOpenRefuses covers stores Open must not use.
+func TestOpenRefuses(t *testing.T) {
+	s := testSchema(t)
+	for _, tc := range []struct {
+		name    string
+		prepare func(t *testing.T, dir string)
+		want    string
+		corrupt bool
+		// foreign cases start from an empty directory rather than a store
+		// created with the test schema.
+		foreign bool
+	}{
+		{
+			name: "unknown format version",
+			prepare: func(t *testing.T, dir string) {
+				rawSet(t, dir, metaFormatKey, []byte{2})
+			},
+			want: "format version 2",
+		},
+		{
+			name: "garbage format record",
+			prepare: func(t *testing.T, dir string) {
+				rawSet(t, dir, metaFormatKey, []byte{0xff})
+			},
+			corrupt: true,
+		},
+		{
+			name: "foreign pebble store",
+			prepare: func(t *testing.T, dir string) {
+				pdb, err := pebble.Open(dir, rawOptions())
+				if err != nil {
+					t.Fatal(err)
+				}
+				if err := errors.Join(pdb.Set([]byte("x"), []byte("y"), pebble.Sync), pdb.Close()); err != nil {
+					t.Fatal(err)
+				}
+			},
+			want:    "without a dimsum format record",
+			foreign: true,
+		},
+		{
+			name: "garbage cell dictionary entry",
+			prepare: func(t *testing.T, dir string) {
+				rawSet(t, dir, appendCellKey(nil, 0, 0, 0), []byte{0x05})
+			},
+			corrupt: true,
+		},
+		{
+			name: "cell dictionary gap",
+			prepare: func(t *testing.T, dir string) {
+				rawSet(t, dir, appendCellKey(nil, 0, 0, 1), appendCellValues(nil, nil))
+			},
+			corrupt: true,
+		},
+		{
+			name: "changed dimensions",
+			prepare: func(t *testing.T, dir string) {
+				// The same family name with other dimensions.
+				other, err := schema.Parse([]byte(strings.Replace(testSchemaYAML, "[dc/host, txn]", "[dc/host, method]", 1)))
+				if err != nil {
+					t.Fatal(err)
+				}
+				closeTest(t, openTest(t, dir, other))
+			},
+			want:    "changed its kind or dimensions",
+			foreign: true,
+		},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			if !tc.foreign {
+				closeTest(t, openTest(t, dir, s))
+			}
+			tc.prepare(t, dir)
+			db, err := Open(Options{Dir: dir, Schema: s})
+			if err == nil {
+				db.Close()
+				t.Fatal("Open succeeded")
+			}
+			if tc.corrupt && !errors.Is(err, ErrCorrupt) {
+				t.Fatalf("got %v, want ErrCorrupt", err)
+			}
+			if !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("got %v, want it to mention %q", err, tc.want)
+			}
+		})
+	}
+}
+
+// rawSet writes a key behind the DB's back.
+func rawSet(t *testing.T, dir string, key, value []byte) {
+	t.Helper()
+	pdb, err := pebble.Open(dir, rawOptions())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := errors.Join(pdb.Set(key, value, pebble.Sync), pdb.Close()); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// rawOptions open a store without the DB, quietly.
+func rawOptions() *pebble.Options {
+	return &pebble.Options{Merger: rowMerger, Logger: pebbleLogger{slog.New(slog.DiscardHandler)}}
+}
