@@ -12,6 +12,9 @@ import (
 	"sync"
 	"time"
 
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
 	"github.com/dimsum/dimsum/schema"
 	"github.com/dimsum/dimsum/wire/wirepb"
 )
@@ -103,8 +106,10 @@ func New(opts Options) (*Aggregator, error) {
 		return nil, err
 	}
 	a := &Aggregator{
-		opts:    opts,
-		source:  opts.Name + "/" + strconv.FormatInt(opts.Now().UnixNano(), 36),
+		opts: opts,
+		// The wall clock and a random number, so that no two incarnations
+		// of one name share a source, whatever clock the options inject.
+		source:  opts.Name + "/" + strconv.FormatInt(time.Now().UnixNano(), 36) + "-" + strconv.FormatUint(uint64(rand.Uint32()), 36),
 		window:  opts.Schema.Resolutions[0],
 		step:    opts.Schema.Window().Milliseconds(),
 		byName:  map[string]int{},
@@ -186,16 +191,18 @@ func (a *Aggregator) Push(req *wirepb.PushRequest) (*wirepb.PushResponse, error)
 			ev.vals[j] = ids[d]
 		}
 		start := a.window.StepStart(ev.ts)
+		if reason := a.addLocked(ev, start); reason != noReason {
+			r := &wirepb.Reject{Index: uint32(ev.index), Reason: reason}
+			if reason == wirepb.RejectReason_REJECT_REASON_CARDINALITY_LIMIT {
+				r.Detail = fmt.Sprintf("family %q has %d cells in this window, the limit", a.fams[ev.fam].Name, a.opts.MaxCellsPerWindow)
+			} else {
+				r.Detail = fmt.Sprintf("value %v would overflow the window's total of family %q", ev.value, a.fams[ev.fam].Name)
+			}
+			resp.Rejects = append(resp.Rejects, r)
+			continue
+		}
 		if start+a.step+a.opts.Grace.Milliseconds() <= now {
 			late++
-		}
-		if !a.addLocked(ev, start) {
-			resp.Rejects = append(resp.Rejects, &wirepb.Reject{
-				Index:  uint32(ev.index),
-				Reason: wirepb.RejectReason_REJECT_REASON_CARDINALITY_LIMIT,
-				Detail: fmt.Sprintf("family %q has %d cells in this window, the limit", a.fams[ev.fam].Name, a.opts.MaxCellsPerWindow),
-			})
-			continue
 		}
 		resp.Accepted++
 	}
@@ -223,19 +230,26 @@ func (a *Aggregator) internLocked(s string) uint32 {
 }
 
 // addLocked rolls one event up into every cuboid of its family in the window
-// starting at start. It reports false, changing nothing, when the event would
-// create a finest cell beyond the cardinality limit.
-func (a *Aggregator) addLocked(ev *event, start int64) bool {
+// starting at start. It changes nothing and returns a reject reason when the
+// event would create a finest cell beyond the cardinality limit, or would
+// overflow a sum to infinity.
+func (a *Aggregator) addLocked(ev *event, start int64) wirepb.RejectReason {
 	w := a.mu.windows[start]
 	if w == nil {
 		w = &window{cells: map[cellKey]int32{}, finest: make([]int, len(a.fams))}
 		a.mu.windows[start] = w
 	}
 	f := a.fams[ev.fam]
+	// Counter values are non-negative, so the apex cell (cuboid 0, every
+	// label absent) holds the largest sum of the family's window: if it
+	// stays finite, every cell does.
+	if i, ok := w.cells[cellKey{fam: uint16(ev.fam)}]; ok && math.IsInf(w.aggs[i].sum+ev.value, 0) {
+		return wirepb.RejectReason_REJECT_REASON_NOT_FINITE
+	}
 	key := cellKey{fam: uint16(ev.fam), cuboid: f.finest, v: ev.vals}
 	if _, ok := w.cells[key]; !ok {
 		if w.finest[ev.fam] >= a.opts.MaxCellsPerWindow {
-			return false
+			return wirepb.RejectReason_REJECT_REASON_CARDINALITY_LIMIT
 		}
 		w.finest[ev.fam]++
 	}
@@ -257,7 +271,7 @@ func (a *Aggregator) addLocked(ev *event, start int64) bool {
 		w.aggs[i].sum += ev.value
 		w.aggs[i].count++
 	}
-	return true
+	return noReason
 }
 
 // validator checks events of one batch, caching per family which dictionary
@@ -297,7 +311,7 @@ func (v *validator) check(e *wirepb.Event, ev *event) (wirepb.RejectReason, stri
 	for i := 0; i < len(e.Labels); i += 2 {
 		n, val := e.Labels[i], e.Labels[i+1]
 		if int(n) >= len(v.dict) || int(val) >= len(v.dict) {
-			return wirepb.RejectReason_REJECT_REASON_BAD_REFERENCE, fmt.Sprintf("label index outside the dictionary of %d strings", len(v.dict))
+			return wirepb.RejectReason_REJECT_REASON_BAD_REFERENCE, fmt.Sprintf("label indexes %d, %d: outside the dictionary of %d strings", n, val, len(v.dict))
 		}
 		if slots[n] == -2 {
 			slots[n] = -1
@@ -398,6 +412,9 @@ func (a *Aggregator) flush(final bool) {
 		case errors.Is(err, errStopping):
 			a.pending = reqs[i:]
 			return
+		case errors.Is(err, errRefused):
+			a.opts.Logger.Error("partial cube lost: the combiner refused it",
+				"window", time.UnixMilli(req.WindowStartMs).UTC(), "sequence", req.Sequence, "cells", len(req.Cells), "err", err)
 		case err != nil:
 			a.opts.Logger.Error("partial cube lost: the combiner did not take it before shutdown",
 				"window", time.UnixMilli(req.WindowStartMs).UTC(), "sequence", req.Sequence, "cells", len(req.Cells), "err", err)
@@ -457,17 +474,24 @@ func (a *Aggregator) send(req *wirepb.FlushRequest, final bool, deadline time.Ti
 			return nil
 		}
 		a.metrics.flushErrors.Inc()
+		if status.Code(err) == codes.InvalidArgument {
+			// The combiner refused the flush as malformed: no retry can
+			// change that, and retrying would hold up every later window.
+			return fmt.Errorf("%w: %w", errRefused, err)
+		}
 		a.opts.Logger.Warn("flush failed, retrying", "window", time.UnixMilli(req.WindowStartMs).UTC(),
 			"sequence", req.Sequence, "cells", len(req.Cells), "backoff", backoff, "err", err)
-		if final && time.Now().Add(backoff).After(deadline) {
-			return err
-		}
-		select {
-		case <-a.stop:
-			if !final {
-				return errStopping
+		if final {
+			if time.Now().Add(backoff).After(deadline) {
+				return err
 			}
-		case <-time.After(backoff):
+			time.Sleep(backoff)
+		} else {
+			select {
+			case <-a.stop:
+				return errStopping
+			case <-time.After(backoff):
+			}
 		}
 		backoff = min(2*backoff, 30*time.Second)
 	}
@@ -478,8 +502,12 @@ const (
 	finalFlushTimeout = 30 * time.Second
 )
 
-// errStopping interrupts a loop flush's retries when Close begins.
-var errStopping = errors.New("aggregator: stopping")
+var (
+	// errStopping interrupts a loop flush's retries when Close begins.
+	errStopping = errors.New("aggregator: stopping")
+	// errRefused marks a flush the combiner refused as malformed.
+	errRefused = errors.New("aggregator: flush refused")
+)
 
 // Close stops taking events and flushes every window, open or not, so a
 // graceful stop loses nothing the combiner can take within 30s.

@@ -1,0 +1,113 @@
+package aggregator_test
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/dimsum/dimsum/aggregator"
+	"github.com/dimsum/dimsum/schema"
+	"github.com/dimsum/dimsum/wire"
+	"github.com/dimsum/dimsum/wire/wirepb"
+)
+
+// Two finite, non-negative deltas whose sum overflows float64: the second is
+// rejected as not finite, and the rest of the window reaches the store.
+func TestSumOverflowIsRejected(t *testing.T) {
+	h := start(t, aggregator.Options{})
+	var b wire.Batch
+	addGood(&b, h.ms(0), 1e308, 0, 0, 0)
+	addGood(&b, h.ms(0), 1e308, 0, 0, 0)
+	addGood(&b, h.ms(0), 1, 1, 0, 0) // another cell of the same window
+	resp := h.push(t, b.Request())
+	if len(resp.Rejects) != 1 || resp.Rejects[0].Index != 1 || resp.Rejects[0].Reason != wirepb.RejectReason_REJECT_REASON_NOT_FINITE {
+		t.Errorf("rejects %v, want event 1 as not finite", resp.Rejects)
+	}
+	h.close(t)
+	if errs := h.sink.errors(); len(errs) > 0 {
+		t.Errorf("the combiner refused %d flush attempts: %v", len(errs), errs[0])
+	}
+	if got := h.everything(t); got.Count != resp.Accepted {
+		t.Errorf("accepted %d events, the store counts %d", resp.Accepted, got.Count)
+	}
+}
+
+// failingSink fails every flush until the wall clock reaches until, as a
+// combiner does while it restarts.
+type failingSink struct {
+	next     *combinerSink
+	until    atomic.Int64 // unix ns
+	attempts atomic.Int32
+}
+
+func (s *failingSink) Flush(ctx context.Context, req *wirepb.FlushRequest) error {
+	s.attempts.Add(1)
+	if time.Now().UnixNano() < s.until.Load() {
+		return errors.New("combiner unavailable")
+	}
+	return s.next.Flush(ctx, req)
+}
+
+// Close retries for up to 30s with backoff: a combiner down for one second at
+// shutdown loses nothing.
+func TestFinalFlushBacksOff(t *testing.T) {
+	s := schema.Default()
+	db, comb := openStore(t, s)
+	h := &harness{schema: s, db: db, window: testWindow()}
+	clk := newClock(h.window.Add(5 * time.Second))
+	sink := &failingSink{next: &combinerSink{c: comb}}
+	a, err := aggregator.New(aggregator.Options{Schema: s, Sink: sink, Now: clk.Now})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var b wire.Batch
+	addGood(&b, clk.Now().UnixMilli(), 1, 0, 0, 0)
+	if _, err := a.Push(b.Request()); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	sink.until.Store(start.Add(time.Second).UnixNano())
+	a.Close()
+	if got := h.total(t); got.Count != 1 {
+		t.Errorf("store counts %d events, want 1: Close gave up after %d attempts in %v", got.Count, sink.attempts.Load(), time.Since(start))
+	}
+}
+
+// The detail of a label reference outside the dictionary names the index.
+func TestBadLabelReferenceDetail(t *testing.T) {
+	h := start(t, aggregator.Options{})
+	var b wire.Batch
+	addGood(&b, h.ms(0), 1, 0, 0, 0)
+	b.Request().Events[0].Labels[9] = 1000
+	resp := h.push(t, b.Request())
+	if len(resp.Rejects) != 1 || !strings.Contains(resp.Rejects[0].Detail, "1000") {
+		t.Errorf("rejects %v: the detail does not name index 1000", resp.Rejects)
+	}
+}
+
+// Two incarnations with the same Name and the same injected clock reading
+// still flush under distinct identities, so the combiner applies both.
+func TestIdentityUniquePerIncarnation(t *testing.T) {
+	s := schema.Default()
+	db, comb := openStore(t, s)
+	h := &harness{schema: s, db: db, window: testWindow()}
+	clk := newClock(h.window.Add(5 * time.Second))
+	for range 2 {
+		a, err := aggregator.New(aggregator.Options{Schema: s, Sink: &combinerSink{c: comb}, Name: "agg", Now: clk.Now})
+		if err != nil {
+			t.Fatal(err)
+		}
+		var b wire.Batch
+		addGood(&b, clk.Now().UnixMilli(), 1, 0, 0, 0)
+		if _, err := a.Push(b.Request()); err != nil {
+			t.Fatal(err)
+		}
+		a.Close()
+	}
+	if got := h.total(t); got.Count != 2 {
+		t.Errorf("store counts %d events, want 2", got.Count)
+	}
+}
