@@ -93,10 +93,55 @@ type agg struct {
 	count uint64
 }
 
+// window is the cube of one window. An event's finest cell (a leaf) is found
+// with one map lookup; the leaf's fan lists where its value goes in every
+// cuboid, so an event of a known leaf costs one lookup, not one per cuboid.
 type window struct {
+	// leaves maps a finest cell to the offset of its fan in fan.
+	leaves map[cellKey]int32
+	// fan holds, per leaf, the aggs index of the leaf's cell in each
+	// cuboid, by cuboid ID.
+	fan []int32
+	// cells maps the cells of every cuboid but the finest to aggs.
 	cells  map[cellKey]int32
 	aggs   []agg
-	finest []int // finest cells per family, for the cardinality limit
+	finest []int // leaves per family, for the cardinality limit
+}
+
+func newWindow(families int) *window {
+	return &window{leaves: map[cellKey]int32{}, cells: map[cellKey]int32{}, finest: make([]int, families)}
+}
+
+// addLeaf creates a leaf, finding or creating its cell in every cuboid, and
+// returns the offset of its fan.
+func (w *window) addLeaf(f *family, leaf cellKey) int32 {
+	off := int32(len(w.fan))
+	key := leaf
+	for c, mask := range f.masks {
+		if schema.CuboidID(c) == f.finest {
+			w.fan = append(w.fan, int32(len(w.aggs)))
+			w.aggs = append(w.aggs, agg{})
+			continue
+		}
+		key.cuboid = schema.CuboidID(c)
+		for j := range key.v {
+			if mask&(1<<j) != 0 {
+				key.v[j] = leaf.v[j]
+			} else {
+				key.v[j] = 0
+			}
+		}
+		i, ok := w.cells[key]
+		if !ok {
+			i = int32(len(w.aggs))
+			w.aggs = append(w.aggs, agg{})
+			w.cells[key] = i
+		}
+		w.fan = append(w.fan, i)
+	}
+	w.leaves[leaf] = off
+	w.finest[leaf.fam]++
+	return off
 }
 
 // New builds an aggregator and starts its flush loop.
@@ -236,38 +281,31 @@ func (a *Aggregator) internLocked(s string) uint32 {
 func (a *Aggregator) addLocked(ev *event, start int64) wirepb.RejectReason {
 	w := a.mu.windows[start]
 	if w == nil {
-		w = &window{cells: map[cellKey]int32{}, finest: make([]int, len(a.fams))}
+		w = newWindow(len(a.fams))
 		a.mu.windows[start] = w
 	}
 	f := a.fams[ev.fam]
+	leaf := cellKey{fam: uint16(ev.fam), cuboid: f.finest, v: ev.vals}
+	off, ok := w.leaves[leaf]
 	// Counter values are non-negative, so the apex cell (cuboid 0, every
 	// label absent) holds the largest sum of the family's window: if it
 	// stays finite, every cell does.
-	if i, ok := w.cells[cellKey{fam: uint16(ev.fam)}]; ok && math.IsInf(w.aggs[i].sum+ev.value, 0) {
+	apex, hasApex := int32(0), true
+	if ok {
+		apex = w.fan[off]
+	} else {
+		apex, hasApex = w.cells[cellKey{fam: uint16(ev.fam)}]
+	}
+	if hasApex && math.IsInf(w.aggs[apex].sum+ev.value, 0) {
 		return wirepb.RejectReason_REJECT_REASON_NOT_FINITE
 	}
-	key := cellKey{fam: uint16(ev.fam), cuboid: f.finest, v: ev.vals}
-	if _, ok := w.cells[key]; !ok {
+	if !ok {
 		if w.finest[ev.fam] >= a.opts.MaxCellsPerWindow {
 			return wirepb.RejectReason_REJECT_REASON_CARDINALITY_LIMIT
 		}
-		w.finest[ev.fam]++
+		off = w.addLeaf(f, leaf)
 	}
-	for c, mask := range f.masks {
-		key.cuboid = schema.CuboidID(c)
-		for j := range key.v {
-			if mask&(1<<j) != 0 {
-				key.v[j] = ev.vals[j]
-			} else {
-				key.v[j] = 0
-			}
-		}
-		i, ok := w.cells[key]
-		if !ok {
-			i = int32(len(w.aggs))
-			w.aggs = append(w.aggs, agg{})
-			w.cells[key] = i
-		}
+	for _, i := range w.fan[off : off+int32(len(f.masks))] {
 		w.aggs[i].sum += ev.value
 		w.aggs[i].count++
 	}
@@ -442,7 +480,7 @@ func (a *Aggregator) flushRequest(start int64, seq uint64, w *window, values []s
 	}
 	cells := make([]wirepb.FlushCell, len(w.aggs))
 	req.Cells = make([]*wirepb.FlushCell, 0, len(w.aggs))
-	for key, i := range w.cells {
+	add := func(key cellKey, i int32) {
 		c := &cells[i]
 		c.Family = famRefs[key.fam]
 		c.Cuboid = uint32(key.cuboid)
@@ -455,6 +493,12 @@ func (a *Aggregator) flushRequest(start int64, seq uint64, w *window, values []s
 		c.Sum = w.aggs[i].sum
 		c.Count = w.aggs[i].count
 		req.Cells = append(req.Cells, c)
+	}
+	for key, i := range w.cells {
+		add(key, i)
+	}
+	for key, off := range w.leaves {
+		add(key, w.fan[off+int32(key.cuboid)])
 	}
 	return req
 }
