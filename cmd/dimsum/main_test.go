@@ -1,0 +1,119 @@
+package main
+
+import (
+	"encoding/json"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// freeAddr returns a loopback address that was free a moment ago.
+func freeAddr(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().String()
+}
+
+// total asks the node for the exact total of the requests family.
+func total(t *testing.T, httpAddr string) (float64, bool) {
+	t.Helper()
+	q := url.Values{"query": {"sum(sum_over_time(requests_delta[1h]))"}}
+	resp, err := http.Get("http://" + httpAddr + "/api/v1/query?" + q.Encode())
+	if err != nil {
+		return 0, false
+	}
+	defer resp.Body.Close()
+	var r struct {
+		Data struct {
+			Result []struct {
+				Value [2]any `json:"value"`
+			} `json:"result"`
+		} `json:"data"`
+	}
+	if json.NewDecoder(resp.Body).Decode(&r) != nil || len(r.Data.Result) != 1 {
+		return 0, false
+	}
+	v, err := strconv.ParseFloat(r.Data.Result[0].Value[1].(string), 64)
+	return v, err == nil
+}
+
+// TestBinary builds dimsum, runs a node as a real process, drives it with
+// the load command, stops it with SIGTERM (which flushes every open window)
+// and checks the totals before and after a restart.
+func TestBinary(t *testing.T) {
+	dir := t.TempDir()
+	bin := filepath.Join(dir, "dimsum")
+	if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
+	if out, err := exec.Command(bin, "version").Output(); err != nil || !strings.HasPrefix(string(out), "dimsum ") {
+		t.Fatalf("dimsum version: %q, %v", out, err)
+	}
+	// A 1s window with a long grace: nothing is flushed before SIGTERM
+	// unless the node is slow, so the stop must flush what is open.
+	config := filepath.Join(dir, "dimsum.yaml")
+	if err := os.WriteFile(config, []byte("aggregator: {grace: 1m}\nschema: {resolutions: [1s:1d, 1m:35d]}\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	grpcAddr, httpAddr := freeAddr(t), freeAddr(t)
+	start := func() *exec.Cmd {
+		cmd := exec.Command(bin, "-config", config, "-data", filepath.Join(dir, "data"), "-grpc", grpcAddr, "-http", httpAddr)
+		cmd.Stderr = os.Stderr
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		deadline := time.Now().Add(30 * time.Second)
+		for {
+			if resp, err := http.Get("http://" + httpAddr + "/-/healthy"); err == nil {
+				resp.Body.Close()
+				return cmd
+			}
+			if time.Now().After(deadline) {
+				cmd.Process.Kill()
+				t.Fatal("the node did not come up")
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+	stop := func(cmd *exec.Cmd) {
+		if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
+			t.Fatal(err)
+		}
+		if err := cmd.Wait(); err != nil {
+			t.Fatalf("the node exited with %v after SIGTERM", err)
+		}
+	}
+
+	node := start()
+	out, err := exec.Command(bin, "load", "-addr", grpcAddr, "-events", "20000", "-seed", "3", "-batch", "1000").Output()
+	if err != nil {
+		node.Process.Kill()
+		t.Fatalf("dimsum load: %v\n%s", err, out)
+	}
+	m := regexp.MustCompile(`(?m)^total requests: (\d+)$`).FindSubmatch(out)
+	if m == nil || !strings.Contains(string(out), "accepted 20000, rejected 0") {
+		node.Process.Kill()
+		t.Fatalf("unexpected load report:\n%s", out)
+	}
+	want, _ := strconv.ParseFloat(string(m[1]), 64)
+	stop(node)
+
+	node = start()
+	defer stop(node)
+	if got, ok := total(t, httpAddr); !ok || got != want {
+		t.Errorf("after SIGTERM and restart the total is %v (ok %v), want %v", got, ok, want)
+	}
+}

@@ -1,0 +1,46 @@
+package wire
+
+import (
+	"testing"
+
+	"google.golang.org/protobuf/proto"
+
+	"github.com/dimsum/dimsum/wire/wirepb"
+)
+
+func TestBatch(t *testing.T) {
+	var b Batch
+	for range 300 { // more than one block of events
+		b.Add("requests", 1000, 2, "host", "h1", "status", "200")
+	}
+	b.Add("requests", 2000, 1, "host", "h2", "status", "200")
+	req := b.Request()
+	if b.Len() != 301 || len(req.Dict) != 6 {
+		t.Fatalf("%d events, dictionary %v", b.Len(), req.Dict)
+	}
+	last := req.Events[300]
+	got := []string{req.Dict[last.Family]}
+	for _, l := range last.Labels {
+		got = append(got, req.Dict[l])
+	}
+	if want := []string{"requests", "host", "h2", "status", "200"}; len(got) != len(want) || got[2] != "h2" || got[0] != "requests" {
+		t.Errorf("last event decodes to %v, want %v", got, want)
+	}
+	// The request survives the wire.
+	data, err := proto.Marshal(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var back wirepb.PushRequest
+	if err := proto.Unmarshal(data, &back); err != nil || !proto.Equal(&back, req) {
+		t.Fatalf("round trip: %v", err)
+	}
+	b.Reset()
+	if b.Len() != 0 || len(b.Request().Dict) != 0 {
+		t.Errorf("Reset left %d events, %d strings", b.Len(), len(b.Request().Dict))
+	}
+	b.Add("requests", 1, 1, "host", "h3")
+	if d := b.Request().Dict; len(d) != 3 || d[0] != "requests" {
+		t.Errorf("dictionary after Reset: %v", d)
+	}
+}
