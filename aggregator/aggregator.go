@@ -430,19 +430,24 @@ func (a *Aggregator) flush(final bool) {
 			delete(a.mu.windows, start)
 		}
 	}
-	slices.SortFunc(todo, func(x, y ready) int { return cmp.Compare(x.start, y.start) })
-	seq := a.mu.seq
-	a.mu.seq += uint64(len(todo))
 	values := a.mu.values
 	open := len(a.mu.windows)
 	a.mu.Unlock()
 	a.metrics.openWindows.Set(float64(open))
+	slices.SortFunc(todo, func(x, y ready) int { return cmp.Compare(x.start, y.start) })
 
-	reqs := a.pending
-	a.pending = nil
-	for i, r := range todo {
-		reqs = append(reqs, a.flushRequest(r.start, seq+uint64(i), r.w, values))
+	var fresh []*wirepb.FlushRequest
+	for _, r := range todo {
+		fresh = append(fresh, a.flushRequests(r.start, r.w, values)...)
 	}
+	a.mu.Lock()
+	for _, req := range fresh {
+		req.Sequence = a.mu.seq
+		a.mu.seq++
+	}
+	a.mu.Unlock()
+	reqs := append(a.pending, fresh...)
+	a.pending = nil
 	deadline := time.Now().Add(finalFlushTimeout)
 	for i, req := range reqs {
 		err := a.send(req, final, deadline)
@@ -460,39 +465,55 @@ func (a *Aggregator) flush(final bool) {
 	}
 }
 
-// flushRequest encodes one window's cells with their own string dictionary.
-func (a *Aggregator) flushRequest(start int64, seq uint64, w *window, values []string) *wirepb.FlushRequest {
-	req := &wirepb.FlushRequest{Source: a.source, WindowStartMs: start, Sequence: seq}
-	remap := map[uint32]uint32{}
-	ref := func(id uint32) uint32 {
-		if d, ok := remap[id]; ok {
-			return d
-		}
-		d := uint32(len(req.Dict))
-		req.Dict = append(req.Dict, values[id])
-		remap[id] = d
-		return d
-	}
-	famRefs := make([]uint32, len(a.fams))
-	for i, f := range a.fams {
-		famRefs[i] = uint32(len(req.Dict))
-		req.Dict = append(req.Dict, f.Name)
-	}
-	cells := make([]wirepb.FlushCell, len(w.aggs))
-	req.Cells = make([]*wirepb.FlushCell, 0, len(w.aggs))
+// maxFlushCells bounds the cells of one flush request. A request holds about
+// 36 bytes a cell, so a window of any size goes out in requests of about
+// 3.6 MB, well under the combiner's message limit.
+const maxFlushCells = 100_000
+
+// flushRequests encodes one window's cells as requests of at most
+// maxFlushCells cells, each with its own string dictionary. The caller
+// numbers them.
+func (a *Aggregator) flushRequests(start int64, w *window, values []string) []*wirepb.FlushRequest {
+	var (
+		reqs   []*wirepb.FlushRequest
+		req    *wirepb.FlushRequest
+		remap  map[uint32]uint32
+		fams   []uint32 // dictionary index of each family's name in req
+		cells  = make([]wirepb.FlushCell, len(w.aggs))
+		filled int
+	)
 	add := func(key cellKey, i int32) {
+		if req == nil || len(req.Cells) == maxFlushCells {
+			req = &wirepb.FlushRequest{Source: a.source, WindowStartMs: start}
+			req.Cells = make([]*wirepb.FlushCell, 0, min(maxFlushCells, len(w.aggs)-filled))
+			remap = map[uint32]uint32{}
+			fams = make([]uint32, len(a.fams))
+			for i, f := range a.fams {
+				fams[i] = uint32(len(req.Dict))
+				req.Dict = append(req.Dict, f.Name)
+			}
+			reqs = append(reqs, req)
+		}
 		c := &cells[i]
-		c.Family = famRefs[key.fam]
+		c.Family = fams[key.fam]
 		c.Cuboid = uint32(key.cuboid)
 		mask := a.fams[key.fam].masks[key.cuboid]
 		for j := range key.v {
-			if mask&(1<<j) != 0 {
-				c.Values = append(c.Values, ref(key.v[j]))
+			if mask&(1<<j) == 0 {
+				continue
 			}
+			d, ok := remap[key.v[j]]
+			if !ok {
+				d = uint32(len(req.Dict))
+				req.Dict = append(req.Dict, values[key.v[j]])
+				remap[key.v[j]] = d
+			}
+			c.Values = append(c.Values, d)
 		}
 		c.Sum = w.aggs[i].sum
 		c.Count = w.aggs[i].count
 		req.Cells = append(req.Cells, c)
+		filled++
 	}
 	for key, i := range w.cells {
 		add(key, i)
@@ -500,7 +521,7 @@ func (a *Aggregator) flushRequest(start int64, seq uint64, w *window, values []s
 	for key, off := range w.leaves {
 		add(key, w.fan[off+int32(key.cuboid)])
 	}
-	return req
+	return reqs
 }
 
 // send delivers a flush, retrying with backoff. A final send gives up at the
@@ -509,7 +530,11 @@ func (a *Aggregator) flushRequest(start int64, seq uint64, w *window, values []s
 func (a *Aggregator) send(req *wirepb.FlushRequest, final bool, deadline time.Time) error {
 	backoff := a.opts.RetryBackoff
 	for {
-		ctx, cancel := context.WithTimeout(context.Background(), flushTimeout)
+		timeout := flushTimeout
+		if final {
+			timeout = max(min(timeout, time.Until(deadline)), time.Millisecond)
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), timeout)
 		err := a.opts.Sink.Flush(ctx, req)
 		cancel()
 		if err == nil {

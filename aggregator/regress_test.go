@@ -111,3 +111,34 @@ func TestIdentityUniquePerIncarnation(t *testing.T) {
 		t.Errorf("store counts %d events, want 2", got.Count)
 	}
 }
+
+// A window of more than 100,000 cells goes out as several flushes, each under
+// its own sequence, and every event reaches the store.
+func TestLargeWindowIsSplit(t *testing.T) {
+	h := start(t, aggregator.Options{})
+	var b wire.Batch
+	n := 0
+	for host := range 1000 {
+		for tx := range 50 {
+			addGood(&b, h.ms(0), 1, host, tx, tx%2)
+			n++
+		}
+	}
+	resp := h.push(t, b.Request())
+	if int(resp.Accepted) != n {
+		t.Fatalf("accepted %d of %d", resp.Accepted, n)
+	}
+	h.close(t)
+	flushes := h.sink.flushes()
+	cells, seqs := 0, map[uint64]bool{}
+	for _, f := range flushes {
+		cells += len(f.Cells)
+		seqs[f.Sequence] = true
+	}
+	if len(flushes) < 2 || len(seqs) != len(flushes) {
+		t.Errorf("%d cells went out in %d flushes with %d distinct sequences, want several, all distinct", cells, len(flushes), len(seqs))
+	}
+	if got := h.everything(t); got.Count != uint64(n) {
+		t.Errorf("the store counts %d events, want %d", got.Count, n)
+	}
+}
