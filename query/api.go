@@ -96,7 +96,7 @@ func NewAPI(opts Options) (*API, error) {
 		// default global evaluation interval.
 		NoStepSubqueryIntervalFn: func(int64) int64 { return time.Minute.Milliseconds() },
 	})
-	return &API{opts: opts, engine: engine, queryable: NewQueryable(opts.Schema, opts.Reader, opts.Now)}, nil
+	return &API{opts: opts, engine: engine, queryable: NewQueryable(opts.Schema, opts.Reader, opts.MaxSamples, opts.Now)}, nil
 }
 
 // Register adds the API's routes to mux under /api/v1/.
@@ -119,7 +119,6 @@ const (
 	errCanceled  errorType = "canceled"
 	errTimeout   errorType = "timeout"
 	errInternal  errorType = "internal"
-	errNotFound  errorType = "not_found"
 	errNotMethod errorType = "method_not_allowed"
 )
 
@@ -133,8 +132,6 @@ func (t errorType) status() int {
 		return 499
 	case errTimeout:
 		return http.StatusServiceUnavailable
-	case errNotFound:
-		return http.StatusNotFound
 	case errNotMethod:
 		return http.StatusMethodNotAllowed
 	default:

@@ -1,7 +1,10 @@
 package query
 
 import (
+	"encoding/json"
 	"math"
+	"net/http"
+	"net/http/httptest"
 	"strconv"
 	"strings"
 	"testing"
@@ -69,4 +72,34 @@ func FuzzParseTime(f *testing.F) {
 			t.Fatalf("parseDuration(%q) = %v", s, d)
 		}
 	})
+}
+
+// TestStorageErrorIsInternal checks that a failing store is reported as an
+// internal error (HTTP 500), not as a problem with the query.
+func TestStorageErrorIsInternal(t *testing.T) {
+	s := testSchema(t)
+	db := openStore(t, s)
+	now := time.Now()
+	put(t, db, s, "a", now.UnixMilli()-20_000, 1)
+	api, err := NewAPI(Options{Schema: s, Reader: db})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mux := http.NewServeMux()
+	api.Register(mux)
+	srv := httptest.NewServer(mux)
+	defer srv.Close()
+	db.Close()
+	resp, err := http.Get(srv.URL + "/api/v1/query?query=x_delta")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var r struct{ Status, ErrorType, Error string }
+	if err := json.NewDecoder(resp.Body).Decode(&r); err != nil {
+		t.Fatal(err)
+	}
+	if resp.StatusCode != http.StatusInternalServerError || r.ErrorType != "internal" || !strings.Contains(r.Error, "closed") {
+		t.Errorf("HTTP %d %s %q, want 500 internal naming the closed store", resp.StatusCode, r.ErrorType, r.Error)
+	}
 }

@@ -4,11 +4,11 @@ import (
 	"context"
 	"fmt"
 	"slices"
-	"strings"
 	"time"
 
 	"github.com/prometheus/prometheus/model/histogram"
 	"github.com/prometheus/prometheus/model/labels"
+	"github.com/prometheus/prometheus/promql"
 	"github.com/prometheus/prometheus/storage"
 	"github.com/prometheus/prometheus/tsdb/chunkenc"
 	"github.com/prometheus/prometheus/util/annotations"
@@ -39,17 +39,20 @@ const (
 // Queryable is a storage.Queryable that synthesizes both views of every
 // counter family from the stored deltas of its finest cuboid.
 type Queryable struct {
-	schema *schema.Schema
-	reader Reader
-	now    func() time.Time
+	schema     *schema.Schema
+	reader     Reader
+	maxSamples int
+	now        func() time.Time
 }
 
-// NewQueryable returns the Prometheus-facing view of the cube.
-func NewQueryable(s *schema.Schema, r Reader, now func() time.Time) *Queryable {
+// NewQueryable returns the Prometheus-facing view of the cube. maxSamples
+// bounds the samples one selection may synthesize; now is the clock (nil for
+// time.Now).
+func NewQueryable(s *schema.Schema, r Reader, maxSamples int, now func() time.Time) *Queryable {
 	if now == nil {
 		now = time.Now
 	}
-	return &Queryable{schema: s, reader: r, now: now}
+	return &Queryable{schema: s, reader: r, maxSamples: maxSamples, now: now}
 }
 
 // Querier implements storage.Queryable.
@@ -115,6 +118,64 @@ func Resolution(rs []schema.Resolution, step, rng, start, now int64) int {
 	return res
 }
 
+// span is the part of a selection a querier reads: a resolution, and the
+// starts of the first and last steps whose samples fall in the selection.
+type span struct {
+	res         int
+	r           schema.Resolution
+	first, last int64
+	maxt        int64
+}
+
+// span picks the resolution and the steps of the selection [mint, maxt]:
+// those whose end lies in (mint, maxt], and the open one holding maxt. It
+// reports false when no step falls in it.
+func (q *querier) span(mint, maxt, stepHint, rangeHint int64) (span, bool) {
+	now := q.q.now().UnixMilli()
+	res := Resolution(q.q.schema.Resolutions, stepHint, rangeHint, mint, now)
+	r := q.q.schema.Resolutions[res]
+	// Nothing older than the resolution's retention is kept.
+	mint = max(mint, now-r.Retention.Milliseconds())
+	if mint > maxt {
+		return span{}, false
+	}
+	sp := span{res: res, r: r, first: r.StepStart(mint), last: r.StepStart(maxt), maxt: maxt}
+	if sp.last == maxt {
+		sp.last -= r.Step.Milliseconds()
+	}
+	return sp, sp.last >= sp.first
+}
+
+// eachLive calls fn for every finest cell of the selected views that holds
+// data in the span, with its stored steps. A storage failure comes back as a
+// promql.ErrStorage, which the API reports as an internal error.
+func (q *querier) eachLive(ctx context.Context, sp span, ms []*labels.Matcher, fn func(v view, c tsdb.Cell, steps []tsdb.Step) error) error {
+	var steps []tsdb.Step
+	for _, v := range q.views(ms) {
+		cub := v.fam.Finest()
+		cells, err := q.q.reader.Cells(v.fam.Name, cub.ID, ms)
+		if err != nil {
+			return promql.ErrStorage{Err: err}
+		}
+		for _, c := range cells {
+			if err := ctx.Err(); err != nil {
+				return err
+			}
+			steps, err = q.q.reader.Steps(sp.res, v.fam.Name, cub.ID, c.ID, sp.first, sp.last, steps[:0])
+			if err != nil {
+				return promql.ErrStorage{Err: err}
+			}
+			if len(steps) == 0 {
+				continue
+			}
+			if err := fn(v, c, steps); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
 // Select synthesizes the series of the selection. Every series of one
 // selection has the same timestamps: the end of each step of the chosen
 // resolution in (mint, maxt], plus maxt itself holding the step still open
@@ -126,109 +187,67 @@ func (q *querier) Select(ctx context.Context, _ bool, hints *storage.SelectHints
 		mint, maxt = max(mint, hints.Start), min(maxt, hints.End)
 		stepHint, rangeHint = hints.Step, hints.Range
 	}
-	now := q.q.now().UnixMilli()
-	res := Resolution(q.q.schema.Resolutions, stepHint, rangeHint, mint, now)
-	r := q.q.schema.Resolutions[res]
-	step := r.Step.Milliseconds()
-	// Nothing older than the resolution's retention is kept.
-	mint = max(mint, now-r.Retention.Milliseconds())
-	if mint > maxt {
+	sp, ok := q.span(mint, maxt, stepHint, rangeHint)
+	if !ok {
 		return storage.EmptySeriesSet()
+	}
+	var out []storage.Series
+	if hints != nil && hints.Func == "series" {
+		// The series API wants labels only.
+		err := q.eachLive(ctx, sp, ms, func(v view, c tsdb.Cell, _ []tsdb.Step) error {
+			out = append(out, &series{lset: seriesLabels(v.name, v.fam.Finest().Labels, c.Values)})
+			return nil
+		})
+		return q.sorted(out, err)
 	}
 
-	// Steps whose end lies in (mint, maxt], and the open one holding maxt.
-	first := r.StepStart(mint)
-	last := r.StepStart(maxt)
-	if last == maxt {
-		last -= step
+	step := sp.r.Step.Milliseconds()
+	n := (sp.last-sp.first)/step + 1
+	if n > int64(q.q.maxSamples) {
+		return storage.ErrSeriesSet(fmt.Errorf("query: the selection spans %d steps of %s, more than the %d samples a query may hold; narrow the range or widen the step", n, sp.r.Step, q.q.maxSamples))
 	}
-	if last < first {
-		return storage.EmptySeriesSet()
-	}
-	if hints != nil && hints.Func == "series" {
-		return q.labelsOnly(res, first, last, ms)
-	}
-	if steps := (last-first)/step + 1; steps > maxSelectSteps {
-		return storage.ErrSeriesSet(fmt.Errorf("query: the selection spans %d steps of %s, more than %d; narrow the range or widen the step", steps, r.Step, maxSelectSteps))
-	}
-	n := int((last-first)/step) + 1
 	ts := make([]int64, n)
 	for i := range ts {
-		ts[i] = min(first+int64(i+1)*step, maxt)
+		ts[i] = min(sp.first+int64(i+1)*step, sp.maxt)
 	}
-
-	var out []storage.Series
-	var steps []tsdb.Step
-	for _, v := range q.views(ms) {
-		cells, err := q.q.reader.Cells(v.fam.Name, v.fam.Finest().ID, ms)
-		if err != nil {
-			return storage.ErrSeriesSet(err)
+	held := 0
+	err := q.eachLive(ctx, sp, ms, func(v view, c tsdb.Cell, steps []tsdb.Step) error {
+		// Every series is synthesized here, before the engine counts
+		// samples, so the engine's limit is enforced while building.
+		if held += len(ts); held > q.q.maxSamples {
+			return fmt.Errorf("query: the selection would synthesize more than the %d samples a query may hold; narrow the range or the matchers", q.q.maxSamples)
 		}
-		cub := v.fam.Finest()
-		for _, c := range cells {
-			if err := ctx.Err(); err != nil {
-				return storage.ErrSeriesSet(err)
-			}
-			steps, err = q.q.reader.Steps(res, v.fam.Name, cub.ID, c.ID, first, last, steps[:0])
-			if err != nil {
-				return storage.ErrSeriesSet(err)
-			}
-			if len(steps) == 0 {
-				continue
-			}
-			vals := make([]float64, n)
-			var total float64
-			for _, s := range steps {
-				vals[(s.T-first)/step] += s.Sum
-				total += s.Sum
-			}
-			if v.total {
-				// The running total starts from twice the series' own total
-				// over the selection. Prometheus' rate extrapolates towards
-				// the counter's zero point when the first sample is small
-				// next to the increase (durationToZero in promql's
-				// extrapolatedRate), which would differ series by series and
-				// break linearity. With this base the first sample is at
-				// least twice any window's increase, so the zero point is
-				// always at least two average sample intervals away, beyond
-				// the 1.1 intervals the start may be extrapolated by.
-				acc := 2 * total
-				for i := range vals {
-					acc += vals[i]
-					vals[i] = acc
-				}
-			}
-			out = append(out, &series{lset: seriesLabels(v.name, cub.Labels, c.Values), ts: ts, vals: vals})
+		vals := make([]float64, len(ts))
+		var total float64
+		for _, s := range steps {
+			vals[(s.T-sp.first)/step] += s.Sum
+			total += s.Sum
 		}
-	}
-	slices.SortFunc(out, func(a, b storage.Series) int { return labels.Compare(a.Labels(), b.Labels()) })
-	return &seriesSet{list: out, i: -1}
+		if v.total {
+			// The running total starts from twice the series' own total
+			// over the selection. Prometheus' rate extrapolates towards
+			// the counter's zero point when the first sample is small
+			// next to the increase (durationToZero in promql's
+			// extrapolatedRate), which would differ series by series and
+			// break linearity. With this base the first sample is at
+			// least twice any window's increase, so the zero point is
+			// always at least two average sample intervals away, beyond
+			// the 1.1 intervals the start may be extrapolated by.
+			acc := 2 * total
+			for i := range vals {
+				acc += vals[i]
+				vals[i] = acc
+			}
+		}
+		out = append(out, &series{lset: seriesLabels(v.name, v.fam.Finest().Labels, c.Values), ts: ts, vals: vals})
+		return nil
+	})
+	return q.sorted(out, err)
 }
 
-// maxSelectSteps bounds the samples synthesized per series of one selection;
-// the resolution rule keeps real queries far below it (a year at 1h is 8,760).
-const maxSelectSteps = 1 << 20
-
-// labelsOnly returns the series of the selection that hold data in it,
-// without samples, for the series API.
-func (q *querier) labelsOnly(res int, first, last int64, ms []*labels.Matcher) storage.SeriesSet {
-	var out []storage.Series
-	var steps []tsdb.Step
-	for _, v := range q.views(ms) {
-		cub := v.fam.Finest()
-		cells, err := q.q.reader.Cells(v.fam.Name, cub.ID, ms)
-		if err != nil {
-			return storage.ErrSeriesSet(err)
-		}
-		for _, c := range cells {
-			steps, err = q.q.reader.Steps(res, v.fam.Name, cub.ID, c.ID, first, last, steps[:0])
-			if err != nil {
-				return storage.ErrSeriesSet(err)
-			}
-			if len(steps) > 0 {
-				out = append(out, &series{lset: seriesLabels(v.name, cub.Labels, c.Values)})
-			}
-		}
+func (*querier) sorted(out []storage.Series, err error) storage.SeriesSet {
+	if err != nil {
+		return storage.ErrSeriesSet(err)
 	}
 	slices.SortFunc(out, func(a, b storage.Series) int { return labels.Compare(a.Labels(), b.Labels()) })
 	return &seriesSet{list: out, i: -1}
@@ -244,54 +263,46 @@ func seriesLabels(name string, names, values []string) labels.Labels {
 	return b.Labels()
 }
 
-// LabelNames returns the label names of the series the matchers select.
-func (q *querier) LabelNames(_ context.Context, _ *storage.LabelHints, ms ...*labels.Matcher) ([]string, annotations.Annotations, error) {
+// labelSet collects, over the series with data in the querier's range that
+// the matchers select, what add takes of each.
+func (q *querier) labelSet(ctx context.Context, ms []*labels.Matcher, add func(set map[string]struct{}, v view, c tsdb.Cell)) ([]string, error) {
 	set := map[string]struct{}{}
-	for _, v := range q.views(ms) {
-		cells, err := q.q.reader.Cells(v.fam.Name, v.fam.Finest().ID, ms)
-		if err != nil {
-			return nil, nil, err
-		}
-		if len(cells) == 0 {
-			continue
-		}
+	sp, ok := q.span(q.mint, q.maxt, 0, 0)
+	if !ok {
+		return []string{}, nil
+	}
+	err := q.eachLive(ctx, sp, ms, func(v view, c tsdb.Cell, _ []tsdb.Step) error {
+		add(set, v, c)
+		return nil
+	})
+	return sortedKeys(set), err
+}
+
+// LabelNames returns the label names of the series the matchers select.
+func (q *querier) LabelNames(ctx context.Context, _ *storage.LabelHints, ms ...*labels.Matcher) ([]string, annotations.Annotations, error) {
+	out, err := q.labelSet(ctx, ms, func(set map[string]struct{}, v view, _ tsdb.Cell) {
 		set[labels.MetricName] = struct{}{}
 		for _, l := range v.fam.Labels {
 			set[l] = struct{}{}
 		}
-	}
-	return sortedKeys(set), nil, nil
+	})
+	return out, nil, err
 }
 
 // LabelValues returns the values of one label over the series the matchers
 // select.
-func (q *querier) LabelValues(_ context.Context, name string, hints *storage.LabelHints, ms ...*labels.Matcher) ([]string, annotations.Annotations, error) {
-	set := map[string]struct{}{}
-	for _, v := range q.views(ms) {
-		cells, err := q.q.reader.Cells(v.fam.Name, v.fam.Finest().ID, ms)
-		if err != nil {
-			return nil, nil, err
-		}
-		if len(cells) == 0 {
-			continue
-		}
+func (q *querier) LabelValues(ctx context.Context, name string, hints *storage.LabelHints, ms ...*labels.Matcher) ([]string, annotations.Annotations, error) {
+	out, err := q.labelSet(ctx, ms, func(set map[string]struct{}, v view, c tsdb.Cell) {
 		if name == labels.MetricName {
 			set[v.name] = struct{}{}
-			continue
-		}
-		i := slices.Index(v.fam.Finest().Labels, name)
-		if i < 0 {
-			continue
-		}
-		for _, c := range cells {
+		} else if i := slices.Index(v.fam.Finest().Labels, name); i >= 0 {
 			set[c.Values[i]] = struct{}{}
 		}
-	}
-	out := sortedKeys(set)
+	})
 	if hints != nil && hints.Limit > 0 && len(out) > hints.Limit {
 		out = out[:hints.Limit]
 	}
-	return out, nil, nil
+	return out, nil, err
 }
 
 func sortedKeys(set map[string]struct{}) []string {
@@ -301,16 +312,6 @@ func sortedKeys(set map[string]struct{}) []string {
 	}
 	slices.Sort(out)
 	return out
-}
-
-// IsView reports whether a metric name is one of the views of a family.
-func IsView(s *schema.Schema, name string) (*schema.Family, bool) {
-	for _, suffix := range []string{TotalSuffix, DeltaSuffix} {
-		if f := s.Family(strings.TrimSuffix(name, suffix)); f != nil && strings.HasSuffix(name, suffix) {
-			return f, true
-		}
-	}
-	return nil, false
 }
 
 type seriesSet struct {

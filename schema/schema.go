@@ -28,6 +28,9 @@ const MaxLevels = 8
 // 1h). It is part of the on-disk format (docs/format/tsdb.md).
 const StepsPerRow = 360
 
+// maxStep keeps a row's span (StepsPerRow steps) within a time.Duration.
+const maxStep = 24 * time.Hour * 200
+
 // Kind is the kind of a metric family. ONLY APPEND: the numeric values are
 // written to disk and to the wire.
 type Kind uint8
@@ -56,9 +59,6 @@ type Dimension struct {
 	// Levels are the label names of the hierarchy, coarsest first.
 	Levels []string
 }
-
-// Flat reports whether the dimension has a single level.
-func (d Dimension) Flat() bool { return len(d.Levels) == 1 }
 
 // CuboidID identifies a cuboid within its family: the mixed-radix number of
 // its per-dimension depths, first dimension most significant. The apex is 0
@@ -247,6 +247,8 @@ func (f File) Build() (*Schema, error) {
 		switch {
 		case cur.Step < time.Second || cur.Step%time.Second != 0:
 			return nil, fmt.Errorf("%w: resolution %q: step must be a whole number of seconds", ErrInvalid, r)
+		case cur.Step > maxStep:
+			return nil, fmt.Errorf("%w: resolution %q: step must be at most %s", ErrInvalid, r, model.Duration(maxStep))
 		case cur.Retention < cur.RowSpan():
 			return nil, fmt.Errorf("%w: resolution %q: retention must cover at least one row (%d steps)", ErrInvalid, r, StepsPerRow)
 		case i > 0 && cur.Step%s.Resolutions[i-1].Step != 0:

@@ -67,6 +67,7 @@ func TestParseErrors(t *testing.T) {
 		{"unknown field", fam + "foo: 1", "cannot decode"},
 		{"bad resolution", fam + "resolutions: [10s]", "want step:retention"},
 		{"bad step", fam + "resolutions: [xs:1d]", "step"},
+		{"step beyond a row's span", fam + "resolutions: [10s:8d, 300d:1y]", "at most"},
 		{"sub-second step", fam + "resolutions: [500ms:1d]", "whole number of seconds"},
 		{"short retention", fam + "resolutions: [10s:1m]", "at least one row"},
 		{"not a multiple", fam + "resolutions: [10s:8d, 15s:8d]", "multiple"},

@@ -1,0 +1,14 @@
+// Package query answers PromQL over the cube: the Prometheus HTTP API
+// (query, query_range, labels, label values, series, metadata, buildinfo)
+// served by the Prometheus engine over Queryable, a storage.Queryable that
+// synthesizes series from the stored deltas.
+//
+// Each cell of a family's finest cuboid is visible as two series: name_total,
+// a cumulative counter for rate() and increase(), and name_delta, the exact
+// count of each step. See docs/architecture.md for where samples stand and
+// why the running total starts where it does.
+//
+//	api, err := query.NewAPI(query.Options{Schema: s, Reader: db})
+//	if err != nil { ... }
+//	api.Register(mux) // serves /api/v1/...
+package query
