@@ -16,6 +16,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/dimsum/dimsum/schema"
+	"github.com/dimsum/dimsum/wire"
 	"github.com/dimsum/dimsum/wire/wirepb"
 )
 
@@ -259,7 +260,7 @@ func (a *Aggregator) Push(req *wirepb.PushRequest) (*wirepb.PushResponse, error)
 	a.metrics.accepted.Add(float64(resp.Accepted))
 	a.metrics.late.Add(float64(late))
 	for _, r := range resp.Rejects {
-		a.metrics.rejected.WithLabelValues(reasonLabel(r.Reason)).Inc()
+		a.metrics.rejected.WithLabelValues(wire.ReasonName(r.Reason)).Inc()
 	}
 	return resp, nil
 }

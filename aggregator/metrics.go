@@ -1,12 +1,6 @@
 package aggregator
 
-import (
-	"strings"
-
-	"github.com/prometheus/client_golang/prometheus"
-
-	"github.com/dimsum/dimsum/wire/wirepb"
-)
+import "github.com/prometheus/client_golang/prometheus"
 
 type metrics struct {
 	accepted       prometheus.Counter
@@ -58,9 +52,4 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		reg.MustRegister(m.accepted, m.rejected, m.late, m.batchesRefused, m.flushes, m.flushedCells, m.flushErrors, m.openWindows)
 	}
 	return m
-}
-
-// reasonLabel turns REJECT_REASON_TOO_OLD into too_old.
-func reasonLabel(r wirepb.RejectReason) string {
-	return strings.ToLower(strings.TrimPrefix(r.String(), "REJECT_REASON_"))
 }

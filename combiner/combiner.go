@@ -100,7 +100,11 @@ func (c *Combiner) deltas(req *wirepb.FlushRequest) ([]tsdb.Delta, error) {
 		return req.Dict[i], nil
 	}
 	deltas := make([]tsdb.Delta, len(req.Cells))
-	values := make([]string, 0, len(req.Cells)*schema.MaxLevels)
+	n := 0
+	for _, cell := range req.Cells {
+		n += len(cell.Values)
+	}
+	values := make([]string, 0, n)
 	for i, cell := range req.Cells {
 		name, err := str(cell.Family)
 		if err != nil {
@@ -129,6 +133,9 @@ func (c *Combiner) deltas(req *wirepb.FlushRequest) ([]tsdb.Delta, error) {
 			if err != nil {
 				return nil, err
 			}
+			if s == "" {
+				return nil, fmt.Errorf("%w: cell %d of %q has an empty value", ErrBadFlush, i, name)
+			}
 			values = append(values, s)
 		}
 		deltas[i] = tsdb.Delta{
@@ -156,7 +163,8 @@ type server struct {
 func (s server) Flush(_ context.Context, req *wirepb.FlushRequest) (*wirepb.FlushResponse, error) {
 	dup, err := s.c.Apply(req)
 	switch {
-	case errors.Is(err, ErrBadFlush):
+	case errors.Is(err, ErrBadFlush), errors.Is(err, tsdb.ErrBadInput):
+		// No retry can make the flush acceptable.
 		return nil, status.Error(codes.InvalidArgument, err.Error())
 	case err != nil:
 		s.c.opts.Logger.Error("flush not applied", "source", req.Source, "window", req.WindowStartMs, "err", err)

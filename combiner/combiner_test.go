@@ -101,6 +101,7 @@ func TestBadFlush(t *testing.T) {
 		{"cuboid beyond 16 bits", func(r *wirepb.FlushRequest) { r.Cells[0].Cuboid = 1 << 16 }},
 		{"NaN sum", func(r *wirepb.FlushRequest) { r.Cells[1].Sum = math.NaN() }},
 		{"negative sum", func(r *wirepb.FlushRequest) { r.Cells[0].Sum = -1 }},
+		{"empty value", func(r *wirepb.FlushRequest) { r.Dict[3] = "" }},
 		{"too few values", func(r *wirepb.FlushRequest) { r.Cells[1].Values = r.Cells[1].Values[:4] }},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

@@ -208,7 +208,7 @@ func Run(ctx context.Context, opts Options) (Report, error) {
 				for _, r := range resp.Rejects {
 					rejected[r.Index] = true
 					rep.Rejected++
-					rep.Rejects[strings.ToLower(strings.TrimPrefix(r.Reason.String(), "REJECT_REASON_"))]++
+					rep.Rejects[wire.ReasonName(r.Reason)]++
 				}
 				byDC := rep.ByDatacenter[opts.Family]
 				if byDC == nil {

@@ -13,7 +13,7 @@ import (
 	"go.yaml.in/yaml/v3"
 )
 
-// ErrInvalid marks every error that Parse and Validate return.
+// ErrInvalid marks every error that Parse and Build return.
 var ErrInvalid = errors.New("schema: invalid")
 
 // MaxLevels bounds the number of labels (hierarchy levels plus flat

@@ -19,7 +19,6 @@ import (
 	"github.com/dimsum/dimsum/aggregator"
 	"github.com/dimsum/dimsum/combiner"
 	"github.com/dimsum/dimsum/query"
-	"github.com/dimsum/dimsum/schema"
 	"github.com/dimsum/dimsum/tsdb"
 )
 
@@ -27,7 +26,6 @@ import (
 // over one store, serving gRPC and HTTP.
 type Node struct {
 	log    *slog.Logger
-	schema *schema.Schema
 	db     *tsdb.DB
 	agg    *aggregator.Aggregator
 	conn   *grpc.ClientConn
@@ -49,7 +47,7 @@ func Start(cfg Config, version string, log *slog.Logger) (n *Node, err error) {
 	if err != nil {
 		return nil, err
 	}
-	n = &Node{log: log, schema: s, errc: make(chan error, 2)}
+	n = &Node{log: log, errc: make(chan error, 2)}
 	defer func() {
 		if err != nil {
 			n.Close()
@@ -154,9 +152,6 @@ func (n *Node) GRPCAddr() string { return n.grpcLn.Addr().String() }
 
 // HTTPAddr is the address the HTTP server listens on.
 func (n *Node) HTTPAddr() string { return n.httpLn.Addr().String() }
-
-// Schema is the schema the node runs.
-func (n *Node) Schema() *schema.Schema { return n.schema }
 
 // Err delivers the first error that stopped a server.
 func (n *Node) Err() <-chan error { return n.errc }
