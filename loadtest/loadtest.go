@@ -5,8 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"math/rand/v2"
-	"sort"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -127,25 +128,16 @@ func (r Report) String() string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "sent %d events in %s: %.0f events/s\n", r.Events, r.Duration.Round(time.Millisecond), r.Rate())
 	fmt.Fprintf(&b, "accepted %d, rejected %d\n", r.Accepted, r.Rejected)
-	for _, reason := range sortedKeys(r.Rejects) {
+	for _, reason := range slices.Sorted(maps.Keys(r.Rejects)) {
 		fmt.Fprintf(&b, "  rejected %s: %d\n", reason, r.Rejects[reason])
 	}
-	for _, fam := range sortedKeys(r.Totals) {
+	for _, fam := range slices.Sorted(maps.Keys(r.Totals)) {
 		fmt.Fprintf(&b, "total %s: %s\n", fam, strconv.FormatFloat(r.Totals[fam], 'f', -1, 64))
-		for _, dc := range sortedKeys(r.ByDatacenter[fam]) {
+		for _, dc := range slices.Sorted(maps.Keys(r.ByDatacenter[fam])) {
 			fmt.Fprintf(&b, "  datacenter=%s: %s\n", dc, strconv.FormatFloat(r.ByDatacenter[fam][dc], 'f', -1, 64))
 		}
 	}
 	return b.String()
-}
-
-func sortedKeys[V any](m map[string]V) []string {
-	keys := make([]string, 0, len(m))
-	for k := range m {
-		keys = append(keys, k)
-	}
-	sort.Strings(keys)
-	return keys
 }
 
 // Run sends the workload and returns what was accepted. It stops early, with
@@ -297,7 +289,7 @@ func (w *workload) batch(b *wire.Batch, i uint64, n int, now time.Time, dcs []st
 	for range n {
 		h := w.hosts[r.IntN(len(w.hosts))]
 		x := r.Float64() * total
-		t := sort.SearchFloat64s(w.weights, x)
+		t, _ := slices.BinarySearch(w.weights, x)
 		t = min(t, len(w.txns)-1)
 		status := "200"
 		switch p := r.Float64(); {

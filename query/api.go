@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"math"
 	"net/http"
 	"runtime"
@@ -390,7 +391,7 @@ func (a *API) labelQuery(r *http.Request, f func(storage.Querier, []*labels.Matc
 			set[v] = struct{}{}
 		}
 	}
-	out, annos := truncate(sortedKeys(set), n)
+	out, annos := truncate(slices.Sorted(maps.Keys(set)), n)
 	return result{data: out, annos: annos}, nil
 }
 

@@ -3,6 +3,7 @@ package query
 import (
 	"context"
 	"fmt"
+	"maps"
 	"slices"
 	"time"
 
@@ -275,7 +276,7 @@ func (q *querier) labelSet(ctx context.Context, ms []*labels.Matcher, add func(s
 		add(set, v, c)
 		return nil
 	})
-	return sortedKeys(set), err
+	return slices.Sorted(maps.Keys(set)), err
 }
 
 // LabelNames returns the label names of the series the matchers select.
@@ -303,15 +304,6 @@ func (q *querier) LabelValues(ctx context.Context, name string, hints *storage.L
 		out = out[:hints.Limit]
 	}
 	return out, nil, err
-}
-
-func sortedKeys(set map[string]struct{}) []string {
-	out := make([]string, 0, len(set))
-	for k := range set {
-		out = append(out, k)
-	}
-	slices.Sort(out)
-	return out
 }
 
 type seriesSet struct {
