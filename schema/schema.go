@@ -129,11 +129,22 @@ func (r Resolution) RowSpan() time.Duration { return StepsPerRow * r.Step }
 // milliseconds. Steps are aligned to the unix epoch.
 func (r Resolution) StepStart(t int64) int64 {
 	step := r.Step.Milliseconds()
-	q := t / step
-	if t%step < 0 {
+	return floorDiv(t, step) * step
+}
+
+// Row returns the number of the stored row holding t (unix milliseconds):
+// rows of RowSpan are aligned to the unix epoch, so row n starts at
+// n*RowSpan.
+func (r Resolution) Row(t int64) int64 { return floorDiv(t, r.RowSpan().Milliseconds()) }
+
+// floorDiv divides rounding towards negative infinity, so that instants
+// before 1970 fall in the step and row that hold them.
+func floorDiv(a, b int64) int64 {
+	q := a / b
+	if a%b < 0 {
 		q--
 	}
-	return q * step
+	return q
 }
 
 func (r Resolution) String() string {

@@ -51,11 +51,17 @@ func TestDefault(t *testing.T) {
 	}
 }
 
-func TestStepStart(t *testing.T) {
-	r := Resolution{Step: 10 * time.Second}
-	for _, tc := range [][2]int64{{0, 0}, {9_999, 0}, {10_000, 10_000}, {-1, -10_000}, {-10_000, -10_000}, {-10_001, -20_000}} {
+func TestStepStartAndRow(t *testing.T) {
+	r := Resolution{Step: 10 * time.Second} // rows of 3,600,000 ms
+	for _, tc := range [][3]int64{
+		{0, 0, 0}, {9_999, 0, 0}, {10_000, 10_000, 0}, {3_599_999, 3_590_000, 0}, {3_600_000, 3_600_000, 1},
+		{-1, -10_000, -1}, {-10_000, -10_000, -1}, {-10_001, -20_000, -1}, {-3_600_000, -3_600_000, -1}, {-3_600_001, -3_610_000, -2},
+	} {
 		if got := r.StepStart(tc[0]); got != tc[1] {
 			t.Errorf("StepStart(%d) = %d, want %d", tc[0], got, tc[1])
+		}
+		if got := r.Row(tc[0]); got != tc[2] {
+			t.Errorf("Row(%d) = %d, want %d", tc[0], got, tc[2])
 		}
 	}
 }

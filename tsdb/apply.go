@@ -91,30 +91,25 @@ func (db *DB) Apply(idempotencyKey []byte, keyTime int64, deltas []Delta) (appli
 	entries := a.entries[:0]
 	for i := range deltas {
 		d := &deltas[i]
-		live := false
-		for _, r := range db.res {
-			if d.Time >= now-r.retentionMs {
-				live = true
-				break
-			}
-		}
-		if !live {
-			expired += len(db.res)
-			continue
-		}
 		fs := db.families[d.Family]
-		dict := fs.cuboid(d.Cuboid)
-		cell, err := db.cellID(b, dict, d.Values)
-		if err != nil {
-			return false, err
-		}
+		// The cell gets its ID at the first resolution that keeps the
+		// delta, so a delta expired everywhere creates no cell.
+		var cell uint32
+		haveCell := false
 		for _, r := range db.res {
 			if d.Time < now-r.retentionMs {
 				expired++
 				continue
 			}
-			stepStart := floorDiv(d.Time, r.stepMs) * r.stepMs
-			row := floorDiv(stepStart, r.rowSpanMs)
+			if !haveCell {
+				var err error
+				if cell, err = db.cellID(b, fs.cuboid(d.Cuboid), d.Values); err != nil {
+					return false, err
+				}
+				haveCell = true
+			}
+			stepStart := r.StepStart(d.Time)
+			row := r.Row(stepStart)
 			entries = append(entries, entry{
 				key:   makeDataKey(r.stepSec, fs.id, d.Cuboid, cell, row),
 				slot:  uint16((stepStart - row*r.rowSpanMs) / r.stepMs),
@@ -277,14 +272,4 @@ func (db *DB) rollbackCells() {
 	}
 	clear(db.apply.touched)
 	db.apply.touched = db.apply.touched[:0]
-}
-
-// floorDiv divides rounding towards negative infinity, so that instants
-// before 1970 fall in the step that contains them.
-func floorDiv(a, b int64) int64 {
-	q := a / b
-	if a%b != 0 && (a < 0) != (b < 0) {
-		q--
-	}
-	return q
 }

@@ -39,7 +39,7 @@ func TestCorruptRow(t *testing.T) {
 				t.Fatal(err)
 			}
 			r := db.res[0]
-			key := makeDataKey(r.stepSec, db.families["requests"].id, finest, 0, floorDiv(now, r.rowSpanMs))
+			key := makeDataKey(r.stepSec, db.families["requests"].id, finest, 0, r.Row(now))
 			if err := db.pdb.Set(key[:], tc.garbage, pebble.Sync); err != nil {
 				t.Fatal(err)
 			}

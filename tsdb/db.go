@@ -61,8 +61,10 @@ type DB struct {
 	}
 }
 
-// resolution is a schema resolution in milliseconds.
+// resolution is a schema resolution with its figures in the units the hot
+// paths need.
 type resolution struct {
+	schema.Resolution
 	stepSec     uint32
 	stepMs      int64
 	rowSpanMs   int64
@@ -70,12 +72,11 @@ type resolution struct {
 }
 
 // familyState is a family of the schema with its persisted ID and the cell
-// dictionaries of its materialized cuboids.
+// dictionaries of its cuboids.
 type familyState struct {
 	id  uint16
 	fam *schema.Family
-	// cuboids is indexed by CuboidID; nil where the cuboid is not
-	// materialized.
+	// cuboids is indexed by CuboidID.
 	cuboids []*cellDict
 }
 
@@ -131,6 +132,7 @@ func Open(opts Options) (*DB, error) {
 	}
 	for _, r := range opts.Schema.Resolutions {
 		db.res = append(db.res, resolution{
+			Resolution:  r,
 			stepSec:     uint32(r.Step / time.Second),
 			stepMs:      r.Step.Milliseconds(),
 			rowSpanMs:   r.RowSpan().Milliseconds(),
@@ -294,11 +296,9 @@ func (db *DB) loadFamilies() (map[uint16]*familyState, error) {
 			}
 			db.log.Info("added family", "family", fam.Name, "id", st.id)
 		}
-		fs := &familyState{id: st.id, fam: fam}
-		for _, c := range fam.Cuboids() {
-			if int(c.ID) >= len(fs.cuboids) {
-				fs.cuboids = append(fs.cuboids, make([]*cellDict, int(c.ID)+1-len(fs.cuboids))...)
-			}
+		cuboids := fam.Cuboids()
+		fs := &familyState{id: st.id, fam: fam, cuboids: make([]*cellDict, len(cuboids))}
+		for _, c := range cuboids {
 			fs.cuboids[c.ID] = &cellDict{fam: st.id, cuboid: c.ID, labels: c.Labels, ids: map[string]uint32{}}
 		}
 		db.families[fam.Name] = fs
@@ -335,9 +335,8 @@ func (db *DB) loadCells(byID map[uint16]*familyState) error {
 		}
 		d := fs.cuboid(cuboid)
 		if d == nil {
-			// Cuboids are fixed by the dimensions, which loadFamilies
-			// checked, so this is a cuboid no longer materialized.
-			continue
+			// loadFamilies checked the dimensions, which fix the cuboids.
+			return fmt.Errorf("%w: cell dictionary key %x: family %q has no cuboid %d", ErrCorrupt, iter.Key(), fs.fam.Name, cuboid)
 		}
 		if cell != uint32(len(d.keys)) {
 			return fmt.Errorf("%w: cell dictionary key %x: cell %d follows %d cells", ErrCorrupt, iter.Key(), cell, len(d.keys))

@@ -13,13 +13,12 @@ import (
 // Metadata sorts first so that Open's dictionary scans touch only the head of
 // the key space; data, the bulk, comes last.
 const (
-	prefixMeta      byte = 0x00 // 0x00 | name → value
-	prefixFamily    byte = 0x01 // 0x01 | family name → family ID
-	prefixCell      byte = 0x02 // 0x02 | family ID | cuboid | cell ID → cell values
-	prefixIdemTime  byte = 0x03 // 0x03 | keyTime | idempotency key → empty
-	prefixIdemKey   byte = 0x04 // 0x04 | idempotency key → keyTime
-	prefixData      byte = 0x10 // 0x10 | step | family ID | cuboid | cell ID | row → row value
-	prefixDataLimit byte = 0x11 // exclusive upper bound of the data keys
+	prefixMeta     byte = 0x00 // 0x00 | name → value
+	prefixFamily   byte = 0x01 // 0x01 | family name → family ID | kind | dimensions
+	prefixCell     byte = 0x02 // 0x02 | family ID | cuboid | cell ID → cell values
+	prefixIdemTime byte = 0x03 // 0x03 | keyTime | idempotency key → empty
+	prefixIdemKey  byte = 0x04 // 0x04 | idempotency key → keyTime
+	prefixData     byte = 0x10 // 0x10 | step | family ID | cuboid | cell ID | row → row value
 )
 
 // formatVersion is the version of the layout described in
@@ -49,7 +48,7 @@ func unflipSign(u uint64) int64 { return int64(u ^ (1 << 63)) }
 // makeDataKey builds the key of one row of one cell at one resolution.
 // stepSec is the resolution's step in seconds rather than its index in the
 // schema, so that adding or removing a resolution never makes old rows read
-// as another resolution's (docs/format/tsdb.md, "Why").
+// as another resolution's (docs/format/tsdb.md, "Data rows").
 func makeDataKey(stepSec uint32, fam uint16, cuboid schema.CuboidID, cell uint32, row int64) dataKey {
 	var k dataKey
 	k[0] = prefixData

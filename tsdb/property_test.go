@@ -34,8 +34,9 @@ func (m *model) apply(deltas []Delta) {
 			if d.Time < m.now-r.Retention.Milliseconds() {
 				continue
 			}
+			// Test times are positive, so the remainder rounds down.
 			step := r.Step.Milliseconds()
-			k := modelKey{res, d.Family, d.Cuboid, strings.Join(d.Values, "\x00"), floorDiv(d.Time, step) * step}
+			k := modelKey{res, d.Family, d.Cuboid, strings.Join(d.Values, "\x00"), d.Time - d.Time%step}
 			st := m.steps[k]
 			st.T = k.t
 			st.Sum += d.Sum

@@ -107,8 +107,8 @@ func (db *DB) Steps(res int, family string, cuboid schema.CuboidID, cell uint32,
 		return dst, nil
 	}
 	r := db.res[res]
-	lo := makeDataKey(r.stepSec, d.fam, cuboid, cell, floorDiv(mint, r.rowSpanMs))
-	hi := makeDataKey(r.stepSec, d.fam, cuboid, cell, floorDiv(maxt, r.rowSpanMs))
+	lo := makeDataKey(r.stepSec, d.fam, cuboid, cell, r.Row(mint))
+	hi := makeDataKey(r.stepSec, d.fam, cuboid, cell, r.Row(maxt))
 	// Keys are fixed-width, so hi followed by a zero byte is the first key
 	// after hi, whatever its row: no overflow at the largest row.
 	var upper [dataKeyLen + 1]byte
@@ -163,7 +163,7 @@ func readSteps(iter *pebble.Iterator, r resolution, mint, maxt int64, dst []Step
 	return dst, iter.Error()
 }
 
-// dict returns the cell dictionary of a materialized cuboid.
+// dict returns the cell dictionary of a cuboid.
 func (db *DB) dict(family string, cuboid schema.CuboidID) (*cellDict, error) {
 	fs := db.families[family]
 	if fs == nil {
