@@ -147,7 +147,7 @@ func openStore(t testing.TB, s *schema.Schema) (*tsdb.DB, *combiner.Combiner) {
 			t.Error(err)
 		}
 	})
-	c, err := combiner.New(combiner.Options{Schema: s, Store: db})
+	c, err := combiner.New(combiner.Options{Store: db})
 	if err != nil {
 		t.Fatal(err)
 	}

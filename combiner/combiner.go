@@ -27,8 +27,6 @@ type Store interface {
 
 // Options configure a Combiner.
 type Options struct {
-	// Schema the flushes are checked against. Required.
-	Schema *schema.Schema
 	// Store persists the global cube. Required.
 	Store Store
 	// Logger receives operational logs. nil discards them.
@@ -49,8 +47,8 @@ type Combiner struct {
 
 // New builds a combiner.
 func New(opts Options) (*Combiner, error) {
-	if opts.Schema == nil || opts.Store == nil {
-		return nil, errors.New("combiner: invalid options: schema and store are required")
+	if opts.Store == nil {
+		return nil, errors.New("combiner: invalid options: a store is required")
 	}
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
@@ -58,8 +56,10 @@ func New(opts Options) (*Combiner, error) {
 	return &Combiner{opts: opts, metrics: newMetrics(opts.Registerer)}, nil
 }
 
-// Apply checks a flush against the schema and writes it. It reports whether
-// the flush was a duplicate of one applied before.
+// Apply resolves a flush's dictionary references and writes it; the store
+// checks the cells against the schema. It reports whether the flush was a
+// duplicate of one applied before. A flush that does not fit is refused
+// whole with an error wrapping ErrBadFlush.
 func (c *Combiner) Apply(req *wirepb.FlushRequest) (duplicate bool, err error) {
 	deltas, err := c.deltas(req)
 	if err != nil {
@@ -67,6 +67,10 @@ func (c *Combiner) Apply(req *wirepb.FlushRequest) (duplicate bool, err error) {
 		return false, err
 	}
 	applied, err := c.opts.Store.Apply(flushKey(req), req.WindowStartMs, deltas)
+	if errors.Is(err, tsdb.ErrBadInput) {
+		c.metrics.refused.Inc()
+		return false, fmt.Errorf("%w from %s: %w", ErrBadFlush, req.Source, err)
+	}
 	if err != nil {
 		return false, fmt.Errorf("combiner: cannot apply flush from %s: %w", req.Source, err)
 	}
@@ -110,22 +114,8 @@ func (c *Combiner) deltas(req *wirepb.FlushRequest) ([]tsdb.Delta, error) {
 		if err != nil {
 			return nil, err
 		}
-		f := c.opts.Schema.Family(name)
-		if f == nil {
-			return nil, fmt.Errorf("%w: unknown family %q", ErrBadFlush, name)
-		}
 		if cell.Cuboid > math.MaxUint16 {
-			return nil, fmt.Errorf("%w: family %q has no cuboid %d", ErrBadFlush, name, cell.Cuboid)
-		}
-		cub, ok := f.Cuboid(schema.CuboidID(cell.Cuboid))
-		if !ok {
-			return nil, fmt.Errorf("%w: family %q has no cuboid %d", ErrBadFlush, name, cell.Cuboid)
-		}
-		if len(cell.Values) != len(cub.Labels) {
-			return nil, fmt.Errorf("%w: cuboid %d of %q has %d labels, the cell %d values", ErrBadFlush, cell.Cuboid, name, len(cub.Labels), len(cell.Values))
-		}
-		if math.IsNaN(cell.Sum) || math.IsInf(cell.Sum, 0) || (f.Kind == schema.KindCounter && cell.Sum < 0) {
-			return nil, fmt.Errorf("%w: cell %d of %q has sum %v, want a finite non-negative number", ErrBadFlush, i, name, cell.Sum)
+			return nil, fmt.Errorf("%w: cell %d: cuboid %d is out of range", ErrBadFlush, i, cell.Cuboid)
 		}
 		start := len(values)
 		for _, v := range cell.Values {
@@ -134,13 +124,15 @@ func (c *Combiner) deltas(req *wirepb.FlushRequest) ([]tsdb.Delta, error) {
 				return nil, err
 			}
 			if s == "" {
+				// Aggregators refuse events with an empty label, and
+				// PromQL would read one as an absent label.
 				return nil, fmt.Errorf("%w: cell %d of %q has an empty value", ErrBadFlush, i, name)
 			}
 			values = append(values, s)
 		}
 		deltas[i] = tsdb.Delta{
 			Family: name,
-			Cuboid: cub.ID,
+			Cuboid: schema.CuboidID(cell.Cuboid),
 			Values: values[start:len(values):len(values)],
 			Time:   req.WindowStartMs,
 			Sum:    cell.Sum,
@@ -163,7 +155,7 @@ type server struct {
 func (s server) Flush(_ context.Context, req *wirepb.FlushRequest) (*wirepb.FlushResponse, error) {
 	dup, err := s.c.Apply(req)
 	switch {
-	case errors.Is(err, ErrBadFlush), errors.Is(err, tsdb.ErrBadInput):
+	case errors.Is(err, ErrBadFlush):
 		// No retry can make the flush acceptable.
 		return nil, status.Error(codes.InvalidArgument, err.Error())
 	case err != nil:

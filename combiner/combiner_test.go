@@ -27,7 +27,7 @@ func newCombiner(t testing.TB) (*Combiner, *tsdb.DB) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { db.Close() })
-	c, err := New(Options{Schema: s, Store: db})
+	c, err := New(Options{Store: db})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -169,7 +169,7 @@ func FuzzApply(f *testing.F) {
 		if proto.Unmarshal(data, &req) != nil {
 			return
 		}
-		if _, err := c.Apply(&req); err != nil && !errors.Is(err, ErrBadFlush) && !errors.Is(err, tsdb.ErrBadInput) {
+		if _, err := c.Apply(&req); err != nil && !errors.Is(err, ErrBadFlush) {
 			t.Fatalf("unexpected error class: %v", err)
 		}
 	})

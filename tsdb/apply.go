@@ -44,8 +44,8 @@ type entry struct {
 // is the time the key belongs to, and orders the key records so that old keys
 // can be forgotten by time.
 //
-// Unknown family, unknown cuboid, a wrong number of values or a sum that is
-// NaN or infinite is an error wrapping ErrBadInput, and nothing is written.
+// Unknown family, unknown cuboid, a wrong number of values, a sum that is NaN or infinite, or a negative counter sum is an error
+// wrapping ErrBadInput, and nothing is written.
 func (db *DB) Apply(idempotencyKey []byte, keyTime int64, deltas []Delta) (applied bool, err error) {
 	start := time.Now()
 	db.apply.Lock()
@@ -203,6 +203,9 @@ func (db *DB) check(d *Delta) error {
 	// A NaN or infinity would poison every later sum of its step for good.
 	if math.IsNaN(d.Sum) || math.IsInf(d.Sum, 0) {
 		return fmt.Errorf("family %q: sum %v is not finite", d.Family, d.Sum)
+	}
+	if fs.fam.Kind == schema.KindCounter && d.Sum < 0 {
+		return fmt.Errorf("counter family %q: sum %v is negative", d.Family, d.Sum)
 	}
 	return nil
 }

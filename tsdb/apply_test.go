@@ -28,6 +28,7 @@ func TestApplyBadInput(t *testing.T) {
 		{"values for the apex", Delta{Family: "requests", Cuboid: 0, Values: []string{"d1"}, Time: now}, "1 values"},
 		{"NaN sum", Delta{Family: "requests", Cuboid: finest, Values: []string{"d1", "h1", "GET"}, Time: now, Sum: math.NaN()}, "not finite"},
 		{"infinite sum", Delta{Family: "requests", Cuboid: finest, Values: []string{"d1", "h1", "GET"}, Time: now, Sum: math.Inf(-1)}, "not finite"},
+		{"negative counter sum", Delta{Family: "requests", Cuboid: finest, Values: []string{"d1", "h1", "GET"}, Time: now, Sum: -1}, "negative"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			db := openTest(t, t.TempDir(), s)
