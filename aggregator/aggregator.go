@@ -164,11 +164,9 @@ func New(opts Options) (*Aggregator, error) {
 		done:    make(chan struct{}),
 	}
 	for i, f := range opts.Schema.Families {
-		fam := &family{Family: f, finest: f.Finest().ID}
-		for _, c := range f.Cuboids() {
-			if int(c.ID) >= len(fam.masks) {
-				fam.masks = append(fam.masks, make([]uint16, int(c.ID)+1-len(fam.masks))...)
-			}
+		cuboids := f.Cuboids()
+		fam := &family{Family: f, finest: f.Finest().ID, masks: make([]uint16, len(cuboids))}
+		for _, c := range cuboids {
 			for _, s := range c.Slots {
 				fam.masks[c.ID] |= 1 << s
 			}

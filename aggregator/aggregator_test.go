@@ -454,12 +454,9 @@ func (s *lossySink) Flush(ctx context.Context, req *wirepb.FlushRequest) error {
 // failed attempt may have been applied, and the combiner must be able to
 // recognise the retry, or the window would count twice.
 func TestCloseResendsUndeliveredFlush(t *testing.T) {
-	s := schema.Default()
-	db, comb := openStore(t, s)
-	w := testWindow()
-	h := &harness{schema: s, db: db, window: w, clock: newClock(w.Add(5 * time.Second))}
-	sink := &lossySink{next: &combinerSink{c: comb}}
-	a, err := aggregator.New(aggregator.Options{Schema: s, Sink: sink, Now: h.clock.Now,
+	h := newHarness(t, schema.Default())
+	sink := &lossySink{next: h.sink}
+	a, err := aggregator.New(aggregator.Options{Schema: h.schema, Sink: sink, Now: h.clock.Now,
 		Grace: time.Second, FlushInterval: time.Millisecond, RetryBackoff: time.Hour})
 	if err != nil {
 		t.Fatal(err)

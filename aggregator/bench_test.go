@@ -11,6 +11,8 @@ import (
 	"github.com/dimsum/dimsum/schema"
 	"github.com/dimsum/dimsum/wire"
 	"github.com/dimsum/dimsum/wire/wirepb"
+
+	"github.com/dimsum/dimsum/internal/race"
 )
 
 // The benchmark workload: 3 datacenters of 5 clusters of 20 hosts, 50
@@ -151,7 +153,7 @@ func BenchmarkCubeUpdate(b *testing.B) {
 // allocates a few objects per batch (the response, per-batch lookup tables),
 // none per event, so 10,000 events cost what 1,000 do.
 func TestPushAllocs(t *testing.T) {
-	if raceEnabled {
+	if race.Enabled {
 		t.Skip("the race detector makes sync.Pool drop items at random")
 	}
 	h := start(t, aggregator.Options{FlushInterval: time.Hour})

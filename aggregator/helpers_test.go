@@ -103,27 +103,36 @@ type harness struct {
 	window time.Time // a window start near the wall clock
 }
 
-// start builds a store in a temporary directory, a combiner over it and an
-// aggregator flushing into the combiner. Unset Schema, Now and Registerer
-// become the default schema, a clock stopped 5s into h.window, and a fresh
-// registry. The aggregator and the store are closed at the end of the test.
+// newHarness builds a store in a temporary directory, a combiner over it, the
+// sink into the combiner, a clock stopped 5s into h.window and a fresh
+// registry, but no aggregator: tests that need their own sink or several
+// aggregators build those over h.sink. The store is closed at the end of the
+// test.
+func newHarness(t testing.TB, s *schema.Schema) *harness {
+	t.Helper()
+	h := &harness{schema: s, window: testWindow(), reg: prometheus.NewRegistry()}
+	h.clock = newClock(h.window.Add(5 * time.Second))
+	var c *combiner.Combiner
+	h.db, c = openStore(t, s)
+	h.sink = &combinerSink{c: c}
+	return h
+}
+
+// start builds a harness and an aggregator flushing into its combiner.
+// Unset Schema, Now and Registerer become the default schema, the harness's
+// clock and registry. The aggregator is closed at the end of the test.
 func start(t testing.TB, opts aggregator.Options) *harness {
 	t.Helper()
-	h := &harness{window: testWindow(), reg: prometheus.NewRegistry()}
 	if opts.Schema == nil {
 		opts.Schema = schema.Default()
 	}
-	h.schema = opts.Schema
+	h := newHarness(t, opts.Schema)
 	if opts.Now == nil {
-		h.clock = newClock(h.window.Add(5 * time.Second))
 		opts.Now = h.clock.Now
 	}
 	if opts.Registerer == nil {
 		opts.Registerer = h.reg
 	}
-	var c *combiner.Combiner
-	h.db, c = openStore(t, h.schema)
-	h.sink = &combinerSink{c: c}
 	opts.Sink = h.sink
 	var err error
 	h.agg, err = aggregator.New(opts)

@@ -54,17 +54,14 @@ func (s *failingSink) Flush(ctx context.Context, req *wirepb.FlushRequest) error
 // Close retries for up to 30s with backoff: a combiner down for one second at
 // shutdown loses nothing.
 func TestFinalFlushBacksOff(t *testing.T) {
-	s := schema.Default()
-	db, comb := openStore(t, s)
-	h := &harness{schema: s, db: db, window: testWindow()}
-	clk := newClock(h.window.Add(5 * time.Second))
-	sink := &failingSink{next: &combinerSink{c: comb}}
-	a, err := aggregator.New(aggregator.Options{Schema: s, Sink: sink, Now: clk.Now})
+	h := newHarness(t, schema.Default())
+	sink := &failingSink{next: h.sink}
+	a, err := aggregator.New(aggregator.Options{Schema: h.schema, Sink: sink, Now: h.clock.Now})
 	if err != nil {
 		t.Fatal(err)
 	}
 	var b wire.Batch
-	addGood(&b, clk.Now().UnixMilli(), 1, 0, 0, 0)
+	addGood(&b, h.ms(0), 1, 0, 0, 0)
 	if _, err := a.Push(b.Request()); err != nil {
 		t.Fatal(err)
 	}
@@ -91,17 +88,14 @@ func TestBadLabelReferenceDetail(t *testing.T) {
 // Two incarnations with the same Name and the same injected clock reading
 // still flush under distinct identities, so the combiner applies both.
 func TestIdentityUniquePerIncarnation(t *testing.T) {
-	s := schema.Default()
-	db, comb := openStore(t, s)
-	h := &harness{schema: s, db: db, window: testWindow()}
-	clk := newClock(h.window.Add(5 * time.Second))
+	h := newHarness(t, schema.Default())
 	for range 2 {
-		a, err := aggregator.New(aggregator.Options{Schema: s, Sink: &combinerSink{c: comb}, Name: "agg", Now: clk.Now})
+		a, err := aggregator.New(aggregator.Options{Schema: h.schema, Sink: h.sink, Name: "agg", Now: h.clock.Now})
 		if err != nil {
 			t.Fatal(err)
 		}
 		var b wire.Batch
-		addGood(&b, clk.Now().UnixMilli(), 1, 0, 0, 0)
+		addGood(&b, h.ms(0), 1, 0, 0, 0)
 		if _, err := a.Push(b.Request()); err != nil {
 			t.Fatal(err)
 		}

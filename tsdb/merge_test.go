@@ -7,6 +7,8 @@ import (
 	"testing"
 
 	"github.com/cockroachdb/pebble/v2"
+
+	"github.com/dimsum/dimsum/internal/race"
 	"github.com/dimsum/dimsum/schema"
 )
 
@@ -144,7 +146,7 @@ func TestMergeRejectsCorruptOperand(t *testing.T) {
 // TestMergeAllocs pins the merge operator's hot path at zero allocations:
 // its dense rows and buffers come from a pool.
 func TestMergeAllocs(t *testing.T) {
-	if raceEnabled {
+	if race.Enabled {
 		t.Skip("sync.Pool drops items under the race detector")
 	}
 	rng := rand.New(rand.NewPCG(1, 2))

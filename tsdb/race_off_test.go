@@ -1,5 +1,0 @@
-//go:build !race
-
-package tsdb
-
-const raceEnabled = false
