@@ -8,11 +8,10 @@ import (
 	"time"
 
 	"github.com/dimsum/dimsum/aggregator"
+	"github.com/dimsum/dimsum/internal/race"
 	"github.com/dimsum/dimsum/schema"
 	"github.com/dimsum/dimsum/wire"
 	"github.com/dimsum/dimsum/wire/wirepb"
-
-	"github.com/dimsum/dimsum/internal/race"
 )
 
 // The benchmark workload: 3 datacenters of 5 clusters of 20 hosts, 50

@@ -11,6 +11,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/common/model"
+
 	"github.com/dimsum/dimsum/loadtest"
 	"github.com/dimsum/dimsum/schema"
 )
@@ -23,7 +25,7 @@ func testConfig(dir string) Config {
 		GRPCListen: "127.0.0.1:0",
 		HTTPListen: "127.0.0.1:0",
 		Name:       "test",
-		Aggregator: AggregatorConfig{Grace: 500_000_000, FlushInterval: 100_000_000},
+		Aggregator: AggregatorConfig{Grace: model.Duration(500 * time.Millisecond), FlushInterval: model.Duration(100 * time.Millisecond)},
 		Schema:     schema.File{Resolutions: []string{"1s:1d", "10s:8d", "1m:35d"}},
 	}
 }
