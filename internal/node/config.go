@@ -96,6 +96,18 @@ func (c *Config) EnsureDefaults() {
 	}
 }
 
+// Validate reports the first node-level or query field that cannot work; the
+// aggregator and the schema check their own fields when they are built.
+func (c *Config) Validate() error {
+	switch {
+	case c.MaxRecvBytes < 0:
+		return fmt.Errorf("%w: max_recv_bytes %d is negative", ErrConfig, c.MaxRecvBytes)
+	case c.Query.MaxSamples < 0:
+		return fmt.Errorf("%w: query max_samples %d is negative", ErrConfig, c.Query.MaxSamples)
+	}
+	return nil
+}
+
 // BuildSchema returns the configured schema. A config that declares no
 // family runs the embedded default families, at its own resolutions if it
 // names any.

@@ -40,6 +40,9 @@ type Node struct {
 // what /api/v1/status/buildinfo reports.
 func Start(cfg Config, version string, log *slog.Logger) (n *Node, err error) {
 	cfg.EnsureDefaults()
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}

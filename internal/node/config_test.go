@@ -1,0 +1,65 @@
+package node
+
+import (
+	"errors"
+	"strings"
+	"testing"
+
+	"github.com/dimsum/dimsum/schema"
+)
+
+func TestParseConfig(t *testing.T) {
+	c, err := ParseConfig([]byte("data_dir: /x\naggregator: {grace: 2s}\nschema: {resolutions: [1s:1d, 1m:35d]}\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.DataDir != "/x" || c.Aggregator.Grace.String() != "2s" || len(c.Schema.Resolutions) != 2 {
+		t.Errorf("config %+v", c)
+	}
+	s, err := c.BuildSchema()
+	if err != nil || s.Family("requests") == nil || s.Window().String() != "1s" {
+		t.Errorf("schema without families: %v, %v", s, err)
+	}
+	if c, err := ParseConfig(nil); err != nil || c.DataDir != "" {
+		t.Errorf("empty config: %+v, %v", c, err)
+	}
+	for _, tc := range []struct{ name, yaml, want string }{
+		{"unknown field", "datadir: x", "not found"},
+		{"bad duration", "aggregator: {grace: soon}", "soon"},
+		{"negative message size", "max_recv_bytes: -1", "max_recv_bytes"},
+		{"negative max samples", "query: {max_samples: -5}", "max_samples"},
+		{"negative duration", "query: {timeout: -1s}", `"-1s"`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c, err := ParseConfig([]byte(tc.yaml))
+			if err == nil {
+				err = c.Validate()
+			}
+			if !errors.Is(err, ErrConfig) || !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("error %v, want ErrConfig mentioning %q", err, tc.want)
+			}
+		})
+	}
+}
+
+// FuzzParseConfig checks that no config file panics the parser or the
+// schema builder, and that every refusal is classified.
+func FuzzParseConfig(f *testing.F) {
+	f.Add([]byte("data_dir: d\naggregator: {grace: 1s}\nschema: {families: [{name: r, dimensions: [a/b, c]}]}\n"))
+	f.Add([]byte("query: {timeout: 5m, max_samples: 10}\n"))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		c, err := ParseConfig(data)
+		if err != nil {
+			if !errors.Is(err, ErrConfig) {
+				t.Fatalf("unclassified error %v", err)
+			}
+			return
+		}
+		if err := c.Validate(); err != nil && !errors.Is(err, ErrConfig) {
+			t.Fatalf("unclassified error %v", err)
+		}
+		if _, err := c.BuildSchema(); err != nil && !errors.Is(err, schema.ErrInvalid) {
+			t.Fatalf("unclassified schema error %v", err)
+		}
+	})
+}
