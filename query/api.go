@@ -21,6 +21,7 @@ import (
 	"github.com/prometheus/prometheus/promql/parser"
 	"github.com/prometheus/prometheus/storage"
 	"github.com/prometheus/prometheus/util/annotations"
+	"github.com/prometheus/prometheus/util/stats"
 
 	"github.com/dimsum/dimsum/schema"
 )
@@ -34,9 +35,13 @@ type Options struct {
 	// Timeout bounds one query's evaluation; a request's own timeout
 	// parameter may only shorten it. The default is 2m.
 	Timeout time.Duration
-	// MaxSamples bounds the samples one query may hold in memory at once.
-	// The default is 50,000,000, as Prometheus'.
+	// MaxSamples bounds the samples one query may hold in memory at once,
+	// and the samples it may synthesize from the store. The default is
+	// 50,000,000, as Prometheus'.
 	MaxSamples int
+	// MaxSeries bounds the series one query may read from the store. The
+	// default is 1,000,000.
+	MaxSeries int
 	// LookbackDelta is how far back an instant selector looks for a sample.
 	// The default is 5m, as Prometheus'.
 	LookbackDelta time.Duration
@@ -57,6 +62,9 @@ func (o *Options) EnsureDefaults() {
 	}
 	if o.MaxSamples == 0 {
 		o.MaxSamples = 50_000_000
+	}
+	if o.MaxSeries == 0 {
+		o.MaxSeries = 1_000_000
 	}
 	if o.LookbackDelta == 0 {
 		o.LookbackDelta = 5 * time.Minute
@@ -93,11 +101,13 @@ func NewAPI(opts Options) (*API, error) {
 		LookbackDelta:        opts.LookbackDelta,
 		EnableAtModifier:     true,
 		EnableNegativeOffset: true,
+		EnablePerStepStats:   true,
 		// A subquery without a step evaluates at one minute, Prometheus'
 		// default global evaluation interval.
 		NoStepSubqueryIntervalFn: func(int64) int64 { return time.Minute.Milliseconds() },
 	})
-	return &API{opts: opts, engine: engine, queryable: NewQueryable(opts.Schema, opts.Reader, opts.MaxSamples, opts.Now)}, nil
+	limits := Limits{MaxSeries: opts.MaxSeries, MaxSamples: opts.MaxSamples}
+	return &API{opts: opts, engine: engine, queryable: NewQueryable(opts.Schema, opts.Reader, limits, opts.Now)}, nil
 }
 
 // Register adds the API's routes to mux under /api/v1/.
@@ -109,6 +119,11 @@ func (a *API) Register(mux *http.ServeMux) {
 	mux.HandleFunc("/api/v1/series", a.wrap(a.series))
 	mux.HandleFunc("/api/v1/metadata", a.wrap(a.metadata))
 	mux.HandleFunc("/api/v1/status/buildinfo", a.wrap(a.buildInfo))
+	mux.HandleFunc("/api/v1/query_exemplars", a.wrap(a.queryExemplars))
+	mux.HandleFunc("/api/v1/format_query", a.wrap(a.formatQuery))
+	mux.HandleFunc("/api/v1/parse_query", a.wrap(a.parseQuery))
+	mux.HandleFunc("/api/v1/rules", a.wrap(a.rules))
+	mux.HandleFunc("/api/v1/alerts", a.wrap(a.alerts))
 }
 
 // Error types of the Prometheus API, with the HTTP status each maps to.
@@ -199,6 +214,7 @@ func (a *API) wrap(h handler) http.HandlerFunc {
 type queryData struct {
 	ResultType parser.ValueType `json:"resultType"`
 	Result     parser.Value     `json:"result"`
+	Stats      stats.QueryStats `json:"stats,omitempty"`
 }
 
 func (a *API) query(r *http.Request) (result, *apiError) {
@@ -209,16 +225,16 @@ func (a *API) query(r *http.Request) (result, *apiError) {
 			return result{}, badData("invalid parameter \"time\": %v", err)
 		}
 	}
-	ctx, cancel, aerr := a.context(r)
+	p, aerr := a.prepare(r)
 	if aerr != nil {
 		return result{}, aerr
 	}
-	defer cancel()
-	q, err := a.engine.NewInstantQuery(ctx, a.queryable, nil, r.FormValue("query"), ts)
+	defer p.cancel()
+	q, err := a.engine.NewInstantQuery(p.ctx, p.queryable, p.opts, p.query, ts)
 	if err != nil {
 		return result{}, badData("invalid parameter \"query\": %v", err)
 	}
-	return a.exec(ctx, q)
+	return a.exec(p, q)
 }
 
 // maxPoints is Prometheus' limit of points per series in a range query.
@@ -246,39 +262,81 @@ func (a *API) queryRange(r *http.Request) (result, *apiError) {
 	if end.Sub(start)/step > maxPoints {
 		return result{}, badData("exceeded maximum resolution of %d points per timeseries. Try decreasing the query resolution (?step=XX)", maxPoints)
 	}
-	ctx, cancel, aerr := a.context(r)
+	p, aerr := a.prepare(r)
 	if aerr != nil {
 		return result{}, aerr
 	}
-	defer cancel()
-	q, err := a.engine.NewRangeQuery(ctx, a.queryable, nil, r.FormValue("query"), start, end, step)
+	defer p.cancel()
+	q, err := a.engine.NewRangeQuery(p.ctx, p.queryable, p.opts, p.query, start, end, step)
 	if err != nil {
 		return result{}, badData("invalid parameter \"query\": %v", err)
 	}
-	return a.exec(ctx, q)
+	return a.exec(p, q)
 }
 
-// context applies the request's timeout parameter.
-func (a *API) context(r *http.Request) (context.Context, context.CancelFunc, *apiError) {
-	ctx := r.Context()
+// prepared is a request's expression after planning, with what the request
+// asks of its evaluation.
+type prepared struct {
+	query     string // the planned expression
+	queryable *Queryable
+	opts      promql.QueryOpts
+	stats     string
+	ctx       context.Context
+	cancel    context.CancelFunc
+}
+
+// prepare parses and plans the query parameter and reads the parameters
+// that shape its evaluation: timeout, lookback_delta, stats and
+// max_source_resolution.
+func (a *API) prepare(r *http.Request) (prepared, *apiError) {
+	expr, err := promqlParser.ParseExpr(r.FormValue("query"))
+	if err == nil {
+		err = checkReserved(expr)
+	}
+	if err != nil {
+		return prepared{}, badData("invalid parameter \"query\": %v", err)
+	}
+	plan(a.opts.Schema, expr)
+	p := prepared{query: expr.String(), queryable: a.queryable, stats: r.FormValue("stats")}
+	if v := r.FormValue("max_source_resolution"); v != "" && v != "auto" {
+		d, err := parseDuration(v)
+		if v == "raw" {
+			d, err = 0, nil
+		}
+		if err != nil || d < 0 {
+			return prepared{}, badData("invalid parameter \"max_source_resolution\": want a duration, \"raw\" or \"auto\", got %q", v)
+		}
+		p.queryable = a.queryable.WithMaxResolution(d)
+	}
+	var lookback time.Duration
+	if v := r.FormValue("lookback_delta"); v != "" {
+		if lookback, err = parseDuration(v); err != nil || lookback < 0 {
+			return prepared{}, badData("invalid parameter \"lookback_delta\": %q is not a non-negative duration", v)
+		}
+	}
+	p.opts = promql.NewPrometheusQueryOpts(p.stats == "all", lookback, nil)
+	p.ctx, p.cancel = r.Context(), func() {}
 	if v := r.FormValue("timeout"); v != "" {
 		d, err := parseDuration(v)
-		if err != nil {
-			return nil, nil, badData("invalid parameter \"timeout\": %v", err)
+		if err != nil || d <= 0 {
+			return prepared{}, badData("invalid parameter \"timeout\": %q is not a positive duration", v)
 		}
-		c, cancel := context.WithTimeout(ctx, d)
-		return c, cancel, nil
+		p.ctx, p.cancel = context.WithTimeout(p.ctx, d)
 	}
-	return ctx, func() {}, nil
+	return p, nil
 }
 
-func (a *API) exec(ctx context.Context, q promql.Query) (result, *apiError) {
+func (a *API) exec(p prepared, q promql.Query) (result, *apiError) {
 	defer q.Close()
-	res := q.Exec(ctx)
+	res := q.Exec(p.ctx)
 	if res.Err != nil {
 		return result{annos: res.Warnings}, engineError(res.Err)
 	}
-	return result{data: queryData{ResultType: res.Value.Type(), Result: res.Value}, annos: res.Warnings}, nil
+	data := queryData{ResultType: res.Value.Type(), Result: res.Value}
+	if p.stats != "" {
+		data.Stats = stats.NewQueryStats(q.Stats())
+	}
+	return result{data: data, annos: res.Warnings}, nil
 }
 
 // engineError classifies an evaluation error the way Prometheus' API does.
@@ -308,6 +366,9 @@ func selectors(r *http.Request) ([][]*labels.Matcher, *apiError) {
 	var out [][]*labels.Matcher
 	for _, s := range r.Form["match[]"] {
 		ms, err := promqlParser.ParseMetricSelector(s)
+		if err == nil {
+			err = reservedMatcher(ms)
+		}
 		if err != nil {
 			return nil, badData("invalid parameter \"match[]\": %v", err)
 		}
@@ -495,13 +556,21 @@ func (a *API) buildInfo(*http.Request) (result, *apiError) {
 	}}, nil
 }
 
-// parseTime reads a unix timestamp in seconds (with a fraction) or an
-// RFC3339 time, as Prometheus' API does.
+// msThreshold is the smallest magnitude of a timestamp read as unix
+// milliseconds rather than seconds: 10^12 seconds is the year 33658, while
+// 10^12 milliseconds is 2001.
+const msThreshold = 1e12
+
+// parseTime reads a unix timestamp in seconds (with a fraction), or in
+// milliseconds as some Grafana requests send it, or an RFC3339 time.
 func parseTime(s string) (time.Time, error) {
 	if s == "" {
 		return time.Time{}, errors.New("missing timestamp")
 	}
 	if f, err := strconv.ParseFloat(s, 64); err == nil {
+		if math.Abs(f) >= msThreshold {
+			f /= 1000
+		}
 		if math.IsNaN(f) || math.IsInf(f, 0) || math.Abs(f) > float64(math.MaxInt64/int64(time.Second)) {
 			return time.Time{}, fmt.Errorf("cannot parse %q to a valid timestamp", s)
 		}

@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"maps"
 	"slices"
+	"strconv"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/prometheus/model/histogram"
@@ -37,23 +39,48 @@ const (
 	DeltaSuffix = "_delta"
 )
 
-// Queryable is a storage.Queryable that synthesizes both views of every
-// counter family from the stored deltas of its finest cuboid.
-type Queryable struct {
-	schema     *schema.Schema
-	reader     Reader
-	maxSamples int
-	now        func() time.Time
+// Limits bound what one query may read.
+type Limits struct {
+	// MaxSeries bounds the series one query reads from the store, over all
+	// its selectors. 0 means no limit.
+	MaxSeries int
+	// MaxSamples bounds the samples one query synthesizes, over all its
+	// selectors.
+	MaxSamples int
 }
 
-// NewQueryable returns the Prometheus-facing view of the cube. maxSamples
-// bounds the samples one selection may synthesize; now is the clock (nil for
-// time.Now).
-func NewQueryable(s *schema.Schema, r Reader, maxSamples int, now func() time.Time) *Queryable {
+// Queryable is a storage.Queryable that synthesizes both views of every
+// counter family from the stored deltas of its cuboids.
+type Queryable struct {
+	schema *schema.Schema
+	reader Reader
+	limits Limits
+	now    func() time.Time
+	// resolutions are those a selection may read: all of the schema's,
+	// unless a query caps them.
+	resolutions []schema.Resolution
+}
+
+// NewQueryable returns the Prometheus-facing view of the cube; now is the
+// clock (nil for time.Now).
+func NewQueryable(s *schema.Schema, r Reader, limits Limits, now func() time.Time) *Queryable {
 	if now == nil {
 		now = time.Now
 	}
-	return &Queryable{schema: s, reader: r, maxSamples: maxSamples, now: now}
+	return &Queryable{schema: s, reader: r, limits: limits, now: now, resolutions: s.Resolutions}
+}
+
+// WithMaxResolution returns a Queryable that reads no resolution coarser
+// than step: 0 reads only the finest. Older data than the finest allowed
+// resolution keeps is then absent.
+func (q *Queryable) WithMaxResolution(step time.Duration) *Queryable {
+	c := *q
+	n := 1
+	for n < len(q.schema.Resolutions) && q.schema.Resolutions[n].Step <= step {
+		n++
+	}
+	c.resolutions = q.schema.Resolutions[:n]
+	return &c
 }
 
 // Querier implements storage.Queryable.
@@ -61,9 +88,13 @@ func (q *Queryable) Querier(mint, maxt int64) (storage.Querier, error) {
 	return &querier{q: q, mint: mint, maxt: maxt}, nil
 }
 
+// querier reads one query's selections. The engine may call Select from
+// several goroutines, so the limits are counted atomically.
 type querier struct {
 	q          *Queryable
 	mint, maxt int64
+	series     atomic.Int64
+	samples    atomic.Int64
 }
 
 func (*querier) Close() error { return nil }
@@ -133,8 +164,8 @@ type span struct {
 // reports false when no step falls in it.
 func (q *querier) span(mint, maxt, stepHint, rangeHint int64) (span, bool) {
 	now := q.q.now().UnixMilli()
-	res := Resolution(q.q.schema.Resolutions, stepHint, rangeHint, mint, now)
-	r := q.q.schema.Resolutions[res]
+	res := Resolution(q.q.resolutions, stepHint, rangeHint, mint, now)
+	r := q.q.resolutions[res]
 	// Nothing older than the resolution's retention is kept.
 	mint = max(mint, now-r.Retention.Milliseconds())
 	if mint > maxt {
@@ -147,16 +178,31 @@ func (q *querier) span(mint, maxt, stepHint, rangeHint int64) (span, bool) {
 	return sp, sp.last >= sp.first
 }
 
-// eachLive calls fn for every finest cell of the selected views that holds
-// data in the span, with its stored steps. A storage failure comes back as a
-// promql.ErrStorage, which the API reports as an internal error.
-func (q *querier) eachLive(ctx context.Context, sp span, ms []*labels.Matcher, fn func(v view, c tsdb.Cell, steps []tsdb.Step) error) error {
+// eachLive calls fn for every cell of the selected views that holds data in
+// the span, with its stored steps, and the cuboid the cell belongs to: the
+// finest one, unless the planner's internal matcher names another. A storage
+// failure comes back as a promql.ErrStorage, which the API reports as an
+// internal error.
+func (q *querier) eachLive(ctx context.Context, sp span, ms []*labels.Matcher, fn func(v view, cub schema.Cuboid, c tsdb.Cell, steps []tsdb.Step) error) error {
+	planned, ms, err := plannedCuboid(ms)
+	if err != nil {
+		return err
+	}
 	var steps []tsdb.Step
 	for _, v := range q.views(ms) {
 		cub := v.fam.Finest()
+		if planned >= 0 {
+			var ok bool
+			if cub, ok = v.fam.Cuboid(schema.CuboidID(planned)); !ok {
+				return fmt.Errorf("query: family %q has no cuboid %d", v.fam.Name, planned)
+			}
+		}
 		cells, err := q.q.reader.Cells(v.fam.Name, cub.ID, ms)
 		if err != nil {
 			return promql.ErrStorage{Err: err}
+		}
+		if err := q.touch(len(cells)); err != nil {
+			return err
 		}
 		for _, c := range cells {
 			if err := ctx.Err(); err != nil {
@@ -169,12 +215,35 @@ func (q *querier) eachLive(ctx context.Context, sp span, ms []*labels.Matcher, f
 			if len(steps) == 0 {
 				continue
 			}
-			if err := fn(v, c, steps); err != nil {
+			if err := fn(v, cub, c, steps); err != nil {
 				return err
 			}
 		}
 	}
 	return nil
+}
+
+// touch counts the cells a query reads against its limit.
+func (q *querier) touch(n int) error {
+	if limit := q.q.limits.MaxSeries; limit > 0 && q.series.Add(int64(n)) > int64(limit) {
+		return fmt.Errorf("query: the query reads more than %d series; narrow the matchers, or aggregate them with sum", limit)
+	}
+	return nil
+}
+
+// plannedCuboid takes the planner's internal matcher out of ms and returns
+// the cuboid it names, or -1 when there is none.
+func plannedCuboid(ms []*labels.Matcher) (int, []*labels.Matcher, error) {
+	i := slices.IndexFunc(ms, func(m *labels.Matcher) bool { return m.Name == cuboidLabel })
+	if i < 0 {
+		return -1, ms, nil
+	}
+	m := ms[i]
+	id, err := strconv.ParseUint(m.Value, 10, 16)
+	if err != nil || m.Type != labels.MatchEqual {
+		return 0, nil, fmt.Errorf("query: malformed planner matcher %s", m)
+	}
+	return int(id), slices.Delete(slices.Clone(ms), i, i+1), nil
 }
 
 // Select synthesizes the series of the selection. Every series of one
@@ -195,8 +264,8 @@ func (q *querier) Select(ctx context.Context, _ bool, hints *storage.SelectHints
 	var out []storage.Series
 	if hints != nil && hints.Func == "series" {
 		// The series API wants labels only.
-		err := q.eachLive(ctx, sp, ms, func(v view, c tsdb.Cell, _ []tsdb.Step) error {
-			out = append(out, &series{lset: seriesLabels(v.name, v.fam.Finest().Labels, c.Values)})
+		err := q.eachLive(ctx, sp, ms, func(v view, cub schema.Cuboid, c tsdb.Cell, _ []tsdb.Step) error {
+			out = append(out, &series{lset: seriesLabels(v.name, cub.Labels, c.Values)})
 			return nil
 		})
 		return q.sorted(out, err)
@@ -204,19 +273,19 @@ func (q *querier) Select(ctx context.Context, _ bool, hints *storage.SelectHints
 
 	step := sp.r.Step.Milliseconds()
 	n := (sp.last-sp.first)/step + 1
-	if n > int64(q.q.maxSamples) {
-		return storage.ErrSeriesSet(fmt.Errorf("query: the selection spans %d steps of %s, more than the %d samples a query may hold; narrow the range or widen the step", n, sp.r.Step, q.q.maxSamples))
+	maxSamples := int64(q.q.limits.MaxSamples)
+	if n > maxSamples {
+		return storage.ErrSeriesSet(fmt.Errorf("query: the selection spans %d steps of %s, more than the %d samples a query may hold; narrow the range or widen the step", n, sp.r.Step, maxSamples))
 	}
 	ts := make([]int64, n)
 	for i := range ts {
 		ts[i] = min(sp.first+int64(i+1)*step, sp.maxt)
 	}
-	held := 0
-	err := q.eachLive(ctx, sp, ms, func(v view, c tsdb.Cell, steps []tsdb.Step) error {
+	err := q.eachLive(ctx, sp, ms, func(v view, cub schema.Cuboid, c tsdb.Cell, steps []tsdb.Step) error {
 		// Every series is synthesized here, before the engine counts
 		// samples, so the engine's limit is enforced while building.
-		if held += len(ts); held > q.q.maxSamples {
-			return fmt.Errorf("query: the selection would synthesize more than the %d samples a query may hold; narrow the range or the matchers", q.q.maxSamples)
+		if q.samples.Add(n) > maxSamples {
+			return fmt.Errorf("query: the query would synthesize more than the %d samples it may hold; narrow the range or the matchers", maxSamples)
 		}
 		vals := make([]float64, len(ts))
 		var total float64
@@ -240,7 +309,7 @@ func (q *querier) Select(ctx context.Context, _ bool, hints *storage.SelectHints
 				vals[i] = acc
 			}
 		}
-		out = append(out, &series{lset: seriesLabels(v.name, v.fam.Finest().Labels, c.Values), ts: ts, vals: vals})
+		out = append(out, &series{lset: seriesLabels(v.name, cub.Labels, c.Values), ts: ts, vals: vals})
 		return nil
 	})
 	return q.sorted(out, err)
@@ -272,7 +341,7 @@ func (q *querier) labelSet(ctx context.Context, ms []*labels.Matcher, add func(s
 	if !ok {
 		return []string{}, nil
 	}
-	err := q.eachLive(ctx, sp, ms, func(v view, c tsdb.Cell, _ []tsdb.Step) error {
+	err := q.eachLive(ctx, sp, ms, func(v view, _ schema.Cuboid, c tsdb.Cell, _ []tsdb.Step) error {
 		add(set, v, c)
 		return nil
 	})

@@ -90,7 +90,7 @@ func TestSynthesis(t *testing.T) {
 	put(t, db, s, "a", base+31_000, 5)  // step [base+30s, base+40s), open at maxt
 	put(t, db, s, "b", base-600_000, 1) // outside the selection
 	now := func() time.Time { return time.UnixMilli(base + 3_600_000) }
-	q, _ := NewQueryable(s, db, 1e7, now).Querier(base, base+35_000)
+	q, _ := NewQueryable(s, db, Limits{MaxSamples: 1e7}, now).Querier(base, base+35_000)
 
 	got := selectAll(t, q, nil, labels.MustNewMatcher(labels.MatchEqual, labels.MetricName, "x_delta"))
 	want := []sample{{base + 10_000, 3}, {base + 20_000, 0}, {base + 30_000, 4}, {base + 35_000, 5}}
@@ -103,7 +103,7 @@ func TestSynthesis(t *testing.T) {
 		t.Errorf("total view:\n got %v\nwant %v", got, want)
 	}
 	// A selection ending on a step end has no open step.
-	q, _ = NewQueryable(s, db, 1e7, now).Querier(base, base+30_000)
+	q, _ = NewQueryable(s, db, Limits{MaxSamples: 1e7}, now).Querier(base, base+30_000)
 	got = selectAll(t, q, nil, labels.MustNewMatcher(labels.MatchEqual, labels.MetricName, "x_delta"))
 	if want := []sample{{base + 10_000, 3}, {base + 20_000, 0}, {base + 30_000, 4}}; fmt.Sprint(got[`{__name__="x_delta", host="a"}`]) != fmt.Sprint(want) {
 		t.Errorf("aligned selection: got %v, want %v", got, want)
@@ -160,7 +160,7 @@ func TestLinearity(t *testing.T) {
 	}
 	now := func() time.Time { return time.UnixMilli(base + 2*3600_000) }
 	engine := promql.NewEngine(promql.EngineOpts{MaxSamples: 1e7, Timeout: time.Minute, LookbackDelta: 5 * time.Minute})
-	qa := NewQueryable(s, db, 1e7, now)
+	qa := NewQueryable(s, db, Limits{MaxSamples: 1e7}, now)
 	for _, fn := range []string{"rate(x_total[%s])", "increase(x_total[%s])", "irate(x_total[%s])", "delta(x_total[%s])", "sum_over_time(x_delta[%s])", "rate(x_total[%s] offset 1m)"} {
 		for _, w := range []string{"15s", "20s", "1m", "95s", "5m", "17m"} {
 			expr := fmt.Sprintf(fn, w)

@@ -1,0 +1,139 @@
+package query
+
+import (
+	"net/http"
+	"strconv"
+
+	"github.com/prometheus/prometheus/promql/parser"
+)
+
+// The endpoints below exist so that Grafana and Prometheus' own tools find
+// everything they call. dimsum keeps no exemplars and evaluates no rules.
+
+func (a *API) queryExemplars(r *http.Request) (result, *apiError) {
+	if _, _, aerr := timeRange(r); aerr != nil {
+		return result{}, aerr
+	}
+	if _, aerr := parseQuery(r); aerr != nil {
+		return result{}, aerr
+	}
+	return result{data: []any{}}, nil
+}
+
+func (*API) rules(*http.Request) (result, *apiError) {
+	return result{data: map[string]any{"groups": []any{}}}, nil
+}
+
+func (*API) alerts(*http.Request) (result, *apiError) {
+	return result{data: map[string]any{"alerts": []any{}}}, nil
+}
+
+func (*API) formatQuery(r *http.Request) (result, *apiError) {
+	expr, aerr := parseQuery(r)
+	if aerr != nil {
+		return result{}, aerr
+	}
+	return result{data: parser.Prettify(expr)}, nil
+}
+
+func (*API) parseQuery(r *http.Request) (result, *apiError) {
+	expr, aerr := parseQuery(r)
+	if aerr != nil {
+		return result{}, aerr
+	}
+	return result{data: syntaxTree(expr)}, nil
+}
+
+// parseQuery parses the query parameter.
+func parseQuery(r *http.Request) (parser.Expr, *apiError) {
+	expr, err := promqlParser.ParseExpr(r.FormValue("query"))
+	if err != nil {
+		return nil, badData("invalid parameter \"query\": %v", err)
+	}
+	return expr, nil
+}
+
+// syntaxTree renders an expression as the JSON tree Prometheus' parse_query
+// answers with: one object per node, with its "type", the fields that node
+// kind has, and its operands.
+func syntaxTree(e parser.Expr) any {
+	if e == nil {
+		return nil
+	}
+	n := map[string]any{}
+	switch e := e.(type) {
+	case *parser.AggregateExpr:
+		n["type"], n["op"], n["without"] = "aggregation", e.Op.String(), e.Without
+		n["grouping"] = nonNil(e.Grouping)
+		n["expr"], n["param"] = syntaxTree(e.Expr), syntaxTree(e.Param)
+	case *parser.BinaryExpr:
+		n["type"], n["op"], n["bool"] = "binaryExpr", e.Op.String(), e.ReturnBool
+		n["lhs"], n["rhs"] = syntaxTree(e.LHS), syntaxTree(e.RHS)
+		n["matching"] = nil
+		if m := e.VectorMatching; m != nil {
+			n["matching"] = map[string]any{
+				"card": m.Card.String(), "on": m.On,
+				"labels": nonNil(m.MatchingLabels), "include": nonNil(m.Include),
+			}
+		}
+	case *parser.Call:
+		args := make([]any, len(e.Args))
+		for i, a := range e.Args {
+			args[i] = syntaxTree(a)
+		}
+		n["type"], n["args"] = "call", args
+		n["func"] = map[string]any{
+			"name": e.Func.Name, "argTypes": e.Func.ArgTypes,
+			"variadic": e.Func.Variadic, "returnType": e.Func.ReturnType,
+		}
+	case *parser.MatrixSelector:
+		n = selectorNode(e.VectorSelector.(*parser.VectorSelector))
+		n["type"], n["range"] = "matrixSelector", e.Range.Milliseconds()
+	case *parser.SubqueryExpr:
+		n["type"], n["expr"] = "subquery", syntaxTree(e.Expr)
+		n["range"], n["step"], n["offset"] = e.Range.Milliseconds(), e.Step.Milliseconds(), e.OriginalOffset.Milliseconds()
+		n["timestamp"], n["startOrEnd"] = e.Timestamp, startOrEnd(e.StartOrEnd)
+	case *parser.NumberLiteral:
+		n["type"], n["val"] = "numberLiteral", strconv.FormatFloat(e.Val, 'f', -1, 64)
+	case *parser.StringLiteral:
+		n["type"], n["val"] = "stringLiteral", e.Val
+	case *parser.ParenExpr:
+		n["type"], n["expr"] = "parenExpr", syntaxTree(e.Expr)
+	case *parser.UnaryExpr:
+		n["type"], n["op"], n["expr"] = "unaryExpr", e.Op.String(), syntaxTree(e.Expr)
+	case *parser.VectorSelector:
+		n = selectorNode(e)
+		n["type"] = "vectorSelector"
+	default:
+		n["type"], n["expr"] = "unknown", e.String()
+	}
+	return n
+}
+
+func selectorNode(vs *parser.VectorSelector) map[string]any {
+	ms := make([]map[string]string, len(vs.LabelMatchers))
+	for i, m := range vs.LabelMatchers {
+		ms[i] = map[string]string{"name": m.Name, "type": m.Type.String(), "value": m.Value}
+	}
+	return map[string]any{
+		"name": vs.Name, "matchers": ms, "offset": vs.OriginalOffset.Milliseconds(),
+		"timestamp": vs.Timestamp, "startOrEnd": startOrEnd(vs.StartOrEnd),
+	}
+}
+
+func startOrEnd(t parser.ItemType) any {
+	switch t {
+	case parser.START:
+		return "start"
+	case parser.END:
+		return "end"
+	}
+	return nil
+}
+
+func nonNil(s []string) []string {
+	if s == nil {
+		return []string{}
+	}
+	return s
+}
