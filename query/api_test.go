@@ -1,10 +1,12 @@
 package query
 
 import (
+	"context"
 	"encoding/json"
 	"math"
 	"net/http"
 	"net/http/httptest"
+	"net/url"
 	"strconv"
 	"strings"
 	"testing"
@@ -20,6 +22,8 @@ func TestParseTime(t *testing.T) {
 		{"1700000000", time.Unix(1700000000, 0), true},
 		{"1700000000.123", time.Unix(1700000000, 123_000_000), true},
 		{"-1.5", time.Unix(-2, 500_000_000), true},
+		{"1700000000123", time.Unix(1700000000, 123_000_000), true},
+		{"-1700000000000", time.Unix(-1700000000, 0), true},
 		{"2023-11-14T22:13:20Z", time.Unix(1700000000, 0), true},
 		{"2023-11-14T23:13:20.5+01:00", time.Unix(1700000000, 500_000_000), true},
 		{"", time.Time{}, false},
@@ -65,7 +69,11 @@ func FuzzParseTime(f *testing.F) {
 	}
 	f.Fuzz(func(t *testing.T, s string) {
 		ts, err := parseTime(s)
-		if x, ferr := strconv.ParseFloat(s, 64); err == nil && ferr == nil && math.Abs(float64(ts.Unix())-x) > 1 {
+		x, ferr := strconv.ParseFloat(s, 64)
+		if math.Abs(x) >= msThreshold {
+			x /= 1000
+		}
+		if err == nil && ferr == nil && math.Abs(float64(ts.Unix())-x) > 1 {
 			t.Fatalf("parseTime(%q) = %v", s, ts)
 		}
 		if d, err := parseDuration(s); err == nil && d < 0 && !strings.HasPrefix(strings.TrimSpace(s), "-") {
@@ -101,5 +109,43 @@ func TestStorageErrorIsInternal(t *testing.T) {
 	}
 	if resp.StatusCode != http.StatusInternalServerError || r.ErrorType != "internal" || !strings.Contains(r.Error, "closed") {
 		t.Errorf("HTTP %d %s %q, want 500 internal naming the closed store", resp.StatusCode, r.ErrorType, r.Error)
+	}
+}
+
+// TestQueryLimitsAndCancel checks the per-query series limit (an execution
+// error, 422) and a request canceled by its client (499).
+func TestQueryLimitsAndCancel(t *testing.T) {
+	s := testSchema(t)
+	db := openStore(t, s)
+	now := time.Now()
+	for _, h := range []string{"a", "b", "c"} {
+		put(t, db, s, h, now.UnixMilli()-20_000, 1)
+	}
+	api, err := NewAPI(Options{Schema: s, Reader: db, MaxSeries: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mux := http.NewServeMux()
+	api.Register(mux)
+	call := func(ctx context.Context, query string) (int, string, string) {
+		rec := httptest.NewRecorder()
+		req := httptest.NewRequestWithContext(ctx, http.MethodGet, "/api/v1/query?query="+url.QueryEscape(query), nil)
+		mux.ServeHTTP(rec, req)
+		var r struct{ ErrorType, Error string }
+		if err := json.NewDecoder(rec.Body).Decode(&r); err != nil {
+			t.Fatal(err)
+		}
+		return rec.Code, r.ErrorType, r.Error
+	}
+	if code, typ, msg := call(context.Background(), `x_delta{host!="c"}`); code != http.StatusOK {
+		t.Errorf("two series: HTTP %d %s %s", code, typ, msg)
+	}
+	if code, typ, msg := call(context.Background(), `x_delta`); code != http.StatusUnprocessableEntity || typ != "execution" || !strings.Contains(msg, "more than 2 series") {
+		t.Errorf("three series: HTTP %d %s %q, want 422 execution naming the limit", code, typ, msg)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if code, typ, _ := call(ctx, `x_delta`); code != 499 || typ != "canceled" {
+		t.Errorf("canceled: HTTP %d %s, want 499 canceled", code, typ)
 	}
 }

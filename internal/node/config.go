@@ -51,6 +51,7 @@ type AggregatorConfig struct {
 type QueryConfig struct {
 	Timeout       model.Duration `yaml:"timeout"`        // default 2m
 	MaxSamples    int            `yaml:"max_samples"`    // default 50000000
+	MaxSeries     int            `yaml:"max_series"`     // default 1000000
 	LookbackDelta model.Duration `yaml:"lookback_delta"` // default 5m
 }
 
@@ -104,6 +105,8 @@ func (c *Config) Validate() error {
 		return fmt.Errorf("%w: max_recv_bytes %d is negative", ErrConfig, c.MaxRecvBytes)
 	case c.Query.MaxSamples < 0:
 		return fmt.Errorf("%w: query max_samples %d is negative", ErrConfig, c.Query.MaxSamples)
+	case c.Query.MaxSeries < 0:
+		return fmt.Errorf("%w: query max_series %d is negative", ErrConfig, c.Query.MaxSeries)
 	}
 	return nil
 }

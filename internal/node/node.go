@@ -115,6 +115,7 @@ func Start(cfg Config, version string, log *slog.Logger) (n *Node, err error) {
 		Reader:        n.db,
 		Timeout:       time.Duration(cfg.Query.Timeout),
 		MaxSamples:    cfg.Query.MaxSamples,
+		MaxSeries:     cfg.Query.MaxSeries,
 		LookbackDelta: time.Duration(cfg.Query.LookbackDelta),
 		Version:       version,
 		Logger:        log.With("component", "query"),

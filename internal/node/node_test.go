@@ -157,25 +157,32 @@ func TestEndToEnd(t *testing.T) {
 	t.Run("after restart", func(t *testing.T) { check(t, n.HTTPAddr()) })
 }
 
-// TestAPIShapes checks every endpoint's JSON shape and the error envelope.
-func TestAPIShapes(t *testing.T) {
+// startLoaded starts a node of version v1.2.3, pushes a small seeded
+// workload (no late events) and waits until its series are visible.
+func startLoaded(t *testing.T) *Node {
+	t.Helper()
 	n, err := Start(testConfig(t.TempDir()), "v1.2.3", nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer n.Close()
+	t.Cleanup(func() { n.Close() })
 	if _, err := loadtest.Run(context.Background(), loadtest.Options{Addr: n.GRPCAddr(), Events: 2_000, Seed: 1, LateFraction: -1}); err != nil {
 		t.Fatal(err)
 	}
-	now := time.Now()
-	deadline := now.Add(30 * time.Second)
+	deadline := time.Now().Add(30 * time.Second)
 	for len(vector(t, n.HTTPAddr(), "requests_delta", time.Now(), "host")) == 0 {
 		if time.Now().After(deadline) {
 			t.Fatal("no series became visible")
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	addr := n.HTTPAddr()
+	return n
+}
+
+// TestAPIShapes checks every endpoint's JSON shape and the error envelope.
+func TestAPIShapes(t *testing.T) {
+	addr := startLoaded(t).HTTPAddr()
+	now := time.Now()
 	unix := func(t time.Time) string { return strconv.FormatFloat(float64(t.UnixMilli())/1000, 'f', 3, 64) }
 
 	for _, tc := range []struct {
@@ -268,6 +275,13 @@ func TestAPIShapes(t *testing.T) {
 		{"series without match", "/api/v1/series", nil, 400, "bad_data"},
 		{"bad limit", "/api/v1/labels", url.Values{"limit": {"-1"}}, 400, "bad_data"},
 		{"execution error", "/api/v1/query", url.Values{"query": {`label_replace(requests_delta, "x", "$1", "host", "(")`}}, 422, "execution"},
+		{"reserved label", "/api/v1/query", url.Values{"query": {`requests_delta{__dimsum_cuboid__="0"}`}}, 400, "bad_data"},
+		{"reserved label in match[]", "/api/v1/series", url.Values{"match[]": {`{__dimsum_cuboid__="0"}`}}, 400, "bad_data"},
+		{"bad max_source_resolution", "/api/v1/query", url.Values{"query": {"1"}, "max_source_resolution": {"fine"}}, 400, "bad_data"},
+		{"bad lookback_delta", "/api/v1/query", url.Values{"query": {"1"}, "lookback_delta": {"-1m"}}, 400, "bad_data"},
+		{"bad timeout", "/api/v1/query", url.Values{"query": {"1"}, "timeout": {"0"}}, 400, "bad_data"},
+		{"timeout", "/api/v1/query", url.Values{"query": {"sum(rate(requests_total[5m]))"}, "timeout": {"0.000001"}}, 503, "timeout"},
+		{"format_query of bad PromQL", "/api/v1/format_query", url.Values{"query": {"sum("}}, 400, "bad_data"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			code, r := get(t, addr, tc.path, tc.params)
