@@ -43,6 +43,14 @@ func (b *Batch) intern(s string) uint32 {
 	return i
 }
 
+// Identify gives the batch its identity: the publisher's source and the
+// batch's sequence, from 1. An aggregator counts a batch of one identity
+// once, however often it is retried.
+func (b *Batch) Identify(source string, seq uint64) {
+	b.req.Source = source
+	b.req.BatchSeq = seq
+}
+
 // Len is the number of events in the batch.
 func (b *Batch) Len() int { return len(b.req.Events) }
 

@@ -36,9 +36,13 @@ func TestBatch(t *testing.T) {
 	if err := proto.Unmarshal(data, &back); err != nil || !proto.Equal(&back, req) {
 		t.Fatalf("round trip: %v", err)
 	}
+	b.Identify("pub-1", 7)
+	if r := b.Request(); r.Source != "pub-1" || r.BatchSeq != 7 {
+		t.Errorf("identity %q %d", r.Source, r.BatchSeq)
+	}
 	b.Reset()
-	if b.Len() != 0 || len(b.Request().Dict) != 0 {
-		t.Errorf("Reset left %d events, %d strings", b.Len(), len(b.Request().Dict))
+	if r := b.Request(); b.Len() != 0 || len(r.Dict) != 0 || r.Source != "" || r.BatchSeq != 0 {
+		t.Errorf("Reset left %d events, %d strings, identity %q %d", b.Len(), len(r.Dict), r.Source, r.BatchSeq)
 	}
 	b.Add("requests", 1, 1, "host", "h3")
 	if d := b.Request().Dict; len(d) != 3 || d[0] != "requests" {
