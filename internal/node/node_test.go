@@ -97,7 +97,7 @@ func TestEndToEnd(t *testing.T) {
 	defer func() { n.Close() }()
 
 	rep, err := loadtest.Run(context.Background(), loadtest.Options{
-		Addr: n.GRPCAddr(), Events: 30_000, Seed: 7, BatchSize: 1_000, LateFraction: 0.05,
+		Addrs: []string{n.GRPCAddr()}, HTTPAddrs: []string{n.HTTPAddr()}, Events: 30_000, Seed: 7, BatchSize: 1_000, LateFraction: 0.05,
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -164,7 +164,7 @@ func TestAPIShapes(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer n.Close()
-	if _, err := loadtest.Run(context.Background(), loadtest.Options{Addr: n.GRPCAddr(), Events: 2_000, Seed: 1, LateFraction: -1}); err != nil {
+	if _, err := loadtest.Run(context.Background(), loadtest.Options{Addrs: []string{n.GRPCAddr()}, HTTPAddrs: []string{n.HTTPAddr()}, Events: 2_000, Seed: 1, LateFraction: -1}); err != nil {
 		t.Fatal(err)
 	}
 	now := time.Now()
