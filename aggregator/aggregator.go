@@ -449,9 +449,13 @@ func (a *Aggregator) flush(final bool) {
 		}
 	}
 	values := a.mu.values
-	open := len(a.mu.windows)
+	open, live := len(a.mu.windows), 0
+	for _, w := range a.mu.windows {
+		live += len(w.aggs)
+	}
 	a.mu.Unlock()
 	a.metrics.openWindows.Set(float64(open))
+	a.metrics.liveCells.Set(float64(live))
 	slices.SortFunc(todo, func(x, y ready) int { return cmp.Compare(x.start, y.start) })
 
 	var fresh []*wirepb.FlushRequest

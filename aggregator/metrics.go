@@ -13,6 +13,7 @@ type metrics struct {
 	flushedCells   prometheus.Counter
 	flushErrors    prometheus.Counter
 	openWindows    prometheus.Gauge
+	liveCells      prometheus.Gauge
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -58,8 +59,12 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Help: "Windows held in memory, waiting for their grace period to pass.",
 		}),
 	}
+	m.liveCells = prometheus.NewGauge(prometheus.GaugeOpts{
+		Name: "dimsum_aggregator_live_cells",
+		Help: "Cells of every cuboid in the windows held in memory, as of the last look for closed windows.",
+	})
 	if reg != nil {
-		reg.MustRegister(m.accepted, m.rejected, m.late, m.batchesRefused, m.duplicates, m.forgotten, m.flushes, m.flushedCells, m.flushErrors, m.openWindows)
+		reg.MustRegister(m.accepted, m.rejected, m.late, m.batchesRefused, m.duplicates, m.forgotten, m.flushes, m.flushedCells, m.flushErrors, m.openWindows, m.liveCells)
 	}
 	return m
 }

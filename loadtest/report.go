@@ -98,8 +98,9 @@ func (r Report) String() string {
 		}
 	}
 	if s := r.Server; s != nil {
-		fmt.Fprintf(&b, "server: accepted %d, rejected %d, late %d, duplicate batches %d, heap in use %d MiB\n",
-			s.Accepted, s.Rejected, s.Late, s.Duplicates, s.HeapBytes>>20)
+		fmt.Fprintf(&b, "server: accepted %d, rejected %d, late %d, duplicate batches %d\n", s.Accepted, s.Rejected, s.Late, s.Duplicates)
+		fmt.Fprintf(&b, "server memory: heap in use %d MiB (%d MiB before), %d live cells: about %.0f B a live cell\n",
+			s.HeapBytes>>20, s.HeapBytesBefore>>20, s.LiveCells, s.BytesPerLiveCell())
 	}
 	if rb := r.ReadBack; rb != nil {
 		verdict := "verified: the nodes hold exactly what was acknowledged"

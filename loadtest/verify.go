@@ -25,18 +25,36 @@ type ServerFigures struct {
 	Rejected   uint64 `json:"rejected"`
 	Late       uint64 `json:"late"`
 	Duplicates uint64 `json:"duplicate_batches"`
-	// HeapBytes is the Go heap in use at the end of the run.
-	HeapBytes uint64 `json:"heap_inuse_bytes"`
+	// LiveCells is how many cells the nodes held in memory at the end of
+	// the run; HeapBytes and HeapBytesBefore are the Go heap in use then
+	// and before the run.
+	LiveCells       uint64 `json:"live_cells"`
+	HeapBytes       uint64 `json:"heap_inuse_bytes"`
+	HeapBytesBefore uint64 `json:"heap_inuse_bytes_before"`
 }
 
-// minus returns the counters' increase from before to s; HeapBytes is s's.
+// BytesPerLiveCell estimates the nodes' memory per live cell: the heap the
+// run added over the cells held at its end. It is meaningful when those
+// cells are most of what the run left in memory (a long grace, so that
+// nothing was flushed yet); 0 when unknown.
+func (s ServerFigures) BytesPerLiveCell() float64 {
+	if s.LiveCells == 0 || s.HeapBytes <= s.HeapBytesBefore {
+		return 0
+	}
+	return float64(s.HeapBytes-s.HeapBytesBefore) / float64(s.LiveCells)
+}
+
+// minus returns the counters' increase from before to s, with the gauges
+// at both ends.
 func (s ServerFigures) minus(before ServerFigures) *ServerFigures {
 	return &ServerFigures{
-		Accepted:   s.Accepted - before.Accepted,
-		Rejected:   s.Rejected - before.Rejected,
-		Late:       s.Late - before.Late,
-		Duplicates: s.Duplicates - before.Duplicates,
-		HeapBytes:  s.HeapBytes,
+		Accepted:        s.Accepted - before.Accepted,
+		Rejected:        s.Rejected - before.Rejected,
+		Late:            s.Late - before.Late,
+		Duplicates:      s.Duplicates - before.Duplicates,
+		LiveCells:       s.LiveCells,
+		HeapBytes:       s.HeapBytes,
+		HeapBytesBefore: before.HeapBytes,
 	}
 }
 
@@ -46,6 +64,7 @@ var serverMetrics = map[string]func(*ServerFigures) *uint64{
 	"dimsum_aggregator_events_rejected_total":   func(s *ServerFigures) *uint64 { return &s.Rejected },
 	"dimsum_aggregator_events_late_total":       func(s *ServerFigures) *uint64 { return &s.Late },
 	"dimsum_aggregator_batches_duplicate_total": func(s *ServerFigures) *uint64 { return &s.Duplicates },
+	"dimsum_aggregator_live_cells":              func(s *ServerFigures) *uint64 { return &s.LiveCells },
 	"go_memstats_heap_inuse_bytes":              func(s *ServerFigures) *uint64 { return &s.HeapBytes },
 }
 
