@@ -5,9 +5,11 @@ import (
 	"encoding/json"
 	"fmt"
 	"math"
+	"net"
 	"net/http"
 	"net/url"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -283,4 +285,26 @@ func mustDecode(t *testing.T, data json.RawMessage, v any) {
 	if err := json.Unmarshal(data, v); err != nil {
 		t.Fatalf("cannot decode %s: %v", data, err)
 	}
+}
+
+// TestStartFailsCleanly starts a node on a gRPC address already in use: Start
+// returns the error and releases what it had opened.
+func TestStartFailsCleanly(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	cfg := testConfig(t.TempDir())
+	cfg.GRPCListen = ln.Addr().String()
+	if n, err := Start(cfg, "test", nil); err == nil || n != nil || !strings.Contains(err.Error(), "cannot listen for gRPC") {
+		t.Fatalf("Start on a busy address: %v, %v", n, err)
+	}
+	// The store was closed: a second node can open the same directory.
+	cfg.GRPCListen = "127.0.0.1:0"
+	n, err := Start(cfg, "test", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n.Close()
 }
