@@ -58,6 +58,9 @@ type Aggregator struct {
 		values []string
 		// windows holds the open (and late) windows by start time.
 		windows map[int64]*window
+		// sources remembers the recent batch sequences of each publisher
+		// source, so that a retried batch is counted once.
+		sources map[string]*seqWindow
 		// seq is the sequence of the next flush. It grows across windows,
 		// so (source, window, sequence) never repeats within an
 		// incarnation, however late a window is reopened.
@@ -177,6 +180,7 @@ func New(opts Options) (*Aggregator, error) {
 	a.mu.intern = map[string]uint32{}
 	a.mu.values = []string{""}
 	a.mu.windows = map[int64]*window{}
+	a.mu.sources = map[string]*seqWindow{}
 	go a.loop()
 	return a, nil
 }
@@ -196,7 +200,9 @@ type event struct {
 var eventPool = sync.Pool{New: func() any { return new([]event) }}
 
 // Push validates and counts a batch. Every event is either counted or listed
-// in the response's rejects with its index and reason.
+// in the response's rejects with its index and reason. A batch whose identity
+// (source, batch sequence) was counted recently is acknowledged with
+// Duplicate set and not counted again.
 func (a *Aggregator) Push(req *wirepb.PushRequest) (*wirepb.PushResponse, error) {
 	if n := len(req.Events); n > a.opts.MaxBatchEvents {
 		a.metrics.batchesRefused.Inc()
@@ -222,6 +228,18 @@ func (a *Aggregator) Push(req *wirepb.PushRequest) (*wirepb.PushResponse, error)
 		*evp = evs
 		eventPool.Put(evp)
 		return nil, ErrClosed
+	}
+	switch a.markLocked(req, now) {
+	case seqRepeat:
+		a.mu.Unlock()
+		*evp = evs
+		eventPool.Put(evp)
+		a.metrics.duplicates.Inc()
+		resp.Duplicate = true
+		resp.Accepted = uint64(len(evs))
+		return resp, nil
+	case seqForgotten:
+		a.metrics.forgotten.Inc()
 	}
 	ids := make([]uint32, len(req.Dict)) // batch dictionary index -> interned ID
 	late := 0
@@ -401,6 +419,7 @@ func (a *Aggregator) loop() {
 			return
 		case <-time.After(a.opts.FlushInterval + jitter):
 		}
+		a.forgetSources(a.opts.Now().UnixMilli())
 		a.flush(false)
 	}
 }
@@ -430,9 +449,13 @@ func (a *Aggregator) flush(final bool) {
 		}
 	}
 	values := a.mu.values
-	open := len(a.mu.windows)
+	open, live := len(a.mu.windows), 0
+	for _, w := range a.mu.windows {
+		live += len(w.aggs)
+	}
 	a.mu.Unlock()
 	a.metrics.openWindows.Set(float64(open))
+	a.metrics.liveCells.Set(float64(live))
 	slices.SortFunc(todo, func(x, y ready) int { return cmp.Compare(x.start, y.start) })
 
 	var fresh []*wirepb.FlushRequest

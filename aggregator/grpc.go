@@ -7,6 +7,9 @@ import (
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	// Publishers compress batches with gzip; registering the codec lets
+	// every server that serves Ingest accept them.
+	_ "google.golang.org/grpc/encoding/gzip"
 	"google.golang.org/grpc/status"
 
 	"github.com/dimsum/dimsum/wire/wirepb"

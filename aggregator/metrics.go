@@ -7,10 +7,13 @@ type metrics struct {
 	rejected       *prometheus.CounterVec
 	late           prometheus.Counter
 	batchesRefused prometheus.Counter
+	duplicates     prometheus.Counter
+	forgotten      prometheus.Counter
 	flushes        prometheus.Counter
 	flushedCells   prometheus.Counter
 	flushErrors    prometheus.Counter
 	openWindows    prometheus.Gauge
+	liveCells      prometheus.Gauge
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -31,6 +34,14 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "dimsum_aggregator_batches_refused_total",
 			Help: "Whole batches refused for exceeding the batch size limit.",
 		}),
+		duplicates: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "dimsum_aggregator_batches_duplicate_total",
+			Help: "Batches acknowledged without counting because their identity was counted before: retries of a batch whose reply was lost.",
+		}),
+		forgotten: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "dimsum_aggregator_batches_beyond_dedupe_window_total",
+			Help: "Batches counted although their sequence was too far behind their source's newest to tell a retry from a first attempt.",
+		}),
 		flushes: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "dimsum_aggregator_flushes_total",
 			Help: "Partial cubes taken by a combiner.",
@@ -48,8 +59,12 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Help: "Windows held in memory, waiting for their grace period to pass.",
 		}),
 	}
+	m.liveCells = prometheus.NewGauge(prometheus.GaugeOpts{
+		Name: "dimsum_aggregator_live_cells",
+		Help: "Cells of every cuboid in the windows held in memory, as of the last look for closed windows.",
+	})
 	if reg != nil {
-		reg.MustRegister(m.accepted, m.rejected, m.late, m.batchesRefused, m.flushes, m.flushedCells, m.flushErrors, m.openWindows)
+		reg.MustRegister(m.accepted, m.rejected, m.late, m.batchesRefused, m.duplicates, m.forgotten, m.flushes, m.flushedCells, m.flushErrors, m.openWindows, m.liveCells)
 	}
 	return m
 }

@@ -7,6 +7,6 @@
 // Everything derives from the seed, so two runs with the same options send
 // the same events (timestamps aside).
 //
-//	rep, err := loadtest.Run(ctx, loadtest.Options{Addr: "127.0.0.1:9400", Events: 1e6, Seed: 1})
+//	rep, err := loadtest.Run(ctx, loadtest.Options{Addrs: []string{"127.0.0.1:9400"}, Events: 1e6, Seed: 1})
 //	fmt.Println(rep.Accepted, rep.Totals["requests"])
 package loadtest

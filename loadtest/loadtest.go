@@ -5,34 +5,57 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"maps"
-	"math/rand/v2"
-	"slices"
-	"strconv"
-	"strings"
 	"sync"
-	"sync/atomic"
 	"time"
 
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
+	"github.com/dimsum/dimsum/publisher"
+)
 
-	"github.com/dimsum/dimsum/wire"
-	"github.com/dimsum/dimsum/wire/wirepb"
+// Defaults of the options that flags show.
+const (
+	DefaultDay           = 10 * time.Minute
+	DefaultLateBound     = time.Minute
+	DefaultWindow        = 10 * time.Second
+	DefaultVerifyTimeout = 2 * time.Minute
 )
 
 // Options configure a run. Zero fields take their defaults.
 type Options struct {
-	// Addr is the gRPC address of the node. The default is 127.0.0.1:9400.
-	Addr string
+	// Addrs are the gRPC addresses of the destination's nodes; the
+	// publisher fails over among them. The default is 127.0.0.1:9400.
+	Addrs []string
+	// HTTPAddrs are the HTTP addresses of the nodes whose /metrics the
+	// report scrapes and whose API Verify reads; each node's store is
+	// summed. The default is 127.0.0.1:9401. Scraping is best effort
+	// unless Verify is set.
+	HTTPAddrs []string
 	// Events is how many events to send. The default is 1,000,000.
 	Events int
+	// Rate is the mean events per second of an open-loop run, shaped by
+	// Diurnal; 0, the default, runs closed-loop: as fast as the node
+	// acknowledges.
+	Rate float64
+	// Diurnal is how far the open-loop rate swings around Rate over the
+	// simulated day (0.5: from half to one and a half times Rate). The
+	// default is 0.5; a negative value keeps the rate flat.
+	Diurnal float64
+	// Day is how long one simulated day lasts, and StartHour the simulated
+	// hour the run begins at. The defaults are 10m and 9 (the rate then is
+	// Rate, rising toward its peak at 15:00).
+	Day       time.Duration
+	StartHour float64
 	// Seed makes the workload reproducible. The default is 1.
 	Seed uint64
 	// BatchSize is the number of events per Push. The default is 5,000.
 	BatchSize int
 	// Concurrency is the number of batches in flight. The default is 4.
 	Concurrency int
+	// Buffer is the publisher's ring buffer, in events, and Policy what it
+	// does when the buffer is full. The defaults are 100,000 and Block.
+	Buffer int
+	Policy publisher.Policy
+	// Compression is publisher.Gzip (the default) or publisher.None.
+	Compression string
 	// Family is the counter family the events belong to; it must have the
 	// dimensions datacenter/cluster/host, transaction and status, as the
 	// embedded default schema's requests family does. The default is
@@ -41,10 +64,23 @@ type Options struct {
 	// Datacenters, ClustersPerDC, HostsPerCluster and Transactions shape
 	// the fleet. The defaults are 3, 4, 25 and 50: 300 hosts.
 	Datacenters, ClustersPerDC, HostsPerCluster, Transactions int
-	// LateFraction is the share of events stamped up to a minute in the
+	// LateFraction is the share of events stamped up to LateBound in the
 	// past, so some arrive after their window closed. The default is 0.01;
-	// a negative value sends none.
+	// a negative value sends none. LateBound must stay below the node's
+	// max_lateness (1h by default); the default is 1m.
 	LateFraction float64
+	LateBound    time.Duration
+	// CloseTimeout bounds sending what is buffered at the end. The default
+	// is 1m.
+	CloseTimeout time.Duration
+	// Verify reads the totals back through each node's PromQL API once the
+	// data is queryable, and fails the run unless they equal what was
+	// acknowledged. Window must then be the node's window (its finest
+	// resolution's step) or a multiple of it; the default is 10s.
+	// VerifyTimeout bounds the wait; the default is 2m.
+	Verify        bool
+	Window        time.Duration
+	VerifyTimeout time.Duration
 	// Progress receives a progress line every ProgressInterval (default
 	// 1s). nil prints nothing.
 	Progress         io.Writer
@@ -54,11 +90,23 @@ type Options struct {
 }
 
 func (o *Options) ensureDefaults() {
-	if o.Addr == "" {
-		o.Addr = "127.0.0.1:9400"
+	if len(o.Addrs) == 0 {
+		o.Addrs = []string{"127.0.0.1:9400"}
+	}
+	if len(o.HTTPAddrs) == 0 {
+		o.HTTPAddrs = []string{"127.0.0.1:9401"}
 	}
 	if o.Events == 0 {
 		o.Events = 1_000_000
+	}
+	if o.Diurnal == 0 {
+		o.Diurnal = 0.5
+	}
+	if o.Day == 0 {
+		o.Day = DefaultDay
+	}
+	if o.StartHour == 0 {
+		o.StartHour = 9
 	}
 	if o.Seed == 0 {
 		o.Seed = 1
@@ -68,6 +116,9 @@ func (o *Options) ensureDefaults() {
 	}
 	if o.Concurrency == 0 {
 		o.Concurrency = 4
+	}
+	if o.Buffer == 0 {
+		o.Buffer = max(100_000, 2*o.BatchSize)
 	}
 	if o.Family == "" {
 		o.Family = "requests"
@@ -87,6 +138,18 @@ func (o *Options) ensureDefaults() {
 	if o.LateFraction == 0 {
 		o.LateFraction = 0.01
 	}
+	if o.LateBound == 0 {
+		o.LateBound = DefaultLateBound
+	}
+	if o.CloseTimeout == 0 {
+		o.CloseTimeout = time.Minute
+	}
+	if o.Window == 0 {
+		o.Window = DefaultWindow
+	}
+	if o.VerifyTimeout == 0 {
+		o.VerifyTimeout = DefaultVerifyTimeout
+	}
 	if o.ProgressInterval == 0 {
 		o.ProgressInterval = time.Second
 	}
@@ -95,219 +158,166 @@ func (o *Options) ensureDefaults() {
 	}
 }
 
+// ErrOptions marks invalid options.
+var ErrOptions = errors.New("loadtest: invalid options")
+
 func (o *Options) validate() error {
-	if o.Events < 0 || o.BatchSize < 0 || o.Concurrency < 0 || o.Datacenters < 0 ||
-		o.ClustersPerDC < 0 || o.HostsPerCluster < 0 || o.Transactions < 0 {
-		return errors.New("loadtest: counts must be positive")
+	switch {
+	case o.Events < 0 || o.BatchSize < 0 || o.Concurrency < 0 || o.Buffer < 0 || o.Datacenters < 0 ||
+		o.ClustersPerDC < 0 || o.HostsPerCluster < 0 || o.Transactions < 0:
+		return fmt.Errorf("%w: counts must be positive", ErrOptions)
+	case o.Rate < 0:
+		return fmt.Errorf("%w: negative rate %v", ErrOptions, o.Rate)
+	case o.Diurnal > 1:
+		return fmt.Errorf("%w: diurnal swing %v above 1 would make the rate negative", ErrOptions, o.Diurnal)
+	case o.Day <= 0 || o.StartHour < 0 || o.StartHour >= 24:
+		return fmt.Errorf("%w: the simulated day needs a positive length and a start hour in [0, 24)", ErrOptions)
+	case o.LateFraction > 1:
+		return fmt.Errorf("%w: late fraction must be at most 1", ErrOptions)
+	case o.LateBound < 0:
+		return fmt.Errorf("%w: negative late bound", ErrOptions)
+	case o.Window < time.Second || o.Window%time.Second != 0:
+		return fmt.Errorf("%w: window %s is not a whole number of seconds", ErrOptions, o.Window)
+	case o.CloseTimeout < 0 || o.VerifyTimeout < 0:
+		return fmt.Errorf("%w: negative timeout", ErrOptions)
 	}
-	if o.LateFraction > 1 {
-		return errors.New("loadtest: late fraction must be at most 1")
+	if o.Diurnal < 0 {
+		o.Diurnal = 0
+	}
+	if o.LateFraction < 0 {
+		o.LateFraction = 0
 	}
 	return nil
 }
 
-// Report is what a run sent and what the node said of it.
-type Report struct {
-	Events   uint64 // events sent
-	Accepted uint64 // events the node counted
-	Rejected uint64 // events the node refused
-	// Rejects counts refused events by reason.
-	Rejects map[string]uint64
-	// Totals is the sum of accepted values per family; ByDatacenter the
-	// same per family and datacenter.
-	Totals       map[string]float64
-	ByDatacenter map[string]map[string]float64
-	Duration     time.Duration
-}
+// chunkEvents is how many events the generator hands the publisher at once.
+const chunkEvents = 500
 
-// Rate is the events sent per second.
-func (r Report) Rate() float64 { return float64(r.Events) / r.Duration.Seconds() }
-
-// String renders the report for people.
-func (r Report) String() string {
-	var b strings.Builder
-	fmt.Fprintf(&b, "sent %d events in %s: %.0f events/s\n", r.Events, r.Duration.Round(time.Millisecond), r.Rate())
-	fmt.Fprintf(&b, "accepted %d, rejected %d\n", r.Accepted, r.Rejected)
-	for _, reason := range slices.Sorted(maps.Keys(r.Rejects)) {
-		fmt.Fprintf(&b, "  rejected %s: %d\n", reason, r.Rejects[reason])
-	}
-	for _, fam := range slices.Sorted(maps.Keys(r.Totals)) {
-		fmt.Fprintf(&b, "total %s: %s\n", fam, strconv.FormatFloat(r.Totals[fam], 'f', -1, 64))
-		for _, dc := range slices.Sorted(maps.Keys(r.ByDatacenter[fam])) {
-			fmt.Fprintf(&b, "  datacenter=%s: %s\n", dc, strconv.FormatFloat(r.ByDatacenter[fam][dc], 'f', -1, 64))
-		}
-	}
-	return b.String()
-}
-
-// Run sends the workload and returns what was accepted. It stops early, with
-// what it sent so far and an error, when a Push fails or ctx ends.
+// Run sends the workload through a publisher and returns what happened to
+// it. It stops early, with what it did so far, when ctx ends; the error then
+// says so. With Verify, a mismatch between what was acknowledged and what the
+// nodes answer is an error wrapping ErrMismatch.
 func Run(ctx context.Context, opts Options) (Report, error) {
 	opts.ensureDefaults()
 	if err := opts.validate(); err != nil {
 		return Report{}, err
 	}
-	conn, err := grpc.NewClient("passthrough:///"+opts.Addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		return Report{}, fmt.Errorf("loadtest: cannot dial %s: %w", opts.Addr, err)
-	}
-	defer conn.Close()
-	client := wirepb.NewIngestClient(conn)
 	w := newWorkload(opts)
+	rec := newRecorder(opts.Family)
+	rep := Report{TargetRate: opts.Rate}
 
-	batches := (opts.Events + opts.BatchSize - 1) / opts.BatchSize
+	before, scrapeErr := scrapeAll(ctx, opts.HTTPAddrs)
 	var (
-		next, sent atomic.Int64
-		mu         sync.Mutex
-		rep        = Report{Rejects: map[string]uint64{}, Totals: map[string]float64{}, ByDatacenter: map[string]map[string]float64{}}
-		firstErr   error
-		wg         sync.WaitGroup
+		base map[string]float64
+		grid verifyGrid
 	)
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
+	if opts.Verify {
+		if scrapeErr != nil {
+			return rep, fmt.Errorf("loadtest: cannot verify: %w", scrapeErr)
+		}
+		now := opts.Now()
+		grid = newGrid(opts, now)
+		var err error
+		if base, err = grid.read(ctx, opts, now); err != nil {
+			return rep, fmt.Errorf("loadtest: cannot read the totals before the run: %w", err)
+		}
+	}
+
+	pub, err := publisher.New(publisher.Options{
+		Addrs:        opts.Addrs,
+		BatchEvents:  opts.BatchSize,
+		BufferEvents: opts.Buffer,
+		Policy:       opts.Policy,
+		InFlight:     opts.Concurrency,
+		Compression:  opts.Compression,
+		OnResult:     rec.result,
+	})
+	if err != nil {
+		return rep, fmt.Errorf("loadtest: %w", err)
+	}
 	start := time.Now()
-	done := make(chan struct{})
+	stopProgress := make(chan struct{})
+	var progressDone sync.WaitGroup
 	if opts.Progress != nil {
-		go progress(opts, &sent, start, done)
+		progressDone.Go(func() { progress(opts, pub, start, stopProgress) })
 	}
-	for range opts.Concurrency {
-		wg.Go(func() {
-			var b wire.Batch
-			var dcs []string
-			var vals []float64
-			for ctx.Err() == nil {
-				i := int(next.Add(1) - 1)
-				if i >= batches {
-					return
-				}
-				n := min(opts.BatchSize, opts.Events-i*opts.BatchSize)
-				b.Reset()
-				dcs, vals = w.batch(&b, uint64(i), n, opts.Now(), dcs[:0], vals[:0])
-				resp, err := client.Push(ctx, b.Request())
-				sent.Add(int64(n))
-				mu.Lock()
-				if err != nil {
-					if firstErr == nil {
-						firstErr = fmt.Errorf("loadtest: push of batch %d failed: %w", i, err)
-					}
-					mu.Unlock()
-					cancel()
-					return
-				}
-				rep.Events += uint64(n)
-				rep.Accepted += resp.Accepted
-				rejected := make(map[uint32]bool, len(resp.Rejects))
-				for _, r := range resp.Rejects {
-					rejected[r.Index] = true
-					rep.Rejected++
-					rep.Rejects[wire.ReasonName(r.Reason)]++
-				}
-				byDC := rep.ByDatacenter[opts.Family]
-				if byDC == nil {
-					byDC = map[string]float64{}
-					rep.ByDatacenter[opts.Family] = byDC
-				}
-				for j, v := range vals {
-					if !rejected[uint32(j)] {
-						rep.Totals[opts.Family] += v
-						byDC[dcs[j]] += v
-					}
-				}
-				mu.Unlock()
-			}
-		})
-	}
-	wg.Wait()
-	close(done)
+	genErr := generate(ctx, opts, w, pub, start)
+	cctx, cancel := context.WithTimeout(context.Background(), opts.CloseTimeout)
+	closeErr := pub.Close(cctx)
+	cancel()
 	rep.Duration = time.Since(start)
-	if firstErr == nil && ctx.Err() != nil {
-		firstErr = ctx.Err()
+	close(stopProgress)
+	progressDone.Wait()
+	rec.fill(&rep, pub.Stats())
+
+	if after, err := scrapeAll(ctx, opts.HTTPAddrs); err == nil && scrapeErr == nil {
+		rep.Server = after.minus(before)
 	}
-	return rep, firstErr
+	if err := errors.Join(genErr, closeErr); err != nil {
+		return rep, fmt.Errorf("loadtest: %w", err)
+	}
+	if opts.Verify {
+		if err := verify(ctx, opts, grid, base, &rep); err != nil {
+			return rep, err
+		}
+	}
+	return rep, nil
 }
 
-func progress(opts Options, sent *atomic.Int64, start time.Time, done <-chan struct{}) {
+// generate hands the workload to the publisher: as fast as it takes it
+// (closed loop), or on the schedule of Rate (open loop).
+func generate(ctx context.Context, opts Options, w *workload, pub *publisher.Publisher, start time.Time) error {
+	evs := make([]publisher.Event, 0, chunkEvents)
+	for sent, i := 0, uint64(0); sent < opts.Events; i++ {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		n := min(chunkEvents, opts.Events-sent)
+		if opts.Rate > 0 {
+			due := int(opts.due(time.Since(start)))
+			if due <= sent {
+				time.Sleep(time.Millisecond)
+				i--
+				continue
+			}
+			n = min(n, due-sent)
+		}
+		evs = w.chunk(evs[:0], i, n, opts.Now())
+		if err := pub.Add(ctx, evs...); err != nil {
+			return err
+		}
+		sent += n
+	}
+	return nil
+}
+
+func progress(opts Options, pub *publisher.Publisher, start time.Time, done <-chan struct{}) {
 	t := time.NewTicker(opts.ProgressInterval)
 	defer t.Stop()
+	var last uint64
 	for {
 		select {
 		case <-done:
 			return
 		case <-t.C:
-			n := sent.Load()
-			fmt.Fprintf(opts.Progress, "sent %d/%d events (%.0f%%), %.0f events/s\n",
-				n, opts.Events, 100*float64(n)/float64(opts.Events), float64(n)/time.Since(start).Seconds())
-		}
-	}
-}
-
-// workload generates the events of batch i from the seed alone.
-type workload struct {
-	opts    Options
-	dcs     []string
-	hosts   [][3]string // datacenter, cluster, host
-	txns    []string
-	weights []float64 // cumulative Zipf weights of txns
-}
-
-func newWorkload(opts Options) *workload {
-	w := &workload{opts: opts}
-	for d := range opts.Datacenters {
-		dc := fmt.Sprintf("dc%d", d+1)
-		w.dcs = append(w.dcs, dc)
-		for c := range opts.ClustersPerDC {
-			cl := fmt.Sprintf("%s-c%d", dc, c+1)
-			for h := range opts.HostsPerCluster {
-				w.hosts = append(w.hosts, [3]string{dc, cl, fmt.Sprintf("%s-h%03d", cl, h+1)})
+			s := pub.Stats()
+			el := time.Since(start)
+			rate := ""
+			if opts.Rate > 0 {
+				rate = fmt.Sprintf(", target %.0f events/s", opts.Rate*opts.diurnal(el))
 			}
+			fmt.Fprintf(opts.Progress, "%s: added %d/%d, acknowledged %d (%.0f events/s in the last %s%s), buffered %d, rejected %d, dropped %d\n",
+				el.Round(time.Second), s.Added, opts.Events, s.Sent, float64(s.Sent-last)/opts.ProgressInterval.Seconds(),
+				opts.ProgressInterval, rate, s.Buffered, sum(s.Rejected), sum(s.Dropped))
+			last = s.Sent
 		}
 	}
-	verbs := []string{"get", "put", "list", "search", "checkout", "login", "view", "update", "delete", "pay"}
-	nouns := []string{"item", "cart", "user", "order", "listing", "offer", "feed", "image", "review", "bid"}
-	sum := 0.0
-	for t := range opts.Transactions {
-		w.txns = append(w.txns, verbs[t%len(verbs)]+"_"+nouns[(t/len(verbs))%len(nouns)]+suffix(t/(len(verbs)*len(nouns))))
-		sum += 1 / float64(t+1) // Zipf with exponent 1
-		w.weights = append(w.weights, sum)
-	}
-	return w
 }
 
-func suffix(n int) string {
-	if n == 0 {
-		return ""
+func sum(m map[string]uint64) uint64 {
+	var n uint64
+	for _, v := range m {
+		n += v
 	}
-	return strconv.Itoa(n + 1)
-}
-
-// batch adds n events of batch i to b and returns each event's datacenter
-// and value, so the caller can total what is accepted.
-func (w *workload) batch(b *wire.Batch, i uint64, n int, now time.Time, dcs []string, vals []float64) ([]string, []float64) {
-	r := rand.New(rand.NewPCG(w.opts.Seed, i))
-	nowMS := now.UnixMilli()
-	total := w.weights[len(w.weights)-1]
-	for range n {
-		h := w.hosts[r.IntN(len(w.hosts))]
-		x := r.Float64() * total
-		t, _ := slices.BinarySearch(w.weights, x)
-		t = min(t, len(w.txns)-1)
-		status := "200"
-		switch p := r.Float64(); {
-		case p < 0.02:
-			status = "500"
-		case p < 0.05:
-			status = "404"
-		}
-		ts := nowMS
-		if r.Float64() < w.opts.LateFraction {
-			ts -= r.Int64N(60_000)
-		}
-		v := float64(1 + r.IntN(3))
-		b.Add(w.opts.Family, ts, v,
-			"datacenter", h[0], "cluster", h[1], "host", h[2],
-			"transaction", w.txns[t], "status", status)
-		dcs = append(dcs, h[0])
-		vals = append(vals, v)
-	}
-	return dcs, vals
+	return n
 }

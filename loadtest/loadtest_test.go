@@ -1,13 +1,22 @@
 package loadtest
 
 import (
+	"context"
+	"encoding/json"
+	"math"
+	"os"
+	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
-	"github.com/dimsum/dimsum/wire"
+	"github.com/prometheus/common/model"
+
+	"github.com/dimsum/dimsum/internal/node"
+	"github.com/dimsum/dimsum/schema"
 )
 
-// TestWorkloadIsSeeded checks that a batch depends only on the seed and its
+// TestWorkloadIsSeeded checks that a chunk depends only on the seed and its
 // number, and that the fleet has the configured shape.
 func TestWorkloadIsSeeded(t *testing.T) {
 	opts := Options{Seed: 5}
@@ -17,37 +26,154 @@ func TestWorkloadIsSeeded(t *testing.T) {
 		t.Fatalf("fleet of %d hosts in %d datacenters, %d transactions", len(w.hosts), len(w.dcs), len(w.txns))
 	}
 	now := time.Unix(1_800_000_000, 0)
-	gen := func(i uint64) ([]string, []float64, []string) {
-		var b wire.Batch
-		dcs, vals := w.batch(&b, i, 1000, now, nil, nil)
-		return dcs, vals, b.Request().Dict
-	}
-	d1, v1, dict1 := gen(3)
-	d2, v2, dict2 := gen(3)
-	_, v3, _ := gen(4)
-	for i := range v1 {
-		if d1[i] != d2[i] || v1[i] != v2[i] {
-			t.Fatalf("event %d differs between two generations of batch 3", i)
-		}
-	}
-	if len(dict1) != len(dict2) {
-		t.Fatalf("dictionaries differ: %d and %d strings", len(dict1), len(dict2))
-	}
-	same := true
-	for i := range v1 {
-		same = same && v1[i] == v3[i]
-	}
-	if same {
-		t.Error("batches 3 and 4 are identical")
-	}
+	c1 := w.chunk(nil, 3, 1000, now)
+	c2 := w.chunk(nil, 3, 1000, now)
+	c3 := w.chunk(nil, 4, 1000, now)
+	same, late, errors := true, 0, 0
 	sum := 0.0
-	for _, v := range v1 {
-		if v < 1 || v > 3 {
+	for i := range c1 {
+		if c1[i].Value != c2[i].Value || c1[i].TimestampMS != c2[i].TimestampMS || strings.Join(c1[i].Labels, ",") != strings.Join(c2[i].Labels, ",") {
+			t.Fatalf("event %d differs between two generations of chunk 3", i)
+		}
+		same = same && strings.Join(c1[i].Labels, ",") == strings.Join(c3[i].Labels, ",")
+		if v := c1[i].Value; v < 1 || v > 3 {
 			t.Fatalf("value %v outside 1..3", v)
 		}
-		sum += v
+		sum += c1[i].Value
+		if d := now.UnixMilli() - c1[i].TimestampMS; d != 0 {
+			late++
+			if d < 0 || d > opts.LateBound.Milliseconds() {
+				t.Fatalf("event stamped %dms before now, outside (0, %s]", d, opts.LateBound)
+			}
+		}
+		if c1[i].Labels[9] != "200" {
+			errors++
+		}
+	}
+	if same {
+		t.Error("chunks 3 and 4 are identical")
 	}
 	if sum < 1500 || sum > 2500 {
 		t.Errorf("mean value %v, want about 2", sum/1000)
+	}
+	if late == 0 || late > 50 {
+		t.Errorf("%d late events in 1000, want about 10", late)
+	}
+	if errors < 20 || errors > 90 {
+		t.Errorf("%d error statuses in 1000, want about 50", errors)
+	}
+}
+
+// TestDiurnal checks the rate shape: mean Rate, peak at 15:00, trough at
+// 03:00, and due as its integral.
+func TestDiurnal(t *testing.T) {
+	o := Options{Rate: 1000, Day: 24 * time.Second, StartHour: 9, Diurnal: 0.5}
+	for _, tc := range []struct {
+		at   time.Duration // one second is one simulated hour
+		want float64
+	}{{0, 1}, {6 * time.Second, 1.5}, {18 * time.Second, 0.5}, {24 * time.Second, 1}} {
+		if got := o.diurnal(tc.at); math.Abs(got-tc.want) > 1e-9 {
+			t.Errorf("factor at %s: %v, want %v", tc.at, got, tc.want)
+		}
+	}
+	if got := o.due(o.Day); math.Abs(got-o.Rate*o.Day.Seconds()) > 1e-6 {
+		t.Errorf("a whole day is due %v events, want %v", got, o.Rate*o.Day.Seconds())
+	}
+	// due is the integral of the rate: compare with a Riemann sum.
+	const n = 100_000
+	sum, end := 0.0, 10*time.Second
+	for i := range n {
+		sum += o.Rate * o.diurnal(end*time.Duration(2*i+1)/(2*n)) * end.Seconds() / n
+	}
+	if got := o.due(end); math.Abs(got-sum) > 1e-3 {
+		t.Errorf("due(%s) = %v, the integral is %v", end, got, sum)
+	}
+}
+
+func TestHistogram(t *testing.T) {
+	var h histogram
+	for i := 1; i <= 100_000; i++ {
+		h.add(time.Duration(i) * time.Microsecond)
+	}
+	for _, q := range []float64{0.5, 0.99, 0.999} {
+		want := time.Duration(q*100_000) * time.Microsecond
+		if got := h.quantile(q); got < want || float64(got-want) > float64(want)/32 {
+			t.Errorf("quantile %v = %s, want %s within 1/32", q, got, want)
+		}
+	}
+	if h.max != 100*time.Millisecond || h.quantile(1) != h.max {
+		t.Errorf("max %s, quantile 1 %s", h.max, h.quantile(1))
+	}
+	for i := range bucketOf(math.MaxInt64) {
+		if b := bucketOf(bucketTop(i)); b != i {
+			t.Fatalf("the top of bucket %d falls in bucket %d", i, b)
+		}
+	}
+}
+
+// TestRunVerifies runs the load against a real all-in-one node with a 1s
+// window, twice: closed loop, then open loop over the same data, and has
+// each run read its totals back through PromQL.
+func TestRunVerifies(t *testing.T) {
+	n, err := node.Start(node.Config{
+		DataDir:    t.TempDir(),
+		GRPCListen: "127.0.0.1:0",
+		HTTPListen: "127.0.0.1:0",
+		Name:       "test",
+		Aggregator: node.AggregatorConfig{Grace: model.Duration(300 * time.Millisecond), FlushInterval: model.Duration(50 * time.Millisecond)},
+		Schema:     schema.File{Resolutions: []string{"1s:1d", "10s:8d", "1m:35d"}},
+	}, "test", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer n.Close()
+	base := Options{
+		Addrs:        []string{n.GRPCAddr()},
+		HTTPAddrs:    []string{n.HTTPAddr()},
+		BatchSize:    1_000,
+		LateFraction: 0.05,
+		LateBound:    3 * time.Second,
+		Window:       time.Second,
+		Verify:       true,
+	}
+	for _, tc := range []struct {
+		name string
+		opts func(*Options)
+	}{
+		{"closed loop", func(o *Options) { o.Events, o.Seed = 30_000, 3 }},
+		{"open loop", func(o *Options) { o.Events, o.Seed, o.Rate = 10_000, 4, 20_000 }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			o := base
+			tc.opts(&o)
+			rep, err := Run(context.Background(), o)
+			if err != nil {
+				t.Fatalf("%v\n%s", err, rep)
+			}
+			if rep.Events != uint64(o.Events) || rep.Accepted != rep.Events || rep.Rejected != 0 || len(rep.Dropped) != 0 {
+				t.Errorf("report:\n%s", rep)
+			}
+			if rep.ReadBack == nil || !rep.ReadBack.Verified || rep.ReadBack.Totals["requests"] != rep.Totals["requests"] {
+				t.Errorf("not verified:\n%s", rep)
+			}
+			if s := rep.Server; s == nil || s.Accepted != rep.Accepted || s.Late == 0 {
+				t.Errorf("server figures %+v", s)
+			}
+			if l := rep.Latency; l.P50 <= 0 || l.P50 > l.P99 || l.P99 > l.P999 || l.P999 > l.Max {
+				t.Errorf("latency %+v", l)
+			}
+			file := filepath.Join(t.TempDir(), "report.json")
+			if err := rep.WriteFile(file); err != nil {
+				t.Fatal(err)
+			}
+			data, err := os.ReadFile(file)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var back map[string]any
+			if err := json.Unmarshal(data, &back); err != nil || back["rate"] == nil || back["accepted"] != float64(o.Events) {
+				t.Errorf("report file %s: %v", data, err)
+			}
+		})
 	}
 }

@@ -8,9 +8,10 @@ import "github.com/dimsum/dimsum/wire/wirepb"
 type Batch struct {
 	req   wirepb.PushRequest
 	index map[string]uint32
-	// events are allocated in blocks so that adding one costs no allocation
-	// in the common case.
-	block []wirepb.Event
+	// events and their label indexes are allocated in blocks so that
+	// adding one costs no allocation in the common case.
+	block  []wirepb.Event
+	labels []uint32
 }
 
 // Add appends one event. labels alternate name, value, name, value.
@@ -23,7 +24,11 @@ func (b *Batch) Add(family string, timestampMS int64, value float64, labels ...s
 	ev.Family = b.intern(family)
 	ev.TimestampMs = timestampMS
 	ev.Value = value
-	ev.Labels = make([]uint32, len(labels))
+	if len(b.labels) < len(labels) {
+		b.labels = make([]uint32, max(4096, len(labels)))
+	}
+	ev.Labels = b.labels[:len(labels):len(labels)]
+	b.labels = b.labels[len(labels):]
 	for i, l := range labels {
 		ev.Labels[i] = b.intern(l)
 	}
@@ -41,6 +46,14 @@ func (b *Batch) intern(s string) uint32 {
 	b.req.Dict = append(b.req.Dict, s)
 	b.index[s] = i
 	return i
+}
+
+// Identify gives the batch its identity: the publisher's source and the
+// batch's sequence, from 1. An aggregator counts a batch of one identity
+// once, however often it is retried.
+func (b *Batch) Identify(source string, seq uint64) {
+	b.req.Source = source
+	b.req.BatchSeq = seq
 }
 
 // Len is the number of events in the batch.

@@ -2,6 +2,7 @@ package wire
 
 import (
 	"slices"
+	"strconv"
 	"testing"
 
 	"google.golang.org/protobuf/proto"
@@ -36,12 +37,35 @@ func TestBatch(t *testing.T) {
 	if err := proto.Unmarshal(data, &back); err != nil || !proto.Equal(&back, req) {
 		t.Fatalf("round trip: %v", err)
 	}
+	b.Identify("pub-1", 7)
+	if r := b.Request(); r.Source != "pub-1" || r.BatchSeq != 7 {
+		t.Errorf("identity %q %d", r.Source, r.BatchSeq)
+	}
 	b.Reset()
-	if b.Len() != 0 || len(b.Request().Dict) != 0 {
-		t.Errorf("Reset left %d events, %d strings", b.Len(), len(b.Request().Dict))
+	if r := b.Request(); b.Len() != 0 || len(r.Dict) != 0 || r.Source != "" || r.BatchSeq != 0 {
+		t.Errorf("Reset left %d events, %d strings, identity %q %d", b.Len(), len(r.Dict), r.Source, r.BatchSeq)
 	}
 	b.Add("requests", 1, 1, "host", "h3")
 	if d := b.Request().Dict; len(d) != 3 || d[0] != "requests" {
 		t.Errorf("dictionary after Reset: %v", d)
 	}
+}
+
+// BenchmarkBatchAdd builds batches of 5,000 events of the default schema's
+// shape, as a publisher does for every Push.
+func BenchmarkBatchAdd(b *testing.B) {
+	labels := make([][]string, 300)
+	for i := range labels {
+		labels[i] = []string{"datacenter", "dc" + strconv.Itoa(i%3), "cluster", "c" + strconv.Itoa(i%12), "host", "h" + strconv.Itoa(i),
+			"transaction", "t" + strconv.Itoa(i%50), "status", "200"}
+	}
+	var batch Batch
+	b.ReportAllocs()
+	for i := range b.N {
+		if i%5000 == 0 {
+			batch.Reset()
+		}
+		batch.Add("requests", 1, 1, labels[i%len(labels)]...)
+	}
+	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "events/s")
 }

@@ -98,7 +98,8 @@ func TestBinary(t *testing.T) {
 	}
 
 	node := start()
-	out, err := exec.Command(bin, "load", "-addr", grpcAddr, "-events", "20000", "-seed", "3", "-batch", "1000").Output()
+	report := filepath.Join(dir, "report.json")
+	out, err := exec.Command(bin, "load", "-addr", grpcAddr, "-http", httpAddr, "-events", "20000", "-seed", "3", "-batch", "1000", "-report", report).Output()
 	if err != nil {
 		node.Process.Kill()
 		t.Fatalf("dimsum load: %v\n%s", err, out)
@@ -109,6 +110,16 @@ func TestBinary(t *testing.T) {
 		t.Fatalf("unexpected load report:\n%s", out)
 	}
 	want, _ := strconv.ParseFloat(string(m[1]), 64)
+	var figures struct {
+		Accepted uint64 `json:"accepted"`
+		Server   struct {
+			Accepted uint64 `json:"accepted"`
+		} `json:"server"`
+	}
+	if data, err := os.ReadFile(report); err != nil || json.Unmarshal(data, &figures) != nil || figures.Accepted != 20000 || figures.Server.Accepted != 20000 {
+		node.Process.Kill()
+		t.Fatalf("report file: %+v, %v", figures, err)
+	}
 	stop(node)
 
 	node = start()

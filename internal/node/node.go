@@ -51,9 +51,12 @@ func Start(cfg Config, version string, log *slog.Logger) (n *Node, err error) {
 		return nil, err
 	}
 	n = &Node{log: log, errc: make(chan error, 2)}
+	// Every failure below returns a nil node, so the cleanup keeps its own
+	// reference to what was built.
+	built := n
 	defer func() {
 		if err != nil {
-			n.Close()
+			built.Close()
 		}
 	}()
 

@@ -5,9 +5,11 @@ import (
 	"encoding/json"
 	"fmt"
 	"math"
+	"net"
 	"net/http"
 	"net/url"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -97,7 +99,7 @@ func TestEndToEnd(t *testing.T) {
 	defer func() { n.Close() }()
 
 	rep, err := loadtest.Run(context.Background(), loadtest.Options{
-		Addr: n.GRPCAddr(), Events: 30_000, Seed: 7, BatchSize: 1_000, LateFraction: 0.05,
+		Addrs: []string{n.GRPCAddr()}, HTTPAddrs: []string{n.HTTPAddr()}, Events: 30_000, Seed: 7, BatchSize: 1_000, LateFraction: 0.05,
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -166,7 +168,7 @@ func startLoaded(t *testing.T) *Node {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { n.Close() })
-	if _, err := loadtest.Run(context.Background(), loadtest.Options{Addr: n.GRPCAddr(), Events: 2_000, Seed: 1, LateFraction: -1}); err != nil {
+	if _, err := loadtest.Run(context.Background(), loadtest.Options{Addrs: []string{n.GRPCAddr()}, HTTPAddrs: []string{n.HTTPAddr()}, Events: 2_000, Seed: 1, LateFraction: -1}); err != nil {
 		t.Fatal(err)
 	}
 	deadline := time.Now().Add(30 * time.Second)
@@ -297,4 +299,26 @@ func mustDecode(t *testing.T, data json.RawMessage, v any) {
 	if err := json.Unmarshal(data, v); err != nil {
 		t.Fatalf("cannot decode %s: %v", data, err)
 	}
+}
+
+// TestStartFailsCleanly starts a node on a gRPC address already in use: Start
+// returns the error and releases what it had opened.
+func TestStartFailsCleanly(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	cfg := testConfig(t.TempDir())
+	cfg.GRPCListen = ln.Addr().String()
+	if n, err := Start(cfg, "test", nil); err == nil || n != nil || !strings.Contains(err.Error(), "cannot listen for gRPC") {
+		t.Fatalf("Start on a busy address: %v, %v", n, err)
+	}
+	// The store was closed: a second node can open the same directory.
+	cfg.GRPCListen = "127.0.0.1:0"
+	n, err := Start(cfg, "test", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n.Close()
 }

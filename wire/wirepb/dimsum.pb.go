@@ -114,8 +114,15 @@ type PushRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// dict holds every string the batch uses; events refer to its entries by
 	// index, so a dimension value repeated across events is sent once.
-	Dict          []string `protobuf:"bytes,1,rep,name=dict,proto3" json:"dict,omitempty"`
-	Events        []*Event `protobuf:"bytes,2,rep,name=events,proto3" json:"events,omitempty"`
+	Dict   []string `protobuf:"bytes,1,rep,name=dict,proto3" json:"dict,omitempty"`
+	Events []*Event `protobuf:"bytes,2,rep,name=events,proto3" json:"events,omitempty"`
+	// source names the publisher (one process incarnation) and batch_seq
+	// numbers its batches from 1; together they identify the batch, so that an
+	// aggregator acknowledges a retry of a batch it already counted without
+	// counting it again. An empty source or a zero batch_seq sends no
+	// identity: such a batch is counted every time it arrives.
+	Source        string `protobuf:"bytes,3,opt,name=source,proto3" json:"source,omitempty"`
+	BatchSeq      uint64 `protobuf:"varint,4,opt,name=batch_seq,json=batchSeq,proto3" json:"batch_seq,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -162,6 +169,20 @@ func (x *PushRequest) GetEvents() []*Event {
 		return x.Events
 	}
 	return nil
+}
+
+func (x *PushRequest) GetSource() string {
+	if x != nil {
+		return x.Source
+	}
+	return ""
+}
+
+func (x *PushRequest) GetBatchSeq() uint64 {
+	if x != nil {
+		return x.BatchSeq
+	}
+	return 0
 }
 
 // Event is one counter delta: "value more, for these dimensions, at this time".
@@ -243,7 +264,12 @@ type PushResponse struct {
 	// accepted counts the events that were taken.
 	Accepted uint64 `protobuf:"varint,1,opt,name=accepted,proto3" json:"accepted,omitempty"`
 	// rejects lists every event that was not, in index order.
-	Rejects       []*Reject `protobuf:"bytes,2,rep,name=rejects,proto3" json:"rejects,omitempty"`
+	Rejects []*Reject `protobuf:"bytes,2,rep,name=rejects,proto3" json:"rejects,omitempty"`
+	// duplicate is true when the batch's identity was counted before: nothing
+	// of it was counted again. accepted and rejects then repeat what the
+	// schema checks say of the events; rejects for limits that depend on the
+	// cube's state (CARDINALITY_LIMIT) are not repeated.
+	Duplicate     bool `protobuf:"varint,3,opt,name=duplicate,proto3" json:"duplicate,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -290,6 +316,13 @@ func (x *PushResponse) GetRejects() []*Reject {
 		return x.Rejects
 	}
 	return nil
+}
+
+func (x *PushResponse) GetDuplicate() bool {
+	if x != nil {
+		return x.Duplicate
+	}
+	return false
 }
 
 type Reject struct {
@@ -563,18 +596,21 @@ var File_dimsum_proto protoreflect.FileDescriptor
 
 const file_dimsum_proto_rawDesc = "" +
 	"\n" +
-	"\fdimsum.proto\x12\x0edimsum.wire.v1\"P\n" +
+	"\fdimsum.proto\x12\x0edimsum.wire.v1\"\x85\x01\n" +
 	"\vPushRequest\x12\x12\n" +
 	"\x04dict\x18\x01 \x03(\tR\x04dict\x12-\n" +
-	"\x06events\x18\x02 \x03(\v2\x15.dimsum.wire.v1.EventR\x06events\"p\n" +
+	"\x06events\x18\x02 \x03(\v2\x15.dimsum.wire.v1.EventR\x06events\x12\x16\n" +
+	"\x06source\x18\x03 \x01(\tR\x06source\x12\x1b\n" +
+	"\tbatch_seq\x18\x04 \x01(\x04R\bbatchSeq\"p\n" +
 	"\x05Event\x12\x16\n" +
 	"\x06family\x18\x01 \x01(\rR\x06family\x12!\n" +
 	"\ftimestamp_ms\x18\x02 \x01(\x03R\vtimestampMs\x12\x16\n" +
 	"\x06labels\x18\x03 \x03(\rR\x06labels\x12\x14\n" +
-	"\x05value\x18\x04 \x01(\x01R\x05value\"\\\n" +
+	"\x05value\x18\x04 \x01(\x01R\x05value\"z\n" +
 	"\fPushResponse\x12\x1a\n" +
 	"\baccepted\x18\x01 \x01(\x04R\baccepted\x120\n" +
-	"\arejects\x18\x02 \x03(\v2\x16.dimsum.wire.v1.RejectR\arejects\"l\n" +
+	"\arejects\x18\x02 \x03(\v2\x16.dimsum.wire.v1.RejectR\arejects\x12\x1c\n" +
+	"\tduplicate\x18\x03 \x01(\bR\tduplicate\"l\n" +
 	"\x06Reject\x12\x14\n" +
 	"\x05index\x18\x01 \x01(\rR\x05index\x124\n" +
 	"\x06reason\x18\x02 \x01(\x0e2\x1c.dimsum.wire.v1.RejectReasonR\x06reason\x12\x16\n" +
