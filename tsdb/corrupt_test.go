@@ -1,11 +1,13 @@
 package tsdb
 
 import (
+	"encoding/hex"
 	"errors"
 	"log/slog"
 	"strings"
 	"testing"
 
+	"github.com/RoaringBitmap/roaring/v2"
 	"github.com/cockroachdb/pebble/v2"
 	"github.com/dimsum/dimsum/schema"
 )
@@ -39,7 +41,7 @@ func TestCorruptRow(t *testing.T) {
 				t.Fatal(err)
 			}
 			r := db.res[0]
-			key := makeDataKey(r.stepSec, db.families["requests"].id, finest, 0, r.Row(now))
+			key := makeDataKey(r.stepSec, r.Row(now), db.families["requests"].id, finest, 0)
 			if err := db.pdb.Set(key[:], tc.garbage, pebble.Sync); err != nil {
 				t.Fatal(err)
 			}
@@ -75,9 +77,9 @@ func TestOpenRefuses(t *testing.T) {
 		{
 			name: "unknown format version",
 			prepare: func(t *testing.T, dir string) {
-				rawSet(t, dir, metaFormatKey, []byte{2})
+				rawSet(t, dir, metaFormatKey, []byte{1})
 			},
-			want: "format version 2",
+			want: "format version 1; this binary reads only version 2",
 		},
 		{
 			name: "garbage format record",
@@ -108,10 +110,27 @@ func TestOpenRefuses(t *testing.T) {
 			corrupt: true,
 		},
 		{
-			name: "cell dictionary gap",
+			name: "cell without postings",
 			prepare: func(t *testing.T, dir string) {
-				rawSet(t, dir, appendCellKey(nil, 0, 0, 1), appendCellValues(nil, nil))
+				rawSet(t, dir, appendCellKey(nil, 1, 1, 4), appendCellValues(nil, []string{"500"}))
 			},
+			want:    "cover 0 cells, the dictionary holds 1",
+			corrupt: true,
+		},
+		{
+			name: "garbage postings",
+			prepare: func(t *testing.T, dir string) {
+				rawSet(t, dir, appendPostingsKey(nil, 1, 1, 0, "500"), []byte{0x3a, 0x30, 0, 0, 7})
+			},
+			want:    "postings " + hex.EncodeToString(appendPostingsKey(nil, 1, 1, 0, "500")),
+			corrupt: true,
+		},
+		{
+			name: "postings of an unknown cell",
+			prepare: func(t *testing.T, dir string) {
+				rawSet(t, dir, appendPostingsKey(nil, 1, 1, 0, "500"), appendBitmap(nil, roaring.BitmapOf(3)))
+			},
+			want:    "names cells the dictionary does not hold",
 			corrupt: true,
 		},
 		{
