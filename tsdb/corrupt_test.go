@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/RoaringBitmap/roaring/v2"
 	"github.com/cockroachdb/pebble/v2"
@@ -59,6 +60,45 @@ func TestCorruptRow(t *testing.T) {
 				t.Fatalf("resolution 1: %v, %v", steps, err)
 			}
 		})
+	}
+}
+
+// TestCorruptPresence writes an undecodable presence bitmap behind the DB's
+// back: the retention pass, the label API over a time range and an Apply
+// that must extend the bitmap report corruption naming its key.
+func TestCorruptPresence(t *testing.T) {
+	s := testSchema(t)
+	code := cuboidOf(t, s, "errors", "code")
+	now := testNow.UnixMilli()
+	db := openTest(t, t.TempDir(), s)
+	defer closeTest(t, db)
+	delta := Delta{Family: "errors", Cuboid: code, Values: []string{"500"}, Time: now - 11*3600e3, Sum: 1, Count: 1}
+	if _, err := db.Apply(nil, 0, []Delta{delta}); err != nil {
+		t.Fatal(err)
+	}
+	r := db.res[1]
+	key := presenceKey{r.stepSec, r.Row(delta.Time), db.families["errors"].id, code}.append(nil)
+	if err := db.pdb.Set(key, []byte{0x3b, 0x30, 0xff}, pebble.Sync); err != nil {
+		t.Fatal(err)
+	}
+	clear(db.presence.cache)
+	if _, err := db.RunRetention(); err != nil {
+		t.Fatal(err) // the finest row expired; the corrupt bitmap is not read
+	}
+	db.opts.now = func() time.Time { return testNow.Add(3 * 24 * time.Hour) }
+	_, err := db.RunRetention()
+	if !isCorruptNaming(err, key) {
+		t.Fatalf("retention: got %v, want ErrCorrupt naming %x", err, key)
+	}
+	db.opts.now = func() time.Time { return testNow }
+	_, err = db.LabelValues("errors", code, "code", delta.Time, delta.Time, 0, nil)
+	if !isCorruptNaming(err, key) {
+		t.Fatalf("label values: got %v, want ErrCorrupt naming %x", err, key)
+	}
+	delta.Values = []string{"502"}
+	_, err = db.Apply(nil, 0, []Delta{delta})
+	if !isCorruptNaming(err, key) {
+		t.Fatalf("apply: got %v, want ErrCorrupt naming %x", err, key)
 	}
 }
 
