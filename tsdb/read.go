@@ -3,6 +3,7 @@ package tsdb
 import (
 	"errors"
 	"fmt"
+	"math"
 	"slices"
 
 	"github.com/RoaringBitmap/roaring/v2"
@@ -153,80 +154,94 @@ func (db *DB) Steps(res int, family string, cuboid schema.CuboidID, cell uint32,
 	if err != nil {
 		return dst, err
 	}
+	mint = db.retained(r, mint)
+	if mint > maxt {
+		return dst, nil
+	}
 	cells := [1]uint32{cell}
-	err = db.scan(r, d, cells[:], mint, maxt, func(_ int, t int64, sum float64, count uint64) {
-		dst = append(dst, Step{T: t, Sum: sum, Count: count})
-	})
-	return dst, err
+	dst, err = db.seekRows(r, d, cells[:], mint, maxt, dst, nil)
+	if err != nil {
+		return dst, db.readError(err)
+	}
+	return dst, nil
 }
 
 // Scan reads, in one pass over the rows of [mint, maxt], the steps of a set
 // of cells of one cuboid at resolution index res, and calls fn once per cell
 // that has a step whose start lies in [mint, maxt], in ascending cell ID
 // order, with its steps ascending by T. cells lists cell IDs (in any order;
-// IDs that name no cell read nothing); nil reads every cell of the cuboid.
-// fn may keep steps; it runs after the read, so it may call the DB. An error
-// from fn stops the calls and is returned.
+// IDs that name no cell read nothing); nil reads every cell with data. fn
+// runs while the read holds the store open: it must not call the DB, and
+// steps is reused after it returns. An error from fn stops the scan and is
+// returned.
 //
-// Data keys are ordered by time first (docs/format/tsdb.md, "Data rows"), so
-// a short range over many cells reads contiguous keys, and a long range over
-// a few cells costs one seek per row per cell.
+// Data keys are ordered by time first (docs/format/tsdb.md, "Data rows"):
+// each row of the range stores the cuboid's cells contiguously. Scan keeps
+// one cursor per stored row and merges them by cell, so a short range over
+// many cells reads contiguous keys with no seek, a long range over a few
+// cells costs one seek per row per cell, and neither buffers more than one
+// cell's steps.
 func (db *DB) Scan(res int, family string, cuboid schema.CuboidID, cells []uint32, mint, maxt int64, fn func(cell uint32, steps []Step) error) error {
-	ids, steps, err := db.scanCells(res, family, cuboid, cells, mint, maxt)
-	if err != nil {
-		return err
-	}
-	for i, s := range steps {
-		if len(s) == 0 {
-			continue
-		}
-		if err := fn(ids[i], s); err != nil {
-			return err
-		}
-	}
-	return nil
-}
-
-// scanCells reads the steps of Scan under the read lock.
-func (db *DB) scanCells(res int, family string, cuboid schema.CuboidID, cells []uint32, mint, maxt int64) ([]uint32, [][]Step, error) {
 	db.state.RLock()
 	defer db.state.RUnlock()
 	if db.state.closed {
-		return nil, nil, ErrClosed
+		return ErrClosed
 	}
 	r, d, err := db.resDict(res, family, cuboid)
 	if err != nil {
-		return nil, nil, err
+		return err
 	}
-	var ids []uint32
-	if cells == nil {
-		d.mu.RLock()
-		ids = d.live.ToArray()
-		d.mu.RUnlock()
-	} else {
-		ids = slices.Clone(cells)
-		slices.Sort(ids)
-		ids = slices.Compact(ids)
+	if cells != nil {
+		cells = slices.Clone(cells)
+		slices.Sort(cells)
+		cells = slices.Compact(cells)
+		if len(cells) == 0 {
+			return nil
+		}
 	}
-	steps := make([][]Step, len(ids))
-	err = db.scan(r, d, ids, mint, maxt, func(i int, t int64, sum float64, count uint64) {
-		steps[i] = append(steps[i], Step{T: t, Sum: sum, Count: count})
-	})
-	return ids, steps, err
+	return db.scan(r, d, cells, mint, maxt, fn)
 }
 
-// scan visits the stored steps of the given cells (ascending, distinct) of
-// one cuboid at resolution r whose start lies in [mint, maxt], clamped to
-// the retention, row by row and within a row by cell: add gets the cell's
-// index in cells. Rows that hold no data of any cuboid are skipped by the
-// seeks, so the loop is bounded by the rows stored, not by the range asked.
-func (db *DB) scan(r resolution, d *cellDict, cells []uint32, mint, maxt int64, add func(i int, t int64, sum float64, count uint64)) error {
-	// A step that ended at or before now minus the retention is expired,
-	// whether or not the retention pass has deleted its row yet.
-	mint = max(mint, db.opts.now().UnixMilli()-r.retentionMs-r.stepMs+1)
-	if mint > maxt || len(cells) == 0 {
+// scan is Scan after its checks, under the read lock.
+func (db *DB) scan(r resolution, d *cellDict, cells []uint32, mint, maxt int64, fn func(cell uint32, steps []Step) error) error {
+	mint = db.retained(r, mint)
+	if mint > maxt {
 		return nil
 	}
+	var err error
+	if cells != nil && len(cells) <= seekCells {
+		_, err = db.seekRows(r, d, cells, mint, maxt, nil, fn)
+	} else {
+		cs, oerr := db.openCursors(r, d, mint, maxt)
+		if oerr == nil {
+			oerr = cs.merge(r, cells, mint, maxt, fn)
+		}
+		err = errors.Join(oerr, cs.close())
+	}
+	return db.readError(err)
+}
+
+// readError wraps a read's error, counting corruption.
+func (db *DB) readError(err error) error {
+	if err == nil {
+		return nil
+	}
+	if errors.Is(err, ErrCorrupt) {
+		db.metrics.corruptions.Inc()
+	}
+	return fmt.Errorf("tsdb: cannot read steps: %w", err)
+}
+
+// seekCells is the most cells Scan reads cell by cell, with one iterator
+// seeking from row to row of each, rather than with a cursor per row: a
+// cursor costs an iterator, worth it only when it serves many cells.
+const seekCells = 32
+
+// seekRows reads cells one after the other: for each, one seek per stored
+// row of the range, skipping rows without data by the seeks themselves. It
+// appends each cell's steps to buf and passes them to fn, then reuses that
+// part of buf; with fn nil it keeps every step in buf, which it returns.
+func (db *DB) seekRows(r resolution, d *cellDict, cells []uint32, mint, maxt int64, buf []Step, fn func(cell uint32, steps []Step) error) ([]Step, error) {
 	first, last := r.Row(mint), r.Row(maxt)
 	lo := makeDataKey(r.stepSec, first, d.fam, d.cuboid, cells[0])
 	hi := makeDataKey(r.stepSec, last, d.fam, d.cuboid, cells[len(cells)-1])
@@ -236,86 +251,218 @@ func (db *DB) scan(r resolution, d *cellDict, cells []uint32, mint, maxt int64, 
 	copy(upper[:], hi[:])
 	iter, err := db.pdb.NewIter(&pebble.IterOptions{LowerBound: lo[:], UpperBound: upper[:]})
 	if err != nil {
-		return fmt.Errorf("tsdb: cannot read steps: %w", err)
+		return buf, err
 	}
-	err = scanRows(iter, r, d, cells, first, last, mint, maxt, add)
-	err = errors.Join(err, iter.Close())
-	if err != nil {
-		if errors.Is(err, ErrCorrupt) {
-			db.metrics.corruptions.Inc()
-		}
-		return fmt.Errorf("tsdb: cannot read steps: %w", err)
-	}
-	return nil
-}
-
-// scanRows is scan's loop: for each stored row from first to last, seek to
-// the first wanted cell, then step through the cuboid's keys of that row,
-// seeking over runs of cells not wanted.
-func scanRows(iter *pebble.Iterator, r resolution, d *cellDict, cells []uint32, first, last, mint, maxt int64, add func(i int, t int64, sum float64, count uint64)) error {
 	var dec rowDecoder
-	for row := first; row <= last; {
-		seek := makeDataKey(r.stepSec, row, d.fam, d.cuboid, cells[0])
-		valid := iter.SeekGE(seek[:])
-		next := row + 1
-		for i := 0; valid; {
+	for _, cell := range cells {
+		n := len(buf)
+		for row := first; row <= last; {
+			seek := makeDataKey(r.stepSec, row, d.fam, d.cuboid, cell)
+			if !iter.SeekGE(seek[:]) {
+				break
+			}
 			k, err := parseDataKey(iter.Key())
 			if err != nil {
-				return fmt.Errorf("%w: data key %x: %v", ErrCorrupt, iter.Key(), err)
+				err = fmt.Errorf("%w: data key %x: %v", ErrCorrupt, iter.Key(), err)
+				return buf, errors.Join(err, iter.Close())
 			}
-			if k.row != row || k.fam != d.fam || k.cuboid != d.cuboid {
-				// Past this row's keys of the cuboid. Rows between
-				// here and the key found hold nothing: skip them.
-				next = max(next, k.row)
-				break
-			}
-			for i < len(cells) && cells[i] < k.cell {
-				i++
-			}
-			if i == len(cells) {
-				break
-			}
-			if cells[i] != k.cell {
-				seek = makeDataKey(r.stepSec, row, d.fam, d.cuboid, cells[i])
-				valid = iter.SeekGE(seek[:])
+			if k.row != row || k.fam != d.fam || k.cuboid != d.cuboid || k.cell != cell {
+				// Rows between here and the key found hold nothing.
+				row = max(row+1, k.row)
 				continue
 			}
 			v, err := iter.ValueAndErr()
 			if err != nil {
-				return err
+				return buf, errors.Join(err, iter.Close())
 			}
-			base := row * r.rowSpanMs
-			dec.init(v)
-			for {
-				slot, sum, count, ok := dec.next()
-				if !ok {
-					break
-				}
-				t := base + int64(slot)*r.stepMs
-				if t < mint {
-					continue
-				}
-				if t > maxt {
-					break
-				}
-				add(i, t, sum, count)
+			if buf, err = decodeSteps(&dec, r, row, v, mint, maxt, buf); err != nil {
+				return buf, errors.Join(corruptRowError(iter.Key(), err), iter.Close())
 			}
-			if dec.err != nil {
-				return corruptRowError(iter.Key(), dec.err)
-			}
-			i++
-			valid = iter.Next()
+			row++
 		}
 		if err := iter.Error(); err != nil {
-			return err
+			return buf, errors.Join(err, iter.Close())
 		}
-		if !valid && next == row+1 {
-			// Nothing stored after this row within the bounds.
+		if fn != nil && len(buf) > n {
+			if err := fn(cell, buf[n:]); err != nil {
+				return buf, errors.Join(err, iter.Close())
+			}
+			buf = buf[:n]
+		}
+	}
+	return buf, iter.Close()
+}
+
+// decodeSteps appends the steps of a row value whose start lies in
+// [mint, maxt].
+func decodeSteps(dec *rowDecoder, r resolution, row int64, v []byte, mint, maxt int64, steps []Step) ([]Step, error) {
+	base := row * r.rowSpanMs
+	for dec.init(v); ; {
+		slot, sum, count, ok := dec.next()
+		if !ok {
 			break
 		}
-		row = next
+		t := base + int64(slot)*r.stepMs
+		if t > maxt {
+			break
+		}
+		if t >= mint {
+			steps = append(steps, Step{T: t, Sum: sum, Count: count})
+		}
 	}
-	return nil
+	return steps, dec.err
+}
+
+// cursor iterates the keys of one cuboid in one row.
+type cursor struct {
+	iter  *pebble.Iterator
+	row   int64
+	valid bool
+	cell  uint32 // the cell of the current key, when valid
+	err   error
+}
+
+type cursors struct {
+	fam    uint16
+	cuboid schema.CuboidID
+	stepS  uint32
+	list   []*cursor
+}
+
+// openCursors opens a cursor on each row of [mint, maxt] that holds data
+// of the cuboid, found by seeking from row to row.
+func (db *DB) openCursors(r resolution, d *cellDict, mint, maxt int64) (*cursors, error) {
+	cs := &cursors{fam: d.fam, cuboid: d.cuboid, stepS: r.stepSec}
+	first, last := r.Row(mint), r.Row(maxt)
+	lo := makeDataKey(r.stepSec, first, d.fam, d.cuboid, 0)
+	hi := makeDataKey(r.stepSec, last, d.fam, d.cuboid, math.MaxUint32)
+	var upper [dataKeyLen + 1]byte
+	copy(upper[:], hi[:])
+	probe, err := db.pdb.NewIter(&pebble.IterOptions{LowerBound: lo[:], UpperBound: upper[:]})
+	if err != nil {
+		return cs, err
+	}
+	for row := first; row <= last; {
+		seek := makeDataKey(r.stepSec, row, d.fam, d.cuboid, 0)
+		if !probe.SeekGE(seek[:]) {
+			break
+		}
+		k, err := parseDataKey(probe.Key())
+		if err != nil {
+			err = fmt.Errorf("%w: data key %x: %v", ErrCorrupt, probe.Key(), err)
+			return cs, errors.Join(err, probe.Close())
+		}
+		if k.row != row || k.fam != d.fam || k.cuboid != d.cuboid {
+			row = max(row+1, k.row)
+			continue
+		}
+		rowLo := makeDataKey(r.stepSec, row, d.fam, d.cuboid, 0)
+		rowHi := makeDataKey(r.stepSec, row, d.fam, d.cuboid, math.MaxUint32)
+		var rowUpper [dataKeyLen + 1]byte
+		copy(rowUpper[:], rowHi[:])
+		iter, err := probe.Clone(pebble.CloneOptions{IterOptions: &pebble.IterOptions{LowerBound: rowLo[:], UpperBound: rowUpper[:]}})
+		if err != nil {
+			return cs, errors.Join(err, probe.Close())
+		}
+		c := &cursor{iter: iter, row: row}
+		c.set(iter.First())
+		cs.list = append(cs.list, c)
+		if c.err != nil {
+			return cs, errors.Join(c.err, probe.Close())
+		}
+		row++
+	}
+	return cs, errors.Join(probe.Error(), probe.Close())
+}
+
+// set records the cursor's position after a move.
+func (c *cursor) set(valid bool) {
+	c.valid = valid
+	if !valid {
+		c.err = c.iter.Error()
+		return
+	}
+	k, err := parseDataKey(c.iter.Key())
+	if err != nil {
+		c.valid, c.err = false, fmt.Errorf("%w: data key %x: %v", ErrCorrupt, c.iter.Key(), err)
+		return
+	}
+	c.cell = k.cell
+}
+
+// merge walks the cursors by cell: the listed cells, or every cell a
+// cursor holds when cells is nil.
+func (cs *cursors) merge(r resolution, cells []uint32, mint, maxt int64, fn func(cell uint32, steps []Step) error) error {
+	var steps []Step
+	var dec rowDecoder
+	for i := 0; ; i++ {
+		var cell uint32
+		if cells != nil {
+			if i == len(cells) {
+				return nil
+			}
+			cell = cells[i]
+		} else {
+			found := false
+			for _, c := range cs.list {
+				if c.valid && (!found || c.cell < cell) {
+					cell, found = c.cell, true
+				}
+			}
+			if !found {
+				return nil
+			}
+		}
+		steps = steps[:0]
+		for _, c := range cs.list {
+			if c.valid && c.cell < cell {
+				// One Next reaches an adjacent cell; anything further
+				// is a seek.
+				c.set(c.iter.Next())
+				if c.valid && c.cell < cell {
+					k := makeDataKey(cs.stepS, c.row, cs.fam, cs.cuboid, cell)
+					c.set(c.iter.SeekGE(k[:]))
+				}
+			}
+			if c.err != nil {
+				return c.err
+			}
+			if !c.valid || c.cell != cell {
+				continue
+			}
+			v, err := c.iter.ValueAndErr()
+			if err != nil {
+				return err
+			}
+			if steps, err = decodeSteps(&dec, r, c.row, v, mint, maxt, steps); err != nil {
+				return corruptRowError(c.iter.Key(), err)
+			}
+			c.set(c.iter.Next())
+			if c.err != nil {
+				return c.err
+			}
+		}
+		if len(steps) > 0 {
+			if err := fn(cell, steps); err != nil {
+				return err
+			}
+		}
+	}
+}
+
+func (cs *cursors) close() error {
+	var err error
+	for _, c := range cs.list {
+		err = errors.Join(err, c.iter.Close())
+	}
+	return err
+}
+
+// retained raises mint to the first step start still within r's
+// retention: a step that ended at or before now minus the retention is
+// expired, whether or not the retention pass has deleted its row yet.
+func (db *DB) retained(r resolution, mint int64) int64 {
+	return max(mint, db.opts.now().UnixMilli()-r.retentionMs-r.stepMs+1)
 }
 
 // resDict returns a resolution and the index of a cuboid.
