@@ -459,8 +459,9 @@ func (db *DB) loadCells() error {
 }
 
 // loadPostings reads the postings of the schema's families and checks them
-// against the dictionaries: every list holds only live cells, and each
-// label's lists cover every live cell exactly once.
+// against the dictionaries, cheaply: every list holds only live cells, and
+// each label's lists hold as many cells as the dictionary. (A cell listed
+// under two values of a label and another under none would pass.)
 func (db *DB) loadPostings() error {
 	iter, err := db.pdb.NewIter(&pebble.IterOptions{LowerBound: []byte{prefixPostings}, UpperBound: []byte{prefixPostings + 1}})
 	if err != nil {
