@@ -32,6 +32,9 @@ type entry struct {
 	count uint64
 }
 
+// cell returns the cell ID of e's key.
+func (e *entry) cell() uint32 { return binary.BigEndian.Uint32(e.key[dataKeyLen-4:]) }
+
 // Apply merges deltas into every resolution of the schema in one atomic
 // Pebble batch (synced unless NoSync), as merge operands: no
 // read-modify-write of rows. Deltas whose time is older than a resolution's
@@ -84,7 +87,7 @@ func (db *DB) Apply(idempotencyKey []byte, keyTime int64, deltas []Delta) (appli
 
 	b := db.pdb.NewBatch()
 	defer b.Close()
-	defer db.rollbackCells()
+	defer db.rollback()
 
 	now := db.opts.now().UnixMilli()
 	var expired int
@@ -103,15 +106,20 @@ func (db *DB) Apply(idempotencyKey []byte, keyTime int64, deltas []Delta) (appli
 			}
 			if !haveCell {
 				var err error
-				if cell, err = db.cellID(b, fs.cuboid(d.Cuboid), d.Values); err != nil {
+				dict := fs.cuboid(d.Cuboid)
+				a.cellBuf = appendCellValues(a.cellBuf[:0], d.Values)
+				if cell, err = dict.assign(b, a.cellBuf, &a.keyBuf); err != nil {
 					return false, err
+				}
+				if dict.dirty() && !slices.Contains(a.touched, dict) {
+					a.touched = append(a.touched, dict)
 				}
 				haveCell = true
 			}
 			stepStart := r.StepStart(d.Time)
 			row := r.Row(stepStart)
 			entries = append(entries, entry{
-				key:   makeDataKey(r.stepSec, fs.id, d.Cuboid, cell, row),
+				key:   makeDataKey(r.stepSec, row, fs.id, d.Cuboid, cell),
 				slot:  uint16((stepStart - row*r.rowSpanMs) / r.stepMs),
 				seq:   uint32(len(entries)),
 				sum:   d.Sum,
@@ -155,6 +163,15 @@ func (db *DB) Apply(idempotencyKey []byte, keyTime int64, deltas []Delta) (appli
 		operands++
 	}
 
+	if err := db.stagePresence(b, entries); err != nil {
+		return false, err
+	}
+	for _, d := range a.touched {
+		if err := d.stage(b, &a.keyBuf); err != nil {
+			return false, err
+		}
+	}
+
 	if len(idempotencyKey) > 0 {
 		a.keyBuf = appendIdemTimeKey(a.keyBuf[:0], keyTime, idempotencyKey)
 		if err := b.Set(a.keyBuf, nil, nil); err != nil {
@@ -168,14 +185,10 @@ func (db *DB) Apply(idempotencyKey []byte, keyTime int64, deltas []Delta) (appli
 		}
 	}
 
-	sync := pebble.Sync
-	if db.opts.NoSync {
-		sync = pebble.NoSync
-	}
-	if err := b.Commit(sync); err != nil {
+	if err := b.Commit(db.syncMode()); err != nil {
 		return false, fmt.Errorf("tsdb: cannot commit batch: %w", err)
 	}
-	created := db.publishCells()
+	created, _ := db.publish()
 
 	db.metrics.applies.Inc()
 	db.metrics.deltas.Add(float64(len(entries)))
@@ -210,69 +223,27 @@ func (db *DB) check(d *Delta) error {
 	return nil
 }
 
-// cellID returns the ID of a cell, assigning the next one and adding its
-// dictionary entry to b when the cell is new. New cells stay invisible to
-// readers until publishCells.
-func (db *DB) cellID(b *pebble.Batch, d *cellDict, values []string) (uint32, error) {
-	a := &db.apply
-	a.cellBuf = appendCellValues(a.cellBuf[:0], values)
-	if id, ok := d.ids[string(a.cellBuf)]; ok {
-		return id, nil
-	}
-	if len(d.keys) >= math.MaxUint32 {
-		return 0, fmt.Errorf("tsdb: family ID %d cuboid %d: no cell ID left", d.fam, d.cuboid)
-	}
-	id := uint32(len(d.keys))
-	key := string(a.cellBuf)
-	split, err := decodeCellValues(key)
-	if err != nil {
-		return 0, fmt.Errorf("tsdb: cannot split cell values: %w", err) // cannot happen: we just encoded them
-	}
-	a.keyBuf = appendCellKey(a.keyBuf[:0], d.fam, d.cuboid, id)
-	if err := b.Set(a.keyBuf, a.cellBuf, nil); err != nil {
-		return 0, fmt.Errorf("tsdb: cannot add cell to batch: %w", err)
-	}
-	if len(d.keys) == d.visible {
-		a.touched = append(a.touched, d)
-	}
-	d.ids[key] = id
-	d.mu.Lock()
-	d.keys = append(d.keys, key)
-	d.values = append(d.values, split)
-	d.mu.Unlock()
-	return id, nil
-}
-
-// publishCells makes the cells of the committed batch visible to readers and
-// returns how many there were.
-func (db *DB) publishCells() int {
-	n := 0
+// publish makes the changes of the committed batch visible to readers and
+// returns how many cells it added and removed.
+func (db *DB) publish() (added, removed int) {
 	for _, d := range db.apply.touched {
-		d.mu.Lock()
-		n += len(d.keys) - d.visible
-		d.visible = len(d.keys)
-		d.mu.Unlock()
+		a, r := d.publish()
+		added += a
+		removed += r
 	}
+	db.presence.publish()
 	clear(db.apply.touched)
 	db.apply.touched = db.apply.touched[:0]
-	return n
+	return added, removed
 }
 
-// rollbackCells forgets the cells assigned by an Apply whose batch was not
-// committed, so that their IDs are assigned again, to whatever cell comes
-// next. After publishCells it has nothing to do.
-func (db *DB) rollbackCells() {
+// rollback forgets the changes of a batch that was not committed. After
+// publish it has nothing to do.
+func (db *DB) rollback() {
 	for _, d := range db.apply.touched {
-		for _, k := range d.keys[d.visible:] {
-			delete(d.ids, k)
-		}
-		d.mu.Lock()
-		clear(d.keys[d.visible:])
-		clear(d.values[d.visible:])
-		d.keys = d.keys[:d.visible]
-		d.values = d.values[:d.visible]
-		d.mu.Unlock()
+		d.rollback()
 	}
+	clear(db.presence.staged)
 	clear(db.apply.touched)
 	db.apply.touched = db.apply.touched[:0]
 }

@@ -201,6 +201,7 @@ func TestOptions(t *testing.T) {
 		{"no schema", Options{Dir: "x"}, "Schema is required"},
 		{"negative cache", Options{Dir: "x", Schema: s, CacheSize: -1}, "CacheSize"},
 		{"no resolutions", Options{Dir: "x", Schema: &schema.Schema{}}, "no resolutions"},
+		{"negative idempotency horizon", Options{Dir: "x", Schema: s, IdempotencyHorizon: -time.Hour}, "IdempotencyHorizon"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			tc.opts.EnsureDefaults()
@@ -211,7 +212,9 @@ func TestOptions(t *testing.T) {
 	}
 	var o Options
 	o.EnsureDefaults()
-	if o.CacheSize != DefaultCacheSize || o.Logger == nil || o.now == nil {
+	o.Schema = s
+	o.EnsureDefaults()
+	if o.CacheSize != DefaultCacheSize || o.Logger == nil || o.now == nil || o.RetentionInterval != DefaultRetentionInterval || o.IdempotencyHorizon != 30*24*time.Hour {
 		t.Fatalf("defaults not applied: %+v", o)
 	}
 }

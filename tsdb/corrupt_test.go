@@ -1,11 +1,14 @@
 package tsdb
 
 import (
+	"encoding/hex"
 	"errors"
 	"log/slog"
 	"strings"
 	"testing"
+	"time"
 
+	"github.com/RoaringBitmap/roaring/v2"
 	"github.com/cockroachdb/pebble/v2"
 	"github.com/dimsum/dimsum/schema"
 )
@@ -39,7 +42,7 @@ func TestCorruptRow(t *testing.T) {
 				t.Fatal(err)
 			}
 			r := db.res[0]
-			key := makeDataKey(r.stepSec, db.families["requests"].id, finest, 0, r.Row(now))
+			key := makeDataKey(r.stepSec, r.Row(now), db.families["requests"].id, finest, 0)
 			if err := db.pdb.Set(key[:], tc.garbage, pebble.Sync); err != nil {
 				t.Fatal(err)
 			}
@@ -60,6 +63,45 @@ func TestCorruptRow(t *testing.T) {
 	}
 }
 
+// TestCorruptPresence writes an undecodable presence bitmap behind the DB's
+// back: the retention pass, the label API over a time range and an Apply
+// that must extend the bitmap report corruption naming its key.
+func TestCorruptPresence(t *testing.T) {
+	s := testSchema(t)
+	code := cuboidOf(t, s, "errors", "code")
+	now := testNow.UnixMilli()
+	db := openTest(t, t.TempDir(), s)
+	defer closeTest(t, db)
+	delta := Delta{Family: "errors", Cuboid: code, Values: []string{"500"}, Time: now - 11*3600e3, Sum: 1, Count: 1}
+	if _, err := db.Apply(nil, 0, []Delta{delta}); err != nil {
+		t.Fatal(err)
+	}
+	r := db.res[1]
+	key := presenceKey{r.stepSec, r.Row(delta.Time), db.families["errors"].id, code}.append(nil)
+	if err := db.pdb.Set(key, []byte{0x3b, 0x30, 0xff}, pebble.Sync); err != nil {
+		t.Fatal(err)
+	}
+	clear(db.presence.cache)
+	if _, err := db.RunRetention(); err != nil {
+		t.Fatal(err) // the finest row expired; the corrupt bitmap is not read
+	}
+	db.opts.now = func() time.Time { return testNow.Add(3 * 24 * time.Hour) }
+	_, err := db.RunRetention()
+	if !isCorruptNaming(err, key) {
+		t.Fatalf("retention: got %v, want ErrCorrupt naming %x", err, key)
+	}
+	db.opts.now = func() time.Time { return testNow }
+	_, err = db.LabelValues("errors", code, "code", delta.Time, delta.Time, 0, nil)
+	if !isCorruptNaming(err, key) {
+		t.Fatalf("label values: got %v, want ErrCorrupt naming %x", err, key)
+	}
+	delta.Values = []string{"502"}
+	_, err = db.Apply(nil, 0, []Delta{delta})
+	if !isCorruptNaming(err, key) {
+		t.Fatalf("apply: got %v, want ErrCorrupt naming %x", err, key)
+	}
+}
+
 // TestOpenRefuses covers stores Open must not use.
 func TestOpenRefuses(t *testing.T) {
 	s := testSchema(t)
@@ -75,9 +117,9 @@ func TestOpenRefuses(t *testing.T) {
 		{
 			name: "unknown format version",
 			prepare: func(t *testing.T, dir string) {
-				rawSet(t, dir, metaFormatKey, []byte{2})
+				rawSet(t, dir, metaFormatKey, []byte{1})
 			},
-			want: "format version 2",
+			want: "format version 1; this binary reads only version 2",
 		},
 		{
 			name: "garbage format record",
@@ -108,10 +150,27 @@ func TestOpenRefuses(t *testing.T) {
 			corrupt: true,
 		},
 		{
-			name: "cell dictionary gap",
+			name: "cell without postings",
 			prepare: func(t *testing.T, dir string) {
-				rawSet(t, dir, appendCellKey(nil, 0, 0, 1), appendCellValues(nil, nil))
+				rawSet(t, dir, appendCellKey(nil, 1, 1, 4), appendCellValues(nil, []string{"500"}))
 			},
+			want:    "cover 0 cells, the dictionary holds 1",
+			corrupt: true,
+		},
+		{
+			name: "garbage postings",
+			prepare: func(t *testing.T, dir string) {
+				rawSet(t, dir, appendPostingsKey(nil, 1, 1, 0, "500"), []byte{0x3a, 0x30, 0, 0, 7})
+			},
+			want:    "postings " + hex.EncodeToString(appendPostingsKey(nil, 1, 1, 0, "500")),
+			corrupt: true,
+		},
+		{
+			name: "postings of an unknown cell",
+			prepare: func(t *testing.T, dir string) {
+				rawSet(t, dir, appendPostingsKey(nil, 1, 1, 0, "500"), appendBitmap(nil, roaring.BitmapOf(3)))
+			},
+			want:    "names cells the dictionary does not hold",
 			corrupt: true,
 		},
 		{

@@ -10,6 +10,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/RoaringBitmap/roaring/v2"
 	"github.com/cockroachdb/pebble/v2"
 	"github.com/cockroachdb/pebble/v2/bloom"
 	"github.com/dimsum/dimsum/schema"
@@ -36,8 +37,10 @@ type DB struct {
 	pdb     *pebble.DB
 	metrics *metrics
 
-	// families are the schema's families by name; fixed after Open.
+	// families are the schema's families by name, and byID by their
+	// stored ID; fixed after Open.
 	families map[string]*familyState
+	byID     map[uint16]*familyState
 	// res holds, per schema resolution, its step and row span in the units
 	// the hot paths need.
 	res []resolution
@@ -58,6 +61,14 @@ type DB struct {
 		keyBuf  []byte // dictionary and idempotency keys
 		rowBuf  []byte // the row operand being encoded
 		touched []*cellDict
+	}
+	// presence caches presence bitmaps for Apply; guarded by apply.
+	presence presence
+
+	// retention runs the periodic retention pass.
+	retention struct {
+		stop chan struct{}
+		done chan struct{}
 	}
 }
 
@@ -87,38 +98,6 @@ func (f *familyState) cuboid(id schema.CuboidID) *cellDict {
 	return f.cuboids[id]
 }
 
-// cellDict maps the cells of one (family, cuboid) to dense uint32 IDs.
-// Apply assigns an ID to a new cell and writes the assignment in the batch
-// that carries the cell's first data, so a cell ID on disk always has its
-// dictionary entry. Readers see a new cell only once that batch committed.
-type cellDict struct {
-	fam    uint16
-	cuboid schema.CuboidID
-	labels []string
-
-	// ids maps a cell's encoded values (appendCellValues) to its ID. Only
-	// Open and Apply (under DB.apply) touch it.
-	ids map[string]uint32
-
-	mu sync.RWMutex
-	// keys holds the encoded values of each cell, by ID, and values their
-	// split form, substrings of the key. Entries at and beyond visible
-	// belong to an Apply in flight: they are never shown to readers, and
-	// they are dropped if its batch fails to commit. Apply appends under mu;
-	// readers copy the slice headers under mu and read without it, since
-	// entries below visible never change.
-	keys    []string
-	values  [][]string
-	visible int
-}
-
-// snapshot returns the committed cells, by ID.
-func (d *cellDict) snapshot() [][]string {
-	d.mu.RLock()
-	defer d.mu.RUnlock()
-	return d.values[:d.visible]
-}
-
 // Open opens or creates the store in opts.Dir.
 func Open(opts Options) (*DB, error) {
 	opts.EnsureDefaults()
@@ -129,6 +108,7 @@ func Open(opts Options) (*DB, error) {
 		opts:     opts,
 		log:      opts.Logger,
 		families: make(map[string]*familyState, len(opts.Schema.Families)),
+		byID:     make(map[uint16]*familyState, len(opts.Schema.Families)),
 	}
 	for _, r := range opts.Schema.Resolutions {
 		db.res = append(db.res, resolution{
@@ -157,6 +137,18 @@ func Open(opts Options) (*DB, error) {
 		m.unregister()
 		return nil, err
 	}
+	cuboids := 0
+	for _, fs := range db.families {
+		cuboids += len(fs.cuboids)
+	}
+	db.presence = presence{
+		// Four rows of every resolution and cuboid: the current row, the
+		// previous one for late deltas, and room for stragglers.
+		limit:  4 * len(db.res) * cuboids,
+		cache:  map[presenceKey]*roaring.Bitmap{},
+		staged: map[presenceKey]*roaring.Bitmap{},
+	}
+	db.startRetention()
 	return db, nil
 }
 
@@ -183,16 +175,18 @@ func pebbleOptions(cache *pebble.Cache, log *slog.Logger) *pebble.Options {
 }
 
 // load checks the format version, then loads the family and cell
-// dictionaries.
+// dictionaries and the postings.
 func (db *DB) load() error {
 	if err := db.checkFormat(); err != nil {
 		return err
 	}
-	byID, err := db.loadFamilies()
-	if err != nil {
+	if err := db.loadFamilies(); err != nil {
 		return err
 	}
-	return db.loadCells(byID)
+	if err := db.loadCells(); err != nil {
+		return err
+	}
+	return db.loadPostings()
 }
 
 func (db *DB) checkFormat() error {
@@ -225,7 +219,7 @@ func (db *DB) checkFormat() error {
 		return fmt.Errorf("%w: format record %x holds %x", ErrCorrupt, metaFormatKey, v)
 	}
 	if got != formatVersion {
-		return fmt.Errorf("tsdb: %s has format version %d; this binary reads only version %d (docs/format/tsdb.md)", db.opts.Dir, got, formatVersion)
+		return fmt.Errorf("tsdb: %s has format version %d; this binary reads only version %d and has no migration from it: start from an empty directory (docs/format/tsdb.md)", db.opts.Dir, got, formatVersion)
 	}
 	return nil
 }
@@ -243,7 +237,7 @@ func appendFamilyRecord(dst []byte, id uint16, fam *schema.Family) []byte {
 	return appendCellValues(dst, dims)
 }
 
-func (db *DB) loadFamilies() (map[uint16]*familyState, error) {
+func (db *DB) loadFamilies() error {
 	type stored struct {
 		id     uint16
 		record []byte
@@ -253,29 +247,28 @@ func (db *DB) loadFamilies() (map[uint16]*familyState, error) {
 	next := 0
 	iter, err := db.pdb.NewIter(&pebble.IterOptions{LowerBound: []byte{prefixFamily}, UpperBound: []byte{prefixFamily + 1}})
 	if err != nil {
-		return nil, fmt.Errorf("tsdb: cannot read the family dictionary: %w", err)
+		return fmt.Errorf("tsdb: cannot read the family dictionary: %w", err)
 	}
 	for valid := iter.First(); valid; valid = iter.Next() {
 		name := string(iter.Key()[1:])
 		v := iter.Value()
 		if len(v) < 3 {
 			_ = iter.Close()
-			return nil, fmt.Errorf("%w: family record %x holds %x", ErrCorrupt, iter.Key(), v)
+			return fmt.Errorf("%w: family record %x holds %x", ErrCorrupt, iter.Key(), v)
 		}
 		id := binary.BigEndian.Uint16(v)
 		if other, dup := used[id]; dup {
 			_ = iter.Close()
-			return nil, fmt.Errorf("%w: families %q and %q share ID %d", ErrCorrupt, other, name, id)
+			return fmt.Errorf("%w: families %q and %q share ID %d", ErrCorrupt, other, name, id)
 		}
 		used[id] = name
 		byName[name] = stored{id: id, record: slices.Clone(v)}
 		next = max(next, int(id)+1)
 	}
 	if err := errors.Join(iter.Error(), iter.Close()); err != nil {
-		return nil, fmt.Errorf("tsdb: cannot read the family dictionary: %w", err)
+		return fmt.Errorf("tsdb: cannot read the family dictionary: %w", err)
 	}
 
-	byID := map[uint16]*familyState{}
 	b := db.pdb.NewBatch()
 	defer b.Close()
 	for _, fam := range db.opts.Schema.Families {
@@ -283,30 +276,30 @@ func (db *DB) loadFamilies() (map[uint16]*familyState, error) {
 		if ok {
 			want := appendFamilyRecord(nil, st.id, fam)
 			if string(want) != string(st.record) {
-				return nil, fmt.Errorf("tsdb: family %q: the schema changed its kind or dimensions since its data was written (stored record %x, schema's %x); give the new definition a new family name", fam.Name, st.record, want)
+				return fmt.Errorf("tsdb: family %q: the schema changed its kind or dimensions since its data was written (stored record %x, schema's %x); give the new definition a new family name", fam.Name, st.record, want)
 			}
 		} else {
 			if next > math.MaxUint16 {
-				return nil, fmt.Errorf("tsdb: family %q: no family ID left", fam.Name)
+				return fmt.Errorf("tsdb: family %q: no family ID left", fam.Name)
 			}
 			st = stored{id: uint16(next)}
 			next++
 			if err := b.Set(appendFamilyKey(nil, fam.Name), appendFamilyRecord(nil, st.id, fam), nil); err != nil {
-				return nil, err
+				return err
 			}
 			db.log.Info("added family", "family", fam.Name, "id", st.id)
 		}
 		cuboids := fam.Cuboids()
 		fs := &familyState{id: st.id, fam: fam, cuboids: make([]*cellDict, len(cuboids))}
 		for _, c := range cuboids {
-			fs.cuboids[c.ID] = &cellDict{fam: st.id, cuboid: c.ID, labels: c.Labels, ids: map[string]uint32{}}
+			fs.cuboids[c.ID] = newCellDict(st.id, c)
 		}
 		db.families[fam.Name] = fs
-		byID[st.id] = fs
+		db.byID[st.id] = fs
 	}
 	if !b.Empty() {
 		if err := b.Commit(pebble.Sync); err != nil {
-			return nil, fmt.Errorf("tsdb: cannot write the family dictionary: %w", err)
+			return fmt.Errorf("tsdb: cannot write the family dictionary: %w", err)
 		}
 	}
 	for name := range byName {
@@ -314,66 +307,20 @@ func (db *DB) loadFamilies() (map[uint16]*familyState, error) {
 			db.log.Info("stored family is not in the schema; its data is kept but not served", "family", name)
 		}
 	}
-	return byID, nil
-}
-
-func (db *DB) loadCells(byID map[uint16]*familyState) error {
-	iter, err := db.pdb.NewIter(&pebble.IterOptions{LowerBound: []byte{prefixCell}, UpperBound: []byte{prefixCell + 1}})
-	if err != nil {
-		return fmt.Errorf("tsdb: cannot read the cell dictionary: %w", err)
-	}
-	defer iter.Close()
-	total := 0
-	for valid := iter.First(); valid; valid = iter.Next() {
-		famID, cuboid, cell, err := parseCellKey(iter.Key())
-		if err != nil {
-			return fmt.Errorf("%w: cell dictionary key %x: %v", ErrCorrupt, iter.Key(), err)
-		}
-		fs := byID[famID]
-		if fs == nil {
-			continue // a family no longer in the schema
-		}
-		d := fs.cuboid(cuboid)
-		if d == nil {
-			// loadFamilies checked the dimensions, which fix the cuboids.
-			return fmt.Errorf("%w: cell dictionary key %x: family %q has no cuboid %d", ErrCorrupt, iter.Key(), fs.fam.Name, cuboid)
-		}
-		if cell != uint32(len(d.keys)) {
-			return fmt.Errorf("%w: cell dictionary key %x: cell %d follows %d cells", ErrCorrupt, iter.Key(), cell, len(d.keys))
-		}
-		key := string(iter.Value())
-		values, err := decodeCellValues(key)
-		if err == nil && len(values) != len(d.labels) {
-			err = fmt.Errorf("%d values for %d labels", len(values), len(d.labels))
-		}
-		if err != nil {
-			return fmt.Errorf("%w: cell dictionary entry %x: %v", ErrCorrupt, iter.Key(), err)
-		}
-		if _, dup := d.ids[key]; dup {
-			return fmt.Errorf("%w: cell dictionary entry %x repeats an earlier cell", ErrCorrupt, iter.Key())
-		}
-		d.ids[key] = cell
-		d.keys = append(d.keys, key)
-		d.values = append(d.values, values)
-		d.visible = len(d.keys)
-		total++
-	}
-	if err := iter.Error(); err != nil {
-		return fmt.Errorf("tsdb: cannot read the cell dictionary: %w", err)
-	}
-	db.metrics.cells.Set(float64(total))
-	db.log.Info("loaded cell dictionaries", "cells", total)
 	return nil
 }
 
 // Close closes the store. Methods called afterwards return ErrClosed.
 func (db *DB) Close() error {
 	db.state.Lock()
-	defer db.state.Unlock()
 	if db.state.closed {
+		db.state.Unlock()
 		return ErrClosed
 	}
 	db.state.closed = true
+	db.state.Unlock()
+	// A pass in flight finishes first; none starts after closed is set.
+	db.stopRetention()
 	db.metrics.unregister()
 	if err := db.pdb.Close(); err != nil {
 		return fmt.Errorf("tsdb: cannot close pebble: %w", err)

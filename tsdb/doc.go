@@ -5,8 +5,12 @@
 // Combiners write with Apply, which turns a partial cube into Pebble merge
 // operands in one atomic, fsynced batch: ingest never reads a row, and a
 // retried batch with the same idempotency key is applied once. Queries list
-// cells with Cells, which evaluates Prometheus label matchers, and read their
-// steps with Steps.
+// cells with Cells, which evaluates Prometheus label matchers on Roaring
+// postings, read the steps of one cell with Steps or of many cells of a
+// cuboid in one pass with Scan, and serve label names and values with
+// LabelNames and LabelValues. A periodic retention pass (RunRetention)
+// deletes expired rows with range deletions and forgets the cells left
+// without data.
 //
 //	db, err := tsdb.Open(tsdb.Options{Dir: dir, Schema: schema.Default()})
 //	if err != nil { ... }
@@ -27,7 +31,13 @@
 //		...
 //	}
 //
-// The on-disk layout (key kinds, the row encoding, the format version and
-// the merge operator's name) is described byte by byte in
+//	// Every cell of the cuboid over the last hour, one callback per cell.
+//	err = db.Scan(0, "requests", finest.ID, nil, now-3600e3, now, func(cell uint32, steps []tsdb.Step) error {
+//		...
+//	})
+//
+// The on-disk layout (key kinds and their order, postings, presence, the row
+// encoding, the format version, retention and what memory holds) is
+// described byte by byte in
 // docs/format/tsdb.md; the code refers to it where it encodes or decodes.
 package tsdb

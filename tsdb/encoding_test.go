@@ -12,6 +12,7 @@ import (
 	"slices"
 	"testing"
 
+	"github.com/RoaringBitmap/roaring/v2"
 	"github.com/dimsum/dimsum/schema"
 )
 
@@ -39,6 +40,23 @@ var goldenRows = []struct {
 	{"largest count", []slotValue{{1, 1, math.MaxUint64}}},
 }
 
+// goldenBitmaps are the postings and presence values the golden file pins;
+// the fuzz test starts from them too.
+var goldenBitmaps = []struct {
+	name string
+	ids  []uint32
+}{
+	{"one cell", []uint32{7}},
+	{"sparse", []uint32{0, 3, 70000, math.MaxUint32}},
+	{"a run", func() []uint32 {
+		var ids []uint32
+		for i := range uint32(1000) {
+			ids = append(ids, 100+i)
+		}
+		return ids
+	}()},
+}
+
 // TestGolden pins every key kind and the row encoding byte for byte: a
 // change here is a change of the on-disk format (docs/format/tsdb.md) and
 // needs a new format version. Run with -rewrite to regenerate, then review
@@ -52,9 +70,13 @@ func TestGolden(t *testing.T) {
 	buf.WriteString("# keys\n")
 	line("format key", metaFormatKey)
 	line("family key requests", appendFamilyKey(nil, "requests"))
-	line("data key 10s fam1 cuboid15 cell42 row0", k(makeDataKey(10, 1, 15, 42, 0)))
-	line("data key 10s fam1 cuboid15 cell42 row-1", k(makeDataKey(10, 1, 15, 42, -1)))
-	line("data key 1h fam65535 c65535 cell2^32-1", k(makeDataKey(3600, 65535, 65535, math.MaxUint32, 492887)))
+	line("data key 10s row0 fam1 cuboid15 cell42", k(makeDataKey(10, 0, 1, 15, 42)))
+	line("data key 10s row-1 fam1 cuboid15 cell42", k(makeDataKey(10, -1, 1, 15, 42)))
+	line("data key 1h row492887 f65535 c65535 cellmax", k(makeDataKey(3600, 492887, 65535, 65535, math.MaxUint32)))
+	line("presence key 10s row492887 fam1 cuboid15", presenceKey{10, 492887, 1, 15}.append(nil))
+	line("presence key 1h row-1 fam65535 c65535", presenceKey{3600, -1, 65535, 65535}.append(nil))
+	line("postings key fam1 cuboid15 label2 h1", appendPostingsKey(nil, 1, 15, 2, "h1"))
+	line("postings key fam1 cuboid15 label0 empty", appendPostingsKey(nil, 1, 15, 0, ""))
 	line("cell key fam1 cuboid15 cell42", appendCellKey(nil, 1, 15, 42))
 	line("idem time key 1700000000000 agg-1/7", appendIdemTimeKey(nil, 1700000000000, []byte("agg-1/7")))
 	line("idem key agg-1/7", appendIdemKey(nil, []byte("agg-1/7")))
@@ -63,6 +85,14 @@ func TestGolden(t *testing.T) {
 	line("family record id1 requests", appendFamilyRecord(nil, 1, fam))
 	line("cell values dc1,,h1", appendCellValues(nil, []string{"dc1", "", "h1"}))
 	line("idem key record 1700000000000", binary.BigEndian.AppendUint64(nil, flipSign(1700000000000)))
+	for _, g := range goldenBitmaps {
+		b := appendBitmap(nil, roaring.BitmapOf(g.ids...))
+		line("bitmap "+g.name, b)
+		got, err := decodeBitmap(b)
+		if err != nil || !slices.Equal(got.ToArray(), g.ids) {
+			t.Fatalf("bitmap %s: decoded %v, %v", g.name, got, err)
+		}
+	}
 	buf.WriteString("# rows\n")
 	for _, r := range goldenRows {
 		b := encodeRow(r.slots...)
@@ -98,25 +128,45 @@ func TestDataKeyOrder(t *testing.T) {
 	// Rows must sort by time across the sign change, and the fields in the
 	// documented order.
 	keys := []dataKey{
-		makeDataKey(1, 0, 0, 0, math.MinInt64),
-		makeDataKey(1, 0, 0, 0, -1),
+		makeDataKey(1, math.MinInt64, 0, 0, 0),
+		makeDataKey(1, math.MinInt64, 0, 0, 1),
+		makeDataKey(1, math.MinInt64, 0, 1, 0),
+		makeDataKey(1, math.MinInt64, 1, 0, 0),
+		makeDataKey(1, -1, 0, 0, 0),
 		makeDataKey(1, 0, 0, 0, 0),
-		makeDataKey(1, 0, 0, 0, math.MaxInt64),
-		makeDataKey(1, 0, 0, 1, math.MinInt64),
-		makeDataKey(1, 0, 1, 0, 0),
-		makeDataKey(1, 1, 0, 0, 0),
-		makeDataKey(10, 0, 0, 0, 0),
+		makeDataKey(1, math.MaxInt64, 0, 0, 0),
+		makeDataKey(10, math.MinInt64, 0, 0, 0),
 	}
 	if !slices.IsSortedFunc(keys, func(a, b dataKey) int { return bytes.Compare(a[:], b[:]) }) {
-		t.Fatal("data keys do not sort in (step, family, cuboid, cell, row) order")
+		t.Fatal("data keys do not sort in (step, row, family, cuboid, cell) order")
 	}
 	for _, key := range keys {
 		p, err := parseDataKey(key[:])
 		if err != nil {
 			t.Fatal(err)
 		}
-		if makeDataKey(p.stepSec, p.fam, p.cuboid, p.cell, p.row) != key {
+		if makeDataKey(p.stepSec, p.row, p.fam, p.cuboid, p.cell) != key {
 			t.Fatalf("%x does not round-trip: %+v", key, p)
+		}
+		// The presence key of a row is the data key's head, so both
+		// sort alike and retention deletes both with the same bounds.
+		pk := presenceOf(&key)
+		if enc := pk.append(nil); !bytes.Equal(enc[1:], key[1:presenceKeyLen]) {
+			t.Fatalf("presence key %x is not the head of data key %x", enc, key)
+		}
+		if got, err := parsePresenceKey(pk.append(nil)); err != nil || got != pk {
+			t.Fatalf("presence key %+v does not round-trip: %+v, %v", pk, got, err)
+		}
+		lo := appendRowBound(nil, prefixData, p.stepSec, p.row)
+		hi := appendRowBound(nil, prefixData, p.stepSec, p.row+1)
+		if bytes.Compare(lo, key[:]) > 0 || (p.row < math.MaxInt64 && bytes.Compare(key[:], hi) >= 0) {
+			t.Fatalf("row bounds [%x, %x) do not hold %x", lo, hi, key)
+		}
+	}
+	for _, v := range []string{"", "h1", "\x00\xff"} {
+		fam, cuboid, label, value, err := parsePostingsKey(appendPostingsKey(nil, 3, 4, 5, v))
+		if err != nil || fam != 3 || cuboid != 4 || label != 5 || value != v {
+			t.Fatalf("postings key of %q does not round-trip: %d %d %d %q %v", v, fam, cuboid, label, value, err)
 		}
 	}
 }
@@ -229,5 +279,32 @@ func FuzzDecodeRow(f *testing.F) {
 func slotsEqual(a, b []slotValue) bool {
 	return slices.EqualFunc(a, b, func(x, y slotValue) bool {
 		return x.slot == y.slot && x.count == y.count && math.Float64bits(x.sum) == math.Float64bits(y.sum)
+	})
+}
+
+// FuzzDecodeBitmap feeds arbitrary bytes to the decoder of postings and
+// presence values: it must never panic, and whatever it accepts must
+// re-encode to a value that decodes to the same set.
+func FuzzDecodeBitmap(f *testing.F) {
+	for _, g := range goldenBitmaps {
+		f.Add(appendBitmap(nil, roaring.BitmapOf(g.ids...)))
+	}
+	f.Add([]byte{})
+	f.Add([]byte{0x3b, 0x30, 0, 0, 0xff, 0xff})
+	f.Fuzz(func(t *testing.T, b []byte) {
+		got, err := decodeBitmap(b)
+		if err != nil {
+			return
+		}
+		if got.IsEmpty() {
+			t.Fatal("decoded an empty set")
+		}
+		again, err := decodeBitmap(appendBitmap(nil, got.Clone()))
+		if err != nil {
+			t.Fatalf("re-encoding does not decode: %v", err)
+		}
+		if !again.Equals(got) {
+			t.Fatalf("round trip: %v, want %v", again, got)
+		}
 	})
 }

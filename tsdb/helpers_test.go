@@ -37,7 +37,14 @@ func testSchema(t testing.TB) *schema.Schema {
 
 func openTest(t testing.TB, dir string, s *schema.Schema) *DB {
 	t.Helper()
-	db, err := Open(Options{Dir: dir, Schema: s, NoSync: true, now: func() time.Time { return testNow }})
+	return openTestAt(t, dir, s, func() time.Time { return testNow })
+}
+
+// openTestAt opens a test DB with the given clock and no periodic retention
+// pass: tests run passes with RunRetention.
+func openTestAt(t testing.TB, dir string, s *schema.Schema, now func() time.Time) *DB {
+	t.Helper()
+	db, err := Open(Options{Dir: dir, Schema: s, NoSync: true, RetentionInterval: -1, now: now})
 	if err != nil {
 		t.Fatal(err)
 	}

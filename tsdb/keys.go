@@ -1,10 +1,12 @@
 package tsdb
 
 import (
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
 
+	"github.com/RoaringBitmap/roaring/v2"
 	"github.com/dimsum/dimsum/schema"
 )
 
@@ -18,21 +20,26 @@ const (
 	prefixCell     byte = 0x02 // 0x02 | family ID | cuboid | cell ID → cell values
 	prefixIdemTime byte = 0x03 // 0x03 | keyTime | idempotency key → empty
 	prefixIdemKey  byte = 0x04 // 0x04 | idempotency key → keyTime
-	prefixData     byte = 0x10 // 0x10 | step | family ID | cuboid | cell ID | row → row value
+	prefixPostings byte = 0x05 // 0x05 | family ID | cuboid | label | value → cell IDs
+	prefixPresence byte = 0x06 // 0x06 | step | row | family ID | cuboid → cell IDs
+	prefixData     byte = 0x10 // 0x10 | step | row | family ID | cuboid | cell ID → row value
 )
 
 // formatVersion is the version of the layout described in
 // docs/format/tsdb.md. Open writes it into an empty store and refuses any
 // other value, so that a binary never misreads a layout it does not know.
-const formatVersion = 1
+// Version 1 ordered data keys cell-major and had no postings or presence.
+const formatVersion = 2
 
 // metaFormatKey is the key of the format-version record.
 var metaFormatKey = []byte{prefixMeta, 'f', 'o', 'r', 'm', 'a', 't'}
 
 // Fixed widths of the key fields.
 const (
-	dataKeyLen = 1 + 4 + 2 + 2 + 4 + 8
-	cellKeyLen = 1 + 2 + 2 + 4
+	dataKeyLen     = 1 + 4 + 8 + 2 + 2 + 4
+	cellKeyLen     = 1 + 2 + 2 + 4
+	presenceKeyLen = 1 + 4 + 8 + 2 + 2
+	postingsKeyMin = 1 + 2 + 2 + 1
 )
 
 // dataKey is a data key held by value, so that Apply can sort thousands of
@@ -45,28 +52,30 @@ func flipSign(v int64) uint64 { return uint64(v) ^ (1 << 63) }
 
 func unflipSign(u uint64) int64 { return int64(u ^ (1 << 63)) }
 
-// makeDataKey builds the key of one row of one cell at one resolution.
-// stepSec is the resolution's step in seconds rather than its index in the
-// schema, so that adding or removing a resolution never makes old rows read
-// as another resolution's (docs/format/tsdb.md, "Data rows").
-func makeDataKey(stepSec uint32, fam uint16, cuboid schema.CuboidID, cell uint32, row int64) dataKey {
+// makeDataKey builds the key of one row of one cell at one resolution. The
+// order is time-partitioned: (resolution, row, family, cuboid, cell), chosen
+// by BenchmarkKeyLayout (docs/format/tsdb.md, "Data rows"). stepSec is the
+// resolution's step in seconds rather than its index in the schema, so that
+// adding or removing a resolution never makes old rows read as another
+// resolution's.
+func makeDataKey(stepSec uint32, row int64, fam uint16, cuboid schema.CuboidID, cell uint32) dataKey {
 	var k dataKey
 	k[0] = prefixData
 	binary.BigEndian.PutUint32(k[1:5], stepSec)
-	binary.BigEndian.PutUint16(k[5:7], fam)
-	binary.BigEndian.PutUint16(k[7:9], uint16(cuboid))
-	binary.BigEndian.PutUint32(k[9:13], cell)
-	binary.BigEndian.PutUint64(k[13:21], flipSign(row))
+	binary.BigEndian.PutUint64(k[5:13], flipSign(row))
+	binary.BigEndian.PutUint16(k[13:15], fam)
+	binary.BigEndian.PutUint16(k[15:17], uint16(cuboid))
+	binary.BigEndian.PutUint32(k[17:21], cell)
 	return k
 }
 
 // parsedDataKey is a data key split into its fields.
 type parsedDataKey struct {
 	stepSec uint32
+	row     int64
 	fam     uint16
 	cuboid  schema.CuboidID
 	cell    uint32
-	row     int64
 }
 
 var errBadKey = errors.New("malformed key")
@@ -77,11 +86,75 @@ func parseDataKey(k []byte) (parsedDataKey, error) {
 	}
 	return parsedDataKey{
 		stepSec: binary.BigEndian.Uint32(k[1:5]),
-		fam:     binary.BigEndian.Uint16(k[5:7]),
-		cuboid:  schema.CuboidID(binary.BigEndian.Uint16(k[7:9])),
-		cell:    binary.BigEndian.Uint32(k[9:13]),
-		row:     unflipSign(binary.BigEndian.Uint64(k[13:21])),
+		row:     unflipSign(binary.BigEndian.Uint64(k[5:13])),
+		fam:     binary.BigEndian.Uint16(k[13:15]),
+		cuboid:  schema.CuboidID(binary.BigEndian.Uint16(k[15:17])),
+		cell:    binary.BigEndian.Uint32(k[17:21]),
 	}, nil
+}
+
+// appendRowBound appends the first key of a row of one resolution under
+// prefix (prefixData or prefixPresence): every key of that row and later
+// rows sorts at or after it, every key of earlier rows before it.
+func appendRowBound(dst []byte, prefix byte, stepSec uint32, row int64) []byte {
+	dst = append(dst, prefix)
+	dst = binary.BigEndian.AppendUint32(dst, stepSec)
+	return binary.BigEndian.AppendUint64(dst, flipSign(row))
+}
+
+// presenceKey names the presence bitmap of one (resolution, row, family,
+// cuboid): the cells that have data in that row.
+type presenceKey struct {
+	stepSec uint32
+	row     int64
+	fam     uint16
+	cuboid  schema.CuboidID
+}
+
+func (p presenceKey) append(dst []byte) []byte {
+	dst = appendRowBound(dst, prefixPresence, p.stepSec, p.row)
+	dst = binary.BigEndian.AppendUint16(dst, p.fam)
+	return binary.BigEndian.AppendUint16(dst, uint16(p.cuboid))
+}
+
+func parsePresenceKey(k []byte) (presenceKey, error) {
+	if len(k) != presenceKeyLen || k[0] != prefixPresence {
+		return presenceKey{}, errBadKey
+	}
+	return presenceKey{
+		stepSec: binary.BigEndian.Uint32(k[1:5]),
+		row:     unflipSign(binary.BigEndian.Uint64(k[5:13])),
+		fam:     binary.BigEndian.Uint16(k[13:15]),
+		cuboid:  schema.CuboidID(binary.BigEndian.Uint16(k[15:17])),
+	}, nil
+}
+
+// presenceOf returns the presence key of the row a data key belongs to.
+func presenceOf(k *dataKey) presenceKey {
+	return presenceKey{
+		stepSec: binary.BigEndian.Uint32(k[1:5]),
+		row:     unflipSign(binary.BigEndian.Uint64(k[5:13])),
+		fam:     binary.BigEndian.Uint16(k[13:15]),
+		cuboid:  schema.CuboidID(binary.BigEndian.Uint16(k[15:17])),
+	}
+}
+
+// appendPostingsKey appends the key of the postings of one label value:
+// label is the label's index in schema.Cuboid.Labels, and the value's bytes
+// are the rest of the key, so a label's values sort bytewise.
+func appendPostingsKey(dst []byte, fam uint16, cuboid schema.CuboidID, label int, value string) []byte {
+	dst = append(dst, prefixPostings)
+	dst = binary.BigEndian.AppendUint16(dst, fam)
+	dst = binary.BigEndian.AppendUint16(dst, uint16(cuboid))
+	dst = append(dst, byte(label))
+	return append(dst, value...)
+}
+
+func parsePostingsKey(k []byte) (fam uint16, cuboid schema.CuboidID, label int, value string, err error) {
+	if len(k) < postingsKeyMin || k[0] != prefixPostings {
+		return 0, 0, 0, "", errBadKey
+	}
+	return binary.BigEndian.Uint16(k[1:3]), schema.CuboidID(binary.BigEndian.Uint16(k[3:5])), int(k[5]), string(k[6:]), nil
 }
 
 // appendFamilyKey appends the family-dictionary key of a family name.
@@ -176,4 +249,43 @@ func stringUvarint(s string) (uint64, string, error) {
 		}
 	}
 	return 0, s, errors.New("truncated uvarint")
+}
+
+// appendBitmap appends a set of cell IDs in the portable Roaring format
+// (github.com/RoaringBitmap/RoaringFormatSpec), run-optimized. It is the
+// value of postings and presence keys.
+func appendBitmap(dst []byte, b *roaring.Bitmap) []byte {
+	b.RunOptimize()
+	w := bytes.NewBuffer(dst)
+	// Writing to a bytes.Buffer cannot fail.
+	_, _ = b.WriteTo(w)
+	return w.Bytes()
+}
+
+// decodeBitmap decodes a value made by appendBitmap into a bitmap that owns
+// its memory. It refuses trailing bytes, an empty set (never stored: an
+// empty postings list or presence bitmap is deleted) and any structure
+// Roaring's own validation rejects; a panic of the Roaring decoder on
+// hostile bytes is reported as an error too.
+func decodeBitmap(v []byte) (b *roaring.Bitmap, err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			b, err = nil, fmt.Errorf("roaring decoder: %v", r)
+		}
+	}()
+	b = roaring.New()
+	n, err := b.ReadFrom(bytes.NewReader(v))
+	switch {
+	case err != nil:
+		return nil, err
+	case n != int64(len(v)):
+		return nil, fmt.Errorf("%d trailing bytes", int64(len(v))-n)
+	}
+	if err := b.Validate(); err != nil {
+		return nil, err
+	}
+	if b.IsEmpty() {
+		return nil, errors.New("empty set")
+	}
+	return b, nil
 }

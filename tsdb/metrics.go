@@ -19,6 +19,13 @@ type metrics struct {
 	cells          prometheus.Gauge
 	corruptions    prometheus.Counter
 	applyDurations prometheus.Histogram
+
+	retentionPasses    prometheus.Counter
+	retentionErrors    prometheus.Counter
+	retentionDurations prometheus.Histogram
+	rowsDeleted        prometheus.Counter
+	cellsForgotten     prometheus.Counter
+	idempotencyPruned  prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
@@ -54,7 +61,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		}),
 		cells: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "dimsum_tsdb_cells",
-			Help: "Cells in the in-memory cell dictionaries of the schema's families.",
+			Help: "Live cells in the in-memory cell dictionaries of the schema's families.",
 		}),
 		corruptions: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "dimsum_tsdb_corruptions_total",
@@ -65,10 +72,37 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Help:    "Time an Apply takes, including the wait for the fsync.",
 			Buckets: prometheus.ExponentialBuckets(0.0001, 4, 10),
 		}),
+		retentionPasses: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "dimsum_tsdb_retention_passes_total",
+			Help: "Retention passes completed.",
+		}),
+		retentionErrors: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "dimsum_tsdb_retention_errors_total",
+			Help: "Retention passes that failed; the next pass retries their work.",
+		}),
+		retentionDurations: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "dimsum_tsdb_retention_duration_seconds",
+			Help:    "Time a retention pass takes, during which Apply waits.",
+			Buckets: prometheus.ExponentialBuckets(0.001, 4, 10),
+		}),
+		rowsDeleted: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "dimsum_tsdb_retention_rows_deleted_total",
+			Help: "Rows of one (resolution, family, cuboid) deleted by retention, each with all its cells' data.",
+		}),
+		cellsForgotten: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "dimsum_tsdb_cells_forgotten_total",
+			Help: "Cells removed from the dictionaries and postings because retention left them no data.",
+		}),
+		idempotencyPruned: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "dimsum_tsdb_idempotency_keys_pruned_total",
+			Help: "Idempotency keys forgotten because they are older than the idempotency horizon.",
+		}),
 	}
 	m.collectors = []prometheus.Collector{
 		m.applies, m.duplicates, m.applyErrors, m.deltas, m.expired, m.operands,
 		m.cellsCreated, m.cells, m.corruptions, m.applyDurations,
+		m.retentionPasses, m.retentionErrors, m.retentionDurations, m.rowsDeleted,
+		m.cellsForgotten, m.idempotencyPruned,
 	}
 	if reg == nil {
 		return m, nil

@@ -15,6 +15,10 @@ import (
 // zero.
 const DefaultCacheSize = 64 << 20
 
+// DefaultRetentionInterval is the period of the retention pass when
+// Options.RetentionInterval is zero.
+const DefaultRetentionInterval = 10 * time.Minute
+
 // Options configure a DB. The zero value plus Dir and Schema works: call
 // EnsureDefaults (Open does) and Validate.
 type Options struct {
@@ -49,6 +53,21 @@ type Options struct {
 	// recently read sstable blocks. The default is 64 MiB.
 	CacheSize int64
 
+	// RetentionInterval is how often the retention pass runs (RunRetention):
+	// it deletes the rows older than each resolution's retention, forgets
+	// the cells left without data and the old idempotency keys. A pass
+	// costs a few range deletions plus a read of presence bitmaps, not a
+	// scan of the data, so a short interval is cheap; the first pass runs
+	// one interval after Open, each with up to 10% jitter. The default is
+	// 10 minutes. A negative value disables the periodic pass.
+	RetentionInterval time.Duration
+
+	// IdempotencyHorizon is how long an idempotency key is remembered,
+	// counted from its keyTime: a batch retried later than that is applied
+	// again. The default, zero, is the longest retention of the schema,
+	// beyond which a retried batch's data would be dropped anyway.
+	IdempotencyHorizon time.Duration
+
 	// now returns the current time; tests set it to pin retention. The
 	// default is time.Now.
 	now func() time.Time
@@ -65,6 +84,14 @@ func (o *Options) EnsureDefaults() {
 	if o.now == nil {
 		o.now = time.Now
 	}
+	if o.RetentionInterval == 0 {
+		o.RetentionInterval = DefaultRetentionInterval
+	}
+	if o.IdempotencyHorizon == 0 && o.Schema != nil {
+		for _, r := range o.Schema.Resolutions {
+			o.IdempotencyHorizon = max(o.IdempotencyHorizon, r.Retention)
+		}
+	}
 }
 
 // Validate reports the first invalid field.
@@ -80,6 +107,8 @@ func (o *Options) Validate() error {
 		return fmt.Errorf("tsdb: Options.Schema has %d families, at most %d", len(o.Schema.Families), math.MaxUint16)
 	case o.CacheSize < 0:
 		return fmt.Errorf("tsdb: Options.CacheSize is %d, must not be negative", o.CacheSize)
+	case o.IdempotencyHorizon < 0:
+		return fmt.Errorf("tsdb: Options.IdempotencyHorizon is %v, must not be negative", o.IdempotencyHorizon)
 	}
 	for _, r := range o.Schema.Resolutions {
 		if r.Step < time.Second || r.Step%time.Second != 0 || r.Step/time.Second > math.MaxUint32 {

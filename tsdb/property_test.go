@@ -8,8 +8,10 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/dimsum/dimsum/schema"
+	"github.com/prometheus/prometheus/model/labels"
 )
 
 // modelKey addresses one cell-step in the in-memory model of the cube.
@@ -21,7 +23,9 @@ type modelKey struct {
 	t      int64  // step start
 }
 
-// model is the cube as a plain map: what the store must read back.
+// model is the cube as a plain map: what the store must read back. steps
+// holds every cell-step written and not yet deleted by a retention pass;
+// reads see only those within retention of now.
 type model struct {
 	s     *schema.Schema
 	now   int64
@@ -46,11 +50,29 @@ func (m *model) apply(deltas []Delta) {
 	}
 }
 
-// series returns the model's steps of one cell at one resolution, by time.
+// expire is a retention pass at m.now: whole rows that end before the
+// retention go.
+func (m *model) expire() {
+	for k := range m.steps {
+		r := m.s.Resolutions[k.res]
+		if r.Row(k.t) < r.Row(m.now-r.Retention.Milliseconds()) {
+			delete(m.steps, k)
+		}
+	}
+}
+
+// readable reports whether a step is within its resolution's retention.
+func (m *model) readable(k modelKey) bool {
+	r := m.s.Resolutions[k.res]
+	return k.t+r.Step.Milliseconds() > m.now-r.Retention.Milliseconds()
+}
+
+// series returns the model's readable steps of one cell at one resolution,
+// by time.
 func (m *model) series(res int, family string, cuboid schema.CuboidID, cell string) []Step {
 	var out []Step
 	for k, st := range m.steps {
-		if k.res == res && k.family == family && k.cuboid == cuboid && k.cell == cell {
+		if k.res == res && k.family == family && k.cuboid == cuboid && k.cell == cell && m.readable(k) {
 			out = append(out, st)
 		}
 	}
@@ -58,11 +80,16 @@ func (m *model) series(res int, family string, cuboid schema.CuboidID, cell stri
 	return out
 }
 
-// cells returns the model's cells of one cuboid.
+// cells returns the model's cells of one cuboid: those with a step in a
+// row that no retention pass deleted.
 func (m *model) cells(family string, cuboid schema.CuboidID) []string {
+	return m.cellsIn(family, cuboid, func(modelKey) bool { return true })
+}
+
+func (m *model) cellsIn(family string, cuboid schema.CuboidID, keep func(modelKey) bool) []string {
 	var out []string
 	for k := range m.steps {
-		if k.family == family && k.cuboid == cuboid && !slices.Contains(out, k.cell) {
+		if k.family == family && k.cuboid == cuboid && keep(k) && !slices.Contains(out, k.cell) {
 			out = append(out, k.cell)
 		}
 	}
@@ -116,7 +143,11 @@ type batch struct {
 
 // TestProperty applies random batches in random order, with retries, a
 // reopen and flushes along the way, and checks that every resolution reads
-// back what a plain map holds and that coarse steps sum their fine steps.
+// back what a plain map holds, through Steps and Scan, that coarse steps
+// sum their fine steps, and that random matchers and the label API select
+// what a brute-force evaluation over the model selects. Then it moves the
+// clock beyond each retention, runs retention passes, writes again (old
+// cells among the new) and checks the same, across reopens.
 func TestProperty(t *testing.T) {
 	for seed := uint64(1); seed <= 3; seed++ {
 		t.Run(fmt.Sprintf("seed=%d", seed), func(t *testing.T) {
@@ -128,35 +159,84 @@ func TestProperty(t *testing.T) {
 func testProperty(t *testing.T, seed uint64) {
 	rng := rand.New(rand.NewPCG(seed, seed*7919))
 	s := testSchema(t)
-	now := testNow.UnixMilli()
-	m := &model{s: s, now: now, steps: map[modelKey]Step{}}
+	clock := testNow
+	m := &model{s: s, now: clock.UnixMilli(), steps: map[modelKey]Step{}}
+	dir := t.TempDir()
+	open := func() *DB { return openTestAt(t, dir, s, func() time.Time { return clock }) }
+	db := open()
+	defer func() { _ = db.Close() }()
+	reopen := func() {
+		closeTest(t, db)
+		db = open()
+	}
+	hour := time.Hour
+	// Each round writes around the clock, then moves it on and runs a
+	// retention pass: beyond the finest retention (10h), the middle one
+	// (2d), and every one (30d), which forgets every cell written before.
+	for round, advance := range []time.Duration{11 * hour, 50 * hour, 31 * 24 * hour} {
+		applyRandom(t, func() *DB { return db }, m, rng, round, reopen)
+		verify(t, db, m, rng)
+		clock = clock.Add(advance)
+		m.now = clock.UnixMilli()
+		// Reads hide expired steps before any pass deletes them.
+		verify(t, db, m, rng)
+		st, err := db.RunRetention()
+		if err != nil {
+			t.Fatal(err)
+		}
+		before := 0
+		for _, fam := range s.Families {
+			for _, c := range fam.Cuboids() {
+				before += len(m.cells(fam.Name, c.ID))
+			}
+		}
+		m.expire()
+		after := 0
+		for _, fam := range s.Families {
+			for _, c := range fam.Cuboids() {
+				after += len(m.cells(fam.Name, c.ID))
+			}
+		}
+		if st.Rows == 0 || st.Cells != before-after || (round == 2 && (after != 0 || st.IdempotencyKeys == 0)) {
+			t.Fatalf("round %d: retention pass %+v; the model went from %d to %d cells", round, st, before, after)
+		}
+		verify(t, db, m, rng)
+		reopen()
+		verify(t, db, m, rng)
+	}
+	applyRandom(t, func() *DB { return db }, m, rng, 3, reopen)
+	verify(t, db, m, rng)
+	if err := db.pdb.Compact(context.Background(), []byte{0}, []byte{0xff}, false); err != nil {
+		t.Fatal(err)
+	}
+	verify(t, db, m, rng)
+	reopen()
+	verify(t, db, m, rng)
+}
 
+// applyRandom applies random batches at the model's clock, in random order,
+// with retries of keyed batches, a reopen halfway and flushes.
+func applyRandom(t *testing.T, db func() *DB, m *model, rng *rand.Rand, round int, reopen func()) {
+	t.Helper()
 	var batches []batch
-	for i := range 250 {
-		b := batch{keyTime: now - rng.Int64N(3600e3)}
+	for i := range 80 {
+		b := batch{keyTime: m.now - rng.Int64N(3600e3)}
 		if rng.IntN(10) > 0 {
-			b.key = fmt.Appendf(nil, "agg-%d/seq-%d", rng.IntN(3), i)
+			b.key = fmt.Appendf(nil, "agg-%d/round-%d/seq-%d", rng.IntN(3), round, i)
 		}
 		for range 1 + rng.IntN(30) {
-			b.deltas = append(b.deltas, randomDelta(rng, s, now))
+			b.deltas = append(b.deltas, randomDelta(rng, m.s, m.now))
 		}
 		batches = append(batches, b)
 	}
 	// The schedule holds every batch once, in random order, and retries of
 	// keyed batches at random later places.
-	var schedule []int
-	for _, i := range rng.Perm(len(batches)) {
-		schedule = append(schedule, i)
-	}
+	schedule := rng.Perm(len(batches))
 	for i, b := range batches {
 		if b.key != nil && rng.IntN(3) == 0 {
 			schedule = slices.Insert(schedule, rng.IntN(len(schedule)+1), i)
 		}
 	}
-
-	dir := t.TempDir()
-	db := openTest(t, dir, s)
-	defer func() { _ = db.Close() }()
 	seen := map[int]bool{}
 	for n, i := range schedule {
 		b := batches[i]
@@ -164,7 +244,7 @@ func testProperty(t *testing.T, seed uint64) {
 		if seen[i] {
 			keyTime += rng.Int64N(1000) // a retry is recognised by its key alone
 		}
-		applied, err := db.Apply(b.key, keyTime, b.deltas)
+		applied, err := db().Apply(b.key, keyTime, b.deltas)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -177,25 +257,16 @@ func testProperty(t *testing.T, seed uint64) {
 		seen[i] = true
 		switch {
 		case n == len(schedule)/2:
-			closeTest(t, db)
-			db = openTest(t, dir, s)
-			verify(t, db, m, rng)
+			reopen()
+			verify(t, db(), m, rng)
 		case n%40 == 39:
 			// Flushed memtables leave operands in several sstables, which
-			// the compaction below merges.
-			if err := db.pdb.Flush(); err != nil {
+			// compactions merge.
+			if err := db().pdb.Flush(); err != nil {
 				t.Fatal(err)
 			}
 		}
 	}
-	verify(t, db, m, rng)
-	if err := db.pdb.Compact(context.Background(), []byte{0}, []byte{0xff}, false); err != nil {
-		t.Fatal(err)
-	}
-	verify(t, db, m, rng)
-	closeTest(t, db)
-	db = openTest(t, dir, s)
-	verify(t, db, m, rng)
 }
 
 // verify checks db against the model.
@@ -211,73 +282,290 @@ func verify(t *testing.T, db *DB, m *model, rng *rand.Rand) {
 			ids := map[uint32]bool{}
 			for _, cell := range cells {
 				got = append(got, strings.Join(cell.Values, "\x00"))
-				if ids[cell.ID] || int(cell.ID) >= len(cells) {
-					t.Fatalf("%s/%d: cell IDs are not dense and distinct: %v", fam.Name, c.ID, cells)
+				if ids[cell.ID] {
+					t.Fatalf("%s/%d: cell IDs are not distinct: %v", fam.Name, c.ID, cells)
 				}
 				ids[cell.ID] = true
 			}
 			if want := m.cells(fam.Name, c.ID); !slices.Equal(got, want) {
 				t.Fatalf("%s/%d: cells %q, want %q", fam.Name, c.ID, got, want)
 			}
-			for _, cell := range cells {
-				key := strings.Join(cell.Values, "\x00")
-				series := make([][]Step, len(m.s.Resolutions))
-				for res := range m.s.Resolutions {
-					steps, err := db.Steps(res, fam.Name, c.ID, cell.ID, math.MinInt64, math.MaxInt64, nil)
-					if err != nil {
-						t.Fatal(err)
-					}
-					want := m.series(res, fam.Name, c.ID, key)
-					if !stepsEqual(steps, want) {
-						t.Fatalf("%s/%d %q res %d:\n got %v\nwant %v", fam.Name, c.ID, cell.Values, res, steps, want)
-					}
-					series[res] = steps
-					// A random window reads the model's steps within it.
-					if len(want) > 0 {
-						mint := want[rng.IntN(len(want))].T - rng.Int64N(2*m.s.Resolutions[res].Step.Milliseconds())
-						maxt := mint + rng.Int64N(int64(m.s.Resolutions[res].RowSpan().Milliseconds())*2)
-						var inWindow []Step
-						for _, st := range want {
-							if st.T >= mint && st.T <= maxt {
-								inWindow = append(inWindow, st)
-							}
-						}
-						got, err := db.Steps(res, fam.Name, c.ID, cell.ID, mint, maxt, nil)
-						if err != nil {
-							t.Fatal(err)
-						}
-						if !stepsEqual(got, inWindow) {
-							t.Fatalf("%s/%d %q res %d [%d, %d]:\n got %v\nwant %v", fam.Name, c.ID, cell.Values, res, mint, maxt, got, inWindow)
-						}
-					}
+			for res := range m.s.Resolutions {
+				verifyResolution(t, db, m, rng, res, fam, c.ID, cells)
+			}
+			verifyMatchers(t, db, m, rng, fam, c)
+		}
+	}
+}
+
+// verifyResolution checks Steps and Scan of every cell of one cuboid at one
+// resolution against the model, over all time and over a random window.
+func verifyResolution(t *testing.T, db *DB, m *model, rng *rand.Rand, res int, fam *schema.Family, cuboid schema.CuboidID, cells []Cell) {
+	t.Helper()
+	r := m.s.Resolutions[res]
+	want := map[uint32][]Step{}
+	var mint, maxt int64 = math.MaxInt64, math.MinInt64
+	for _, cell := range cells {
+		w := m.series(res, fam.Name, cuboid, strings.Join(cell.Values, "\x00"))
+		steps, err := db.Steps(res, fam.Name, cuboid, cell.ID, math.MinInt64, math.MaxInt64, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !stepsEqual(steps, w) {
+			t.Fatalf("%s/%d %q res %d:\n got %v\nwant %v", fam.Name, cuboid, cell.Values, res, steps, w)
+		}
+		if len(w) > 0 {
+			want[cell.ID] = w
+			mint, maxt = min(mint, w[0].T), max(maxt, w[len(w)-1].T)
+		}
+	}
+	if res > 0 {
+		for _, cell := range cells {
+			var series [2][]Step
+			for i := range series {
+				var err error
+				if series[i], err = db.Steps(res-1+i, fam.Name, cuboid, cell.ID, math.MinInt64, math.MaxInt64, nil); err != nil {
+					t.Fatal(err)
 				}
-				checkDownsampled(t, m, series)
+			}
+			checkDownsampled(t, m, res, series[0], series[1])
+		}
+	}
+	// A random window, by Steps and by Scan of every cell and of a subset.
+	if len(want) == 0 {
+		return
+	}
+	lo := mint - rng.Int64N(2*r.Step.Milliseconds())
+	hi := lo + rng.Int64N(max(maxt-lo, 1)+r.RowSpan().Milliseconds())
+	windows := [][2]int64{{math.MinInt64, math.MaxInt64}, {lo, hi}}
+	for _, w := range windows {
+		inWindow := map[uint32][]Step{}
+		for id, steps := range want {
+			for _, st := range steps {
+				if st.T >= w[0] && st.T <= w[1] {
+					inWindow[id] = append(inWindow[id], st)
+				}
+			}
+		}
+		var subset []uint32
+		for _, cell := range cells {
+			if rng.IntN(3) == 0 {
+				subset = append(subset, cell.ID)
+			}
+		}
+		subset = append(subset, math.MaxUint32) // names no cell
+		for _, ids := range [][]uint32{nil, subset} {
+			got := map[uint32][]Step{}
+			prev := int64(-1)
+			err := db.Scan(res, fam.Name, cuboid, ids, w[0], w[1], func(cell uint32, steps []Step) error {
+				if int64(cell) <= prev {
+					t.Fatalf("Scan called back cell %d after %d", cell, prev)
+				}
+				prev = int64(cell)
+				got[cell] = slices.Clone(steps) // steps is reused
+				return nil
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			for id, steps := range inWindow {
+				if ids != nil && !slices.Contains(ids, id) {
+					continue
+				}
+				if !stepsEqual(got[id], steps) {
+					t.Fatalf("%s/%d cell %d res %d Scan [%d, %d]:\n got %v\nwant %v", fam.Name, cuboid, id, res, w[0], w[1], got[id], steps)
+				}
+				delete(got, id)
+			}
+			if len(got) > 0 {
+				t.Fatalf("%s/%d res %d Scan [%d, %d] read cells the model has no steps for: %v", fam.Name, cuboid, res, w[0], w[1], got)
+			}
+			for id, steps := range inWindow {
+				st, err := db.Steps(res, fam.Name, cuboid, id, w[0], w[1], nil)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if !stepsEqual(st, steps) {
+					t.Fatalf("%s/%d cell %d res %d Steps [%d, %d]:\n got %v\nwant %v", fam.Name, cuboid, id, res, w[0], w[1], st, steps)
+				}
 			}
 		}
 	}
 }
 
-// checkDownsampled checks that each coarse step equals the sum of the finer
-// steps it covers, wherever the finer resolution still retains them.
-func checkDownsampled(t *testing.T, m *model, series [][]Step) {
+// verifyMatchers checks Cells, LabelNames and LabelValues with random
+// matchers against a brute-force evaluation over the model's cells.
+func verifyMatchers(t *testing.T, db *DB, m *model, rng *rand.Rand, fam *schema.Family, c schema.Cuboid) {
 	t.Helper()
-	for res := 1; res < len(series); res++ {
-		fine, coarse := m.s.Resolutions[res-1], m.s.Resolutions[res]
-		cutoff := m.now - fine.Retention.Milliseconds()
-		for _, c := range series[res] {
-			if c.T < cutoff {
-				continue
+	all := m.cells(fam.Name, c.ID)
+	for range 4 {
+		var ms []*labels.Matcher
+		for range 1 + rng.IntN(3) {
+			ms = append(ms, randomMatcher(rng, fam))
+		}
+		want := bruteForce(all, c.Labels, ms)
+		cells, err := db.Cells(fam.Name, c.ID, ms)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var got []string
+		for _, cell := range cells {
+			got = append(got, strings.Join(cell.Values, "\x00"))
+		}
+		if !slices.Equal(got, want) {
+			t.Fatalf("%s/%d %v: cells %q, want %q", fam.Name, c.ID, ms, got, want)
+		}
+
+		// The label API over the whole time range.
+		wantNames, wantValues := labelsOf(want, c.Labels)
+		limit := rng.IntN(3)
+		names, err := db.LabelNames(fam.Name, c.ID, math.MinInt64, math.MaxInt64, limit, ms)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !slices.Equal(names, limited(wantNames, limit)) {
+			t.Fatalf("%s/%d %v limit %d: label names %q, want %q", fam.Name, c.ID, ms, limit, names, limited(wantNames, limit))
+		}
+		for _, l := range append(slices.Clone(c.Labels), "zone") {
+			values, err := db.LabelValues(fam.Name, c.ID, l, math.MinInt64, math.MaxInt64, limit, ms)
+			if err != nil {
+				t.Fatal(err)
 			}
-			var sum Step
-			for _, f := range series[res-1] {
-				if f.T >= c.T && f.T < c.T+coarse.Step.Milliseconds() {
-					sum.Sum += f.Sum
-					sum.Count += f.Count
-				}
+			if w := limited(wantValues[l], limit); !slices.Equal(values, w) {
+				t.Fatalf("%s/%d %v limit %d: values of %s %q, want %q", fam.Name, c.ID, ms, limit, l, values, w)
 			}
-			if sum.Sum != c.Sum || sum.Count != c.Count {
-				t.Fatalf("res %d step %d holds %v/%d, its res %d steps sum to %v/%d", res, c.T, c.Sum, c.Count, res-1, sum.Sum, sum.Count)
+		}
+
+		// The label API over a time range: the cells with a step in a row
+		// of the finest resolution that keeps the range's start.
+		span := time.Duration(1+rng.IntN(20)) * time.Hour
+		mint := m.now - rng.Int64N(int64(40*time.Hour/time.Millisecond))
+		maxt := mint + span.Milliseconds()
+		res := len(m.s.Resolutions) - 1
+		for i, r := range m.s.Resolutions {
+			if mint >= m.now-r.Retention.Milliseconds() {
+				res = i
+				break
 			}
+		}
+		r := m.s.Resolutions[res]
+		inRange := m.cellsIn(fam.Name, c.ID, func(k modelKey) bool {
+			return k.res == res && r.Row(k.t) >= r.Row(mint) && r.Row(k.t) <= r.Row(maxt)
+		})
+		wantNames, wantValues = labelsOf(bruteForce(inRange, c.Labels, ms), c.Labels)
+		names, err = db.LabelNames(fam.Name, c.ID, mint, maxt, 0, ms)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !slices.Equal(names, wantNames) {
+			t.Fatalf("%s/%d %v [%d, %d]: label names %q, want %q", fam.Name, c.ID, ms, mint, maxt, names, wantNames)
+		}
+		for _, l := range c.Labels {
+			values, err := db.LabelValues(fam.Name, c.ID, l, mint, maxt, 0, ms)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !slices.Equal(values, wantValues[l]) {
+				t.Fatalf("%s/%d %v [%d, %d]: values of %s %q, want %q", fam.Name, c.ID, ms, mint, maxt, l, values, wantValues[l])
+			}
+		}
+	}
+}
+
+// randomMatcher draws a matcher on a label of the family or on one no
+// family has, with values and expressions that match the empty string as
+// often as not.
+func randomMatcher(rng *rand.Rand, fam *schema.Family) *labels.Matcher {
+	names := append(slices.Clone(fam.Labels), "zone")
+	name := names[rng.IntN(len(names))]
+	domain := append(slices.Clone(labelDomain[name]), "", "nope")
+	v := domain[rng.IntN(len(domain))]
+	types := []labels.MatchType{labels.MatchEqual, labels.MatchNotEqual, labels.MatchRegexp, labels.MatchNotRegexp}
+	mt := types[rng.IntN(len(types))]
+	if mt == labels.MatchRegexp || mt == labels.MatchNotRegexp {
+		w := domain[rng.IntN(len(domain))]
+		patterns := []string{
+			v, v + "|" + w, ".*", ".+", "", v + ".*", "(?i)" + v, v + "|", "[a-z]+[0-9]", "h[13]|d2", "P.*|G.*",
+		}
+		v = patterns[rng.IntN(len(patterns))]
+	}
+	return labels.MustNewMatcher(mt, name, v)
+}
+
+// bruteForce evaluates matchers over cells (values joined by "\x00") the
+// way Prometheus evaluates them over series: a missing label reads "".
+func bruteForce(cells, cuboidLabels []string, ms []*labels.Matcher) []string {
+	var out []string
+cells:
+	for _, cell := range cells {
+		values := strings.Split(cell, "\x00")
+		if len(cuboidLabels) == 0 {
+			values = nil
+		}
+		for _, m := range ms {
+			v := ""
+			if i := slices.Index(cuboidLabels, m.Name); i >= 0 {
+				v = values[i]
+			}
+			if !m.Matches(v) {
+				continue cells
+			}
+		}
+		out = append(out, cell)
+	}
+	return out
+}
+
+// labelsOf returns the label names held with a non-empty value by some
+// cell, and each label's distinct non-empty values, all sorted.
+func labelsOf(cells, cuboidLabels []string) ([]string, map[string][]string) {
+	values := map[string][]string{}
+	for _, cell := range cells {
+		if len(cuboidLabels) == 0 {
+			continue
+		}
+		for i, v := range strings.Split(cell, "\x00") {
+			if l := cuboidLabels[i]; v != "" && !slices.Contains(values[l], v) {
+				values[l] = append(values[l], v)
+			}
+		}
+	}
+	var names []string
+	for l, vs := range values {
+		names = append(names, l)
+		slices.Sort(vs)
+	}
+	slices.Sort(names)
+	return names, values
+}
+
+func limited(s []string, limit int) []string {
+	if limit > 0 && len(s) > limit {
+		return s[:limit]
+	}
+	return s
+}
+
+// checkDownsampled checks that each step of resolution res equals the sum
+// of the steps of resolution res-1 it covers, wherever the finer resolution
+// still keeps them.
+func checkDownsampled(t *testing.T, m *model, res int, fineSteps, coarseSteps []Step) {
+	t.Helper()
+	fine, coarse := m.s.Resolutions[res-1], m.s.Resolutions[res]
+	cutoff := m.now - fine.Retention.Milliseconds()
+	for _, c := range coarseSteps {
+		if c.T < cutoff {
+			continue
+		}
+		var sum Step
+		for _, f := range fineSteps {
+			if f.T >= c.T && f.T < c.T+coarse.Step.Milliseconds() {
+				sum.Sum += f.Sum
+				sum.Count += f.Count
+			}
+		}
+		if sum.Sum != c.Sum || sum.Count != c.Count {
+			t.Fatalf("res %d step %d holds %v/%d, its res %d steps sum to %v/%d", res, c.T, c.Sum, c.Count, res-1, sum.Sum, sum.Count)
 		}
 	}
 }

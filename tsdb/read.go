@@ -3,8 +3,10 @@ package tsdb
 import (
 	"errors"
 	"fmt"
+	"math"
 	"slices"
 
+	"github.com/RoaringBitmap/roaring/v2"
 	"github.com/cockroachdb/pebble/v2"
 	"github.com/dimsum/dimsum/schema"
 	"github.com/prometheus/prometheus/model/labels"
@@ -20,7 +22,11 @@ type Cell struct {
 // sorted by Values. A matcher on a label the cuboid does not have is
 // evaluated against the empty string, as Prometheus does for a series that
 // lacks the label. Matchers on "__name__" are ignored: the caller maps
-// metric names to families.
+// metric names to families. Matchers are evaluated on the cuboid's
+// postings: "=" is one lookup, "!=" its complement, and a regular
+// expression is matched against the label's distinct values (only its set
+// of literal alternatives, or only the values with its literal prefix, when
+// it has them), never against every cell.
 func (db *DB) Cells(family string, cuboid schema.CuboidID, ms []*labels.Matcher) ([]Cell, error) {
 	db.state.RLock()
 	defer db.state.RUnlock()
@@ -31,41 +37,14 @@ func (db *DB) Cells(family string, cuboid schema.CuboidID, ms []*labels.Matcher)
 	if err != nil {
 		return nil, err
 	}
-
-	type bound struct {
-		slot int
-		m    *labels.Matcher
-	}
-	var bounds [schema.MaxLevels * 2]bound
-	matchers := bounds[:0]
-	for _, m := range ms {
-		if m.Name == labels.MetricName {
-			continue
-		}
-		slot := slices.Index(d.labels, m.Name)
-		if slot < 0 {
-			if !m.Matches("") {
-				return nil, nil
-			}
-			continue
-		}
-		matchers = append(matchers, bound{slot, m})
-	}
-
-	all := d.snapshot()
-	var ids []uint32
-cells:
-	for id, values := range all {
-		for _, b := range matchers {
-			if !b.m.Matches(values[b.slot]) {
-				continue cells
-			}
-		}
-		ids = append(ids, uint32(id))
-	}
-	if len(ids) == 0 {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	set := d.match(ms)
+	if set.IsEmpty() {
 		return nil, nil
 	}
+	ids := set.ToArray()
+	all := d.cells
 	slices.SortFunc(ids, func(x, y uint32) int { return slices.Compare(all[x], all[y]) })
 
 	// Hand out copies so that a caller that edits a cell cannot change the
@@ -80,6 +59,80 @@ cells:
 	return out, nil
 }
 
+// LabelNames returns the names of the labels of a cuboid that some cell
+// holds with a non-empty value (a cell whose value is "" lacks the label, as
+// in Prometheus), ascending, at most limit of them (0: no limit). Only the
+// cells that satisfy every matcher count, and only those with data in
+// [mint, maxt] unless the range is [math.MinInt64, math.MaxInt64]. The
+// range is answered at row granularity: a cell counts when a row overlapping
+// the range holds data of it, at the finest resolution that still keeps
+// mint.
+func (db *DB) LabelNames(family string, cuboid schema.CuboidID, mint, maxt int64, limit int, ms []*labels.Matcher) ([]string, error) {
+	var out []string
+	err := db.selectCells(family, cuboid, mint, maxt, ms, func(d *cellDict, sel *roaring.Bitmap) {
+		names := slices.Clone(d.labels)
+		slices.Sort(names)
+		for _, name := range names {
+			if len(d.labelValues(slices.Index(d.labels, name), sel, 1)) > 0 {
+				out = append(out, name)
+				if len(out) == limit {
+					break
+				}
+			}
+		}
+	})
+	return out, err
+}
+
+// LabelValues returns the non-empty values of one label of a cuboid,
+// ascending, at most limit of them (0: no limit), over the cells that
+// LabelNames would count with the same arguments. A label the cuboid lacks
+// has no values.
+func (db *DB) LabelValues(family string, cuboid schema.CuboidID, name string, mint, maxt int64, limit int, ms []*labels.Matcher) ([]string, error) {
+	var out []string
+	err := db.selectCells(family, cuboid, mint, maxt, ms, func(d *cellDict, sel *roaring.Bitmap) {
+		if slot := slices.Index(d.labels, name); slot >= 0 {
+			out = d.labelValues(slot, sel, limit)
+		}
+	})
+	return out, err
+}
+
+// selectCells calls fn, under the cuboid's read lock, with the cells that
+// satisfy ms and have data in [mint, maxt]; nil stands for every cell.
+func (db *DB) selectCells(family string, cuboid schema.CuboidID, mint, maxt int64, ms []*labels.Matcher, fn func(d *cellDict, sel *roaring.Bitmap)) error {
+	db.state.RLock()
+	defer db.state.RUnlock()
+	if db.state.closed {
+		return ErrClosed
+	}
+	if mint > maxt {
+		return nil
+	}
+	d, err := db.dict(family, cuboid)
+	if err != nil {
+		return err
+	}
+	var inRange *roaring.Bitmap
+	if !fullRange(mint, maxt) {
+		r := db.rangeResolution(db.opts.now().UnixMilli(), mint)
+		if inRange, err = db.cellsWithData(r, d.fam, cuboid, mint, maxt); err != nil {
+			return err
+		}
+	}
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	sel := d.match(ms)
+	switch {
+	case inRange != nil:
+		sel = roaring.And(sel, inRange)
+	case sel == d.live:
+		sel = nil
+	}
+	fn(d, sel)
+	return nil
+}
+
 // Step is the aggregate of one cell over one step of a resolution.
 type Step struct {
 	T     int64 // unix ms of the step's start
@@ -89,78 +142,336 @@ type Step struct {
 
 // Steps appends to dst the stored steps of one cell at resolution index res
 // (0 = finest, as in Schema.Resolutions) whose start T lies in [mint, maxt],
-// ascending by T, and returns it. Steps never written are absent.
+// ascending by T, and returns it. Steps never written are absent, and so are
+// steps that ended before the resolution's retention.
 func (db *DB) Steps(res int, family string, cuboid schema.CuboidID, cell uint32, mint, maxt int64, dst []Step) ([]Step, error) {
 	db.state.RLock()
 	defer db.state.RUnlock()
 	if db.state.closed {
 		return dst, ErrClosed
 	}
-	if res < 0 || res >= len(db.res) {
-		return dst, fmt.Errorf("%w: resolution %d of %d", ErrBadInput, res, len(db.res))
-	}
-	d, err := db.dict(family, cuboid)
+	r, d, err := db.resDict(res, family, cuboid)
 	if err != nil {
 		return dst, err
 	}
+	mint = db.retained(r, mint)
 	if mint > maxt {
 		return dst, nil
 	}
-	r := db.res[res]
-	lo := makeDataKey(r.stepSec, d.fam, cuboid, cell, r.Row(mint))
-	hi := makeDataKey(r.stepSec, d.fam, cuboid, cell, r.Row(maxt))
-	// Keys are fixed-width, so hi followed by a zero byte is the first key
-	// after hi, whatever its row: no overflow at the largest row.
-	var upper [dataKeyLen + 1]byte
-	copy(upper[:], hi[:])
-	iter, err := db.pdb.NewIter(&pebble.IterOptions{LowerBound: lo[:], UpperBound: upper[:]})
+	cells := [1]uint32{cell}
+	dst, err = db.seekRows(r, d, cells[:], mint, maxt, dst, nil)
 	if err != nil {
-		return dst, fmt.Errorf("tsdb: cannot read steps: %w", err)
-	}
-	dst, err = readSteps(iter, r, mint, maxt, dst)
-	err = errors.Join(err, iter.Close())
-	if err != nil {
-		if errors.Is(err, ErrCorrupt) {
-			db.metrics.corruptions.Inc()
-		}
-		return dst, fmt.Errorf("tsdb: cannot read steps: %w", err)
+		return dst, db.readError(err)
 	}
 	return dst, nil
 }
 
-// readSteps decodes the rows iter yields.
-func readSteps(iter *pebble.Iterator, r resolution, mint, maxt int64, dst []Step) ([]Step, error) {
-	var dec rowDecoder
-	for valid := iter.First(); valid; valid = iter.Next() {
-		k, err := parseDataKey(iter.Key())
-		if err != nil {
-			return dst, fmt.Errorf("%w: data key %x: %v", ErrCorrupt, iter.Key(), err)
-		}
-		v, err := iter.ValueAndErr()
-		if err != nil {
-			return dst, err
-		}
-		base := k.row * r.rowSpanMs
-		dec.init(v)
-		for {
-			slot, sum, count, ok := dec.next()
-			if !ok {
-				break
-			}
-			t := base + int64(slot)*r.stepMs
-			if t < mint {
-				continue
-			}
-			if t > maxt {
-				break
-			}
-			dst = append(dst, Step{T: t, Sum: sum, Count: count})
-		}
-		if dec.err != nil {
-			return dst, corruptRowError(iter.Key(), dec.err)
+// Scan reads, in one pass over the rows of [mint, maxt], the steps of a set
+// of cells of one cuboid at resolution index res, and calls fn once per cell
+// that has a step whose start lies in [mint, maxt], in ascending cell ID
+// order, with its steps ascending by T. cells lists cell IDs (in any order;
+// IDs that name no cell read nothing); nil reads every cell with data. fn
+// runs while the read holds the store open: it must not call the DB, and
+// steps is reused after it returns. An error from fn stops the scan and is
+// returned.
+//
+// Data keys are ordered by time first (docs/format/tsdb.md, "Data rows"):
+// each row of the range stores the cuboid's cells contiguously. Scan keeps
+// one cursor per stored row and merges them by cell, so a short range over
+// many cells reads contiguous keys with no seek, a long range over a few
+// cells costs one seek per row per cell, and neither buffers more than one
+// cell's steps.
+func (db *DB) Scan(res int, family string, cuboid schema.CuboidID, cells []uint32, mint, maxt int64, fn func(cell uint32, steps []Step) error) error {
+	db.state.RLock()
+	defer db.state.RUnlock()
+	if db.state.closed {
+		return ErrClosed
+	}
+	r, d, err := db.resDict(res, family, cuboid)
+	if err != nil {
+		return err
+	}
+	if cells != nil {
+		cells = slices.Clone(cells)
+		slices.Sort(cells)
+		cells = slices.Compact(cells)
+		if len(cells) == 0 {
+			return nil
 		}
 	}
-	return dst, iter.Error()
+	return db.scan(r, d, cells, mint, maxt, fn)
+}
+
+// scan is Scan after its checks, under the read lock.
+func (db *DB) scan(r resolution, d *cellDict, cells []uint32, mint, maxt int64, fn func(cell uint32, steps []Step) error) error {
+	mint = db.retained(r, mint)
+	if mint > maxt {
+		return nil
+	}
+	var err error
+	if cells != nil && len(cells) <= seekCells {
+		_, err = db.seekRows(r, d, cells, mint, maxt, nil, fn)
+	} else {
+		cs, oerr := db.openCursors(r, d, mint, maxt)
+		if oerr == nil {
+			oerr = cs.merge(r, cells, mint, maxt, fn)
+		}
+		err = errors.Join(oerr, cs.close())
+	}
+	return db.readError(err)
+}
+
+// readError wraps a read's error, counting corruption.
+func (db *DB) readError(err error) error {
+	if err == nil {
+		return nil
+	}
+	if errors.Is(err, ErrCorrupt) {
+		db.metrics.corruptions.Inc()
+	}
+	return fmt.Errorf("tsdb: cannot read steps: %w", err)
+}
+
+// seekCells is the most cells Scan reads cell by cell, with one iterator
+// seeking from row to row of each, rather than with a cursor per row: a
+// cursor costs an iterator, worth it only when it serves many cells.
+const seekCells = 32
+
+// seekRows reads cells one after the other: for each, one seek per stored
+// row of the range, skipping rows without data by the seeks themselves. It
+// appends each cell's steps to buf and passes them to fn, then reuses that
+// part of buf; with fn nil it keeps every step in buf, which it returns.
+func (db *DB) seekRows(r resolution, d *cellDict, cells []uint32, mint, maxt int64, buf []Step, fn func(cell uint32, steps []Step) error) ([]Step, error) {
+	first, last := r.Row(mint), r.Row(maxt)
+	lo := makeDataKey(r.stepSec, first, d.fam, d.cuboid, cells[0])
+	hi := makeDataKey(r.stepSec, last, d.fam, d.cuboid, cells[len(cells)-1])
+	// Keys are fixed-width, so hi followed by a zero byte is the first key
+	// after hi: no overflow at the largest row or cell.
+	var upper [dataKeyLen + 1]byte
+	copy(upper[:], hi[:])
+	iter, err := db.pdb.NewIter(&pebble.IterOptions{LowerBound: lo[:], UpperBound: upper[:]})
+	if err != nil {
+		return buf, err
+	}
+	var dec rowDecoder
+	for _, cell := range cells {
+		n := len(buf)
+		for row := first; row <= last; {
+			seek := makeDataKey(r.stepSec, row, d.fam, d.cuboid, cell)
+			if !iter.SeekGE(seek[:]) {
+				break
+			}
+			k, err := parseDataKey(iter.Key())
+			if err != nil {
+				err = fmt.Errorf("%w: data key %x: %v", ErrCorrupt, iter.Key(), err)
+				return buf, errors.Join(err, iter.Close())
+			}
+			if k.row != row || k.fam != d.fam || k.cuboid != d.cuboid || k.cell != cell {
+				// Rows between here and the key found hold nothing.
+				row = max(row+1, k.row)
+				continue
+			}
+			v, err := iter.ValueAndErr()
+			if err != nil {
+				return buf, errors.Join(err, iter.Close())
+			}
+			if buf, err = decodeSteps(&dec, r, row, v, mint, maxt, buf); err != nil {
+				return buf, errors.Join(corruptRowError(iter.Key(), err), iter.Close())
+			}
+			row++
+		}
+		if err := iter.Error(); err != nil {
+			return buf, errors.Join(err, iter.Close())
+		}
+		if fn != nil && len(buf) > n {
+			if err := fn(cell, buf[n:]); err != nil {
+				return buf, errors.Join(err, iter.Close())
+			}
+			buf = buf[:n]
+		}
+	}
+	return buf, iter.Close()
+}
+
+// decodeSteps appends the steps of a row value whose start lies in
+// [mint, maxt].
+func decodeSteps(dec *rowDecoder, r resolution, row int64, v []byte, mint, maxt int64, steps []Step) ([]Step, error) {
+	base := row * r.rowSpanMs
+	for dec.init(v); ; {
+		slot, sum, count, ok := dec.next()
+		if !ok {
+			break
+		}
+		t := base + int64(slot)*r.stepMs
+		if t > maxt {
+			break
+		}
+		if t >= mint {
+			steps = append(steps, Step{T: t, Sum: sum, Count: count})
+		}
+	}
+	return steps, dec.err
+}
+
+// cursor iterates the keys of one cuboid in one row.
+type cursor struct {
+	iter  *pebble.Iterator
+	row   int64
+	valid bool
+	cell  uint32 // the cell of the current key, when valid
+	err   error
+}
+
+type cursors struct {
+	fam    uint16
+	cuboid schema.CuboidID
+	stepS  uint32
+	list   []*cursor
+}
+
+// openCursors opens a cursor on each row of [mint, maxt] that holds data
+// of the cuboid, found by seeking from row to row.
+func (db *DB) openCursors(r resolution, d *cellDict, mint, maxt int64) (*cursors, error) {
+	cs := &cursors{fam: d.fam, cuboid: d.cuboid, stepS: r.stepSec}
+	first, last := r.Row(mint), r.Row(maxt)
+	lo := makeDataKey(r.stepSec, first, d.fam, d.cuboid, 0)
+	hi := makeDataKey(r.stepSec, last, d.fam, d.cuboid, math.MaxUint32)
+	var upper [dataKeyLen + 1]byte
+	copy(upper[:], hi[:])
+	probe, err := db.pdb.NewIter(&pebble.IterOptions{LowerBound: lo[:], UpperBound: upper[:]})
+	if err != nil {
+		return cs, err
+	}
+	for row := first; row <= last; {
+		seek := makeDataKey(r.stepSec, row, d.fam, d.cuboid, 0)
+		if !probe.SeekGE(seek[:]) {
+			break
+		}
+		k, err := parseDataKey(probe.Key())
+		if err != nil {
+			err = fmt.Errorf("%w: data key %x: %v", ErrCorrupt, probe.Key(), err)
+			return cs, errors.Join(err, probe.Close())
+		}
+		if k.row != row || k.fam != d.fam || k.cuboid != d.cuboid {
+			row = max(row+1, k.row)
+			continue
+		}
+		rowLo := makeDataKey(r.stepSec, row, d.fam, d.cuboid, 0)
+		rowHi := makeDataKey(r.stepSec, row, d.fam, d.cuboid, math.MaxUint32)
+		var rowUpper [dataKeyLen + 1]byte
+		copy(rowUpper[:], rowHi[:])
+		iter, err := probe.Clone(pebble.CloneOptions{IterOptions: &pebble.IterOptions{LowerBound: rowLo[:], UpperBound: rowUpper[:]}})
+		if err != nil {
+			return cs, errors.Join(err, probe.Close())
+		}
+		c := &cursor{iter: iter, row: row}
+		c.set(iter.First())
+		cs.list = append(cs.list, c)
+		if c.err != nil {
+			return cs, errors.Join(c.err, probe.Close())
+		}
+		row++
+	}
+	return cs, errors.Join(probe.Error(), probe.Close())
+}
+
+// set records the cursor's position after a move.
+func (c *cursor) set(valid bool) {
+	c.valid = valid
+	if !valid {
+		c.err = c.iter.Error()
+		return
+	}
+	k, err := parseDataKey(c.iter.Key())
+	if err != nil {
+		c.valid, c.err = false, fmt.Errorf("%w: data key %x: %v", ErrCorrupt, c.iter.Key(), err)
+		return
+	}
+	c.cell = k.cell
+}
+
+// merge walks the cursors by cell: the listed cells, or every cell a
+// cursor holds when cells is nil.
+func (cs *cursors) merge(r resolution, cells []uint32, mint, maxt int64, fn func(cell uint32, steps []Step) error) error {
+	var steps []Step
+	var dec rowDecoder
+	for i := 0; ; i++ {
+		var cell uint32
+		if cells != nil {
+			if i == len(cells) {
+				return nil
+			}
+			cell = cells[i]
+		} else {
+			found := false
+			for _, c := range cs.list {
+				if c.valid && (!found || c.cell < cell) {
+					cell, found = c.cell, true
+				}
+			}
+			if !found {
+				return nil
+			}
+		}
+		steps = steps[:0]
+		for _, c := range cs.list {
+			if c.valid && c.cell < cell {
+				// One Next reaches an adjacent cell; anything further
+				// is a seek.
+				c.set(c.iter.Next())
+				if c.valid && c.cell < cell {
+					k := makeDataKey(cs.stepS, c.row, cs.fam, cs.cuboid, cell)
+					c.set(c.iter.SeekGE(k[:]))
+				}
+			}
+			if c.err != nil {
+				return c.err
+			}
+			if !c.valid || c.cell != cell {
+				continue
+			}
+			v, err := c.iter.ValueAndErr()
+			if err != nil {
+				return err
+			}
+			if steps, err = decodeSteps(&dec, r, c.row, v, mint, maxt, steps); err != nil {
+				return corruptRowError(c.iter.Key(), err)
+			}
+			c.set(c.iter.Next())
+			if c.err != nil {
+				return c.err
+			}
+		}
+		if len(steps) > 0 {
+			if err := fn(cell, steps); err != nil {
+				return err
+			}
+		}
+	}
+}
+
+func (cs *cursors) close() error {
+	var err error
+	for _, c := range cs.list {
+		err = errors.Join(err, c.iter.Close())
+	}
+	return err
+}
+
+// retained raises mint to the first step start still within r's
+// retention: a step that ended at or before now minus the retention is
+// expired, whether or not the retention pass has deleted its row yet.
+func (db *DB) retained(r resolution, mint int64) int64 {
+	return max(mint, db.opts.now().UnixMilli()-r.retentionMs-r.stepMs+1)
+}
+
+// resDict returns a resolution and the index of a cuboid.
+func (db *DB) resDict(res int, family string, cuboid schema.CuboidID) (resolution, *cellDict, error) {
+	if res < 0 || res >= len(db.res) {
+		return resolution{}, nil, fmt.Errorf("%w: resolution %d of %d", ErrBadInput, res, len(db.res))
+	}
+	d, err := db.dict(family, cuboid)
+	return db.res[res], d, err
 }
 
 // dict returns the cell dictionary of a cuboid.

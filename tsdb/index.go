@@ -1,0 +1,521 @@
+package tsdb
+
+import (
+	"errors"
+	"fmt"
+	"math"
+	"slices"
+	"sort"
+	"strings"
+	"sync"
+
+	"github.com/RoaringBitmap/roaring/v2"
+	"github.com/cockroachdb/pebble/v2"
+	"github.com/dimsum/dimsum/schema"
+	"github.com/prometheus/prometheus/model/labels"
+)
+
+// cellDict is the index of one (family, cuboid): its cell dictionary, which
+// maps cells to uint32 IDs, and its postings, which map each (label, value)
+// to the IDs of the cells holding it. Both are persisted (prefixes 0x02 and
+// 0x05) and held whole in memory, so their size follows the number of live
+// cells and nothing else (docs/format/tsdb.md, "Memory").
+//
+// Apply assigns an ID to a new cell and writes its dictionary entry and its
+// postings in the batch that carries the cell's first data; the retention
+// pass removes a cell whose data is all gone, and its ID is reused for the
+// next new cell. Readers see a change only once its batch committed.
+type cellDict struct {
+	fam    uint16
+	cuboid schema.CuboidID
+	labels []string
+
+	// Owned by Apply and the retention pass, which run under DB.apply.
+	ids     map[string]uint32 // a cell's encoded values → its ID, committed or pending
+	free    *roaring.Bitmap   // IDs below next that no committed or pending cell holds
+	next    uint32            // the lowest ID never assigned
+	added   []pendingCell     // cells the batch in flight adds
+	removed []uint32          // cells the batch in flight removes
+	staged  []stagedPostings  // postings lists the batch in flight replaces
+
+	mu sync.RWMutex
+	// cells holds each committed cell's values by ID, nil for a free ID.
+	// The values are substrings of the cell's encoded key: one allocation
+	// a cell.
+	cells [][]string
+	// live holds the committed cell IDs.
+	live *roaring.Bitmap
+	// postings is indexed by label slot (schema.Cuboid.Labels order).
+	// Lists are never modified once published, only replaced.
+	postings []labelIndex
+}
+
+// labelIndex is the postings of one label of a cuboid.
+type labelIndex struct {
+	lists  map[string]*roaring.Bitmap // value → cells holding it
+	values []string                   // the keys of lists, ascending
+}
+
+type pendingCell struct {
+	id     uint32
+	key    string
+	values []string
+}
+
+// stagedPostings is the new list of one (label, value); nil deletes it.
+type stagedPostings struct {
+	slot  int
+	value string
+	list  *roaring.Bitmap
+}
+
+func newCellDict(fam uint16, c schema.Cuboid) *cellDict {
+	d := &cellDict{
+		fam:      fam,
+		cuboid:   c.ID,
+		labels:   c.Labels,
+		ids:      map[string]uint32{},
+		free:     roaring.New(),
+		live:     roaring.New(),
+		postings: make([]labelIndex, len(c.Labels)),
+	}
+	for i := range d.postings {
+		d.postings[i].lists = map[string]*roaring.Bitmap{}
+	}
+	return d
+}
+
+// assign returns the ID of the cell whose encoded values are key, assigning
+// one and adding its dictionary entry to b when the cell is new. A new cell
+// takes the lowest free ID, so IDs stay dense while cells come and go.
+func (d *cellDict) assign(b *pebble.Batch, key []byte, keyBuf *[]byte) (uint32, error) {
+	if id, ok := d.ids[string(key)]; ok {
+		return id, nil
+	}
+	var id uint32
+	switch {
+	case !d.free.IsEmpty():
+		id = d.free.Minimum()
+		d.free.Remove(id)
+	case d.next == math.MaxUint32:
+		return 0, fmt.Errorf("tsdb: family ID %d cuboid %d: no cell ID left", d.fam, d.cuboid)
+	default:
+		id = d.next
+		d.next++
+	}
+	k := string(key)
+	values, err := decodeCellValues(k)
+	if err != nil {
+		return 0, fmt.Errorf("tsdb: cannot split cell values: %w", err) // cannot happen: the caller encoded them
+	}
+	*keyBuf = appendCellKey((*keyBuf)[:0], d.fam, d.cuboid, id)
+	if err := b.Set(*keyBuf, key, nil); err != nil {
+		return 0, fmt.Errorf("tsdb: cannot add cell to batch: %w", err)
+	}
+	d.ids[k] = id
+	d.added = append(d.added, pendingCell{id: id, key: k, values: values})
+	return id, nil
+}
+
+// remove adds to b the removal of committed cells: their dictionary
+// entries, and their IDs from the postings (stage then writes them).
+func (d *cellDict) remove(b *pebble.Batch, ids []uint32, keyBuf *[]byte) error {
+	for _, id := range ids {
+		*keyBuf = appendCellKey((*keyBuf)[:0], d.fam, d.cuboid, id)
+		if err := b.Delete(*keyBuf, nil); err != nil {
+			return fmt.Errorf("tsdb: cannot add cell removal to batch: %w", err)
+		}
+	}
+	d.removed = append(d.removed, ids...)
+	return nil
+}
+
+// stage writes into b the new postings lists of every (label, value) that
+// the batch's added and removed cells change. Only Apply and the retention
+// pass publish lists, so it reads the published ones without the lock.
+func (d *cellDict) stage(b *pebble.Batch, keyBuf *[]byte) error {
+	if len(d.added) == 0 && len(d.removed) == 0 {
+		return nil
+	}
+	type labelValue struct {
+		slot  int
+		value string
+	}
+	add := map[labelValue][]uint32{}
+	del := map[labelValue][]uint32{}
+	for _, c := range d.added {
+		for slot, v := range c.values {
+			lv := labelValue{slot, v}
+			add[lv] = append(add[lv], c.id)
+		}
+	}
+	for _, id := range d.removed {
+		for slot, v := range d.cells[id] {
+			lv := labelValue{slot, v}
+			del[lv] = append(del[lv], id)
+		}
+	}
+	changed := make([]labelValue, 0, len(add)+len(del))
+	for lv := range add {
+		changed = append(changed, lv)
+	}
+	for lv := range del {
+		if add[lv] == nil {
+			changed = append(changed, lv)
+		}
+	}
+	// A fixed order keeps batches reproducible.
+	slices.SortFunc(changed, func(x, y labelValue) int {
+		if x.slot != y.slot {
+			return x.slot - y.slot
+		}
+		return strings.Compare(x.value, y.value)
+	})
+	var val []byte
+	for _, lv := range changed {
+		list := roaring.New()
+		if old := d.postings[lv.slot].lists[lv.value]; old != nil {
+			list = old.Clone()
+		}
+		for _, id := range del[lv] {
+			list.Remove(id)
+		}
+		list.AddMany(add[lv])
+		*keyBuf = appendPostingsKey((*keyBuf)[:0], d.fam, d.cuboid, lv.slot, lv.value)
+		var err error
+		if list.IsEmpty() {
+			list = nil
+			err = b.Delete(*keyBuf, nil)
+		} else {
+			val = appendBitmap(val[:0], list)
+			err = b.Set(*keyBuf, val, nil)
+		}
+		if err != nil {
+			return fmt.Errorf("tsdb: cannot add postings to batch: %w", err)
+		}
+		d.staged = append(d.staged, stagedPostings{slot: lv.slot, value: lv.value, list: list})
+	}
+	return nil
+}
+
+// publish makes the committed batch's changes visible to readers and
+// returns how many cells it added and removed.
+func (d *cellDict) publish() (added, removed int) {
+	d.mu.Lock()
+	for _, c := range d.added {
+		if int(c.id) >= len(d.cells) {
+			d.cells = append(d.cells, make([][]string, int(c.id)+1-len(d.cells))...)
+		}
+		d.cells[c.id] = c.values
+		d.live.Add(c.id)
+	}
+	var gone []string
+	for _, id := range d.removed {
+		gone = append(gone, string(appendCellValues(nil, d.cells[id])))
+		d.cells[id] = nil
+		d.live.Remove(id)
+	}
+	newValues := make([][]string, len(d.postings))
+	dropped := make([]map[string]bool, len(d.postings))
+	for _, s := range d.staged {
+		li := &d.postings[s.slot]
+		_, had := li.lists[s.value]
+		switch {
+		case s.list == nil:
+			delete(li.lists, s.value)
+			if dropped[s.slot] == nil {
+				dropped[s.slot] = map[string]bool{}
+			}
+			dropped[s.slot][s.value] = true
+		case !had:
+			newValues[s.slot] = append(newValues[s.slot], s.value)
+			fallthrough
+		default:
+			li.lists[s.value] = s.list
+		}
+	}
+	for slot := range d.postings {
+		li := &d.postings[slot]
+		if dropped[slot] != nil {
+			li.values = slices.DeleteFunc(li.values, func(v string) bool { return dropped[slot][v] })
+		}
+		if len(newValues[slot]) > 0 {
+			li.values = mergeSorted(li.values, newValues[slot])
+		}
+	}
+	d.mu.Unlock()
+
+	// The apply-owned side: the removed cells' IDs become free.
+	for i, id := range d.removed {
+		delete(d.ids, gone[i])
+		d.free.Add(id)
+	}
+	added, removed = len(d.added), len(d.removed)
+	d.reset()
+	return added, removed
+}
+
+// rollback forgets the changes of a batch that did not commit: the IDs it
+// assigned become free again.
+func (d *cellDict) rollback() {
+	for _, c := range d.added {
+		delete(d.ids, c.key)
+		d.free.Add(c.id)
+	}
+	d.reset()
+}
+
+func (d *cellDict) reset() {
+	clear(d.added)
+	clear(d.staged)
+	d.added, d.removed, d.staged = d.added[:0], d.removed[:0], d.staged[:0]
+}
+
+// dirty reports whether the batch in flight changes d.
+func (d *cellDict) dirty() bool { return len(d.added) > 0 || len(d.removed) > 0 }
+
+// mergeSorted merges unsorted, distinct new values into an ascending slice
+// that holds none of them.
+func mergeSorted(values, add []string) []string {
+	slices.Sort(add)
+	out := make([]string, 0, len(values)+len(add))
+	i, j := 0, 0
+	for i < len(values) && j < len(add) {
+		if values[i] < add[j] {
+			out = append(out, values[i])
+			i++
+		} else {
+			out = append(out, add[j])
+			j++
+		}
+	}
+	out = append(out, values[i:]...)
+	return append(out, add[j:]...)
+}
+
+// match returns the committed cells whose labels satisfy every matcher, as
+// Prometheus defines them: a matcher on a label the cuboid lacks sees "",
+// and a cell whose value is "" lacks the label. Matchers on "__name__" are
+// ignored. The result may be one of d's own bitmaps: callers only read it,
+// and only under d.mu.
+func (d *cellDict) match(ms []*labels.Matcher) *roaring.Bitmap {
+	var set *roaring.Bitmap // nil: every cell so far
+	// Equality matchers first: one lookup each, and the most selective.
+	for _, pass := range []bool{true, false} {
+		for _, m := range ms {
+			if m.Name == labels.MetricName || (m.Type == labels.MatchEqual) != pass {
+				continue
+			}
+			slot := slices.Index(d.labels, m.Name)
+			if slot < 0 {
+				if !m.Matches("") {
+					return roaring.New()
+				}
+				continue
+			}
+			s := d.eval(slot, m)
+			if set == nil {
+				set = s
+			} else {
+				set = roaring.And(set, s)
+			}
+			if set.IsEmpty() {
+				return set
+			}
+		}
+	}
+	if set == nil {
+		return d.live
+	}
+	return set
+}
+
+// eval returns the cells one matcher on a label of the cuboid selects.
+func (d *cellDict) eval(slot int, m *labels.Matcher) *roaring.Bitmap {
+	li := &d.postings[slot]
+	switch m.Type {
+	case labels.MatchEqual:
+		if l := li.lists[m.Value]; l != nil {
+			return l
+		}
+		return roaring.New()
+	case labels.MatchNotEqual:
+		if l := li.lists[m.Value]; l != nil {
+			return roaring.AndNot(d.live, l)
+		}
+		return d.live
+	}
+	// A regular expression: the union of the lists of the values the
+	// expression (not the matcher, for !~) accepts, complemented for !~.
+	positive := m.Type == labels.MatchRegexp
+	var lists []*roaring.Bitmap
+	if set := m.SetMatches(); set != nil {
+		for _, v := range set {
+			if l := li.lists[v]; l != nil {
+				lists = append(lists, l)
+			}
+		}
+	} else {
+		values := li.values
+		if p := m.Prefix(); p != "" {
+			lo, _ := slices.BinarySearch(values, p)
+			n := sort.Search(len(values)-lo, func(i int) bool { return !strings.HasPrefix(values[lo+i], p) })
+			values = values[lo : lo+n]
+		}
+		for _, v := range values {
+			if m.Matches(v) == positive {
+				lists = append(lists, li.lists[v])
+			}
+		}
+	}
+	u := roaring.FastOr(lists...)
+	if !positive {
+		return roaring.AndNot(d.live, u)
+	}
+	return u
+}
+
+// labelValues returns the non-empty values of one label held by a cell of
+// sel (nil: any committed cell), ascending, at most limit of them (0: no
+// limit). Call it under d.mu.
+func (d *cellDict) labelValues(slot int, sel *roaring.Bitmap, limit int) []string {
+	li := &d.postings[slot]
+	var out []string
+	if sel != nil && sel.GetCardinality() < uint64(len(li.values)) {
+		// Fewer cells than values: look the cells up.
+		seen := map[string]bool{}
+		for it := sel.Iterator(); it.HasNext(); {
+			if v := d.cells[it.Next()][slot]; v != "" && !seen[v] {
+				seen[v] = true
+				out = append(out, v)
+			}
+		}
+		slices.Sort(out)
+		if limit > 0 && len(out) > limit {
+			out = out[:limit]
+		}
+		return out
+	}
+	for _, v := range li.values {
+		if v == "" || (sel != nil && !li.lists[v].Intersects(sel)) {
+			continue
+		}
+		out = append(out, v)
+		if len(out) == limit {
+			break
+		}
+	}
+	return out
+}
+
+// loadCells reads the cell dictionaries of the schema's families.
+func (db *DB) loadCells() error {
+	iter, err := db.pdb.NewIter(&pebble.IterOptions{LowerBound: []byte{prefixCell}, UpperBound: []byte{prefixCell + 1}})
+	if err != nil {
+		return fmt.Errorf("tsdb: cannot read the cell dictionary: %w", err)
+	}
+	defer iter.Close()
+	total := 0
+	for valid := iter.First(); valid; valid = iter.Next() {
+		famID, cuboid, cell, err := parseCellKey(iter.Key())
+		if err != nil {
+			return fmt.Errorf("%w: cell dictionary key %x: %v", ErrCorrupt, iter.Key(), err)
+		}
+		fs := db.byID[famID]
+		if fs == nil {
+			continue // a family no longer in the schema
+		}
+		d := fs.cuboid(cuboid)
+		if d == nil {
+			// loadFamilies checked the dimensions, which fix the cuboids.
+			return fmt.Errorf("%w: cell dictionary key %x: family %q has no cuboid %d", ErrCorrupt, iter.Key(), fs.fam.Name, cuboid)
+		}
+		key := string(iter.Value())
+		values, err := decodeCellValues(key)
+		if err == nil && len(values) != len(d.labels) {
+			err = fmt.Errorf("%d values for %d labels", len(values), len(d.labels))
+		}
+		if err != nil {
+			return fmt.Errorf("%w: cell dictionary entry %x: %v", ErrCorrupt, iter.Key(), err)
+		}
+		if _, dup := d.ids[key]; dup {
+			return fmt.Errorf("%w: cell dictionary entry %x repeats an earlier cell", ErrCorrupt, iter.Key())
+		}
+		// Keys are ascending, so IDs are: the gaps are free IDs.
+		d.free.AddRange(uint64(d.next), uint64(cell))
+		d.next = cell + 1
+		d.ids[key] = cell
+		d.cells = append(d.cells, make([][]string, int(cell)+1-len(d.cells))...)
+		d.cells[cell] = values
+		d.live.Add(cell)
+		total++
+	}
+	if err := iter.Error(); err != nil {
+		return fmt.Errorf("tsdb: cannot read the cell dictionary: %w", err)
+	}
+	db.metrics.cells.Set(float64(total))
+	db.log.Info("loaded cell dictionaries", "cells", total)
+	return nil
+}
+
+// loadPostings reads the postings of the schema's families and checks them
+// against the dictionaries, cheaply: every list holds only live cells, and
+// each label's lists hold as many cells as the dictionary. (A cell listed
+// under two values of a label and another under none would pass.)
+func (db *DB) loadPostings() error {
+	iter, err := db.pdb.NewIter(&pebble.IterOptions{LowerBound: []byte{prefixPostings}, UpperBound: []byte{prefixPostings + 1}})
+	if err != nil {
+		return fmt.Errorf("tsdb: cannot read the postings: %w", err)
+	}
+	defer iter.Close()
+	covered := map[*cellDict][]uint64{}
+	for valid := iter.First(); valid; valid = iter.Next() {
+		famID, cuboid, slot, value, err := parsePostingsKey(iter.Key())
+		if err != nil {
+			return fmt.Errorf("%w: postings key %x: %v", ErrCorrupt, iter.Key(), err)
+		}
+		fs := db.byID[famID]
+		if fs == nil {
+			continue
+		}
+		d := fs.cuboid(cuboid)
+		if d == nil || slot >= len(d.labels) {
+			return fmt.Errorf("%w: postings key %x: family %q has no cuboid %d with label %d", ErrCorrupt, iter.Key(), fs.fam.Name, cuboid, slot)
+		}
+		list, err := decodeBitmap(iter.Value())
+		if err == nil && list.AndCardinality(d.live) != list.GetCardinality() {
+			err = errors.New("it names cells the dictionary does not hold")
+		}
+		if err != nil {
+			db.metrics.corruptions.Inc()
+			return fmt.Errorf("%w: postings %x: %v", ErrCorrupt, iter.Key(), err)
+		}
+		li := &d.postings[slot]
+		li.lists[value] = list
+		li.values = append(li.values, value) // keys ascend, so values do
+		if covered[d] == nil {
+			covered[d] = make([]uint64, len(d.labels))
+		}
+		covered[d][slot] += list.GetCardinality()
+	}
+	if err := iter.Error(); err != nil {
+		return fmt.Errorf("tsdb: cannot read the postings: %w", err)
+	}
+	for _, fs := range db.byID {
+		for _, d := range fs.cuboids {
+			if d == nil {
+				continue
+			}
+			for slot, l := range d.labels {
+				var n uint64
+				if covered[d] != nil {
+					n = covered[d][slot]
+				}
+				if n != d.live.GetCardinality() {
+					return fmt.Errorf("%w: postings of family %q cuboid %d label %q cover %d cells, the dictionary holds %d", ErrCorrupt, fs.fam.Name, d.cuboid, l, n, d.live.GetCardinality())
+				}
+			}
+		}
+	}
+	return nil
+}

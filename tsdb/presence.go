@@ -1,0 +1,170 @@
+package tsdb
+
+import (
+	"errors"
+	"fmt"
+	"math"
+
+	"github.com/RoaringBitmap/roaring/v2"
+	"github.com/cockroachdb/pebble/v2"
+	"github.com/dimsum/dimsum/schema"
+)
+
+// Presence bitmaps (prefix 0x06) record, per (resolution, row, family,
+// cuboid), the cells that have data in that row. Apply writes them in the
+// batch that writes the data; the retention pass deletes them with their
+// rows, and learns from them, without reading data, which cells have no data
+// left; the label API learns from them which cells have data in a time
+// range.
+
+// presence is Apply's cache of presence bitmaps, so that a batch whose cells
+// already have data in their rows (the steady state: every window but the
+// first of a row) reads and writes none. It holds at most limit bitmaps,
+// which bounds its memory whatever the time range stored.
+type presence struct {
+	limit  int
+	cache  map[presenceKey]*roaring.Bitmap
+	staged map[presenceKey]*roaring.Bitmap // written by the batch in flight
+	val    []byte
+	key    []byte
+}
+
+// stage adds to b the presence of the cells of sorted entries: for each
+// row, the bitmap gains the cells it lacks, and is rewritten whole.
+func (db *DB) stagePresence(b *pebble.Batch, entries []entry) error {
+	p := &db.presence
+	for i := 0; i < len(entries); {
+		pk := presenceOf(&entries[i].key)
+		j := i
+		for j < len(entries) && presenceOf(&entries[j].key) == pk {
+			j++
+		}
+		cur, err := db.presenceList(pk)
+		if err != nil {
+			return err
+		}
+		var next *roaring.Bitmap
+		for _, e := range entries[i:j] {
+			cell := e.cell()
+			if cur.Contains(cell) {
+				continue
+			}
+			if next == nil {
+				next = cur.Clone()
+			}
+			next.Add(cell)
+		}
+		i = j
+		if next == nil {
+			continue
+		}
+		p.key = pk.append(p.key[:0])
+		p.val = appendBitmap(p.val[:0], next)
+		if err := b.Set(p.key, p.val, nil); err != nil {
+			return fmt.Errorf("tsdb: cannot add presence to batch: %w", err)
+		}
+		p.staged[pk] = next
+	}
+	return nil
+}
+
+// presenceList returns the committed presence bitmap of pk, from the cache
+// or from Pebble. The caller must not modify it.
+func (db *DB) presenceList(pk presenceKey) (*roaring.Bitmap, error) {
+	p := &db.presence
+	if l := p.staged[pk]; l != nil {
+		return l, nil
+	}
+	if l := p.cache[pk]; l != nil {
+		return l, nil
+	}
+	p.key = pk.append(p.key[:0])
+	v, closer, err := db.pdb.Get(p.key)
+	var l *roaring.Bitmap
+	switch {
+	case errors.Is(err, pebble.ErrNotFound):
+		l = roaring.New()
+	case err != nil:
+		return nil, fmt.Errorf("tsdb: cannot read presence %x: %w", p.key, err)
+	default:
+		l, err = decodeBitmap(v)
+		closer.Close()
+		if err != nil {
+			db.metrics.corruptions.Inc()
+			return nil, fmt.Errorf("%w: presence %x: %v", ErrCorrupt, p.key, err)
+		}
+	}
+	p.remember(pk, l)
+	return l, nil
+}
+
+func (p *presence) remember(pk presenceKey, l *roaring.Bitmap) {
+	if len(p.cache) >= p.limit {
+		// Rows are written in time order, give or take late deltas: what
+		// the cache held is mostly rows no batch will touch again.
+		clear(p.cache)
+	}
+	p.cache[pk] = l
+}
+
+// publish moves the committed batch's bitmaps into the cache.
+func (p *presence) publish() {
+	for pk, l := range p.staged {
+		p.remember(pk, l)
+	}
+	clear(p.staged)
+}
+
+// cellsWithData returns the cells of one cuboid that have data in a row of
+// resolution r overlapping [mint, maxt]: the union of the presence bitmaps
+// of those rows.
+func (db *DB) cellsWithData(r resolution, fam uint16, cuboid schema.CuboidID, mint, maxt int64) (*roaring.Bitmap, error) {
+	out := roaring.New()
+	if mint > maxt {
+		return out, nil
+	}
+	lo := appendRowBound(nil, prefixPresence, r.stepSec, r.Row(mint))
+	hi := appendRowBound(nil, prefixPresence, r.stepSec, r.Row(maxt))
+	hi = append(hi, 0xff, 0xff, 0xff, 0xff, 0xff) // after every key of the last row
+	iter, err := db.pdb.NewIter(&pebble.IterOptions{LowerBound: lo, UpperBound: hi})
+	if err != nil {
+		return nil, fmt.Errorf("tsdb: cannot read presence: %w", err)
+	}
+	var lists []*roaring.Bitmap
+	for valid := iter.First(); valid; valid = iter.Next() {
+		pk, err := parsePresenceKey(iter.Key())
+		if err != nil {
+			err = fmt.Errorf("%w: presence key %x: %v", ErrCorrupt, iter.Key(), err)
+			return nil, errors.Join(err, iter.Close())
+		}
+		if pk.fam != fam || pk.cuboid != cuboid {
+			continue
+		}
+		l, err := decodeBitmap(iter.Value())
+		if err != nil {
+			db.metrics.corruptions.Inc()
+			err = fmt.Errorf("%w: presence %x: %v", ErrCorrupt, iter.Key(), err)
+			return nil, errors.Join(err, iter.Close())
+		}
+		lists = append(lists, l)
+	}
+	if err := errors.Join(iter.Error(), iter.Close()); err != nil {
+		return nil, fmt.Errorf("tsdb: cannot read presence: %w", err)
+	}
+	return roaring.FastOr(lists...), nil
+}
+
+// rangeResolution picks the resolution whose presence answers "which cells
+// have data in [mint, maxt]": the finest that still keeps mint, whose rows
+// are the shortest, so the answer is the tightest.
+func (db *DB) rangeResolution(now, mint int64) resolution {
+	for _, r := range db.res {
+		if mint >= now-r.retentionMs {
+			return r
+		}
+	}
+	return db.res[len(db.res)-1]
+}
+
+// fullRange reports whether [mint, maxt] means "any time".
+func fullRange(mint, maxt int64) bool { return mint == math.MinInt64 && maxt == math.MaxInt64 }

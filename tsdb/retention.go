@@ -1,0 +1,325 @@
+package tsdb
+
+import (
+	"errors"
+	"fmt"
+	"math"
+	"math/rand/v2"
+	"time"
+
+	"github.com/RoaringBitmap/roaring/v2"
+	"github.com/cockroachdb/pebble/v2"
+	"github.com/dimsum/dimsum/schema"
+)
+
+// RetentionStats is what one retention pass removed.
+type RetentionStats struct {
+	// Rows is the number of (resolution, row, family, cuboid) presence
+	// bitmaps deleted, each with every data row it covered.
+	Rows int
+	// Cells is the number of cells forgotten because no resolution holds
+	// data of theirs any more.
+	Cells int
+	// IdempotencyKeys is the number of idempotency keys forgotten.
+	IdempotencyKeys int
+}
+
+// RunRetention runs one retention pass now; Open also runs one every
+// Options.RetentionInterval. A pass
+//
+//   - deletes, at each resolution, the rows that end at or before now minus
+//     the resolution's retention, with one Pebble range deletion for the
+//     data and one for the presence bitmaps: its cost does not depend on
+//     how much data the rows held;
+//   - forgets the cells whose data is now gone at every resolution, found
+//     from the presence bitmaps alone: their dictionary entries and postings
+//     are deleted, and their IDs are reused by new cells;
+//   - forgets idempotency keys whose keyTime is older than now minus
+//     Options.IdempotencyHorizon.
+//
+// Apply waits while a pass runs; reads do not. Reads never return steps
+// older than retention, pass or no pass.
+func (db *DB) RunRetention() (st RetentionStats, err error) {
+	start := time.Now()
+	db.apply.Lock()
+	defer db.apply.Unlock()
+	db.state.RLock()
+	defer db.state.RUnlock()
+	if db.state.closed {
+		return st, ErrClosed
+	}
+	defer func() {
+		if err != nil {
+			db.metrics.retentionErrors.Inc()
+			return
+		}
+		d := time.Since(start)
+		db.metrics.retentionPasses.Inc()
+		db.metrics.retentionDurations.Observe(d.Seconds())
+		db.metrics.rowsDeleted.Add(float64(st.Rows))
+		db.metrics.cellsForgotten.Add(float64(st.Cells))
+		db.metrics.idempotencyPruned.Add(float64(st.IdempotencyKeys))
+		db.metrics.cells.Sub(float64(st.Cells))
+		db.log.Info("retention pass", "rows", st.Rows, "cells_forgotten", st.Cells, "idempotency_keys", st.IdempotencyKeys, "duration", d)
+	}()
+
+	now := db.opts.now().UnixMilli()
+	b := db.pdb.NewBatch()
+	defer b.Close()
+	defer db.rollback()
+
+	// Rows before cut[i] are gone at resolution i; the cells present in
+	// them may have no data left.
+	cut := make([]int64, len(db.res))
+	candidates := map[*cellDict]*roaring.Bitmap{}
+	for i, r := range db.res {
+		cut[i] = r.Row(now - r.retentionMs)
+		n, err := db.expireRows(b, r, cut[i], candidates)
+		if err != nil {
+			return st, err
+		}
+		st.Rows += n
+	}
+	if err := db.keepLive(cut, candidates); err != nil {
+		return st, err
+	}
+	for d, dead := range candidates {
+		dead.And(d.live) // presence names only committed cells; this makes sure
+		if dead.IsEmpty() {
+			continue
+		}
+		if err := d.remove(b, dead.ToArray(), &db.apply.keyBuf); err != nil {
+			return st, err
+		}
+		if err := d.stage(b, &db.apply.keyBuf); err != nil {
+			return st, err
+		}
+		db.apply.touched = append(db.apply.touched, d)
+	}
+	if st.IdempotencyKeys, err = db.pruneIdempotency(b, now-db.opts.IdempotencyHorizon.Milliseconds()); err != nil {
+		return st, err
+	}
+
+	if err := b.Commit(db.syncMode()); err != nil {
+		return st, fmt.Errorf("tsdb: cannot commit retention: %w", err)
+	}
+	_, st.Cells = db.publish()
+	// The cache may hold bitmaps of deleted rows.
+	clear(db.presence.cache)
+	return st, nil
+}
+
+// expireRows adds to b the deletion of the rows of r before row cut, data
+// and presence, and adds the cells present in them to candidates. It
+// returns the number of presence bitmaps deleted.
+func (db *DB) expireRows(b *pebble.Batch, r resolution, cut int64, candidates map[*cellDict]*roaring.Bitmap) (int, error) {
+	lo := appendRowBound(nil, prefixPresence, r.stepSec, math.MinInt64)
+	hi := appendRowBound(nil, prefixPresence, r.stepSec, cut)
+	n := 0
+	err := db.eachPresence(lo, hi, false, func(pk presenceKey, key []byte, l func() (*roaring.Bitmap, error)) (bool, error) {
+		n++
+		d := db.dictByID(pk.fam, pk.cuboid)
+		if d == nil {
+			return true, nil // a family no longer in the schema: its rows go, its cells stay
+		}
+		list, err := l()
+		if err != nil {
+			return false, err
+		}
+		if c := candidates[d]; c != nil {
+			c.Or(list)
+		} else {
+			candidates[d] = list
+		}
+		return true, nil
+	})
+	if err != nil {
+		return 0, err
+	}
+	dataLo := appendRowBound(nil, prefixData, r.stepSec, math.MinInt64)
+	dataHi := appendRowBound(nil, prefixData, r.stepSec, cut)
+	if n == 0 {
+		// Data is written with its presence, so there is nothing to
+		// delete, unless presence was lost; one seek makes sure.
+		iter, err := db.pdb.NewIter(&pebble.IterOptions{LowerBound: dataLo, UpperBound: dataHi})
+		if err != nil {
+			return 0, fmt.Errorf("tsdb: cannot look for expired rows: %w", err)
+		}
+		any := iter.First()
+		if err := errors.Join(iter.Error(), iter.Close()); err != nil {
+			return 0, fmt.Errorf("tsdb: cannot look for expired rows: %w", err)
+		}
+		if !any {
+			return 0, nil
+		}
+	}
+	if err := errors.Join(b.DeleteRange(dataLo, dataHi, nil), b.DeleteRange(lo, hi, nil)); err != nil {
+		return 0, fmt.Errorf("tsdb: cannot add range deletion to batch: %w", err)
+	}
+	return n, nil
+}
+
+// keepLive removes from candidates every cell that still has data in a
+// row at or after cut, at any resolution. It reads presence bitmaps newest
+// first, coarsest resolution first, where the live cells are, and stops as
+// soon as no candidate is left: cells that do have data left are cleared
+// after a bitmap or two; only cells that are really gone cost a look at
+// every remaining row of their cuboid.
+func (db *DB) keepLive(cut []int64, candidates map[*cellDict]*roaring.Bitmap) error {
+	left := 0
+	for _, c := range candidates {
+		if !c.IsEmpty() {
+			left++
+		}
+	}
+	for i := len(db.res) - 1; i >= 0 && left > 0; i-- {
+		r := db.res[i]
+		lo := appendRowBound(nil, prefixPresence, r.stepSec, cut[i])
+		hi := append(appendRowBound(nil, prefixPresence, r.stepSec, math.MaxInt64), 0xff, 0xff, 0xff, 0xff, 0xff)
+		err := db.eachPresence(lo, hi, true, func(pk presenceKey, key []byte, l func() (*roaring.Bitmap, error)) (bool, error) {
+			c := candidates[db.dictByID(pk.fam, pk.cuboid)]
+			if c == nil || c.IsEmpty() {
+				return true, nil
+			}
+			list, err := l()
+			if err != nil {
+				return false, err
+			}
+			c.AndNot(list)
+			if c.IsEmpty() {
+				left--
+			}
+			return left > 0, nil
+		})
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// eachPresence calls fn for each presence key in [lo, hi), ascending or
+// descending, until fn returns false. fn decodes the bitmap by calling
+// list, which reports corruption naming the key.
+func (db *DB) eachPresence(lo, hi []byte, reverse bool, fn func(pk presenceKey, key []byte, list func() (*roaring.Bitmap, error)) (bool, error)) error {
+	iter, err := db.pdb.NewIter(&pebble.IterOptions{LowerBound: lo, UpperBound: hi})
+	if err != nil {
+		return fmt.Errorf("tsdb: cannot read presence: %w", err)
+	}
+	valid, step := iter.First, iter.Next
+	if reverse {
+		valid, step = iter.Last, iter.Prev
+	}
+	for ok := valid(); ok; ok = step() {
+		key := iter.Key()
+		pk, err := parsePresenceKey(key)
+		if err != nil {
+			err = fmt.Errorf("%w: presence key %x: %v", ErrCorrupt, key, err)
+			return errors.Join(err, iter.Close())
+		}
+		more, err := fn(pk, key, func() (*roaring.Bitmap, error) {
+			l, err := decodeBitmap(iter.Value())
+			if err != nil {
+				db.metrics.corruptions.Inc()
+				return nil, fmt.Errorf("%w: presence %x: %v", ErrCorrupt, key, err)
+			}
+			return l, nil
+		})
+		if err != nil {
+			return errors.Join(err, iter.Close())
+		}
+		if !more {
+			break
+		}
+	}
+	if err := errors.Join(iter.Error(), iter.Close()); err != nil {
+		return fmt.Errorf("tsdb: cannot read presence: %w", err)
+	}
+	return nil
+}
+
+// pruneIdempotency adds to b the deletion of the idempotency keys whose
+// keyTime is before cutoff: one range deletion for the by-time records,
+// and a point deletion of each key's by-key record, found by scanning the
+// by-time records being deleted (and no others).
+func (db *DB) pruneIdempotency(b *pebble.Batch, cutoff int64) (int, error) {
+	lo := []byte{prefixIdemTime}
+	hi := appendIdemTimeKey(nil, cutoff, nil)
+	iter, err := db.pdb.NewIter(&pebble.IterOptions{LowerBound: lo, UpperBound: hi})
+	if err != nil {
+		return 0, fmt.Errorf("tsdb: cannot read idempotency keys: %w", err)
+	}
+	n := 0
+	var key []byte
+	for valid := iter.First(); valid; valid = iter.Next() {
+		k := iter.Key()
+		if len(k) < 1+8 {
+			err := fmt.Errorf("%w: idempotency key %x: %v", ErrCorrupt, k, errBadKey)
+			return 0, errors.Join(err, iter.Close())
+		}
+		key = appendIdemKey(key[:0], k[1+8:])
+		if err := b.Delete(key, nil); err != nil {
+			return 0, errors.Join(fmt.Errorf("tsdb: cannot add idempotency key removal to batch: %w", err), iter.Close())
+		}
+		n++
+	}
+	if err := errors.Join(iter.Error(), iter.Close()); err != nil {
+		return 0, fmt.Errorf("tsdb: cannot read idempotency keys: %w", err)
+	}
+	if n > 0 {
+		if err := b.DeleteRange(lo, hi, nil); err != nil {
+			return 0, fmt.Errorf("tsdb: cannot add range deletion to batch: %w", err)
+		}
+	}
+	return n, nil
+}
+
+// dictByID returns the index of a cuboid of a family of the schema, or nil.
+func (db *DB) dictByID(fam uint16, cuboid schema.CuboidID) *cellDict {
+	fs := db.byID[fam]
+	if fs == nil {
+		return nil
+	}
+	return fs.cuboid(cuboid)
+}
+
+// startRetention starts the periodic pass unless it is disabled.
+func (db *DB) startRetention() {
+	interval := db.opts.RetentionInterval
+	if interval < 0 {
+		return
+	}
+	db.retention.stop = make(chan struct{})
+	db.retention.done = make(chan struct{})
+	go func() {
+		defer close(db.retention.done)
+		for {
+			// Jitter keeps the nodes of a cluster from compacting in step.
+			wait := interval + rand.N(interval/10+1)
+			select {
+			case <-db.retention.stop:
+				return
+			case <-time.After(wait):
+			}
+			if _, err := db.RunRetention(); err != nil && !errors.Is(err, ErrClosed) {
+				db.log.Error("retention pass failed", "err", err)
+			}
+		}
+	}()
+}
+
+func (db *DB) stopRetention() {
+	if db.retention.stop == nil {
+		return
+	}
+	close(db.retention.stop)
+	<-db.retention.done
+}
+
+// syncMode is the write option of batches.
+func (db *DB) syncMode() *pebble.WriteOptions {
+	if db.opts.NoSync {
+		return pebble.NoSync
+	}
+	return pebble.Sync
+}

@@ -1,0 +1,176 @@
+package tsdb
+
+import (
+	"math"
+	"slices"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+)
+
+// TestRetentionPass walks one cell through its life: written, expired at
+// the finer resolutions, forgotten, written again, and its idempotency key
+// forgotten, with the store reopened in between.
+func TestRetentionPass(t *testing.T) {
+	s := testSchema(t) // 1s:10h, 10s:2d, 1m:30d
+	code := cuboidOf(t, s, "errors", "code")
+	clock := testNow
+	dir := t.TempDir()
+	reg := prometheus.NewRegistry()
+	open := func() *DB {
+		db, err := Open(Options{Dir: dir, Schema: s, NoSync: true, RetentionInterval: -1, Registerer: reg, now: func() time.Time { return clock }})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return db
+	}
+	db := open()
+	defer func() { _ = db.Close() }()
+	apply := func(key string, keyTime int64, values ...string) bool {
+		t.Helper()
+		var deltas []Delta
+		for _, v := range values {
+			deltas = append(deltas, Delta{Family: "errors", Cuboid: code, Values: []string{v}, Time: clock.UnixMilli(), Sum: 1, Count: 1})
+		}
+		applied, err := db.Apply([]byte(key), keyTime, deltas)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return applied
+	}
+	cells := func() map[string]uint32 {
+		t.Helper()
+		cs, err := db.Cells("errors", code, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		out := map[string]uint32{}
+		for _, c := range cs {
+			out[c.Values[0]] = c.ID
+		}
+		return out
+	}
+	stepsAt := func(res int, id uint32) int {
+		t.Helper()
+		steps, err := db.Steps(res, "errors", code, id, math.MinInt64, math.MaxInt64, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return len(steps)
+	}
+	pass := func() RetentionStats {
+		t.Helper()
+		st, err := db.RunRetention()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return st
+	}
+	start := clock.UnixMilli()
+	apply("k-old", start, "500", "502")
+	clock = clock.Add(20 * 24 * time.Hour)
+	apply("k-new", clock.UnixMilli(), "503")
+	ids := cells()
+	if len(ids) != 3 {
+		t.Fatalf("cells %v", ids)
+	}
+
+	// 20 days on, the old cells' 1s and 10s rows are gone, their 1m rows
+	// remain: they are still listed and readable at 1m.
+	if st := pass(); st.Rows != 2*1 || st.Cells != 0 || st.IdempotencyKeys != 0 {
+		t.Fatalf("first pass: %+v", st)
+	}
+	if got := cells(); len(got) != 3 {
+		t.Fatalf("cells after the first pass: %v", got)
+	}
+	if stepsAt(0, ids["500"]) != 0 || stepsAt(1, ids["500"]) != 0 || stepsAt(2, ids["500"]) != 1 {
+		t.Fatal("old cell: want steps at 1m only")
+	}
+	if stepsAt(0, ids["503"]) != 1 {
+		t.Fatal("new cell lost its 1s step")
+	}
+
+	// 31 days after the old cells' data, their last rows go: the cells
+	// and their idempotency key are forgotten, through a reopen.
+	clock = time.UnixMilli(start).Add(31 * 24 * time.Hour)
+	st := pass()
+	if st.Cells != 2 || st.IdempotencyKeys != 1 {
+		t.Fatalf("second pass: %+v", st)
+	}
+	closeTest(t, db)
+	db = open()
+	if got := cells(); len(got) != 1 || got["503"] != ids["503"] {
+		t.Fatalf("cells after the old ones were forgotten: %v", got)
+	}
+	values, err := db.LabelValues("errors", code, "code", math.MinInt64, math.MaxInt64, 0, nil)
+	if err != nil || !slices.Equal(values, []string{"503"}) {
+		t.Fatalf("label values %q, %v", values, err)
+	}
+	if got := testutil.ToFloat64(db.metrics.cells); got != 1 {
+		t.Fatalf("dimsum_tsdb_cells = %v, want 1", got)
+	}
+	// The forgotten key applies again; a new cell takes the lowest free ID.
+	if !apply("k-old", clock.UnixMilli(), "502", "504") {
+		t.Fatal("a forgotten idempotency key was refused")
+	}
+	again := cells()
+	if len(again) != 3 || again["503"] != ids["503"] {
+		t.Fatalf("cells written again: %v", again)
+	}
+	free := []uint32{ids["500"], ids["502"]}
+	slices.Sort(free)
+	if got := []uint32{again["502"], again["504"]}; !slices.Equal(got, free) {
+		t.Fatalf("new cells got IDs %v, want the freed %v", got, free)
+	}
+	if stepsAt(0, again["502"]) != 1 || stepsAt(2, again["502"]) != 1 {
+		t.Fatal("a cell written again lost its steps")
+	}
+	if got := testutil.ToFloat64(db.metrics.retentionPasses); got != 0 {
+		t.Fatalf("passes counted across a reopen: %v", got)
+	}
+	// A pass with nothing to do changes nothing.
+	if st := pass(); st != (RetentionStats{}) {
+		t.Fatalf("idle pass: %+v", st)
+	}
+	if got := testutil.ToFloat64(db.metrics.retentionPasses); got != 1 {
+		t.Fatalf("dimsum_tsdb_retention_passes_total = %v, want 1", got)
+	}
+}
+
+// TestRetentionLoop runs the periodic pass with a short interval and waits
+// for it to forget an expired cell.
+func TestRetentionLoop(t *testing.T) {
+	s := testSchema(t)
+	code := cuboidOf(t, s, "errors", "code")
+	old := testNow.Add(-40 * 24 * time.Hour)
+	var clock atomic.Int64
+	clock.Store(old.UnixMilli())
+	db, err := Open(Options{Dir: t.TempDir(), Schema: s, NoSync: true, RetentionInterval: time.Millisecond, now: func() time.Time { return time.UnixMilli(clock.Load()) }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer closeTest(t, db)
+	// Written when it was fresh; then the clock jumps 40 days, beyond
+	// every retention.
+	if _, err := db.Apply(nil, 0, []Delta{{Family: "errors", Cuboid: code, Values: []string{"500"}, Time: old.UnixMilli(), Sum: 1, Count: 1}}); err != nil {
+		t.Fatal(err)
+	}
+	clock.Store(testNow.UnixMilli())
+	deadline := time.Now().Add(time.Minute)
+	for {
+		cells, err := db.Cells("errors", code, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(cells) == 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the periodic pass did not forget the expired cell within a minute")
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
