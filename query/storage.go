@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"maps"
+	"math"
 	"slices"
 	"strconv"
 	"sync/atomic"
@@ -25,9 +26,15 @@ type Reader interface {
 	// Cells returns the cells of a cuboid whose labels satisfy every
 	// matcher; a matcher on a label the cuboid lacks sees "".
 	Cells(family string, cuboid schema.CuboidID, ms []*labels.Matcher) ([]tsdb.Cell, error)
-	// Steps appends the stored steps of one cell at resolution index res
-	// whose start lies in [mint, maxt], ascending.
-	Steps(res int, family string, cuboid schema.CuboidID, cell uint32, mint, maxt int64, dst []tsdb.Step) ([]tsdb.Step, error)
+	// Scan calls fn, in ascending cell ID order, for each listed cell with
+	// stored steps at resolution index res whose start lies in [mint,
+	// maxt], with those steps ascending. fn must not keep steps.
+	Scan(res int, family string, cuboid schema.CuboidID, cells []uint32, mint, maxt int64, fn func(cell uint32, steps []tsdb.Step) error) error
+	// LabelNames and LabelValues answer from the index, over the cells the
+	// matchers select that hold data in [mint, maxt] ([math.MinInt64,
+	// math.MaxInt64]: any time), at most limit of them (0: all).
+	LabelNames(family string, cuboid schema.CuboidID, mint, maxt int64, limit int, ms []*labels.Matcher) ([]string, error)
+	LabelValues(family string, cuboid schema.CuboidID, name string, mint, maxt int64, limit int, ms []*labels.Matcher) ([]string, error)
 }
 
 // The two views of a counter family, as metric name suffixes.
@@ -180,15 +187,14 @@ func (q *querier) span(mint, maxt, stepHint, rangeHint int64) (span, bool) {
 
 // eachLive calls fn for every cell of the selected views that holds data in
 // the span, with its stored steps, and the cuboid the cell belongs to: the
-// finest one, unless the planner's internal matcher names another. A storage
-// failure comes back as a promql.ErrStorage, which the API reports as an
-// internal error.
+// finest one, unless the planner's internal matcher names another. fn must
+// not keep steps. A storage failure comes back as a promql.ErrStorage, which
+// the API reports as an internal error.
 func (q *querier) eachLive(ctx context.Context, sp span, ms []*labels.Matcher, fn func(v view, cub schema.Cuboid, c tsdb.Cell, steps []tsdb.Step) error) error {
 	planned, ms, err := plannedCuboid(ms)
 	if err != nil {
 		return err
 	}
-	var steps []tsdb.Step
 	for _, v := range q.views(ms) {
 		cub := v.fam.Finest()
 		if planned >= 0 {
@@ -201,23 +207,33 @@ func (q *querier) eachLive(ctx context.Context, sp span, ms []*labels.Matcher, f
 		if err != nil {
 			return promql.ErrStorage{Err: err}
 		}
+		if len(cells) == 0 {
+			continue
+		}
 		if err := q.touch(len(cells)); err != nil {
 			return err
 		}
-		for _, c := range cells {
+		ids := make([]uint32, len(cells))
+		byID := make(map[uint32]int, len(cells))
+		for i, c := range cells {
+			ids[i] = c.ID
+			byID[c.ID] = i
+		}
+		var fnErr error
+		err = q.q.reader.Scan(sp.res, v.fam.Name, cub.ID, ids, sp.first, sp.last, func(id uint32, steps []tsdb.Step) error {
 			if err := ctx.Err(); err != nil {
 				return err
 			}
-			steps, err = q.q.reader.Steps(sp.res, v.fam.Name, cub.ID, c.ID, sp.first, sp.last, steps[:0])
-			if err != nil {
-				return promql.ErrStorage{Err: err}
-			}
-			if len(steps) == 0 {
-				continue
-			}
-			if err := fn(v, cub, c, steps); err != nil {
-				return err
-			}
+			fnErr = fn(v, cub, cells[byID[id]], steps)
+			return fnErr
+		})
+		switch {
+		case fnErr != nil:
+			return fnErr
+		case ctx.Err() != nil:
+			return ctx.Err()
+		case err != nil:
+			return promql.ErrStorage{Err: err}
 		}
 	}
 	return nil
@@ -333,46 +349,66 @@ func seriesLabels(name string, names, values []string) labels.Labels {
 	return b.Labels()
 }
 
-// labelSet collects, over the series with data in the querier's range that
-// the matchers select, what add takes of each.
-func (q *querier) labelSet(ctx context.Context, ms []*labels.Matcher, add func(set map[string]struct{}, v view, c tsdb.Cell)) ([]string, error) {
-	set := map[string]struct{}{}
-	sp, ok := q.span(q.mint, q.maxt, 0, 0)
-	if !ok {
-		return []string{}, nil
+// labelRange is the querier's range as the index takes it: the API's
+// unbounded range means any time.
+func (q *querier) labelRange() (int64, int64) {
+	if q.mint <= math.MinInt64/2 && q.maxt >= math.MaxInt64/2 {
+		return math.MinInt64, math.MaxInt64
 	}
-	err := q.eachLive(ctx, sp, ms, func(v view, _ schema.Cuboid, c tsdb.Cell, _ []tsdb.Step) error {
-		add(set, v, c)
-		return nil
-	})
-	return slices.Sorted(maps.Keys(set)), err
+	return q.mint, q.maxt
 }
 
 // LabelNames returns the label names of the series the matchers select.
-func (q *querier) LabelNames(ctx context.Context, _ *storage.LabelHints, ms ...*labels.Matcher) ([]string, annotations.Annotations, error) {
-	out, err := q.labelSet(ctx, ms, func(set map[string]struct{}, v view, _ tsdb.Cell) {
-		set[labels.MetricName] = struct{}{}
-		for _, l := range v.fam.Labels {
-			set[l] = struct{}{}
+func (q *querier) LabelNames(_ context.Context, _ *storage.LabelHints, ms ...*labels.Matcher) ([]string, annotations.Annotations, error) {
+	mint, maxt := q.labelRange()
+	set := map[string]struct{}{}
+	for _, v := range q.views(ms) {
+		names, err := q.q.reader.LabelNames(v.fam.Name, v.fam.Finest().ID, mint, maxt, 0, ms)
+		if err != nil {
+			return nil, nil, err
 		}
-	})
-	return out, nil, err
+		for _, n := range names {
+			set[n] = struct{}{}
+		}
+		if len(names) > 0 {
+			set[labels.MetricName] = struct{}{}
+		}
+	}
+	return slices.Sorted(maps.Keys(set)), nil, nil
 }
 
 // LabelValues returns the values of one label over the series the matchers
 // select.
-func (q *querier) LabelValues(ctx context.Context, name string, hints *storage.LabelHints, ms ...*labels.Matcher) ([]string, annotations.Annotations, error) {
-	out, err := q.labelSet(ctx, ms, func(set map[string]struct{}, v view, c tsdb.Cell) {
-		if name == labels.MetricName {
-			set[v.name] = struct{}{}
-		} else if i := slices.Index(v.fam.Finest().Labels, name); i >= 0 {
-			set[c.Values[i]] = struct{}{}
-		}
-	})
-	if hints != nil && hints.Limit > 0 && len(out) > hints.Limit {
-		out = out[:hints.Limit]
+func (q *querier) LabelValues(_ context.Context, name string, hints *storage.LabelHints, ms ...*labels.Matcher) ([]string, annotations.Annotations, error) {
+	limit := 0
+	if hints != nil {
+		limit = hints.Limit
 	}
-	return out, nil, err
+	mint, maxt := q.labelRange()
+	set := map[string]struct{}{}
+	for _, v := range q.views(ms) {
+		var vals []string
+		var err error
+		if name == labels.MetricName {
+			// A view is a value when any of its series is selected.
+			if vals, err = q.q.reader.LabelNames(v.fam.Name, v.fam.Finest().ID, mint, maxt, 1, ms); len(vals) > 0 {
+				vals = []string{v.name}
+			}
+		} else {
+			vals, err = q.q.reader.LabelValues(v.fam.Name, v.fam.Finest().ID, name, mint, maxt, limit, ms)
+		}
+		if err != nil {
+			return nil, nil, err
+		}
+		for _, val := range vals {
+			set[val] = struct{}{}
+		}
+	}
+	out := slices.Sorted(maps.Keys(set))
+	if limit > 0 && len(out) > limit {
+		out = out[:limit]
+	}
+	return out, nil, nil
 }
 
 type seriesSet struct {
