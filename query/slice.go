@@ -2,7 +2,6 @@ package query
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"regexp"
 	"slices"
@@ -31,17 +30,9 @@ const (
 
 var allMeasures = []string{measureSum, measureCount, measureRate, measureShare}
 
-// Classes of slice errors, which the API maps to the Prometheus error types.
-var (
-	// errSliceInput marks a malformed or impossible request (bad_data, 400).
-	errSliceInput = errors.New("bad slice request")
-	// errSliceLimit marks a slice larger than the configured limits
-	// (execution, 422).
-	errSliceLimit = errors.New("slice over limit")
-)
-
+// inputError is a malformed or impossible slice request: bad_data, 400.
 func inputError(format string, args ...any) error {
-	return fmt.Errorf("%w: "+format, append([]any{errSliceInput}, args...)...)
+	return &apiError{errBadData, fmt.Errorf(format, args...)}
 }
 
 // sliceRequest is a parsed and checked slice question.
@@ -205,7 +196,7 @@ func runSlice(ctx context.Context, s *schema.Schema, rd Reader, req sliceRequest
 		g := groups[key.String()]
 		if g == nil {
 			if len(groups) == maxGroups {
-				return nil, fmt.Errorf("%w: the slice has more than %d groups, the limit (max_groups); narrow the filters or group by coarser levels", errSliceLimit, maxGroups)
+				return nil, &apiError{errExec, fmt.Errorf("the slice has more than %d groups, the limit (max_groups); narrow the filters or group by coarser levels", maxGroups)}
 			}
 			g = &accum{values: make([]string, len(slots)), sum: make([]float64, points), count: make([]uint64, points)}
 			for i, slot := range slots {
@@ -349,16 +340,20 @@ func sortGroups(gs []*accum, by string, desc bool) {
 	}
 }
 
-// sliceResolution picks the resolution a slice reads. A forced one must
-// divide the step; otherwise a series reads the coarsest resolution whose
-// step is at most the requested step, and totals the coarsest whose step is
-// at most half the range (as Resolution does for PromQL), then no finer than
-// one whose retention still holds the start. The step must then be a
-// multiple of the resolution's step.
+// sliceResolution picks the resolution a slice reads. A series reads the
+// coarsest resolution whose step is at most the requested step, and a total
+// the coarsest whose steps align the requested start and end exactly (the
+// finest when none does), so that it is widened the least; either is then
+// no finer than one whose retention still holds the start. A resolution
+// the request forces is read as it is. The step must be a multiple of the
+// resolution's step.
 func sliceResolution(rs []schema.Resolution, req sliceRequest, now int64) (int, error) {
 	res := req.res
 	if res < 0 {
-		res = Resolution(rs, req.step.Milliseconds(), max(req.end-req.start, 1), req.start, now)
+		res = Resolution(rs, req.step.Milliseconds(), 0, req.start, now)
+		for req.step == 0 && res+1 < len(rs) && aligned(rs[res+1], req.start) && aligned(rs[res+1], req.end) {
+			res++
+		}
 	}
 	r := rs[res]
 	if req.step > 0 && req.step%r.Step != 0 {
@@ -370,6 +365,8 @@ func sliceResolution(rs []schema.Resolution, req sliceRequest, now int64) (int, 
 	}
 	return res, nil
 }
+
+func aligned(r schema.Resolution, t int64) bool { return r.StepStart(t) == t }
 
 func alignment(req sliceRequest, start, end int64, r schema.Resolution) string {
 	what := fmt.Sprintf("whole %s steps of the %s resolution", model.Duration(r.Step), model.Duration(r.Step))

@@ -57,11 +57,10 @@ func (a *API) wrapSlice(h sliceHandler) http.HandlerFunc {
 
 // sliceError maps a slice error to its Prometheus error type.
 func sliceError(err error) *apiError {
+	var aerr *apiError
 	switch {
-	case errors.Is(err, errSliceInput):
-		return &apiError{errBadData, errors.Unwrap(err)}
-	case errors.Is(err, errSliceLimit):
-		return &apiError{errExec, err}
+	case errors.As(err, &aerr):
+		return aerr
 	case errors.Is(err, context.Canceled):
 		return &apiError{errCanceled, err}
 	case errors.Is(err, context.DeadlineExceeded):
@@ -151,15 +150,16 @@ func (a *API) drillDown(r *http.Request, p url.Values) (*Slice, error) {
 	if lvl >= len(levels)-1 {
 		return nil, inputError("cannot drill down below %s, the finest level of %s", levels[len(levels)-1], req.fam.Dimensions[d].Name)
 	}
-	req.where = slices.DeleteFunc(req.where, func(m *labels.Matcher) bool { return slices.Index(levels, m.Name) >= lvl })
-	req.where = append(req.where, labels.MustNewMatcher(labels.MatchEqual, levels[lvl], value))
+	req.where = append(unpin(req.where, levels, lvl), labels.MustNewMatcher(labels.MatchEqual, levels[lvl], value))
 	return a.regroup(r.Context(), req, d, levels[lvl+1])
 }
 
-// rollUp undoes a drill-down on a dimension: it drops the equality filter
-// on the dimension's deepest pinned level and groups by that level; with
-// no level pinned, it groups by the parent of the dimension's deepest
-// group-by level.
+// rollUp goes one level up a dimension. Named by a level, it drops the
+// filters on that level and below and groups by the level above (by
+// nothing of the dimension from its top level). Named as a whole, it undoes
+// a drill-down: it drops the equality filter on the dimension's deepest
+// pinned level and groups by that level; with no level pinned, it groups by
+// the parent of the dimension's deepest group-by level.
 func (a *API) rollUp(r *http.Request, p url.Values) (*Slice, error) {
 	req, err := a.parseSlice(p)
 	if err != nil {
@@ -173,30 +173,33 @@ func (a *API) rollUp(r *http.Request, p url.Values) (*Slice, error) {
 		return nil, err
 	}
 	levels := req.fam.Dimensions[d].Levels
-	if lvl < 0 {
-		for i := len(levels) - 1; i >= 0 && lvl < 0; i-- {
-			if pinned(req.where, levels[i]) {
-				lvl = i
-			}
+	above := func(lvl int) string {
+		if lvl == 0 {
+			return ""
 		}
+		return levels[lvl-1]
 	}
 	if lvl >= 0 {
-		req.where = slices.DeleteFunc(req.where, func(m *labels.Matcher) bool { return slices.Index(levels, m.Name) >= lvl })
-		return a.regroup(r.Context(), req, d, levels[lvl])
+		req.where = unpin(req.where, levels, lvl)
+		return a.regroup(r.Context(), req, d, above(lvl))
 	}
-	deepest := -1
-	for i, l := range levels {
-		if slices.Contains(req.by, l) {
-			deepest = i
+	for i := len(levels) - 1; i >= 0; i-- {
+		if pinned(req.where, levels[i]) {
+			req.where = unpin(req.where, levels, i)
+			return a.regroup(r.Context(), req, d, levels[i])
 		}
 	}
-	switch deepest {
-	case -1:
-		return nil, inputError("nothing to roll up: %s is neither filtered by equality nor in the group-by", req.fam.Dimensions[d].Name)
-	case 0:
-		return a.regroup(r.Context(), req, d, "")
+	for i := len(levels) - 1; i >= 0; i-- {
+		if slices.Contains(req.by, levels[i]) {
+			return a.regroup(r.Context(), req, d, above(i))
+		}
 	}
-	return a.regroup(r.Context(), req, d, levels[deepest-1])
+	return nil, inputError("nothing to roll up: %s is neither filtered by equality nor in the group-by", req.fam.Dimensions[d].Name)
+}
+
+// unpin drops the filters on a dimension's levels from lvl down.
+func unpin(ms []*labels.Matcher, levels []string, lvl int) []*labels.Matcher {
+	return slices.DeleteFunc(ms, func(m *labels.Matcher) bool { return slices.Index(levels, m.Name) >= lvl })
 }
 
 // navLevel reads the dimension parameter: the dimension, and the level it
