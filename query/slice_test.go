@@ -504,3 +504,59 @@ func TestCubeSchema(t *testing.T) {
 		t.Errorf("resolutions %v", cs.Resolutions)
 	}
 }
+
+// BenchmarkSlice answers two analysts' questions over 100,000 hosts: the
+// ten hosts with the most errors over the last hour, and a week of hourly
+// totals per datacenter.
+func BenchmarkSlice(b *testing.B) {
+	s := schema.Default()
+	db, err := tsdb.Open(tsdb.Options{Dir: b.TempDir(), Schema: s, NoSync: true})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer db.Close()
+	rng := rand.New(rand.NewPCG(1, 2))
+	now := time.Now().Truncate(time.Hour)
+	const hosts = 100_000
+	host := func(i int) []string {
+		return []string{"dc" + strconv.Itoa(i%3), "c" + strconv.Itoa(i%40), "h" + strconv.Itoa(i), "checkout", []string{"200", "500"}[rng.IntN(2)]}
+	}
+	var events []cubeEvent
+	for i := range hosts {
+		events = append(events, cubeEvent{t: now.Add(-time.Duration(rng.Int64N(int64(time.Hour)))).UnixMilli(), values: host(i), v: float64(1 + rng.IntN(9))})
+	}
+	week := now.Add(-7 * 24 * time.Hour).UnixMilli()
+	for range 20_000 {
+		events = append(events, cubeEvent{t: week + rng.Int64N(now.UnixMilli()-week), values: host(rng.IntN(hosts)), v: 1})
+	}
+	writeCube(b, db, s, rng, events)
+	a, err := NewAPI(Options{Schema: s, Reader: db, MaxGroups: 2 * hosts, Now: func() time.Time { return now }})
+	if err != nil {
+		b.Fatal(err)
+	}
+	mux := http.NewServeMux()
+	a.Register(mux)
+	for _, bc := range []struct {
+		name   string
+		params string
+		groups int
+	}{
+		{"top10-hosts-errors-1h", "family=requests&where=status%3D~5..&by=host&since=1h&limit=10", 10},
+		{"week-hourly-by-datacenter", "family=requests&by=datacenter&since=7d&step=1h", 3},
+	} {
+		b.Run(bc.name, func(b *testing.B) {
+			b.ReportAllocs()
+			for b.Loop() {
+				rec := httptest.NewRecorder()
+				mux.ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "/api/v1/cube/slice?"+bc.params, nil))
+				if rec.Code != http.StatusOK {
+					b.Fatalf("HTTP %d %s", rec.Code, rec.Body)
+				}
+				var env struct{ Data Slice }
+				if err := json.Unmarshal(rec.Body.Bytes(), &env); err != nil || len(env.Data.Groups) != bc.groups {
+					b.Fatalf("%d groups, %v", len(env.Data.Groups), err)
+				}
+			}
+		})
+	}
+}
