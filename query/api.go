@@ -42,6 +42,10 @@ type Options struct {
 	// MaxSeries bounds the series one query may read from the store. The
 	// default is 1,000,000.
 	MaxSeries int
+	// MaxGroups bounds the groups one cube slice may hold before its limit
+	// and offset apply; a slice with more is refused. The default is
+	// 10,000.
+	MaxGroups int
 	// LookbackDelta is how far back an instant selector looks for a sample.
 	// The default is 5m, as Prometheus'.
 	LookbackDelta time.Duration
@@ -65,6 +69,9 @@ func (o *Options) EnsureDefaults() {
 	}
 	if o.MaxSeries == 0 {
 		o.MaxSeries = 1_000_000
+	}
+	if o.MaxGroups == 0 {
+		o.MaxGroups = 10_000
 	}
 	if o.LookbackDelta == 0 {
 		o.LookbackDelta = 5 * time.Minute
@@ -124,6 +131,10 @@ func (a *API) Register(mux *http.ServeMux) {
 	mux.HandleFunc("/api/v1/parse_query", a.wrap(a.parseQuery))
 	mux.HandleFunc("/api/v1/rules", a.wrap(a.rules))
 	mux.HandleFunc("/api/v1/alerts", a.wrap(a.alerts))
+	mux.HandleFunc("/api/v1/cube/schema", a.wrap(a.cubeSchema))
+	mux.HandleFunc("/api/v1/cube/slice", a.wrapSlice(a.slice))
+	mux.HandleFunc("/api/v1/cube/drilldown", a.wrapSlice(a.drillDown))
+	mux.HandleFunc("/api/v1/cube/rollup", a.wrapSlice(a.rollUp))
 }
 
 // Error types of the Prometheus API, with the HTTP status each maps to.
@@ -195,19 +206,24 @@ func (a *API) wrap(h handler) http.HandlerFunc {
 		} else {
 			res, aerr = h(r)
 		}
-		w.Header().Set("Content-Type", "application/json")
-		resp := response{Status: "success", Data: res.data}
-		if aerr != nil {
-			resp = response{Status: "error", ErrorType: string(aerr.typ), Error: aerr.err.Error()}
-			w.WriteHeader(aerr.typ.status())
-			if aerr.typ == errInternal {
-				a.opts.Logger.Error("query failed", "path", r.URL.Path, "err", aerr.err)
-			}
+		a.write(w, r, res, aerr)
+	}
+}
+
+// write writes a handler's answer in the Prometheus JSON envelope.
+func (a *API) write(w http.ResponseWriter, r *http.Request, res result, aerr *apiError) {
+	w.Header().Set("Content-Type", "application/json")
+	resp := response{Status: "success", Data: res.data}
+	if aerr != nil {
+		resp = response{Status: "error", ErrorType: string(aerr.typ), Error: aerr.err.Error()}
+		w.WriteHeader(aerr.typ.status())
+		if aerr.typ == errInternal {
+			a.opts.Logger.Error("query failed", "path", r.URL.Path, "err", aerr.err)
 		}
-		resp.Warnings, resp.Infos = res.annos.AsStrings(r.FormValue("query"), 10, 10)
-		if err := json.NewEncoder(w).Encode(resp); err != nil {
-			a.opts.Logger.Debug("cannot write response", "err", err)
-		}
+	}
+	resp.Warnings, resp.Infos = res.annos.AsStrings(r.FormValue("query"), 10, 10)
+	if err := json.NewEncoder(w).Encode(resp); err != nil {
+		a.opts.Logger.Debug("cannot write response", "err", err)
 	}
 }
 

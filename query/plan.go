@@ -73,15 +73,22 @@ func pointAtCuboid(s *schema.Schema, agg *parser.AggregateExpr, vs *parser.Vecto
 			need[m.Name] = true
 		}
 	}
-	best := v.fam.Finest()
-	for _, c := range v.fam.Cuboids() {
+	best := smallestCuboid(v.fam, need)
+	if best.ID != v.fam.Finest().ID {
+		vs.LabelMatchers = append(vs.LabelMatchers, labels.MustNewMatcher(labels.MatchEqual, cuboidLabel, strconv.Itoa(int(best.ID))))
+	}
+}
+
+// smallestCuboid returns the materialized cuboid with the fewest labels
+// that keeps every label in need: the finest when no smaller one does.
+func smallestCuboid(f *schema.Family, need map[string]bool) schema.Cuboid {
+	best := f.Finest()
+	for _, c := range f.Cuboids() {
 		if len(c.Labels) < len(best.Labels) && covers(c, need) {
 			best = c
 		}
 	}
-	if best.ID != v.fam.Finest().ID {
-		vs.LabelMatchers = append(vs.LabelMatchers, labels.MustNewMatcher(labels.MatchEqual, cuboidLabel, strconv.Itoa(int(best.ID))))
-	}
+	return best
 }
 
 func covers(c schema.Cuboid, need map[string]bool) bool {

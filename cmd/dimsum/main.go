@@ -2,6 +2,7 @@
 //
 //	dimsum [all] [flags]   an all-in-one node: aggregator, combiner and query
 //	dimsum load [flags]    push a synthetic workload to a node
+//	dimsum slice <family> [flags]  ask a node for a cube slice
 //	dimsum version         print the version
 package main
 
@@ -30,6 +31,8 @@ func main() {
 		err = runAll(args)
 	case "load":
 		err = runLoad(args)
+	case "slice":
+		err = runSlice(args)
 	case "version":
 		fmt.Printf("dimsum %s (%s)\n", buildVersion(), runtime.Version())
 	case "help":
@@ -53,6 +56,7 @@ func usage() {
 commands:
   all      run an all-in-one node (the default): aggregator, combiner and query
   load     push a synthetic log-derived workload to a node over gRPC
+  slice    ask a node for a cube slice: exact sums by group, as a table
   version  print the version
 
 Run 'dimsum <command> -h' for a command's flags.

@@ -69,33 +69,8 @@ func TestBinary(t *testing.T) {
 		t.Fatal(err)
 	}
 	grpcAddr, httpAddr := freeAddr(t), freeAddr(t)
-	start := func() *exec.Cmd {
-		cmd := exec.Command(bin, "-config", config, "-data", filepath.Join(dir, "data"), "-grpc", grpcAddr, "-http", httpAddr)
-		cmd.Stderr = os.Stderr
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
-		deadline := time.Now().Add(30 * time.Second)
-		for {
-			if resp, err := http.Get("http://" + httpAddr + "/-/healthy"); err == nil {
-				resp.Body.Close()
-				return cmd
-			}
-			if time.Now().After(deadline) {
-				cmd.Process.Kill()
-				t.Fatal("the node did not come up")
-			}
-			time.Sleep(50 * time.Millisecond)
-		}
-	}
-	stop := func(cmd *exec.Cmd) {
-		if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
-			t.Fatal(err)
-		}
-		if err := cmd.Wait(); err != nil {
-			t.Fatalf("the node exited with %v after SIGTERM", err)
-		}
-	}
+	start := func() *exec.Cmd { return startNode(t, bin, config, filepath.Join(dir, "data"), grpcAddr, httpAddr) }
+	stop := func(cmd *exec.Cmd) { stopNode(t, cmd) }
 
 	node := start()
 	report := filepath.Join(dir, "report.json")
@@ -126,5 +101,38 @@ func TestBinary(t *testing.T) {
 	defer stop(node)
 	if got, ok := total(t, httpAddr); !ok || got != want {
 		t.Errorf("after SIGTERM and restart the total is %v (ok %v), want %v", got, ok, want)
+	}
+}
+
+// startNode runs a node process and waits until it serves HTTP.
+func startNode(t *testing.T, bin, config, data, grpcAddr, httpAddr string) *exec.Cmd {
+	t.Helper()
+	cmd := exec.Command(bin, "-config", config, "-data", data, "-grpc", grpcAddr, "-http", httpAddr)
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		if resp, err := http.Get("http://" + httpAddr + "/-/healthy"); err == nil {
+			resp.Body.Close()
+			return cmd
+		}
+		if time.Now().After(deadline) {
+			cmd.Process.Kill()
+			t.Fatal("the node did not come up")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// stopNode stops a node with SIGTERM and requires a clean exit.
+func stopNode(t *testing.T, cmd *exec.Cmd) {
+	t.Helper()
+	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Wait(); err != nil {
+		t.Fatalf("the node exited with %v after SIGTERM", err)
 	}
 }

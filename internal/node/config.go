@@ -53,6 +53,7 @@ type QueryConfig struct {
 	MaxSamples    int            `yaml:"max_samples"`    // default 50000000
 	MaxSeries     int            `yaml:"max_series"`     // default 1000000
 	LookbackDelta model.Duration `yaml:"lookback_delta"` // default 5m
+	MaxGroups     int            `yaml:"max_groups"`     // default 10000, groups of one cube slice
 }
 
 // ErrConfig marks an invalid configuration.
@@ -107,6 +108,8 @@ func (c *Config) Validate() error {
 		return fmt.Errorf("%w: query max_samples %d is negative", ErrConfig, c.Query.MaxSamples)
 	case c.Query.MaxSeries < 0:
 		return fmt.Errorf("%w: query max_series %d is negative", ErrConfig, c.Query.MaxSeries)
+	case c.Query.MaxGroups < 0:
+		return fmt.Errorf("%w: query max_groups %d is negative", ErrConfig, c.Query.MaxGroups)
 	}
 	return nil
 }

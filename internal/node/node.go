@@ -119,6 +119,7 @@ func Start(cfg Config, version string, log *slog.Logger) (n *Node, err error) {
 		Timeout:       time.Duration(cfg.Query.Timeout),
 		MaxSamples:    cfg.Query.MaxSamples,
 		MaxSeries:     cfg.Query.MaxSeries,
+		MaxGroups:     cfg.Query.MaxGroups,
 		LookbackDelta: time.Duration(cfg.Query.LookbackDelta),
 		Version:       version,
 		Logger:        log.With("component", "query"),
