@@ -129,6 +129,7 @@ type packedInts struct {
 	deltas bool
 	base   uint64 // frame of reference: the minimum; deltas: the first value
 	width  uint   // bits a packed value takes, 0 to 64
+	mask   uint64 // the low width bits
 	packed []byte
 	i      int    // index of the next value
 	prev   uint64 // deltas: the value last returned
@@ -161,7 +162,10 @@ func (p *packedInts) parse(b []byte, n int, deltas bool) ([]byte, error) {
 	if len(b) < size {
 		return nil, errRowTruncated
 	}
-	*p = packedInts{deltas: deltas, base: base, width: width, packed: b[:size]}
+	*p = packedInts{deltas: deltas, base: base, width: width, mask: 1<<width - 1, packed: b[:size]}
+	if width == 64 {
+		p.mask = math.MaxUint64
+	}
 	return b[size:], nil
 }
 
@@ -170,22 +174,20 @@ func (p *packedInts) next() uint64 {
 	i := p.i
 	p.i++
 	if !p.deltas {
-		return p.base + unpack(p.packed, i, p.width)
+		return p.base + p.unpack(i)
 	}
 	if i == 0 {
 		p.prev = p.base
 	} else {
-		p.prev += uint64(unzigzag(unpack(p.packed, i-1, p.width)))
+		p.prev += uint64(unzigzag(p.unpack(i - 1)))
 	}
 	return p.prev
 }
 
-// unpack returns the i-th value of width w of packed, which the caller
-// has checked holds it. Values are packed least significant bit first.
-func unpack(packed []byte, i int, w uint) uint64 {
-	if w == 0 {
-		return 0
-	}
+// unpack returns the i-th packed value, which parse checked is there.
+// Values are packed least significant bit first.
+func (p *packedInts) unpack(i int) uint64 {
+	packed, w := p.packed, p.width
 	bit := uint(i) * w
 	at, shift := bit/8, bit%8
 	var x uint64
@@ -200,10 +202,7 @@ func unpack(packed []byte, i int, w uint) uint64 {
 	if shift+w > 64 {
 		x |= uint64(packed[at+8]) << (64 - shift)
 	}
-	if w < 64 {
-		x &= 1<<w - 1
-	}
-	return x
+	return x & p.mask
 }
 
 // appendPacked appends vals as a packed column, by frame of reference
