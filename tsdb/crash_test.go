@@ -3,6 +3,7 @@ package tsdb
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"errors"
 	"fmt"
 	"math/rand/v2"
@@ -83,7 +84,7 @@ func crashBatch(s *schema.Schema, i int) ([]byte, []Delta) {
 // acknowledged batch exactly once, that the batch in flight at the kill
 // was applied whole or not at all (its key and its data agree), and that
 // nothing reads as corrupt. Finally every acknowledged key must be
-// refused as a duplicate.
+// refused as a duplicate, before and after a compaction.
 func TestCrash(t *testing.T) {
 	seed := uint64(time.Now().UnixNano())
 	t.Logf("seed %d", seed)
@@ -125,6 +126,11 @@ func TestCrash(t *testing.T) {
 		if applied {
 			t.Fatalf("batch %d was applied again", i)
 		}
+	}
+	verify(t, db, m, rng)
+	// Compaction folds what the writers left into merged rows.
+	if err := db.pdb.Compact(context.Background(), []byte{0}, []byte{0xff}, false); err != nil {
+		t.Fatal(err)
 	}
 	verify(t, db, m, rng)
 }

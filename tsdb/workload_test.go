@@ -21,7 +21,7 @@ import (
 //   - every event has value 1, so a step's sum equals its count.
 //
 // A finest cell's count in a step is Poisson-distributed around its share of
-// the traffic: status-200 cells see from 4 to 160 events a step, error
+// the traffic: status-200 cells see about 3 to 150 events a step, error
 // cells of rare transactions see one every few minutes. The 28,800 finest
 // cells roll up into 39,680 cells over the 16 cuboids.
 const (
