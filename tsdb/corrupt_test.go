@@ -30,10 +30,10 @@ func TestCorruptRow(t *testing.T) {
 	}{
 		{"bad magic", []byte{0xff, 0x01, 0x02}, false},
 		{"empty", []byte{}, false},
-		{"truncated", []byte{rowMagic, 0x00, 0x05}, false},
-		{"slot out of range", []byte{rowMagic, 0xff, 0x7f, 0x01, 0x01}, false},
+		{"truncated", []byte{rowMagic, slotsAll, 0x05}, false},
+		{"slot out of range", []byte{rowMagic, slotsEntries, 0xff, 0x7f, 0x01}, false},
 		{"bad magic under an operand", []byte{0xff, 0x01, 0x02}, true},
-		{"truncated under an operand", []byte{rowMagic, 0x01}, true},
+		{"truncated under an operand", []byte{rowMagic, slotsList}, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			db := openTest(t, t.TempDir(), s)

@@ -7,6 +7,7 @@ import (
 	"flag"
 	"fmt"
 	"math"
+	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"slices"
@@ -26,18 +27,41 @@ var goldenRows = []struct {
 }{
 	{"empty", nil},
 	{"one slot", []slotValue{{0, 7, 3}}},
+	{"sum equals count", []slotValue{{3, 4, 4}, {4, 5, 5}, {9, 0, 0}}},
 	{"consecutive slots", []slotValue{{0, 1, 1}, {1, 2, 1}, {2, 3, 1}}},
 	{"last slot", []slotValue{{schema.StepsPerRow - 1, 1, 1}}},
 	{"sparse", []slotValue{{5, 10, 2}, {64, 0, 0}, {300, 1000000, 999}}},
 	{"fraction", []slotValue{{1, 0.5, 1}}},
 	{"negative zero", []slotValue{{1, math.Copysign(0, -1), 1}}},
+	{"negative zero, count 0", []slotValue{{1, math.Copysign(0, -1), 0}}},
 	{"negative", []slotValue{{1, -3, 1}}},
-	{"largest uvarint sum", []slotValue{{1, 1<<53 - 1, 1}}},
+	{"largest whole sum", []slotValue{{1, 1<<53 - 1, 1}}},
 	{"2^53", []slotValue{{1, 1 << 53, 1}}},
 	{"huge", []slotValue{{1, 1e300, 1}}},
 	{"NaN", []slotValue{{1, math.NaN(), 1}}},
 	{"+Inf", []slotValue{{1, math.Inf(1), 1}}},
 	{"largest count", []slotValue{{1, 1, math.MaxUint64}}},
+	{"largest count, sum equal", []slotValue{{1, math.MaxUint64, math.MaxUint64}}},
+	{"counts 0 and 2^64-1", []slotValue{{1, 0, 0}, {2, 0, math.MaxUint64}}},
+	{"every slot, sums equal counts", rowOf(schema.StepsPerRow, func(i int) (float64, uint64) { return float64(i % 4), uint64(i % 4) })},
+	{"every slot, rising counts", rowOf(schema.StepsPerRow, func(i int) (float64, uint64) { return float64(5000 + 3*i), uint64(5000 + 3*i) })},
+	{"even slots, whole sums", rowOf(schema.StepsPerRow/2, func(i int) (float64, uint64) { return float64(2 * (i % 3)), uint64(i % 3) })},
+	{"first 100 slots, fractions", rowOf(100, func(i int) (float64, uint64) { return float64(i) / 4, 1 })},
+}
+
+// rowOf returns n slots, every slot when n is StepsPerRow and every other
+// slot when it is half of it, else the first n, with values from f.
+func rowOf(n int, f func(i int) (float64, uint64)) []slotValue {
+	stride := 1
+	if n == schema.StepsPerRow/2 {
+		stride = 2
+	}
+	out := make([]slotValue, n)
+	for i := range out {
+		sum, count := f(i)
+		out[i] = slotValue{i * stride, sum, count}
+	}
+	return out
 }
 
 // goldenBitmaps are the postings and presence values the golden file pins;
@@ -93,16 +117,22 @@ func TestGolden(t *testing.T) {
 			t.Fatalf("bitmap %s: decoded %v, %v", g.name, got, err)
 		}
 	}
-	buf.WriteString("# rows\n")
+	buf.WriteString("# rows (merged) and merge operands of a few slots\n")
 	for _, r := range goldenRows {
-		b := encodeRow(r.slots...)
-		line("row "+r.name, b)
-		got, err := decodeRow(b)
-		if err != nil {
-			t.Fatalf("row %s: %v", r.name, err)
+		encodings := [][]byte{denseOf(r.slots).appendTo(nil)}
+		line("row "+r.name, encodings[0])
+		if len(r.slots) <= 3 {
+			encodings = append(encodings, encodeRow(r.slots...))
+			line("operand "+r.name, encodings[1])
 		}
-		if !slotsEqual(got, r.slots) {
-			t.Fatalf("row %s: decoded %v, want %v", r.name, got, r.slots)
+		for _, b := range encodings {
+			got, err := decodeRow(b)
+			if err != nil {
+				t.Fatalf("row %s, %x: %v", r.name, b, err)
+			}
+			if !slotsEqual(got, r.slots) {
+				t.Fatalf("row %s, %x: decoded %v, want %v", r.name, b, got, r.slots)
+			}
 		}
 	}
 
@@ -186,20 +216,47 @@ func TestCellValuesRoundTrip(t *testing.T) {
 }
 
 func TestDecodeRowRejects(t *testing.T) {
+	var zeros []byte
+	for range schema.StepsPerRow + 5 {
+		zeros = append(zeros, 0)
+	}
+	entries := func(b ...byte) []byte { return append([]byte{rowMagic, slotsEntries}, b...) }
+	columns := func(header byte, b ...byte) []byte { return append([]byte{rowMagic, header}, b...) }
 	for _, tc := range []struct {
 		name string
 		b    []byte
 	}{
 		{"empty", nil},
-		{"bad magic", []byte{0x00}},
-		{"old magic", []byte{0xD0, 0x00, 0x01, 0x01}},
-		{"truncated header", []byte{rowMagic, 0x80}},
-		{"truncated sum", []byte{rowMagic, 0x00}},
-		{"truncated float", []byte{rowMagic, 0x01, 0, 0, 0}},
-		{"truncated count", []byte{rowMagic, 0x00, 0x07}},
-		{"slot beyond row", append(binary.AppendUvarint([]byte{rowMagic}, schema.StepsPerRow<<1), 0x01, 0x01)},
-		{"slot after last", append(encodeRow(slotValue{schema.StepsPerRow - 1, 1, 1}), 0x00, 0x01, 0x01)},
-		{"overflowing varint", []byte{rowMagic, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01}},
+		{"bad magic", []byte{0x00, slotsEntries}},
+		{"old magic", []byte{0xD1, 0x00, 0x01, 0x01}},
+		{"magic alone", []byte{rowMagic}},
+		{"unused header bits", columns(0x20|slotsList, 0, 0, 0)},
+		{"entries with column bits", []byte{rowMagic, slotsEntries | countsDeltas}},
+
+		{"entry: truncated header", entries(0x80)},
+		{"entry: truncated count", entries(0x00)},
+		{"entry: truncated whole sum", entries(0x01, 0x01)},
+		{"entry: truncated float", entries(0x02, 0x01, 0, 0, 0)},
+		{"entry: bad sum kind", entries(0x03, 0x01)},
+		{"entry: slot beyond row", append(binary.AppendUvarint([]byte{rowMagic, slotsEntries}, schema.StepsPerRow<<2), 0x01)},
+		{"entry: slot after last", append(encodeRow(slotValue{schema.StepsPerRow - 1, 1, 1}), 0x00, 0x01)},
+		{"entry: overflowing varint", entries(0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01)},
+
+		{"list: no length", columns(slotsList)},
+		{"list: too long", append(binary.AppendUvarint([]byte{rowMagic, slotsList}, schema.StepsPerRow+1), zeros...)},
+		{"list: truncated", columns(slotsList, 2, 0)},
+		{"list: slot beyond row", append(binary.AppendUvarint([]byte{rowMagic, slotsList, 1}, schema.StepsPerRow), 0, 0)},
+		{"list: slot after last", append(binary.AppendUvarint([]byte{rowMagic, slotsList, 2}, schema.StepsPerRow-1), 0, 0, 0)},
+		{"bitmap: truncated", columns(slotsBitmap, 0xff, 0xff)},
+		{"counts: missing", columns(slotsList, 0)},
+		{"counts: no width", columns(slotsList, 0, 0)},
+		{"counts: width 65", columns(slotsList, 1, 0, 0, 65)},
+		{"counts: truncated bits", columns(slotsList, 2, 0, 0, 0, 7, 0xff)},
+		{"counts: deltas of no slot", columns(slotsList|countsDeltas, 0, 0, 0)},
+		{"sums: missing whole", columns(slotsList|sumsFrame<<sumsShift, 1, 0, 1, 0)},
+		{"sums: truncated IEEE", columns(slotsList|sumsIEEE<<sumsShift, 1, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0xf0)},
+		{"all: truncated counts", columns(slotsAll, 0, 1, 0xff)},
+		{"trailing bytes", append(denseOf(goldenRows[1].slots).appendTo(nil), 0)},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			if got, err := decodeRow(tc.b); err == nil {
@@ -213,23 +270,108 @@ func TestDecodeRowRejects(t *testing.T) {
 	}
 }
 
+// TestRowPrefixRejected cuts every merged golden row short at every length:
+// a merged row records the size of each of its parts, so no prefix of it
+// decodes.
+func TestRowPrefixRejected(t *testing.T) {
+	for _, r := range goldenRows {
+		b := denseOf(r.slots).appendTo(nil)
+		for n := range len(b) {
+			if got, err := decodeRow(b[:n]); err == nil {
+				t.Fatalf("row %s: prefix %x of %x decoded as %v", r.name, b[:n], b, got)
+			}
+		}
+	}
+}
+
+// TestRowRoundTrip encodes random rows of every shape the merge operator
+// meets, from one slot to all, with counts from 0 to 2^64-1 and every kind
+// of sum, and requires them back bit for bit from both layouts.
+func TestRowRoundTrip(t *testing.T) {
+	rng := rand.New(rand.NewPCG(5, 8))
+	for iter := range 2000 {
+		slots := randomSlots(rng)
+		for _, b := range [][]byte{denseOf(slots).appendTo(nil), encodeRow(slots...)} {
+			got, err := decodeRow(b)
+			if err != nil {
+				t.Fatalf("iteration %d: %x: %v", iter, b, err)
+			}
+			if !slotsEqual(got, slots) {
+				t.Fatalf("iteration %d: %x decoded to\n%v, want\n%v", iter, b, got, slots)
+			}
+		}
+	}
+}
+
+// randomSlots returns the slots of a random row: a random density, counts
+// of a random magnitude and spread, and sums of a random kind.
+func randomSlots(rng *rand.Rand) []slotValue {
+	density := rng.Float64()
+	magnitude := rng.IntN(65)
+	spread := rng.IntN(magnitude + 1)
+	base := uint64(0)
+	if magnitude > 0 {
+		base = rng.Uint64() >> (64 - magnitude)
+	}
+	kind := rng.IntN(5)
+	var out []slotValue
+	for slot := range schema.StepsPerRow {
+		if rng.Float64() > density {
+			continue
+		}
+		count := base
+		if spread > 0 {
+			count += rng.Uint64() >> (64 - spread)
+		}
+		var sum float64
+		switch kind {
+		case 0: // every event is 1
+			sum = float64(count)
+		case 1: // whole numbers
+			sum = float64(rng.Uint64() >> (64 - 1 - rng.IntN(53)))
+		case 2: // fractions and negative numbers
+			sum = float64(rng.IntN(1000)-500) / 8
+		case 3: // the edges of float64
+			sum = []float64{math.Copysign(0, -1), 0, 1 << 53, math.MaxFloat64, -math.MaxFloat64, math.SmallestNonzeroFloat64, math.Inf(1), math.NaN()}[rng.IntN(8)]
+		default: // mostly equal to the count
+			sum = float64(count)
+			if rng.IntN(10) == 0 {
+				sum++
+			}
+		}
+		out = append(out, slotValue{slot, sum, count})
+	}
+	return out
+}
+
 // TestRowAllocs pins the row codec at zero allocations: Steps decodes every
-// row it reads, the merge operator every operand.
+// row it reads, the merge operator every operand and writes every row.
 func TestRowAllocs(t *testing.T) {
-	b := encodeRow(goldenRows[4].slots...)
-	buf := make([]byte, 0, 64)
+	slots := goldenRows[len(goldenRows)-2].slots
+	operand, row := encodeRow(slots...), denseOf(slots).appendTo(nil)
+	buf := make([]byte, 0, 4096)
+	var dense denseRow
 	allocs := testing.AllocsPerRun(100, func() {
-		var d rowDecoder
 		var e rowEncoder
 		e.reset(buf)
-		for d.init(b); ; {
-			slot, sum, count, ok := d.next()
-			if !ok {
-				break
+		for _, b := range [][]byte{operand, row} {
+			var d rowDecoder
+			for d.init(b); ; {
+				slot, sum, count, ok := d.next()
+				if !ok {
+					break
+				}
+				e.add(slot, sum, count)
 			}
-			e.add(slot, sum, count)
+			if d.err != nil {
+				t.Fatal(d.err)
+			}
 		}
-		if d.err != nil || len(e.buf) != len(b) {
+		dense.reset()
+		if err := dense.addRow(operand); err != nil {
+			t.Fatal(err)
+		}
+		if len(dense.appendTo(buf[:0])) != len(row) {
 			t.Fatal("round trip failed")
 		}
 	})
@@ -239,11 +381,13 @@ func TestRowAllocs(t *testing.T) {
 }
 
 // FuzzDecodeRow feeds arbitrary bytes to the row decoder: it must never
-// panic, and whatever it accepts must re-encode to a row that decodes to the
-// same slots, bit for bit, through both the streaming and the dense path.
+// panic, and whatever it accepts must re-encode, in both layouts, to rows
+// that decode to the same slots, bit for bit, through both the streaming
+// and the dense path.
 func FuzzDecodeRow(f *testing.F) {
 	for _, r := range goldenRows {
 		f.Add(encodeRow(r.slots...))
+		f.Add(denseOf(r.slots).appendTo(nil))
 	}
 	f.Add([]byte{})
 	f.Add([]byte{rowMagic, 0xff})
@@ -262,16 +406,14 @@ func FuzzDecodeRow(f *testing.F) {
 				t.Fatalf("slots not ascending: %v", slots)
 			}
 		}
-		again := encodeRow(slots...)
-		got, err := decodeRow(again)
-		if err != nil {
-			t.Fatalf("re-encoding %x does not decode: %v", again, err)
-		}
-		if !slotsEqual(got, slots) {
-			t.Fatalf("round trip: %v, want %v", got, slots)
-		}
-		if dense := d.appendTo(nil); !bytes.Equal(dense, again) {
-			t.Fatalf("dense path encodes %x, streaming path %x", dense, again)
+		for _, again := range [][]byte{encodeRow(slots...), d.appendTo(nil)} {
+			got, err := decodeRow(again)
+			if err != nil {
+				t.Fatalf("re-encoding %x does not decode: %v", again, err)
+			}
+			if !slotsEqual(got, slots) {
+				t.Fatalf("round trip through %x: %v, want %v", again, got, slots)
+			}
 		}
 	})
 }

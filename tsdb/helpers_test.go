@@ -106,3 +106,14 @@ func decodeRow(b []byte) ([]slotValue, error) {
 func isCorruptNaming(err error, key []byte) bool {
 	return errors.Is(err, ErrCorrupt) && strings.Contains(err.Error(), hex.EncodeToString(key))
 }
+
+// denseOf returns the dense row holding slots.
+func denseOf(slots []slotValue) *denseRow {
+	var d denseRow
+	for _, s := range slots {
+		d.present[s.slot/64] |= 1 << (s.slot % 64)
+		d.sum[s.slot] = s.sum
+		d.count[s.slot] = s.count
+	}
+	return &d
+}

@@ -13,9 +13,10 @@ import (
 const mergerName = "dimsum.row.v1"
 
 // rowMerger is the Pebble merge operator of data rows. Apply writes every
-// cell-step as a merge operand (an encoded row holding only the new slots),
-// so ingest never reads a row; Pebble folds operands at read time and in
-// compactions. Folding is slot-wise addition of sums and counts, which is
+// cell-step as a merge operand (a row in the entries layout holding only the
+// new slots), so ingest never reads a row; Pebble folds operands at read
+// time and in compactions, and the operator writes what it folded in the
+// columnar layout, which is what stays on disk. It reads every layout. Folding is slot-wise addition of sums and counts, which is
 // associative and commutative, so operands may be merged in any grouping, with
 // or without the oldest one (includesBase), and give the same row. Float sums
 // of whole numbers below 2^53 are exact in any order; other sums may differ

@@ -3,6 +3,7 @@ package tsdb
 import (
 	"fmt"
 	"io"
+	"math"
 	"math/rand/v2"
 	"testing"
 
@@ -12,24 +13,61 @@ import (
 	"github.com/dimsum/dimsum/schema"
 )
 
-// randomRow returns an encoded row with random slots, and adds it to want.
-func randomRow(rng *rand.Rand, want *denseRow) []byte {
-	var d denseRow
-	for range 1 + rng.IntN(20) {
-		slot := rng.IntN(schema.StepsPerRow)
-		var op denseRow
-		op.present[slot/64] |= 1 << (slot % 64)
-		op.sum[slot] = float64(rng.IntN(1000)) / 8
-		op.count[slot] = uint64(rng.IntN(4))
-		if err := d.addRow(op.appendTo(nil)); err != nil {
-			panic(err)
+// randomOperands returns 1 to 10 operands of one row, each in a random
+// layout, and the row they must fold into: a plain per-slot sum. Each slot
+// receives one kind of value (events of 1, whole numbers, eighths of either
+// sign, negative zeros, huge multiples of 2^900), all of which add exactly,
+// so that every order and grouping must give the same bits.
+func randomOperands(rng *rand.Rand) (ops [][]byte, want []slotValue) {
+	kinds := make([]int, schema.StepsPerRow)
+	density := rng.Float64()
+	for slot := range kinds {
+		if rng.Float64() < density {
+			kinds[slot] = 1 + rng.IntN(5)
 		}
 	}
-	b := d.appendTo(nil)
-	if err := want.addRow(b); err != nil {
-		panic(err)
+	model := map[int]slotValue{}
+	for range 1 + rng.IntN(10) {
+		var slots []slotValue
+		for slot, kind := range kinds {
+			if kind == 0 || rng.IntN(3) == 0 {
+				continue
+			}
+			count := uint64(rng.IntN(50))
+			var sum float64
+			switch kind {
+			case 1:
+				sum = float64(count)
+			case 2:
+				sum = float64(rng.Int64N(1 << 40))
+			case 3:
+				sum = float64(rng.IntN(2001)-1000) / 8
+			case 4:
+				sum = math.Copysign(0, -1)
+			case 5:
+				sum = math.Ldexp(float64(rng.IntN(1000)), 900)
+			}
+			slots = append(slots, slotValue{slot, sum, count})
+			if m, ok := model[slot]; ok {
+				m.sum += sum
+				m.count += count
+				model[slot] = m
+			} else {
+				model[slot] = slotValue{slot, sum, count}
+			}
+		}
+		if rng.IntN(2) == 0 {
+			ops = append(ops, encodeRow(slots...))
+		} else {
+			ops = append(ops, denseOf(slots).appendTo(nil))
+		}
 	}
-	return b
+	for slot := range schema.StepsPerRow {
+		if m, ok := model[slot]; ok {
+			want = append(want, m)
+		}
+	}
+	return ops, want
 }
 
 // finish runs Finish and copies the result out before closing, as Pebble
@@ -79,34 +117,47 @@ func fold(t *testing.T, ops [][]byte, newestFirst bool, includesBase bool) []byt
 	return finish(t, vm, includesBase)
 }
 
-// TestMergeAssociative folds random operands in random groupings, as
-// compactions do when they see only some of a key's operands, and requires
-// the same row as a single fold.
+// foldTree folds ops (oldest first) as Pebble may across flushes and
+// compactions: split into random runs, each folded on its own, newest-first
+// or oldest-first, with the base only in the run holding the oldest operand,
+// and the partial results folded again.
+func foldTree(t *testing.T, rng *rand.Rand, ops [][]byte, hasBase bool) []byte {
+	t.Helper()
+	if len(ops) == 1 || rng.IntN(3) == 0 {
+		return fold(t, ops, rng.IntN(2) == 0, hasBase)
+	}
+	var partial [][]byte
+	for i := 0; i < len(ops); {
+		j := i + 1 + rng.IntN(len(ops)-i)
+		partial = append(partial, foldTree(t, rng, ops[i:j], hasBase && i == 0))
+		i = j
+	}
+	return fold(t, partial, rng.IntN(2) == 0, hasBase)
+}
+
+// TestMergeAssociative folds random operands of every layout in random
+// groupings, with and without their base, and requires exactly the plain
+// per-slot sum: the same bits whatever the grouping.
 func TestMergeAssociative(t *testing.T) {
 	rng := rand.New(rand.NewPCG(7, 11))
-	for iter := range 200 {
-		var want denseRow
-		ops := make([][]byte, 1+rng.IntN(8))
-		for i := range ops {
-			ops[i] = randomRow(rng, &want)
-		}
-		wantRow := want.appendTo(nil)
+	for iter := range 300 {
+		ops, want := randomOperands(rng)
 		t.Run(fmt.Sprint(iter), func(t *testing.T) {
-			for _, newestFirst := range []bool{false, true} {
-				if got := fold(t, ops, newestFirst, true); string(got) != string(wantRow) {
-					t.Fatalf("newestFirst=%v: %x, want %x", newestFirst, got, wantRow)
+			var first []byte
+			for g := range 4 {
+				row := foldTree(t, rng, ops, g%2 == 0)
+				got, err := decodeRow(row)
+				if err != nil {
+					t.Fatalf("grouping %d: %x: %v", g, row, err)
 				}
-			}
-			// Split into runs, fold each without its base, then fold the
-			// partial results.
-			var partial [][]byte
-			for i := 0; i < len(ops); {
-				j := i + 1 + rng.IntN(len(ops)-i)
-				partial = append(partial, fold(t, ops[i:j], rng.IntN(2) == 0, i == 0))
-				i = j
-			}
-			if got := fold(t, partial, rng.IntN(2) == 0, true); string(got) != string(wantRow) {
-				t.Fatalf("grouped: %x, want %x", got, wantRow)
+				if !slotsEqual(got, want) {
+					t.Fatalf("grouping %d: %v\nwant %v", g, got, want)
+				}
+				if first == nil {
+					first = row
+				} else if string(row) != string(first) {
+					t.Fatalf("grouping %d: %x, another grouping gave %x", g, row, first)
+				}
 			}
 		})
 	}
@@ -149,9 +200,8 @@ func TestMergeAllocs(t *testing.T) {
 	if race.Enabled {
 		t.Skip("sync.Pool drops items under the race detector")
 	}
-	rng := rand.New(rand.NewPCG(1, 2))
-	var want denseRow
-	a, b := randomRow(rng, &want), randomRow(rng, &want)
+	full := rowOf(schema.StepsPerRow, func(i int) (float64, uint64) { return float64(i), uint64(i) })
+	a, b := encodeRow(goldenRows[5].slots...), denseOf(full).appendTo(nil)
 	key := []byte("some key")
 	allocs := testing.AllocsPerRun(100, func() {
 		vm, err := rowMerger.Merge(key, a)
