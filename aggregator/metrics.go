@@ -52,17 +52,17 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		}),
 		flushErrors: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "dimsum_aggregator_flush_errors_total",
-			Help: "Failed flush attempts; each is retried with backoff.",
+			Help: "Failed flush attempts; each is retried with backoff, unless the combiner refused the flush as malformed.",
 		}),
 		openWindows: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "dimsum_aggregator_open_windows",
 			Help: "Windows held in memory, waiting for their grace period to pass.",
 		}),
+		liveCells: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "dimsum_aggregator_live_cells",
+			Help: "Cells of every cuboid in the windows held in memory, as of the last look for closed windows.",
+		}),
 	}
-	m.liveCells = prometheus.NewGauge(prometheus.GaugeOpts{
-		Name: "dimsum_aggregator_live_cells",
-		Help: "Cells of every cuboid in the windows held in memory, as of the last look for closed windows.",
-	})
 	if reg != nil {
 		reg.MustRegister(m.accepted, m.rejected, m.late, m.batchesRefused, m.duplicates, m.forgotten, m.flushes, m.flushedCells, m.flushErrors, m.openWindows, m.liveCells)
 	}

@@ -8,6 +8,9 @@ import (
 	"testing"
 	"time"
 
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
 	"github.com/dimsum/dimsum/aggregator"
 	"github.com/dimsum/dimsum/schema"
 	"github.com/dimsum/dimsum/wire"
@@ -134,5 +137,43 @@ func TestLargeWindowIsSplit(t *testing.T) {
 	}
 	if got := h.everything(t); got.Count != uint64(n) {
 		t.Errorf("the store counts %d events, want %d", got.Count, n)
+	}
+}
+
+// refusingSink refuses the first flush as malformed, as a combiner answers
+// InvalidArgument, and passes the rest on.
+type refusingSink struct {
+	next     *combinerSink
+	attempts atomic.Int32
+}
+
+func (s *refusingSink) Flush(ctx context.Context, req *wirepb.FlushRequest) error {
+	if s.attempts.Add(1) == 1 {
+		return status.Error(codes.InvalidArgument, "malformed")
+	}
+	return s.next.Flush(ctx, req)
+}
+
+// A flush the combiner refuses as malformed is not retried: it would be
+// refused again, and the windows after it still go out.
+func TestRefusedFlushIsNotRetried(t *testing.T) {
+	h := newHarness(t, schema.Default())
+	sink := &refusingSink{next: h.sink}
+	a, err := aggregator.New(aggregator.Options{Schema: h.schema, Sink: sink, Now: h.clock.Now})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var b wire.Batch
+	addGood(&b, h.ms(0), 1, 0, 0, 0)
+	addGood(&b, h.ms(h.schema.Window()), 2, 0, 0, 0) // the next window
+	if _, err := a.Push(b.Request()); err != nil {
+		t.Fatal(err)
+	}
+	a.Close()
+	if n := sink.attempts.Load(); n != 2 {
+		t.Errorf("%d flush attempts, want 2: the refused one once, the next window once", n)
+	}
+	if got := h.everything(t); got.Sum != 2 || got.Count != 1 {
+		t.Errorf("store holds sum %v count %d, want the second window's event alone", got.Sum, got.Count)
 	}
 }

@@ -10,9 +10,8 @@
 // DropTail the new one. Every outcome is counted (Stats, and Prometheus
 // metrics when a Registerer is given).
 //
-// Transient failures (Unavailable, DeadlineExceeded, ResourceExhausted,
-// Aborted) are retried with backoff, failing over to the next node after
-// each. Every batch carries an identity, the publisher's Source and a
+// Transient failures (Unavailable, DeadlineExceeded, Aborted) are retried
+// with backoff, failing over to the next node after each. Every batch carries an identity, the publisher's Source and a
 // sequence, so a node that counted an attempt whose reply was lost
 // acknowledges the retry without counting it again. Events the node rejects,
 // one by one or as a whole batch (InvalidArgument), are never retried.

@@ -271,10 +271,12 @@ func (p *Publisher) sender() {
 }
 
 // retryable reports whether an attempt that failed with code may succeed
-// when repeated, on this node or another.
+// when repeated, on this node or another. ResourceExhausted is not: gRPC
+// answers it for a message over the node's size limit, which the same batch
+// exceeds again on every attempt.
 func retryable(code codes.Code) bool {
 	switch code {
-	case codes.Unavailable, codes.DeadlineExceeded, codes.ResourceExhausted, codes.Aborted:
+	case codes.Unavailable, codes.DeadlineExceeded, codes.Aborted:
 		return true
 	}
 	return false

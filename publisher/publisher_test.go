@@ -319,6 +319,41 @@ func TestNoRetryOfInvalid(t *testing.T) {
 	}
 }
 
+// TestNoRetryOfOversized pushes a batch larger than the node's message
+// limit: gRPC answers ResourceExhausted, which no retry mends, so the batch
+// is dropped as failed at once instead of retried until Close's deadline.
+func TestNoRetryOfOversized(t *testing.T) {
+	srv := newStalled()
+	close(srv.release)
+	p, err := publisher.New(publisher.Options{
+		Addrs:        []string{serve(t, srv, grpc.MaxRecvMsgSize(64))},
+		BatchEvents:  10,
+		InFlight:     1,
+		Linger:       time.Hour,
+		Compression:  publisher.None,
+		RetryBackoff: time.Millisecond,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for range 10 {
+		if err := p.Add(context.Background(), event(1)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := p.Close(ctx); err != nil {
+		t.Errorf("Close: %v", err)
+	}
+	if s := p.Stats(); s.Dropped["failed"] != 10 || s.Retries != 0 || s.Sent != 0 {
+		t.Errorf("stats %+v, want 10 events dropped as failed without a retry", s)
+	}
+	if len(srv.arrived) != 0 {
+		t.Errorf("the node took %d batches over its message limit", len(srv.arrived))
+	}
+}
+
 // TestCloseDeadline closes a publisher whose node never answers: Close
 // returns at its deadline and reports every event as unsent.
 func TestCloseDeadline(t *testing.T) {
