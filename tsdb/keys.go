@@ -69,13 +69,11 @@ func makeDataKey(stepSec uint32, row int64, fam uint16, cuboid schema.CuboidID, 
 	return k
 }
 
-// parsedDataKey is a data key split into its fields.
+// parsedDataKey is a data key split into its fields: the row's, which its
+// presence key shares, and the cell.
 type parsedDataKey struct {
-	stepSec uint32
-	row     int64
-	fam     uint16
-	cuboid  schema.CuboidID
-	cell    uint32
+	presenceKey
+	cell uint32
 }
 
 var errBadKey = errors.New("malformed key")
@@ -84,13 +82,7 @@ func parseDataKey(k []byte) (parsedDataKey, error) {
 	if len(k) != dataKeyLen || k[0] != prefixData {
 		return parsedDataKey{}, errBadKey
 	}
-	return parsedDataKey{
-		stepSec: binary.BigEndian.Uint32(k[1:5]),
-		row:     unflipSign(binary.BigEndian.Uint64(k[5:13])),
-		fam:     binary.BigEndian.Uint16(k[13:15]),
-		cuboid:  schema.CuboidID(binary.BigEndian.Uint16(k[15:17])),
-		cell:    binary.BigEndian.Uint32(k[17:21]),
-	}, nil
+	return parsedDataKey{presenceKey: rowFields(k), cell: binary.BigEndian.Uint32(k[17:21])}, nil
 }
 
 // appendRowBound appends the first key of a row of one resolution under
@@ -121,16 +113,15 @@ func parsePresenceKey(k []byte) (presenceKey, error) {
 	if len(k) != presenceKeyLen || k[0] != prefixPresence {
 		return presenceKey{}, errBadKey
 	}
-	return presenceKey{
-		stepSec: binary.BigEndian.Uint32(k[1:5]),
-		row:     unflipSign(binary.BigEndian.Uint64(k[5:13])),
-		fam:     binary.BigEndian.Uint16(k[13:15]),
-		cuboid:  schema.CuboidID(binary.BigEndian.Uint16(k[15:17])),
-	}, nil
+	return rowFields(k), nil
 }
 
 // presenceOf returns the presence key of the row a data key belongs to.
-func presenceOf(k *dataKey) presenceKey {
+func presenceOf(k *dataKey) presenceKey { return rowFields(k[:]) }
+
+// rowFields reads the fields a data key and a presence key share, from
+// bytes 1 to 17 of either.
+func rowFields(k []byte) presenceKey {
 	return presenceKey{
 		stepSec: binary.BigEndian.Uint32(k[1:5]),
 		row:     unflipSign(binary.BigEndian.Uint64(k[5:13])),
