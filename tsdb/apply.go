@@ -167,9 +167,7 @@ func (db *DB) Apply(idempotencyKey []byte, keyTime int64, deltas []Delta) (appli
 		return false, err
 	}
 	for _, d := range a.touched {
-		if err := d.stage(b, &a.keyBuf); err != nil {
-			return false, err
-		}
+		d.stage()
 	}
 
 	if len(idempotencyKey) > 0 {

@@ -43,9 +43,8 @@ func benchDeltas(s *schema.Schema, hosts, txns, statuses int, t int64) []Delta {
 
 // BenchmarkApply applies one window's partial cube per iteration, each
 // window 10s after the previous one, into every resolution of the default
-// schema (10s, 1m, 1h). After the run it compacts and reports the disk
-// space a stored cell-step takes: the run is short, so rows are sparse and
-// keys weigh more than in a steady state (see BenchmarkSteps for that).
+// schema (10s, 1m, 1h). BenchmarkStoredSize measures what the data takes
+// on disk.
 func BenchmarkApply(b *testing.B) {
 	for _, sync := range []bool{false, true} {
 		b.Run(fmt.Sprintf("sync=%v", sync), func(b *testing.B) {
@@ -79,34 +78,13 @@ func BenchmarkApply(b *testing.B) {
 			b.StopTimer()
 			b.ReportMetric(float64(b.N*len(deltas))/b.Elapsed().Seconds(), "deltas/s")
 			b.ReportMetric(float64(len(deltas)), "deltas/op")
-			if err := db.pdb.Compact(context.Background(), []byte{0}, []byte{0xff}, false); err != nil {
-				b.Fatal(err)
-			}
-			cellSteps := 0
-			for res := range s.Resolutions {
-				for _, c := range s.Family("requests").Cuboids() {
-					cells, err := db.Cells("requests", c.ID, nil)
-					if err != nil {
-						b.Fatal(err)
-					}
-					for _, cell := range cells {
-						steps, err := db.Steps(res, "requests", c.ID, cell.ID, 0, now.UnixMilli(), nil)
-						if err != nil {
-							b.Fatal(err)
-						}
-						cellSteps += len(steps)
-					}
-				}
-			}
-			b.ReportMetric(float64(sstBytes(db))/float64(cellSteps), "sst-B/cell-step")
 		})
 	}
 }
 
 // BenchmarkSteps reads one cell over a day at each resolution of the
 // default schema, from a compacted store holding two days of 10s steps for a
-// few hundred cells. It also reports the sstable bytes a stored cell-step
-// takes in that store, counting every resolution's cell-steps.
+// few hundred cells.
 func BenchmarkSteps(b *testing.B) {
 	s := schema.Default()
 	now := testNow
@@ -115,26 +93,7 @@ func BenchmarkSteps(b *testing.B) {
 		b.Fatal(err)
 	}
 	defer db.Close()
-	windows := 2 * 24 * 360
-	start := now.UnixMilli() - int64(windows)*10000
-	deltas := benchDeltas(s, 5, 4, 2, start)
-	rng := rand.New(rand.NewPCG(1, 2))
-	for i := range windows {
-		for j := range deltas {
-			setWindow(rng, &deltas[j], start+int64(i)*10000)
-		}
-		if _, err := db.Apply(nil, 0, deltas); err != nil {
-			b.Fatal(err)
-		}
-	}
-	if err := db.pdb.Compact(context.Background(), []byte{0}, []byte{0xff}, false); err != nil {
-		b.Fatal(err)
-	}
-	cellSteps := 0
-	for _, r := range s.Resolutions {
-		cellSteps += len(deltas) * int(int64(windows)*10000/r.Step.Milliseconds())
-	}
-	perStep := float64(sstBytes(db)) / float64(cellSteps)
+	start := fillBench(b, db, benchDeltas(s, 5, 4, 2, 0), now.UnixMilli(), 2*24*360)
 	finest := s.Family("requests").Finest().ID
 	mint, maxt := start, start+24*3600e3-1
 	for res := range s.Resolutions {
@@ -154,7 +113,6 @@ func BenchmarkSteps(b *testing.B) {
 			}
 			b.ReportMetric(float64(n)/b.Elapsed().Seconds(), "steps/s")
 			b.ReportMetric(float64(n)/float64(b.N), "steps/op")
-			b.ReportMetric(perStep, "sst-B/cell-step")
 		})
 	}
 }
@@ -185,6 +143,26 @@ func BenchmarkMerge(b *testing.B) {
 	}
 	b.ReportMetric(float64(b.N*2*schema.StepsPerRow)/b.Elapsed().Seconds(), "steps/s")
 	b.ReportMetric(float64(len(row))/schema.StepsPerRow, "B/step")
+}
+
+// fillBench applies windows batches of deltas, one every 10s up to now,
+// with varying counts, then compacts the store; it returns the first
+// window's time.
+func fillBench(b *testing.B, db *DB, deltas []Delta, now int64, windows int) int64 {
+	start := now - int64(windows)*10000
+	rng := rand.New(rand.NewPCG(1, 2))
+	for i := range windows {
+		for j := range deltas {
+			setWindow(rng, &deltas[j], start+int64(i)*10000)
+		}
+		if _, err := db.Apply(nil, 0, deltas); err != nil {
+			b.Fatal(err)
+		}
+	}
+	if err := db.pdb.Compact(context.Background(), []byte{0}, []byte{0xff}, false); err != nil {
+		b.Fatal(err)
+	}
+	return start
 }
 
 // sstBytes is the size of db's sstables: what the data takes on disk once

@@ -1,14 +1,12 @@
 package tsdb
 
 import (
-	"encoding/hex"
 	"errors"
 	"log/slog"
 	"strings"
 	"testing"
 	"time"
 
-	"github.com/RoaringBitmap/roaring/v2"
 	"github.com/cockroachdb/pebble/v2"
 	"github.com/dimsum/dimsum/schema"
 )
@@ -147,30 +145,6 @@ func TestOpenRefuses(t *testing.T) {
 			prepare: func(t *testing.T, dir string) {
 				rawSet(t, dir, appendCellKey(nil, 0, 0, 0), []byte{0x05})
 			},
-			corrupt: true,
-		},
-		{
-			name: "cell without postings",
-			prepare: func(t *testing.T, dir string) {
-				rawSet(t, dir, appendCellKey(nil, 1, 1, 4), appendCellValues(nil, []string{"500"}))
-			},
-			want:    "cover 0 cells, the dictionary holds 1",
-			corrupt: true,
-		},
-		{
-			name: "garbage postings",
-			prepare: func(t *testing.T, dir string) {
-				rawSet(t, dir, appendPostingsKey(nil, 1, 1, 0, "500"), []byte{0x3a, 0x30, 0, 0, 7})
-			},
-			want:    "postings " + hex.EncodeToString(appendPostingsKey(nil, 1, 1, 0, "500")),
-			corrupt: true,
-		},
-		{
-			name: "postings of an unknown cell",
-			prepare: func(t *testing.T, dir string) {
-				rawSet(t, dir, appendPostingsKey(nil, 1, 1, 0, "500"), appendBitmap(nil, roaring.BitmapOf(3)))
-			},
-			want:    "names cells the dictionary does not hold",
 			corrupt: true,
 		},
 		{

@@ -175,7 +175,7 @@ func pebbleOptions(cache *pebble.Cache, log *slog.Logger) *pebble.Options {
 }
 
 // load checks the format version, then loads the family and cell
-// dictionaries and the postings.
+// dictionaries.
 func (db *DB) load() error {
 	if err := db.checkFormat(); err != nil {
 		return err
@@ -183,10 +183,7 @@ func (db *DB) load() error {
 	if err := db.loadFamilies(); err != nil {
 		return err
 	}
-	if err := db.loadCells(); err != nil {
-		return err
-	}
-	return db.loadPostings()
+	return db.loadCells()
 }
 
 func (db *DB) checkFormat() error {

@@ -1,7 +1,6 @@
 package tsdb
 
 import (
-	"errors"
 	"fmt"
 	"math"
 	"slices"
@@ -17,14 +16,16 @@ import (
 
 // cellDict is the index of one (family, cuboid): its cell dictionary, which
 // maps cells to uint32 IDs, and its postings, which map each (label, value)
-// to the IDs of the cells holding it. Both are persisted (prefixes 0x02 and
-// 0x05) and held whole in memory, so their size follows the number of live
-// cells and nothing else (docs/format/tsdb.md, "Memory").
+// to the IDs of the cells holding it. Both are held whole in memory, so
+// their size follows the number of live cells and nothing else
+// (docs/format/tsdb.md, "Memory"). Only the dictionary is persisted (prefix
+// 0x02): Open builds the postings from it.
 //
-// Apply assigns an ID to a new cell and writes its dictionary entry and its
-// postings in the batch that carries the cell's first data; the retention
-// pass removes a cell whose data is all gone, and its ID is reused for the
-// next new cell. Readers see a change only once its batch committed.
+// Apply assigns an ID to a new cell and writes its dictionary entry in the
+// batch that carries the cell's first data; the retention pass removes a
+// cell whose data is all gone, and its ID is reused for the next new cell.
+// Readers see a change, to the dictionary or the postings, only once its
+// batch committed.
 type cellDict struct {
 	fam    uint16
 	cuboid schema.CuboidID
@@ -36,7 +37,7 @@ type cellDict struct {
 	next    uint32            // the lowest ID never assigned
 	added   []pendingCell     // cells the batch in flight adds
 	removed []uint32          // cells the batch in flight removes
-	staged  []stagedPostings  // postings lists the batch in flight replaces
+	staged  []stagedPostings  // postings lists the batch in flight replaces, published with it
 
 	mu sync.RWMutex
 	// cells holds each committed cell's values by ID, nil for a free ID.
@@ -117,8 +118,8 @@ func (d *cellDict) assign(b *pebble.Batch, key []byte, keyBuf *[]byte) (uint32, 
 	return id, nil
 }
 
-// remove adds to b the removal of committed cells: their dictionary
-// entries, and their IDs from the postings (stage then writes them).
+// remove adds to b the removal of committed cells' dictionary entries; stage
+// then takes their IDs out of the postings.
 func (d *cellDict) remove(b *pebble.Batch, ids []uint32, keyBuf *[]byte) error {
 	for _, id := range ids {
 		*keyBuf = appendCellKey((*keyBuf)[:0], d.fam, d.cuboid, id)
@@ -130,12 +131,13 @@ func (d *cellDict) remove(b *pebble.Batch, ids []uint32, keyBuf *[]byte) error {
 	return nil
 }
 
-// stage writes into b the new postings lists of every (label, value) that
-// the batch's added and removed cells change. Only Apply and the retention
-// pass publish lists, so it reads the published ones without the lock.
-func (d *cellDict) stage(b *pebble.Batch, keyBuf *[]byte) error {
+// stage builds, for publish, the new postings lists of every (label, value)
+// that the batch's added and removed cells change. Only Apply and the
+// retention pass publish lists, so it reads the published ones without the
+// lock.
+func (d *cellDict) stage() {
 	if len(d.added) == 0 && len(d.removed) == 0 {
-		return nil
+		return
 	}
 	type labelValue struct {
 		slot  int
@@ -164,14 +166,6 @@ func (d *cellDict) stage(b *pebble.Batch, keyBuf *[]byte) error {
 			changed = append(changed, lv)
 		}
 	}
-	// A fixed order keeps batches reproducible.
-	slices.SortFunc(changed, func(x, y labelValue) int {
-		if x.slot != y.slot {
-			return x.slot - y.slot
-		}
-		return strings.Compare(x.value, y.value)
-	})
-	var val []byte
 	for _, lv := range changed {
 		list := roaring.New()
 		if old := d.postings[lv.slot].lists[lv.value]; old != nil {
@@ -181,21 +175,13 @@ func (d *cellDict) stage(b *pebble.Batch, keyBuf *[]byte) error {
 			list.Remove(id)
 		}
 		list.AddMany(add[lv])
-		*keyBuf = appendPostingsKey((*keyBuf)[:0], d.fam, d.cuboid, lv.slot, lv.value)
-		var err error
 		if list.IsEmpty() {
 			list = nil
-			err = b.Delete(*keyBuf, nil)
 		} else {
-			val = appendBitmap(val[:0], list)
-			err = b.Set(*keyBuf, val, nil)
-		}
-		if err != nil {
-			return fmt.Errorf("tsdb: cannot add postings to batch: %w", err)
+			list.RunOptimize()
 		}
 		d.staged = append(d.staged, stagedPostings{slot: lv.slot, value: lv.value, list: list})
 	}
-	return nil
 }
 
 // publish makes the committed batch's changes visible to readers and
@@ -408,7 +394,8 @@ func (d *cellDict) labelValues(slot int, sel *roaring.Bitmap, limit int) []strin
 	return out
 }
 
-// loadCells reads the cell dictionaries of the schema's families.
+// loadCells reads the cell dictionaries of the schema's families and builds
+// their postings.
 func (db *DB) loadCells() error {
 	iter, err := db.pdb.NewIter(&pebble.IterOptions{LowerBound: []byte{prefixCell}, UpperBound: []byte{prefixCell + 1}})
 	if err != nil {
@@ -448,74 +435,33 @@ func (db *DB) loadCells() error {
 		d.cells = append(d.cells, make([][]string, int(cell)+1-len(d.cells))...)
 		d.cells[cell] = values
 		d.live.Add(cell)
+		for slot, v := range values {
+			li := &d.postings[slot]
+			l := li.lists[v]
+			if l == nil {
+				l = roaring.New()
+				li.lists[v] = l
+				li.values = append(li.values, v)
+			}
+			l.Add(cell)
+		}
 		total++
 	}
 	if err := iter.Error(); err != nil {
 		return fmt.Errorf("tsdb: cannot read the cell dictionary: %w", err)
 	}
-	db.metrics.cells.Set(float64(total))
-	db.log.Info("loaded cell dictionaries", "cells", total)
-	return nil
-}
-
-// loadPostings reads the postings of the schema's families and checks them
-// against the dictionaries, cheaply: every list holds only live cells, and
-// each label's lists hold as many cells as the dictionary. (A cell listed
-// under two values of a label and another under none would pass.)
-func (db *DB) loadPostings() error {
-	iter, err := db.pdb.NewIter(&pebble.IterOptions{LowerBound: []byte{prefixPostings}, UpperBound: []byte{prefixPostings + 1}})
-	if err != nil {
-		return fmt.Errorf("tsdb: cannot read the postings: %w", err)
-	}
-	defer iter.Close()
-	covered := map[*cellDict][]uint64{}
-	for valid := iter.First(); valid; valid = iter.Next() {
-		famID, cuboid, slot, value, err := parsePostingsKey(iter.Key())
-		if err != nil {
-			return fmt.Errorf("%w: postings key %x: %v", ErrCorrupt, iter.Key(), err)
-		}
-		fs := db.byID[famID]
-		if fs == nil {
-			continue
-		}
-		d := fs.cuboid(cuboid)
-		if d == nil || slot >= len(d.labels) {
-			return fmt.Errorf("%w: postings key %x: family %q has no cuboid %d with label %d", ErrCorrupt, iter.Key(), fs.fam.Name, cuboid, slot)
-		}
-		list, err := decodeBitmap(iter.Value())
-		if err == nil && list.AndCardinality(d.live) != list.GetCardinality() {
-			err = errors.New("it names cells the dictionary does not hold")
-		}
-		if err != nil {
-			db.metrics.corruptions.Inc()
-			return fmt.Errorf("%w: postings %x: %v", ErrCorrupt, iter.Key(), err)
-		}
-		li := &d.postings[slot]
-		li.lists[value] = list
-		li.values = append(li.values, value) // keys ascend, so values do
-		if covered[d] == nil {
-			covered[d] = make([]uint64, len(d.labels))
-		}
-		covered[d][slot] += list.GetCardinality()
-	}
-	if err := iter.Error(); err != nil {
-		return fmt.Errorf("tsdb: cannot read the postings: %w", err)
-	}
 	for _, fs := range db.byID {
 		for _, d := range fs.cuboids {
-			if d == nil {
-				continue
-			}
-			for slot, l := range d.labels {
-				var n uint64
-				if covered[d] != nil {
-					n = covered[d][slot]
-				}
-				if n != d.live.GetCardinality() {
-					return fmt.Errorf("%w: postings of family %q cuboid %d label %q cover %d cells, the dictionary holds %d", ErrCorrupt, fs.fam.Name, d.cuboid, l, n, d.live.GetCardinality())
+			for slot := range d.postings {
+				li := &d.postings[slot]
+				slices.Sort(li.values)
+				for _, l := range li.lists {
+					l.RunOptimize()
 				}
 			}
 		}
 	}
+	db.metrics.cells.Set(float64(total))
+	db.log.Info("loaded cell dictionaries", "cells", total)
 	return nil
 }

@@ -6,7 +6,6 @@ import (
 	"encoding/binary"
 	"fmt"
 	"log/slog"
-	"math/rand/v2"
 	"slices"
 	"testing"
 	"time"
@@ -169,21 +168,7 @@ func BenchmarkScan(b *testing.B) {
 		b.Fatal(err)
 	}
 	defer db.Close()
-	windows := 400
-	start := now.UnixMilli() - int64(windows)*10000
-	deltas := benchDeltas(s, 200, 10, 5, start)
-	rng := rand.New(rand.NewPCG(1, 2))
-	for i := range windows {
-		for j := range deltas {
-			setWindow(rng, &deltas[j], start+int64(i)*10000)
-		}
-		if _, err := db.Apply(nil, 0, deltas); err != nil {
-			b.Fatal(err)
-		}
-	}
-	if err := db.pdb.Compact(context.Background(), []byte{0}, []byte{0xff}, false); err != nil {
-		b.Fatal(err)
-	}
+	fillBench(b, db, benchDeltas(s, 200, 10, 5, 0), now.UnixMilli(), 400)
 	finest := s.Family("requests").Finest().ID
 	all, err := db.Cells("requests", finest, nil)
 	if err != nil {

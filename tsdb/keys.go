@@ -20,7 +20,8 @@ const (
 	prefixCell     byte = 0x02 // 0x02 | family ID | cuboid | cell ID → cell values
 	prefixIdemTime byte = 0x03 // 0x03 | keyTime | idempotency key → empty
 	prefixIdemKey  byte = 0x04 // 0x04 | idempotency key → keyTime
-	prefixPostings byte = 0x05 // 0x05 | family ID | cuboid | label | value → cell IDs
+	// 0x05 is unused: early builds of version 2 stored postings there,
+	// which Open now builds from the cell dictionary; never reuse it.
 	prefixPresence byte = 0x06 // 0x06 | step | row | family ID | cuboid → cell IDs
 	prefixData     byte = 0x10 // 0x10 | step | row | family ID | cuboid | cell ID → row value
 )
@@ -39,7 +40,6 @@ const (
 	dataKeyLen     = 1 + 4 + 8 + 2 + 2 + 4
 	cellKeyLen     = 1 + 2 + 2 + 4
 	presenceKeyLen = 1 + 4 + 8 + 2 + 2
-	postingsKeyMin = 1 + 2 + 2 + 1
 )
 
 // dataKey is a data key held by value, so that Apply can sort thousands of
@@ -69,13 +69,11 @@ func makeDataKey(stepSec uint32, row int64, fam uint16, cuboid schema.CuboidID, 
 	return k
 }
 
-// parsedDataKey is a data key split into its fields.
+// parsedDataKey is a data key split into its fields: the row's, which its
+// presence key shares, and the cell.
 type parsedDataKey struct {
-	stepSec uint32
-	row     int64
-	fam     uint16
-	cuboid  schema.CuboidID
-	cell    uint32
+	presenceKey
+	cell uint32
 }
 
 var errBadKey = errors.New("malformed key")
@@ -84,13 +82,7 @@ func parseDataKey(k []byte) (parsedDataKey, error) {
 	if len(k) != dataKeyLen || k[0] != prefixData {
 		return parsedDataKey{}, errBadKey
 	}
-	return parsedDataKey{
-		stepSec: binary.BigEndian.Uint32(k[1:5]),
-		row:     unflipSign(binary.BigEndian.Uint64(k[5:13])),
-		fam:     binary.BigEndian.Uint16(k[13:15]),
-		cuboid:  schema.CuboidID(binary.BigEndian.Uint16(k[15:17])),
-		cell:    binary.BigEndian.Uint32(k[17:21]),
-	}, nil
+	return parsedDataKey{presenceKey: rowFields(k), cell: binary.BigEndian.Uint32(k[17:21])}, nil
 }
 
 // appendRowBound appends the first key of a row of one resolution under
@@ -121,40 +113,21 @@ func parsePresenceKey(k []byte) (presenceKey, error) {
 	if len(k) != presenceKeyLen || k[0] != prefixPresence {
 		return presenceKey{}, errBadKey
 	}
-	return presenceKey{
-		stepSec: binary.BigEndian.Uint32(k[1:5]),
-		row:     unflipSign(binary.BigEndian.Uint64(k[5:13])),
-		fam:     binary.BigEndian.Uint16(k[13:15]),
-		cuboid:  schema.CuboidID(binary.BigEndian.Uint16(k[15:17])),
-	}, nil
+	return rowFields(k), nil
 }
 
 // presenceOf returns the presence key of the row a data key belongs to.
-func presenceOf(k *dataKey) presenceKey {
+func presenceOf(k *dataKey) presenceKey { return rowFields(k[:]) }
+
+// rowFields reads the fields a data key and a presence key share, from
+// bytes 1 to 17 of either.
+func rowFields(k []byte) presenceKey {
 	return presenceKey{
 		stepSec: binary.BigEndian.Uint32(k[1:5]),
 		row:     unflipSign(binary.BigEndian.Uint64(k[5:13])),
 		fam:     binary.BigEndian.Uint16(k[13:15]),
 		cuboid:  schema.CuboidID(binary.BigEndian.Uint16(k[15:17])),
 	}
-}
-
-// appendPostingsKey appends the key of the postings of one label value:
-// label is the label's index in schema.Cuboid.Labels, and the value's bytes
-// are the rest of the key, so a label's values sort bytewise.
-func appendPostingsKey(dst []byte, fam uint16, cuboid schema.CuboidID, label int, value string) []byte {
-	dst = append(dst, prefixPostings)
-	dst = binary.BigEndian.AppendUint16(dst, fam)
-	dst = binary.BigEndian.AppendUint16(dst, uint16(cuboid))
-	dst = append(dst, byte(label))
-	return append(dst, value...)
-}
-
-func parsePostingsKey(k []byte) (fam uint16, cuboid schema.CuboidID, label int, value string, err error) {
-	if len(k) < postingsKeyMin || k[0] != prefixPostings {
-		return 0, 0, 0, "", errBadKey
-	}
-	return binary.BigEndian.Uint16(k[1:3]), schema.CuboidID(binary.BigEndian.Uint16(k[3:5])), int(k[5]), string(k[6:]), nil
 }
 
 // appendFamilyKey appends the family-dictionary key of a family name.
@@ -253,7 +226,7 @@ func stringUvarint(s string) (uint64, string, error) {
 
 // appendBitmap appends a set of cell IDs in the portable Roaring format
 // (github.com/RoaringBitmap/RoaringFormatSpec), run-optimized. It is the
-// value of postings and presence keys.
+// value of presence keys.
 func appendBitmap(dst []byte, b *roaring.Bitmap) []byte {
 	b.RunOptimize()
 	w := bytes.NewBuffer(dst)
@@ -264,7 +237,7 @@ func appendBitmap(dst []byte, b *roaring.Bitmap) []byte {
 
 // decodeBitmap decodes a value made by appendBitmap into a bitmap that owns
 // its memory. It refuses trailing bytes, an empty set (never stored: an
-// empty postings list or presence bitmap is deleted) and any structure
+// empty presence bitmap is deleted) and any structure
 // Roaring's own validation rejects; a panic of the Roaring decoder on
 // hostile bytes is reported as an error too.
 func decodeBitmap(v []byte) (b *roaring.Bitmap, err error) {

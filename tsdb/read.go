@@ -243,13 +243,9 @@ const seekCells = 32
 // part of buf; with fn nil it keeps every step in buf, which it returns.
 func (db *DB) seekRows(r resolution, d *cellDict, cells []uint32, mint, maxt int64, buf []Step, fn func(cell uint32, steps []Step) error) ([]Step, error) {
 	first, last := r.Row(mint), r.Row(maxt)
-	lo := makeDataKey(r.stepSec, first, d.fam, d.cuboid, cells[0])
-	hi := makeDataKey(r.stepSec, last, d.fam, d.cuboid, cells[len(cells)-1])
-	// Keys are fixed-width, so hi followed by a zero byte is the first key
-	// after hi: no overflow at the largest row or cell.
-	var upper [dataKeyLen + 1]byte
-	copy(upper[:], hi[:])
-	iter, err := db.pdb.NewIter(&pebble.IterOptions{LowerBound: lo[:], UpperBound: upper[:]})
+	iter, err := db.pdb.NewIter(dataBounds(
+		makeDataKey(r.stepSec, first, d.fam, d.cuboid, cells[0]),
+		makeDataKey(r.stepSec, last, d.fam, d.cuboid, cells[len(cells)-1])))
 	if err != nil {
 		return buf, err
 	}
@@ -293,6 +289,15 @@ func (db *DB) seekRows(r resolution, d *cellDict, cells []uint32, mint, maxt int
 	return buf, iter.Close()
 }
 
+// dataBounds returns the iterator bounds of the data keys from lo to hi,
+// both included. Keys are fixed-width, so hi followed by a zero byte is the
+// first key after hi: no overflow at the largest row or cell.
+func dataBounds(lo, hi dataKey) *pebble.IterOptions {
+	upper := make([]byte, dataKeyLen+1)
+	copy(upper, hi[:])
+	return &pebble.IterOptions{LowerBound: lo[:], UpperBound: upper}
+}
+
 // decodeSteps appends the steps of a row value whose start lies in
 // [mint, maxt].
 func decodeSteps(dec *rowDecoder, r resolution, row int64, v []byte, mint, maxt int64, steps []Step) ([]Step, error) {
@@ -334,11 +339,9 @@ type cursors struct {
 func (db *DB) openCursors(r resolution, d *cellDict, mint, maxt int64) (*cursors, error) {
 	cs := &cursors{fam: d.fam, cuboid: d.cuboid, stepS: r.stepSec}
 	first, last := r.Row(mint), r.Row(maxt)
-	lo := makeDataKey(r.stepSec, first, d.fam, d.cuboid, 0)
-	hi := makeDataKey(r.stepSec, last, d.fam, d.cuboid, math.MaxUint32)
-	var upper [dataKeyLen + 1]byte
-	copy(upper[:], hi[:])
-	probe, err := db.pdb.NewIter(&pebble.IterOptions{LowerBound: lo[:], UpperBound: upper[:]})
+	probe, err := db.pdb.NewIter(dataBounds(
+		makeDataKey(r.stepSec, first, d.fam, d.cuboid, 0),
+		makeDataKey(r.stepSec, last, d.fam, d.cuboid, math.MaxUint32)))
 	if err != nil {
 		return cs, err
 	}
@@ -356,11 +359,9 @@ func (db *DB) openCursors(r resolution, d *cellDict, mint, maxt int64) (*cursors
 			row = max(row+1, k.row)
 			continue
 		}
-		rowLo := makeDataKey(r.stepSec, row, d.fam, d.cuboid, 0)
-		rowHi := makeDataKey(r.stepSec, row, d.fam, d.cuboid, math.MaxUint32)
-		var rowUpper [dataKeyLen + 1]byte
-		copy(rowUpper[:], rowHi[:])
-		iter, err := probe.Clone(pebble.CloneOptions{IterOptions: &pebble.IterOptions{LowerBound: rowLo[:], UpperBound: rowUpper[:]}})
+		iter, err := probe.Clone(pebble.CloneOptions{IterOptions: dataBounds(
+			makeDataKey(r.stepSec, row, d.fam, d.cuboid, 0),
+			makeDataKey(r.stepSec, row, d.fam, d.cuboid, math.MaxUint32))})
 		if err != nil {
 			return cs, errors.Join(err, probe.Close())
 		}

@@ -91,9 +91,7 @@ func (db *DB) RunRetention() (st RetentionStats, err error) {
 		if err := d.remove(b, dead.ToArray(), &db.apply.keyBuf); err != nil {
 			return st, err
 		}
-		if err := d.stage(b, &db.apply.keyBuf); err != nil {
-			return st, err
-		}
+		d.stage()
 		db.apply.touched = append(db.apply.touched, d)
 	}
 	if st.IdempotencyKeys, err = db.pruneIdempotency(b, now-db.opts.IdempotencyHorizon.Milliseconds()); err != nil {
