@@ -17,7 +17,6 @@ import (
 	"time"
 
 	"github.com/dimsum/dimsum/schema"
-	"github.com/dimsum/dimsum/tsdb"
 )
 
 // sliceFixture is a randomized cube in a real store, the raw events it was
@@ -31,11 +30,7 @@ type sliceFixture struct {
 func newSliceFixture(t testing.TB, maxGroups int) *sliceFixture {
 	t.Helper()
 	s := schema.Default()
-	db, err := tsdb.Open(tsdb.Options{Dir: t.TempDir(), Schema: s, NoSync: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { db.Close() })
+	db := openStore(t, s)
 	rng := rand.New(rand.NewPCG(3, 5))
 	now := time.Now().Truncate(time.Hour).Add(17*time.Minute + 23*time.Second)
 	from, to := now.Add(-50*time.Hour).UnixMilli(), now.UnixMilli()
@@ -510,11 +505,7 @@ func TestCubeSchema(t *testing.T) {
 // totals per datacenter.
 func BenchmarkSlice(b *testing.B) {
 	s := schema.Default()
-	db, err := tsdb.Open(tsdb.Options{Dir: b.TempDir(), Schema: s, NoSync: true})
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer db.Close()
+	db := openStore(b, s)
 	rng := rand.New(rand.NewPCG(1, 2))
 	now := time.Now().Truncate(time.Hour)
 	const hosts = 100_000

@@ -32,7 +32,7 @@ families:
 	return s
 }
 
-func openStore(t *testing.T, s *schema.Schema) *tsdb.DB {
+func openStore(t testing.TB, s *schema.Schema) *tsdb.DB {
 	t.Helper()
 	db, err := tsdb.Open(tsdb.Options{Dir: t.TempDir(), Schema: s, NoSync: true})
 	if err != nil {
