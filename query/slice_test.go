@@ -182,9 +182,10 @@ func checkSlice(t *testing.T, name string, events []cubeEvent, sl Slice, keep fu
 		return
 	}
 	resStep, _ := time.ParseDuration(res)
-	unit := cmp.Or(step, resStep).Milliseconds()
-	a := floorTo(start.UnixMilli(), unit)
-	b := -floorTo(-end.UnixMilli(), unit)
+	grid := schema.Resolution{Step: cmp.Or(step, resStep)}
+	unit := grid.Step.Milliseconds()
+	a := grid.StepStart(start.UnixMilli())
+	b := -grid.StepStart(-end.UnixMilli())
 	if sl.Range.Start != seconds(a) || sl.Range.End != seconds(b) {
 		t.Errorf("%s: range [%v, %v), want [%v, %v)", name, sl.Range.Start, sl.Range.End, seconds(a), seconds(b))
 		return
