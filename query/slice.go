@@ -176,18 +176,8 @@ func runSlice(ctx context.Context, s *schema.Schema, rd Reader, req sliceRequest
 	}
 	groups := map[string]*accum{}
 	var order []*accum
-	ids := make([]uint32, len(cells))
-	byID := make(map[uint32]tsdb.Cell, len(cells))
-	for i, c := range cells {
-		ids[i] = c.ID
-		byID[c.ID] = c
-	}
 	var key strings.Builder
-	err = rd.Scan(res, req.fam.Name, cub.ID, ids, start, end-1, func(id uint32, steps []tsdb.Step) error {
-		if err := ctx.Err(); err != nil {
-			return err
-		}
-		c := byID[id]
+	err = scanCells(ctx, rd, res, req.fam.Name, cub.ID, cells, start, end-1, func(c tsdb.Cell, steps []tsdb.Step) error {
 		key.Reset()
 		for _, slot := range slots {
 			key.WriteString(c.Values[slot])
