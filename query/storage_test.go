@@ -3,7 +3,6 @@ package query
 import (
 	"context"
 	"fmt"
-	"math"
 	"math/rand/v2"
 	"testing"
 	"time"
@@ -184,7 +183,7 @@ func TestLinearity(t *testing.T) {
 					q.Close()
 				}
 				sum := vals["a"] + vals["b"]
-				if math.Abs(vals["ab"]-sum) > 1e-9*math.Max(1, math.Abs(sum)) {
+				if !nearlyEqual(vals["ab"], sum) {
 					t.Errorf("%s at +%dms: f(a+b) = %v, f(a)+f(b) = %v + %v = %v", expr, off, vals["ab"], vals["a"], vals["b"], sum)
 				}
 			}
