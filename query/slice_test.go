@@ -552,3 +552,63 @@ func BenchmarkSlice(b *testing.B) {
 		})
 	}
 }
+
+// FuzzSliceRequest sends arbitrary query strings and JSON bodies to the
+// slice, drill-down and roll-up endpoints of a small real cube: every
+// answer must be the JSON envelope, a success or a refusal of the input,
+// and nothing may panic.
+func FuzzSliceRequest(f *testing.F) {
+	s := schema.Default()
+	db := openStore(f, s)
+	rng := rand.New(rand.NewPCG(9, 9))
+	now := time.Now().Truncate(time.Hour)
+	writeCube(f, db, s, rng, randomEvents(rng, 300, now.Add(-3*time.Hour).UnixMilli(), now.UnixMilli()))
+	a, err := NewAPI(Options{Schema: s, Reader: db, MaxGroups: 20, Now: func() time.Time { return now }})
+	if err != nil {
+		f.Fatal(err)
+	}
+	mux := http.NewServeMux()
+	a.Register(mux)
+	for _, seed := range []struct {
+		path  uint8
+		query string
+		body  string
+	}{
+		{0, "family=requests&where=status%3D~5..,transaction%3Dcheckout|search&by=cluster&since=2h&step=10m&measures=sum,count,rate,share&order=count:asc&limit=2&offset=1", `{"family": "requests", "where": ["status=~5.."], "by": "cluster", "since": "2h", "limit": 2}`},
+		{0, "family=requests&where=host!~h[12],status%3D~(2|4).{2}&start=0&end=1700000000123&resolution=1h", `{"family": "requests", "start": 1700000000, "end": 1700003600, "format": "csv"}`},
+		{1, "family=requests&dimension=datacenter/cluster/host&value=dc1&by=status", `{"family": "requests", "dimension": "cluster", "value": "c2", "where": "datacenter=dc1"}`},
+		{2, "family=requests&dimension=datacenter&by=datacenter,status&format=csv", `{"family": "requests", "dimension": "transaction", "where": ["transaction=checkout"]}`},
+		{0, "family=requests&where=%3D,!,a%3D~(,b!%3D|&order=-&step=1e-4&since=9e9", `{"family": null, "by": [1], "where": {"a": "b"}}`},
+	} {
+		f.Add(seed.path, seed.query, seed.body)
+	}
+	paths := []string{"/api/v1/cube/slice", "/api/v1/cube/drilldown", "/api/v1/cube/rollup"}
+	f.Fuzz(func(t *testing.T, path uint8, query, body string) {
+		p := paths[int(path)%len(paths)]
+		get := httptest.NewRequest(http.MethodGet, p, nil)
+		get.URL.RawQuery = query
+		post := httptest.NewRequest(http.MethodPost, p, strings.NewReader(body))
+		post.Header.Set("Content-Type", "application/json")
+		for _, req := range []*http.Request{get, post} {
+			rec := httptest.NewRecorder()
+			mux.ServeHTTP(rec, req)
+			if rec.Code == http.StatusOK && strings.HasPrefix(rec.Header().Get("Content-Type"), "text/csv") {
+				continue
+			}
+			var env apiEnvelope
+			if err := json.Unmarshal(rec.Body.Bytes(), &env); err != nil {
+				t.Fatalf("%s %s?%s %q: HTTP %d, not the JSON envelope: %q", req.Method, p, query, body, rec.Code, rec.Body)
+			}
+			switch {
+			case rec.Code == http.StatusOK && env.Status == "success":
+			case (rec.Code == http.StatusBadRequest && env.ErrorType == "bad_data") ||
+				(rec.Code == http.StatusUnprocessableEntity && env.ErrorType == "execution"):
+				if env.Status != "error" || env.Error == "" {
+					t.Fatalf("%s %s?%s %q: HTTP %d with envelope %+v", req.Method, p, query, body, rec.Code, env)
+				}
+			default:
+				t.Fatalf("%s %s?%s %q: HTTP %d %s: %s", req.Method, p, query, body, rec.Code, env.ErrorType, env.Error)
+			}
+		}
+	})
+}
