@@ -305,11 +305,11 @@ type prepared struct {
 // that shape its evaluation: timeout, lookback_delta, stats and
 // max_source_resolution.
 func (a *API) prepare(r *http.Request) (prepared, *apiError) {
-	expr, err := promqlParser.ParseExpr(r.FormValue("query"))
-	if err == nil {
-		err = checkReserved(expr)
+	expr, aerr := parseQuery(r)
+	if aerr != nil {
+		return prepared{}, aerr
 	}
-	if err != nil {
+	if err := checkReserved(expr); err != nil {
 		return prepared{}, badData("invalid parameter \"query\": %v", err)
 	}
 	plan(a.opts.Schema, expr)
@@ -326,6 +326,7 @@ func (a *API) prepare(r *http.Request) (prepared, *apiError) {
 	}
 	var lookback time.Duration
 	if v := r.FormValue("lookback_delta"); v != "" {
+		var err error
 		if lookback, err = parseDuration(v); err != nil || lookback < 0 {
 			return prepared{}, badData("invalid parameter \"lookback_delta\": %q is not a non-negative duration", v)
 		}

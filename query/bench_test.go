@@ -3,7 +3,6 @@ package query
 import (
 	"context"
 	"fmt"
-	"math"
 	"math/rand/v2"
 	"os"
 	"sync"
@@ -268,7 +267,7 @@ func agree(a, b promql.Matrix) error {
 		}
 		for j, p := range a[i].Floats {
 			q := b[i].Floats[j]
-			if p.T != q.T || math.Abs(p.F-q.F) > 1e-9*math.Max(1, math.Abs(q.F)) {
+			if p.T != q.T || !nearlyEqual(p.F, q.F) {
 				return fmt.Errorf("series %s point %d: %v@%d against %v@%d", a[i].Metric, j, p.F, p.T, q.F, q.T)
 			}
 		}

@@ -147,12 +147,13 @@ func runSlice(ctx context.Context, s *schema.Schema, rd Reader, req sliceRequest
 	// Points are as long as the step asked for, or one point spans the
 	// whole range; either way the range is widened to whole steps of the
 	// resolution, so every stored step lies wholly in or out of it.
-	unit := r.Step.Milliseconds()
+	grid := r
 	if req.step > 0 {
-		unit = req.step.Milliseconds()
+		grid = schema.Resolution{Step: req.step}
 	}
-	start := floorTo(req.start, unit)
-	end := floorTo(req.end, unit)
+	unit := grid.Step.Milliseconds()
+	start := grid.StepStart(req.start)
+	end := grid.StepStart(req.end)
 	if end < req.end {
 		end += unit
 	}
@@ -175,18 +176,8 @@ func runSlice(ctx context.Context, s *schema.Schema, rd Reader, req sliceRequest
 	}
 	groups := map[string]*accum{}
 	var order []*accum
-	ids := make([]uint32, len(cells))
-	byID := make(map[uint32]tsdb.Cell, len(cells))
-	for i, c := range cells {
-		ids[i] = c.ID
-		byID[c.ID] = c
-	}
 	var key strings.Builder
-	err = rd.Scan(res, req.fam.Name, cub.ID, ids, start, end-1, func(id uint32, steps []tsdb.Step) error {
-		if err := ctx.Err(); err != nil {
-			return err
-		}
-		c := byID[id]
+	err = scanCells(ctx, rd, res, req.fam.Name, cub.ID, cells, start, end-1, func(c tsdb.Cell, steps []tsdb.Step) error {
 		key.Reset()
 		for _, slot := range slots {
 			key.WriteString(c.Values[slot])
@@ -380,14 +371,6 @@ func alignment(req sliceRequest, start, end int64, r schema.Resolution) string {
 		return "none: the range is made of " + what
 	}
 	return fmt.Sprintf("widened to %s (epoch-aligned): start rounded down, end rounded up", what)
-}
-
-func floorTo(t, unit int64) int64 {
-	q := t / unit
-	if t%unit < 0 {
-		q--
-	}
-	return q * unit
 }
 
 func seconds(ms int64) float64 { return float64(ms) / 1000 }

@@ -17,7 +17,6 @@ import (
 	"time"
 
 	"github.com/dimsum/dimsum/schema"
-	"github.com/dimsum/dimsum/tsdb"
 )
 
 // sliceFixture is a randomized cube in a real store, the raw events it was
@@ -31,11 +30,7 @@ type sliceFixture struct {
 func newSliceFixture(t testing.TB, maxGroups int) *sliceFixture {
 	t.Helper()
 	s := schema.Default()
-	db, err := tsdb.Open(tsdb.Options{Dir: t.TempDir(), Schema: s, NoSync: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { db.Close() })
+	db := openStore(t, s)
 	rng := rand.New(rand.NewPCG(3, 5))
 	now := time.Now().Truncate(time.Hour).Add(17*time.Minute + 23*time.Second)
 	from, to := now.Add(-50*time.Hour).UnixMilli(), now.UnixMilli()
@@ -187,9 +182,10 @@ func checkSlice(t *testing.T, name string, events []cubeEvent, sl Slice, keep fu
 		return
 	}
 	resStep, _ := time.ParseDuration(res)
-	unit := cmp.Or(step, resStep).Milliseconds()
-	a := floorTo(start.UnixMilli(), unit)
-	b := -floorTo(-end.UnixMilli(), unit)
+	grid := schema.Resolution{Step: cmp.Or(step, resStep)}
+	unit := grid.Step.Milliseconds()
+	a := grid.StepStart(start.UnixMilli())
+	b := -grid.StepStart(-end.UnixMilli())
 	if sl.Range.Start != seconds(a) || sl.Range.End != seconds(b) {
 		t.Errorf("%s: range [%v, %v), want [%v, %v)", name, sl.Range.Start, sl.Range.End, seconds(a), seconds(b))
 		return
@@ -510,11 +506,7 @@ func TestCubeSchema(t *testing.T) {
 // totals per datacenter.
 func BenchmarkSlice(b *testing.B) {
 	s := schema.Default()
-	db, err := tsdb.Open(tsdb.Options{Dir: b.TempDir(), Schema: s, NoSync: true})
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer db.Close()
+	db := openStore(b, s)
 	rng := rand.New(rand.NewPCG(1, 2))
 	now := time.Now().Truncate(time.Hour)
 	const hosts = 100_000
@@ -559,4 +551,64 @@ func BenchmarkSlice(b *testing.B) {
 			}
 		})
 	}
+}
+
+// FuzzSliceRequest sends arbitrary query strings and JSON bodies to the
+// slice, drill-down and roll-up endpoints of a small real cube: every
+// answer must be the JSON envelope, a success or a refusal of the input,
+// and nothing may panic.
+func FuzzSliceRequest(f *testing.F) {
+	s := schema.Default()
+	db := openStore(f, s)
+	rng := rand.New(rand.NewPCG(9, 9))
+	now := time.Now().Truncate(time.Hour)
+	writeCube(f, db, s, rng, randomEvents(rng, 300, now.Add(-3*time.Hour).UnixMilli(), now.UnixMilli()))
+	a, err := NewAPI(Options{Schema: s, Reader: db, MaxGroups: 20, Now: func() time.Time { return now }})
+	if err != nil {
+		f.Fatal(err)
+	}
+	mux := http.NewServeMux()
+	a.Register(mux)
+	for _, seed := range []struct {
+		path  uint8
+		query string
+		body  string
+	}{
+		{0, "family=requests&where=status%3D~5..,transaction%3Dcheckout|search&by=cluster&since=2h&step=10m&measures=sum,count,rate,share&order=count:asc&limit=2&offset=1", `{"family": "requests", "where": ["status=~5.."], "by": "cluster", "since": "2h", "limit": 2}`},
+		{0, "family=requests&where=host!~h[12],status%3D~(2|4).{2}&start=0&end=1700000000123&resolution=1h", `{"family": "requests", "start": 1700000000, "end": 1700003600, "format": "csv"}`},
+		{1, "family=requests&dimension=datacenter/cluster/host&value=dc1&by=status", `{"family": "requests", "dimension": "cluster", "value": "c2", "where": "datacenter=dc1"}`},
+		{2, "family=requests&dimension=datacenter&by=datacenter,status&format=csv", `{"family": "requests", "dimension": "transaction", "where": ["transaction=checkout"]}`},
+		{0, "family=requests&where=%3D,!,a%3D~(,b!%3D|&order=-&step=1e-4&since=9e9", `{"family": null, "by": [1], "where": {"a": "b"}}`},
+	} {
+		f.Add(seed.path, seed.query, seed.body)
+	}
+	paths := []string{"/api/v1/cube/slice", "/api/v1/cube/drilldown", "/api/v1/cube/rollup"}
+	f.Fuzz(func(t *testing.T, path uint8, query, body string) {
+		p := paths[int(path)%len(paths)]
+		get := httptest.NewRequest(http.MethodGet, p, nil)
+		get.URL.RawQuery = query
+		post := httptest.NewRequest(http.MethodPost, p, strings.NewReader(body))
+		post.Header.Set("Content-Type", "application/json")
+		for _, req := range []*http.Request{get, post} {
+			rec := httptest.NewRecorder()
+			mux.ServeHTTP(rec, req)
+			if rec.Code == http.StatusOK && strings.HasPrefix(rec.Header().Get("Content-Type"), "text/csv") {
+				continue
+			}
+			var env apiEnvelope
+			if err := json.Unmarshal(rec.Body.Bytes(), &env); err != nil {
+				t.Fatalf("%s %s?%s %q: HTTP %d, not the JSON envelope: %q", req.Method, p, query, body, rec.Code, rec.Body)
+			}
+			switch {
+			case rec.Code == http.StatusOK && env.Status == "success":
+			case (rec.Code == http.StatusBadRequest && env.ErrorType == "bad_data") ||
+				(rec.Code == http.StatusUnprocessableEntity && env.ErrorType == "execution"):
+				if env.Status != "error" || env.Error == "" {
+					t.Fatalf("%s %s?%s %q: HTTP %d with envelope %+v", req.Method, p, query, body, rec.Code, env)
+				}
+			default:
+				t.Fatalf("%s %s?%s %q: HTTP %d %s: %s", req.Method, p, query, body, rec.Code, env.ErrorType, env.Error)
+			}
+		}
+	})
 }

@@ -213,18 +213,9 @@ func (q *querier) eachLive(ctx context.Context, sp span, ms []*labels.Matcher, f
 		if err := q.touch(len(cells)); err != nil {
 			return err
 		}
-		ids := make([]uint32, len(cells))
-		byID := make(map[uint32]int, len(cells))
-		for i, c := range cells {
-			ids[i] = c.ID
-			byID[c.ID] = i
-		}
 		var fnErr error
-		err = q.q.reader.Scan(sp.res, v.fam.Name, cub.ID, ids, sp.first, sp.last, func(id uint32, steps []tsdb.Step) error {
-			if err := ctx.Err(); err != nil {
-				return err
-			}
-			fnErr = fn(v, cub, cells[byID[id]], steps)
+		err = scanCells(ctx, q.q.reader, sp.res, v.fam.Name, cub.ID, cells, sp.first, sp.last, func(c tsdb.Cell, steps []tsdb.Step) error {
+			fnErr = fn(v, cub, c, steps)
 			return fnErr
 		})
 		switch {
@@ -237,6 +228,25 @@ func (q *querier) eachLive(ctx context.Context, sp span, ms []*labels.Matcher, f
 		}
 	}
 	return nil
+}
+
+// scanCells calls fn, in ascending cell ID order, for each of the cells
+// with stored steps at resolution res whose start lies in [mint, maxt], as
+// Reader.Scan does, but with the cell itself rather than its ID. It stops
+// with ctx's error once ctx is done. fn must not keep steps.
+func scanCells(ctx context.Context, rd Reader, res int, family string, cuboid schema.CuboidID, cells []tsdb.Cell, mint, maxt int64, fn func(c tsdb.Cell, steps []tsdb.Step) error) error {
+	ids := make([]uint32, len(cells))
+	byID := make(map[uint32]int, len(cells))
+	for i, c := range cells {
+		ids[i] = c.ID
+		byID[c.ID] = i
+	}
+	return rd.Scan(res, family, cuboid, ids, mint, maxt, func(id uint32, steps []tsdb.Step) error {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		return fn(cells[byID[id]], steps)
+	})
 }
 
 // touch counts the cells a query reads against its limit.

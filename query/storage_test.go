@@ -3,7 +3,6 @@ package query
 import (
 	"context"
 	"fmt"
-	"math"
 	"math/rand/v2"
 	"testing"
 	"time"
@@ -32,7 +31,7 @@ families:
 	return s
 }
 
-func openStore(t *testing.T, s *schema.Schema) *tsdb.DB {
+func openStore(t testing.TB, s *schema.Schema) *tsdb.DB {
 	t.Helper()
 	db, err := tsdb.Open(tsdb.Options{Dir: t.TempDir(), Schema: s, NoSync: true})
 	if err != nil {
@@ -184,7 +183,7 @@ func TestLinearity(t *testing.T) {
 					q.Close()
 				}
 				sum := vals["a"] + vals["b"]
-				if math.Abs(vals["ab"]-sum) > 1e-9*math.Max(1, math.Abs(sum)) {
+				if !nearlyEqual(vals["ab"], sum) {
 					t.Errorf("%s at +%dms: f(a+b) = %v, f(a)+f(b) = %v + %v = %v", expr, off, vals["ab"], vals["a"], vals["b"], sum)
 				}
 			}
