@@ -397,8 +397,14 @@ type FlushRequest struct {
 	WindowStartMs int64  `protobuf:"varint,2,opt,name=window_start_ms,json=windowStartMs,proto3" json:"window_start_ms,omitempty"`
 	Sequence      uint64 `protobuf:"varint,3,opt,name=sequence,proto3" json:"sequence,omitempty"`
 	// dict holds every string the flush uses.
-	Dict          []string     `protobuf:"bytes,4,rep,name=dict,proto3" json:"dict,omitempty"`
-	Cells         []*FlushCell `protobuf:"bytes,5,rep,name=cells,proto3" json:"cells,omitempty"`
+	Dict  []string     `protobuf:"bytes,4,rep,name=dict,proto3" json:"dict,omitempty"`
+	Cells []*FlushCell `protobuf:"bytes,5,rep,name=cells,proto3" json:"cells,omitempty"`
+	// shard is the shard of the global cube every cell of the flush belongs
+	// to, out of shards (see schema.Shard). A combiner refuses a flush for a
+	// shard it does not hold, or with a cell of another shard. shards 0 (an
+	// unsharded flush) is the same as 1.
+	Shard         uint32 `protobuf:"varint,6,opt,name=shard,proto3" json:"shard,omitempty"`
+	Shards        uint32 `protobuf:"varint,7,opt,name=shards,proto3" json:"shards,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -466,6 +472,20 @@ func (x *FlushRequest) GetCells() []*FlushCell {
 		return x.Cells
 	}
 	return nil
+}
+
+func (x *FlushRequest) GetShard() uint32 {
+	if x != nil {
+		return x.Shard
+	}
+	return 0
+}
+
+func (x *FlushRequest) GetShards() uint32 {
+	if x != nil {
+		return x.Shards
+	}
+	return 0
 }
 
 type FlushCell struct {
@@ -614,13 +634,15 @@ const file_dimsum_proto_rawDesc = "" +
 	"\x06Reject\x12\x14\n" +
 	"\x05index\x18\x01 \x01(\rR\x05index\x124\n" +
 	"\x06reason\x18\x02 \x01(\x0e2\x1c.dimsum.wire.v1.RejectReasonR\x06reason\x12\x16\n" +
-	"\x06detail\x18\x03 \x01(\tR\x06detail\"\xaf\x01\n" +
+	"\x06detail\x18\x03 \x01(\tR\x06detail\"\xdd\x01\n" +
 	"\fFlushRequest\x12\x16\n" +
 	"\x06source\x18\x01 \x01(\tR\x06source\x12&\n" +
 	"\x0fwindow_start_ms\x18\x02 \x01(\x03R\rwindowStartMs\x12\x1a\n" +
 	"\bsequence\x18\x03 \x01(\x04R\bsequence\x12\x12\n" +
 	"\x04dict\x18\x04 \x03(\tR\x04dict\x12/\n" +
-	"\x05cells\x18\x05 \x03(\v2\x19.dimsum.wire.v1.FlushCellR\x05cells\"{\n" +
+	"\x05cells\x18\x05 \x03(\v2\x19.dimsum.wire.v1.FlushCellR\x05cells\x12\x14\n" +
+	"\x05shard\x18\x06 \x01(\rR\x05shard\x12\x16\n" +
+	"\x06shards\x18\a \x01(\rR\x06shards\"{\n" +
 	"\tFlushCell\x12\x16\n" +
 	"\x06family\x18\x01 \x01(\rR\x06family\x12\x16\n" +
 	"\x06cuboid\x18\x02 \x01(\rR\x06cuboid\x12\x16\n" +
