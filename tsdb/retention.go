@@ -1,10 +1,12 @@
 package tsdb
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"math"
 	"math/rand/v2"
+	"slices"
 	"time"
 
 	"github.com/RoaringBitmap/roaring/v2"
@@ -34,6 +36,9 @@ type RetentionStats struct {
 //   - forgets the cells whose data is now gone at every resolution, found
 //     from the presence bitmaps alone: their dictionary entries and postings
 //     are deleted, and their IDs are reused by new cells;
+//   - deletes every row of a resolution that is no longer in the schema,
+//     the same way: removing a resolution from the schema drops its data at
+//     the next pass;
 //   - forgets idempotency keys whose keyTime is older than now minus
 //     Options.IdempotencyHorizon.
 //
@@ -78,6 +83,18 @@ func (db *DB) RunRetention() (st RetentionStats, err error) {
 		if err != nil {
 			return st, err
 		}
+		st.Rows += n
+	}
+	removed, err := db.removedSteps()
+	if err != nil {
+		return st, err
+	}
+	for _, step := range removed {
+		n, err := db.expireRows(b, resolution{stepSec: step}, math.MaxInt64, candidates)
+		if err != nil {
+			return st, err
+		}
+		db.log.Warn("deleting the rows of a resolution that is no longer in the schema", "step", time.Duration(step)*time.Second, "rows", n)
 		st.Rows += n
 	}
 	if err := db.keepLive(cut, candidates); err != nil {
@@ -155,6 +172,38 @@ func (db *DB) expireRows(b *pebble.Batch, r resolution, cut int64, candidates ma
 		return 0, fmt.Errorf("tsdb: cannot add range deletion to batch: %w", err)
 	}
 	return n, nil
+}
+
+// removedSteps returns the steps, in seconds, that the store holds data or
+// presence rows of but the schema no longer lists. It costs one seek per
+// distinct step stored.
+func (db *DB) removedSteps() ([]uint32, error) {
+	var out []uint32
+	for _, prefix := range []byte{prefixPresence, prefixData} {
+		iter, err := db.pdb.NewIter(&pebble.IterOptions{LowerBound: []byte{prefix}, UpperBound: []byte{prefix + 1}})
+		if err != nil {
+			return nil, fmt.Errorf("tsdb: cannot look for removed resolutions: %w", err)
+		}
+		for valid := iter.First(); valid; {
+			k := iter.Key()
+			if len(k) < 5 {
+				err := fmt.Errorf("%w: key %x: %v", ErrCorrupt, k, errBadKey)
+				return nil, errors.Join(err, iter.Close())
+			}
+			step := binary.BigEndian.Uint32(k[1:5])
+			if !slices.ContainsFunc(db.res, func(r resolution) bool { return r.stepSec == step }) && !slices.Contains(out, step) {
+				out = append(out, step)
+			}
+			if step == math.MaxUint32 {
+				break
+			}
+			valid = iter.SeekGE(appendRowBound(nil, prefix, step+1, math.MinInt64))
+		}
+		if err := errors.Join(iter.Error(), iter.Close()); err != nil {
+			return nil, fmt.Errorf("tsdb: cannot look for removed resolutions: %w", err)
+		}
+	}
+	return out, nil
 }
 
 // keepLive removes from candidates every cell that still has data in a

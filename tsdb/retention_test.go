@@ -3,12 +3,15 @@ package tsdb
 import (
 	"math"
 	"slices"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/dimsum/dimsum/schema"
 )
 
 // TestRetentionPass walks one cell through its life: written, expired at
@@ -172,5 +175,59 @@ func TestRetentionLoop(t *testing.T) {
 			t.Fatal("the periodic pass did not forget the expired cell within a minute")
 		}
 		time.Sleep(time.Millisecond)
+	}
+}
+
+// TestRetentionRemovedResolution drops a resolution from the schema: its
+// rows go at the next pass, and a cell whose only data was there is
+// forgotten.
+func TestRetentionRemovedResolution(t *testing.T) {
+	full := testSchema(t) // 1s:10h, 10s:2d, 1m:30d
+	fine, err := schema.Parse([]byte(strings.Replace(testSchemaYAML, `"1s:10h", "10s:2d", "1m:30d"`, `"1s:10h", "10s:2d"`, 1)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	clock := testNow
+	now := func() time.Time { return clock }
+	db := openTestAt(t, dir, full, now)
+	code := cuboidOf(t, full, "errors", "code")
+	put := func(key, value string) {
+		t.Helper()
+		d := []Delta{{Family: "errors", Cuboid: code, Values: []string{value}, Time: clock.UnixMilli(), Sum: 1, Count: 1}}
+		if _, err := db.Apply([]byte(key), clock.UnixMilli(), d); err != nil {
+			t.Fatal(err)
+		}
+	}
+	put("old", "500")
+	clock = clock.Add(3 * 24 * time.Hour) // "500" now has data at 1m only
+	put("new", "503")
+	closeTest(t, db)
+
+	db = openTestAt(t, dir, fine, now)
+	defer closeTest(t, db)
+	st, err := db.RunRetention()
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The expired 1s and 10s rows of "500", and both cells' 1m rows (three
+	// days apart, so two rows of 6h).
+	if st.Rows != 4 || st.Cells != 1 {
+		t.Fatalf("pass: %+v, want the cell with only 1m data forgotten", st)
+	}
+	cs, err := db.Cells("errors", code, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(cs) != 1 || cs[0].Values[0] != "503" {
+		t.Fatalf("cells after the pass: %+v", cs)
+	}
+	steps, err := db.removedSteps()
+	if err != nil || len(steps) != 0 {
+		t.Fatalf("steps of removed resolutions left after the pass: %v, %v", steps, err)
+	}
+	// A second pass finds nothing more to delete.
+	if st, err := db.RunRetention(); err != nil || st.Rows != 0 || st.Cells != 0 {
+		t.Fatalf("second pass: %+v, %v", st, err)
 	}
 }
