@@ -24,9 +24,9 @@ type peer struct {
 	t        *testing.T
 	register func(*grpc.Server)
 	addr     string
-	mu   sync.Mutex
-	srv  *grpc.Server
-	conn *grpc.ClientConn
+	mu       sync.Mutex
+	srv      *grpc.Server
+	conn     *grpc.ClientConn
 }
 
 func newPeer(t *testing.T, register func(*grpc.Server)) *peer {
@@ -118,7 +118,7 @@ func TestRouter(t *testing.T) {
 		for h := range hosts {
 			addGood(&bt, a.ms(0), float64(seq), h, h%5, 0)
 		}
-		addGood(&bt, a.ms(0), -1, 1, 0, 0)                 // rejected by its owner
+		addGood(&bt, a.ms(0), -1, 1, 0, 0)               // rejected by its owner
 		bt.Add("nosuch", a.ms(0), 1, labels(2, 0, 0)...) // malformed: stays local, rejected there
 		return bt.Request()
 	}
