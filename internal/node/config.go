@@ -4,7 +4,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"os"
+	"slices"
 	"strings"
 
 	"github.com/prometheus/common/model"
@@ -30,6 +32,14 @@ type Config struct {
 	// MaxRecvBytes bounds one gRPC message. The default is 64 MiB.
 	MaxRecvBytes int `yaml:"max_recv_bytes"`
 
+	// Roles are the roles this node runs: some of aggregator, combiner and
+	// query. The default is all three.
+	Roles []string `yaml:"roles"`
+	// Cluster makes the node a member of a cluster. Without it (no join
+	// address and no gossip address) the node is standalone and must run
+	// every role.
+	Cluster ClusterConfig `yaml:"cluster"`
+
 	Aggregator AggregatorConfig `yaml:"aggregator"`
 	Query      QueryConfig      `yaml:"query"`
 	// Schema declares the families and resolutions. When it names no
@@ -46,6 +56,37 @@ type AggregatorConfig struct {
 	MaxCellsPerWindow int            `yaml:"max_cells_per_window"` // default 1000000
 	FlushInterval     model.Duration `yaml:"flush_interval"`       // default window/10
 }
+
+// ClusterConfig configures membership and how the cube is split.
+type ClusterConfig struct {
+	// GossipListen is the memberlist address (TCP and UDP). Setting it or
+	// Join makes the node a cluster member. The default, for a member, is
+	// the gRPC host with port 9402.
+	GossipListen string `yaml:"gossip_listen"`
+	// Advertise is the gossip address other members reach this node at,
+	// when it differs from GossipListen (NAT, 0.0.0.0).
+	Advertise string `yaml:"advertise"`
+	// Join lists members to meet at start, host:port of their gossip
+	// addresses. Any one that answers is enough.
+	Join []string `yaml:"join"`
+	// Shards is how many shards the global cube is split into; every node
+	// of a cluster must use the same number, and it must not change once
+	// data is stored. The default is 64.
+	Shards int `yaml:"shards"`
+	// Replication is how many combiners hold each shard, at most the number
+	// of combiners. The default is 2.
+	Replication int `yaml:"replication"`
+	// Timing is memberlist's timing profile: "lan" (the default) or "fast",
+	// which detects a dead member in about a second on loopback, for tests.
+	Timing string `yaml:"timing"`
+}
+
+// The roles a node can run.
+const (
+	RoleAggregator = "aggregator"
+	RoleCombiner   = "combiner"
+	RoleQuery      = "query"
+)
 
 // QueryConfig mirrors query.Options; zero fields take its defaults.
 type QueryConfig struct {
@@ -96,10 +137,36 @@ func (c *Config) EnsureDefaults() {
 	if c.MaxRecvBytes == 0 {
 		c.MaxRecvBytes = 64 << 20
 	}
+	if len(c.Roles) == 0 {
+		c.Roles = []string{RoleAggregator, RoleCombiner, RoleQuery}
+	}
+	cl := &c.Cluster
+	if cl.Shards == 0 {
+		cl.Shards = 64
+	}
+	if cl.Replication == 0 {
+		cl.Replication = 2
+	}
+	if cl.Timing == "" {
+		cl.Timing = "lan"
+	}
+	if c.Clustered() && cl.GossipListen == "" {
+		host, _, err := net.SplitHostPort(c.GRPCListen)
+		if err == nil {
+			cl.GossipListen = net.JoinHostPort(host, "9402")
+		}
+	}
 }
 
-// Validate reports the first node-level or query field that cannot work; the
-// aggregator and the schema check their own fields when they are built.
+// Clustered reports whether the node joins a cluster.
+func (c *Config) Clustered() bool { return c.Cluster.GossipListen != "" || len(c.Cluster.Join) > 0 }
+
+// HasRole reports whether the node runs role.
+func (c *Config) HasRole(role string) bool { return slices.Contains(c.Roles, role) }
+
+// Validate reports the first node-level, cluster or query field that cannot
+// work; zero values stand for their defaults. The aggregator and the schema
+// check their own fields when they are built.
 func (c *Config) Validate() error {
 	switch {
 	case c.MaxRecvBytes < 0:
@@ -110,9 +177,32 @@ func (c *Config) Validate() error {
 		return fmt.Errorf("%w: query max_series %d is negative", ErrConfig, c.Query.MaxSeries)
 	case c.Query.MaxGroups < 0:
 		return fmt.Errorf("%w: query max_groups %d is negative", ErrConfig, c.Query.MaxGroups)
+	case c.Cluster.Shards < 0 || c.Cluster.Shards > maxShards:
+		return fmt.Errorf("%w: cluster shards %d, want 1 to %d", ErrConfig, c.Cluster.Shards, maxShards)
+	case c.Cluster.Replication < 0:
+		return fmt.Errorf("%w: cluster replication %d, want at least 1", ErrConfig, c.Cluster.Replication)
+	case c.Cluster.Timing != "" && c.Cluster.Timing != "lan" && c.Cluster.Timing != "fast":
+		return fmt.Errorf("%w: cluster timing %q, want lan or fast", ErrConfig, c.Cluster.Timing)
+	}
+	seen := map[string]bool{}
+	for _, r := range c.Roles {
+		if r != RoleAggregator && r != RoleCombiner && r != RoleQuery {
+			return fmt.Errorf("%w: unknown role %q, want aggregator, combiner or query", ErrConfig, r)
+		}
+		if seen[r] {
+			return fmt.Errorf("%w: role %q listed twice", ErrConfig, r)
+		}
+		seen[r] = true
+	}
+	if !c.Clustered() && len(seen) != 0 && len(seen) != 3 {
+		return fmt.Errorf("%w: a node outside a cluster must run every role; roles %v need cluster.join or cluster.gossip_listen", ErrConfig, c.Roles)
 	}
 	return nil
 }
+
+// maxShards bounds cluster.shards: a query reads every shard, and the
+// fan-out keeps a shard's number in the high bits of a cell ID.
+const maxShards = 256
 
 // BuildSchema returns the configured schema. A config that declares no
 // family runs the embedded default families, at its own resolutions if it

@@ -23,12 +23,30 @@ func TestParseConfig(t *testing.T) {
 	if c, err := ParseConfig(nil); err != nil || c.DataDir != "" {
 		t.Errorf("empty config: %+v, %v", c, err)
 	}
+	c, err = ParseConfig([]byte("grpc_listen: 10.0.0.5:9400\nroles: [combiner]\ncluster: {join: [10.0.0.4:9402]}\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.EnsureDefaults()
+	if err := c.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	if !c.Clustered() || c.Cluster.GossipListen != "10.0.0.5:9402" || c.Cluster.Shards != 64 || c.Cluster.Replication != 2 ||
+		!c.HasRole(RoleCombiner) || c.HasRole(RoleQuery) {
+		t.Errorf("cluster member's defaults: %+v", c)
+	}
 	for _, tc := range []struct{ name, yaml, want string }{
 		{"unknown field", "datadir: x", "not found"},
 		{"bad duration", "aggregator: {grace: soon}", "soon"},
 		{"negative message size", "max_recv_bytes: -1", "max_recv_bytes"},
 		{"negative max samples", "query: {max_samples: -5}", "max_samples"},
 		{"negative duration", "query: {timeout: -1s}", `"-1s"`},
+		{"unknown role", "roles: [aggregator, mixer]\ncluster: {join: [a:1]}", `"mixer"`},
+		{"role twice", "roles: [query, query]\ncluster: {join: [a:1]}", "twice"},
+		{"standalone with some roles", "roles: [query]", "every role"},
+		{"too many shards", "cluster: {shards: 1000}", "shards 1000"},
+		{"negative replication", "cluster: {replication: -1}", "replication -1"},
+		{"bad timing", "cluster: {timing: slow}", `"slow"`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c, err := ParseConfig([]byte(tc.yaml))
