@@ -1,6 +1,7 @@
 // Command dimsum runs a dimsum node or one of its tools.
 //
-//	dimsum [all] [flags]   an all-in-one node: aggregator, combiner and query
+//	dimsum [all] [flags]   a node with every role: aggregator, combiner and query
+//	dimsum aggregator|combiner|query [flags]  a cluster node with one role
 //	dimsum load [flags]    push a synthetic workload to a node
 //	dimsum slice <family> [flags]  ask a node for a cube slice
 //	dimsum version         print the version
@@ -27,8 +28,8 @@ func main() {
 	}
 	var err error
 	switch cmd {
-	case "all":
-		err = runAll(args)
+	case "all", "aggregator", "combiner", "query":
+		err = runNode(cmd, args)
 	case "load":
 		err = runLoad(args)
 	case "slice":
@@ -54,10 +55,14 @@ func usage() {
 	fmt.Fprint(os.Stderr, `usage: dimsum <command> [flags]
 
 commands:
-  all      run an all-in-one node (the default): aggregator, combiner and query
-  load     push a synthetic log-derived workload to a node over gRPC
-  slice    ask a node for a cube slice: exact sums by group, as a table
-  version  print the version
+  all         run a node with every role (the default): aggregator, combiner and query;
+              alone, or in a cluster with -join
+  aggregator  run a cluster node that takes pushes and rolls them up (-join)
+  combiner    run a cluster node that stores shards of the global cube (-join)
+  query       run a cluster node that answers PromQL and cube slices (-join)
+  load        push a synthetic log-derived workload to a node over gRPC
+  slice       ask a node for a cube slice: exact sums by group, as a table
+  version     print the version
 
 Run 'dimsum <command> -h' for a command's flags.
 `)

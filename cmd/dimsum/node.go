@@ -6,21 +6,29 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 
 	"github.com/dimsum/dimsum/internal/node"
 )
 
-// runAll runs an all-in-one node until SIGINT or SIGTERM.
-func runAll(args []string) error {
-	fs := flag.NewFlagSet("all", flag.ContinueOnError)
+// runNode runs a node until SIGINT or SIGTERM. cmd is the subcommand: "all"
+// runs every role, "aggregator", "combiner" and "query" one each.
+func runNode(cmd string, args []string) error {
+	fs := flag.NewFlagSet(cmd, flag.ContinueOnError)
 	configFile := fs.String("config", "", "YAML config `file` (default: the embedded defaults)")
 	dataDir := fs.String("data", "", "data `directory` (overrides data_dir; default ./data)")
 	grpcListen := fs.String("grpc", "", "gRPC listen `address` (overrides grpc_listen; default 127.0.0.1:9400)")
 	httpListen := fs.String("http", "", "HTTP listen `address` (overrides http_listen; default 127.0.0.1:9401)")
+	name := fs.String("name", "", "node `name`, unique in the cluster (overrides name; default the host name)")
+	join := fs.String("join", "", "gossip `addresses` of cluster members to meet, comma-separated (overrides cluster.join)")
+	gossip := fs.String("gossip", "", "gossip listen `address` (overrides cluster.gossip_listen; default the gRPC host, port 9402)")
 	logLevel := fs.String("log-level", "info", "log `level`: debug, info, warn or error")
 	if err := fs.Parse(args); err != nil {
 		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("unexpected argument %q", fs.Arg(0))
 	}
 	var level slog.Level
 	if err := level.UnmarshalText([]byte(*logLevel)); err != nil {
@@ -36,14 +44,21 @@ func runAll(args []string) error {
 		}
 		log.Info("config loaded", "file", *configFile)
 	}
-	if *dataDir != "" {
-		cfg.DataDir = *dataDir
+	for _, o := range []struct{ flag, field *string }{
+		{dataDir, &cfg.DataDir}, {grpcListen, &cfg.GRPCListen}, {httpListen, &cfg.HTTPListen},
+		{name, &cfg.Name}, {gossip, &cfg.Cluster.GossipListen},
+	} {
+		if *o.flag != "" {
+			*o.field = *o.flag
+		}
 	}
-	if *grpcListen != "" {
-		cfg.GRPCListen = *grpcListen
+	if *join != "" {
+		cfg.Cluster.Join = strings.Split(*join, ",")
 	}
-	if *httpListen != "" {
-		cfg.HTTPListen = *httpListen
+	if cmd != "all" {
+		cfg.Roles = []string{cmd}
+	} else if len(cfg.Roles) == 0 {
+		cfg.Roles = []string{node.RoleAggregator, node.RoleCombiner, node.RoleQuery}
 	}
 
 	n, err := node.Start(cfg, buildVersion(), log)
