@@ -251,7 +251,8 @@ function drawInfo(d) {
     el('strong', { 'data-testid': 'resolution-used' }, d.resolution),
   );
   if (d.step) info.append(', step ', el('strong', {}, d.step));
-  info.append(`; ${d.totalGroups} group${d.totalGroups === 1 ? '' : 's'}, ${time(d.range.start)} to ${time(d.range.end)}. ${d.range.alignment}`);
+  const align = d.range.alignment ? d.range.alignment[0].toUpperCase() + d.range.alignment.slice(1) + '.' : '';
+  info.append(`; ${d.totalGroups} group${d.totalGroups === 1 ? '' : 's'}, ${time(d.range.start)} to ${time(d.range.end)}. ${align}`);
 }
 
 // equalities maps each label the slice pins with "label=value" to its value.
