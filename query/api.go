@@ -23,6 +23,7 @@ import (
 	"github.com/prometheus/prometheus/util/annotations"
 	"github.com/prometheus/prometheus/util/stats"
 
+	"github.com/dimsum/dimsum/query/explorer"
 	"github.com/dimsum/dimsum/schema"
 )
 
@@ -117,7 +118,8 @@ func NewAPI(opts Options) (*API, error) {
 	return &API{opts: opts, engine: engine, queryable: NewQueryable(opts.Schema, opts.Reader, limits, opts.Now)}, nil
 }
 
-// Register adds the API's routes to mux under /api/v1/.
+// Register adds the API's routes to mux under /api/v1/, and the cube
+// explorer page at / (package explorer).
 func (a *API) Register(mux *http.ServeMux) {
 	mux.HandleFunc("/api/v1/query", a.wrap(a.query))
 	mux.HandleFunc("/api/v1/query_range", a.wrap(a.queryRange))
@@ -135,6 +137,7 @@ func (a *API) Register(mux *http.ServeMux) {
 	mux.HandleFunc("/api/v1/cube/slice", a.wrapSlice(a.slice))
 	mux.HandleFunc("/api/v1/cube/drilldown", a.wrapSlice(a.drillDown))
 	mux.HandleFunc("/api/v1/cube/rollup", a.wrapSlice(a.rollUp))
+	explorer.Register(mux)
 }
 
 // Error types of the Prometheus API, with the HTTP status each maps to.
