@@ -40,12 +40,16 @@ func newTestLogger(t *testing.T) *slog.Logger {
 // and shuts it down when the test ends.
 func startNode(t *testing.T, logger *slog.Logger, name string, meta Meta, join ...string) *Cluster {
 	t.Helper()
-	c, err := Start(Config{
-		Name: name, BindAddr: "127.0.0.1:0", Join: join, JoinTimeout: 20 * time.Second,
-		Meta: meta, Timing: FastTiming(), Logger: logger.With("node", name),
-	})
+	return startConfig(t, logger, Config{Name: name, BindAddr: "127.0.0.1:0", Join: join, Meta: meta, Timing: FastTiming()})
+}
+
+func startConfig(t *testing.T, logger *slog.Logger, cfg Config) *Cluster {
+	t.Helper()
+	cfg.JoinTimeout = 20 * time.Second
+	cfg.Logger = logger.With("node", cfg.Name)
+	c, err := Start(cfg)
 	if err != nil {
-		t.Fatalf("start %s: %v", name, err)
+		t.Fatalf("start %s: %v", cfg.Name, err)
 	}
 	t.Cleanup(func() { _ = c.Shutdown() })
 	return c
@@ -225,34 +229,50 @@ func TestLeaveShowsLeft(t *testing.T) {
 	}
 }
 
+// TestCrashShowsDeadAndRejoin shuts a node down without a Leave, as a crash
+// would, then restarts it under its name: at a new port, which FastTiming's
+// DeadNodeReclaimTime lets it take at once, and at its old address, which
+// memberlist always lets back.
 func TestCrashShowsDeadAndRejoin(t *testing.T) {
-	a, b, c := startThree(t)
-	oldAddr := c.Local().Addr
-	if err := c.Shutdown(); err != nil { // no Leave: a crash
-		t.Fatal(err)
-	}
-	for _, n := range []*Cluster{a, b} {
-		waitFor(t, n.Local().Name+" sees c dead", func() bool { return hasState(n, "c", StateDead) }, a, b)
-	}
-	if got := Names(a.WithRole(RoleCombiner, StateAlive, StateDead)); strings.Join(got, ",") != "b,c" {
-		t.Errorf("alive or dead combiners %q, want b,c", got)
-	}
+	for _, samePort := range []bool{false, true} {
+		t.Run(fmt.Sprintf("same-port=%v", samePort), func(t *testing.T) {
+			a, b, c := startThree(t)
+			oldAddr := c.Local().Addr
+			if err := c.Shutdown(); err != nil {
+				t.Fatal(err)
+			}
+			for _, n := range []*Cluster{a, b} {
+				waitFor(t, n.Local().Name+" sees c dead", func() bool { return hasState(n, "c", StateDead) }, a, b)
+			}
+			if got := Names(a.WithRole(RoleCombiner, StateAlive, StateDead)); strings.Join(got, ",") != "b,c" {
+				t.Errorf("alive or dead combiners %q, want b,c", got)
+			}
 
-	// c restarts under its name, at a new port, with a new meta.
-	restarted := time.Now()
-	meta := Meta{Roles: []Role{RoleCombiner}, GRPCAddr: "127.0.0.1:9013", Started: restarted, CatchingUp: true}
-	c2 := startNode(t, newTestLogger(t), "c", meta, b.Local().Addr)
-	for _, n := range []*Cluster{a, b, c2} {
-		waitFor(t, n.Local().Name+" sees c alive again with its new meta", func() bool {
-			m, ok := member(n, "c")
-			return ok && m.State == StateAlive && m.Meta.GRPCAddr == "127.0.0.1:9013" && m.Meta.CatchingUp &&
-				m.Meta.Started.Equal(restarted) && m.Addr == c2.Local().Addr
-		}, a, b, c2)
+			restarted := time.Now()
+			cfg := Config{
+				Name: "c", BindAddr: "127.0.0.1:0", Join: []string{b.Local().Addr}, Timing: FastTiming(),
+				Meta: Meta{Roles: []Role{RoleCombiner}, GRPCAddr: "127.0.0.1:9013", Started: restarted, CatchingUp: true},
+			}
+			if samePort {
+				cfg.BindAddr = oldAddr
+				cfg.Timing.DeadNodeReclaimTime = 0 // as in LANTiming
+			}
+			c2 := startConfig(t, newTestLogger(t), cfg)
+			if samePort && c2.Local().Addr != oldAddr {
+				t.Fatalf("restarted at %s, want %s", c2.Local().Addr, oldAddr)
+			}
+			for _, n := range []*Cluster{a, b, c2} {
+				waitFor(t, n.Local().Name+" sees c alive again with its new meta", func() bool {
+					m, ok := member(n, "c")
+					return ok && m.State == StateAlive && m.Meta.GRPCAddr == "127.0.0.1:9013" && m.Meta.CatchingUp &&
+						m.Meta.Started.Equal(restarted) && m.Addr == c2.Local().Addr
+				}, a, b, c2)
+			}
+			waitFor(t, "c sees a and b alive", func() bool {
+				return hasState(c2, "a", StateAlive) && hasState(c2, "b", StateAlive)
+			}, c2)
+		})
 	}
-	if c2.Local().Addr == oldAddr {
-		t.Logf("c came back at its old address %s", oldAddr)
-	}
-	waitFor(t, "c2 sees a and b", func() bool { return len(c2.WithRole(RoleCombiner, StateAlive)) == 2 && hasState(c2, "a", StateAlive) }, c2)
 }
 
 func TestJoinUnreachable(t *testing.T) {
