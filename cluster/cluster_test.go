@@ -360,3 +360,29 @@ func TestLeaveAlone(t *testing.T) {
 		t.Errorf("after Leave, Local().State = %s, want left", s)
 	}
 }
+
+// TestJoinSharedList checks that every node may be given one list of
+// addresses, its own included: the first node to start joins itself, the
+// next ones join through it.
+func TestJoinSharedList(t *testing.T) {
+	logger := newTestLogger(t)
+	var addrs []string
+	for range 2 {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		addrs = append(addrs, l.Addr().String())
+		l.Close()
+	}
+	cfg := func(name, bind string) Config {
+		return Config{Name: name, BindAddr: bind, Join: addrs, Timing: FastTiming(), Meta: aggMeta("127.0.0.1:9001")}
+	}
+	a := startConfig(t, logger, cfg("a", addrs[0]))
+	b := startConfig(t, logger, cfg("b", addrs[1]))
+	for _, n := range []*Cluster{a, b} {
+		waitFor(t, n.Local().Name+" sees both", func() bool {
+			return len(n.WithRole(RoleAggregator, StateAlive)) == 2
+		}, a, b)
+	}
+}

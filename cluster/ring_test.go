@@ -229,3 +229,17 @@ func BenchmarkReplicas(b *testing.B) {
 		shard++
 	}
 }
+
+// TestOwnerAllocs pins Owner, which an aggregator may call for every event,
+// at zero allocations.
+func TestOwnerAllocs(t *testing.T) {
+	nodes := nodeNames(5)
+	keys := partitionKeys(64)
+	i := 0
+	if n := testing.AllocsPerRun(1000, func() {
+		_ = Owner(keys[i%len(keys)], nodes)
+		i++
+	}); n != 0 {
+		t.Errorf("Owner allocates %.1f times a call, want 0", n)
+	}
+}
