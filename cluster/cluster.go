@@ -72,9 +72,10 @@ type Cluster struct {
 	timing Timing
 	ml     *memberlist.Memberlist
 
-	// updateMu serializes UpdateMeta, so that concurrent updates each
-	// apply to the result of the one before.
-	updateMu sync.Mutex
+	// opMu serializes UpdateMeta, Leave and Shutdown: concurrent updates
+	// each apply to the result of the one before, and no memberlist call
+	// races Shutdown (memberlist panics on a Leave after Shutdown).
+	opMu sync.Mutex
 
 	mu struct {
 		sync.Mutex
@@ -230,8 +231,8 @@ func Names(members []Member) []string {
 // out to the other members; past that it logs a warning and returns, and
 // gossip carries the update on.
 func (c *Cluster) UpdateMeta(update func(*Meta)) error {
-	c.updateMu.Lock()
-	defer c.updateMu.Unlock()
+	c.opMu.Lock()
+	defer c.opMu.Unlock()
 	c.mu.Lock()
 	if c.mu.closed {
 		c.mu.Unlock()
@@ -281,11 +282,13 @@ func (c *Cluster) Subscribe() (ch <-chan struct{}, cancel func()) {
 // as left rather than dead, and waits up to timeout for the message to go
 // out. The node keeps gossiping until Shutdown.
 func (c *Cluster) Leave(timeout time.Duration) error {
+	c.opMu.Lock()
+	defer c.opMu.Unlock()
 	c.mu.Lock()
 	closed := c.mu.closed
 	c.mu.Unlock()
 	if closed {
-		return ErrClosed // memberlist panics on a Leave after Shutdown
+		return ErrClosed
 	}
 	if err := c.ml.Leave(timeout); err != nil {
 		return fmt.Errorf("cluster: leave not confirmed within %s: %w", timeout, err)
@@ -297,6 +300,8 @@ func (c *Cluster) Leave(timeout time.Duration) error {
 // first, the others declare this node dead. It is safe to call more than
 // once.
 func (c *Cluster) Shutdown() error {
+	c.opMu.Lock()
+	defer c.opMu.Unlock()
 	c.mu.Lock()
 	if c.mu.closed {
 		c.mu.Unlock()
@@ -338,7 +343,7 @@ func (c *Cluster) set(node *memberlist.Node, state State) {
 	c.mu.Unlock()
 	switch {
 	case !seen || prev.State != state:
-		c.logger.Info("member "+state.String(), "member", node.Name, "addr", m.Addr, "meta", meta)
+		c.logger.Info("member state", "member", node.Name, "state", state, "addr", m.Addr, "meta", meta)
 	default:
 		c.logger.Debug("member updated", "member", node.Name, "meta", meta)
 	}

@@ -386,3 +386,36 @@ func TestJoinSharedList(t *testing.T) {
 		}, a, b)
 	}
 }
+
+// TestConcurrentUpdates checks that concurrent UpdateMeta calls each apply
+// to the result of the one before, and that Leave and Shutdown racing them
+// neither panic nor lose the updates made before.
+func TestConcurrentUpdates(t *testing.T) {
+	a, b, _ := startThree(t)
+	var wg sync.WaitGroup
+	for i := range 8 {
+		wg.Go(func() {
+			if err := b.UpdateMeta(func(m *Meta) { m.PendingHandoff = append(m.PendingHandoff, fmt.Sprint("r", i)) }); err != nil {
+				t.Error(err)
+			}
+		})
+	}
+	wg.Wait()
+	if got := b.Local().Meta.PendingHandoff; len(got) != 8 {
+		t.Fatalf("after 8 concurrent appends, pending handoff is %q", got)
+	}
+	waitFor(t, "a sees all 8 appends", func() bool {
+		m, _ := member(a, "b")
+		return len(m.Meta.PendingHandoff) == 8
+	}, a, b)
+
+	for range 4 {
+		wg.Go(func() { _ = b.UpdateMeta(func(m *Meta) { m.CatchingUp = !m.CatchingUp }) })
+	}
+	wg.Go(func() { _ = b.Leave(time.Second) })
+	wg.Go(func() { _ = b.Shutdown() })
+	wg.Wait()
+	if err := b.Leave(time.Second); !errors.Is(err, ErrClosed) {
+		t.Errorf("Leave after Shutdown: %v, want ErrClosed", err)
+	}
+}
