@@ -26,15 +26,17 @@ type Config struct {
 	// default is the host name.
 	Name string
 
-	// BindAddr is the host:port the node listens on for gossip, over both
-	// UDP and TCP. Port 0 picks a free port; Cluster.Local reports the one
-	// chosen. The default is "0.0.0.0:7946".
+	// BindAddr is the ip:port the node listens on for gossip, over both
+	// UDP and TCP; 0.0.0.0 listens on every interface. Port 0 picks a free
+	// port; Cluster.Local reports the one chosen. The default is
+	// "0.0.0.0:7946".
 	BindAddr string
 
-	// AdvertiseAddr is the host:port other members reach this node at, when
+	// AdvertiseAddr is the ip:port other members reach this node at, when
 	// it differs from BindAddr (behind NAT, or when binding 0.0.0.0). An
-	// empty host lets memberlist pick the address of a private interface;
-	// port 0 or no port advertises the bound port. The default is empty.
+	// empty host advertises the bound IP, or when binding 0.0.0.0 the
+	// address of a private interface; port 0 or no port advertises the
+	// bound port. The default is empty.
 	AdvertiseAddr string
 
 	// Join lists host:port addresses of any members of the cluster to join.
@@ -244,11 +246,21 @@ func (c *Config) Validate() error {
 	if c.Name == "" {
 		return fmt.Errorf("%w: Name is empty", ErrConfig)
 	}
-	if _, _, err := splitAddr(c.BindAddr, false); err != nil {
+	// memberlist takes IP addresses only: it would bind a host name as
+	// every interface, and refuses to advertise one.
+	host, _, err := splitAddr(c.BindAddr, false)
+	if err == nil && net.ParseIP(host) == nil {
+		err = fmt.Errorf("host %q in %q is not an IP address (0.0.0.0 binds every interface)", host, c.BindAddr)
+	}
+	if err != nil {
 		return fmt.Errorf("%w: BindAddr: %v", ErrConfig, err)
 	}
 	if c.AdvertiseAddr != "" {
-		if _, _, err := splitAddr(c.AdvertiseAddr, true); err != nil {
+		host, _, err := splitAddr(c.AdvertiseAddr, true)
+		if err == nil && host != "" && net.ParseIP(host) == nil {
+			err = fmt.Errorf("host %q in %q is not an IP address", host, c.AdvertiseAddr)
+		}
+		if err != nil {
 			return fmt.Errorf("%w: AdvertiseAddr: %v", ErrConfig, err)
 		}
 	}

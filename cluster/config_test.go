@@ -74,7 +74,10 @@ func TestConfigValidate(t *testing.T) {
 	}{
 		{"bind-no-port", func(c *Config) { c.BindAddr = "127.0.0.1" }, `BindAddr: address "127.0.0.1" is not host:port`},
 		{"bind-bad-port", func(c *Config) { c.BindAddr = "127.0.0.1:70000" }, `BindAddr: address "127.0.0.1:70000" has port "70000"`},
+		{"bind-host-name", func(c *Config) { c.BindAddr = "node-1:7946" }, `BindAddr: host "node-1" in "node-1:7946" is not an IP address`},
+		{"bind-no-host", func(c *Config) { c.BindAddr = ":7946" }, `BindAddr: host "" in ":7946" is not an IP address (0.0.0.0 binds every interface)`},
 		{"advertise-bad", func(c *Config) { c.AdvertiseAddr = "a:b:c" }, `AdvertiseAddr: address "a:b:c" is not host:port`},
+		{"advertise-host-name", func(c *Config) { c.AdvertiseAddr = "node-3:7000" }, `AdvertiseAddr: host "node-3" in "node-3:7000" is not an IP address`},
 		{"join-no-port", func(c *Config) { c.Join = []string{"10.0.0.1:7946", "seed"} }, `Join[1]: address "seed" is not host:port`},
 		{"join-port-0", func(c *Config) { c.Join = []string{"seed:0"} }, `Join[0]: port 0 in "seed:0"`},
 		{"join-timeout", func(c *Config) { c.JoinTimeout = -time.Second }, "JoinTimeout is negative (-1s)"},
@@ -93,7 +96,7 @@ func TestConfigValidate(t *testing.T) {
 			}
 		})
 	}
-	for _, addr := range []string{"10.0.0.1", "::1", "node-3", "node-3:7000", "[::1]:0"} {
+	for _, addr := range []string{"10.0.0.1", "::1", "10.0.0.1:7000", "[::1]:0", ":7000"} {
 		cfg := Config{Name: "n", AdvertiseAddr: addr}
 		cfg.EnsureDefaults()
 		if err := cfg.Validate(); err != nil {
