@@ -21,6 +21,9 @@ var (
 	ErrJoin = errors.New("cluster: cannot join")
 	// ErrClosed marks a call on a Cluster that was shut down.
 	ErrClosed = errors.New("cluster: shut down")
+	// ErrLeft marks a meta update after Leave: the others no longer take
+	// this node's gossip.
+	ErrLeft = errors.New("cluster: left the cluster")
 )
 
 // State is what this node knows of a member.
@@ -87,8 +90,8 @@ type Cluster struct {
 		members map[string]*Member
 		// subs are the change channels of Subscribe, each of capacity 1.
 		subs map[chan struct{}]struct{}
-		// closed is set by Shutdown.
-		closed bool
+		// left is set by Leave, closed by Shutdown.
+		left, closed bool
 	}
 }
 
@@ -227,16 +230,21 @@ func Names(members []Member) []string {
 
 // UpdateMeta applies update to a copy of this node's Meta and gossips the
 // result. If the result is invalid or over MetaMaxSize, nothing changes and
-// the error says why. It waits up to Timing.TCPTimeout for the update to go
+// the error says why; after Leave it fails with ErrLeft, after Shutdown with
+// ErrClosed. It waits up to Timing.TCPTimeout for the update to go
 // out to the other members; past that it logs a warning and returns, and
 // gossip carries the update on.
 func (c *Cluster) UpdateMeta(update func(*Meta)) error {
 	c.opMu.Lock()
 	defer c.opMu.Unlock()
 	c.mu.Lock()
-	if c.mu.closed {
+	switch {
+	case c.mu.closed:
 		c.mu.Unlock()
 		return ErrClosed
+	case c.mu.left: // memberlist may have dropped this node from its own table
+		c.mu.Unlock()
+		return ErrLeft
 	}
 	m := c.mu.meta.clone()
 	c.mu.Unlock()
@@ -280,12 +288,14 @@ func (c *Cluster) Subscribe() (ch <-chan struct{}, cancel func()) {
 
 // Leave tells the other members this node is leaving, so that they list it
 // as left rather than dead, and waits up to timeout for the message to go
-// out. The node keeps gossiping until Shutdown.
+// out. The node keeps gossiping until Shutdown, but its meta no longer
+// changes. Calling Leave again is harmless.
 func (c *Cluster) Leave(timeout time.Duration) error {
 	c.opMu.Lock()
 	defer c.opMu.Unlock()
 	c.mu.Lock()
 	closed := c.mu.closed
+	c.mu.left = true
 	c.mu.Unlock()
 	if closed {
 		return ErrClosed

@@ -207,6 +207,12 @@ func TestLeaveShowsLeft(t *testing.T) {
 	if err := c.Leave(5 * time.Second); err != nil {
 		t.Fatal(err)
 	}
+	if err := c.UpdateMeta(func(m *Meta) { m.CatchingUp = true }); !errors.Is(err, ErrLeft) {
+		t.Errorf("UpdateMeta after Leave: %v, want ErrLeft", err)
+	}
+	if err := c.Leave(time.Second); err != nil {
+		t.Errorf("second Leave: %v", err)
+	}
 	if err := c.Shutdown(); err != nil {
 		t.Fatal(err)
 	}
