@@ -1,0 +1,314 @@
+package cluster
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/hashicorp/memberlist"
+)
+
+// Role is a part a node plays. A node may play several.
+type Role string
+
+// The roles. Each has a bit in the encoded Meta (see AppendMeta); the bits
+// are part of the gossip protocol: ONLY APPEND TO roleBits.
+const (
+	RoleAggregator Role = "aggregator"
+	RoleCombiner   Role = "combiner"
+	RoleQuery      Role = "query"
+)
+
+var roleBits = []Role{RoleAggregator, RoleCombiner, RoleQuery}
+
+// ParseRole reads a role by its name.
+func ParseRole(s string) (Role, error) {
+	for _, r := range roleBits {
+		if string(r) == s {
+			return r, nil
+		}
+	}
+	return "", fmt.Errorf("%w: unknown role %q, want aggregator, combiner or query", ErrMeta, s)
+}
+
+// MetaMaxSize is the most bytes an encoded Meta may take: memberlist's
+// limit on a node's meta data.
+const MetaMaxSize = memberlist.MetaMaxSize
+
+var (
+	// ErrMeta marks a Meta that cannot be gossiped: an unknown role, a
+	// malformed address or an empty name.
+	ErrMeta = errors.New("cluster: invalid meta")
+	// ErrMetaTooLarge marks a Meta whose encoding exceeds MetaMaxSize.
+	ErrMetaTooLarge = errors.New("cluster: meta too large")
+	// ErrCorruptMeta marks gossiped meta bytes that do not decode.
+	ErrCorruptMeta = errors.New("cluster: corrupt meta")
+)
+
+// Meta is what a node gossips about itself. Roles, addresses and Started
+// are fixed for the life of the process; the rest changes through
+// Cluster.UpdateMeta.
+type Meta struct {
+	// Roles are the parts the node plays, each at most once.
+	Roles []Role
+	// GRPCAddr is the host:port of the node's gRPC server: pushes and
+	// flushes. Empty when the node serves no gRPC.
+	GRPCAddr string
+	// HTTPAddr is the host:port of the node's HTTP server: queries and
+	// /metrics. Empty when the node serves no HTTP.
+	HTTPAddr string
+	// Started is when the process started. A node that restarts under the
+	// same name gossips a later Started, so the others can tell a restart
+	// from a node that never went away.
+	Started time.Time
+
+	// PendingHandoff names the members this aggregator holds hinted
+	// handoff for: data for a replica that was down when it was flushed.
+	PendingHandoff []string
+	// CatchingUp says a combiner is still replaying what it missed and
+	// should not yet answer reads alone.
+	CatchingUp bool
+}
+
+// HasRole reports whether the node plays r.
+func (m *Meta) HasRole(r Role) bool { return slices.Contains(m.Roles, r) }
+
+// clone returns a copy that shares no slice with m.
+func (m Meta) clone() Meta {
+	m.Roles = slices.Clone(m.Roles)
+	m.PendingHandoff = slices.Clone(m.PendingHandoff)
+	return m
+}
+
+// metaVersion is the first byte of an encoded Meta. Fields are only ever
+// appended; a later version appends fields after the ones below, which this
+// version's decoder skips.
+const metaVersion = 1
+
+const flagCatchingUp = 1 << 0
+
+// AppendMeta appends the encoding of m to dst:
+//
+//	+---------+-------+-----------+----------+---------+-------+---------+---------------+
+//	| version | roles | grpc addr | http addr| started | flags | handoff | handoff names |
+//	| 1 byte  | 1 byte| uvarint   | uvarint  | varint  | 1 byte| uvarint | uvarint len + |
+//	|   = 1   | bits  | len+bytes | len+bytes| unix ns |       | count   | bytes, each   |
+//	+---------+-------+-----------+----------+---------+-------+---------+---------------+
+//
+// Role bits follow roleBits (bit 0 aggregator, 1 combiner, 2 query); flag
+// bit 0 is CatchingUp; started is 0 for a zero Started. It checks m and
+// fails with ErrMeta when a field is invalid; it does not check the size.
+func AppendMeta(dst []byte, m *Meta) ([]byte, error) {
+	if err := m.check(); err != nil {
+		return dst, fmt.Errorf("%w: %v", ErrMeta, err)
+	}
+	var roles byte
+	for _, r := range m.Roles {
+		roles |= 1 << slices.Index(roleBits, r)
+	}
+	var started int64
+	if !m.Started.IsZero() {
+		started = m.Started.UnixNano()
+	}
+	var flags byte
+	if m.CatchingUp {
+		flags |= flagCatchingUp
+	}
+	dst = append(dst, metaVersion, roles)
+	dst = appendString(dst, m.GRPCAddr)
+	dst = appendString(dst, m.HTTPAddr)
+	dst = binary.AppendVarint(dst, started)
+	dst = append(dst, flags)
+	dst = binary.AppendUvarint(dst, uint64(len(m.PendingHandoff)))
+	for _, n := range m.PendingHandoff {
+		dst = appendString(dst, n)
+	}
+	return dst, nil
+}
+
+func appendString(dst []byte, s string) []byte {
+	dst = binary.AppendUvarint(dst, uint64(len(s)))
+	return append(dst, s...)
+}
+
+// check reports the first field of m that cannot be gossiped.
+func (m *Meta) check() error {
+	for i, r := range m.Roles {
+		if !slices.Contains(roleBits, r) {
+			return fmt.Errorf("unknown role %q", r)
+		}
+		if slices.Contains(m.Roles[:i], r) {
+			return fmt.Errorf("role %q listed twice", r)
+		}
+	}
+	for _, a := range []struct{ name, v string }{{"GRPCAddr", m.GRPCAddr}, {"HTTPAddr", m.HTTPAddr}} {
+		if a.v == "" {
+			continue
+		}
+		if _, _, err := splitAddr(a.v, false); err != nil {
+			return fmt.Errorf("%s: %v", a.name, err)
+		}
+	}
+	for i, n := range m.PendingHandoff {
+		if n == "" {
+			return fmt.Errorf("PendingHandoff[%d] is empty", i)
+		}
+	}
+	return nil
+}
+
+// encode encodes m and checks it fits MetaMaxSize.
+func (m *Meta) encode() ([]byte, error) {
+	b, err := AppendMeta(nil, m)
+	if err != nil {
+		return nil, err
+	}
+	if len(b) > MetaMaxSize {
+		return nil, fmt.Errorf("%w: %d bytes encoded, memberlist allows %d (%d pending handoff names, addresses of %d and %d bytes)",
+			ErrMetaTooLarge, len(b), MetaMaxSize, len(m.PendingHandoff), len(m.GRPCAddr), len(m.HTTPAddr))
+	}
+	return b, nil
+}
+
+// DecodeMeta decodes what AppendMeta encoded. Unknown role and flag bits,
+// and bytes after the last field of a later version, are ignored, so that
+// nodes of different versions understand each other; anything else that
+// does not decode is ErrCorruptMeta.
+func DecodeMeta(b []byte) (Meta, error) {
+	d := decoder{b: b}
+	var m Meta
+	version := d.byte()
+	if d.err == nil && version < metaVersion {
+		return Meta{}, fmt.Errorf("%w: version %d", ErrCorruptMeta, version)
+	}
+	roles := d.byte()
+	for i, r := range roleBits {
+		if roles&(1<<i) != 0 {
+			m.Roles = append(m.Roles, r)
+		}
+	}
+	m.GRPCAddr = d.string()
+	m.HTTPAddr = d.string()
+	if ns := d.varint(); ns != 0 {
+		m.Started = time.Unix(0, ns)
+	}
+	m.CatchingUp = d.byte()&flagCatchingUp != 0
+	n := d.uvarint()
+	// Each name takes at least two bytes, which bounds n before allocating.
+	if d.err == nil && n > uint64(len(d.b))/2 {
+		d.fail("%d pending handoff names in %d bytes", n, len(d.b))
+	}
+	if d.err == nil && n > 0 {
+		m.PendingHandoff = make([]string, n)
+		for i := range m.PendingHandoff {
+			m.PendingHandoff[i] = d.string()
+		}
+	}
+	if d.err == nil && version == metaVersion && len(d.b) > 0 {
+		d.fail("%d bytes after the last field", len(d.b))
+	}
+	if d.err != nil {
+		return Meta{}, d.err
+	}
+	if err := m.check(); err != nil {
+		return Meta{}, fmt.Errorf("%w: %v", ErrCorruptMeta, err)
+	}
+	return m, nil
+}
+
+// decoder reads fields off b with a sticky error: after the first failure
+// every read returns a zero value.
+type decoder struct {
+	b   []byte
+	off int // bytes consumed, for error messages
+	err error
+}
+
+func (d *decoder) fail(format string, args ...any) {
+	if d.err == nil {
+		d.err = fmt.Errorf("%w: at byte %d: %s", ErrCorruptMeta, d.off, fmt.Sprintf(format, args...))
+	}
+}
+
+func (d *decoder) advance(n int) {
+	d.b = d.b[n:]
+	d.off += n
+}
+
+func (d *decoder) byte() byte {
+	if d.err != nil {
+		return 0
+	}
+	if len(d.b) == 0 {
+		d.fail("truncated")
+		return 0
+	}
+	c := d.b[0]
+	d.advance(1)
+	return c
+}
+
+func (d *decoder) uvarint() uint64 {
+	if d.err != nil {
+		return 0
+	}
+	v, n := binary.Uvarint(d.b)
+	if n <= 0 {
+		d.fail("bad uvarint")
+		return 0
+	}
+	d.advance(n)
+	return v
+}
+
+func (d *decoder) varint() int64 {
+	if d.err != nil {
+		return 0
+	}
+	v, n := binary.Varint(d.b)
+	if n <= 0 {
+		d.fail("bad varint")
+		return 0
+	}
+	d.advance(n)
+	return v
+}
+
+func (d *decoder) string() string {
+	n := d.uvarint()
+	if d.err != nil {
+		return ""
+	}
+	if n > uint64(len(d.b)) {
+		d.fail("string of %d bytes, %d left", n, len(d.b))
+		return ""
+	}
+	s := string(d.b[:n])
+	d.advance(int(n))
+	return s
+}
+
+// String formats m for logs.
+func (m Meta) String() string {
+	var sb strings.Builder
+	sb.WriteString("roles=")
+	for i, r := range m.Roles {
+		if i > 0 {
+			sb.WriteByte(',')
+		}
+		sb.WriteString(string(r))
+	}
+	sb.WriteString(" grpc=" + m.GRPCAddr + " http=" + m.HTTPAddr)
+	if !m.Started.IsZero() {
+		sb.WriteString(" started=" + m.Started.UTC().Format(time.RFC3339Nano))
+	}
+	if len(m.PendingHandoff) > 0 {
+		sb.WriteString(" pending_handoff=" + strings.Join(m.PendingHandoff, ","))
+	}
+	sb.WriteString(" catching_up=" + strconv.FormatBool(m.CatchingUp))
+	return sb.String()
+}
