@@ -10,7 +10,6 @@ import (
 	"strings"
 	"sync"
 	"time"
-	"unsafe"
 
 	"github.com/hashicorp/memberlist"
 )
@@ -237,6 +236,11 @@ func Names(members []Member) []string {
 func (c *Cluster) UpdateMeta(update func(*Meta)) error {
 	c.opMu.Lock()
 	defer c.opMu.Unlock()
+	return c.updateMetaLocked(update)
+}
+
+// updateMetaLocked is UpdateMeta with opMu held.
+func (c *Cluster) updateMetaLocked(update func(*Meta)) error {
 	c.mu.Lock()
 	switch {
 	case c.mu.closed:
@@ -294,12 +298,22 @@ func (c *Cluster) Leave(timeout time.Duration) error {
 	c.opMu.Lock()
 	defer c.opMu.Unlock()
 	c.mu.Lock()
-	closed := c.mu.closed
+	closed, left := c.mu.closed, c.mu.left
+	c.mu.Unlock()
+	switch {
+	case closed:
+		return ErrClosed
+	case left:
+		return nil
+	}
+	// Leaving goes out first: memberlist reports a leave and a failure
+	// alike, so the others tell them apart by the member's last meta.
+	if err := c.updateMetaLocked(func(m *Meta) { m.Leaving = true }); err != nil {
+		return err
+	}
+	c.mu.Lock()
 	c.mu.left = true
 	c.mu.Unlock()
-	if closed {
-		return ErrClosed
-	}
 	if err := c.ml.Leave(timeout); err != nil {
 		return fmt.Errorf("cluster: leave not confirmed within %s: %w", timeout, err)
 	}
@@ -365,33 +379,16 @@ type events Cluster
 
 func (e *events) NotifyJoin(n *memberlist.Node)   { (*Cluster)(e).set(n, StateAlive) }
 func (e *events) NotifyUpdate(n *memberlist.Node) { (*Cluster)(e).set(n, StateAlive) }
-func (e *events) NotifyLeave(n *memberlist.Node)  { (*Cluster)(e).set(n, leaveState(n, e.logger)) }
+func (e *events) NotifyLeave(n *memberlist.Node)  { (*Cluster)(e).set(n, leaveState(n)) }
 
-// nodeState mirrors memberlist v0.6.0's private nodeState, whose first field
-// is the Node handed to NotifyLeave. Its State field shadows Node.State,
-// which memberlist never sets outside push/pull merges, so the state the
-// member was given a moment before NotifyLeave (StateLeft when it announced
-// its leave, StateDead when it was declared failed) is only in the enclosing
-// struct. TestMemberlistVersion fails when go.mod moves off v0.6.0, so that
-// this layout is checked again against memberlist's state.go.
-type nodeState struct {
-	memberlist.Node
-	Incarnation uint32
-	State       memberlist.NodeStateType
-	StateChange time.Time
-}
-
-// leaveState tells a member that left from one that was declared dead.
-func leaveState(n *memberlist.Node, logger *slog.Logger) State {
-	switch s := (*nodeState)(unsafe.Pointer(n)).State; s {
-	case memberlist.StateLeft:
+// leaveState tells a member that left from one that was declared dead:
+// memberlist reports both through NotifyLeave, with the member's last meta,
+// which says Leaving when it announced its leave.
+func leaveState(n *memberlist.Node) State {
+	if m, err := DecodeMeta(n.Meta); err == nil && m.Leaving {
 		return StateLeft
-	case memberlist.StateDead:
-		return StateDead
-	default:
-		logger.Error("memberlist reported a leave in an unexpected state; recording the member as dead", "member", n.Name, "state", int(s))
-		return StateDead
 	}
+	return StateDead
 }
 
 // delegate hands memberlist this node's encoded meta. dimsum sends no user

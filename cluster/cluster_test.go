@@ -169,17 +169,17 @@ func TestUpdateMetaPropagates(t *testing.T) {
 	}
 	if err := b.UpdateMeta(func(m *Meta) {
 		m.PendingHandoff = append(m.PendingHandoff, "c")
-		m.CatchingUp = true
+		m.Leaving = true
 	}); err != nil {
 		t.Fatal(err)
 	}
-	if got := b.Local().Meta; !got.CatchingUp || len(got.PendingHandoff) != 1 {
+	if got := b.Local().Meta; !got.Leaving || len(got.PendingHandoff) != 1 {
 		t.Errorf("b's own meta after the update: %v", got)
 	}
 	for _, n := range []*Cluster{a, c} {
 		waitFor(t, n.Local().Name+" sees b's update", func() bool {
 			m, _ := member(n, "b")
-			return m.Meta.CatchingUp && strings.Join(m.Meta.PendingHandoff, ",") == "c" && m.Meta.GRPCAddr == "127.0.0.1:9002"
+			return m.Meta.Leaving && strings.Join(m.Meta.PendingHandoff, ",") == "c" && m.Meta.GRPCAddr == "127.0.0.1:9002"
 		}, a, b, c)
 	}
 	select {
@@ -207,7 +207,7 @@ func TestLeaveShowsLeft(t *testing.T) {
 	if err := c.Leave(5 * time.Second); err != nil {
 		t.Fatal(err)
 	}
-	if err := c.UpdateMeta(func(m *Meta) { m.CatchingUp = true }); !errors.Is(err, ErrLeft) {
+	if err := c.UpdateMeta(func(m *Meta) { m.Leaving = true }); !errors.Is(err, ErrLeft) {
 		t.Errorf("UpdateMeta after Leave: %v, want ErrLeft", err)
 	}
 	if err := c.Leave(time.Second); err != nil {
@@ -257,7 +257,7 @@ func TestCrashShowsDeadAndRejoin(t *testing.T) {
 			restarted := time.Now()
 			cfg := Config{
 				Name: "c", BindAddr: "127.0.0.1:0", Join: []string{b.Local().Addr}, Timing: FastTiming(),
-				Meta: Meta{Roles: []Role{RoleCombiner}, GRPCAddr: "127.0.0.1:9013", Started: restarted, CatchingUp: true},
+				Meta: Meta{Roles: []Role{RoleCombiner}, GRPCAddr: "127.0.0.1:9013", Started: restarted, Leaving: true},
 			}
 			if samePort {
 				cfg.BindAddr = oldAddr
@@ -270,7 +270,7 @@ func TestCrashShowsDeadAndRejoin(t *testing.T) {
 			for _, n := range []*Cluster{a, b, c2} {
 				waitFor(t, n.Local().Name+" sees c alive again with its new meta", func() bool {
 					m, ok := member(n, "c")
-					return ok && m.State == StateAlive && m.Meta.GRPCAddr == "127.0.0.1:9013" && m.Meta.CatchingUp &&
+					return ok && m.State == StateAlive && m.Meta.GRPCAddr == "127.0.0.1:9013" && m.Meta.Leaving &&
 						m.Meta.Started.Equal(restarted) && m.Addr == c2.Local().Addr
 				}, a, b, c2)
 			}
@@ -416,7 +416,7 @@ func TestConcurrentUpdates(t *testing.T) {
 	}, a, b)
 
 	for range 4 {
-		wg.Go(func() { _ = b.UpdateMeta(func(m *Meta) { m.CatchingUp = !m.CatchingUp }) })
+		wg.Go(func() { _ = b.UpdateMeta(func(m *Meta) { m.Leaving = !m.Leaving }) })
 	}
 	wg.Go(func() { _ = b.Leave(time.Second) })
 	wg.Go(func() { _ = b.Shutdown() })

@@ -2,7 +2,7 @@
 // what roles they play and where to reach them, and which of them owns a
 // key. Nodes find each other and detect failures through memberlist's
 // SWIM gossip; each gossips a small Meta (roles, gRPC and HTTP addresses,
-// start time, pending hinted handoff, whether a combiner is catching up).
+// start time, pending hinted handoff, whether it is leaving for good).
 //
 //	c, err := cluster.Start(cluster.Config{
 //		Name:     "agg-1",

@@ -69,9 +69,11 @@ type Meta struct {
 	// PendingHandoff names the members this aggregator holds hinted
 	// handoff for: data for a replica that was down when it was flushed.
 	PendingHandoff []string
-	// CatchingUp says a combiner is still replaying what it missed and
-	// should not yet answer reads alone.
-	CatchingUp bool
+	// Leaving says the node is leaving the cluster for good. Leave sets it
+	// and gossips it before announcing the leave, so that the others record
+	// the member as left rather than dead: memberlist reports both the same
+	// way.
+	Leaving bool
 }
 
 // HasRole reports whether the node plays r.
@@ -89,7 +91,7 @@ func (m Meta) clone() Meta {
 // version's decoder skips.
 const metaVersion = 1
 
-const flagCatchingUp = 1 << 0
+const flagLeaving = 1 << 0
 
 // AppendMeta appends the encoding of m to dst:
 //
@@ -100,7 +102,7 @@ const flagCatchingUp = 1 << 0
 //	+---------+-------+-----------+----------+---------+-------+---------+---------------+
 //
 // Role bits follow roleBits (bit 0 aggregator, 1 combiner, 2 query); flag
-// bit 0 is CatchingUp; started is 0 for a zero Started. It checks m and
+// bit 0 is Leaving; started is 0 for a zero Started. It checks m and
 // fails with ErrMeta when a field is invalid; it does not check the size.
 func AppendMeta(dst []byte, m *Meta) ([]byte, error) {
 	if err := m.check(); err != nil {
@@ -115,8 +117,8 @@ func AppendMeta(dst []byte, m *Meta) ([]byte, error) {
 		started = m.Started.UnixNano()
 	}
 	var flags byte
-	if m.CatchingUp {
-		flags |= flagCatchingUp
+	if m.Leaving {
+		flags |= flagLeaving
 	}
 	dst = append(dst, metaVersion, roles)
 	dst = appendString(dst, m.GRPCAddr)
@@ -196,7 +198,7 @@ func DecodeMeta(b []byte) (Meta, error) {
 	if ns := d.varint(); ns != 0 {
 		m.Started = time.Unix(0, ns)
 	}
-	m.CatchingUp = d.byte()&flagCatchingUp != 0
+	m.Leaving = d.byte()&flagLeaving != 0
 	n := d.uvarint()
 	// Each name takes at least two bytes, which bounds n before allocating.
 	if d.err == nil && n > uint64(len(d.b))/2 {
@@ -309,6 +311,6 @@ func (m Meta) String() string {
 	if len(m.PendingHandoff) > 0 {
 		sb.WriteString(" pending_handoff=" + strings.Join(m.PendingHandoff, ","))
 	}
-	sb.WriteString(" catching_up=" + strconv.FormatBool(m.CatchingUp))
+	sb.WriteString(" leaving=" + strconv.FormatBool(m.Leaving))
 	return sb.String()
 }

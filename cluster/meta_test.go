@@ -13,7 +13,7 @@ import (
 // slices equal to empty ones.
 func sameMeta(a, b Meta) bool {
 	return slices.Equal(a.Roles, b.Roles) && a.GRPCAddr == b.GRPCAddr && a.HTTPAddr == b.HTTPAddr &&
-		a.Started.Equal(b.Started) && slices.Equal(a.PendingHandoff, b.PendingHandoff) && a.CatchingUp == b.CatchingUp
+		a.Started.Equal(b.Started) && slices.Equal(a.PendingHandoff, b.PendingHandoff) && a.Leaving == b.Leaving
 }
 
 func TestMetaRoundTrip(t *testing.T) {
@@ -25,7 +25,7 @@ func TestMetaRoundTrip(t *testing.T) {
 		},
 		"all-roles": {
 			Roles: []Role{RoleAggregator, RoleCombiner, RoleQuery}, GRPCAddr: "[::1]:9090",
-			Started: time.Unix(0, 1), CatchingUp: true,
+			Started: time.Unix(0, 1), Leaving: true,
 		},
 		"before-1970": {Roles: []Role{RoleQuery}, Started: time.Unix(-5, 0)},
 	} {
@@ -129,7 +129,7 @@ func TestDecodeMetaCorrupt(t *testing.T) {
 // version, which may append fields and use role and flag bits it does not
 // know.
 func TestDecodeMetaLaterVersion(t *testing.T) {
-	m := Meta{Roles: []Role{RoleQuery}, HTTPAddr: "q:80", CatchingUp: true}
+	m := Meta{Roles: []Role{RoleQuery}, HTTPAddr: "q:80", Leaving: true}
 	b, _ := AppendMeta(nil, &m)
 	b[0] = metaVersion + 1
 	b[1] |= 1 << 7 // a role this version does not know
@@ -152,7 +152,7 @@ func FuzzDecodeMeta(f *testing.F) {
 	for _, m := range []Meta{
 		{},
 		{Roles: []Role{RoleAggregator, RoleQuery}, GRPCAddr: "10.0.0.7:9090", HTTPAddr: "[::1]:80",
-			Started: time.Unix(1_760_000_000, 5), PendingHandoff: []string{"a", "bb"}, CatchingUp: true},
+			Started: time.Unix(1_760_000_000, 5), PendingHandoff: []string{"a", "bb"}, Leaving: true},
 	} {
 		b, _ := AppendMeta(nil, &m)
 		f.Add(b)
