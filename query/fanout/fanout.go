@@ -523,18 +523,17 @@ func readScan(stream grpc.ServerStreamingClient[wirepb.ScanChunk], asked map[uin
 			case started && c.Id < last:
 				return scanPart{}, badReply("cell %d after cell %d", c.Id, last)
 			}
-			var prev int64
+			lo := mint // the least start the next step may have
 			if !started || c.Id != last {
 				out.cells = append(out.cells, scanned{id: id, from: len(out.steps)})
-				prev = mint - 1
 			} else {
-				prev = out.steps[len(out.steps)-1].T
+				lo = out.steps[len(out.steps)-1].T + 1
 			}
 			for i, t := range c.StartsMs {
-				if t <= prev || t > maxt {
-					return scanPart{}, badReply("cell %d: step at %d after %d, or beyond %d", c.Id, t, prev, maxt)
+				if t < lo || t > maxt {
+					return scanPart{}, badReply("cell %d: a step at %d, outside [%d, %d]", c.Id, t, lo, maxt)
 				}
-				prev = t
+				lo = t + 1
 				out.steps = append(out.steps, tsdb.Step{T: t, Sum: c.Sums[i], Count: c.Counts[i]})
 			}
 			out.cells[len(out.cells)-1].to = len(out.steps)
