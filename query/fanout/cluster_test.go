@@ -330,6 +330,14 @@ func (w *world) requests() []request {
 func (w *world) same(t *testing.T, want http.Handler, warning string) {
 	t.Helper()
 	for _, r := range w.requests() {
+		w.sameOne(t, r, want, warning)
+	}
+}
+
+// sameOne checks one request of the suite, as same does.
+func (w *world) sameOne(t *testing.T, r request, want http.Handler, warning string) {
+	t.Helper()
+	{
 		wantCode, wantBody, _ := get(want, r.path, r.p)
 		code, body, hdr := get(w.fan, r.path, r.p)
 		if wantCode != http.StatusOK {
@@ -340,7 +348,7 @@ func (w *world) same(t *testing.T, want http.Handler, warning string) {
 		}
 		if code != wantCode {
 			t.Errorf("%s: HTTP %d, want %d: %s", r, code, wantCode, body)
-			continue
+			return
 		}
 		if r.p.Get("format") == "csv" {
 			if string(body) != string(wantBody) {
@@ -349,7 +357,7 @@ func (w *world) same(t *testing.T, want http.Handler, warning string) {
 			if got := hdr.Values(query.WarningHeader); !reflect.DeepEqual(got, warnings(warning)) {
 				t.Errorf("%s: warning headers %q, want %q", r, got, warnings(warning))
 			}
-			continue
+			return
 		}
 		got, gotWarnings := decode(t, body)
 		exp, expWarnings := decode(t, wantBody)
