@@ -88,8 +88,8 @@ func (r *ReadServer) cuboid(family string, id uint32) (schema.Cuboid, error) {
 	return c, nil
 }
 
-// Matchers converts wire matchers, compiling regular expressions.
-func Matchers(ms []*wirepb.Matcher) ([]*labels.Matcher, error) {
+// matchers converts wire matchers, compiling regular expressions.
+func matchers(ms []*wirepb.Matcher) ([]*labels.Matcher, error) {
 	out := make([]*labels.Matcher, len(ms))
 	for i, m := range ms {
 		if m.Name == "" {
@@ -160,7 +160,7 @@ func (r *ReadServer) cells(family string, cuboid uint32, wms []*wirepb.Matcher, 
 	if err != nil {
 		return c, nil, err
 	}
-	ms, err := Matchers(wms)
+	ms, err := matchers(wms)
 	if err != nil {
 		return c, nil, err
 	}
@@ -274,7 +274,7 @@ func (r *ReadServer) labelsQuery(req *wirepb.LabelsRequest, names bool) (*wirepb
 	if req.MintMs > req.MaxtMs {
 		return nil, invalid("mint %d is after maxt %d", req.MintMs, req.MaxtMs)
 	}
-	ms, err := Matchers(req.Matchers)
+	ms, err := matchers(req.Matchers)
 	if err != nil {
 		return nil, err
 	}

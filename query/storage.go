@@ -67,13 +67,13 @@ var ErrUnavailable = errors.New("query: unavailable")
 
 // Local is the Source of a single store, which answers every query whole:
 // its view is the Reader itself.
-func Local(r Reader) Source { return local{r} }
+func Local(r Reader) Source { return &local{r} }
 
 type local struct{ Reader }
 
-func (l local) Open(context.Context, bool) View { return l }
-func (local) Warnings() annotations.Annotations { return nil }
-func (local) Close()                            {}
+func (l *local) Open(context.Context, bool) View { return l }
+func (*local) Warnings() annotations.Annotations { return nil }
+func (*local) Close()                            {}
 
 // The two views of a counter family, as metric name suffixes.
 const (
