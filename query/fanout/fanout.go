@@ -419,6 +419,11 @@ func (v *view) split(id uint32) (shard int, local uint32) {
 	return int(uint64(id) >> v.localBits), uint32(uint64(id) & (1<<v.localBits - 1))
 }
 
+// scanBatch is the most cell IDs one Scan request lists: 64Ki IDs take at
+// most 320 KiB, far below what a combiner accepts (MaxScanCells, and gRPC's
+// 4 MiB).
+const scanBatch = 1 << 16
+
 // scanned is the steps of one cell, at steps[from:to] of the buffer of
 // the part-th replica's answer.
 type scanned struct {
@@ -463,19 +468,33 @@ func (v *view) Scan(res int, family string, cuboid schema.CuboidID, cells []uint
 	parts, err := fanOut(v, "scan", todo, true, func(ctx context.Context, c wirepb.ReadClient, shards []int) (scanPart, error) {
 		// Every shard of one replica lives in its one store, so their IDs
 		// never clash.
-		req := &wirepb.ScanRequest{Resolution: uint32(res), Family: family, Cuboid: uint32(cuboid), MintMs: mint, MaxtMs: maxt}
-		asked := map[uint32]uint32{}
+		var locals []uint32
+		view := map[uint32]uint32{}
 		for _, s := range shards {
 			for _, local := range byShard[s] {
-				asked[local] = v.viewID(s, local)
-				req.CellIds = append(req.CellIds, local)
+				view[local] = v.viewID(s, local)
+				locals = append(locals, local)
 			}
 		}
-		stream, err := c.Scan(ctx, req)
-		if err != nil {
-			return scanPart{}, err
+		// Batches of ascending IDs keep each request small and the
+		// answers, one after the other, ascending.
+		slices.Sort(locals)
+		var out scanPart
+		for batch := range slices.Chunk(locals, scanBatch) {
+			req := &wirepb.ScanRequest{Resolution: uint32(res), Family: family, Cuboid: uint32(cuboid), CellIds: batch, MintMs: mint, MaxtMs: maxt}
+			asked := make(map[uint32]uint32, len(batch))
+			for _, local := range batch {
+				asked[local] = view[local]
+			}
+			stream, err := c.Scan(ctx, req)
+			if err != nil {
+				return scanPart{}, err
+			}
+			if err := readScan(&out, stream, asked, mint, maxt); err != nil {
+				return scanPart{}, err
+			}
 		}
-		return readScan(stream, asked, mint, maxt)
+		return out, nil
 	})
 	if err != nil {
 		return err
@@ -499,29 +518,29 @@ func (v *view) Scan(res int, family string, cuboid schema.CuboidID, cells []uint
 // readScan reads a Scan stream whole, checking it: cells ascending, each
 // asked for and sent once (its steps may span consecutive messages), steps
 // ascending within [mint, maxt], the three lists of a cell of one length.
-func readScan(stream grpc.ServerStreamingClient[wirepb.ScanChunk], asked map[uint32]uint32, mint, maxt int64) (scanPart, error) {
-	var out scanPart
+// It appends to out.
+func readScan(out *scanPart, stream grpc.ServerStreamingClient[wirepb.ScanChunk], asked map[uint32]uint32, mint, maxt int64) error {
 	var last uint32
 	started := false
 	for {
 		chunk, err := stream.Recv()
 		if err == io.EOF {
-			return out, nil
+			return nil
 		}
 		if err != nil {
-			return scanPart{}, err
+			return err
 		}
 		for _, c := range chunk.Cells {
 			id, ok := asked[c.Id]
 			switch {
 			case !ok:
-				return scanPart{}, badReply("steps of cell %d, which was not asked for", c.Id)
+				return badReply("steps of cell %d, which was not asked for", c.Id)
 			case len(c.StartsMs) != len(c.Sums) || len(c.StartsMs) != len(c.Counts):
-				return scanPart{}, badReply("cell %d has %d starts, %d sums and %d counts", c.Id, len(c.StartsMs), len(c.Sums), len(c.Counts))
+				return badReply("cell %d has %d starts, %d sums and %d counts", c.Id, len(c.StartsMs), len(c.Sums), len(c.Counts))
 			case len(c.StartsMs) == 0:
-				return scanPart{}, badReply("cell %d has no steps", c.Id)
+				return badReply("cell %d has no steps", c.Id)
 			case started && c.Id < last:
-				return scanPart{}, badReply("cell %d after cell %d", c.Id, last)
+				return badReply("cell %d after cell %d", c.Id, last)
 			}
 			lo := mint // the least start the next step may have
 			if !started || c.Id != last {
@@ -531,7 +550,7 @@ func readScan(stream grpc.ServerStreamingClient[wirepb.ScanChunk], asked map[uin
 			}
 			for i, t := range c.StartsMs {
 				if t < lo || t > maxt {
-					return scanPart{}, badReply("cell %d: a step at %d, outside [%d, %d]", c.Id, t, lo, maxt)
+					return badReply("cell %d: a step at %d, outside [%d, %d]", c.Id, t, lo, maxt)
 				}
 				lo = t + 1
 				out.steps = append(out.steps, tsdb.Step{T: t, Sum: c.Sums[i], Count: c.Counts[i]})

@@ -46,8 +46,8 @@ func FuzzReadScan(f *testing.F) {
 		}
 		asked := map[uint32]uint32{1: 100, 5: 200, 7: 300}
 		const mint, maxt = 0, 1000
-		part, err := readScan(&replay[wirepb.ScanChunk]{msgs: msgs}, asked, mint, maxt)
-		if err != nil {
+		var part scanPart
+		if readScan(&part, &replay[wirepb.ScanChunk]{msgs: msgs}, asked, mint, maxt) != nil {
 			return
 		}
 		for i, c := range part.cells {
