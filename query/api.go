@@ -31,8 +31,18 @@ import (
 type Options struct {
 	// Schema of the cube. Required.
 	Schema *schema.Schema
-	// Reader of the cube. Required.
+	// Reader of the cube, on a node that holds all of it. Either Reader or
+	// Source is required.
 	Reader Reader
+	// Source of the cube, on a node that reads it from others (the
+	// combiners of a cluster). Either Reader or Source is required.
+	Source Source
+	// PartialResponse is what a request that does not say (with the
+	// partial_response parameter) accepts when part of the cube cannot be
+	// read: true answers from the rest with a warning naming what is
+	// missing, false fails with errorType "unavailable" (503). nil means
+	// true: a dashboard with a gap says so, and is better than none.
+	PartialResponse *bool
 	// Timeout bounds one query's evaluation; a request's own timeout
 	// parameter may only shorten it. The default is 2m.
 	Timeout time.Duration
@@ -86,6 +96,10 @@ func (o *Options) EnsureDefaults() {
 	if o.Now == nil {
 		o.Now = time.Now
 	}
+	if o.PartialResponse == nil {
+		partial := true
+		o.PartialResponse = &partial
+	}
 }
 
 // API serves the Prometheus HTTP API over the cube.
@@ -98,8 +112,11 @@ type API struct {
 // NewAPI builds the API and its PromQL engine.
 func NewAPI(opts Options) (*API, error) {
 	opts.EnsureDefaults()
-	if opts.Schema == nil || opts.Reader == nil {
-		return nil, errors.New("query: invalid options: schema and reader are required")
+	if opts.Schema == nil || (opts.Reader == nil) == (opts.Source == nil) {
+		return nil, errors.New("query: invalid options: a schema, and either a reader or a source, are required")
+	}
+	if opts.Source == nil {
+		opts.Source = Local(opts.Reader)
 	}
 	engine := promql.NewEngine(promql.EngineOpts{
 		Logger:               opts.Logger,
@@ -115,7 +132,7 @@ func NewAPI(opts Options) (*API, error) {
 		NoStepSubqueryIntervalFn: func(int64) int64 { return time.Minute.Milliseconds() },
 	})
 	limits := Limits{MaxSeries: opts.MaxSeries, MaxSamples: opts.MaxSamples}
-	return &API{opts: opts, engine: engine, queryable: NewQueryable(opts.Schema, opts.Reader, limits, opts.Now)}, nil
+	return &API{opts: opts, engine: engine, queryable: NewSourceQueryable(opts.Schema, opts.Source, *opts.PartialResponse, limits, opts.Now)}, nil
 }
 
 // Register adds the API's routes to mux under /api/v1/, and the cube
@@ -150,6 +167,9 @@ const (
 	errTimeout   errorType = "timeout"
 	errInternal  errorType = "internal"
 	errNotMethod errorType = "method_not_allowed"
+	// errUnavailable is a query asking for a complete answer when part of
+	// the cube cannot be read.
+	errUnavailable errorType = "unavailable"
 )
 
 func (t errorType) status() int {
@@ -160,7 +180,7 @@ func (t errorType) status() int {
 		return http.StatusUnprocessableEntity
 	case errCanceled:
 		return 499
-	case errTimeout:
+	case errTimeout, errUnavailable:
 		return http.StatusServiceUnavailable
 	case errNotMethod:
 		return http.StatusMethodNotAllowed
@@ -301,12 +321,37 @@ type prepared struct {
 	opts      promql.QueryOpts
 	stats     string
 	ctx       context.Context
-	cancel    context.CancelFunc
+	// cancel ends the request's context and closes its view.
+	cancel context.CancelFunc
+}
+
+// partial reads the partial_response parameter, as Thanos names it.
+func (a *API) partial(get func(string) string) (bool, *apiError) {
+	switch v := get("partial_response"); v {
+	case "":
+		return *a.opts.PartialResponse, nil
+	case "true", "1":
+		return true, nil
+	case "false", "0":
+		return false, nil
+	default:
+		return false, badData("invalid parameter \"partial_response\": want true or false, got %q", v)
+	}
+}
+
+// open opens the view a request reads through, as its partial_response
+// parameter asks.
+func (a *API) open(ctx context.Context, get func(string) string) (View, *apiError) {
+	partial, aerr := a.partial(get)
+	if aerr != nil {
+		return nil, aerr
+	}
+	return a.opts.Source.Open(ctx, partial), nil
 }
 
 // prepare parses and plans the query parameter and reads the parameters
-// that shape its evaluation: timeout, lookback_delta, stats and
-// max_source_resolution.
+// that shape its evaluation: timeout, lookback_delta, stats,
+// max_source_resolution and partial_response.
 func (a *API) prepare(r *http.Request) (prepared, *apiError) {
 	expr, aerr := parseQuery(r)
 	if aerr != nil {
@@ -335,6 +380,10 @@ func (a *API) prepare(r *http.Request) (prepared, *apiError) {
 		}
 	}
 	p.opts = promql.NewPrometheusQueryOpts(p.stats == "all", lookback, nil)
+	partial, aerr := a.partial(r.FormValue)
+	if aerr != nil {
+		return prepared{}, aerr
+	}
 	p.ctx, p.cancel = r.Context(), func() {}
 	if v := r.FormValue("timeout"); v != "" {
 		d, err := parseDuration(v)
@@ -343,6 +392,10 @@ func (a *API) prepare(r *http.Request) (prepared, *apiError) {
 		}
 		p.ctx, p.cancel = context.WithTimeout(p.ctx, d)
 	}
+	view := a.opts.Source.Open(p.ctx, partial)
+	p.queryable = p.queryable.withView(view)
+	cancel := p.cancel
+	p.cancel = func() { view.Close(); cancel() }
 	return p, nil
 }
 
@@ -371,10 +424,20 @@ func engineError(err error) *apiError {
 		return &apiError{errCanceled, err}
 	case errors.As(err, &timeout), errors.Is(err, context.DeadlineExceeded):
 		return &apiError{errTimeout, err}
+	case errors.Is(err, ErrUnavailable), errors.As(err, &stor) && errors.Is(stor.Err, ErrUnavailable):
+		return &apiError{errUnavailable, err}
 	case errors.As(err, &stor):
 		return &apiError{errInternal, err}
 	}
 	return &apiError{errExec, err}
+}
+
+// storageError classifies an error of the store outside the engine.
+func storageError(err error) *apiError {
+	if errors.Is(err, ErrUnavailable) {
+		return &apiError{errUnavailable, err}
+	}
+	return &apiError{errInternal, err}
 }
 
 // promqlParser parses match[] selectors with PromQL's default options, as
@@ -460,20 +523,25 @@ func (a *API) labelQuery(r *http.Request, f func(storage.Querier, []*labels.Matc
 	if len(sels) == 0 {
 		sels = [][]*labels.Matcher{nil}
 	}
-	q, _ := a.queryable.Querier(start, end)
+	view, aerr := a.open(r.Context(), r.FormValue)
+	if aerr != nil {
+		return result{}, aerr
+	}
+	defer view.Close()
+	q, _ := a.queryable.withView(view).Querier(start, end)
 	defer q.Close()
 	set := map[string]struct{}{}
 	for _, ms := range sels {
 		vals, err := f(q, ms)
 		if err != nil {
-			return result{}, &apiError{errInternal, err}
+			return result{}, storageError(err)
 		}
 		for _, v := range vals {
 			set[v] = struct{}{}
 		}
 	}
 	out, annos := truncate(slices.Sorted(maps.Keys(set)), n)
-	return result{data: out, annos: annos}, nil
+	return result{data: out, annos: annos.Merge(view.Warnings())}, nil
 }
 
 func (a *API) labelNames(r *http.Request) (result, *apiError) {
@@ -510,7 +578,12 @@ func (a *API) series(r *http.Request) (result, *apiError) {
 	if aerr != nil {
 		return result{}, aerr
 	}
-	q, _ := a.queryable.Querier(start, end)
+	view, aerr := a.open(r.Context(), r.FormValue)
+	if aerr != nil {
+		return result{}, aerr
+	}
+	defer view.Close()
+	q, _ := a.queryable.withView(view).Querier(start, end)
 	defer q.Close()
 	var sets []storage.SeriesSet
 	for _, ms := range sels {
@@ -525,7 +598,7 @@ func (a *API) series(r *http.Request) (result, *apiError) {
 		return result{}, engineError(err)
 	}
 	out, annos := truncate(out, n)
-	return result{data: out, annos: annos}, nil
+	return result{data: out, annos: annos.Merge(set.Warnings())}, nil
 }
 
 type metadata struct {

@@ -3,6 +3,7 @@ package query
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"math"
 	"net/http"
 	"net/http/httptest"
@@ -147,5 +148,47 @@ func TestQueryLimitsAndCancel(t *testing.T) {
 	cancel()
 	if code, typ, _ := call(ctx, `x_delta`); code != 499 || typ != "canceled" {
 		t.Errorf("canceled: HTTP %d %s, want 499 canceled", code, typ)
+	}
+}
+
+// TestPartialResponseParameter checks that every endpoint that reads the
+// cube takes partial_response, and refuses a value that is not a boolean.
+func TestPartialResponseParameter(t *testing.T) {
+	s := testSchema(t)
+	db := openStore(t, s)
+	now := time.Now()
+	put(t, db, s, "a", now.UnixMilli()-20_000, 1)
+	api, err := NewAPI(Options{Schema: s, Reader: db})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mux := http.NewServeMux()
+	api.Register(mux)
+	start, end := fmt.Sprint(now.Add(-time.Hour).Unix()), fmt.Sprint(now.Unix())
+	for _, path := range []string{
+		"/api/v1/query?query=x_delta",
+		"/api/v1/query_range?query=x_delta&step=60&start=" + start + "&end=" + end,
+		"/api/v1/series?match[]=x_delta",
+		"/api/v1/labels?",
+		"/api/v1/label/host/values?",
+		"/api/v1/cube/slice?family=x",
+		"/api/v1/cube/drilldown?family=x&dimension=host&value=a",
+	} {
+		for _, v := range []string{"true", "false", "1", "0"} {
+			rec := httptest.NewRecorder()
+			mux.ServeHTTP(rec, httptest.NewRequest(http.MethodGet, path+"&partial_response="+v, nil))
+			if rec.Code != http.StatusOK && !strings.Contains(path, "drilldown") {
+				t.Errorf("%s with %s: HTTP %d %s", path, v, rec.Code, rec.Body)
+			}
+		}
+		rec := httptest.NewRecorder()
+		mux.ServeHTTP(rec, httptest.NewRequest(http.MethodGet, path+"&partial_response=maybe", nil))
+		var r struct{ ErrorType, Error string }
+		if err := json.NewDecoder(rec.Body).Decode(&r); err != nil {
+			t.Fatal(err)
+		}
+		if rec.Code != http.StatusBadRequest || r.ErrorType != "bad_data" || !strings.Contains(r.Error, `invalid parameter "partial_response": want true or false, got "maybe"`) {
+			t.Errorf("%s: HTTP %d %s %q, want 400 bad_data naming the parameter", path, rec.Code, r.ErrorType, r.Error)
+		}
 	}
 }

@@ -11,4 +11,10 @@
 //	api, err := query.NewAPI(query.Options{Schema: s, Reader: db})
 //	if err != nil { ... }
 //	api.Register(mux) // serves /api/v1/...
+//
+// Every query reads through a View that a Source opens for it. A node
+// holding the whole cube gives its store as the Reader, which is its own
+// view; a query node of a cluster gives a Source instead (package
+// query/fanout), whose views read each shard from one combiner and may
+// answer partially, with warnings.
 package query

@@ -52,6 +52,9 @@ type sliceRequest struct {
 	desc     bool
 	limit    int // 0: no limit
 	offset   int
+	// partial accepts an answer without the parts of the cube that cannot
+	// be read.
+	partial bool
 }
 
 // Point is one step of a group's series.
@@ -104,6 +107,9 @@ type Slice struct {
 	Rest        *Rest   `json:"rest,omitempty"`
 	// Total sums every group.
 	Total Group `json:"total"`
+	// Warnings say what the answer lacks: the shards of the cube no
+	// replica answered for, when the request accepts a partial answer.
+	Warnings []string `json:"warnings,omitempty"`
 }
 
 // accum holds one group's sums and counts per point.
@@ -129,7 +135,7 @@ func (g *accum) total() (sum float64, count uint64) {
 }
 
 // runSlice reads the slice from the smallest cuboid covering its labels.
-func runSlice(ctx context.Context, s *schema.Schema, rd Reader, req sliceRequest, now time.Time, maxGroups int) (*Slice, error) {
+func runSlice(ctx context.Context, s *schema.Schema, rd View, req sliceRequest, now time.Time, maxGroups int) (*Slice, error) {
 	need := map[string]bool{}
 	for _, l := range req.by {
 		need[l] = true
@@ -252,6 +258,10 @@ func runSlice(ctx context.Context, s *schema.Schema, rd Reader, req sliceRequest
 		out.Rest = &Rest{Groups: left, Group: req.group(rest, all, start, width)}
 	}
 	out.Total = req.group(all, all, start, width)
+	if ws := rd.Warnings(); len(ws) > 0 {
+		out.Warnings, _ = ws.AsStrings("", 0, 0)
+		slices.Sort(out.Warnings)
+	}
 	return out, nil
 }
 

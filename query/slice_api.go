@@ -45,6 +45,10 @@ func (a *API) wrapSlice(h sliceHandler) http.HandlerFunc {
 			aerr = sliceError(err)
 		}
 		if aerr == nil && p.Get("format") == "csv" {
+			// CSV has no place for them: warnings go in headers.
+			for _, warning := range sl.Warnings {
+				w.Header().Add(WarningHeader, warning)
+			}
 			w.Header().Set("Content-Type", "text/csv; charset=utf-8")
 			if err := writeCSV(w, sl); err != nil {
 				a.opts.Logger.Debug("cannot write response", "err", err)
@@ -54,6 +58,9 @@ func (a *API) wrapSlice(h sliceHandler) http.HandlerFunc {
 		a.write(w, r, result{data: sl}, aerr)
 	}
 }
+
+// WarningHeader carries each warning of a slice answered as CSV.
+const WarningHeader = "Dimsum-Warning"
 
 // sliceError maps a slice error to its Prometheus error type.
 func sliceError(err error) *apiError {
@@ -66,7 +73,7 @@ func sliceError(err error) *apiError {
 	case errors.Is(err, context.DeadlineExceeded):
 		return &apiError{errTimeout, err}
 	}
-	return &apiError{errInternal, err}
+	return storageError(err)
 }
 
 // maxBodyBytes bounds a JSON request body.
@@ -121,7 +128,9 @@ func (a *API) slice(r *http.Request, p url.Values) (*Slice, error) {
 }
 
 func (a *API) runSlice(ctx context.Context, req sliceRequest) (*Slice, error) {
-	return runSlice(ctx, a.opts.Schema, a.opts.Reader, req, a.opts.Now(), a.opts.MaxGroups)
+	view := a.opts.Source.Open(ctx, req.partial)
+	defer view.Close()
+	return runSlice(ctx, a.opts.Schema, view, req, a.opts.Now(), a.opts.MaxGroups)
 }
 
 // drillDown pins a value at one level of a dimension and groups by the
@@ -289,6 +298,10 @@ func (a *API) parseSlice(p url.Values) (sliceRequest, error) {
 	}
 	if req.offset, err = nonNegative(p, "offset"); err != nil {
 		return sliceRequest{}, err
+	}
+	var aerr *apiError
+	if req.partial, aerr = a.partial(p.Get); aerr != nil {
+		return sliceRequest{}, aerr
 	}
 	return req, nil
 }

@@ -2,6 +2,7 @@ package query
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"maps"
 	"math"
@@ -37,6 +38,43 @@ type Reader interface {
 	LabelValues(family string, cuboid schema.CuboidID, name string, mint, maxt int64, limit int, ms []*labels.Matcher) ([]string, error)
 }
 
+// Source gives each query the Reader it reads through. One store is its own
+// view (Local); a cluster's combiners are not: cell IDs are per store, so
+// every read of one query must go to the same replica of a shard, and the
+// view is where that choice is kept.
+type Source interface {
+	// Open returns the view one query reads through. Its reads stop when
+	// ctx is done. With partial false, a read that cannot reach part of the
+	// cube fails with an error wrapping ErrUnavailable; with partial true it
+	// answers from the rest, and Warnings says what is missing.
+	Open(ctx context.Context, partial bool) View
+}
+
+// View is the Reader of one query. Its methods may be called from several
+// goroutines at once.
+type View interface {
+	Reader
+	// Warnings says what the answers read so far lack; nil when nothing.
+	Warnings() annotations.Annotations
+	// Close ends the query's reads.
+	Close()
+}
+
+// ErrUnavailable marks a read that could not reach part of the cube when
+// the query asked for a complete answer. The API reports it with errorType
+// "unavailable" and status 503.
+var ErrUnavailable = errors.New("query: unavailable")
+
+// Local is the Source of a single store, which answers every query whole:
+// its view is the Reader itself.
+func Local(r Reader) Source { return &local{r} }
+
+type local struct{ Reader }
+
+func (l *local) Open(context.Context, bool) View { return l }
+func (*local) Warnings() annotations.Annotations { return nil }
+func (*local) Close()                            {}
+
 // The two views of a counter family, as metric name suffixes.
 const (
 	// TotalSuffix names the cumulative view, for rate and increase.
@@ -60,7 +98,12 @@ type Limits struct {
 // counter family from the stored deltas of its cuboids.
 type Queryable struct {
 	schema *schema.Schema
-	reader Reader
+	source Source
+	// partial is what a querier opening its own view asks of it.
+	partial bool
+	// view, when set, is the view every querier reads through: the API
+	// opens one per request, with the request's context.
+	view   View
 	limits Limits
 	now    func() time.Time
 	// resolutions are those a selection may read: all of the schema's,
@@ -71,10 +114,25 @@ type Queryable struct {
 // NewQueryable returns the Prometheus-facing view of the cube; now is the
 // clock (nil for time.Now).
 func NewQueryable(s *schema.Schema, r Reader, limits Limits, now func() time.Time) *Queryable {
+	return NewSourceQueryable(s, Local(r), true, limits, now)
+}
+
+// NewSourceQueryable returns the Prometheus-facing view of a cube read
+// through src. Each querier opens a view of its own, with partial as the
+// answer it accepts; as storage.Queryable gives Querier no context, that
+// view's reads are bounded only by the source's own timeouts.
+func NewSourceQueryable(s *schema.Schema, src Source, partial bool, limits Limits, now func() time.Time) *Queryable {
 	if now == nil {
 		now = time.Now
 	}
-	return &Queryable{schema: s, reader: r, limits: limits, now: now, resolutions: s.Resolutions}
+	return &Queryable{schema: s, source: src, partial: partial, limits: limits, now: now, resolutions: s.Resolutions}
+}
+
+// withView returns a Queryable whose queriers all read through v.
+func (q *Queryable) withView(v View) *Queryable {
+	c := *q
+	c.view = v
+	return &c
 }
 
 // WithMaxResolution returns a Queryable that reads no resolution coarser
@@ -92,19 +150,30 @@ func (q *Queryable) WithMaxResolution(step time.Duration) *Queryable {
 
 // Querier implements storage.Queryable.
 func (q *Queryable) Querier(mint, maxt int64) (storage.Querier, error) {
-	return &querier{q: q, mint: mint, maxt: maxt}, nil
+	if q.view != nil {
+		return &querier{q: q, view: q.view, mint: mint, maxt: maxt}, nil
+	}
+	return &querier{q: q, view: q.source.Open(context.Background(), q.partial), owned: true, mint: mint, maxt: maxt}, nil
 }
 
 // querier reads one query's selections. The engine may call Select from
 // several goroutines, so the limits are counted atomically.
 type querier struct {
-	q          *Queryable
+	q    *Queryable
+	view View
+	// owned is true when the querier opened its view, and so closes it.
+	owned      bool
 	mint, maxt int64
 	series     atomic.Int64
 	samples    atomic.Int64
 }
 
-func (*querier) Close() error { return nil }
+func (q *querier) Close() error {
+	if q.owned {
+		q.view.Close()
+	}
+	return nil
+}
 
 // view is one metric name a family is visible as.
 type view struct {
@@ -203,7 +272,7 @@ func (q *querier) eachLive(ctx context.Context, sp span, ms []*labels.Matcher, f
 				return fmt.Errorf("query: family %q has no cuboid %d", v.fam.Name, planned)
 			}
 		}
-		cells, err := q.q.reader.Cells(v.fam.Name, cub.ID, ms)
+		cells, err := q.view.Cells(v.fam.Name, cub.ID, ms)
 		if err != nil {
 			return promql.ErrStorage{Err: err}
 		}
@@ -214,7 +283,7 @@ func (q *querier) eachLive(ctx context.Context, sp span, ms []*labels.Matcher, f
 			return err
 		}
 		var fnErr error
-		err = scanCells(ctx, q.q.reader, sp.res, v.fam.Name, cub.ID, cells, sp.first, sp.last, func(c tsdb.Cell, steps []tsdb.Step) error {
+		err = scanCells(ctx, q.view, sp.res, v.fam.Name, cub.ID, cells, sp.first, sp.last, func(c tsdb.Cell, steps []tsdb.Step) error {
 			fnErr = fn(v, cub, c, steps)
 			return fnErr
 		})
@@ -341,12 +410,13 @@ func (q *querier) Select(ctx context.Context, _ bool, hints *storage.SelectHints
 	return q.sorted(out, err)
 }
 
-func (*querier) sorted(out []storage.Series, err error) storage.SeriesSet {
+// sorted returns the selection's series, with the warnings of the view.
+func (q *querier) sorted(out []storage.Series, err error) storage.SeriesSet {
 	if err != nil {
 		return storage.ErrSeriesSet(err)
 	}
 	slices.SortFunc(out, func(a, b storage.Series) int { return labels.Compare(a.Labels(), b.Labels()) })
-	return &seriesSet{list: out, i: -1}
+	return &seriesSet{list: out, i: -1, warnings: q.view.Warnings()}
 }
 
 func seriesLabels(name string, names, values []string) labels.Labels {
@@ -373,7 +443,7 @@ func (q *querier) LabelNames(_ context.Context, _ *storage.LabelHints, ms ...*la
 	mint, maxt := q.labelRange()
 	set := map[string]struct{}{}
 	for _, v := range q.views(ms) {
-		names, err := q.q.reader.LabelNames(v.fam.Name, v.fam.Finest().ID, mint, maxt, 0, ms)
+		names, err := q.view.LabelNames(v.fam.Name, v.fam.Finest().ID, mint, maxt, 0, ms)
 		if err != nil {
 			return nil, nil, err
 		}
@@ -384,7 +454,7 @@ func (q *querier) LabelNames(_ context.Context, _ *storage.LabelHints, ms ...*la
 			set[labels.MetricName] = struct{}{}
 		}
 	}
-	return slices.Sorted(maps.Keys(set)), nil, nil
+	return slices.Sorted(maps.Keys(set)), q.view.Warnings(), nil
 }
 
 // LabelValues returns the values of one label over the series the matchers
@@ -401,11 +471,11 @@ func (q *querier) LabelValues(_ context.Context, name string, hints *storage.Lab
 		var err error
 		if name == labels.MetricName {
 			// A view is a value when any of its series is selected.
-			if vals, err = q.q.reader.LabelNames(v.fam.Name, v.fam.Finest().ID, mint, maxt, 1, ms); len(vals) > 0 {
+			if vals, err = q.view.LabelNames(v.fam.Name, v.fam.Finest().ID, mint, maxt, 1, ms); len(vals) > 0 {
 				vals = []string{v.name}
 			}
 		} else {
-			vals, err = q.q.reader.LabelValues(v.fam.Name, v.fam.Finest().ID, name, mint, maxt, limit, ms)
+			vals, err = q.view.LabelValues(v.fam.Name, v.fam.Finest().ID, name, mint, maxt, limit, ms)
 		}
 		if err != nil {
 			return nil, nil, err
@@ -418,18 +488,19 @@ func (q *querier) LabelValues(_ context.Context, name string, hints *storage.Lab
 	if limit > 0 && len(out) > limit {
 		out = out[:limit]
 	}
-	return out, nil, nil
+	return out, q.view.Warnings(), nil
 }
 
 type seriesSet struct {
-	list []storage.Series
-	i    int
+	list     []storage.Series
+	i        int
+	warnings annotations.Annotations
 }
 
-func (s *seriesSet) Next() bool                      { s.i++; return s.i < len(s.list) }
-func (s *seriesSet) At() storage.Series              { return s.list[s.i] }
-func (*seriesSet) Err() error                        { return nil }
-func (*seriesSet) Warnings() annotations.Annotations { return nil }
+func (s *seriesSet) Next() bool                        { s.i++; return s.i < len(s.list) }
+func (s *seriesSet) At() storage.Series                { return s.list[s.i] }
+func (*seriesSet) Err() error                          { return nil }
+func (s *seriesSet) Warnings() annotations.Annotations { return s.warnings }
 
 // series is one synthesized series. Its timestamps are shared with every
 // other series of the selection.

@@ -6,4 +6,4 @@
 //	go install google.golang.org/grpc/cmd/protoc-gen-go-grpc@v1.6.0
 package wirepb
 
-//go:generate protoc --go_out=. --go_opt=paths=source_relative --go-grpc_out=. --go-grpc_opt=paths=source_relative dimsum.proto
+//go:generate protoc --go_out=. --go_opt=paths=source_relative --go-grpc_out=. --go-grpc_opt=paths=source_relative dimsum.proto read.proto
