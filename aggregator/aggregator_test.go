@@ -435,13 +435,14 @@ func TestLateEvent(t *testing.T) {
 // set, reports an error, as a flush does whose reply is lost after the
 // combiner committed it (a deadline exceeded on a slow link).
 type lossySink struct {
+	oneReplica
 	next *combinerSink
 	lose atomic.Bool
 	lost atomic.Int32 // replies lost so far
 }
 
-func (s *lossySink) Flush(ctx context.Context, req *wirepb.FlushRequest) error {
-	err := s.next.Flush(ctx, req)
+func (s *lossySink) Flush(ctx context.Context, replica string, req *wirepb.FlushRequest) error {
+	err := s.next.Flush(ctx, replica, req)
 	if s.lose.Load() {
 		s.lost.Add(1)
 		return context.DeadlineExceeded
