@@ -78,6 +78,9 @@ type Log struct {
 		// the last record on disk.
 		end, synced Pos
 		syncing     bool
+		// spare is the buffer of the last chunk written, reused for the
+		// next one so that appends do not grow a new buffer every sync.
+		spare []byte
 		// segs holds the size of every segment on disk, by number.
 		segs  map[uint64]int64
 		total int64
@@ -327,10 +330,12 @@ func (l *Log) Sync(pos Pos) error {
 	// This caller writes for everyone.
 	l.mu.syncing = true
 	pending, end := l.mu.pending, l.mu.end
-	l.mu.pending = []chunk{{f: l.mu.f, position: l.mu.size}}
+	l.mu.pending = []chunk{{f: l.mu.f, position: l.mu.size, data: l.mu.spare[:0]}}
+	l.mu.spare = nil
 	l.mu.Unlock()
 	err := l.write(pending)
 	l.mu.Lock()
+	l.mu.spare = pending[len(pending)-1].data
 	l.mu.syncing = false
 	if err != nil {
 		l.mu.err = err
