@@ -188,13 +188,12 @@ func New(opts Options) (*Aggregator, error) {
 		opts: opts,
 		// The wall clock and a random number, so that no two incarnations
 		// of one name share a source, whatever clock the options inject.
-		source:  opts.Name + "/" + strconv.FormatInt(time.Now().UnixNano(), 36) + "-" + strconv.FormatUint(uint64(rand.Uint32()), 36),
-		window:  opts.Schema.Resolutions[0],
-		step:    opts.Schema.Window().Milliseconds(),
-		byName:  map[string]int{},
-		metrics: newMetrics(opts.Registerer),
-		stop:    make(chan struct{}),
-		done:    make(chan struct{}),
+		source: opts.Name + "/" + strconv.FormatInt(time.Now().UnixNano(), 36) + "-" + strconv.FormatUint(uint64(rand.Uint32()), 36),
+		window: opts.Schema.Resolutions[0],
+		step:   opts.Schema.Window().Milliseconds(),
+		byName: map[string]int{},
+		stop:   make(chan struct{}),
+		done:   make(chan struct{}),
 	}
 	for i, f := range opts.Schema.Families {
 		cuboids := f.Cuboids()
@@ -214,7 +213,7 @@ func New(opts Options) (*Aggregator, error) {
 	a.mu.segMax = map[uint64]int64{}
 	a.mu.intents = map[*intent]struct{}{}
 	a.out.init()
-	a.metrics.walBytes = a.logSize
+	a.metrics = newMetrics(opts.Registerer, a.logSize)
 	if opts.WALDir != "" {
 		if err := a.openLog(); err != nil {
 			return nil, err

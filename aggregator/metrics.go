@@ -21,11 +21,11 @@ type metrics struct {
 	replayedRecords      prometheus.Counter
 	replayedEvents       prometheus.Counter
 	replaySkipped        prometheus.Counter
-	// walBytes reads the log's size when gathered.
-	walBytes func() float64
 }
 
-func newMetrics(reg prometheus.Registerer) *metrics {
+// newMetrics builds the metrics; walBytes reads the log's size when they
+// are gathered.
+func newMetrics(reg prometheus.Registerer, walBytes func() float64) *metrics {
 	m := &metrics{
 		accepted: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "dimsum_aggregator_events_accepted_total",
@@ -103,7 +103,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 				Name: "dimsum_aggregator_wal_bytes",
 				Help: "Size of the write-ahead log on disk, with what is appended but not yet written.",
-			}, func() float64 { return m.walBytes() }))
+			}, walBytes))
 	}
 	return m
 }

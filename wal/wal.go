@@ -316,11 +316,11 @@ func (l *Log) Sync(pos Pos) error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	for {
-		if l.mu.err != nil {
-			return l.mu.err
-		}
 		if pos.Less(l.mu.synced) {
 			return nil
+		}
+		if l.mu.err != nil {
+			return l.mu.err
 		}
 		if !l.mu.syncing {
 			break
