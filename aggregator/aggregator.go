@@ -589,13 +589,25 @@ type ready struct {
 }
 
 // cutLocked takes out of the cube every window whose grace has passed at
-// now, or every window when final, in window order. Replay cuts by the same
-// rule, so it takes what the live process took.
-func (a *Aggregator) cutLocked(now int64, final bool) []ready {
+// now, or every window when final, and returns them in window order with
+// the record that says which they were.
+func (a *Aggregator) cutLocked(now int64, final bool) ([]ready, cutRecord) {
+	c := cutRecord{upto: now - a.step - a.opts.Grace.Milliseconds(), final: final}
+	for start := range a.mu.windows {
+		if final || start <= c.upto {
+			c.starts = append(c.starts, start)
+		}
+	}
+	return a.takeLocked(c.starts), c
+}
+
+// takeLocked takes the windows starting at starts out of the cube, in window
+// order. Replay takes the windows a cut record lists, so it takes what the
+// live process took whatever the options are now.
+func (a *Aggregator) takeLocked(starts []int64) []ready {
 	var todo []ready
-	grace := a.opts.Grace.Milliseconds()
-	for start, w := range a.mu.windows {
-		if final || start+a.step+grace <= now {
+	for _, start := range starts {
+		if w := a.mu.windows[start]; w != nil {
 			todo = append(todo, ready{start: start, w: w})
 			delete(a.mu.windows, start)
 		}
@@ -624,10 +636,10 @@ func (a *Aggregator) flush(final bool) {
 	now := a.opts.Now().UnixMilli()
 
 	a.mu.Lock()
-	todo := a.cutLocked(now, final)
-	cut := cutMark{cutoff: now, final: final}
+	todo, rec := a.cutLocked(now, final)
+	cut := cutMark{upto: rec.upto, final: final}
 	if len(todo) > 0 && a.wal != nil {
-		pos, err := a.wal.Append(recCut, appendCut(nil, cutRecord{cutoff: now, final: final}))
+		pos, err := a.wal.Append(recCut, appendCut(nil, rec))
 		if err != nil {
 			a.opts.Logger.Error("cannot log a cut; its windows go out unlogged", "err", err)
 		}

@@ -24,8 +24,8 @@ func CrashAfterCut(a *Aggregator) {
 	a.flushMu.Lock()
 	a.mu.Lock()
 	now := a.opts.Now().UnixMilli()
-	a.cutLocked(now, false)
-	if _, err := a.wal.Append(recCut, appendCut(nil, cutRecord{cutoff: now})); err != nil {
+	_, rec := a.cutLocked(now, false)
+	if _, err := a.wal.Append(recCut, appendCut(nil, rec)); err != nil {
 		panic(err)
 	}
 	a.mu.Unlock()

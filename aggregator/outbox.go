@@ -62,9 +62,9 @@ func newIntent(pos wal.Pos, cut cutMark, entries []*entry) *intent {
 // cutMark is a cut whose windows went out: once its intent is fully
 // delivered, it covers every segment before its own whose windows it took.
 type cutMark struct {
-	pos    wal.Pos
-	cutoff int64
-	final  bool
+	pos   wal.Pos
+	upto  int64 // the cut took every window starting at or before upto
+	final bool  // the cut took every window
 }
 
 // outbox holds a queue per destination.
@@ -276,7 +276,6 @@ func (a *Aggregator) completeLocked(it *intent) {
 // intent was fully delivered. See docs/format/wal.md.
 func (a *Aggregator) truncateLocked() {
 	segs := a.wal.Segments()
-	grace := a.opts.Grace.Milliseconds()
 	upto := uint64(0)
 	for _, s := range segs[:len(segs)-1] {
 		consumed := true
@@ -289,7 +288,7 @@ func (a *Aggregator) truncateLocked() {
 		if maxStart, ok := a.mu.segMax[s]; ok && consumed {
 			consumed = false
 			for _, c := range a.mu.doneCuts {
-				if c.pos.Segment > s && (c.final || maxStart+a.step+grace <= c.cutoff) {
+				if c.pos.Segment > s && (c.final || maxStart <= c.upto) {
 					consumed = true
 					break
 				}

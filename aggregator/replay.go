@@ -48,8 +48,8 @@ func (r *replay) record(pos wal.Pos, typ wal.Type, payload []byte) error {
 			return err
 		}
 		r.restore()
-		r.held[pos] = a.cutLocked(c.cutoff, c.final)
-		r.cuts[pos] = cutMark{pos: pos, cutoff: c.cutoff, final: c.final}
+		r.held[pos] = a.takeLocked(c.starts)
+		r.cuts[pos] = cutMark{pos: pos, upto: c.upto, final: c.final}
 	case recIntent:
 		cut, entries, err := decodeIntent(payload)
 		if err != nil {

@@ -362,3 +362,28 @@ func TestWALCorruptionRefused(t *testing.T) {
 		t.Fatalf("New over a corrupt log: %v", err)
 	}
 }
+
+// A restart with another grace replays the cuts the log lists, not the ones
+// the new grace would make: a window that went out in a logged intent is
+// neither counted again from the cube nor lost.
+func TestWALReplayWithOtherGrace(t *testing.T) {
+	h := newHarness(t, schema.Default())
+	dir := t.TempDir()
+	sink := newReplicaSink(t, h, 1, "r1")
+	sink.set("r1", true, false)
+	a := walAggregator(t, h, dir, sink, aggregator.Options{Grace: time.Second})
+	want := acked(t, h, a, "pub", 1, h.ms(0), 30, 1)
+	h.clock.Set(h.window.Add(12 * time.Second))
+	aggregator.Flush(a) // the intent is logged; r1 is down
+	aggregator.Crash(a)
+
+	sink.set("r1", false, false)
+	b := walAggregator(t, h, dir, sink, aggregator.Options{Grace: time.Hour})
+	poll(t, "the resent request", func() bool { return len(b.Pending()) == 0 })
+	if err := b.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if got := sink.stores["r1"].total(t); got != want {
+		t.Errorf("store holds %+v, acknowledged %+v", got, want)
+	}
+}

@@ -181,24 +181,35 @@ func decodeBatch(payload []byte) (batchRecord, error) {
 	return r, d.done("batch")
 }
 
-// cutRecord is a decoded recCut: every window with start+step+grace <=
-// cutoff, or every window when final, left the cube.
+// cutRecord is a recCut: the windows starting at starts left the cube. They
+// were every window starting at or before upto, every window when final.
 type cutRecord struct {
-	cutoff int64
+	upto   int64
 	final  bool
+	starts []int64
 }
 
 func appendCut(b []byte, c cutRecord) []byte {
-	b = binary.AppendVarint(b, c.cutoff)
+	b = binary.AppendVarint(b, c.upto)
 	if c.final {
-		return append(b, 1)
+		b = append(b, 1)
+	} else {
+		b = append(b, 0)
 	}
-	return append(b, 0)
+	b = binary.AppendUvarint(b, uint64(len(c.starts)))
+	for _, s := range c.starts {
+		b = binary.AppendVarint(b, s)
+	}
+	return b
 }
 
 func decodeCut(payload []byte) (cutRecord, error) {
 	d := decoder{b: payload}
-	c := cutRecord{cutoff: d.varint("cutoff"), final: d.byte("final flag") == 1}
+	c := cutRecord{upto: d.varint("upto"), final: d.byte("final flag") == 1}
+	c.starts = make([]int64, d.count("window starts", 1))
+	for i := range c.starts {
+		c.starts[i] = d.varint("window start")
+	}
 	return c, d.done("cut")
 }
 
