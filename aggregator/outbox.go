@@ -262,8 +262,13 @@ func (a *Aggregator) confirm(e *entry, dest string) {
 // was the last to need.
 func (a *Aggregator) completeLocked(it *intent) {
 	delete(a.mu.intents, it)
-	if it.cut.pos != (wal.Pos{}) {
-		a.mu.doneCuts = append(a.mu.doneCuts, it.cut)
+	if c := it.cut; c.pos != (wal.Pos{}) {
+		// A cut no earlier in the log that took at least as much covers
+		// whatever an older one covers.
+		a.mu.doneCuts = slices.DeleteFunc(a.mu.doneCuts, func(d cutMark) bool {
+			return d.pos.Segment <= c.pos.Segment && (c.final || !d.final && d.upto <= c.upto)
+		})
+		a.mu.doneCuts = append(a.mu.doneCuts, c)
 	}
 	if a.wal != nil && !a.mu.replaying {
 		a.truncateLocked()
