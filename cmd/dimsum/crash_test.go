@@ -73,12 +73,13 @@ func TestSIGKILL(t *testing.T) {
 		batches = append(batches, cb)
 		return cb
 	}
-	// push sends a batch until the node answers; it reports false when the
-	// connection failed (the node is gone).
-	push := func(cb *crashBatch) bool {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	// push sends a batch once; it reports false when the node did not
+	// answer (it is gone). wait makes the call wait for the connection to
+	// come back first, as after a restart.
+	push := func(cb *crashBatch, wait bool) bool {
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 		defer cancel()
-		resp, err := client.Push(ctx, cb.req)
+		resp, err := client.Push(ctx, cb.req, grpc.WaitForReady(wait))
 		if err != nil {
 			return false
 		}
@@ -90,7 +91,7 @@ func TestSIGKILL(t *testing.T) {
 	}
 	retry := func() {
 		for _, cb := range batches {
-			if !cb.acked && !push(cb) {
+			if !cb.acked && !push(cb, true) {
 				t.Fatalf("batch %d: the restarted node did not take it", cb.req.BatchSeq)
 			}
 		}
@@ -117,7 +118,7 @@ func TestSIGKILL(t *testing.T) {
 					mu.Lock()
 					cb := newBatch()
 					mu.Unlock()
-					if !push(cb) {
+					if !push(cb, false) {
 						return
 					}
 				}
