@@ -638,6 +638,8 @@ func TestOptionsValidate(t *testing.T) {
 		o.MaxLateness = time.Hour
 	}, "")
 	f("negative batch limit", func(o *aggregator.Options) { o.MaxBatchEvents = -1 }, "negative limit")
+	f("negative log bound", func(o *aggregator.Options) { o.WALMaxBytes = -1 }, "write-ahead log")
+	f("negative segment size", func(o *aggregator.Options) { o.WALSegmentBytes = -1 }, "write-ahead log")
 	f("negative cell limit", func(o *aggregator.Options) { o.MaxCellsPerWindow = -1 }, "negative limit")
 	f("negative flush interval", func(o *aggregator.Options) { o.FlushInterval = -time.Second }, "flush interval")
 	f("negative retry backoff", func(o *aggregator.Options) { o.RetryBackoff = -time.Second }, "retry backoff")
