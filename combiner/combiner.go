@@ -191,12 +191,11 @@ func (c *Client) Shards() int { return 1 }
 // Replicas names the one combiner.
 func (c *Client) Replicas(uint32) []string { return []string{c.name} }
 
-// Flush sends one partial cube to the combiner, which must be the one the
-// client names.
-func (c *Client) Flush(ctx context.Context, replica string, req *wirepb.FlushRequest) error {
-	if replica != c.name {
-		return fmt.Errorf("combiner: no connection to replica %q, only to %q", replica, c.name)
-	}
+// Flush sends one partial cube to the combiner. Every replica name reaches
+// it: requests logged under an earlier name of the node (the host name,
+// when a container restarts under a new one) must still be delivered, and
+// the combiner holds the whole cube.
+func (c *Client) Flush(ctx context.Context, _ string, req *wirepb.FlushRequest) error {
 	_, err := c.c.Flush(ctx, req)
 	return err
 }

@@ -16,7 +16,8 @@ import (
 // Config is a node's YAML configuration. Every field has a default, so an
 // empty file (or none) runs an all-in-one node on the embedded schema.
 type Config struct {
-	// DataDir holds the cube store. The default is ./data.
+	// DataDir holds the cube store (in cube/) and the aggregator's
+	// write-ahead log (in wal/). The default is ./data.
 	DataDir string `yaml:"data_dir"`
 	// GRPCListen is the address of the gRPC server (Push and Flush). The
 	// default is 127.0.0.1:9400.
