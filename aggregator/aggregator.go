@@ -298,7 +298,7 @@ func (a *Aggregator) Push(req *wirepb.PushRequest) (*wirepb.PushResponse, error)
 		a.metrics.batchesRefused.Inc()
 		return nil, fmt.Errorf("%w: %d events, at most %d", ErrBatchTooLarge, n, a.opts.MaxBatchEvents)
 	}
-	if err := a.checkLogSize(); err != nil {
+	if err := a.checkLog(); err != nil {
 		return nil, err
 	}
 	now := a.opts.Now().UnixMilli()
@@ -418,11 +418,15 @@ func (a *Aggregator) internEventLocked(ev *event, dict []string, ids []uint32) {
 	}
 }
 
-// checkLogSize refuses a batch while the log is over WALMaxBytes, logging
-// the reason when a stretch of refusals begins and ends.
-func (a *Aggregator) checkLogSize() error {
+// checkLog refuses a batch while the log is broken (so that nothing is
+// counted that cannot be logged) or over WALMaxBytes, logging the reason
+// when a stretch of refusals begins and ends.
+func (a *Aggregator) checkLog() error {
 	if a.wal == nil {
 		return nil
+	}
+	if err := a.wal.Err(); err != nil && !errors.Is(err, wal.ErrClosed) {
+		return fmt.Errorf("aggregator: the write-ahead log failed, batches cannot be made durable: %w", err)
 	}
 	size := a.wal.Size()
 	if size <= a.opts.WALMaxBytes {

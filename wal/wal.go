@@ -378,6 +378,14 @@ func (l *Log) write(chunks []chunk) error {
 	return nil
 }
 
+// Err returns the error that broke the log (a failed write or sync), or
+// ErrClosed, or nil while records can be appended.
+func (l *Log) Err() error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.mu.err
+}
+
 // End is the position after the last record appended.
 func (l *Log) End() Pos {
 	l.mu.Lock()

@@ -259,7 +259,13 @@ func TestGroupCommit(t *testing.T) {
 
 func TestAppendAfterClose(t *testing.T) {
 	l, _ := open(t, Options{Dir: t.TempDir()})
+	if l.Err() != nil {
+		t.Fatalf("Err of an open log: %v", l.Err())
+	}
 	l.Close()
+	if !errors.Is(l.Err(), ErrClosed) {
+		t.Fatalf("Err after Close: %v", l.Err())
+	}
 	if _, err := l.Append(1, []byte("x")); !errors.Is(err, ErrClosed) {
 		t.Fatalf("Append after Close: %v", err)
 	}
