@@ -10,21 +10,26 @@ import (
 	"slices"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
-	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/status"
-
 	"github.com/dimsum/dimsum/schema"
+	"github.com/dimsum/dimsum/wal"
 	"github.com/dimsum/dimsum/wire"
 	"github.com/dimsum/dimsum/wire/wirepb"
 )
 
-// Sink takes the partial cubes of closed windows: in a node, a gRPC client of
-// the combiner that owns them. Flush must be safe to retry with the same
-// request; the combiner applies a flush identity once.
+// Sink takes the partial cubes of closed windows: in a node, gRPC clients
+// of the combiners that hold each shard of the global cube.
 type Sink interface {
-	Flush(ctx context.Context, req *wirepb.FlushRequest) error
+	// Shards is how many shards the global cube is split into (1:
+	// unsharded).
+	Shards() int
+	// Replicas names the combiners that hold a shard now; at least one.
+	Replicas(shard uint32) []string
+	// Flush delivers one request to one named combiner. It must be safe to
+	// retry; the combiner applies a flush identity once.
+	Flush(ctx context.Context, replica string, req *wirepb.FlushRequest) error
 }
 
 var (
@@ -33,6 +38,11 @@ var (
 	ErrBatchTooLarge = errors.New("aggregator: batch too large")
 	// ErrClosed is returned by Push after Close.
 	ErrClosed = errors.New("aggregator: closed")
+	// ErrLogFull is returned by Push while the write-ahead log is over
+	// WALMaxBytes: its windows cannot go out (a combiner is down), and
+	// taking more would grow the log without bound. Nothing of the batch
+	// is taken; the publisher should retry later.
+	ErrLogFull = errors.New("aggregator: write-ahead log full")
 )
 
 // Aggregator validates events, rolls each one up into every cuboid of its
@@ -65,12 +75,31 @@ type Aggregator struct {
 		// so (source, window, sequence) never repeats within an
 		// incarnation, however late a window is reopened.
 		seq uint64
+
+		// With a log, every record is appended under mu, so the log's
+		// order is the cube's; the bookkeeping below decides which
+		// segments are consumed (see truncateLocked).
+
+		// segMax holds, per segment with batch records, the latest window
+		// start they touched.
+		segMax map[uint64]int64
+		// intents holds the intents some destination has not confirmed.
+		intents map[*intent]struct{}
+		// doneCuts are the cuts whose intents were fully delivered, in a
+		// segment that is still there.
+		doneCuts []cutMark
+		// replaying is set while New replays the log.
+		replaying bool
 	}
 
-	flushMu sync.Mutex // one flush at a time, so sequences go out in order
-	// pending holds the requests a loop flush could not deliver before
-	// Close; guarded by flushMu.
-	pending []*wirepb.FlushRequest
+	// wal is the write-ahead log; nil without Options.WALDir.
+	wal *wal.Log
+	// logFull is set while Push refuses batches for the log's size, so
+	// that the reason is logged once a stretch.
+	logFull atomic.Bool
+	out     outbox
+
+	flushMu sync.Mutex // one flush at a time: a cut, then its intent
 	stop    chan struct{}
 	done    chan struct{}
 }
@@ -148,7 +177,8 @@ func (w *window) addLeaf(f *family, leaf cellKey) int32 {
 	return off
 }
 
-// New builds an aggregator and starts its flush loop.
+// New builds an aggregator, replays its write-ahead log if it has one,
+// sends again what the log holds undelivered, and starts its flush loop.
 func New(opts Options) (*Aggregator, error) {
 	opts.EnsureDefaults()
 	if err := opts.Validate(); err != nil {
@@ -158,13 +188,12 @@ func New(opts Options) (*Aggregator, error) {
 		opts: opts,
 		// The wall clock and a random number, so that no two incarnations
 		// of one name share a source, whatever clock the options inject.
-		source:  opts.Name + "/" + strconv.FormatInt(time.Now().UnixNano(), 36) + "-" + strconv.FormatUint(uint64(rand.Uint32()), 36),
-		window:  opts.Schema.Resolutions[0],
-		step:    opts.Schema.Window().Milliseconds(),
-		byName:  map[string]int{},
-		metrics: newMetrics(opts.Registerer),
-		stop:    make(chan struct{}),
-		done:    make(chan struct{}),
+		source: opts.Name + "/" + strconv.FormatInt(time.Now().UnixNano(), 36) + "-" + strconv.FormatUint(uint64(rand.Uint32()), 36),
+		window: opts.Schema.Resolutions[0],
+		step:   opts.Schema.Window().Milliseconds(),
+		byName: map[string]int{},
+		stop:   make(chan struct{}),
+		done:   make(chan struct{}),
 	}
 	for i, f := range opts.Schema.Families {
 		cuboids := f.Cuboids()
@@ -181,8 +210,65 @@ func New(opts Options) (*Aggregator, error) {
 	a.mu.values = []string{""}
 	a.mu.windows = map[int64]*window{}
 	a.mu.sources = map[string]*seqWindow{}
+	a.mu.segMax = map[uint64]int64{}
+	a.mu.intents = map[*intent]struct{}{}
+	a.out.init()
+	a.metrics = newMetrics(opts.Registerer, a.logSize)
+	if opts.WALDir != "" {
+		if err := a.openLog(); err != nil {
+			return nil, err
+		}
+	}
 	go a.loop()
 	return a, nil
+}
+
+// openLog replays the log in WALDir, opens it for appending and queues the
+// requests it holds undelivered.
+func (a *Aggregator) openLog() error {
+	r := newReplay(a)
+	a.mu.Lock()
+	a.mu.replaying = true
+	l, err := wal.Open(wal.Options{
+		Dir:         a.opts.WALDir,
+		SegmentSize: a.opts.WALSegmentBytes,
+		// Called under a.mu, as every append is: the dedupe state heads
+		// each segment, so deleting older segments loses none of it.
+		Head:   func() (wal.Type, []byte) { return recCheckpoint, appendCheckpoint(nil, a.mu.sources) },
+		Logger: a.opts.Logger,
+	}, r.record)
+	if err != nil {
+		a.mu.Unlock()
+		return fmt.Errorf("aggregator: cannot open the write-ahead log: %w", err)
+	}
+	a.wal = l
+	a.mu.replaying = false
+	pending := r.finish()
+	a.truncateLocked()
+	windows := len(a.mu.windows)
+	a.mu.Unlock()
+	a.opts.Logger.Info("write-ahead log replayed", "records", r.records, "events", r.events,
+		"windows", windows, "pending_intents", len(pending))
+	for _, it := range pending {
+		a.enqueue(it)
+	}
+	return nil
+}
+
+// logSize is the log's size in bytes, 0 without one.
+func (a *Aggregator) logSize() float64 {
+	if a.wal == nil {
+		return 0
+	}
+	return float64(a.wal.Size())
+}
+
+// noteSegmentLocked records that a batch record in seg touched windows up to
+// maxStart.
+func (a *Aggregator) noteSegmentLocked(seg uint64, maxStart int64) {
+	if cur, ok := a.mu.segMax[seg]; !ok || maxStart > cur {
+		a.mu.segMax[seg] = maxStart
+	}
 }
 
 // Source is the identity this aggregator puts on its flushes.
@@ -197,16 +283,23 @@ type event struct {
 	vals  [schema.MaxLevels]uint32
 }
 
-var eventPool = sync.Pool{New: func() any { return new([]event) }}
+var (
+	eventPool  = sync.Pool{New: func() any { return new([]event) }}
+	recordPool = sync.Pool{New: func() any { return new([]byte) }}
+)
 
 // Push validates and counts a batch. Every event is either counted or listed
 // in the response's rejects with its index and reason. A batch whose identity
 // (source, batch sequence) was counted recently is acknowledged with
-// Duplicate set and not counted again.
+// Duplicate set and not counted again. With a log, Push returns once the
+// batch is on disk.
 func (a *Aggregator) Push(req *wirepb.PushRequest) (*wirepb.PushResponse, error) {
 	if n := len(req.Events); n > a.opts.MaxBatchEvents {
 		a.metrics.batchesRefused.Inc()
 		return nil, fmt.Errorf("%w: %d events, at most %d", ErrBatchTooLarge, n, a.opts.MaxBatchEvents)
+	}
+	if err := a.checkLog(); err != nil {
+		return nil, err
 	}
 	now := a.opts.Now().UnixMilli()
 	resp := &wirepb.PushResponse{}
@@ -221,6 +314,16 @@ func (a *Aggregator) Push(req *wirepb.PushRequest) (*wirepb.PushResponse, error)
 		}
 		evs = append(evs, ev)
 	}
+	// The record is encoded before the lock; the rare batch with events
+	// refused under it is encoded again.
+	var rec *[]byte
+	identity := req.Source != "" && req.BatchSeq != 0
+	if a.wal != nil && (len(evs) > 0 || identity) {
+		rec = recordPool.Get().(*[]byte)
+		*rec = appendBatch((*rec)[:0], req, now, evs)
+		defer recordPool.Put(rec)
+	}
+	checked := len(evs)
 
 	a.mu.Lock()
 	if a.mu.closed {
@@ -242,18 +345,13 @@ func (a *Aggregator) Push(req *wirepb.PushRequest) (*wirepb.PushResponse, error)
 		a.metrics.forgotten.Inc()
 	}
 	ids := make([]uint32, len(req.Dict)) // batch dictionary index -> interned ID
-	late := 0
+	late, kept := 0, 0
+	maxStart := int64(math.MinInt64)
 	for i := range evs {
 		ev := &evs[i]
-		for j := range a.fams[ev.fam].Labels {
-			d := ev.vals[j] - 1
-			if ids[d] == 0 {
-				ids[d] = a.internLocked(req.Dict[d])
-			}
-			ev.vals[j] = ids[d]
-		}
+		a.internEventLocked(ev, req.Dict, ids)
 		start := a.window.StepStart(ev.ts)
-		if reason := a.addLocked(ev, start); reason != noReason {
+		if reason := a.addLocked(ev, start, a.opts.MaxCellsPerWindow); reason != noReason {
 			r := &wirepb.Reject{Index: uint32(ev.index), Reason: reason}
 			if reason == wirepb.RejectReason_REJECT_REASON_CARDINALITY_LIMIT {
 				r.Detail = fmt.Sprintf("family %q has %d cells in this window, the limit", a.fams[ev.fam].Name, a.opts.MaxCellsPerWindow)
@@ -267,10 +365,36 @@ func (a *Aggregator) Push(req *wirepb.PushRequest) (*wirepb.PushResponse, error)
 			late++
 		}
 		resp.Accepted++
+		maxStart = max(maxStart, start)
+		evs[kept] = *ev
+		kept++
+	}
+	evs = evs[:kept]
+	var pos wal.Pos
+	var logErr error
+	if rec != nil {
+		if kept < checked {
+			*rec = appendBatch((*rec)[:0], req, now, evs)
+		}
+		if pos, logErr = a.wal.Append(recBatch, *rec); logErr == nil && kept > 0 {
+			a.noteSegmentLocked(pos.Segment, maxStart)
+		}
 	}
 	a.mu.Unlock()
 	*evp = evs
 	eventPool.Put(evp)
+	if rec != nil && logErr == nil {
+		t := time.Now()
+		logErr = a.wal.Sync(pos)
+		a.metrics.walSync.Observe(time.Since(t).Seconds())
+	}
+	if logErr != nil {
+		// The events are in the cube and go out with their windows, but
+		// a crash before then would lose them: the publisher must not
+		// take the batch as safe.
+		a.opts.Logger.Error("batch not acknowledged: the write-ahead log failed", "err", logErr)
+		return nil, fmt.Errorf("aggregator: batch not logged: %w", logErr)
+	}
 
 	slices.SortFunc(resp.Rejects, func(x, y *wirepb.Reject) int { return int(x.Index) - int(y.Index) })
 	a.metrics.accepted.Add(float64(resp.Accepted))
@@ -279,6 +403,44 @@ func (a *Aggregator) Push(req *wirepb.PushRequest) (*wirepb.PushResponse, error)
 		a.metrics.rejected.WithLabelValues(wire.ReasonName(r.Reason)).Inc()
 	}
 	return resp, nil
+}
+
+// internEventLocked turns an event's label values from batch dictionary
+// indexes (plus 1) into interned IDs, caching them per dictionary index in
+// ids.
+func (a *Aggregator) internEventLocked(ev *event, dict []string, ids []uint32) {
+	for j := range a.fams[ev.fam].Labels {
+		d := ev.vals[j] - 1
+		if ids[d] == 0 {
+			ids[d] = a.internLocked(dict[d])
+		}
+		ev.vals[j] = ids[d]
+	}
+}
+
+// checkLog refuses a batch while the log is broken (so that nothing is
+// counted that cannot be logged) or over WALMaxBytes, logging the reason
+// when a stretch of refusals begins and ends.
+func (a *Aggregator) checkLog() error {
+	if a.wal == nil {
+		return nil
+	}
+	if err := a.wal.Err(); err != nil && !errors.Is(err, wal.ErrClosed) {
+		return fmt.Errorf("aggregator: the write-ahead log failed, batches cannot be made durable: %w", err)
+	}
+	size := a.wal.Size()
+	if size <= a.opts.WALMaxBytes {
+		if a.logFull.CompareAndSwap(true, false) {
+			a.opts.Logger.Info("write-ahead log below its limit again: taking batches", "bytes", size, "limit", a.opts.WALMaxBytes)
+		}
+		return nil
+	}
+	a.metrics.batchesBackpressured.Inc()
+	if a.logFull.CompareAndSwap(false, true) {
+		a.opts.Logger.Warn("write-ahead log over its limit: refusing batches until the combiners take the windows it holds",
+			"bytes", size, "limit", a.opts.WALMaxBytes, "pending", a.Pending())
+	}
+	return fmt.Errorf("%w: %d bytes, the limit is %d; windows wait for %v", ErrLogFull, size, a.opts.WALMaxBytes, a.Pending())
 }
 
 func (a *Aggregator) internLocked(s string) uint32 {
@@ -293,9 +455,9 @@ func (a *Aggregator) internLocked(s string) uint32 {
 
 // addLocked rolls one event up into every cuboid of its family in the window
 // starting at start. It changes nothing and returns a reject reason when the
-// event would create a finest cell beyond the cardinality limit, or would
-// overflow a sum to infinity.
-func (a *Aggregator) addLocked(ev *event, start int64) wirepb.RejectReason {
+// event would create a finest cell beyond maxCells, or would overflow a sum
+// to infinity.
+func (a *Aggregator) addLocked(ev *event, start int64, maxCells int) wirepb.RejectReason {
 	w := a.mu.windows[start]
 	if w == nil {
 		w = newWindow(len(a.fams))
@@ -317,7 +479,7 @@ func (a *Aggregator) addLocked(ev *event, start int64) wirepb.RejectReason {
 		return wirepb.RejectReason_REJECT_REASON_NOT_FINITE
 	}
 	if !ok {
-		if w.finest[ev.fam] >= a.opts.MaxCellsPerWindow {
+		if w.finest[ev.fam] >= maxCells {
 			return wirepb.RejectReason_REJECT_REASON_CARDINALITY_LIMIT
 		}
 		off = w.addLeaf(f, leaf)
@@ -424,29 +586,68 @@ func (a *Aggregator) loop() {
 	}
 }
 
-// flush sends every window whose grace has passed (all of them when final)
-// to the sink, retrying each until it is taken. A loop flush interrupted by
-// Close leaves its undelivered requests in pending, and the final flush sends
-// them first under the same identities: an attempt that failed on this side
-// may still have been applied by the combiner, so the data must never go out
-// again under a new sequence.
-func (a *Aggregator) flush(final bool) {
-	a.flushMu.Lock()
-	defer a.flushMu.Unlock()
-	now := a.opts.Now().UnixMilli()
-	grace := a.opts.Grace.Milliseconds()
+// ready is a window taken out of the cube to be flushed.
+type ready struct {
+	start int64
+	w     *window
+}
 
-	type ready struct {
-		start int64
-		w     *window
+// cutLocked takes out of the cube every window whose grace has passed at
+// now, or every window when final, and returns them in window order with
+// the record that says which they were.
+func (a *Aggregator) cutLocked(now int64, final bool) ([]ready, cutRecord) {
+	c := cutRecord{upto: now - a.step - a.opts.Grace.Milliseconds(), final: final}
+	for start := range a.mu.windows {
+		if final || start <= c.upto {
+			c.starts = append(c.starts, start)
+		}
 	}
+	return a.takeLocked(c.starts), c
+}
+
+// takeLocked takes the windows starting at starts out of the cube, in window
+// order. Replay takes the windows a cut record lists, so it takes what the
+// live process took whatever the options are now.
+func (a *Aggregator) takeLocked(starts []int64) []ready {
 	var todo []ready
-	a.mu.Lock()
-	for start, w := range a.mu.windows {
-		if final || start+a.step+grace <= now {
+	for _, start := range starts {
+		if w := a.mu.windows[start]; w != nil {
 			todo = append(todo, ready{start: start, w: w})
 			delete(a.mu.windows, start)
 		}
+	}
+	slices.SortFunc(todo, func(x, y ready) int { return cmp.Compare(x.start, y.start) })
+	return todo
+}
+
+// flush sends every window whose grace has passed (all of them when final).
+// With a log, the cut is logged at the moment the windows leave the cube,
+// and the requests built from them, with their destinations, are logged and
+// synced before any goes out: a restart sends the same requests under the
+// same identities to the replicas that did not confirm them, or, if the
+// crash came between the two records, puts the windows back into the cube.
+func (a *Aggregator) flush(final bool) {
+	a.flushMu.Lock()
+	defer a.flushMu.Unlock()
+	shards := max(a.opts.Sink.Shards(), 1)
+	replicas := make([][]string, shards)
+	for s := range replicas {
+		if replicas[s] = a.opts.Sink.Replicas(uint32(s)); len(replicas[s]) == 0 {
+			a.opts.Logger.Error("no combiner holds a shard: windows stay in memory", "shard", s, "shards", shards)
+			return
+		}
+	}
+	now := a.opts.Now().UnixMilli()
+
+	a.mu.Lock()
+	todo, rec := a.cutLocked(now, final)
+	cut := cutMark{upto: rec.upto, final: final}
+	if len(todo) > 0 && a.wal != nil {
+		pos, err := a.wal.Append(recCut, appendCut(nil, rec))
+		if err != nil {
+			a.opts.Logger.Error("cannot log a cut; its windows go out unlogged", "err", err)
+		}
+		cut.pos = pos
 	}
 	values := a.mu.values
 	open, live := len(a.mu.windows), 0
@@ -456,35 +657,48 @@ func (a *Aggregator) flush(final bool) {
 	a.mu.Unlock()
 	a.metrics.openWindows.Set(float64(open))
 	a.metrics.liveCells.Set(float64(live))
-	slices.SortFunc(todo, func(x, y ready) int { return cmp.Compare(x.start, y.start) })
-
-	var fresh []*wirepb.FlushRequest
-	for _, r := range todo {
-		fresh = append(fresh, a.flushRequests(r.start, r.w, values)...)
+	if len(todo) == 0 {
+		return
 	}
+
+	var entries []*entry
+	for _, r := range todo {
+		for _, req := range a.flushRequests(r.start, r.w, values, shards) {
+			entries = append(entries, &entry{kind: entryFlush, dests: replicas[req.Shard], flush: req})
+		}
+	}
+	var payload []byte
 	a.mu.Lock()
-	for _, req := range fresh {
-		req.Sequence = a.mu.seq
+	for _, e := range entries {
+		e.flush.Sequence = a.mu.seq
 		a.mu.seq++
 	}
 	a.mu.Unlock()
-	reqs := append(a.pending, fresh...)
-	a.pending = nil
-	deadline := time.Now().Add(finalFlushTimeout)
-	for i, req := range reqs {
-		err := a.send(req, final, deadline)
-		switch {
-		case errors.Is(err, errStopping):
-			a.pending = reqs[i:]
-			return
-		case errors.Is(err, errRefused):
-			a.opts.Logger.Error("partial cube lost: the combiner refused it",
-				"window", time.UnixMilli(req.WindowStartMs).UTC(), "sequence", req.Sequence, "cells", len(req.Cells), "err", err)
-		case err != nil:
-			a.opts.Logger.Error("partial cube lost: the combiner did not take it before shutdown",
-				"window", time.UnixMilli(req.WindowStartMs).UTC(), "sequence", req.Sequence, "cells", len(req.Cells), "err", err)
+	if a.wal != nil {
+		var err error
+		if payload, err = appendIntent(nil, cut.pos, entries); err != nil {
+			a.opts.Logger.Error("cannot log an intent; its requests go out unlogged", "err", err)
 		}
 	}
+	a.mu.Lock()
+	var pos wal.Pos
+	var err error
+	if payload != nil {
+		pos, err = a.wal.Append(recIntent, payload)
+	}
+	it := newIntent(pos, cut, entries)
+	a.mu.intents[it] = struct{}{}
+	if it.remaining == 0 {
+		a.completeLocked(it)
+	}
+	a.mu.Unlock()
+	if payload != nil && err == nil {
+		err = a.wal.Sync(pos)
+	}
+	if err != nil {
+		a.opts.Logger.Error("cannot log an intent; its requests go out unlogged", "err", err)
+	}
+	a.enqueue(it)
 }
 
 // maxFlushCells bounds the cells of one flush request. A request holds about
@@ -492,49 +706,66 @@ func (a *Aggregator) flush(final bool) {
 // 3.6 MB, well under the combiner's message limit.
 const maxFlushCells = 100_000
 
-// flushRequests encodes one window's cells as requests of at most
-// maxFlushCells cells, each with its own string dictionary. The caller
-// numbers them.
-func (a *Aggregator) flushRequests(start int64, w *window, values []string) []*wirepb.FlushRequest {
+// flushRequests encodes one window's cells as requests, one or more per
+// shard of the global cube (schema.Shard), each of at most maxFlushCells
+// cells and with its own string dictionary. The caller numbers them.
+func (a *Aggregator) flushRequests(start int64, w *window, values []string, shards int) []*wirepb.FlushRequest {
+	// building is the request being filled for one shard.
+	type building struct {
+		req   *wirepb.FlushRequest
+		remap map[uint32]uint32 // interned ID -> index in req.Dict
+		fams  []uint32          // index in req.Dict of each family's name
+	}
 	var (
 		reqs   []*wirepb.FlushRequest
-		req    *wirepb.FlushRequest
-		remap  map[uint32]uint32
-		fams   []uint32 // dictionary index of each family's name in req
+		open   = make([]building, shards)
 		cells  = make([]wirepb.FlushCell, len(w.aggs))
+		vals   []string
 		filled int
 	)
 	add := func(key cellKey, i int32) {
-		if req == nil || len(req.Cells) == maxFlushCells {
-			req = &wirepb.FlushRequest{Source: a.source, WindowStartMs: start}
-			req.Cells = make([]*wirepb.FlushCell, 0, min(maxFlushCells, len(w.aggs)-filled))
-			remap = map[uint32]uint32{}
-			fams = make([]uint32, len(a.fams))
-			for i, f := range a.fams {
-				fams[i] = uint32(len(req.Dict))
-				req.Dict = append(req.Dict, f.Name)
+		f := a.fams[key.fam]
+		mask := f.masks[key.cuboid]
+		shard := uint32(0)
+		if shards > 1 {
+			vals = vals[:0]
+			for j := range key.v {
+				if mask&(1<<j) != 0 {
+					vals = append(vals, values[key.v[j]])
+				}
 			}
-			reqs = append(reqs, req)
+			shard = schema.Shard(f.Name, key.cuboid, vals, shards)
+		}
+		b := &open[shard]
+		if b.req == nil || len(b.req.Cells) == maxFlushCells {
+			b.req = &wirepb.FlushRequest{Source: a.source, WindowStartMs: start, Shard: shard, Shards: uint32(shards)}
+			b.req.Cells = make([]*wirepb.FlushCell, 0, min(maxFlushCells, (len(w.aggs)-filled)/shards+1))
+			b.remap = map[uint32]uint32{}
+			b.fams = make([]uint32, len(a.fams))
+			for i, f := range a.fams {
+				b.fams[i] = uint32(len(b.req.Dict))
+				b.req.Dict = append(b.req.Dict, f.Name)
+			}
+			reqs = append(reqs, b.req)
 		}
 		c := &cells[i]
-		c.Family = fams[key.fam]
+		c.Family = b.fams[key.fam]
 		c.Cuboid = uint32(key.cuboid)
-		mask := a.fams[key.fam].masks[key.cuboid]
 		for j := range key.v {
 			if mask&(1<<j) == 0 {
 				continue
 			}
-			d, ok := remap[key.v[j]]
+			d, ok := b.remap[key.v[j]]
 			if !ok {
-				d = uint32(len(req.Dict))
-				req.Dict = append(req.Dict, values[key.v[j]])
-				remap[key.v[j]] = d
+				d = uint32(len(b.req.Dict))
+				b.req.Dict = append(b.req.Dict, values[key.v[j]])
+				b.remap[key.v[j]] = d
 			}
 			c.Values = append(c.Values, d)
 		}
 		c.Sum = w.aggs[i].sum
 		c.Count = w.aggs[i].count
-		req.Cells = append(req.Cells, c)
+		b.req.Cells = append(b.req.Cells, c)
 		filled++
 	}
 	for key, i := range w.cells {
@@ -546,62 +777,15 @@ func (a *Aggregator) flushRequests(start int64, w *window, values []string) []*w
 	return reqs
 }
 
-// send delivers a flush, retrying with backoff. A final send gives up at the
-// deadline; any other gives up only when the aggregator is closing, with
-// errStopping.
-func (a *Aggregator) send(req *wirepb.FlushRequest, final bool, deadline time.Time) error {
-	backoff := a.opts.RetryBackoff
-	for {
-		timeout := flushTimeout
-		if final {
-			timeout = max(min(timeout, time.Until(deadline)), time.Millisecond)
-		}
-		ctx, cancel := context.WithTimeout(context.Background(), timeout)
-		err := a.opts.Sink.Flush(ctx, req)
-		cancel()
-		if err == nil {
-			a.metrics.flushes.Inc()
-			a.metrics.flushedCells.Add(float64(len(req.Cells)))
-			return nil
-		}
-		a.metrics.flushErrors.Inc()
-		if status.Code(err) == codes.InvalidArgument {
-			// The combiner refused the flush as malformed: no retry can
-			// change that, and retrying would hold up every later window.
-			return fmt.Errorf("%w: %w", errRefused, err)
-		}
-		a.opts.Logger.Warn("flush failed, retrying", "window", time.UnixMilli(req.WindowStartMs).UTC(),
-			"sequence", req.Sequence, "cells", len(req.Cells), "backoff", backoff, "err", err)
-		if final {
-			if time.Now().Add(backoff).After(deadline) {
-				return err
-			}
-			time.Sleep(backoff)
-		} else {
-			select {
-			case <-a.stop:
-				return errStopping
-			case <-time.After(backoff):
-			}
-		}
-		backoff = min(2*backoff, 30*time.Second)
-	}
-}
-
 const (
 	flushTimeout      = 10 * time.Second
 	finalFlushTimeout = 30 * time.Second
 )
 
-var (
-	// errStopping interrupts a loop flush's retries when Close begins.
-	errStopping = errors.New("aggregator: stopping")
-	// errRefused marks a flush the combiner refused as malformed.
-	errRefused = errors.New("aggregator: flush refused")
-)
-
-// Close stops taking events and flushes every window, open or not, so a
-// graceful stop loses nothing the combiner can take within 30s.
+// Close stops taking events and flushes every window, open or not, waiting
+// up to 30s for the combiners to take them. Without a log, what they did not
+// take by then is lost; with one, it stays in the log and goes out after the
+// next start.
 func (a *Aggregator) Close() error {
 	a.mu.Lock()
 	if a.mu.closed {
@@ -613,5 +797,15 @@ func (a *Aggregator) Close() error {
 	close(a.stop)
 	<-a.done
 	a.flush(true)
-	return nil
+	left := a.drain(time.Now().Add(finalFlushTimeout))
+	if a.wal == nil {
+		if left > 0 {
+			a.opts.Logger.Error("partial cubes lost: the combiners did not take them before shutdown", "requests", left)
+		}
+		return nil
+	}
+	if left > 0 {
+		a.opts.Logger.Warn("requests the combiners did not take stay in the write-ahead log for the next start", "requests", left)
+	}
+	return a.wal.Close()
 }

@@ -435,13 +435,14 @@ func TestLateEvent(t *testing.T) {
 // set, reports an error, as a flush does whose reply is lost after the
 // combiner committed it (a deadline exceeded on a slow link).
 type lossySink struct {
+	oneReplica
 	next *combinerSink
 	lose atomic.Bool
 	lost atomic.Int32 // replies lost so far
 }
 
-func (s *lossySink) Flush(ctx context.Context, req *wirepb.FlushRequest) error {
-	err := s.next.Flush(ctx, req)
+func (s *lossySink) Flush(ctx context.Context, replica string, req *wirepb.FlushRequest) error {
+	err := s.next.Flush(ctx, replica, req)
 	if s.lose.Load() {
 		s.lost.Add(1)
 		return context.DeadlineExceeded
@@ -637,6 +638,8 @@ func TestOptionsValidate(t *testing.T) {
 		o.MaxLateness = time.Hour
 	}, "")
 	f("negative batch limit", func(o *aggregator.Options) { o.MaxBatchEvents = -1 }, "negative limit")
+	f("negative log bound", func(o *aggregator.Options) { o.WALMaxBytes = -1 }, "write-ahead log")
+	f("negative segment size", func(o *aggregator.Options) { o.WALSegmentBytes = -1 }, "write-ahead log")
 	f("negative cell limit", func(o *aggregator.Options) { o.MaxCellsPerWindow = -1 }, "negative limit")
 	f("negative flush interval", func(o *aggregator.Options) { o.FlushInterval = -time.Second }, "flush interval")
 	f("negative retry backoff", func(o *aggregator.Options) { o.RetryBackoff = -time.Second }, "retry backoff")

@@ -148,6 +148,53 @@ func BenchmarkCubeUpdate(b *testing.B) {
 	}
 }
 
+// BenchmarkPush measures Push of 5,000-event batches into existing cells
+// from 8 goroutines at once, without and with the write-ahead log: with it,
+// every Push waits for its record to be fsynced, and the concurrent pushers
+// share fsyncs (group commit). An op is one batch.
+func BenchmarkPush(b *testing.B) {
+	for _, wal := range []bool{false, true} {
+		b.Run(fmt.Sprintf("wal=%v", wal), func(b *testing.B) {
+			s := schema.Default()
+			clk := newClock(testWindow().Add(5 * time.Second))
+			ts := clk.Now().UnixMilli()
+			batches := benchRandom(ts, 16, benchBatch)
+			_, comb := openStore(b, s)
+			opts := aggregator.Options{Schema: s, Sink: &combinerSink{c: comb}, Now: clk.Now, FlushInterval: time.Hour}
+			if wal {
+				opts.WALDir = b.TempDir()
+			}
+			a, err := aggregator.New(opts)
+			if err != nil {
+				b.Fatal(err)
+			}
+			for _, req := range benchFill(ts) {
+				if _, err := a.Push(req); err != nil {
+					b.Fatal(err)
+				}
+			}
+			b.ReportAllocs()
+			b.SetParallelism(4)
+			b.ResetTimer()
+			b.RunParallel(func(pb *testing.PB) {
+				n := 0
+				for pb.Next() {
+					if resp, err := a.Push(batches[n%len(batches)]); err != nil || resp.Accepted != benchBatch {
+						b.Errorf("Push: %v, %v", resp, err)
+						return
+					}
+					n++
+				}
+			})
+			b.ReportMetric(float64(b.N*benchBatch)/b.Elapsed().Seconds(), "events/s")
+			b.StopTimer()
+			if err := a.Close(); err != nil {
+				b.Fatal(err)
+			}
+		})
+	}
+}
+
 // TestPushAllocs pins the hot loop: pushing a batch whose cells all exist
 // allocates a few objects per batch (the response, per-batch lookup tables),
 // none per event, so 10,000 events cost what 1,000 do.

@@ -14,6 +14,13 @@
 //	defer a.Close() // flushes every window, open or not
 //	resp, err := a.Push(req) // resp.Rejects lists each refused event
 //
-// A batch is acknowledged once it is in the in-memory cube; a process crash
-// before the window is flushed loses it (see docs/architecture.md).
+// A window's cells are split by shard of the global cube, and each request
+// is delivered to every replica of its shard on that replica's own queue, so
+// a replica that is down holds up no other (hinted handoff).
+//
+// With Options.WALDir, a batch is acknowledged once it is fsynced in the
+// write-ahead log, and so are the cuts, the flush requests and their
+// deliveries: a restart after a crash rebuilds the cube and the dedupe state
+// and sends again what no replica confirmed, under the same identities (see
+// docs/format/wal.md). Without it, a crash loses what was not yet flushed.
 package aggregator

@@ -41,6 +41,8 @@ func grpcError(err error) error {
 			FieldViolations: []*errdetails.BadRequest_FieldViolation{{Field: "events", Description: err.Error()}},
 		})
 		return st.Err()
+	case errors.Is(err, ErrLogFull):
+		return status.Error(codes.ResourceExhausted, err.Error())
 	case errors.Is(err, ErrClosed):
 		return status.Error(codes.Unavailable, err.Error())
 	default:

@@ -47,6 +47,7 @@ func (c *clock) Set(t time.Time) { c.ms.Store(t.UnixMilli()) }
 // real combiner over a real store, and keeps the flushes it applied so that
 // tests can check their identities.
 type combinerSink struct {
+	oneReplica
 	c *combiner.Combiner
 
 	mu struct {
@@ -57,7 +58,14 @@ type combinerSink struct {
 	}
 }
 
-func (s *combinerSink) Flush(_ context.Context, req *wirepb.FlushRequest) error {
+// oneReplica is the destination of an unsharded cube held by one combiner,
+// named "c".
+type oneReplica struct{}
+
+func (oneReplica) Shards() int              { return 1 }
+func (oneReplica) Replicas(uint32) []string { return []string{"c"} }
+
+func (s *combinerSink) Flush(_ context.Context, _ string, req *wirepb.FlushRequest) error {
 	dup, err := s.c.Apply(req)
 	s.mu.Lock()
 	defer s.mu.Unlock()

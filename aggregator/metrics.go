@@ -14,9 +14,18 @@ type metrics struct {
 	flushErrors    prometheus.Counter
 	openWindows    prometheus.Gauge
 	liveCells      prometheus.Gauge
+
+	batchesBackpressured prometheus.Counter
+	handoffPending       *prometheus.GaugeVec
+	walSync              prometheus.Histogram
+	replayedRecords      prometheus.Counter
+	replayedEvents       prometheus.Counter
+	replaySkipped        prometheus.Counter
 }
 
-func newMetrics(reg prometheus.Registerer) *metrics {
+// newMetrics builds the metrics; walBytes reads the log's size when they
+// are gathered.
+func newMetrics(reg prometheus.Registerer, walBytes func() float64) *metrics {
 	m := &metrics{
 		accepted: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "dimsum_aggregator_events_accepted_total",
@@ -62,9 +71,39 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "dimsum_aggregator_live_cells",
 			Help: "Cells of every cuboid in the windows held in memory, as of the last look for closed windows.",
 		}),
+		batchesBackpressured: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "dimsum_aggregator_batches_backpressured_total",
+			Help: "Batches refused because the write-ahead log was over its size limit: windows waited for a combiner that did not take them.",
+		}),
+		handoffPending: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "dimsum_aggregator_handoff_pending_requests",
+			Help: "Flush requests waiting for a combiner replica to take them (hinted handoff), by replica.",
+		}, []string{"replica"}),
+		walSync: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "dimsum_aggregator_wal_sync_seconds",
+			Help:    "How long a Push waited for its batch to reach the disk, its share of a group commit included.",
+			Buckets: prometheus.ExponentialBuckets(0.0001, 2, 16),
+		}),
+		replayedRecords: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "dimsum_aggregator_wal_replayed_records_total",
+			Help: "Write-ahead log records replayed at start.",
+		}),
+		replayedEvents: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "dimsum_aggregator_wal_replayed_events_total",
+			Help: "Events counted again from the write-ahead log at start.",
+		}),
+		replaySkipped: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "dimsum_aggregator_wal_replay_skipped_events_total",
+			Help: "Logged events left out at replay because the schema or the options changed and no longer take them; each is logged.",
+		}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.accepted, m.rejected, m.late, m.batchesRefused, m.duplicates, m.forgotten, m.flushes, m.flushedCells, m.flushErrors, m.openWindows, m.liveCells)
+		reg.MustRegister(m.accepted, m.rejected, m.late, m.batchesRefused, m.duplicates, m.forgotten, m.flushes, m.flushedCells, m.flushErrors, m.openWindows, m.liveCells,
+			m.batchesBackpressured, m.handoffPending, m.walSync, m.replayedRecords, m.replayedEvents, m.replaySkipped,
+			prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+				Name: "dimsum_aggregator_wal_bytes",
+				Help: "Size of the write-ahead log on disk, with what is appended but not yet written.",
+			}, walBytes))
 	}
 	return m
 }

@@ -18,7 +18,8 @@ type Options struct {
 	// Schema declares the families the aggregator accepts. Required.
 	Schema *schema.Schema
 
-	// Sink receives every closed window's partial cube. Required.
+	// Sink receives every closed window's partial cube, split by shard, for
+	// each replica of the shard. Required.
 	Sink Sink
 
 	// Name identifies this aggregator in flush identities. A process adds its
@@ -58,6 +59,24 @@ type Options struct {
 	// RetryBackoff is the first wait after a failed flush; it doubles up to
 	// 30s. The default is 200ms.
 	RetryBackoff time.Duration
+
+	// WALDir holds the write-ahead log. With one, Push acknowledges a batch
+	// only once it is on disk, and a restart after a crash (SIGKILL, power
+	// loss) rebuilds the cube, the publishers' dedupe state and the flushes
+	// not yet delivered from it. Empty, the default, runs without a log: a
+	// crash loses what was not yet flushed.
+	WALDir string
+
+	// WALMaxBytes bounds the log. It grows while windows cannot go out (a
+	// combiner down for long); past the bound Push refuses batches with
+	// ErrLogFull, which publishers see as back-pressure. The default is
+	// 1 GiB.
+	WALMaxBytes int64
+
+	// WALSegmentBytes is the size of a log segment file. The log drops
+	// whole segments once everything in them reached the combiners. The
+	// default is 64 MiB.
+	WALSegmentBytes int64
 
 	// Logger receives operational logs. nil discards them.
 	Logger *slog.Logger
@@ -101,6 +120,12 @@ func (o *Options) EnsureDefaults() {
 	if o.RetryBackoff == 0 {
 		o.RetryBackoff = 200 * time.Millisecond
 	}
+	if o.WALMaxBytes == 0 {
+		o.WALMaxBytes = 1 << 30
+	}
+	if o.WALSegmentBytes == 0 {
+		o.WALSegmentBytes = 64 << 20
+	}
 	if o.Logger == nil {
 		o.Logger = slog.New(slog.DiscardHandler)
 	}
@@ -124,6 +149,8 @@ func (o *Options) Validate() error {
 		return fmt.Errorf("%w: max lateness %s exceeds the finest retention %s", ErrOptions, o.MaxLateness, o.Schema.Resolutions[0].Retention)
 	case o.MaxBatchEvents < 0 || o.MaxCellsPerWindow < 0:
 		return fmt.Errorf("%w: negative limit", ErrOptions)
+	case o.WALMaxBytes < 0 || o.WALSegmentBytes < 0:
+		return fmt.Errorf("%w: negative write-ahead log size", ErrOptions)
 	case o.FlushInterval <= 0 || o.RetryBackoff <= 0:
 		return fmt.Errorf("%w: flush interval and retry backoff must be positive", ErrOptions)
 	}

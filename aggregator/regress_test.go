@@ -41,17 +41,18 @@ func TestSumOverflowIsRejected(t *testing.T) {
 // failingSink fails every flush until the wall clock reaches until, as a
 // combiner does while it restarts.
 type failingSink struct {
+	oneReplica
 	next     *combinerSink
 	until    atomic.Int64 // unix ns
 	attempts atomic.Int32
 }
 
-func (s *failingSink) Flush(ctx context.Context, req *wirepb.FlushRequest) error {
+func (s *failingSink) Flush(ctx context.Context, replica string, req *wirepb.FlushRequest) error {
 	s.attempts.Add(1)
 	if time.Now().UnixNano() < s.until.Load() {
 		return errors.New("combiner unavailable")
 	}
-	return s.next.Flush(ctx, req)
+	return s.next.Flush(ctx, replica, req)
 }
 
 // Close retries for up to 30s with backoff: a combiner down for one second at
@@ -143,15 +144,16 @@ func TestLargeWindowIsSplit(t *testing.T) {
 // refusingSink refuses the first flush as malformed, as a combiner answers
 // InvalidArgument, and passes the rest on.
 type refusingSink struct {
+	oneReplica
 	next     *combinerSink
 	attempts atomic.Int32
 }
 
-func (s *refusingSink) Flush(ctx context.Context, req *wirepb.FlushRequest) error {
+func (s *refusingSink) Flush(ctx context.Context, replica string, req *wirepb.FlushRequest) error {
 	if s.attempts.Add(1) == 1 {
 		return status.Error(codes.InvalidArgument, "malformed")
 	}
-	return s.next.Flush(ctx, req)
+	return s.next.Flush(ctx, replica, req)
 }
 
 // A flush the combiner refuses as malformed is not retried: it would be

@@ -97,6 +97,10 @@ func (c *Combiner) deltas(req *wirepb.FlushRequest) ([]tsdb.Delta, error) {
 	if req.Source == "" {
 		return nil, fmt.Errorf("%w: no source", ErrBadFlush)
 	}
+	shards := max(int(req.Shards), 1) // 0: an unsharded flush
+	if int(req.Shard) >= shards {
+		return nil, fmt.Errorf("%w: shard %d out of %d", ErrBadFlush, req.Shard, shards)
+	}
 	str := func(i uint32) (string, error) {
 		if int(i) >= len(req.Dict) {
 			return "", fmt.Errorf("%w: index %d outside the dictionary of %d strings", ErrBadFlush, i, len(req.Dict))
@@ -129,6 +133,9 @@ func (c *Combiner) deltas(req *wirepb.FlushRequest) ([]tsdb.Delta, error) {
 				return nil, fmt.Errorf("%w: cell %d of %q has an empty value", ErrBadFlush, i, name)
 			}
 			values = append(values, s)
+		}
+		if sh := schema.Shard(name, schema.CuboidID(cell.Cuboid), values[start:], shards); sh != req.Shard {
+			return nil, fmt.Errorf("%w: cell %d of %q belongs to shard %d, the flush is for shard %d of %d", ErrBadFlush, i, name, sh, req.Shard, shards)
 		}
 		deltas[i] = tsdb.Delta{
 			Family: name,
@@ -165,16 +172,30 @@ func (s server) Flush(_ context.Context, req *wirepb.FlushRequest) (*wirepb.Flus
 	return &wirepb.FlushResponse{Duplicate: dup}, nil
 }
 
-// Client adapts a gRPC connection to a combiner into the aggregator's sink.
-type Client struct{ c wirepb.CombinerClient }
-
-// NewClient returns a sink that flushes over conn.
-func NewClient(conn grpc.ClientConnInterface) *Client {
-	return &Client{c: wirepb.NewCombinerClient(conn)}
+// Client adapts a gRPC connection to one combiner, holding the whole cube,
+// into the aggregator's sink: one shard, one replica.
+type Client struct {
+	name string
+	c    wirepb.CombinerClient
 }
 
-// Flush sends one partial cube.
-func (c *Client) Flush(ctx context.Context, req *wirepb.FlushRequest) error {
+// NewClient returns a sink that flushes over conn to the combiner named
+// name.
+func NewClient(name string, conn grpc.ClientConnInterface) *Client {
+	return &Client{name: name, c: wirepb.NewCombinerClient(conn)}
+}
+
+// Shards is 1: the combiner holds the whole cube.
+func (c *Client) Shards() int { return 1 }
+
+// Replicas names the one combiner.
+func (c *Client) Replicas(uint32) []string { return []string{c.name} }
+
+// Flush sends one partial cube to the combiner. Every replica name reaches
+// it: requests logged under an earlier name of the node (the host name,
+// when a container restarts under a new one) must still be delivered, and
+// the combiner holds the whole cube.
+func (c *Client) Flush(ctx context.Context, _ string, req *wirepb.FlushRequest) error {
 	_, err := c.c.Flush(ctx, req)
 	return err
 }

@@ -3,6 +3,7 @@ package combiner
 import (
 	"context"
 	"errors"
+	"fmt"
 	"math"
 	"net"
 	"testing"
@@ -103,6 +104,12 @@ func TestBadFlush(t *testing.T) {
 		{"negative sum", func(r *wirepb.FlushRequest) { r.Cells[0].Sum = -1 }},
 		{"empty value", func(r *wirepb.FlushRequest) { r.Dict[3] = "" }},
 		{"too few values", func(r *wirepb.FlushRequest) { r.Cells[1].Values = r.Cells[1].Values[:4] }},
+		{"shard out of range", func(r *wirepb.FlushRequest) { r.Shard, r.Shards = 3, 3 }},
+		{"shard of an unsharded flush", func(r *wirepb.FlushRequest) { r.Shard = 1 }},
+		{"cell of another shard", func(r *wirepb.FlushRequest) {
+			r.Shards = 7
+			r.Shard = (apexShard(7) + 1) % 7
+		}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c, db := newCombiner(t)
@@ -115,6 +122,25 @@ func TestBadFlush(t *testing.T) {
 				t.Errorf("a refused flush wrote %v", got)
 			}
 		})
+	}
+}
+
+// apexShard is the shard of flush's apex cell out of shards.
+func apexShard(shards int) uint32 { return schema.Shard("requests", 0, nil, shards) }
+
+// A sharded flush whose every cell belongs to its shard is applied.
+func TestShardedFlush(t *testing.T) {
+	c, db := newCombiner(t)
+	w := time.Now().Truncate(10 * time.Second).UnixMilli()
+	req := flush(w, 0)
+	req.Cells = req.Cells[:1] // the apex alone
+	req.Shards = 7
+	req.Shard = apexShard(7)
+	if _, err := c.Apply(req); err != nil {
+		t.Fatal(err)
+	}
+	if got := apexSum(t, db, w); got != 5 {
+		t.Errorf("apex sum %v, want 5", got)
 	}
 }
 
@@ -149,7 +175,11 @@ func TestGRPC(t *testing.T) {
 	if _, err := client.Flush(ctx, bad); status.Code(err) != codes.InvalidArgument {
 		t.Errorf("bad flush: %v, want InvalidArgument", err)
 	}
-	if err := NewClient(conn).Flush(ctx, flush(w, 5)); err != nil {
+	sink := NewClient("c1", conn)
+	if sink.Shards() != 1 || fmt.Sprint(sink.Replicas(0)) != "[c1]" {
+		t.Fatalf("client holds %d shards on %v, want 1 on [c1]", sink.Shards(), sink.Replicas(0))
+	}
+	if err := sink.Flush(ctx, "c1", flush(w, 5)); err != nil {
 		t.Fatal(err)
 	}
 	if got := apexSum(t, db, w); got != 10 {

@@ -61,12 +61,14 @@ func runNode(cmd string, args []string) error {
 		cfg.Roles = []string{node.RoleAggregator, node.RoleCombiner, node.RoleQuery}
 	}
 
+	// Signals are caught before the node serves, so a SIGTERM sent as soon
+	// as it answers still stops it cleanly.
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM)
 	n, err := node.Start(cfg, buildVersion(), log)
 	if err != nil {
 		return err
 	}
-	sig := make(chan os.Signal, 1)
-	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM)
 	select {
 	case s := <-sig:
 		log.Info("stopping: flushing open windows", "signal", s.String())

@@ -46,11 +46,18 @@ func benchEvents(n int) []benchEvent {
 
 // BenchmarkIngest pushes prebuilt batches over real gRPC on loopback into an
 // all-in-one node with the default schema (16 cuboids an event), four
-// batches in flight. One op is one batch of 5,000 events.
+// batches in flight, with the aggregator's write-ahead log on (the default)
+// and off. One op is one batch of 5,000 events.
 func BenchmarkIngest(b *testing.B) {
+	for _, wal := range []bool{true, false} {
+		b.Run(fmt.Sprintf("wal=%v", wal), func(b *testing.B) { benchIngest(b, wal) })
+	}
+}
+
+func benchIngest(b *testing.B, wal bool) {
 	cfg := testConfig(b.TempDir())
 	cfg.Schema.Resolutions = nil // the default 10s:8d, 1m:35d, 1h:400d
-	cfg.Aggregator = AggregatorConfig{}
+	cfg.Aggregator = AggregatorConfig{WALDisabled: !wal}
 	n, err := Start(cfg, "bench", nil)
 	if err != nil {
 		b.Fatal(err)

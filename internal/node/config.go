@@ -18,7 +18,8 @@ import (
 // Config is a node's YAML configuration. Every field has a default, so an
 // empty file (or none) runs an all-in-one node on the embedded schema.
 type Config struct {
-	// DataDir holds the cube store. The default is ./data.
+	// DataDir holds the cube store (in cube/) and the aggregator's
+	// write-ahead log (in wal/). The default is ./data.
 	DataDir string `yaml:"data_dir"`
 	// GRPCListen is the address of the gRPC server (Push and Flush). The
 	// default is 127.0.0.1:9400.
@@ -55,6 +56,14 @@ type AggregatorConfig struct {
 	MaxBatchEvents    int            `yaml:"max_batch_events"`     // default 100000
 	MaxCellsPerWindow int            `yaml:"max_cells_per_window"` // default 1000000
 	FlushInterval     model.Duration `yaml:"flush_interval"`       // default window/10
+	// WALMaxBytes bounds the write-ahead log in data_dir/wal; past it Push
+	// refuses batches (gRPC ResourceExhausted) until the combiners take
+	// the windows it holds. The default is 1 GiB.
+	WALMaxBytes int64 `yaml:"wal_max_bytes"`
+	// WALDisabled runs the aggregator without a write-ahead log: a batch is
+	// acknowledged once it is in memory, and a crash loses what was not
+	// yet flushed. For benchmarks that measure the cube alone.
+	WALDisabled bool `yaml:"wal_disabled"`
 }
 
 // ClusterConfig configures membership and how the cube is split.
@@ -169,6 +178,8 @@ func (c *Config) HasRole(role string) bool { return slices.Contains(c.Roles, rol
 // check their own fields when they are built.
 func (c *Config) Validate() error {
 	switch {
+	case c.Aggregator.WALMaxBytes < 0:
+		return fmt.Errorf("%w: aggregator wal_max_bytes %d is negative", ErrConfig, c.Aggregator.WALMaxBytes)
 	case c.MaxRecvBytes < 0:
 		return fmt.Errorf("%w: max_recv_bytes %d is negative", ErrConfig, c.MaxRecvBytes)
 	case c.Query.MaxSamples < 0:

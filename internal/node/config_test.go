@@ -20,6 +20,9 @@ func TestParseConfig(t *testing.T) {
 	if err != nil || s.Family("requests") == nil || s.Window().String() != "1s" {
 		t.Errorf("schema without families: %v, %v", s, err)
 	}
+	if c, err := ParseConfig([]byte("aggregator: {wal_max_bytes: 1000, wal_disabled: true}")); err != nil || c.Aggregator.WALMaxBytes != 1000 || !c.Aggregator.WALDisabled {
+		t.Errorf("log fields: %+v, %v", c.Aggregator, err)
+	}
 	if c, err := ParseConfig(nil); err != nil || c.DataDir != "" {
 		t.Errorf("empty config: %+v, %v", c, err)
 	}
@@ -40,6 +43,7 @@ func TestParseConfig(t *testing.T) {
 		{"bad duration", "aggregator: {grace: soon}", "soon"},
 		{"negative message size", "max_recv_bytes: -1", "max_recv_bytes"},
 		{"negative max samples", "query: {max_samples: -5}", "max_samples"},
+		{"negative log bound", "aggregator: {wal_max_bytes: -1}", "wal_max_bytes"},
 		{"negative duration", "query: {timeout: -1s}", `"-1s"`},
 		{"unknown role", "roles: [aggregator, mixer]\ncluster: {join: [a:1]}", `"mixer"`},
 		{"role twice", "roles: [query, query]\ncluster: {join: [a:1]}", "twice"},

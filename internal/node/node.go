@@ -95,9 +95,13 @@ func Start(cfg Config, version string, log *slog.Logger) (n *Node, err error) {
 		return nil, fmt.Errorf("node: cannot dial the combiner: %w", err)
 	}
 	ac := cfg.Aggregator
+	walDir := filepath.Join(cfg.DataDir, "wal")
+	if ac.WALDisabled {
+		walDir = ""
+	}
 	n.agg, err = aggregator.New(aggregator.Options{
 		Schema:            s,
-		Sink:              combiner.NewClient(n.conn),
+		Sink:              combiner.NewClient(cfg.Name, n.conn),
 		Name:              cfg.Name,
 		Grace:             time.Duration(ac.Grace),
 		MaxLateness:       time.Duration(ac.MaxLateness),
@@ -105,6 +109,8 @@ func Start(cfg Config, version string, log *slog.Logger) (n *Node, err error) {
 		MaxBatchEvents:    ac.MaxBatchEvents,
 		MaxCellsPerWindow: ac.MaxCellsPerWindow,
 		FlushInterval:     time.Duration(ac.FlushInterval),
+		WALDir:            walDir,
+		WALMaxBytes:       ac.WALMaxBytes,
 		Logger:            log.With("component", "aggregator"),
 		Registerer:        reg,
 	})

@@ -1,0 +1,321 @@
+package aggregator
+
+import (
+	"context"
+	"fmt"
+	"slices"
+	"sync"
+	"time"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/dimsum/dimsum/wal"
+	"github.com/dimsum/dimsum/wire/wirepb"
+)
+
+// The outbox holds the requests of intents until every destination of each
+// has taken it. Each destination has its own queue and its own sender, so a
+// destination that is down (a combiner killed) holds up none of the others:
+// its requests wait, in order, and go out when it answers again (hinted
+// handoff). With a log, each delivery is confirmed with a recDelivered
+// record, and what is unconfirmed at a restart is sent again under the same
+// identity.
+
+// entry is one request of an intent, addressed to its destinations. kind
+// says which field holds the request; a second kind (a batch forwarded to
+// the aggregator that owns it) adds a field and a case in send.
+type entry struct {
+	intent *intent
+	index  int // in intent.entries
+	kind   byte
+	dests  []string
+	flush  *wirepb.FlushRequest // entryFlush
+}
+
+// intent is the requests built from one cut.
+type intent struct {
+	pos     wal.Pos // of its record; zero without a log
+	cut     cutMark // zero when the cut's record is gone
+	entries []*entry
+	// left holds, per entry, the destinations that have not confirmed it;
+	// remaining counts them all. Guarded by Aggregator.mu.
+	left      []map[string]bool
+	remaining int
+}
+
+func newIntent(pos wal.Pos, cut cutMark, entries []*entry) *intent {
+	it := &intent{pos: pos, cut: cut, entries: entries, left: make([]map[string]bool, len(entries))}
+	for i, e := range entries {
+		e.intent, e.index = it, i
+		it.left[i] = map[string]bool{}
+		for _, d := range e.dests {
+			if !it.left[i][d] {
+				it.left[i][d] = true
+				it.remaining++
+			}
+		}
+	}
+	return it
+}
+
+// cutMark is a cut whose windows went out: once its intent is fully
+// delivered, it covers every segment before its own whose windows it took.
+type cutMark struct {
+	pos   wal.Pos
+	upto  int64 // the cut took every window starting at or before upto
+	final bool  // the cut took every window
+}
+
+// outbox holds a queue per destination.
+type outbox struct {
+	mu struct {
+		sync.Mutex
+		cond *sync.Cond // signalled when a queue grows or shrinks, or on stop
+		// queues holds, per destination, the entries it has not taken, in
+		// order. A destination's sender runs from its first entry on.
+		queues  map[string][]*entry
+		stopped bool
+	}
+	closing chan struct{} // closed when Close begins: senders retry at once
+	ctx     context.Context
+	cancel  context.CancelFunc // stops the senders
+	wg      sync.WaitGroup
+}
+
+func (o *outbox) init() {
+	o.mu.cond = sync.NewCond(&o.mu.Mutex)
+	o.mu.queues = map[string][]*entry{}
+	o.closing = make(chan struct{})
+	o.ctx, o.cancel = context.WithCancel(context.Background())
+}
+
+// enqueue queues the undelivered entries of it for their destinations. Each
+// intent is enqueued whole before the next, so every destination gets its
+// requests in intent order.
+func (a *Aggregator) enqueue(it *intent) {
+	a.mu.Lock()
+	left := make([][]string, len(it.entries))
+	for i, e := range it.entries {
+		for _, d := range e.dests {
+			if it.left[i][d] && !slices.Contains(left[i], d) {
+				left[i] = append(left[i], d)
+			}
+		}
+	}
+	a.mu.Unlock()
+	o := &a.out
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	for i, e := range it.entries {
+		for _, d := range left[i] {
+			q, ok := o.mu.queues[d]
+			if !ok && !o.mu.stopped {
+				o.wg.Add(1)
+				go a.sender(d)
+			}
+			o.mu.queues[d] = append(q, e)
+			a.metrics.handoffPending.WithLabelValues(d).Set(float64(len(o.mu.queues[d])))
+		}
+	}
+	o.mu.cond.Broadcast()
+}
+
+// sender delivers dest's queue in order until the outbox stops.
+func (a *Aggregator) sender(dest string) {
+	o := &a.out
+	defer o.wg.Done()
+	for {
+		o.mu.Lock()
+		for len(o.mu.queues[dest]) == 0 && !o.mu.stopped {
+			o.mu.cond.Wait()
+		}
+		if o.mu.stopped {
+			o.mu.Unlock()
+			return
+		}
+		e := o.mu.queues[dest][0]
+		o.mu.Unlock()
+		if err := a.send(dest, e); err != nil {
+			return // the outbox is stopping
+		}
+		a.confirm(e, dest)
+		o.mu.Lock()
+		o.mu.queues[dest] = o.mu.queues[dest][1:]
+		a.metrics.handoffPending.WithLabelValues(dest).Set(float64(len(o.mu.queues[dest])))
+		o.mu.cond.Broadcast()
+		o.mu.Unlock()
+	}
+}
+
+// Pending returns, per destination, how many requests wait for it: the
+// hinted handoff a cluster gossips about. Destinations with none are left
+// out.
+func (a *Aggregator) Pending() map[string]int {
+	o := &a.out
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	p := map[string]int{}
+	for d, q := range o.mu.queues {
+		if len(q) > 0 {
+			p[d] = len(q)
+		}
+	}
+	return p
+}
+
+// drain waits until every queue is empty or the deadline passes, then stops
+// the senders. It returns how many requests were left undelivered.
+func (a *Aggregator) drain(deadline time.Time) int {
+	o := &a.out
+	close(o.closing)
+	timer := time.AfterFunc(time.Until(deadline), func() {
+		o.mu.Lock()
+		o.mu.cond.Broadcast()
+		o.mu.Unlock()
+	})
+	defer timer.Stop()
+	o.mu.Lock()
+	left := func() int {
+		n := 0
+		for _, q := range o.mu.queues {
+			n += len(q)
+		}
+		return n
+	}
+	for left() > 0 && time.Now().Before(deadline) {
+		o.mu.cond.Wait()
+	}
+	n := left()
+	o.mu.stopped = true
+	o.mu.cond.Broadcast()
+	o.mu.Unlock()
+	o.cancel()
+	o.wg.Wait()
+	return n
+}
+
+// send delivers one entry to one destination, retrying with backoff until
+// it is taken or the outbox stops. A request the destination refuses as
+// malformed (InvalidArgument) is logged and counts as delivered: no retry can
+// change the answer, and retrying would hold up every later request.
+func (a *Aggregator) send(dest string, e *entry) error {
+	o := &a.out
+	backoff := a.opts.RetryBackoff
+	closing := o.closing
+	for {
+		ctx, cancel := context.WithTimeout(o.ctx, flushTimeout)
+		err := a.opts.Sink.Flush(ctx, dest, e.flush)
+		cancel()
+		if o.ctx.Err() != nil {
+			return o.ctx.Err()
+		}
+		if err == nil {
+			a.metrics.flushes.Inc()
+			a.metrics.flushedCells.Add(float64(len(e.flush.Cells)))
+			return nil
+		}
+		a.metrics.flushErrors.Inc()
+		if status.Code(err) == codes.InvalidArgument {
+			a.opts.Logger.Error("partial cube lost: the combiner refused it", "replica", dest,
+				"window", time.UnixMilli(e.flush.WindowStartMs).UTC(), "sequence", e.flush.Sequence, "cells", len(e.flush.Cells), "err", err)
+			return nil
+		}
+		a.opts.Logger.Warn("flush failed, retrying", "replica", dest, "window", time.UnixMilli(e.flush.WindowStartMs).UTC(),
+			"sequence", e.flush.Sequence, "cells", len(e.flush.Cells), "backoff", backoff, "err", err)
+		select {
+		case <-o.ctx.Done():
+			return o.ctx.Err()
+		case <-closing:
+			// Close began: try once more at once, then back off again.
+			closing = nil
+		case <-time.After(backoff):
+			backoff = min(2*backoff, 30*time.Second)
+		}
+	}
+}
+
+// confirm records that dest took e. Once every destination has taken every
+// request of an intent, its cut covers the segments before it, and the log
+// drops what is consumed.
+func (a *Aggregator) confirm(e *entry, dest string) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	it := e.intent
+	if !it.left[e.index][dest] {
+		return
+	}
+	delete(it.left[e.index], dest)
+	it.remaining--
+	if a.wal != nil {
+		rec := appendDelivered(nil, deliveredRecord{intent: it.pos, index: e.index, dest: dest})
+		if _, err := a.wal.Append(recDelivered, rec); err != nil {
+			a.opts.Logger.Error("cannot log a delivery; the request will go out again after a restart", "err", err)
+		}
+	}
+	if it.remaining == 0 {
+		a.completeLocked(it)
+	}
+}
+
+// completeLocked forgets a fully delivered intent and drops the segments it
+// was the last to need.
+func (a *Aggregator) completeLocked(it *intent) {
+	delete(a.mu.intents, it)
+	if c := it.cut; c.pos != (wal.Pos{}) {
+		// A cut no earlier in the log that took at least as much covers
+		// whatever an older one covers.
+		a.mu.doneCuts = slices.DeleteFunc(a.mu.doneCuts, func(d cutMark) bool {
+			return d.pos.Segment <= c.pos.Segment && (c.final || !d.final && d.upto <= c.upto)
+		})
+		a.mu.doneCuts = append(a.mu.doneCuts, c)
+	}
+	if a.wal != nil && !a.mu.replaying {
+		a.truncateLocked()
+	}
+}
+
+// truncateLocked deletes the longest run of oldest segments that are
+// consumed: no intent in them waits for a delivery, and every window their
+// batch records touched was taken by a cut, in a later segment, whose
+// intent was fully delivered. See docs/format/wal.md.
+func (a *Aggregator) truncateLocked() {
+	segs := a.wal.Segments()
+	upto := uint64(0)
+	for _, s := range segs[:len(segs)-1] {
+		consumed := true
+		for it := range a.mu.intents {
+			if it.pos.Segment == s {
+				consumed = false
+				break
+			}
+		}
+		if maxStart, ok := a.mu.segMax[s]; ok && consumed {
+			consumed = false
+			for _, c := range a.mu.doneCuts {
+				if c.pos.Segment > s && (c.final || maxStart <= c.upto) {
+					consumed = true
+					break
+				}
+			}
+		}
+		if !consumed {
+			break
+		}
+		upto = s + 1
+	}
+	if upto == 0 {
+		return
+	}
+	if err := a.wal.DeleteBefore(upto); err != nil {
+		a.opts.Logger.Error("cannot delete consumed log segments", "err", err)
+		return
+	}
+	for s := range a.mu.segMax {
+		if s < upto {
+			delete(a.mu.segMax, s)
+		}
+	}
+	a.mu.doneCuts = slices.DeleteFunc(a.mu.doneCuts, func(c cutMark) bool { return c.pos.Segment <= upto })
+	a.opts.Logger.Debug("consumed log segments deleted", "below", fmt.Sprint(upto))
+}

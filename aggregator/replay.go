@@ -1,0 +1,181 @@
+package aggregator
+
+import (
+	"cmp"
+	"fmt"
+	"math"
+	"slices"
+
+	"github.com/dimsum/dimsum/wal"
+)
+
+// replay rebuilds what a crashed process held from its log: the cube from
+// batch records, the publishers' dedupe state, and the intents not yet fully
+// delivered. See docs/format/wal.md for the rules.
+type replay struct {
+	a *Aggregator
+	// held keeps the windows of each cut until its intent shows up; a cut
+	// still without one when the next cut (or the end of the log) comes
+	// was interrupted by the crash, and its windows go back into the cube.
+	held map[wal.Pos][]ready
+	cuts map[wal.Pos]cutMark
+	// intents are the intents replayed, by position.
+	intents map[wal.Pos]*intent
+	// records and events count what was replayed, for the log.
+	records, events int
+}
+
+func newReplay(a *Aggregator) *replay {
+	return &replay{a: a, held: map[wal.Pos][]ready{}, cuts: map[wal.Pos]cutMark{}, intents: map[wal.Pos]*intent{}}
+}
+
+// record applies one record. It runs before the aggregator serves, with
+// a.mu held.
+func (r *replay) record(pos wal.Pos, typ wal.Type, payload []byte) error {
+	a := r.a
+	a.metrics.replayedRecords.Inc()
+	r.records++
+	switch typ {
+	case recBatch:
+		b, err := decodeBatch(payload)
+		if err != nil {
+			return err
+		}
+		r.batch(pos, b)
+	case recCut:
+		c, err := decodeCut(payload)
+		if err != nil {
+			return err
+		}
+		r.restore()
+		r.held[pos] = a.takeLocked(c.starts)
+		r.cuts[pos] = cutMark{pos: pos, upto: c.upto, final: c.final}
+	case recIntent:
+		cut, entries, err := decodeIntent(payload)
+		if err != nil {
+			return err
+		}
+		// The intent's requests hold the cut's windows; a cut whose record
+		// was deleted with its segment is known by its intent alone.
+		delete(r.held, cut)
+		it := newIntent(pos, r.cuts[cut], entries)
+		r.intents[pos] = it
+		a.mu.intents[it] = struct{}{}
+		if it.remaining == 0 {
+			a.completeLocked(it)
+		}
+	case recDelivered:
+		d, err := decodeDelivered(payload)
+		if err != nil {
+			return err
+		}
+		// An intent fully delivered before its segment was deleted leaves
+		// confirmations of nothing behind.
+		it := r.intents[d.intent]
+		if it == nil || d.index >= len(it.entries) || !it.left[d.index][d.dest] {
+			return nil
+		}
+		delete(it.left[d.index], d.dest)
+		if it.remaining--; it.remaining == 0 {
+			a.completeLocked(it)
+		}
+	case recCheckpoint:
+		sources, err := decodeCheckpoint(payload)
+		if err != nil {
+			return err
+		}
+		a.mu.sources = sources
+	default:
+		return fmt.Errorf("%w: unknown type %d", errRecord, typ)
+	}
+	return nil
+}
+
+// batch counts a batch record's events again, as Push did, and marks its
+// identity. The events were checked when they were taken; one the schema or
+// the options now refuse is logged and left out.
+func (r *replay) batch(pos wal.Pos, b batchRecord) {
+	a := r.a
+	if b.source != "" && b.batchSeq != 0 {
+		w := a.mu.sources[b.source]
+		if w == nil {
+			w = &seqWindow{}
+			a.mu.sources[b.source] = w
+		}
+		w.mark(b.batchSeq, b.nowMS)
+	}
+	v := validator{a: a, dict: b.dict, now: b.nowMS}
+	ids := make([]uint32, len(b.dict))
+	maxStart, any := int64(math.MinInt64), false
+	for i, e := range b.events {
+		ev := event{index: i}
+		if reason, detail := v.check(e, &ev); reason != noReason {
+			a.opts.Logger.Error("logged event no longer valid, left out", "segment", pos.Segment, "offset", pos.Offset, "event", i, "reason", detail)
+			a.metrics.replaySkipped.Inc()
+			continue
+		}
+		a.internEventLocked(&ev, b.dict, ids)
+		start := a.window.StepStart(ev.ts)
+		if a.addLocked(&ev, start, math.MaxInt) != noReason {
+			a.opts.Logger.Error("logged event would overflow its window, left out", "segment", pos.Segment, "offset", pos.Offset, "event", i)
+			a.metrics.replaySkipped.Inc()
+			continue
+		}
+		a.metrics.replayedEvents.Inc()
+		r.events++
+		maxStart, any = max(maxStart, start), true
+	}
+	if any {
+		a.noteSegmentLocked(pos.Segment, maxStart)
+	}
+}
+
+// restore puts the windows of cuts that never got an intent back into the
+// cube, as the process that restarted after the crash did.
+func (r *replay) restore() {
+	for pos, todo := range r.held {
+		for _, t := range todo {
+			r.a.mergeWindowLocked(t.start, t.w)
+		}
+		delete(r.held, pos)
+	}
+}
+
+// finish ends the replay and returns the intents still waiting for a
+// delivery, in log order.
+func (r *replay) finish() []*intent {
+	r.restore()
+	var pending []*intent
+	for _, it := range r.intents {
+		if it.remaining > 0 {
+			pending = append(pending, it)
+		}
+	}
+	slices.SortFunc(pending, func(x, y *intent) int {
+		return cmp.Or(cmp.Compare(x.pos.Segment, y.pos.Segment), cmp.Compare(x.pos.Offset, y.pos.Offset))
+	})
+	return pending
+}
+
+// mergeWindowLocked adds the cells of w to the cube's window at start: each
+// leaf's count goes to every cuboid of its fan, which rebuilds the coarser
+// cells as the sums of their leaves.
+func (a *Aggregator) mergeWindowLocked(start int64, w *window) {
+	dst := a.mu.windows[start]
+	if dst == nil {
+		a.mu.windows[start] = w
+		return
+	}
+	for leaf, off := range w.leaves {
+		f := a.fams[leaf.fam]
+		src := w.aggs[w.fan[off+int32(f.finest)]]
+		doff, ok := dst.leaves[leaf]
+		if !ok {
+			doff = dst.addLeaf(f, leaf)
+		}
+		for _, i := range dst.fan[doff : doff+int32(len(f.masks))] {
+			dst.aggs[i].sum += src.sum
+			dst.aggs[i].count += src.count
+		}
+	}
+}

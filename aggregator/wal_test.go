@@ -1,0 +1,389 @@
+package aggregator_test
+
+import (
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/dimsum/dimsum/aggregator"
+	"github.com/dimsum/dimsum/schema"
+	"github.com/dimsum/dimsum/tsdb"
+	"github.com/dimsum/dimsum/wal"
+	"github.com/dimsum/dimsum/wire"
+	"github.com/dimsum/dimsum/wire/wirepb"
+)
+
+// replicaSink spreads a cube of shards shards over named replicas, each a
+// real combiner over its own store, every replica holding every shard. A
+// replica marked down answers Unavailable; one marked lossy applies a flush
+// and then loses the reply.
+type replicaSink struct {
+	shards int
+	names  []string
+	stores map[string]*harness
+
+	mu struct {
+		sync.Mutex
+		down, lossy map[string]bool
+	}
+}
+
+func newReplicaSink(t *testing.T, h *harness, shards int, names ...string) *replicaSink {
+	t.Helper()
+	s := &replicaSink{shards: shards, names: names, stores: map[string]*harness{}}
+	s.mu.down, s.mu.lossy = map[string]bool{}, map[string]bool{}
+	for _, n := range names {
+		r := newHarness(t, h.schema)
+		r.window = h.window
+		s.stores[n] = r
+	}
+	return s
+}
+
+func (s *replicaSink) Shards() int              { return s.shards }
+func (s *replicaSink) Replicas(uint32) []string { return s.names }
+
+func (s *replicaSink) Flush(ctx context.Context, replica string, req *wirepb.FlushRequest) error {
+	s.mu.Lock()
+	down, lossy := s.mu.down[replica], s.mu.lossy[replica]
+	s.mu.Unlock()
+	if down {
+		return status.Error(codes.Unavailable, replica+" is down")
+	}
+	err := s.stores[replica].sink.Flush(ctx, replica, req)
+	if lossy {
+		return status.Error(codes.DeadlineExceeded, "reply lost")
+	}
+	return err
+}
+
+func (s *replicaSink) set(replica string, down, lossy bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.mu.down[replica], s.mu.lossy[replica] = down, lossy
+}
+
+// walAggregator opens an aggregator with a log in dir, flushing into sink
+// on h's clock; the loop never flushes on its own.
+func walAggregator(t *testing.T, h *harness, dir string, sink aggregator.Sink, opts aggregator.Options) *aggregator.Aggregator {
+	t.Helper()
+	opts.Schema, opts.Sink, opts.Now, opts.WALDir = h.schema, sink, h.clock.Now, dir
+	opts.FlushInterval = time.Hour
+	opts.RetryBackoff = time.Millisecond
+	a, err := aggregator.New(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return a
+}
+
+// acked pushes n events of value v spread over hosts, under the identity
+// (source, seq), and returns what was acknowledged.
+func acked(t *testing.T, h *harness, a *aggregator.Aggregator, source string, seq uint64, ts int64, n int, v float64) tsdb.Step {
+	t.Helper()
+	var b wire.Batch
+	for i := range n {
+		addGood(&b, ts, v, i, i%3, i%2)
+	}
+	req := b.Request()
+	req.Source, req.BatchSeq = source, seq
+	resp, err := a.Push(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if resp.Duplicate {
+		return tsdb.Step{}
+	}
+	return tsdb.Step{Sum: v * float64(resp.Accepted), Count: resp.Accepted}
+}
+
+func add(x, y tsdb.Step) tsdb.Step { return tsdb.Step{Sum: x.Sum + y.Sum, Count: x.Count + y.Count} }
+
+func TestWALReplayAfterCrash(t *testing.T) {
+	h := newHarness(t, schema.Default())
+	dir := t.TempDir()
+	a := walAggregator(t, h, dir, h.sink, aggregator.Options{})
+	var want tsdb.Step
+	want = add(want, acked(t, h, a, "pub", 1, h.ms(0), 50, 2))
+	want = add(want, acked(t, h, a, "pub", 2, h.ms(-20*time.Second), 30, 1)) // an older window
+	want = add(want, acked(t, h, a, "", 0, h.ms(0), 10, 3))                  // no identity
+	aggregator.Crash(a)
+	if n := len(h.sink.flushes()); n != 0 {
+		t.Fatalf("%d flushes before the restart", n)
+	}
+
+	b := walAggregator(t, h, dir, h.sink, aggregator.Options{Registerer: h.reg})
+	// A retry of an acknowledged batch counts once across the restart; a
+	// new batch of the same source counts.
+	if got := acked(t, h, b, "pub", 2, h.ms(-20*time.Second), 30, 1); got.Count != 0 {
+		t.Errorf("the retry of batch 2 counted %d events again", got.Count)
+	}
+	want = add(want, acked(t, h, b, "pub", 3, h.ms(0), 5, 1))
+	if err := b.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if got := h.total(t); got != want {
+		t.Errorf("store holds %+v, acknowledged %+v", got, want)
+	}
+	if got := h.counter(t, "dimsum_aggregator_wal_replayed_events_total"); got != 90 {
+		t.Errorf("replayed %v events, want 90", got)
+	}
+
+	// The windows went out: a third start replays nothing pending and
+	// counts nothing again.
+	c := walAggregator(t, h, dir, h.sink, aggregator.Options{})
+	if err := c.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if got := h.total(t); got != want {
+		t.Errorf("after a clean restart the store holds %+v, want %+v", got, want)
+	}
+}
+
+// A crash between a cut and its intent puts the cut windows back into the
+// cube, and they go out once.
+func TestWALCutWithoutIntentRestored(t *testing.T) {
+	h := newHarness(t, schema.Default())
+	dir := t.TempDir()
+	a := walAggregator(t, h, dir, h.sink, aggregator.Options{Grace: time.Second})
+	want := acked(t, h, a, "pub", 1, h.ms(0), 40, 1)
+	want = add(want, acked(t, h, a, "pub", 2, h.ms(time.Minute), 7, 1)) // a window still open
+	h.clock.Set(h.window.Add(12 * time.Second))
+	aggregator.CrashAfterCut(a)
+
+	b := walAggregator(t, h, dir, h.sink, aggregator.Options{Grace: time.Second})
+	aggregator.Flush(b)
+	poll(t, "the restored window", func() bool { return len(h.sink.flushes()) == 1 })
+	if got := h.total(t); got.Count != 40 {
+		t.Errorf("the restored window holds %d events, want 40", got.Count)
+	}
+	b.Close()
+	if got := h.total(t); got != want {
+		t.Errorf("store holds %+v, acknowledged %+v", got, want)
+	}
+	if d := h.sink.duplicates(); d != 0 {
+		t.Errorf("%d duplicate flushes", d)
+	}
+}
+
+// An intent whose delivery was not confirmed goes out again after a crash
+// under its first identity, so a combiner that had applied it counts it once.
+func TestWALIntentResentWithSameIdentity(t *testing.T) {
+	h := newHarness(t, schema.Default())
+	dir := t.TempDir()
+	sink := newReplicaSink(t, h, 1, "r1")
+	sink.set("r1", false, true) // applied, reply lost
+	a := walAggregator(t, h, dir, sink, aggregator.Options{Grace: time.Second})
+	want := acked(t, h, a, "pub", 1, h.ms(0), 25, 4)
+	h.clock.Set(h.window.Add(12 * time.Second))
+	aggregator.Flush(a)
+	r1 := sink.stores["r1"]
+	poll(t, "a first attempt", func() bool { return len(r1.sink.flushes()) > 0 })
+	first := r1.sink.flushes()[0]
+	aggregator.Crash(a)
+
+	sink.set("r1", false, false)
+	b := walAggregator(t, h, dir, sink, aggregator.Options{Grace: time.Second})
+	poll(t, "the resent request", func() bool { return len(b.Pending()) == 0 && r1.sink.duplicates() > 0 })
+	b.Close()
+	for _, f := range r1.sink.flushes() {
+		if f.Source != first.Source || f.Sequence != first.Sequence || f.WindowStartMs != first.WindowStartMs {
+			t.Errorf("flush (%s, %d, %d) after the restart, the first was (%s, %d, %d)",
+				f.Source, f.WindowStartMs, f.Sequence, first.Source, first.WindowStartMs, first.Sequence)
+		}
+	}
+	if first.Source == b.Source() {
+		t.Errorf("the restarted aggregator reuses the source %s", first.Source)
+	}
+	if got := r1.total(t); got != want {
+		t.Errorf("store holds %+v, acknowledged %+v", got, want)
+	}
+}
+
+// segments counts the log's segment files.
+func segments(t *testing.T, dir string) int {
+	t.Helper()
+	files, err := filepath.Glob(filepath.Join(dir, "*.wal"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(files)
+}
+
+// With two replicas, one down: the other gets everything at once, the log
+// keeps what the down one lacks, and when it answers again it catches up
+// (its pending count goes to zero), applying each flush once; then the log
+// drops the consumed segments.
+func TestWALHandoffAndTruncation(t *testing.T) {
+	h := newHarness(t, schema.Default())
+	dir := t.TempDir()
+	sink := newReplicaSink(t, h, 3, "r1", "r2")
+	a := walAggregator(t, h, dir, sink, aggregator.Options{Grace: time.Second, WALSegmentBytes: 8 << 10, Registerer: h.reg})
+	defer a.Close()
+
+	var want tsdb.Step
+	seq := uint64(0)
+	round := func(windows int) {
+		for range windows {
+			for range 4 {
+				seq++
+				want = add(want, acked(t, h, a, "pub", seq, h.ms(0), 20, 1))
+			}
+			h.clock.Set(h.clock.Now().Add(10 * time.Second))
+			aggregator.Flush(a)
+		}
+	}
+	round(6)
+	poll(t, "both replicas", func() bool { return len(a.Pending()) == 0 })
+	// One more flush after the deliveries lets the newest cut cover
+	// every older segment.
+	round(1)
+	poll(t, "both replicas", func() bool { return len(a.Pending()) == 0 })
+	if n := segments(t, dir); n > 3 {
+		t.Errorf("%d segments while both replicas are up", n)
+	}
+
+	sink.set("r2", true, false)
+	round(8)
+	poll(t, "r1", func() bool { _, ok := a.Pending()["r1"]; return !ok })
+	pending := a.Pending()["r2"]
+	if pending == 0 {
+		t.Fatal("nothing waits for the replica that is down")
+	}
+	kept := segments(t, dir)
+	t.Logf("segments: %d kept while r2 is down, %d pending", kept, pending)
+	if kept < 5 {
+		t.Errorf("%d segments kept while r2 is down", kept)
+	}
+	if got := sink.stores["r1"].total(t); got != want {
+		t.Errorf("r1 holds %+v while r2 is down, acknowledged %+v", got, want)
+	}
+
+	sink.set("r2", false, false)
+	poll(t, "r2 to catch up", func() bool { return len(a.Pending()) == 0 })
+	round(1)
+	poll(t, "both replicas", func() bool { return len(a.Pending()) == 0 })
+	t.Logf("segments after catching up: %d", segments(t, dir))
+	if n := segments(t, dir); n >= kept {
+		t.Errorf("%d segments after r2 caught up, %d while it was down", n, kept)
+	}
+	for _, r := range []string{"r1", "r2"} {
+		if got := sink.stores[r].total(t); got != want {
+			t.Errorf("%s holds %+v, acknowledged %+v", r, got, want)
+		}
+		if d := sink.stores[r].sink.duplicates(); d != 0 {
+			t.Errorf("%s saw %d duplicate flushes", r, d)
+		}
+		for _, f := range sink.stores[r].sink.flushes() {
+			if f.Shards != 3 || f.Shard >= 3 {
+				t.Fatalf("flush for shard %d of %d", f.Shard, f.Shards)
+			}
+		}
+	}
+}
+
+// Past WALMaxBytes Push refuses batches, with ResourceExhausted over gRPC,
+// until the combiner takes the windows and the log shrinks.
+func TestWALBackPressure(t *testing.T) {
+	h := newHarness(t, schema.Default())
+	sink := newReplicaSink(t, h, 1, "r1")
+	sink.set("r1", true, false)
+	h.agg = walAggregator(t, h, t.TempDir(), sink, aggregator.Options{Grace: time.Second, WALMaxBytes: 20 << 10, WALSegmentBytes: 4 << 10})
+	defer h.agg.Close()
+	client := serve(t, h)
+	var want tsdb.Step
+	var err error
+	for seq := uint64(1); seq < 200 && err == nil; seq++ {
+		var b wire.Batch
+		for i := range 20 {
+			addGood(&b, h.ms(0), 1, i, 0, 0)
+		}
+		req := b.Request()
+		req.Source, req.BatchSeq = "pub", seq
+		var resp *wirepb.PushResponse
+		if resp, err = client.Push(context.Background(), req); err == nil {
+			want.Count += resp.Accepted
+			want.Sum += float64(resp.Accepted)
+		}
+		h.clock.Set(h.clock.Now().Add(5 * time.Second))
+		aggregator.Flush(h.agg)
+	}
+	if status.Code(err) != codes.ResourceExhausted {
+		t.Fatalf("Push: %v, want ResourceExhausted", err)
+	}
+	if _, err := h.agg.Push(new(wire.Batch).Request()); !errors.Is(err, aggregator.ErrLogFull) {
+		t.Fatalf("Push: %v, want ErrLogFull", err)
+	}
+	sink.set("r1", false, false)
+	poll(t, "the log to shrink", func() bool {
+		if len(h.agg.Pending()) > 0 {
+			return false
+		}
+		// A flush after the deliveries lets a cut cover the segments.
+		var b wire.Batch
+		addGood(&b, h.ms(0), 1, 0, 0, 0)
+		resp, err := h.agg.Push(b.Request())
+		if err == nil {
+			want.Count += resp.Accepted
+			want.Sum += float64(resp.Accepted)
+		}
+		h.clock.Set(h.clock.Now().Add(5 * time.Second))
+		aggregator.Flush(h.agg)
+		return err == nil
+	})
+	h.agg.Close()
+	if got := sink.stores["r1"].total(t); got != want {
+		t.Errorf("store holds %+v, acknowledged %+v", got, want)
+	}
+}
+
+// A corrupt record in the middle of the log stops New with an error naming
+// the file, instead of replaying past it.
+func TestWALCorruptionRefused(t *testing.T) {
+	h := newHarness(t, schema.Default())
+	dir := t.TempDir()
+	a := walAggregator(t, h, dir, h.sink, aggregator.Options{})
+	acked(t, h, a, "pub", 1, h.ms(0), 10, 1)
+	acked(t, h, a, "pub", 2, h.ms(0), 10, 1)
+	aggregator.Crash(a)
+	files, _ := filepath.Glob(filepath.Join(dir, "*.wal"))
+	data, _ := os.ReadFile(files[0])
+	data[40] ^= 0xff
+	os.WriteFile(files[0], data, 0o644)
+	_, err := aggregator.New(aggregator.Options{Schema: h.schema, Sink: h.sink, WALDir: dir})
+	if err == nil || !errors.Is(err, wal.ErrCorrupt) {
+		t.Fatalf("New over a corrupt log: %v", err)
+	}
+}
+
+// A restart with another grace replays the cuts the log lists, not the ones
+// the new grace would make: a window that went out in a logged intent is
+// neither counted again from the cube nor lost.
+func TestWALReplayWithOtherGrace(t *testing.T) {
+	h := newHarness(t, schema.Default())
+	dir := t.TempDir()
+	sink := newReplicaSink(t, h, 1, "r1")
+	sink.set("r1", true, false)
+	a := walAggregator(t, h, dir, sink, aggregator.Options{Grace: time.Second})
+	want := acked(t, h, a, "pub", 1, h.ms(0), 30, 1)
+	h.clock.Set(h.window.Add(12 * time.Second))
+	aggregator.Flush(a) // the intent is logged; r1 is down
+	aggregator.Crash(a)
+
+	sink.set("r1", false, false)
+	b := walAggregator(t, h, dir, sink, aggregator.Options{Grace: time.Hour})
+	poll(t, "the resent request", func() bool { return len(b.Pending()) == 0 })
+	if err := b.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if got := sink.stores["r1"].total(t); got != want {
+		t.Errorf("store holds %+v, acknowledged %+v", got, want)
+	}
+}

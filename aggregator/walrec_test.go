@@ -1,0 +1,71 @@
+package aggregator
+
+import (
+	"errors"
+	"reflect"
+	"testing"
+
+	"github.com/dimsum/dimsum/wal"
+	"github.com/dimsum/dimsum/wire/wirepb"
+)
+
+// TestRecordsRoundTrip encodes each record type and decodes it back.
+func TestRecordsRoundTrip(t *testing.T) {
+	req := &wirepb.PushRequest{Source: "pub", BatchSeq: 7, Dict: []string{"requests", "host", "h1"},
+		Events: []*wirepb.Event{{Family: 0, Labels: []uint32{1, 2}, TimestampMs: 1_000_500, Value: 2.5}, {Family: 0, Labels: []uint32{1, 2}, TimestampMs: 999_000, Value: 1}}}
+	b, err := decodeBatch(appendBatch(nil, req, 1_000_000, []event{{index: 1}}))
+	if err != nil || b.source != "pub" || b.batchSeq != 7 || b.nowMS != 1_000_000 || !reflect.DeepEqual(b.dict, req.Dict) ||
+		len(b.events) != 1 || b.events[0].TimestampMs != 999_000 || b.events[0].Value != 1 || !reflect.DeepEqual(b.events[0].Labels, []uint32{1, 2}) {
+		t.Errorf("batch: %+v, %v", b, err)
+	}
+	cut := cutRecord{upto: -5, final: true, starts: []int64{-10_000, 20_000}}
+	if c, err := decodeCut(appendCut(nil, cut)); err != nil || !reflect.DeepEqual(c, cut) {
+		t.Errorf("cut: %+v, %v", c, err)
+	}
+	flush := &wirepb.FlushRequest{Source: "agg/x", WindowStartMs: 10_000, Sequence: 3, Shard: 1, Shards: 2, Dict: []string{"requests"}}
+	payload, err := appendIntent(nil, wal.Pos{Segment: 2, Offset: 30}, []*entry{{kind: entryFlush, dests: []string{"r1", "r2"}, flush: flush}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pos, entries, err := decodeIntent(payload)
+	if err != nil || pos != (wal.Pos{Segment: 2, Offset: 30}) || len(entries) != 1 || entries[0].flush.Sequence != 3 ||
+		entries[0].flush.Shard != 1 || !reflect.DeepEqual(entries[0].dests, []string{"r1", "r2"}) {
+		t.Errorf("intent: %v %+v, %v", pos, entries, err)
+	}
+	d := deliveredRecord{intent: wal.Pos{Segment: 1, Offset: 8}, index: 4, dest: "r2"}
+	if got, err := decodeDelivered(appendDelivered(nil, d)); err != nil || got != d {
+		t.Errorf("delivered: %+v, %v", got, err)
+	}
+	w := &seqWindow{high: 1500, lastMS: 42}
+	w.bits[3] = 0xf0
+	sources, err := decodeCheckpoint(appendCheckpoint(nil, map[string]*seqWindow{"pub": w}))
+	if err != nil || len(sources) != 1 || *sources["pub"] != *w {
+		t.Errorf("checkpoint: %v, %v", sources, err)
+	}
+}
+
+// FuzzDecodeRecords feeds arbitrary payloads to every record decoder: none
+// may panic or allocate beyond the payload's size, and an error must be a
+// record error.
+func FuzzDecodeRecords(f *testing.F) {
+	req := &wirepb.PushRequest{Source: "pub", BatchSeq: 1, Dict: []string{"requests", "host", "h1"},
+		Events: []*wirepb.Event{{Family: 0, Labels: []uint32{1, 2}, TimestampMs: 5, Value: 1}}}
+	f.Add(appendBatch(nil, req, 10, []event{{index: 0}}))
+	f.Add(appendCut(nil, cutRecord{upto: 99, starts: []int64{90}}))
+	intent, _ := appendIntent(nil, wal.Pos{Segment: 1, Offset: 9}, []*entry{{kind: entryFlush, dests: []string{"c"}, flush: &wirepb.FlushRequest{Source: "a"}}})
+	f.Add(intent)
+	f.Add(appendDelivered(nil, deliveredRecord{dest: "c"}))
+	f.Add(appendCheckpoint(nil, map[string]*seqWindow{"pub": {high: 3}}))
+	f.Fuzz(func(t *testing.T, payload []byte) {
+		_, err1 := decodeBatch(payload)
+		_, err2 := decodeCut(payload)
+		_, _, err3 := decodeIntent(payload)
+		_, err4 := decodeDelivered(payload)
+		_, err5 := decodeCheckpoint(payload)
+		for _, err := range []error{err1, err2, err3, err4, err5} {
+			if err != nil && !errors.Is(err, errRecord) {
+				t.Fatalf("unclassified error %v", err)
+			}
+		}
+	})
+}
