@@ -57,8 +57,6 @@ func runNode(cmd string, args []string) error {
 	}
 	if cmd != "all" {
 		cfg.Roles = []string{cmd}
-	} else if len(cfg.Roles) == 0 {
-		cfg.Roles = []string{node.RoleAggregator, node.RoleCombiner, node.RoleQuery}
 	}
 
 	// Signals are caught before the node serves, so a SIGTERM sent as soon

@@ -12,6 +12,7 @@ import (
 	"github.com/prometheus/common/model"
 	"go.yaml.in/yaml/v3"
 
+	"github.com/dimsum/dimsum/cluster"
 	"github.com/dimsum/dimsum/schema"
 )
 
@@ -90,13 +91,6 @@ type ClusterConfig struct {
 	Timing string `yaml:"timing"`
 }
 
-// The roles a node can run.
-const (
-	RoleAggregator = "aggregator"
-	RoleCombiner   = "combiner"
-	RoleQuery      = "query"
-)
-
 // QueryConfig mirrors query.Options; zero fields take its defaults.
 type QueryConfig struct {
 	Timeout       model.Duration `yaml:"timeout"`        // default 2m
@@ -104,6 +98,11 @@ type QueryConfig struct {
 	MaxSeries     int            `yaml:"max_series"`     // default 1000000
 	LookbackDelta model.Duration `yaml:"lookback_delta"` // default 5m
 	MaxGroups     int            `yaml:"max_groups"`     // default 10000, groups of one cube slice
+	// PartialResponse is what a request that does not say (with the
+	// partial_response parameter) gets when a shard of the cube has no
+	// reachable combiner: true, the default, answers from the others with a
+	// warning; false fails with 503.
+	PartialResponse *bool `yaml:"partial_response"`
 }
 
 // ErrConfig marks an invalid configuration.
@@ -147,7 +146,7 @@ func (c *Config) EnsureDefaults() {
 		c.MaxRecvBytes = 64 << 20
 	}
 	if len(c.Roles) == 0 {
-		c.Roles = []string{RoleAggregator, RoleCombiner, RoleQuery}
+		c.Roles = []string{string(cluster.RoleAggregator), string(cluster.RoleCombiner), string(cluster.RoleQuery)}
 	}
 	cl := &c.Cluster
 	if cl.Shards == 0 {
@@ -171,7 +170,7 @@ func (c *Config) EnsureDefaults() {
 func (c *Config) Clustered() bool { return c.Cluster.GossipListen != "" || len(c.Cluster.Join) > 0 }
 
 // HasRole reports whether the node runs role.
-func (c *Config) HasRole(role string) bool { return slices.Contains(c.Roles, role) }
+func (c *Config) HasRole(role cluster.Role) bool { return slices.Contains(c.Roles, string(role)) }
 
 // Validate reports the first node-level, cluster or query field that cannot
 // work; zero values stand for their defaults. The aggregator and the schema
@@ -197,8 +196,8 @@ func (c *Config) Validate() error {
 	}
 	seen := map[string]bool{}
 	for _, r := range c.Roles {
-		if r != RoleAggregator && r != RoleCombiner && r != RoleQuery {
-			return fmt.Errorf("%w: unknown role %q, want aggregator, combiner or query", ErrConfig, r)
+		if _, err := cluster.ParseRole(r); err != nil {
+			return fmt.Errorf("%w: %v", ErrConfig, err)
 		}
 		if seen[r] {
 			return fmt.Errorf("%w: role %q listed twice", ErrConfig, r)

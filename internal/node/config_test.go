@@ -5,6 +5,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/dimsum/dimsum/cluster"
 	"github.com/dimsum/dimsum/schema"
 )
 
@@ -35,7 +36,7 @@ func TestParseConfig(t *testing.T) {
 		t.Fatal(err)
 	}
 	if !c.Clustered() || c.Cluster.GossipListen != "10.0.0.5:9402" || c.Cluster.Shards != 64 || c.Cluster.Replication != 2 ||
-		!c.HasRole(RoleCombiner) || c.HasRole(RoleQuery) {
+		!c.HasRole(cluster.RoleCombiner) || c.HasRole(cluster.RoleQuery) {
 		t.Errorf("cluster member's defaults: %+v", c)
 	}
 	for _, tc := range []struct{ name, yaml, want string }{

@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/http"
 	"path/filepath"
+	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -17,27 +18,36 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/dimsum/dimsum/aggregator"
+	"github.com/dimsum/dimsum/cluster"
 	"github.com/dimsum/dimsum/combiner"
 	"github.com/dimsum/dimsum/query"
+	"github.com/dimsum/dimsum/query/fanout"
+	"github.com/dimsum/dimsum/schema"
 	"github.com/dimsum/dimsum/tsdb"
 )
 
-// Node is an all-in-one dimsum process: aggregator, combiner and query roles
-// over one store, serving gRPC and HTTP.
+// Node is a dimsum process: some or all of the aggregator, combiner and
+// query roles, alone or as a member of a cluster, serving gRPC and HTTP.
 type Node struct {
+	cfg    Config
 	log    *slog.Logger
-	db     *tsdb.DB
-	agg    *aggregator.Aggregator
-	conn   *grpc.ClientConn
+	db     *tsdb.DB               // the combiner role's store
+	agg    *aggregator.Aggregator // the aggregator role
+	member *cluster.Cluster       // in a cluster
+	topo   *topology              // in a cluster
+	conn   *grpc.ClientConn       // alone: the aggregator's connection to its combiner
 	grpc   *grpc.Server
 	http   *http.Server
 	grpcLn net.Listener
 	httpLn net.Listener
+	stop   chan struct{} // ends the background loops
+	loops  sync.WaitGroup
 	errc   chan error
 }
 
-// Start opens the store, starts every role and begins serving. version is
-// what /api/v1/status/buildinfo reports.
+// Start opens what the node's roles need, joins the cluster if the config
+// names one, and begins serving. version is what
+// /api/v1/status/buildinfo reports.
 func Start(cfg Config, version string, log *slog.Logger) (n *Node, err error) {
 	cfg.EnsureDefaults()
 	if err := cfg.Validate(); err != nil {
@@ -50,7 +60,7 @@ func Start(cfg Config, version string, log *slog.Logger) (n *Node, err error) {
 	if err != nil {
 		return nil, err
 	}
-	n = &Node{log: log, errc: make(chan error, 2)}
+	n = &Node{cfg: cfg, log: log, stop: make(chan struct{}), errc: make(chan error, 2)}
 	// Every failure below returns a nil node, so the cleanup keeps its own
 	// reference to what was built.
 	built := n
@@ -62,21 +72,6 @@ func Start(cfg Config, version string, log *slog.Logger) (n *Node, err error) {
 
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-
-	n.db, err = tsdb.Open(tsdb.Options{
-		Dir:        filepath.Join(cfg.DataDir, "cube"),
-		Schema:     s,
-		Logger:     log.With("component", "tsdb"),
-		Registerer: reg,
-	})
-	if err != nil {
-		return nil, fmt.Errorf("node: cannot open the store in %s: %w", cfg.DataDir, err)
-	}
-	comb, err := combiner.New(combiner.Options{Store: n.db, Logger: log.With("component", "combiner"), Registerer: reg})
-	if err != nil {
-		return nil, err
-	}
-
 	if n.grpcLn, err = net.Listen("tcp", cfg.GRPCListen); err != nil {
 		return nil, fmt.Errorf("node: cannot listen for gRPC: %w", err)
 	}
@@ -84,60 +79,44 @@ func Start(cfg Config, version string, log *slog.Logger) (n *Node, err error) {
 		return nil, fmt.Errorf("node: cannot listen for HTTP: %w", err)
 	}
 	n.grpc = grpc.NewServer(grpc.MaxRecvMsgSize(cfg.MaxRecvBytes))
-	comb.Register(n.grpc)
 
-	// The aggregator flushes to the combiner over gRPC even in one process,
-	// so the path is the one a cluster takes.
-	n.conn, err = grpc.NewClient("passthrough:///"+n.grpcLn.Addr().String(),
-		grpc.WithTransportCredentials(insecure.NewCredentials()),
-		grpc.WithDefaultCallOptions(grpc.MaxCallSendMsgSize(cfg.MaxRecvBytes)))
-	if err != nil {
-		return nil, fmt.Errorf("node: cannot dial the combiner: %w", err)
+	if cfg.HasRole(cluster.RoleCombiner) {
+		n.db, err = tsdb.Open(tsdb.Options{
+			Dir:        filepath.Join(cfg.DataDir, "cube"),
+			Schema:     s,
+			Logger:     log.With("component", "tsdb"),
+			Registerer: reg,
+		})
+		if err != nil {
+			return nil, fmt.Errorf("node: cannot open the store in %s: %w", cfg.DataDir, err)
+		}
+		comb, err := combiner.New(combiner.Options{Store: n.db, Logger: log.With("component", "combiner"), Registerer: reg})
+		if err != nil {
+			return nil, err
+		}
+		comb.Register(n.grpc)
+		combiner.NewReadServer(s, n.db).Register(n.grpc)
 	}
-	ac := cfg.Aggregator
-	walDir := filepath.Join(cfg.DataDir, "wal")
-	if ac.WALDisabled {
-		walDir = ""
+	if cfg.Clustered() {
+		if err := n.join(); err != nil {
+			return nil, err
+		}
 	}
-	n.agg, err = aggregator.New(aggregator.Options{
-		Schema:            s,
-		Sink:              combiner.NewClient(cfg.Name, n.conn),
-		Name:              cfg.Name,
-		Grace:             time.Duration(ac.Grace),
-		MaxLateness:       time.Duration(ac.MaxLateness),
-		MaxFutureSkew:     time.Duration(ac.MaxFutureSkew),
-		MaxBatchEvents:    ac.MaxBatchEvents,
-		MaxCellsPerWindow: ac.MaxCellsPerWindow,
-		FlushInterval:     time.Duration(ac.FlushInterval),
-		WALDir:            walDir,
-		WALMaxBytes:       ac.WALMaxBytes,
-		Logger:            log.With("component", "aggregator"),
-		Registerer:        reg,
-	})
-	if err != nil {
-		return nil, err
+	if cfg.HasRole(cluster.RoleAggregator) {
+		if err := n.startAggregator(s, reg); err != nil {
+			return nil, err
+		}
 	}
-	n.agg.Register(n.grpc)
 
-	api, err := query.NewAPI(query.Options{
-		Schema:        s,
-		Reader:        n.db,
-		Timeout:       time.Duration(cfg.Query.Timeout),
-		MaxSamples:    cfg.Query.MaxSamples,
-		MaxSeries:     cfg.Query.MaxSeries,
-		MaxGroups:     cfg.Query.MaxGroups,
-		LookbackDelta: time.Duration(cfg.Query.LookbackDelta),
-		Version:       version,
-		Logger:        log.With("component", "query"),
-		Registerer:    reg,
-	})
-	if err != nil {
-		return nil, err
-	}
 	mux := http.NewServeMux()
-	api.Register(mux)
+	if cfg.HasRole(cluster.RoleQuery) {
+		if err := n.startQuery(s, reg, version, mux); err != nil {
+			return nil, err
+		}
+	}
 	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
 	mux.HandleFunc("/-/healthy", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "dimsum is healthy.") })
+	mux.HandleFunc("GET /api/v1/status/cluster", n.serveClusterStatus)
 	n.http = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 
 	go func() { n.errc <- n.grpc.Serve(n.grpcLn) }()
@@ -157,8 +136,153 @@ func Start(cfg Config, version string, log *slog.Logger) (n *Node, err error) {
 	}
 	log.Info("schema loaded", "families", families, "resolutions", resolutions, "window", s.Window())
 	log.Info("dimsum is serving", "grpc", n.GRPCAddr(), "http", n.HTTPAddr(), "data", cfg.DataDir,
-		"roles", "aggregator,combiner,query")
+		"roles", cfg.Roles, "cluster", cfg.Clustered())
 	return n, nil
+}
+
+// join starts memberlist and the topology over it.
+func (n *Node) join() error {
+	cfg := n.cfg
+	var meta cluster.Meta
+	for _, r := range cfg.Roles {
+		role, err := cluster.ParseRole(r)
+		if err != nil {
+			return fmt.Errorf("%w: %v", ErrConfig, err)
+		}
+		meta.Roles = append(meta.Roles, role)
+	}
+	var err error
+	if meta.GRPCAddr, err = reachable(n.GRPCAddr(), cfg.Cluster.Advertise); err != nil {
+		return err
+	}
+	if meta.HTTPAddr, err = reachable(n.HTTPAddr(), cfg.Cluster.Advertise); err != nil {
+		return err
+	}
+	meta.Started = time.Now()
+	timing := cluster.LANTiming()
+	if cfg.Cluster.Timing == "fast" {
+		timing = cluster.FastTiming()
+	}
+	n.member, err = cluster.Start(cluster.Config{
+		Name:          cfg.Name,
+		BindAddr:      cfg.Cluster.GossipListen,
+		AdvertiseAddr: cfg.Cluster.Advertise,
+		Join:          cfg.Cluster.Join,
+		Meta:          meta,
+		Timing:        timing,
+		Logger:        n.log.With("component", "cluster"),
+	})
+	if err != nil {
+		return fmt.Errorf("node: cannot join the cluster: %w", err)
+	}
+	n.topo = newTopology(cfg.Name, n.member, cfg.Cluster.Shards, cfg.Cluster.Replication, cfg.MaxRecvBytes)
+	return nil
+}
+
+// reachable is the address other members reach a listener at: the listen
+// address, or its port on the advertised host when it listens on every
+// interface.
+func reachable(listen, advertise string) (string, error) {
+	host, port, err := net.SplitHostPort(listen)
+	if err != nil {
+		return "", fmt.Errorf("%w: listen address %q: %v", ErrConfig, listen, err)
+	}
+	if ip := net.ParseIP(host); ip == nil || !ip.IsUnspecified() {
+		return listen, nil
+	}
+	ahost, _, err := net.SplitHostPort(advertise)
+	if err != nil || ahost == "" {
+		return "", fmt.Errorf("%w: %s listens on every interface, so other members need cluster.advertise to know which address to use", ErrConfig, listen)
+	}
+	return net.JoinHostPort(ahost, port), nil
+}
+
+func (n *Node) startAggregator(s *schema.Schema, reg prometheus.Registerer) error {
+	cfg := n.cfg
+	var sink aggregator.Sink
+	if n.topo != nil {
+		sink = flushSink{n.topo}
+	} else {
+		// Alone, the aggregator flushes to its combiner over gRPC too, so
+		// the path is the one a cluster takes.
+		var err error
+		n.conn, err = grpc.NewClient("passthrough:///"+n.GRPCAddr(),
+			grpc.WithTransportCredentials(insecure.NewCredentials()),
+			grpc.WithDefaultCallOptions(grpc.MaxCallSendMsgSize(cfg.MaxRecvBytes)))
+		if err != nil {
+			return fmt.Errorf("node: cannot dial the combiner: %w", err)
+		}
+		sink = combiner.NewClient(cfg.Name, n.conn)
+	}
+	ac := cfg.Aggregator
+	walDir := filepath.Join(cfg.DataDir, "wal")
+	if ac.WALDisabled {
+		walDir = ""
+	}
+	var err error
+	n.agg, err = aggregator.New(aggregator.Options{
+		Schema:            s,
+		Sink:              sink,
+		Name:              cfg.Name,
+		Grace:             time.Duration(ac.Grace),
+		MaxLateness:       time.Duration(ac.MaxLateness),
+		MaxFutureSkew:     time.Duration(ac.MaxFutureSkew),
+		MaxBatchEvents:    ac.MaxBatchEvents,
+		MaxCellsPerWindow: ac.MaxCellsPerWindow,
+		FlushInterval:     time.Duration(ac.FlushInterval),
+		WALDir:            walDir,
+		WALMaxBytes:       ac.WALMaxBytes,
+		Logger:            n.log.With("component", "aggregator"),
+		Registerer:        reg,
+	})
+	if err != nil {
+		return err
+	}
+	if n.topo == nil {
+		n.agg.Register(n.grpc)
+		return nil
+	}
+	router, err := aggregator.NewRouter(aggregator.RouterOptions{
+		Local: n.agg, Self: cfg.Name, Owner: n.topo.Owner, Peer: n.topo.Peer, Registerer: reg,
+	})
+	if err != nil {
+		return err
+	}
+	router.Register(n.grpc)
+	n.loops.Go(func() { gossipHandoff(n.member, n.agg, n.stop, n.log.With("component", "cluster")) })
+	return nil
+}
+
+func (n *Node) startQuery(s *schema.Schema, reg prometheus.Registerer, version string, mux *http.ServeMux) error {
+	qc := n.cfg.Query
+	opts := query.Options{
+		Schema:          s,
+		Reader:          n.db,
+		Timeout:         time.Duration(qc.Timeout),
+		MaxSamples:      qc.MaxSamples,
+		MaxSeries:       qc.MaxSeries,
+		MaxGroups:       qc.MaxGroups,
+		LookbackDelta:   time.Duration(qc.LookbackDelta),
+		PartialResponse: qc.PartialResponse,
+		Version:         version,
+		Logger:          n.log.With("component", "query"),
+		Registerer:      reg,
+	}
+	if n.topo != nil {
+		// In a cluster the query role reads every shard from the combiners,
+		// its own store included, so every answer is read the same way.
+		fo, err := fanout.New(fanout.Options{Schema: s, Topology: n.topo, Logger: opts.Logger, Registerer: reg})
+		if err != nil {
+			return err
+		}
+		opts.Reader, opts.Source = nil, fo
+	}
+	api, err := query.NewAPI(opts)
+	if err != nil {
+		return err
+	}
+	api.Register(mux)
+	return nil
 }
 
 // GRPCAddr is the address the gRPC server listens on.
@@ -170,11 +294,21 @@ func (n *Node) HTTPAddr() string { return n.httpLn.Addr().String() }
 // Err delivers the first error that stopped a server.
 func (n *Node) Err() <-chan error { return n.errc }
 
-// Close flushes every open window, then stops serving and closes the store.
+// Close flushes every open window, then stops serving, leaves the cluster
+// and closes the store. A node with the combiner role does not announce a
+// leave: the others list it as dead, so its shards wait for it to return
+// rather than move.
 func (n *Node) Close() error {
 	var errs []error
 	if n.agg != nil {
 		errs = append(errs, n.agg.Close())
+	}
+	close(n.stop)
+	n.loops.Wait()
+	if n.member != nil && !n.cfg.HasRole(cluster.RoleCombiner) {
+		if err := n.member.Leave(5 * time.Second); err != nil {
+			n.log.Warn("leave not confirmed; the others will find this node dead", "err", err)
+		}
 	}
 	if n.conn != nil {
 		errs = append(errs, n.conn.Close())
@@ -191,6 +325,12 @@ func (n *Node) Close() error {
 		if ln != nil {
 			ln.Close()
 		}
+	}
+	if n.topo != nil {
+		n.topo.close()
+	}
+	if n.member != nil {
+		errs = append(errs, n.member.Shutdown())
 	}
 	if n.db != nil {
 		errs = append(errs, n.db.Close())

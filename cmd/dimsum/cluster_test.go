@@ -1,0 +1,311 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"maps"
+	"net/http"
+	"net/url"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// clusterConfig is every test member's config: a 1s window so that data
+// reaches the combiners quickly, memberlist's fast timings, and few shards
+// so that each combiner holds several of them twice.
+const clusterConfig = `aggregator: {grace: 1s, flush_interval: 100ms}
+cluster: {timing: fast, shards: 8, replication: 2}
+schema: {resolutions: [1s:1d, 1m:35d]}
+`
+
+// member is one dimsum process of a test cluster.
+type member struct {
+	name, role                  string
+	grpc, http, gossip, dataDir string
+	cmd                         *exec.Cmd
+	log                         *os.File
+}
+
+type testCluster struct {
+	t       *testing.T
+	bin     string
+	config  string
+	dir     string
+	seed    string // the gossip address every member joins
+	members map[string]*member
+}
+
+func buildBinary(t *testing.T, dir string) string {
+	t.Helper()
+	bin := filepath.Join(dir, "dimsum")
+	if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
+	return bin
+}
+
+func newTestCluster(t *testing.T) *testCluster {
+	dir := t.TempDir()
+	c := &testCluster{t: t, bin: buildBinary(t, dir), config: filepath.Join(dir, "dimsum.yaml"), dir: dir, members: map[string]*member{}}
+	if err := os.WriteFile(c.config, []byte(clusterConfig), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		for _, m := range c.members {
+			if m.cmd != nil {
+				m.cmd.Process.Kill()
+				m.cmd.Wait()
+			}
+		}
+		if t.Failed() {
+			for _, m := range c.members {
+				if data, err := os.ReadFile(m.log.Name()); err == nil {
+					t.Logf("log of %s:\n%s", m.name, tail(string(data), 40))
+				}
+			}
+		}
+	})
+	return c
+}
+
+func tail(s string, lines int) string {
+	l := strings.Split(s, "\n")
+	return strings.Join(l[max(0, len(l)-lines):], "\n")
+}
+
+// add starts a new member with one role.
+func (c *testCluster) add(name, role string) *member {
+	m := &member{name: name, role: role, grpc: freeAddr(c.t), http: freeAddr(c.t), gossip: freeAddr(c.t), dataDir: filepath.Join(c.dir, name)}
+	if c.seed == "" {
+		c.seed = m.gossip
+	}
+	c.members[name] = m
+	c.start(m)
+	return m
+}
+
+// start runs (or runs again) a member's process and waits until it serves
+// HTTP.
+func (c *testCluster) start(m *member) {
+	c.t.Helper()
+	var err error
+	if m.log == nil {
+		if m.log, err = os.Create(filepath.Join(c.dir, m.name+".log")); err != nil {
+			c.t.Fatal(err)
+		}
+	}
+	m.cmd = exec.Command(c.bin, m.role, "-config", c.config, "-name", m.name, "-data", m.dataDir,
+		"-grpc", m.grpc, "-http", m.http, "-gossip", m.gossip, "-join", c.seed)
+	m.cmd.Stdout, m.cmd.Stderr = m.log, m.log
+	if err := m.cmd.Start(); err != nil {
+		c.t.Fatal(err)
+	}
+	c.waitFor(m.name+" to serve HTTP", func() bool {
+		resp, err := http.Get("http://" + m.http + "/-/healthy")
+		if err != nil {
+			return false
+		}
+		resp.Body.Close()
+		return resp.StatusCode == http.StatusOK
+	})
+}
+
+// kill stops a member with SIGKILL.
+func (c *testCluster) kill(m *member) {
+	c.t.Helper()
+	if err := m.cmd.Process.Signal(syscall.SIGKILL); err != nil {
+		c.t.Fatal(err)
+	}
+	m.cmd.Wait()
+	m.cmd = nil
+}
+
+// waitFor polls cond every 100ms until it holds, or fails the test after a
+// minute.
+func (c *testCluster) waitFor(what string, cond func() bool) {
+	c.t.Helper()
+	deadline := time.Now().Add(time.Minute)
+	for !cond() {
+		if time.Now().After(deadline) {
+			c.t.Fatalf("gave up waiting for %s", what)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// status reads a member's view of the cluster.
+func (c *testCluster) status(m *member) (clusterStatus, error) {
+	var st struct {
+		Data clusterStatus `json:"data"`
+	}
+	resp, err := http.Get("http://" + m.http + "/api/v1/status/cluster")
+	if err != nil {
+		return st.Data, err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return st.Data, fmt.Errorf("HTTP %d", resp.StatusCode)
+	}
+	return st.Data, json.NewDecoder(resp.Body).Decode(&st)
+}
+
+type clusterStatus struct {
+	Members []struct {
+		Name  string   `json:"name"`
+		Roles []string `json:"roles"`
+		State string   `json:"state"`
+	} `json:"members"`
+	Shards []struct {
+		Shard    int `json:"shard"`
+		Replicas []struct {
+			Name  string `json:"name"`
+			State string `json:"state"`
+		} `json:"replicas"`
+	} `json:"shards"`
+}
+
+// alive waits until m sees every member alive.
+func (c *testCluster) alive(m *member) {
+	c.t.Helper()
+	c.waitFor(m.name+" to see every member alive", func() bool {
+		st, err := c.status(m)
+		if err != nil {
+			return false
+		}
+		n := 0
+		for _, mm := range st.Members {
+			if mm.State == "alive" {
+				n++
+			}
+		}
+		return n == len(c.members)
+	})
+}
+
+// sliceTotals asks the query member for exact totals by datacenter over the last
+// hour: the sum and the event count of each.
+func sliceTotals(m *member) (sums map[string]float64, count float64, err error) {
+	q := url.Values{"family": {"requests"}, "by": {"datacenter"}, "since": {"1h"}, "measures": {"sum,count"}, "partial_response": {"false"}}
+	resp, err := http.Get("http://" + m.http + "/api/v1/cube/slice?" + q.Encode())
+	if err != nil {
+		return nil, 0, err
+	}
+	defer resp.Body.Close()
+	var r struct {
+		Data struct {
+			Groups []struct {
+				Labels map[string]string  `json:"labels"`
+				Values map[string]float64 `json:"values"`
+			} `json:"groups"`
+		} `json:"data"`
+		Error string `json:"error"`
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&r); err != nil {
+		return nil, 0, err
+	}
+	if resp.StatusCode != http.StatusOK {
+		return nil, 0, fmt.Errorf("HTTP %d: %s", resp.StatusCode, r.Error)
+	}
+	sums = map[string]float64{}
+	for _, g := range r.Data.Groups {
+		sums[g.Labels["datacenter"]] = g.Values["sum"]
+		count += g.Values["count"]
+	}
+	return sums, count, nil
+}
+
+// TestClusterSIGKILL runs three aggregators, three combiners with
+// replication 2 and a query node as real processes, drives the load command
+// through the aggregators, kills one aggregator and one combiner with
+// SIGKILL in the middle of the load, restarts them, and checks that the
+// totals read back through the query node equal every acknowledged event,
+// exactly, per datacenter and overall.
+func TestClusterSIGKILL(t *testing.T) {
+	c := newTestCluster(t)
+	for i := 1; i <= 3; i++ {
+		c.add(fmt.Sprint("c", i), "combiner")
+	}
+	for i := 1; i <= 3; i++ {
+		c.add(fmt.Sprint("a", i), "aggregator")
+	}
+	q := c.add("q", "query")
+	c.alive(q)
+
+	report := filepath.Join(c.dir, "report.json")
+	aggs := strings.Join([]string{c.members["a1"].grpc, c.members["a2"].grpc, c.members["a3"].grpc}, ",")
+	load := exec.Command(c.bin, "load", "-addr", aggs, "-http", q.http, "-events", "150000", "-rate", "10000", "-diurnal", "-1",
+		"-batch", "500", "-late-bound", "30s", "-seed", "11", "-report", report)
+	loadLog, err := os.Create(filepath.Join(c.dir, "load.log"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	load.Stdout, load.Stderr = loadLog, loadLog
+	if err := load.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- load.Wait() }()
+
+	time.Sleep(4 * time.Second)
+	a2, c2 := c.members["a2"], c.members["c2"]
+	c.kill(a2)
+	c.kill(c2)
+	time.Sleep(2 * time.Second)
+	c.start(a2)
+	c.start(c2)
+
+	select {
+	case err := <-done:
+		if err != nil {
+			out, _ := os.ReadFile(loadLog.Name())
+			t.Fatalf("dimsum load: %v\n%s", err, tail(string(out), 30))
+		}
+	case <-time.After(90 * time.Second):
+		load.Process.Kill()
+		t.Fatal("the load did not finish in 90s")
+	}
+	var rep struct {
+		Accepted     uint64                        `json:"accepted"`
+		ByDatacenter map[string]map[string]float64 `json:"by_datacenter"`
+	}
+	data, err := os.ReadFile(report)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := json.Unmarshal(data, &rep); err != nil {
+		t.Fatal(err)
+	}
+	want := rep.ByDatacenter["requests"]
+	if rep.Accepted == 0 || len(want) == 0 {
+		t.Fatalf("the load acknowledged nothing: %s", data)
+	}
+
+	// Every acknowledged event, exactly once, once the windows are flushed
+	// and the restarted combiner has caught up.
+	var got map[string]float64
+	var count float64
+	deadline := time.Now().Add(40 * time.Second)
+	for {
+		got, count, err = sliceTotals(q)
+		if err == nil && maps.Equal(got, want) && count == float64(rep.Accepted) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("read back %v with %v events (err %v); acknowledged %v with %d events", got, count, err, want, rep.Accepted)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	t.Logf("%d acknowledged events read back exactly through the query node", rep.Accepted)
+
+	// With one combiner down, every shard still has a replica: answers stay
+	// complete.
+	c.kill(c.members["c3"])
+	if got, count, err := sliceTotals(q); err != nil || !maps.Equal(got, want) || count != float64(rep.Accepted) {
+		t.Fatalf("with c3 down: %v, %v events, %v", got, count, err)
+	}
+}

@@ -1,0 +1,221 @@
+package node
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+
+	"github.com/dimsum/dimsum/aggregator"
+	"github.com/dimsum/dimsum/cluster"
+	"github.com/dimsum/dimsum/combiner"
+	"github.com/dimsum/dimsum/wire/wirepb"
+)
+
+// topology is a cluster member's view of who does what: which aggregator
+// owns a partition key, which combiners hold a shard, and a connection to
+// each member. It backs the router, the aggregator's sink and the query
+// fan-out. Its lists are rebuilt when the membership changes, so the hot
+// paths read them without locks.
+type topology struct {
+	self        string
+	members     *cluster.Cluster
+	shards      int
+	replication int
+	maxRecv     int
+
+	view  atomic.Pointer[members]
+	conns struct {
+		sync.Mutex
+		byAddr map[string]*grpc.ClientConn
+	}
+	stop chan struct{}
+	done chan struct{}
+}
+
+// members is one snapshot of the membership, by role.
+type members struct {
+	// aggregators are the alive aggregators: the owners of partition keys.
+	aggregators []string
+	// combiners are the combiners that did not leave, alive or dead: a dead
+	// one keeps its shards, and its flushes wait for it.
+	combiners []string
+	// behind lists the combiners some alive aggregator holds flushes for.
+	behind map[string]bool
+	state  map[string]cluster.State
+	grpc   map[string]string // gRPC address by member name
+}
+
+func newTopology(self string, c *cluster.Cluster, shards, replication, maxRecv int) *topology {
+	t := &topology{self: self, members: c, shards: shards, replication: replication, maxRecv: maxRecv,
+		stop: make(chan struct{}), done: make(chan struct{})}
+	t.conns.byAddr = map[string]*grpc.ClientConn{}
+	t.refresh()
+	changes, cancel := c.Subscribe()
+	go func() {
+		defer close(t.done)
+		defer cancel()
+		for {
+			select {
+			case <-t.stop:
+				return
+			case _, ok := <-changes:
+				if !ok {
+					return
+				}
+				t.refresh()
+			}
+		}
+	}()
+	return t
+}
+
+func (t *topology) refresh() {
+	m := &members{behind: map[string]bool{}, state: map[string]cluster.State{}, grpc: map[string]string{}}
+	for _, mm := range t.members.Members() {
+		m.state[mm.Name] = mm.State
+		m.grpc[mm.Name] = mm.Meta.GRPCAddr
+		if mm.Meta.HasRole(cluster.RoleAggregator) && mm.State == cluster.StateAlive {
+			m.aggregators = append(m.aggregators, mm.Name)
+			for _, name := range mm.Meta.PendingHandoff {
+				m.behind[name] = true
+			}
+		}
+		if mm.Meta.HasRole(cluster.RoleCombiner) && mm.State != cluster.StateLeft {
+			m.combiners = append(m.combiners, mm.Name)
+		}
+	}
+	t.view.Store(m)
+}
+
+func (t *topology) close() {
+	close(t.stop)
+	<-t.done
+	t.conns.Lock()
+	defer t.conns.Unlock()
+	for _, c := range t.conns.byAddr {
+		c.Close()
+	}
+}
+
+// conn returns a connection to a member by name. Connections are kept per
+// address, so a member that restarts at its address is reached again by the
+// same connection.
+func (t *topology) conn(name string) (*grpc.ClientConn, error) {
+	addr := t.view.Load().grpc[name]
+	if addr == "" {
+		return nil, fmt.Errorf("node: no gRPC address known for member %q", name)
+	}
+	t.conns.Lock()
+	defer t.conns.Unlock()
+	if c := t.conns.byAddr[addr]; c != nil {
+		return c, nil
+	}
+	c, err := grpc.NewClient("passthrough:///"+addr,
+		grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithDefaultCallOptions(grpc.MaxCallSendMsgSize(t.maxRecv), grpc.MaxCallRecvMsgSize(t.maxRecv)))
+	if err != nil {
+		return nil, fmt.Errorf("node: cannot dial member %q at %s: %w", name, addr, err)
+	}
+	t.conns.byAddr[addr] = c
+	return c, nil
+}
+
+// Owner names the aggregator that owns a partition key; this node when it
+// sees no aggregator alive, itself included.
+func (t *topology) Owner(key uint64) string {
+	aggs := t.view.Load().aggregators
+	if len(aggs) == 0 {
+		return t.self
+	}
+	return cluster.Owner(key, aggs)
+}
+
+// Peer returns an Ingest client of the named aggregator.
+func (t *topology) Peer(name string) (wirepb.IngestClient, error) {
+	c, err := t.conn(name)
+	if err != nil {
+		return nil, err
+	}
+	return wirepb.NewIngestClient(c), nil
+}
+
+// placement returns the combiners that hold a shard.
+func (t *topology) placement(shard int) []string {
+	return cluster.Replicas(uint32(shard), t.view.Load().combiners, t.replication)
+}
+
+// Shards is the number of shards of the global cube.
+func (t *topology) Shards() int { return t.shards }
+
+// flushSink is the topology as the aggregator's sink.
+type flushSink struct{ t *topology }
+
+func (s flushSink) Shards() int { return s.t.shards }
+
+func (s flushSink) Replicas(shard uint32) []string { return s.t.placement(int(shard)) }
+
+func (s flushSink) Flush(ctx context.Context, replica string, req *wirepb.FlushRequest) error {
+	c, err := s.t.conn(replica)
+	if err != nil {
+		return err
+	}
+	return combiner.NewClient(replica, c).Flush(ctx, replica, req)
+}
+
+// Replicas lists, for the query fan-out, the combiners of a shard that are
+// alive: first those no aggregator holds flushes for, then those still
+// catching up. Dead ones are left out; a shard with none is missing.
+func (t *topology) Replicas(shard int) []string {
+	m := t.view.Load()
+	var ready, behind []string
+	for _, name := range t.placement(shard) {
+		switch {
+		case m.state[name] != cluster.StateAlive:
+		case m.behind[name]:
+			behind = append(behind, name)
+		default:
+			ready = append(ready, name)
+		}
+	}
+	return append(ready, behind...)
+}
+
+// Conn returns a connection to a combiner, for the query fan-out.
+func (t *topology) Conn(name string) (grpc.ClientConnInterface, error) { return t.conn(name) }
+
+// gossipHandoff keeps this aggregator's PendingHandoff meta up to date, so
+// that query nodes prefer replicas that have every flush.
+func gossipHandoff(c *cluster.Cluster, agg *aggregator.Aggregator, stop <-chan struct{}, log *slog.Logger) {
+	var last []string
+	tick := time.NewTicker(500 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		select {
+		case <-stop:
+			return
+		case <-tick.C:
+		}
+		var names []string
+		for name, n := range agg.Pending() {
+			if n > 0 {
+				names = append(names, name)
+			}
+		}
+		slices.Sort(names)
+		if slices.Equal(names, last) {
+			continue
+		}
+		if err := c.UpdateMeta(func(m *cluster.Meta) { m.PendingHandoff = names }); err != nil {
+			log.Warn("cannot gossip pending handoff", "err", err)
+			continue
+		}
+		last = names
+	}
+}
