@@ -358,6 +358,13 @@ func eventListener(l *slog.Logger) *pebble.EventListener {
 		WriteStallBegin: func(info pebble.WriteStallBeginInfo) { l.Warn("write stall", "reason", info.Reason) },
 		WriteStallEnd:   func() { l.Info("write stall ended") },
 		FlushEnd: func(info pebble.FlushInfo) {
+			// Pebble reports a flush that wrote no table (a memtable that
+			// held nothing but deletions, or nothing at all, at close) with
+			// an unexported error; it is not a failure.
+			if info.Err != nil && info.Err.Error() == "pebble: empty table" {
+				l.Debug("flushed nothing", "job", info.JobID)
+				return
+			}
 			if info.Err != nil {
 				l.Error("flush failed", "err", info.Err)
 				return
