@@ -9,6 +9,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 
@@ -29,6 +30,7 @@ type topology struct {
 	shards      int
 	replication int
 	maxRecv     int
+	gauge       *prometheus.GaugeVec // members by role and state
 
 	view  atomic.Pointer[members]
 	conns struct {
@@ -41,7 +43,8 @@ type topology struct {
 
 // members is one snapshot of the membership, by role.
 type members struct {
-	// aggregators are the alive aggregators: the owners of partition keys.
+	// aggregators are the owners of partition keys: alive or dead, not
+	// leaving or left.
 	aggregators []string
 	// combiners are the combiners that did not leave, alive or dead: a dead
 	// one keeps its shards, and its flushes wait for it.
@@ -52,9 +55,14 @@ type members struct {
 	grpc   map[string]string // gRPC address by member name
 }
 
-func newTopology(self string, c *cluster.Cluster, shards, replication, maxRecv int) *topology {
+func newTopology(self string, c *cluster.Cluster, shards, replication, maxRecv int, reg prometheus.Registerer) *topology {
 	t := &topology{self: self, members: c, shards: shards, replication: replication, maxRecv: maxRecv,
 		stop: make(chan struct{}), done: make(chan struct{})}
+	t.gauge = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Name: "dimsum_cluster_members",
+		Help: "Members of the cluster as this node sees them, by role and state (alive, dead, left).",
+	}, []string{"role", "state"})
+	reg.MustRegister(t.gauge)
 	t.conns.byAddr = map[string]*grpc.ClientConn{}
 	t.refresh()
 	changes, cancel := c.Subscribe()
@@ -78,14 +86,23 @@ func newTopology(self string, c *cluster.Cluster, shards, replication, maxRecv i
 
 func (t *topology) refresh() {
 	m := &members{behind: map[string]bool{}, state: map[string]cluster.State{}, grpc: map[string]string{}}
+	t.gauge.Reset()
 	for _, mm := range t.members.Members() {
+		for _, r := range mm.Meta.Roles {
+			t.gauge.WithLabelValues(string(r), mm.State.String()).Inc()
+		}
 		m.state[mm.Name] = mm.State
 		m.grpc[mm.Name] = mm.Meta.GRPCAddr
 		if mm.Meta.HasRole(cluster.RoleAggregator) && mm.State == cluster.StateAlive {
-			m.aggregators = append(m.aggregators, mm.Name)
 			for _, name := range mm.Meta.PendingHandoff {
 				m.behind[name] = true
 			}
+		}
+		// Aggregators own keys until they leave: a dead one keeps them,
+		// and what others take for it waits until it returns, so a crash
+		// moves no key. One that announced its leave owns none.
+		if mm.Meta.HasRole(cluster.RoleAggregator) && mm.State != cluster.StateLeft && !mm.Meta.Leaving {
+			m.aggregators = append(m.aggregators, mm.Name)
 		}
 		if mm.Meta.HasRole(cluster.RoleCombiner) && mm.State != cluster.StateLeft {
 			m.combiners = append(m.combiners, mm.Name)
@@ -128,7 +145,7 @@ func (t *topology) conn(name string) (*grpc.ClientConn, error) {
 }
 
 // Owner names the aggregator that owns a partition key; this node when it
-// sees no aggregator alive, itself included.
+// sees no owner, itself included.
 func (t *topology) Owner(key uint64) string {
 	aggs := t.view.Load().aggregators
 	if len(aggs) == 0 {
@@ -190,11 +207,15 @@ func (t *topology) Replicas(shard int) []string {
 // Conn returns a connection to a combiner, for the query fan-out.
 func (t *topology) Conn(name string) (grpc.ClientConnInterface, error) { return t.conn(name) }
 
+// handoffGossipInterval is how often an aggregator gossips the names it
+// holds hinted handoff for.
+const handoffGossipInterval = 500 * time.Millisecond
+
 // gossipHandoff keeps this aggregator's PendingHandoff meta up to date, so
 // that query nodes prefer replicas that have every flush.
 func gossipHandoff(c *cluster.Cluster, agg *aggregator.Aggregator, stop <-chan struct{}, log *slog.Logger) {
 	var last []string
-	tick := time.NewTicker(500 * time.Millisecond)
+	tick := time.NewTicker(handoffGossipInterval)
 	defer tick.Stop()
 	for {
 		select {

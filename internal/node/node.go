@@ -43,6 +43,9 @@ type Node struct {
 	stop   chan struct{} // ends the background loops
 	loops  sync.WaitGroup
 	errc   chan error
+
+	closeOnce sync.Once
+	closeErr  error
 }
 
 // Start opens what the node's roles need, joins the cluster if the config
@@ -98,7 +101,7 @@ func Start(cfg Config, version string, log *slog.Logger) (n *Node, err error) {
 		combiner.NewReadServer(s, n.db).Register(n.grpc)
 	}
 	if cfg.Clustered() {
-		if err := n.join(); err != nil {
+		if err := n.join(reg); err != nil {
 			return nil, err
 		}
 	}
@@ -141,7 +144,7 @@ func Start(cfg Config, version string, log *slog.Logger) (n *Node, err error) {
 }
 
 // join starts memberlist and the topology over it.
-func (n *Node) join() error {
+func (n *Node) join(reg prometheus.Registerer) error {
 	cfg := n.cfg
 	var meta cluster.Meta
 	for _, r := range cfg.Roles {
@@ -175,7 +178,7 @@ func (n *Node) join() error {
 	if err != nil {
 		return fmt.Errorf("node: cannot join the cluster: %w", err)
 	}
-	n.topo = newTopology(cfg.Name, n.member, cfg.Cluster.Shards, cfg.Cluster.Replication, cfg.MaxRecvBytes)
+	n.topo = newTopology(cfg.Name, n.member, cfg.Cluster.Shards, cfg.Cluster.Replication, cfg.MaxRecvBytes, reg)
 	return nil
 }
 
@@ -291,15 +294,54 @@ func (n *Node) GRPCAddr() string { return n.grpcLn.Addr().String() }
 // HTTPAddr is the address the HTTP server listens on.
 func (n *Node) HTTPAddr() string { return n.httpLn.Addr().String() }
 
+// announceLeave tells the others that this aggregator is leaving, so that
+// they route no more events to it, and waits (at most 10s) until none of
+// them holds batches for it: those arrive before it stops taking them.
+func (n *Node) announceLeave() {
+	if err := n.member.UpdateMeta(func(m *cluster.Meta) { m.Leaving = true }); err != nil {
+		n.log.Warn("cannot announce the leave", "err", err)
+		return
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	quiet := 0
+	for quiet < 2 && time.Now().Before(deadline) {
+		time.Sleep(handoffGossipInterval)
+		if n.topo.view.Load().behind[n.cfg.Name] {
+			quiet = 0
+		} else {
+			quiet++
+		}
+	}
+	if quiet < 2 {
+		n.log.Warn("leaving while other aggregators still hold batches for this node; they wait for a node of this name to return")
+	}
+}
+
+// GossipAddr is the address the node gossips at; empty outside a cluster.
+func (n *Node) GossipAddr() string {
+	if n.member == nil {
+		return ""
+	}
+	return n.member.Local().Addr
+}
+
 // Err delivers the first error that stopped a server.
 func (n *Node) Err() <-chan error { return n.errc }
 
 // Close flushes every open window, then stops serving, leaves the cluster
 // and closes the store. A node with the combiner role does not announce a
 // leave: the others list it as dead, so its shards wait for it to return
-// rather than move.
+// rather than move. Calling Close again returns the first call's error.
 func (n *Node) Close() error {
+	n.closeOnce.Do(func() { n.closeErr = n.close() })
+	return n.closeErr
+}
+
+func (n *Node) close() error {
 	var errs []error
+	if n.member != nil && n.agg != nil && !n.cfg.HasRole(cluster.RoleCombiner) {
+		n.announceLeave()
+	}
 	if n.agg != nil {
 		errs = append(errs, n.agg.Close())
 	}
