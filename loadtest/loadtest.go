@@ -206,9 +206,14 @@ func Run(ctx context.Context, opts Options) (Report, error) {
 	rec := newRecorder(opts.Family)
 	rep := Report{TargetRate: opts.Rate}
 
+	if opts.Verify {
+		if err := settle(ctx, opts); err != nil {
+			return rep, fmt.Errorf("loadtest: cannot verify: %w", err)
+		}
+	}
 	before, scrapeErr := scrapeAll(ctx, opts.HTTPAddrs)
 	var (
-		base map[string]float64
+		base readout
 		grid verifyGrid
 	)
 	if opts.Verify {

@@ -55,7 +55,7 @@ type Latency struct {
 
 // ReadBack is what the nodes answered to Verify's queries.
 type ReadBack struct {
-	Events       uint64                        `json:"events"` // the nodes' accepted-event counters
+	Events       uint64                        `json:"events"` // events the nodes hold over the run (the slice API's count), or their accepted counters without slices
 	Totals       map[string]float64            `json:"totals"`
 	ByDatacenter map[string]map[string]float64 `json:"by_datacenter"`
 	Verified     bool                          `json:"verified"`

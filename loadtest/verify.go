@@ -31,6 +31,11 @@ type ServerFigures struct {
 	LiveCells       uint64 `json:"live_cells"`
 	HeapBytes       uint64 `json:"heap_inuse_bytes"`
 	HeapBytesBefore uint64 `json:"heap_inuse_bytes_before"`
+	// Pending is how many flushes and forwarded batches the nodes held for
+	// other members at the end of the run.
+	Pending uint64 `json:"handoff_pending"`
+
+	aggregators int // nodes that export aggregator metrics
 }
 
 // BytesPerLiveCell estimates the nodes' memory per live cell: the heap the
@@ -55,17 +60,20 @@ func (s ServerFigures) minus(before ServerFigures) *ServerFigures {
 		LiveCells:       s.LiveCells,
 		HeapBytes:       s.HeapBytes,
 		HeapBytesBefore: before.HeapBytes,
+		Pending:         s.Pending,
+		aggregators:     s.aggregators,
 	}
 }
 
 // serverMetrics maps the metrics the report takes to their fields.
 var serverMetrics = map[string]func(*ServerFigures) *uint64{
-	"dimsum_aggregator_events_accepted_total":   func(s *ServerFigures) *uint64 { return &s.Accepted },
-	"dimsum_aggregator_events_rejected_total":   func(s *ServerFigures) *uint64 { return &s.Rejected },
-	"dimsum_aggregator_events_late_total":       func(s *ServerFigures) *uint64 { return &s.Late },
-	"dimsum_aggregator_batches_duplicate_total": func(s *ServerFigures) *uint64 { return &s.Duplicates },
-	"dimsum_aggregator_live_cells":              func(s *ServerFigures) *uint64 { return &s.LiveCells },
-	"go_memstats_heap_inuse_bytes":              func(s *ServerFigures) *uint64 { return &s.HeapBytes },
+	"dimsum_aggregator_events_accepted_total":    func(s *ServerFigures) *uint64 { return &s.Accepted },
+	"dimsum_aggregator_events_rejected_total":    func(s *ServerFigures) *uint64 { return &s.Rejected },
+	"dimsum_aggregator_events_late_total":        func(s *ServerFigures) *uint64 { return &s.Late },
+	"dimsum_aggregator_batches_duplicate_total":  func(s *ServerFigures) *uint64 { return &s.Duplicates },
+	"dimsum_aggregator_live_cells":               func(s *ServerFigures) *uint64 { return &s.LiveCells },
+	"dimsum_aggregator_handoff_pending_requests": func(s *ServerFigures) *uint64 { return &s.Pending },
+	"go_memstats_heap_inuse_bytes":               func(s *ServerFigures) *uint64 { return &s.HeapBytes },
 }
 
 // scrapeAll reads the ingest counters of every node's /metrics.
@@ -99,6 +107,9 @@ func scrape(ctx context.Context, addr string, s *ServerFigures) error {
 		if !ok {
 			continue
 		}
+		if name == "dimsum_aggregator_events_accepted_total" {
+			s.aggregators++
+		}
 		v, err := strconv.ParseFloat(strings.Fields(rest)[0], 64)
 		if err != nil {
 			return fmt.Errorf("loadtest: cannot read %s's metric %q: %w", addr, line, err)
@@ -108,24 +119,63 @@ func scrape(ctx context.Context, addr string, s *ServerFigures) error {
 	return nil
 }
 
+// get fetches u and fails unless it answers 200.
 func get(ctx context.Context, u string) (string, error) {
+	body, status, err := fetch(ctx, u)
+	if err == nil && status != http.StatusOK {
+		err = fmt.Errorf("loadtest: %s: HTTP %d: %s", u, status, body)
+	}
+	return body, err
+}
+
+// fetch returns u's body and status.
+func fetch(ctx context.Context, u string) (string, int, error) {
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
 	if err != nil {
-		return "", err
+		return "", 0, err
 	}
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
-		return "", fmt.Errorf("loadtest: %w", err)
+		return "", 0, fmt.Errorf("loadtest: %w", err)
 	}
 	defer resp.Body.Close()
 	var b strings.Builder
 	if _, err := bufio.NewReader(resp.Body).WriteTo(&b); err != nil {
-		return "", fmt.Errorf("loadtest: cannot read %s: %w", u, err)
+		return "", 0, fmt.Errorf("loadtest: cannot read %s: %w", u, err)
 	}
-	if resp.StatusCode != http.StatusOK {
-		return "", fmt.Errorf("loadtest: %s: HTTP %d: %s", u, resp.StatusCode, b.String())
+	return b.String(), resp.StatusCode, nil
+}
+
+// settle waits until the nodes hold nothing unflushed from before the run:
+// no live cell in an aggregator and nothing waiting for another member, in
+// two scrapes in a row. Otherwise a previous run's last windows could reach
+// the store after the baseline is read, and show as a mismatch. Nodes that
+// export no aggregator metrics (a query node of a cluster) cannot tell, and
+// are not waited for.
+func settle(ctx context.Context, opts Options) error {
+	deadline := time.Now().Add(opts.VerifyTimeout)
+	for quiet := 0; quiet < 2; {
+		s, err := scrapeAll(ctx, opts.HTTPAddrs)
+		if err != nil {
+			return err
+		}
+		if s.aggregators == 0 {
+			return nil
+		}
+		quiet++
+		if s.LiveCells > 0 || s.Pending > 0 {
+			quiet = 0
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("loadtest: after %s the nodes still hold %d live cells and %d pending flushes from before the run", opts.VerifyTimeout, s.LiveCells, s.Pending)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(500 * time.Millisecond):
+		}
 	}
-	return b.String(), nil
+	return nil
 }
 
 // verifyGrid lays the run's time out in pairs of windows from first, a
@@ -149,10 +199,70 @@ func newGrid(opts Options, now time.Time) verifyGrid {
 	return verifyGrid{first: earliest - earliest%w, pair: 2 * w}
 }
 
-// read sums, per family and datacenter, every window from the grid's first
-// through the one holding upto, over every node.
-func (g verifyGrid) read(ctx context.Context, opts Options, upto time.Time) (map[string]float64, error) {
+// readout is what the nodes hold over the grid: the sums by datacenter
+// through PromQL and, where the nodes serve cube slices, through the slice
+// API with the number of events.
+type readout struct {
+	promql map[string]float64
+	slice  map[string]float64 // nil without the slice API
+	events float64
+}
+
+// read sums, per datacenter, every window from the grid's first through the
+// one holding upto, over every node, through both APIs.
+func (g verifyGrid) read(ctx context.Context, opts Options, upto time.Time) (readout, error) {
+	var r readout
+	var err error
 	points := (upto.UnixMilli() - g.first + g.pair) / g.pair // windows through upto's, in pairs
+	if r.promql, err = g.readPromQL(ctx, opts, points); err != nil {
+		return r, err
+	}
+	r.slice, r.events, err = g.readSlice(ctx, opts, g.first+points*g.pair)
+	return r, err
+}
+
+// readSlice asks each node's slice API for the sum and event count by
+// datacenter over [first, end); nil when a node serves no slices.
+func (g verifyGrid) readSlice(ctx context.Context, opts Options, end int64) (map[string]float64, float64, error) {
+	out := map[string]float64{}
+	events := 0.0
+	for _, addr := range opts.HTTPAddrs {
+		q := url.Values{
+			"family": {opts.Family}, "by": {"datacenter"}, "measures": {"sum,count"},
+			"start": {seconds(g.first)}, "end": {seconds(end)}, "limit": {"0"},
+		}
+		u := "http://" + addr + "/api/v1/cube/slice?" + q.Encode()
+		body, status, err := fetch(ctx, u)
+		switch {
+		case err != nil:
+			return nil, 0, err
+		case status == http.StatusNotFound:
+			return nil, 0, nil
+		case status != http.StatusOK:
+			return nil, 0, fmt.Errorf("loadtest: %s: HTTP %d: %s", u, status, body)
+		}
+		var r struct {
+			Data struct {
+				Groups []struct {
+					Labels map[string]string  `json:"labels"`
+					Values map[string]float64 `json:"values"`
+				} `json:"groups"`
+			} `json:"data"`
+		}
+		if err := json.Unmarshal([]byte(body), &r); err != nil {
+			return nil, 0, fmt.Errorf("loadtest: cannot decode the slice %s: %w", u, err)
+		}
+		for _, gr := range r.Data.Groups {
+			out[gr.Labels["datacenter"]] += gr.Values["sum"]
+			events += gr.Values["count"]
+		}
+	}
+	return out, events, nil
+}
+
+// readPromQL sums the first points pairs of windows by datacenter through
+// PromQL.
+func (g verifyGrid) readPromQL(ctx context.Context, opts Options, points int64) (map[string]float64, error) {
 	query := fmt.Sprintf("sum by (datacenter) (sum_over_time(%s_delta[%ds]))", opts.Family, g.pair/1000)
 	out := map[string]float64{}
 	for _, addr := range opts.HTTPAddrs {
@@ -198,42 +308,53 @@ func seconds(ms int64) string { return strconv.FormatFloat(float64(ms)/1000, 'f'
 
 // verify polls the nodes until what they hold over the run, less what they
 // held there before it, equals what was acknowledged, or VerifyTimeout
-// passes.
-func verify(ctx context.Context, opts Options, g verifyGrid, base map[string]float64, rep *Report) error {
+// passes: the sums by datacenter through PromQL and, where the nodes serve
+// slices, the sums and the number of events through the slice API. Without
+// slices, the event count is the aggregators' accepted counter.
+func verify(ctx context.Context, opts Options, g verifyGrid, base readout, rep *Report) error {
 	want := rep.ByDatacenter[opts.Family]
 	upto := opts.Now()
 	deadline := time.Now().Add(opts.VerifyTimeout)
+	diff := func(after, before map[string]float64) map[string]float64 {
+		out := map[string]float64{}
+		for dc, v := range after {
+			if d := v - before[dc]; d != 0 {
+				out[dc] = d
+			}
+		}
+		return out
+	}
 	for {
 		after, err := g.read(ctx, opts, upto)
 		if err != nil {
 			return err
 		}
-		got := map[string]float64{}
+		got := diff(after.promql, base.promql)
 		total := 0.0
-		for dc, v := range after {
-			if d := v - base[dc]; d != 0 {
-				got[dc] = d
-			}
-		}
 		for _, dc := range slices.Sorted(maps.Keys(got)) {
 			total += got[dc]
 		}
 		var events uint64
-		if rep.Server != nil {
+		ok := maps.Equal(got, want)
+		if after.slice != nil {
+			events = uint64(after.events - base.events)
+			ok = ok && maps.Equal(diff(after.slice, base.slice), want)
+		} else if rep.Server != nil {
 			events = rep.Server.Accepted
 		}
+		ok = ok && events == rep.Accepted
 		rep.ReadBack = &ReadBack{
 			Events:       events,
 			Totals:       map[string]float64{opts.Family: total},
 			ByDatacenter: map[string]map[string]float64{opts.Family: got},
+			Verified:     ok,
 		}
-		if maps.Equal(got, want) && events == rep.Accepted {
-			rep.ReadBack.Verified = true
+		if ok {
 			return nil
 		}
 		if time.Now().After(deadline) {
-			return fmt.Errorf("%w: after %s the nodes counted %d events and hold %v by datacenter; acknowledged were %d events and %v",
-				ErrMismatch, opts.VerifyTimeout, events, got, rep.Accepted, want)
+			return fmt.Errorf("%w: after %s the nodes hold %d events and %v by datacenter (slices: %v); acknowledged were %d events and %v",
+				ErrMismatch, opts.VerifyTimeout, events, got, diff(after.slice, base.slice), rep.Accepted, want)
 		}
 		select {
 		case <-ctx.Done():

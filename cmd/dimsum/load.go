@@ -45,7 +45,7 @@ func runLoad(args []string) error {
 	fs.IntVar(&o.Transactions, "transactions", 50, "distinct transaction names")
 	fs.Float64Var(&o.LateFraction, "late", 0.01, "share of events stamped up to -late-bound in the past (negative: none)")
 	fs.DurationVar(&o.LateBound, "late-bound", loadtest.DefaultLateBound, "how far in the past a late event may be stamped; keep it below the node's max_lateness")
-	fs.BoolVar(&o.Verify, "verify", false, "read the totals back through PromQL and fail unless they equal what was acknowledged")
+	fs.BoolVar(&o.Verify, "verify", false, "read the totals back through PromQL and the slice API and fail unless they equal what was acknowledged")
 	fs.DurationVar(&o.Window, "window", loadtest.DefaultWindow, "the node's window (finest resolution step), for -verify")
 	fs.DurationVar(&o.VerifyTimeout, "verify-timeout", loadtest.DefaultVerifyTimeout, "how long -verify waits for the data to become queryable")
 	if err := fs.Parse(args); err != nil {
