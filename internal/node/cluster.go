@@ -41,7 +41,9 @@ type topology struct {
 
 // members is one snapshot of the membership, by role.
 type members struct {
-	// aggregators are the alive aggregators: the owners of partition keys.
+	// aggregators are the aggregators that did not leave, alive or dead:
+	// the owners of partition keys. A dead one keeps its keys, and the
+	// parts forwarded to it wait in the other aggregators' outboxes.
 	aggregators []string
 	// combiners are the combiners that did not leave, alive or dead: a dead
 	// one keeps its shards, and its flushes wait for it.
@@ -81,8 +83,10 @@ func (t *topology) refresh() {
 	for _, mm := range t.members.Members() {
 		m.state[mm.Name] = mm.State
 		m.grpc[mm.Name] = mm.Meta.GRPCAddr
-		if mm.Meta.HasRole(cluster.RoleAggregator) && mm.State == cluster.StateAlive {
+		if mm.Meta.HasRole(cluster.RoleAggregator) && mm.State != cluster.StateLeft {
 			m.aggregators = append(m.aggregators, mm.Name)
+		}
+		if mm.Meta.HasRole(cluster.RoleAggregator) && mm.State == cluster.StateAlive {
 			for _, name := range mm.Meta.PendingHandoff {
 				m.behind[name] = true
 			}
@@ -128,7 +132,7 @@ func (t *topology) conn(name string) (*grpc.ClientConn, error) {
 }
 
 // Owner names the aggregator that owns a partition key; this node when it
-// sees no aggregator alive, itself included.
+// sees no aggregator that did not leave, itself included.
 func (t *topology) Owner(key uint64) string {
 	aggs := t.view.Load().aggregators
 	if len(aggs) == 0 {
