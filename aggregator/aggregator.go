@@ -32,6 +32,17 @@ type Sink interface {
 	Flush(ctx context.Context, replica string, req *wirepb.FlushRequest) error
 }
 
+// Peers delivers the parts of a batch that other aggregators own (see
+// PushRouted): in a node, gRPC clients of the other aggregators
+// (PeerClients).
+type Peers interface {
+	// Forward delivers one part to the aggregator that owns it, which
+	// counts it with PushForwarded. It must be safe to retry: the part
+	// carries the publisher's batch identity, and the owner counts an
+	// identity once.
+	Forward(ctx context.Context, owner string, req *wirepb.PushRequest) (*wirepb.PushResponse, error)
+}
+
 var (
 	// ErrBatchTooLarge is returned for a batch over MaxBatchEvents. Nothing
 	// of it is taken.
@@ -244,6 +255,15 @@ func (a *Aggregator) openLog() error {
 	a.wal = l
 	a.mu.replaying = false
 	pending := r.finish()
+	if a.opts.Peers == nil {
+		for _, it := range pending {
+			if it.entries[0].kind == entryForward {
+				a.mu.Unlock()
+				l.Close()
+				return fmt.Errorf("%w: the write-ahead log holds batches to forward to other aggregators, and no Peers are set to deliver them", ErrOptions)
+			}
+		}
+	}
 	a.truncateLocked()
 	windows := len(a.mu.windows)
 	a.mu.Unlock()
@@ -294,6 +314,37 @@ var (
 // Duplicate set and not counted again. With a log, Push returns once the
 // batch is on disk.
 func (a *Aggregator) Push(req *wirepb.PushRequest) (*wirepb.PushResponse, error) {
+	return a.push(req, nil, false)
+}
+
+// PushRouted takes a batch for a cluster: owner(i) names the aggregator that
+// owns event i (called for valid events only), "" for this one. It is Push,
+// except that the events other aggregators own are not counted here: each
+// owner's events become a batch of their own under the publisher's
+// identity, logged here in the same write as the local part and then sent
+// by the owner's sender in the outbox, retried until the owner answers,
+// across restarts. The reply counts them as accepted: they are on this
+// node's disk and will be delivered. The identity is checked here, once for
+// the whole batch. It needs Options.Peers.
+func (a *Aggregator) PushRouted(req *wirepb.PushRequest, owner func(event int) string) (*wirepb.PushResponse, error) {
+	if a.opts.Peers == nil {
+		return nil, fmt.Errorf("%w: routing a batch needs Peers to forward parts to their owners", ErrOptions)
+	}
+	return a.push(req, owner, false)
+}
+
+// PushForwarded counts a part of a batch that another aggregator took and
+// forwarded here (PushRouted), as Push does but without the MaxLateness and
+// MaxFutureSkew bounds: the aggregator that took the batch checked them,
+// and the part may arrive late, after this node was down. Events older than
+// the finest resolution's retention are still rejected, since they could
+// not be stored.
+func (a *Aggregator) PushForwarded(req *wirepb.PushRequest) (*wirepb.PushResponse, error) {
+	return a.push(req, nil, true)
+}
+
+// push is Push, PushRouted (owner set) and PushForwarded (checked set).
+func (a *Aggregator) push(req *wirepb.PushRequest, owner func(int) string, checked bool) (*wirepb.PushResponse, error) {
 	if n := len(req.Events); n > a.opts.MaxBatchEvents {
 		a.metrics.batchesRefused.Inc()
 		return nil, fmt.Errorf("%w: %d events, at most %d", ErrBatchTooLarge, n, a.opts.MaxBatchEvents)
@@ -305,25 +356,44 @@ func (a *Aggregator) Push(req *wirepb.PushRequest) (*wirepb.PushResponse, error)
 	resp := &wirepb.PushResponse{}
 	evp := eventPool.Get().(*[]event)
 	evs := (*evp)[:0]
-	v := validator{a: a, dict: req.Dict, now: now}
+	v := a.newValidator(req.Dict, now, checked)
+	var fw forwards
 	for i, e := range req.Events {
 		ev := event{index: i}
 		if reason, detail := v.check(e, &ev); reason != wirepb.RejectReason_REJECT_REASON_UNSPECIFIED {
 			resp.Rejects = append(resp.Rejects, &wirepb.Reject{Index: uint32(i), Reason: reason, Detail: detail})
 			continue
 		}
+		if owner != nil {
+			if o := owner(i); o != "" {
+				fw.add(o, req, i)
+				continue
+			}
+		}
 		evs = append(evs, ev)
 	}
-	// The record is encoded before the lock; the rare batch with events
+	// The records are encoded before the lock; the rare batch with events
 	// refused under it is encoded again.
-	var rec *[]byte
 	identity := req.Source != "" && req.BatchSeq != 0
-	if a.wal != nil && (len(evs) > 0 || identity) {
+	var fwdRec []byte
+	if a.wal != nil && fw.entries != nil {
+		var err error
+		fwdRec, err = appendForward(nil, forwardRecord{source: req.Source, batchSeq: req.BatchSeq, nowMS: now, entries: fw.entries})
+		if err != nil {
+			*evp = evs
+			eventPool.Put(evp)
+			return nil, err
+		}
+	}
+	var rec *[]byte
+	// The forward record marks the identity at replay when no event is
+	// counted here.
+	if a.wal != nil && (len(evs) > 0 || identity && fwdRec == nil) {
 		rec = recordPool.Get().(*[]byte)
 		*rec = appendBatch((*rec)[:0], req, now, evs)
 		defer recordPool.Put(rec)
 	}
-	checked := len(evs)
+	checkedEvs := len(evs)
 
 	a.mu.Lock()
 	if a.mu.closed {
@@ -339,7 +409,7 @@ func (a *Aggregator) Push(req *wirepb.PushRequest) (*wirepb.PushResponse, error)
 		eventPool.Put(evp)
 		a.metrics.duplicates.Inc()
 		resp.Duplicate = true
-		resp.Accepted = uint64(len(evs))
+		resp.Accepted = uint64(len(evs) + fw.events)
 		return resp, nil
 	case seqForgotten:
 		a.metrics.forgotten.Inc()
@@ -364,7 +434,6 @@ func (a *Aggregator) Push(req *wirepb.PushRequest) (*wirepb.PushResponse, error)
 		if start+a.step+a.opts.Grace.Milliseconds() <= now {
 			late++
 		}
-		resp.Accepted++
 		maxStart = max(maxStart, start)
 		evs[kept] = *ev
 		kept++
@@ -373,20 +442,38 @@ func (a *Aggregator) Push(req *wirepb.PushRequest) (*wirepb.PushResponse, error)
 	var pos wal.Pos
 	var logErr error
 	if rec != nil {
-		if kept < checked {
+		if kept < checkedEvs {
 			*rec = appendBatch((*rec)[:0], req, now, evs)
 		}
 		if pos, logErr = a.wal.Append(recBatch, *rec); logErr == nil && kept > 0 {
 			a.noteSegmentLocked(pos.Segment, maxStart)
 		}
 	}
+	var fwd *intent
+	if fw.entries != nil {
+		var fpos wal.Pos
+		if fwdRec != nil && logErr == nil {
+			if fpos, logErr = a.wal.Append(recForward, fwdRec); logErr == nil {
+				pos = fpos
+			}
+		}
+		fwd = newIntent(fpos, cutMark{}, fw.entries)
+		a.mu.intents[fwd] = struct{}{}
+	}
 	a.mu.Unlock()
 	*evp = evs
 	eventPool.Put(evp)
-	if rec != nil && logErr == nil {
+	if (rec != nil || fwdRec != nil) && logErr == nil {
 		t := time.Now()
 		logErr = a.wal.Sync(pos)
 		a.metrics.walSync.Observe(time.Since(t).Seconds())
+	}
+	if fwd != nil {
+		// Queued even when the log failed: the identity is marked, so a
+		// retry would be a duplicate, and like the local events in the
+		// cube, the parts go out unless the process dies first.
+		a.enqueue(fwd)
+		a.metrics.forwarded.WithLabelValues("queued").Add(float64(fw.events))
 	}
 	if logErr != nil {
 		// The events are in the cube and go out with their windows, but
@@ -397,12 +484,58 @@ func (a *Aggregator) Push(req *wirepb.PushRequest) (*wirepb.PushResponse, error)
 	}
 
 	slices.SortFunc(resp.Rejects, func(x, y *wirepb.Reject) int { return int(x.Index) - int(y.Index) })
-	a.metrics.accepted.Add(float64(resp.Accepted))
+	resp.Accepted = uint64(kept + fw.events)
+	a.metrics.accepted.Add(float64(kept))
 	a.metrics.late.Add(float64(late))
 	for _, r := range resp.Rejects {
 		a.metrics.rejected.WithLabelValues(wire.ReasonName(r.Reason)).Inc()
 	}
 	return resp, nil
+}
+
+// forwards gathers the events of a batch that other aggregators own: per
+// owner, a batch of their own events with a dictionary of the strings they
+// use and the publisher's identity, as an outbox entry addressed to it.
+type forwards struct {
+	entries []*entry
+	byOwner map[string]*forwardPart
+	events  int
+}
+
+type forwardPart struct {
+	req   *wirepb.PushRequest
+	remap map[uint32]uint32 // batch dictionary index -> index in req.Dict
+}
+
+// add puts event i of batch into owner's part.
+func (f *forwards) add(owner string, batch *wirepb.PushRequest, i int) {
+	if f.byOwner == nil {
+		f.byOwner = map[string]*forwardPart{}
+	}
+	p := f.byOwner[owner]
+	if p == nil {
+		p = &forwardPart{req: &wirepb.PushRequest{Source: batch.Source, BatchSeq: batch.BatchSeq}, remap: map[uint32]uint32{}}
+		f.byOwner[owner] = p
+		f.entries = append(f.entries, &entry{kind: entryForward, dests: []string{owner}, push: p.req})
+	}
+	e := batch.Events[i]
+	fe := &wirepb.Event{Family: p.ref(batch.Dict, e.Family), Labels: make([]uint32, len(e.Labels)), TimestampMs: e.TimestampMs, Value: e.Value}
+	for j, l := range e.Labels {
+		fe.Labels[j] = p.ref(batch.Dict, l)
+	}
+	p.req.Events = append(p.req.Events, fe)
+	f.events++
+}
+
+// ref returns the index in the part's dictionary of the batch's string d.
+func (p *forwardPart) ref(dict []string, d uint32) uint32 {
+	if x, ok := p.remap[d]; ok {
+		return x
+	}
+	x := uint32(len(p.req.Dict))
+	p.req.Dict = append(p.req.Dict, dict[d])
+	p.remap[d] = x
+	return x
 }
 
 // internEventLocked turns an event's label values from batch dictionary
@@ -494,10 +627,26 @@ func (a *Aggregator) addLocked(ev *event, start int64, maxCells int) wirepb.Reje
 // validator checks events of one batch, caching per family which dictionary
 // entries name which label.
 type validator struct {
-	a     *Aggregator
-	dict  []string
-	now   int64
-	slots [][]int8 // per family, per dict index: label slot, -1 none, -2 unknown yet
+	a    *Aggregator
+	dict []string
+	// oldest and newest bound the timestamps it takes; checked says they
+	// are the loose bounds of events checked before.
+	oldest, newest int64
+	checked        bool
+	slots          [][]int8 // per family, per dict index: label slot, -1 none, -2 unknown yet
+}
+
+// newValidator checks events taken at now. An event a publisher pushed here
+// must lie within MaxLateness and MaxFutureSkew of now; one checked before
+// (forwarded by the aggregator that took it, or replayed from the log) only
+// within the finest resolution's retention, or it could not be stored.
+func (a *Aggregator) newValidator(dict []string, now int64, checked bool) validator {
+	v := validator{a: a, dict: dict, checked: checked,
+		oldest: now - a.opts.MaxLateness.Milliseconds(), newest: now + a.opts.MaxFutureSkew.Milliseconds()}
+	if checked {
+		v.oldest, v.newest = now-a.window.Retention.Milliseconds(), math.MaxInt64
+	}
+	return v
 }
 
 const noReason = wirepb.RejectReason_REJECT_REASON_UNSPECIFIED
@@ -560,9 +709,11 @@ func (v *validator) check(e *wirepb.Event, ev *event) (wirepb.RejectReason, stri
 		return wirepb.RejectReason_REJECT_REASON_NOT_FINITE, fmt.Sprintf("value %v is not finite", e.Value)
 	case e.Value < 0 && f.Kind == schema.KindCounter:
 		return wirepb.RejectReason_REJECT_REASON_NEGATIVE_DELTA, fmt.Sprintf("counter delta %v is negative", e.Value)
-	case e.TimestampMs < v.now-v.a.opts.MaxLateness.Milliseconds():
+	case e.TimestampMs < v.oldest && v.checked:
+		return wirepb.RejectReason_REJECT_REASON_TOO_OLD, fmt.Sprintf("timestamp %s is older than the finest resolution's retention %s", time.UnixMilli(e.TimestampMs).UTC().Format(time.RFC3339Nano), v.a.window.Retention)
+	case e.TimestampMs < v.oldest:
 		return wirepb.RejectReason_REJECT_REASON_TOO_OLD, fmt.Sprintf("timestamp %s is older than the maximum lateness %s", time.UnixMilli(e.TimestampMs).UTC().Format(time.RFC3339Nano), v.a.opts.MaxLateness)
-	case e.TimestampMs > v.now+v.a.opts.MaxFutureSkew.Milliseconds():
+	case e.TimestampMs > v.newest:
 		return wirepb.RejectReason_REJECT_REASON_TOO_NEW, fmt.Sprintf("timestamp %s is more than %s ahead of this node's clock", time.UnixMilli(e.TimestampMs).UTC().Format(time.RFC3339Nano), v.a.opts.MaxFutureSkew)
 	}
 	ev.fam = fi

@@ -18,9 +18,16 @@
 // is delivered to every replica of its shard on that replica's own queue, so
 // a replica that is down holds up no other (hinted handoff).
 //
+// In a cluster, a Router serves Ingest: the aggregator that receives a batch
+// counts the events it owns and logs the others as one part per owning
+// aggregator (PushRouted), acknowledges the batch, and then delivers each
+// part from the same per-destination queues through Options.Peers; the owner
+// counts it with PushForwarded, once per batch identity. Keys are owned by
+// the aggregators that did not leave, alive or dead, so a crash moves none.
+//
 // With Options.WALDir, a batch is acknowledged once it is fsynced in the
-// write-ahead log, and so are the cuts, the flush requests and their
-// deliveries: a restart after a crash rebuilds the cube and the dedupe state
-// and sends again what no replica confirmed, under the same identities (see
+// write-ahead log, and so are its forwarded parts, the cuts, the flush
+// requests and their deliveries: a restart after a crash rebuilds the cube
+// and the dedupe state and sends again what no replica or owner confirmed, under the same identities (see
 // docs/format/wal.md). Without it, a crash loses what was not yet flushed.
 package aggregator

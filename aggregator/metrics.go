@@ -12,6 +12,8 @@ type metrics struct {
 	flushes        prometheus.Counter
 	flushedCells   prometheus.Counter
 	flushErrors    prometheus.Counter
+	forwarded      *prometheus.CounterVec // events, by outcome
+	forwardErrors  prometheus.Counter
 	openWindows    prometheus.Gauge
 	liveCells      prometheus.Gauge
 
@@ -63,6 +65,14 @@ func newMetrics(reg prometheus.Registerer, walBytes func() float64) *metrics {
 			Name: "dimsum_aggregator_flush_errors_total",
 			Help: "Failed flush attempts; each is retried with backoff, unless the combiner refused the flush as malformed.",
 		}),
+		forwarded: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "dimsum_aggregator_forwarded_events_total",
+			Help: "Events of batches taken here that another aggregator owns, by outcome: queued (logged here and acknowledged to the publisher), delivered (the owner took them), refused (the owner rejected them; each is logged).",
+		}, []string{"outcome"}),
+		forwardErrors: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "dimsum_aggregator_forward_errors_total",
+			Help: "Failed attempts to deliver a forwarded batch to its owner; each is retried with backoff, unless the owner refused it as malformed.",
+		}),
 		openWindows: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "dimsum_aggregator_open_windows",
 			Help: "Windows held in memory, waiting for their grace period to pass.",
@@ -77,7 +87,7 @@ func newMetrics(reg prometheus.Registerer, walBytes func() float64) *metrics {
 		}),
 		handoffPending: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "dimsum_aggregator_handoff_pending_requests",
-			Help: "Flush requests waiting for a combiner replica to take them (hinted handoff), by replica.",
+			Help: "Requests waiting for a destination to take them (hinted handoff), by destination: flushes for a combiner replica, forwarded batches for the aggregator that owns them.",
 		}, []string{"replica"}),
 		walSync: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name:    "dimsum_aggregator_wal_sync_seconds",
@@ -98,7 +108,7 @@ func newMetrics(reg prometheus.Registerer, walBytes func() float64) *metrics {
 		}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.accepted, m.rejected, m.late, m.batchesRefused, m.duplicates, m.forgotten, m.flushes, m.flushedCells, m.flushErrors, m.openWindows, m.liveCells,
+		reg.MustRegister(m.accepted, m.rejected, m.late, m.batchesRefused, m.duplicates, m.forgotten, m.flushes, m.flushedCells, m.flushErrors, m.forwarded, m.forwardErrors, m.openWindows, m.liveCells,
 			m.batchesBackpressured, m.handoffPending, m.walSync, m.replayedRecords, m.replayedEvents, m.replaySkipped,
 			prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 				Name: "dimsum_aggregator_wal_bytes",

@@ -12,8 +12,8 @@ import (
 	"github.com/dimsum/dimsum/schema"
 )
 
-// Options configure an Aggregator. The zero value of every field but Schema
-// and Sink is replaced by its default in EnsureDefaults.
+// Options configure an Aggregator. The zero value of every field but Schema,
+// Sink and Peers is replaced by its default in EnsureDefaults.
 type Options struct {
 	// Schema declares the families the aggregator accepts. Required.
 	Schema *schema.Schema
@@ -21,6 +21,14 @@ type Options struct {
 	// Sink receives every closed window's partial cube, split by shard, for
 	// each replica of the shard. Required.
 	Sink Sink
+
+	// Peers delivers the parts of a batch that other aggregators own, for
+	// PushRouted (a Router); in a node, PeerClients over the cluster's
+	// connections. Parts wait in the outbox, and with a log survive
+	// restarts, until their owner takes them. nil, the default, is a node
+	// alone: PushRouted is refused, and so is a log that still holds
+	// parts to forward.
+	Peers Peers
 
 	// Name identifies this aggregator in flush identities. A process adds its
 	// start time to it, so flushes of two incarnations never collide. The

@@ -15,28 +15,32 @@ import (
 )
 
 // The outbox holds the requests of intents until every destination of each
-// has taken it. Each destination has its own queue and its own sender, so a
-// destination that is down (a combiner killed) holds up none of the others:
+// has taken it: the flushes built from a cut, and the parts of a batch that
+// other aggregators own. Each destination has its own queue and its own
+// sender, so a destination that is down (a combiner or an aggregator
+// killed) holds up none of the others:
 // its requests wait, in order, and go out when it answers again (hinted
 // handoff). With a log, each delivery is confirmed with a recDelivered
 // record, and what is unconfirmed at a restart is sent again under the same
 // identity.
 
 // entry is one request of an intent, addressed to its destinations. kind
-// says which field holds the request; a second kind (a batch forwarded to
-// the aggregator that owns it) adds a field and a case in send.
+// says which field holds the request.
 type entry struct {
 	intent *intent
 	index  int // in intent.entries
 	kind   byte
 	dests  []string
 	flush  *wirepb.FlushRequest // entryFlush
+	push   *wirepb.PushRequest  // entryForward: one owner, in dests[0]
 }
 
-// intent is the requests built from one cut.
+// intent is the requests of one record: the flushes built from one cut
+// (recIntent), or the parts of one batch that other aggregators own
+// (recForward, with a zero cut).
 type intent struct {
 	pos     wal.Pos // of its record; zero without a log
-	cut     cutMark // zero when the cut's record is gone
+	cut     cutMark // zero when the cut's record is gone, or for forwards
 	entries []*entry
 	// left holds, per entry, the destinations that have not confirmed it;
 	// remaining counts them all. Guarded by Aggregator.mu.
@@ -205,24 +209,19 @@ func (a *Aggregator) send(dest string, e *entry) error {
 	closing := o.closing
 	for {
 		ctx, cancel := context.WithTimeout(o.ctx, flushTimeout)
-		err := a.opts.Sink.Flush(ctx, dest, e.flush)
+		err := a.attempt(ctx, dest, e)
 		cancel()
 		if o.ctx.Err() != nil {
 			return o.ctx.Err()
 		}
 		if err == nil {
-			a.metrics.flushes.Inc()
-			a.metrics.flushedCells.Add(float64(len(e.flush.Cells)))
 			return nil
 		}
-		a.metrics.flushErrors.Inc()
 		if status.Code(err) == codes.InvalidArgument {
-			a.opts.Logger.Error("partial cube lost: the combiner refused it", "replica", dest,
-				"window", time.UnixMilli(e.flush.WindowStartMs).UTC(), "sequence", e.flush.Sequence, "cells", len(e.flush.Cells), "err", err)
+			a.refused(dest, e, err)
 			return nil
 		}
-		a.opts.Logger.Warn("flush failed, retrying", "replica", dest, "window", time.UnixMilli(e.flush.WindowStartMs).UTC(),
-			"sequence", e.flush.Sequence, "cells", len(e.flush.Cells), "backoff", backoff, "err", err)
+		a.opts.Logger.Warn("delivery failed, retrying", append(describe(dest, e), "backoff", backoff, "err", err)...)
 		select {
 		case <-o.ctx.Done():
 			return o.ctx.Err()
@@ -233,6 +232,52 @@ func (a *Aggregator) send(dest string, e *entry) error {
 			backoff = min(2*backoff, 30*time.Second)
 		}
 	}
+}
+
+// attempt makes one delivery of e to dest and counts its outcome.
+func (a *Aggregator) attempt(ctx context.Context, dest string, e *entry) error {
+	if e.kind == entryForward {
+		resp, err := a.opts.Peers.Forward(ctx, dest, e.push)
+		if err != nil {
+			a.metrics.forwardErrors.Inc()
+			return err
+		}
+		// The receiver validated every event, so the owner rejects none
+		// unless the two disagree on the schema or one hit a limit.
+		refused := len(resp.Rejects)
+		a.metrics.forwarded.WithLabelValues("delivered").Add(float64(len(e.push.Events) - refused))
+		if refused > 0 {
+			a.metrics.forwarded.WithLabelValues("refused").Add(float64(refused))
+			a.opts.Logger.Error("the owner rejected forwarded events", append(describe(dest, e),
+				"rejected", refused, "first_reason", resp.Rejects[0].Reason.String(), "first_detail", resp.Rejects[0].Detail)...)
+		}
+		return nil
+	}
+	if err := a.opts.Sink.Flush(ctx, dest, e.flush); err != nil {
+		a.metrics.flushErrors.Inc()
+		return err
+	}
+	a.metrics.flushes.Inc()
+	a.metrics.flushedCells.Add(float64(len(e.flush.Cells)))
+	return nil
+}
+
+// refused logs and counts a request its destination refused as malformed.
+func (a *Aggregator) refused(dest string, e *entry, err error) {
+	if e.kind == entryForward {
+		a.metrics.forwarded.WithLabelValues("refused").Add(float64(len(e.push.Events)))
+		a.opts.Logger.Error("forwarded events lost: the owner refused them", append(describe(dest, e), "err", err)...)
+		return
+	}
+	a.opts.Logger.Error("partial cube lost: the combiner refused it", append(describe(dest, e), "err", err)...)
+}
+
+// describe names a request and its destination for the log.
+func describe(dest string, e *entry) []any {
+	if e.kind == entryForward {
+		return []any{"owner", dest, "source", e.push.Source, "batch_seq", e.push.BatchSeq, "events", len(e.push.Events)}
+	}
+	return []any{"replica", dest, "window", time.UnixMilli(e.flush.WindowStartMs).UTC(), "sequence", e.flush.Sequence, "cells", len(e.flush.Cells)}
 }
 
 // confirm records that dest took e. Once every destination has taken every

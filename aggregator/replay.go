@@ -10,8 +10,8 @@ import (
 )
 
 // replay rebuilds what a crashed process held from its log: the cube from
-// batch records, the publishers' dedupe state, and the intents not yet fully
-// delivered. See docs/format/wal.md for the rules.
+// batch records, the publishers' dedupe state, and the intents (flushes and
+// forwarded parts of batches) not yet fully delivered. See docs/format/wal.md for the rules.
 type replay struct {
 	a *Aggregator
 	// held keeps the windows of each cut until its intent shows up; a cut
@@ -58,12 +58,16 @@ func (r *replay) record(pos wal.Pos, typ wal.Type, payload []byte) error {
 		// The intent's requests hold the cut's windows; a cut whose record
 		// was deleted with its segment is known by its intent alone.
 		delete(r.held, cut)
-		it := newIntent(pos, r.cuts[cut], entries)
-		r.intents[pos] = it
-		a.mu.intents[it] = struct{}{}
-		if it.remaining == 0 {
-			a.completeLocked(it)
+		r.intent(pos, r.cuts[cut], entries)
+	case recForward:
+		f, err := decodeForward(payload)
+		if err != nil {
+			return err
 		}
+		// The batch's identity was checked and marked here, whichever
+		// aggregators own its events.
+		r.mark(f.source, f.batchSeq, f.nowMS)
+		r.intent(pos, cutMark{}, f.entries)
 	case recDelivered:
 		d, err := decodeDelivered(payload)
 		if err != nil {
@@ -91,20 +95,24 @@ func (r *replay) record(pos wal.Pos, typ wal.Type, payload []byte) error {
 	return nil
 }
 
+// intent makes the requests of an intent or forward record pending until
+// their deliveries show up.
+func (r *replay) intent(pos wal.Pos, cut cutMark, entries []*entry) {
+	it := newIntent(pos, cut, entries)
+	r.intents[pos] = it
+	r.a.mu.intents[it] = struct{}{}
+	if it.remaining == 0 {
+		r.a.completeLocked(it)
+	}
+}
+
 // batch counts a batch record's events again, as Push did, and marks its
-// identity. The events were checked when they were taken; one the schema or
-// the options now refuse is logged and left out.
+// identity. The events were checked when they were taken; one the schema
+// now refuses, or older than the finest retention, is logged and left out.
 func (r *replay) batch(pos wal.Pos, b batchRecord) {
 	a := r.a
-	if b.source != "" && b.batchSeq != 0 {
-		w := a.mu.sources[b.source]
-		if w == nil {
-			w = &seqWindow{}
-			a.mu.sources[b.source] = w
-		}
-		w.mark(b.batchSeq, b.nowMS)
-	}
-	v := validator{a: a, dict: b.dict, now: b.nowMS}
+	r.mark(b.source, b.batchSeq, b.nowMS)
+	v := a.newValidator(b.dict, b.nowMS, true)
 	ids := make([]uint32, len(b.dict))
 	maxStart, any := int64(math.MinInt64), false
 	for i, e := range b.events {
@@ -128,6 +136,19 @@ func (r *replay) batch(pos wal.Pos, b batchRecord) {
 	if any {
 		a.noteSegmentLocked(pos.Segment, maxStart)
 	}
+}
+
+// mark marks a batch identity, as Push did.
+func (r *replay) mark(source string, seq uint64, nowMS int64) {
+	if source == "" || seq == 0 {
+		return
+	}
+	w := r.a.mu.sources[source]
+	if w == nil {
+		w = &seqWindow{}
+		r.a.mu.sources[source] = w
+	}
+	w.mark(seq, nowMS)
 }
 
 // restore puts the windows of cuts that never got an intent back into the

@@ -21,11 +21,13 @@ const (
 	recIntent     wal.Type = 3 // the requests built from a cut, with their destinations
 	recDelivered  wal.Type = 4 // one destination took one request of an intent
 	recCheckpoint wal.Type = 5 // the dedupe state, first record of every segment
+	recForward    wal.Type = 6 // the parts of one batch owned by other aggregators, with their owners
 )
 
 // entryKind tells the requests of an intent apart. ONLY APPEND TO THIS LIST.
 const (
-	entryFlush byte = 1 // a FlushRequest to a combiner replica
+	entryFlush   byte = 1 // a FlushRequest to a combiner replica
+	entryForward byte = 2 // a PushRequest to the aggregator that owns its events
 )
 
 // errRecord marks a record of the aggregator's log that does not decode.
@@ -216,7 +218,42 @@ func decodeCut(payload []byte) (cutRecord, error) {
 // appendIntent encodes the requests built from the cut at pos, each with its
 // destinations.
 func appendIntent(b []byte, cut wal.Pos, entries []*entry) ([]byte, error) {
-	b = appendPos(b, cut)
+	return appendRequests(appendPos(b, cut), entries)
+}
+
+func decodeIntent(payload []byte) (cut wal.Pos, entries []*entry, err error) {
+	d := decoder{b: payload}
+	cut = d.pos("cut position")
+	entries = d.requests()
+	return cut, entries, d.done("intent")
+}
+
+// forwardRecord is a recForward: the parts of the batch (source, batchSeq)
+// taken at nowMS that other aggregators own, one request each.
+type forwardRecord struct {
+	source   string
+	batchSeq uint64
+	nowMS    int64
+	entries  []*entry
+}
+
+func appendForward(b []byte, r forwardRecord) ([]byte, error) {
+	b = appendString(b, r.source)
+	b = binary.AppendUvarint(b, r.batchSeq)
+	b = binary.AppendVarint(b, r.nowMS)
+	return appendRequests(b, r.entries)
+}
+
+func decodeForward(payload []byte) (forwardRecord, error) {
+	d := decoder{b: payload}
+	r := forwardRecord{source: d.string("source"), batchSeq: d.uvarint("batch sequence"), nowMS: d.varint("time")}
+	r.entries = d.requests()
+	return r, d.done("forward")
+}
+
+// appendRequests encodes the requests of an intent or forward record, each
+// with its kind and destinations.
+func appendRequests(b []byte, entries []*entry) ([]byte, error) {
 	b = binary.AppendUvarint(b, uint64(len(entries)))
 	for _, e := range entries {
 		b = append(b, e.kind)
@@ -224,39 +261,49 @@ func appendIntent(b []byte, cut wal.Pos, entries []*entry) ([]byte, error) {
 		for _, d := range e.dests {
 			b = appendString(b, d)
 		}
-		msg, err := proto.Marshal(e.flush)
-		if err != nil {
-			return nil, fmt.Errorf("aggregator: cannot encode a flush: %w", err)
+		var msg proto.Message = e.flush
+		if e.kind == entryForward {
+			msg = e.push
 		}
-		b = binary.AppendUvarint(b, uint64(len(msg)))
-		b = append(b, msg...)
+		enc, err := proto.Marshal(msg)
+		if err != nil {
+			return nil, fmt.Errorf("aggregator: cannot encode a request of kind %d: %w", e.kind, err)
+		}
+		b = binary.AppendUvarint(b, uint64(len(enc)))
+		b = append(b, enc...)
 	}
 	return b, nil
 }
 
-func decodeIntent(payload []byte) (cut wal.Pos, entries []*entry, err error) {
-	d := decoder{b: payload}
-	cut = d.pos("cut position")
-	entries = make([]*entry, d.count("requests", 3))
+// requests reads what appendRequests wrote.
+func (d *decoder) requests() []*entry {
+	entries := make([]*entry, d.count("requests", 3))
 	for i := range entries {
 		e := &entry{index: i, kind: d.byte("kind")}
 		e.dests = make([]string, d.count("destinations", 1))
 		for j := range e.dests {
 			e.dests[j] = d.string("destination")
 		}
-		msg := d.bytes("request")
+		enc := d.bytes("request")
+		var msg proto.Message
 		switch e.kind {
 		case entryFlush:
 			e.flush = &wirepb.FlushRequest{}
-			if err := proto.Unmarshal(msg, e.flush); err != nil && d.err == nil {
-				d.err = fmt.Errorf("%w: flush request %d: %w", errRecord, i, err)
-			}
+			msg = e.flush
+		case entryForward:
+			e.push = &wirepb.PushRequest{}
+			msg = e.push
 		default:
 			d.fail(fmt.Sprintf("request %d of unknown kind %d", i, e.kind))
 		}
+		if msg != nil && d.err == nil {
+			if err := proto.Unmarshal(enc, msg); err != nil {
+				d.err = fmt.Errorf("%w: request %d of kind %d: %w", errRecord, i, e.kind, err)
+			}
+		}
 		entries[i] = e
 	}
-	return cut, entries, d.done("intent")
+	return entries
 }
 
 // deliveredRecord is a decoded recDelivered.

@@ -5,6 +5,8 @@ import (
 	"reflect"
 	"testing"
 
+	"google.golang.org/protobuf/proto"
+
 	"github.com/dimsum/dimsum/wal"
 	"github.com/dimsum/dimsum/wire/wirepb"
 )
@@ -32,6 +34,19 @@ func TestRecordsRoundTrip(t *testing.T) {
 		entries[0].flush.Shard != 1 || !reflect.DeepEqual(entries[0].dests, []string{"r1", "r2"}) {
 		t.Errorf("intent: %v %+v, %v", pos, entries, err)
 	}
+	part := &wirepb.PushRequest{Source: "pub", BatchSeq: 7, Dict: []string{"requests", "host", "h2"},
+		Events: []*wirepb.Event{{Family: 0, Labels: []uint32{1, 2}, TimestampMs: 999_000, Value: 3}}}
+	payload, err = appendForward(nil, forwardRecord{source: "pub", batchSeq: 7, nowMS: 1_000_000,
+		entries: []*entry{{kind: entryForward, dests: []string{"b"}, push: part}, {kind: entryFlush, dests: []string{"c"}, flush: flush}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, err := decodeForward(payload)
+	if err != nil || f.source != "pub" || f.batchSeq != 7 || f.nowMS != 1_000_000 || len(f.entries) != 2 ||
+		f.entries[0].kind != entryForward || !reflect.DeepEqual(f.entries[0].dests, []string{"b"}) ||
+		!proto.Equal(f.entries[0].push, part) || f.entries[1].index != 1 || !proto.Equal(f.entries[1].flush, flush) {
+		t.Errorf("forward: %+v, %v", f, err)
+	}
 	d := deliveredRecord{intent: wal.Pos{Segment: 1, Offset: 8}, index: 4, dest: "r2"}
 	if got, err := decodeDelivered(appendDelivered(nil, d)); err != nil || got != d {
 		t.Errorf("delivered: %+v, %v", got, err)
@@ -54,6 +69,9 @@ func FuzzDecodeRecords(f *testing.F) {
 	f.Add(appendCut(nil, cutRecord{upto: 99, starts: []int64{90}}))
 	intent, _ := appendIntent(nil, wal.Pos{Segment: 1, Offset: 9}, []*entry{{kind: entryFlush, dests: []string{"c"}, flush: &wirepb.FlushRequest{Source: "a"}}})
 	f.Add(intent)
+	forward, _ := appendForward(nil, forwardRecord{source: "pub", batchSeq: 2, nowMS: 10,
+		entries: []*entry{{kind: entryForward, dests: []string{"b"}, push: req}}})
+	f.Add(forward)
 	f.Add(appendDelivered(nil, deliveredRecord{dest: "c"}))
 	f.Add(appendCheckpoint(nil, map[string]*seqWindow{"pub": {high: 3}}))
 	f.Fuzz(func(t *testing.T, payload []byte) {
@@ -62,7 +80,8 @@ func FuzzDecodeRecords(f *testing.F) {
 		_, _, err3 := decodeIntent(payload)
 		_, err4 := decodeDelivered(payload)
 		_, err5 := decodeCheckpoint(payload)
-		for _, err := range []error{err1, err2, err3, err4, err5} {
+		_, err6 := decodeForward(payload)
+		for _, err := range []error{err1, err2, err3, err4, err5, err6} {
 			if err != nil && !errors.Is(err, errRecord) {
 				t.Fatalf("unclassified error %v", err)
 			}

@@ -44,7 +44,8 @@ type topology struct {
 // members is one snapshot of the membership, by role.
 type members struct {
 	// aggregators are the owners of partition keys: alive or dead, not
-	// leaving or left.
+	// leaving or left. A dead one keeps its keys, and the parts forwarded
+	// to it wait in the other aggregators' outboxes.
 	aggregators []string
 	// combiners are the combiners that did not leave, alive or dead: a dead
 	// one keeps its shards, and its flushes wait for it.

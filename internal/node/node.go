@@ -222,10 +222,15 @@ func (n *Node) startAggregator(s *schema.Schema, reg prometheus.Registerer) erro
 	if ac.WALDisabled {
 		walDir = ""
 	}
+	var peers aggregator.Peers
+	if n.topo != nil {
+		peers = aggregator.PeerClients(n.topo.Peer)
+	}
 	var err error
 	n.agg, err = aggregator.New(aggregator.Options{
 		Schema:            s,
 		Sink:              sink,
+		Peers:             peers,
 		Name:              cfg.Name,
 		Grace:             time.Duration(ac.Grace),
 		MaxLateness:       time.Duration(ac.MaxLateness),
@@ -246,7 +251,7 @@ func (n *Node) startAggregator(s *schema.Schema, reg prometheus.Registerer) erro
 		return nil
 	}
 	router, err := aggregator.NewRouter(aggregator.RouterOptions{
-		Local: n.agg, Self: cfg.Name, Owner: n.topo.Owner, Peer: n.topo.Peer, Registerer: reg,
+		Local: n.agg, Self: cfg.Name, Owner: n.topo.Owner,
 	})
 	if err != nil {
 		return err
