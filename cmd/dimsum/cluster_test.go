@@ -19,7 +19,7 @@ import (
 // reaches the combiners quickly, memberlist's fast timings, and few shards
 // so that each combiner holds several of them twice.
 const clusterConfig = `aggregator: {grace: 1s, flush_interval: 100ms}
-cluster: {timing: fast, shards: 8, replication: 2}
+cluster: {timing: fast, shards: 8, replication: 2, combiners: [c1, c2, c3]}
 schema: {resolutions: [1s:1d, 1m:35d]}
 `
 

@@ -30,6 +30,7 @@ type topology struct {
 	shards      int
 	replication int
 	maxRecv     int
+	combiners   []string // the configured combiners; nil: those seen
 	gauge       *prometheus.GaugeVec // members by role and state
 
 	view  atomic.Pointer[members]
@@ -47,8 +48,9 @@ type members struct {
 	// leaving or left. A dead one keeps its keys, and the parts forwarded
 	// to it wait in the other aggregators' outboxes.
 	aggregators []string
-	// combiners are the combiners that did not leave, alive or dead: a dead
-	// one keeps its shards, and its flushes wait for it.
+	// combiners hold the shards: the configured ones, or those seen that
+	// did not leave, alive or dead. A dead one keeps its shards, and its
+	// flushes wait for it.
 	combiners []string
 	// behind lists the combiners some alive aggregator holds flushes for.
 	behind map[string]bool
@@ -56,8 +58,9 @@ type members struct {
 	grpc   map[string]string // gRPC address by member name
 }
 
-func newTopology(self string, c *cluster.Cluster, shards, replication, maxRecv int, reg prometheus.Registerer) *topology {
-	t := &topology{self: self, members: c, shards: shards, replication: replication, maxRecv: maxRecv,
+func newTopology(self string, c *cluster.Cluster, cfg ClusterConfig, maxRecv int, reg prometheus.Registerer) *topology {
+	t := &topology{self: self, members: c, shards: cfg.Shards, replication: cfg.Replication, maxRecv: maxRecv,
+		combiners: slices.Sorted(slices.Values(cfg.Combiners)),
 		stop: make(chan struct{}), done: make(chan struct{})}
 	t.gauge = prometheus.NewGaugeVec(prometheus.GaugeOpts{
 		Name: "dimsum_cluster_members",
@@ -105,9 +108,12 @@ func (t *topology) refresh() {
 		if mm.Meta.HasRole(cluster.RoleAggregator) && mm.State != cluster.StateLeft && !mm.Meta.Leaving {
 			m.aggregators = append(m.aggregators, mm.Name)
 		}
-		if mm.Meta.HasRole(cluster.RoleCombiner) && mm.State != cluster.StateLeft {
+		if mm.Meta.HasRole(cluster.RoleCombiner) && mm.State != cluster.StateLeft && t.combiners == nil {
 			m.combiners = append(m.combiners, mm.Name)
 		}
+	}
+	if t.combiners != nil {
+		m.combiners = t.combiners
 	}
 	t.view.Store(m)
 }

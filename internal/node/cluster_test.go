@@ -14,7 +14,8 @@ import (
 )
 
 // member starts a cluster node with the given roles, joining seed (none for
-// the first), with memberlist's fast timings and 8 shards.
+// the first), with memberlist's fast timings and 8 shards held twice by the
+// combiners c1 and c2.
 func member(t *testing.T, name string, seed *Node, roles ...cluster.Role) *Node {
 	t.Helper()
 	cfg := testConfig(t.TempDir())
@@ -22,7 +23,7 @@ func member(t *testing.T, name string, seed *Node, roles ...cluster.Role) *Node 
 	for _, r := range roles {
 		cfg.Roles = append(cfg.Roles, string(r))
 	}
-	cfg.Cluster = ClusterConfig{GossipListen: "127.0.0.1:0", Timing: "fast", Shards: 8, Replication: 2}
+	cfg.Cluster = ClusterConfig{GossipListen: "127.0.0.1:0", Timing: "fast", Shards: 8, Replication: 2, Combiners: []string{"c1", "c2"}}
 	if seed != nil {
 		cfg.Cluster.Join = []string{seed.GossipAddr()}
 	}

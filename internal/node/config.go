@@ -83,6 +83,13 @@ type ClusterConfig struct {
 	// of a cluster must use the same number, and it must not change once
 	// data is stored. The default is 64.
 	Shards int `yaml:"shards"`
+	// Combiners names the combiners that hold the cube's shards. Every node
+	// must list the same names; shards are placed over exactly these,
+	// whether each is up, down or not yet started, so every node places
+	// them alike. Without it, shards are placed over the combiners a node
+	// has seen (and not seen leave): a node that starts while a combiner is
+	// down may not know that combiner, and place its flushes elsewhere.
+	Combiners []string `yaml:"combiners"`
 	// Replication is how many combiners hold each shard, at most the number
 	// of combiners. The default is 2.
 	Replication int `yaml:"replication"`
@@ -193,6 +200,13 @@ func (c *Config) Validate() error {
 		return fmt.Errorf("%w: cluster replication %d, want at least 1", ErrConfig, c.Cluster.Replication)
 	case c.Cluster.Timing != "" && c.Cluster.Timing != "lan" && c.Cluster.Timing != "fast":
 		return fmt.Errorf("%w: cluster timing %q, want lan or fast", ErrConfig, c.Cluster.Timing)
+	}
+	named := map[string]bool{}
+	for _, name := range c.Cluster.Combiners {
+		if name == "" || named[name] {
+			return fmt.Errorf("%w: cluster combiners %q: names must be non-empty and distinct", ErrConfig, c.Cluster.Combiners)
+		}
+		named[name] = true
 	}
 	seen := map[string]bool{}
 	for _, r := range c.Roles {

@@ -52,6 +52,7 @@ func TestParseConfig(t *testing.T) {
 		{"too many shards", "cluster: {shards: 1000}", "shards 1000"},
 		{"negative replication", "cluster: {replication: -1}", "replication -1"},
 		{"bad timing", "cluster: {timing: slow}", `"slow"`},
+		{"combiner named twice", "cluster: {combiners: [c1, c1]}", "distinct"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c, err := ParseConfig([]byte(tc.yaml))

@@ -178,7 +178,7 @@ func (n *Node) join(reg prometheus.Registerer) error {
 	if err != nil {
 		return fmt.Errorf("node: cannot join the cluster: %w", err)
 	}
-	n.topo = newTopology(cfg.Name, n.member, cfg.Cluster.Shards, cfg.Cluster.Replication, cfg.MaxRecvBytes, reg)
+	n.topo = newTopology(cfg.Name, n.member, cfg.Cluster, cfg.MaxRecvBytes, reg)
 	return nil
 }
 
