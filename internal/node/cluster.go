@@ -30,7 +30,7 @@ type topology struct {
 	shards      int
 	replication int
 	maxRecv     int
-	combiners   []string // the configured combiners; nil: those seen
+	combiners   []string             // the configured combiners; nil: those seen
 	gauge       *prometheus.GaugeVec // members by role and state
 
 	view  atomic.Pointer[members]
@@ -61,7 +61,7 @@ type members struct {
 func newTopology(self string, c *cluster.Cluster, cfg ClusterConfig, maxRecv int, reg prometheus.Registerer) *topology {
 	t := &topology{self: self, members: c, shards: cfg.Shards, replication: cfg.Replication, maxRecv: maxRecv,
 		combiners: slices.Sorted(slices.Values(cfg.Combiners)),
-		stop: make(chan struct{}), done: make(chan struct{})}
+		stop:      make(chan struct{}), done: make(chan struct{})}
 	t.gauge = prometheus.NewGaugeVec(prometheus.GaugeOpts{
 		Name: "dimsum_cluster_members",
 		Help: "Members of the cluster as this node sees them, by role and state (alive, dead, left).",
