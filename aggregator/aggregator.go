@@ -806,8 +806,13 @@ func (a *Aggregator) flush(final bool) {
 		live += len(w.aggs)
 	}
 	a.mu.Unlock()
-	a.metrics.openWindows.Set(float64(open))
-	a.metrics.liveCells.Set(float64(live))
+	// The gauges change once the cut's requests are queued (and counted in
+	// the pending gauge), so that no moment shows the cut's cells neither
+	// live nor pending.
+	defer func() {
+		a.metrics.openWindows.Set(float64(open))
+		a.metrics.liveCells.Set(float64(live))
+	}()
 	if len(todo) == 0 {
 		return
 	}

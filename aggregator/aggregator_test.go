@@ -429,6 +429,11 @@ func TestLateEvent(t *testing.T) {
 	if got := h.read(t, 0, finest)[cell]; got.Sum != 7 || got.Count != 2 {
 		t.Errorf("store holds %v, want sum 7 count 2", got)
 	}
+	// The flush lag is the time from the window's end to each delivery:
+	// the grace for the first, 9m50s for the late delta.
+	if n, sum := h.histogram(t, "dimsum_aggregator_flush_lag_seconds"); n != 2 || sum != 2+590 {
+		t.Errorf("flush lag: %d observations summing to %vs, want 2 summing to 592s", n, sum)
+	}
 }
 
 // lossySink applies each flush to the real combiner and then, while lose is

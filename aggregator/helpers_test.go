@@ -268,6 +268,24 @@ func (h *harness) counter(t testing.TB, name string) float64 {
 	return v
 }
 
+// histogram returns the sample count and sum of a histogram the aggregator
+// registered.
+func (h *harness) histogram(t testing.TB, name string) (uint64, float64) {
+	t.Helper()
+	mfs, err := h.reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() == name && len(mf.GetMetric()) == 1 {
+			hist := mf.GetMetric()[0].GetHistogram()
+			return hist.GetSampleCount(), hist.GetSampleSum()
+		}
+	}
+	t.Fatalf("no histogram %s", name)
+	return 0, 0
+}
+
 // labels returns the labels of a default-schema event for host h (out of
 // 3 datacenters of 2 clusters), transaction tx and status st.
 func labels(h, tx, st int) []string {

@@ -11,6 +11,7 @@ type metrics struct {
 	forgotten      prometheus.Counter
 	flushes        prometheus.Counter
 	flushedCells   prometheus.Counter
+	flushLag       prometheus.Histogram
 	flushErrors    prometheus.Counter
 	forwarded      *prometheus.CounterVec // events, by outcome
 	forwardErrors  prometheus.Counter
@@ -61,6 +62,11 @@ func newMetrics(reg prometheus.Registerer, walBytes func() float64) *metrics {
 			Name: "dimsum_aggregator_flushed_cells_total",
 			Help: "Cells in the partial cubes taken by a combiner.",
 		}),
+		flushLag: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "dimsum_aggregator_flush_lag_seconds",
+			Help:    "Time from a window's end to a combiner replica taking its partial cube: grace, flush interval and delivery, and for late events or a replica that was down, how late.",
+			Buckets: prometheus.ExponentialBuckets(0.25, 2, 14), // 0.25s to about 34m
+		}),
 		flushErrors: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "dimsum_aggregator_flush_errors_total",
 			Help: "Failed flush attempts; each is retried with backoff, unless the combiner refused the flush as malformed.",
@@ -108,7 +114,7 @@ func newMetrics(reg prometheus.Registerer, walBytes func() float64) *metrics {
 		}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.accepted, m.rejected, m.late, m.batchesRefused, m.duplicates, m.forgotten, m.flushes, m.flushedCells, m.flushErrors, m.forwarded, m.forwardErrors, m.openWindows, m.liveCells,
+		reg.MustRegister(m.accepted, m.rejected, m.late, m.batchesRefused, m.duplicates, m.forgotten, m.flushes, m.flushedCells, m.flushLag, m.flushErrors, m.forwarded, m.forwardErrors, m.openWindows, m.liveCells,
 			m.batchesBackpressured, m.handoffPending, m.walSync, m.replayedRecords, m.replayedEvents, m.replaySkipped,
 			prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 				Name: "dimsum_aggregator_wal_bytes",

@@ -259,6 +259,7 @@ func (a *Aggregator) attempt(ctx context.Context, dest string, e *entry) error {
 	}
 	a.metrics.flushes.Inc()
 	a.metrics.flushedCells.Add(float64(len(e.flush.Cells)))
+	a.metrics.flushLag.Observe(float64(a.opts.Now().UnixMilli()-e.flush.WindowStartMs-a.step) / 1000)
 	return nil
 }
 
