@@ -222,6 +222,7 @@ const handoffGossipInterval = 500 * time.Millisecond
 // that query nodes prefer replicas that have every flush.
 func gossipHandoff(c *cluster.Cluster, agg *aggregator.Aggregator, stop <-chan struct{}, log *slog.Logger) {
 	var last []string
+	before := map[string]bool{} // names with requests waiting at the previous tick
 	tick := time.NewTicker(handoffGossipInterval)
 	defer tick.Stop()
 	for {
@@ -230,12 +231,18 @@ func gossipHandoff(c *cluster.Cluster, agg *aggregator.Aggregator, stop <-chan s
 			return
 		case <-tick.C:
 		}
+		// A name counts once requests have waited for it at two ticks in a
+		// row: a flush on its way for a few milliseconds does not make a
+		// replica look behind.
 		var names []string
-		for name, n := range agg.Pending() {
-			if n > 0 {
+		now := map[string]bool{}
+		for name := range agg.Pending() {
+			now[name] = true
+			if before[name] {
 				names = append(names, name)
 			}
 		}
+		before = now
 		slices.Sort(names)
 		if slices.Equal(names, last) {
 			continue
