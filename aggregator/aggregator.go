@@ -60,13 +60,16 @@ var (
 // family in an in-memory cube per window, and flushes a window's partial cube
 // to the Sink once the window's grace period has passed.
 type Aggregator struct {
-	opts    Options
-	source  string            // Name plus incarnation, in every flush identity
-	window  schema.Resolution // the finest resolution; its step is the window
-	step    int64             // window length, ms
-	fams    []*family
-	byName  map[string]int
-	metrics *metrics
+	opts   Options
+	source string // Name plus incarnation, in every flush identity
+	// forwardSeq numbers the forwarded parts of batches that came without
+	// an identity.
+	forwardSeq atomic.Uint64
+	window     schema.Resolution // the finest resolution; its step is the window
+	step       int64             // window length, ms
+	fams       []*family
+	byName     map[string]int
+	metrics    *metrics
 
 	mu struct {
 		sync.Mutex
@@ -375,6 +378,14 @@ func (a *Aggregator) push(req *wirepb.PushRequest, owner func(int) string, check
 	// The records are encoded before the lock; the rare batch with events
 	// refused under it is encoded again.
 	identity := req.Source != "" && req.BatchSeq != 0
+	if !identity {
+		// A part is re-sent until its owner answers, so it needs an
+		// identity for the owner to count it once, even when the batch
+		// has none: this incarnation's, numbered.
+		for _, e := range fw.entries {
+			e.push.Source, e.push.BatchSeq = a.source+"/forward", a.forwardSeq.Add(1)
+		}
+	}
 	var fwdRec []byte
 	if a.wal != nil && fw.entries != nil {
 		var err error

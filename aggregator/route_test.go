@@ -455,3 +455,24 @@ func TestPushForwardedBounds(t *testing.T) {
 		t.Errorf("NewRouter over an aggregator without Peers: %v, want ErrOptions", err)
 	}
 }
+
+// TestRouterForwardWithoutIdentity forwards the parts of a batch that came
+// without an identity while every reply of b's is lost: a re-sends b's part
+// until the replies come back, and b counts it once, under the identity a
+// gave the part.
+func TestRouterForwardWithoutIdentity(t *testing.T) {
+	r := newRing(t, "a", "b")
+	owner := byKey("a", "b")
+	r.setOwner(owner)
+	a, b := r.nodes["a"], r.nodes["b"]
+	req := routeBatch(r.clock.Now().UnixMilli(), 1)
+	req.Source, req.BatchSeq = "", 0
+	a.lossy.Store(true)
+	resp, err := r.push("a", req)
+	checkReply(t, resp, err)
+	poll(t, "a to send b's part again", func() bool {
+		return b.h.counter(t, "dimsum_aggregator_batches_duplicate_total") > 0
+	})
+	a.lossy.Store(false)
+	checkOwned(t, r.counts(), owner, 1)
+}
