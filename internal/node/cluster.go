@@ -211,6 +211,10 @@ func (t *topology) Replicas(shard int) []string {
 	return append(ready, behind...)
 }
 
+// Behind reports whether some alive aggregator holds writes for a member:
+// a combiner that was down and is catching up.
+func (t *topology) Behind(name string) bool { return t.view.Load().behind[name] }
+
 // Conn returns a connection to a combiner, for the query fan-out.
 func (t *topology) Conn(name string) (grpc.ClientConnInterface, error) { return t.conn(name) }
 

@@ -48,6 +48,10 @@ var lost = []int{0, 3, 6}
 
 const lostWarning = "shards 0, 3, 6 have no reachable replica; the result is partial"
 
+// behindWarning is the warning for the lost shards while c1, back, catches
+// up.
+const behindWarning = "shards 0, 3, 6 could only be read from a replica still receiving the writes it missed while down; the result may be partial"
+
 // cluster is the combiners and the topology the fan-out reads them by.
 type cluster struct {
 	t      testing.TB
@@ -58,6 +62,8 @@ type cluster struct {
 	mu   sync.Mutex
 	// nodes holds the running combiners by name.
 	nodes map[string]*node
+	// behind holds the combiners that say they are catching up.
+	behind map[string]bool
 }
 
 type node struct {
@@ -66,8 +72,29 @@ type node struct {
 	conn *grpc.ClientConn
 }
 
-func (c *cluster) Shards() int             { return testShards }
-func (c *cluster) Replicas(s int) []string { return replicasOf(s) }
+func (c *cluster) Shards() int { return testShards }
+
+// Replicas lists a shard's replicas, those catching up last, as the node's
+// topology does.
+func (c *cluster) Replicas(s int) []string {
+	reps := replicasOf(s)
+	slices.SortStableFunc(reps, func(a, b string) int {
+		switch {
+		case c.Behind(a) == c.Behind(b):
+			return 0
+		case c.Behind(b):
+			return -1
+		}
+		return 1
+	})
+	return reps
+}
+
+func (c *cluster) Behind(name string) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.behind[name]
+}
 
 func (c *cluster) Conn(name string) (grpc.ClientConnInterface, error) {
 	c.mu.Lock()
@@ -462,17 +489,37 @@ func TestFanOut(t *testing.T) {
 				p[k] = v
 			}
 			p.Set("partial_response", "false")
-			w.unavailable(t, w.fan, request{r.path, p})
-			w.unavailable(t, w.fanNoPartialDefault, r)
+			w.unavailable(t, w.fan, request{r.path, p}, "shards 0, 3, 6 have no reachable replica")
+			w.unavailable(t, w.fanNoPartialDefault, r, "shards 0, 3, 6 have no reachable replica")
 		}
 	})
 
+	// c1 is back but says it is still catching up: the shards only it can
+	// serve are answered with a warning, or refused when a complete answer
+	// is asked for.
 	w.start("c1")
+	w.mu.Lock()
+	w.behind = map[string]bool{"c1": true}
+	w.mu.Unlock()
+	t.Run("one combiner back, catching up", func(t *testing.T) {
+		w.same(t, w.ref, behindWarning)
+		for _, r := range w.requests() {
+			p := url.Values{}
+			for k, v := range r.p {
+				p[k] = v
+			}
+			p.Set("partial_response", "false")
+			w.unavailable(t, w.fan, request{r.path, p}, "shards 0, 3, 6 could only be read from a replica still receiving")
+		}
+	})
+	w.mu.Lock()
+	w.behind = nil
+	w.mu.Unlock()
 	t.Run("one combiner back", func(t *testing.T) { w.same(t, w.ref, "") })
 }
 
 // unavailable checks that a request is refused with a 503.
-func (w *world) unavailable(t *testing.T, h http.Handler, r request) {
+func (w *world) unavailable(t *testing.T, h http.Handler, r request, why string) {
 	t.Helper()
 	code, body, _ := get(h, r.path, r.p)
 	var env struct {
@@ -482,7 +529,7 @@ func (w *world) unavailable(t *testing.T, h http.Handler, r request) {
 	if err := json.Unmarshal(body, &env); err != nil {
 		t.Fatalf("%s: cannot decode %s: %v", r, body, err)
 	}
-	if code != http.StatusServiceUnavailable || env.ErrorType != "unavailable" || !strings.Contains(env.Error, "shards 0, 3, 6 have no reachable replica") {
-		t.Errorf("%s: HTTP %d %s %q, want 503 unavailable naming the lost shards", r, code, env.ErrorType, env.Error)
+	if code != http.StatusServiceUnavailable || env.ErrorType != "unavailable" || !strings.Contains(env.Error, why) {
+		t.Errorf("%s: HTTP %d %s %q, want 503 unavailable saying %q", r, code, env.ErrorType, env.Error, why)
 	}
 }

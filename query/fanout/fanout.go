@@ -35,6 +35,9 @@ type Topology interface {
 	Shards() int
 	// Replicas names the combiners holding a shard, preferred first.
 	Replicas(shard int) []string
+	// Behind reports whether a combiner is still receiving writes it
+	// missed while it was down: a shard read from it may lack some.
+	Behind(replica string) bool
 	// Conn returns a connection to a combiner, by name.
 	Conn(replica string) (grpc.ClientConnInterface, error)
 }
@@ -94,6 +97,7 @@ func (r *Reader) Open(ctx context.Context, partial bool) query.View {
 	}
 	v.mu.pinned = make([]string, n)
 	v.mu.missing = make([]bool, n)
+	v.mu.behind = make([]bool, n)
 	v.mu.dead = map[string]bool{}
 	return v
 }
@@ -118,6 +122,9 @@ type view struct {
 		dead map[string]bool
 		// missing marks the shards no replica answered for.
 		missing []bool
+		// behind marks the shards answered for by a replica that was
+		// still catching up.
+		behind []bool
 	}
 }
 
@@ -182,10 +189,12 @@ func (v *view) settle(rep string, shards []int, failed, pin bool) {
 		}
 		return
 	}
-	if pin {
-		for _, s := range shards {
+	behind := v.r.opts.Topology.Behind(rep)
+	for _, s := range shards {
+		if pin {
 			v.mu.pinned[s] = rep
 		}
+		v.mu.behind[s] = v.mu.behind[s] || behind
 	}
 }
 
@@ -225,8 +234,13 @@ func fanOut[T any](v *view, method string, todo []int, pin bool, call func(ctx c
 			}
 		}
 	}
-	if missing := v.missing(); len(missing) > 0 && !v.partial {
-		return nil, fmt.Errorf("%w: %s", query.ErrUnavailable, missingText(missing))
+	if !v.partial {
+		if missing := v.missing(); len(missing) > 0 {
+			return nil, fmt.Errorf("%w: %s", query.ErrUnavailable, missingText(missing))
+		}
+		if behind := v.behind(); len(behind) > 0 {
+			return nil, fmt.Errorf("%w: %s", query.ErrUnavailable, behindText(behind))
+		}
 	}
 	return done, nil
 }
@@ -258,43 +272,65 @@ func ask[T any](v *view, method, rep string, shards []int, call func(ctx context
 }
 
 // missing lists the shards no replica answered for.
-func (v *view) missing() []int {
+func (v *view) missing() []int { return v.marked(func(s int) bool { return v.mu.missing[s] }) }
+
+// behind lists the shards a replica still catching up answered for.
+func (v *view) behind() []int {
+	return v.marked(func(s int) bool { return v.mu.behind[s] && !v.mu.missing[s] })
+}
+
+// marked lists the shards for which is holds, under the view's lock.
+func (v *view) marked(is func(shard int) bool) []int {
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	var out []int
-	for s, m := range v.mu.missing {
-		if m {
+	for s := range v.shards {
+		if is(s) {
 			out = append(out, s)
 		}
 	}
 	return out
 }
 
-func missingText(shards []int) string {
+// shardsText names shards: "shard 3" or "shards 3, 7".
+func shardsText(shards []int) string {
 	ns := make([]string, len(shards))
 	for i, s := range shards {
 		ns[i] = strconv.Itoa(s)
 	}
 	if len(shards) == 1 {
-		return "shard " + ns[0] + " has no reachable replica"
+		return "shard " + ns[0]
 	}
-	return "shards " + strings.Join(ns, ", ") + " have no reachable replica"
+	return "shards " + strings.Join(ns, ", ")
 }
 
-// Warnings names the missing shards.
-func (v *view) Warnings() annotations.Annotations {
-	missing := v.missing()
-	if len(missing) == 0 {
-		return nil
+func missingText(shards []int) string {
+	if len(shards) == 1 {
+		return shardsText(shards) + " has no reachable replica"
 	}
+	return shardsText(shards) + " have no reachable replica"
+}
+
+func behindText(shards []int) string {
+	return shardsText(shards) + " could only be read from a replica still receiving the writes it missed while down"
+}
+
+// Warnings names the missing shards, and those read from a replica that
+// was still catching up.
+func (v *view) Warnings() annotations.Annotations {
 	var a annotations.Annotations
-	a.Add(fmt.Errorf("%s; the result is partial", missingText(missing)))
+	if missing := v.missing(); len(missing) > 0 {
+		a.Add(fmt.Errorf("%s; the result is partial", missingText(missing)))
+	}
+	if behind := v.behind(); len(behind) > 0 {
+		a.Add(fmt.Errorf("%s; the result may be partial", behindText(behind)))
+	}
 	return a
 }
 
 // Close counts a partial answer.
 func (v *view) Close() {
-	if v.partial && len(v.missing()) > 0 {
+	if v.partial && (len(v.missing()) > 0 || len(v.behind()) > 0) {
 		v.r.metrics.partial.Inc()
 	}
 }

@@ -105,7 +105,7 @@ func TestFanOutFaultyReplica(t *testing.T) {
 				p[k] = v
 			}
 			p.Set("partial_response", "false")
-			w.unavailable(t, w.fan, request{r.path, p})
+			w.unavailable(t, w.fan, request{r.path, p}, "have no reachable replica")
 		})
 	}
 }
