@@ -321,7 +321,13 @@ func appendDelivered(b []byte, r deliveredRecord) []byte {
 
 func decodeDelivered(payload []byte) (deliveredRecord, error) {
 	d := decoder{b: payload}
-	r := deliveredRecord{intent: d.pos("intent position"), index: int(d.uvarint("index")), dest: d.string("destination")}
+	r := deliveredRecord{intent: d.pos("intent position")}
+	if index := d.uvarint("index"); index <= math.MaxInt32 {
+		r.index = int(index)
+	} else {
+		d.fail("index")
+	}
+	r.dest = d.string("destination")
 	return r, d.done("delivery")
 }
 

@@ -1,6 +1,7 @@
 package aggregator
 
 import (
+	"encoding/binary"
 	"errors"
 	"reflect"
 	"testing"
@@ -51,6 +52,11 @@ func TestRecordsRoundTrip(t *testing.T) {
 	if got, err := decodeDelivered(appendDelivered(nil, d)); err != nil || got != d {
 		t.Errorf("delivered: %+v, %v", got, err)
 	}
+	// An index beyond int would turn negative, and replay indexes with it.
+	huge := binary.AppendUvarint(appendPos(nil, d.intent), 1<<63)
+	if got, err := decodeDelivered(appendString(huge, "r2")); !errors.Is(err, errRecord) {
+		t.Errorf("delivery of request 2^63: %+v, %v", got, err)
+	}
 	w := &seqWindow{high: 1500, lastMS: 42}
 	w.bits[3] = 0xf0
 	sources, err := decodeCheckpoint(appendCheckpoint(nil, map[string]*seqWindow{"pub": w}))
@@ -78,7 +84,11 @@ func FuzzDecodeRecords(f *testing.F) {
 		_, err1 := decodeBatch(payload)
 		_, err2 := decodeCut(payload)
 		_, _, err3 := decodeIntent(payload)
-		_, err4 := decodeDelivered(payload)
+		d, err4 := decodeDelivered(payload)
+		if err4 == nil && d.index < 0 {
+			// Replay indexes the intent's entries with it.
+			t.Fatalf("delivery of request %d", d.index)
+		}
 		_, err5 := decodeCheckpoint(payload)
 		_, err6 := decodeForward(payload)
 		for _, err := range []error{err1, err2, err3, err4, err5, err6} {

@@ -124,6 +124,9 @@ func Open(opts Options, replay func(pos Pos, typ Type, payload []byte) error) (*
 	l.mu.segs = map[uint64]int64{}
 	segs, err := l.list()
 	if err == nil {
+		segs, err = l.dropUnstarted(segs)
+	}
+	if err == nil {
 		err = l.replay(segs, replay)
 	}
 	if err != nil {
@@ -174,6 +177,31 @@ func segmentName(n uint64) string { return fmt.Sprintf("%016d%s", n, segmentSuff
 
 func (l *Log) path(n uint64) string { return filepath.Join(l.opts.Dir, segmentName(n)) }
 
+// dropUnstarted removes the segments at the end of the log that are shorter
+// than their header and hold nothing but a prefix of it: what a crash leaves
+// right after a segment file was created. Append creates the next segment's
+// file while the chunk that ends the previous one may still be on its way to
+// disk, so the segment before such a file may end in a torn record, and it is
+// the last one replay must treat as such.
+func (l *Log) dropUnstarted(segs []uint64) ([]uint64, error) {
+	for len(segs) > 0 {
+		path := l.path(segs[len(segs)-1])
+		data, err := os.ReadFile(path)
+		if err != nil {
+			return nil, fmt.Errorf("wal: cannot read %s: %w", path, err)
+		}
+		if len(data) >= len(segmentMagic) || !bytes.HasPrefix(segmentMagic[:], data) {
+			break
+		}
+		l.opts.Logger.Warn("empty segment at the end of the log removed", "file", path)
+		if err := os.Remove(path); err != nil {
+			return nil, fmt.Errorf("wal: cannot remove %s: %w", path, err)
+		}
+		segs = segs[:len(segs)-1]
+	}
+	return segs, nil
+}
+
 // replay reads every segment in order. Only the last may end in a torn
 // record; it is cut off there.
 func (l *Log) replay(segs []uint64, fn func(Pos, Type, []byte) error) error {
@@ -184,15 +212,7 @@ func (l *Log) replay(segs []uint64, fn func(Pos, Type, []byte) error) error {
 		if err != nil {
 			return fmt.Errorf("wal: cannot read %s: %w", path, err)
 		}
-		if len(data) < len(segmentMagic) || !bytes.Equal(data[:len(segmentMagic)], segmentMagic[:]) {
-			if last && bytes.HasPrefix(segmentMagic[:], data) {
-				// A crash right after the file was created.
-				l.opts.Logger.Warn("empty segment at the end of the log removed", "file", path)
-				if err := os.Remove(path); err != nil {
-					return fmt.Errorf("wal: cannot remove %s: %w", path, err)
-				}
-				continue
-			}
+		if !bytes.HasPrefix(data, segmentMagic[:]) {
 			return fmt.Errorf("%w: %s does not start with the segment header of format version %d", ErrCorrupt, path, segmentMagic[4])
 		}
 		off := len(segmentMagic)

@@ -145,6 +145,36 @@ func TestTornTailIsCutOff(t *testing.T) {
 	}
 }
 
+// A crash while the chunk that fills a segment is being written can leave
+// that segment torn and the next one created but still empty: Append creates
+// the file before the earlier chunk reaches the disk.
+func TestTornTailBeforeAnEmptySegment(t *testing.T) {
+	for _, next := range []int{0, 3} {
+		t.Run(fmt.Sprint(next, " bytes of header"), func(t *testing.T) {
+			dir := t.TempDir()
+			l, _ := open(t, Options{Dir: dir})
+			appendSync(t, l, 1, "first")
+			appendSync(t, l, 1, "second")
+			end := l.End()
+			l.Close()
+			path := lastSegment(t, dir)
+			data, _ := os.ReadFile(path)
+			if err := os.WriteFile(path, data[:len(data)-2], 0o644); err != nil {
+				t.Fatal(err)
+			}
+			empty := filepath.Join(dir, segmentName(end.Segment+1))
+			if err := os.WriteFile(empty, segmentMagic[:next], 0o644); err != nil {
+				t.Fatal(err)
+			}
+			l, got := open(t, Options{Dir: dir})
+			defer l.Close()
+			if len(got) != 1 || got[0].payload != "first" {
+				t.Fatalf("replayed %v, want the first record", got)
+			}
+		})
+	}
+}
+
 func TestCorruptionIsReported(t *testing.T) {
 	f := func(name string, segSize int64, corrupt func(dir string)) {
 		t.Run(name, func(t *testing.T) {
