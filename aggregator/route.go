@@ -87,9 +87,10 @@ func (s routeServer) Push(ctx context.Context, req *wirepb.PushRequest) (*wirepb
 	return resp, nil
 }
 
-// Push takes one batch from a publisher. Events whose partition key cannot
-// be read (a bad reference, an unknown family, a missing level) are
-// rejected here with the precise reason; they never reach routing.
+// Push takes one batch from a publisher. The owner function runs only for
+// the events that passed validation (a bad reference, an unknown family or
+// a missing level is rejected with its reason first), so their partition
+// key can be read; one that could not would be counted here.
 func (r *Router) Push(req *wirepb.PushRequest) (*wirepb.PushResponse, error) {
 	values := make([]string, schema.MaxLevels)
 	return r.opts.Local.PushRouted(req, func(i int) string {

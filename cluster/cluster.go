@@ -25,7 +25,8 @@ var (
 	ErrLeft = errors.New("cluster: left the cluster")
 )
 
-// State is what this node knows of a member.
+// State is what this node knows of a member. The zero State, "unknown", is
+// that of a member never seen.
 type State uint8
 
 // The states of a member.
@@ -47,6 +48,8 @@ func (s State) String() string {
 		return "dead"
 	case StateLeft:
 		return "left"
+	case 0:
+		return "unknown"
 	}
 	return fmt.Sprintf("State(%d)", uint8(s))
 }

@@ -368,31 +368,45 @@ func (l *Log) Sync(pos Pos) error {
 
 // write writes and fsyncs chunks in order.
 func (l *Log) write(chunks []chunk) error {
-	for _, c := range chunks {
-		if c.newFile {
-			if _, err := c.f.WriteAt(segmentMagic[:], 0); err != nil {
-				return fmt.Errorf("wal: cannot write %s: %w", c.f.Name(), err)
+	for i, c := range chunks {
+		if err := l.writeChunk(c); err != nil {
+			// The log is broken: close the files of the segments this
+			// write would have finished, which nothing else will.
+			for _, rest := range chunks[i:] {
+				if rest.last {
+					rest.f.Close()
+				}
 			}
+			return err
 		}
-		if len(c.data) > 0 {
-			if _, err := c.f.WriteAt(c.data, c.position); err != nil {
-				return fmt.Errorf("wal: cannot write %s: %w", c.f.Name(), err)
-			}
+	}
+	return nil
+}
+
+func (l *Log) writeChunk(c chunk) error {
+	if c.newFile {
+		if _, err := c.f.WriteAt(segmentMagic[:], 0); err != nil {
+			return fmt.Errorf("wal: cannot write %s: %w", c.f.Name(), err)
 		}
-		if len(c.data) > 0 || c.last || c.newFile {
-			if err := c.f.Sync(); err != nil {
-				return fmt.Errorf("wal: cannot sync %s: %w", c.f.Name(), err)
-			}
+	}
+	if len(c.data) > 0 {
+		if _, err := c.f.WriteAt(c.data, c.position); err != nil {
+			return fmt.Errorf("wal: cannot write %s: %w", c.f.Name(), err)
 		}
-		if c.newFile {
-			if err := l.dir.Sync(); err != nil {
-				return fmt.Errorf("wal: cannot sync the directory %s: %w", l.opts.Dir, err)
-			}
+	}
+	if len(c.data) > 0 || c.last || c.newFile {
+		if err := c.f.Sync(); err != nil {
+			return fmt.Errorf("wal: cannot sync %s: %w", c.f.Name(), err)
 		}
-		if c.last {
-			if err := c.f.Close(); err != nil {
-				return fmt.Errorf("wal: cannot close %s: %w", c.f.Name(), err)
-			}
+	}
+	if c.newFile {
+		if err := l.dir.Sync(); err != nil {
+			return fmt.Errorf("wal: cannot sync the directory %s: %w", l.opts.Dir, err)
+		}
+	}
+	if c.last {
+		if err := c.f.Close(); err != nil {
+			return fmt.Errorf("wal: cannot close %s: %w", c.f.Name(), err)
 		}
 	}
 	return nil

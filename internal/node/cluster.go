@@ -116,6 +116,25 @@ func (t *topology) refresh() {
 		m.combiners = t.combiners
 	}
 	t.view.Store(m)
+	t.pruneConns(m)
+}
+
+// pruneConns closes the connections to addresses no member has any more: a
+// member that came back at another address. A call still on such a
+// connection fails and is retried by its caller at the new address.
+func (t *topology) pruneConns(m *members) {
+	used := map[string]bool{}
+	for _, addr := range m.grpc {
+		used[addr] = true
+	}
+	t.conns.Lock()
+	defer t.conns.Unlock()
+	for addr, c := range t.conns.byAddr {
+		if !used[addr] {
+			c.Close()
+			delete(t.conns.byAddr, addr)
+		}
+	}
 }
 
 func (t *topology) close() {

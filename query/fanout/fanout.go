@@ -132,6 +132,11 @@ type view struct {
 // replica is treated as failed.
 var errBadReply = errors.New("fanout: bad reply")
 
+// errTooManyCells marks a combiner whose cell IDs of a cuboid outgrow the
+// bits a view leaves them: every replica would answer the same, so the read
+// fails rather than fails over.
+var errTooManyCells = errors.New("fanout: too many cells")
+
 func badReply(format string, args ...any) error {
 	return fmt.Errorf("%w: %s", errBadReply, fmt.Sprintf(format, args...))
 }
@@ -227,6 +232,8 @@ func fanOut[T any](v *view, method string, todo []int, pin bool, call func(ctx c
 				return nil, v.ctx.Err()
 			case status.Code(p.err) == codes.InvalidArgument:
 				return nil, fmt.Errorf("fanout: combiner %s refused the read: %w", p.replica, p.err)
+			case errors.Is(p.err, errTooManyCells):
+				return nil, fmt.Errorf("fanout: combiner %s: %w", p.replica, p.err)
 			default:
 				v.r.opts.Logger.Warn("combiner read failed", "replica", p.replica, "method", method, "shards", p.shards, "err", p.err)
 				v.settle(p.replica, p.shards, true, pin)
@@ -436,7 +443,8 @@ func (v *view) readCells(stream grpc.ServerStreamingClient[wirepb.CellsChunk], f
 				return nil, badReply("cell %v of %q belongs to shard %d, which was not asked for", c.Values, family, s)
 			}
 			if uint64(c.Id) >= 1<<v.localBits {
-				return nil, badReply("cell ID %d does not fit the %d bits a view leaves for it with %d shards", c.Id, v.localBits, v.shards)
+				return nil, fmt.Errorf("%w: cell ID %d of %s is beyond the %d a query can address with %d shards; a cuboid holds too many cells on one combiner for this shard count",
+					errTooManyCells, c.Id, family, uint64(1)<<v.localBits, v.shards)
 			}
 			if seen[c.Id] {
 				return nil, badReply("cell ID %d sent twice", c.Id)

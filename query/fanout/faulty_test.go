@@ -1,7 +1,9 @@
 package fanout_test
 
 import (
+	"net/http"
 	"net/url"
+	"strings"
 	"sync/atomic"
 	"testing"
 
@@ -107,5 +109,42 @@ func TestFanOutFaultyReplica(t *testing.T) {
 			p.Set("partial_response", "false")
 			w.unavailable(t, w.fan, request{r.path, p}, "have no reachable replica")
 		})
+	}
+}
+
+// hugeIDs is a combiner's read service whose cell IDs are larger than a
+// view can address with the test's shard count, as a store with that many
+// cells in one cuboid would have.
+type hugeIDs struct {
+	*combiner.ReadServer
+}
+
+func (h hugeIDs) Cells(req *wirepb.CellsRequest, stream grpc.ServerStreamingServer[wirepb.CellsChunk]) error {
+	return h.ReadServer.Cells(req, &hugeStream{stream})
+}
+
+type hugeStream struct {
+	grpc.ServerStreamingServer[wirepb.CellsChunk]
+}
+
+func (s *hugeStream) Send(c *wirepb.CellsChunk) error {
+	for _, cell := range c.Cells {
+		cell.Id |= 1 << 31
+	}
+	return s.ServerStreamingServer.Send(c)
+}
+
+// TestFanOutTooManyCells checks that cell IDs beyond what a view addresses
+// fail the query with a message that says so, rather than passing for an
+// unreachable replica: every replica would answer alike.
+func TestFanOutTooManyCells(t *testing.T) {
+	wrap := map[string]func(*combiner.ReadServer) wirepb.ReadServer{}
+	for i := range combiners {
+		wrap[combinerName(i)] = func(rs *combiner.ReadServer) wirepb.ReadServer { return hugeIDs{rs} }
+	}
+	w := newWorld(t, wrap)
+	code, body, _ := get(w.fan, "/api/v1/query", url.Values{"query": {"sum(requests_delta)"}})
+	if code != http.StatusInternalServerError || !strings.Contains(string(body), "beyond the") {
+		t.Fatalf("HTTP %d: %s; want 500 saying the cell IDs are beyond what a query can address", code, body)
 	}
 }
