@@ -33,6 +33,7 @@ type entry struct {
 	dests  []string
 	flush  *wirepb.FlushRequest // entryFlush
 	push   *wirepb.PushRequest  // entryForward: one owner, in dests[0]
+	queued time.Time            // when it was first queued; guarded by outbox.mu
 }
 
 // intent is the requests of one record: the flushes built from one cut
@@ -111,7 +112,11 @@ func (a *Aggregator) enqueue(it *intent) {
 	o := &a.out
 	o.mu.Lock()
 	defer o.mu.Unlock()
+	now := time.Now()
 	for i, e := range it.entries {
+		if e.queued.IsZero() {
+			e.queued = now
+		}
 		for _, d := range left[i] {
 			q, ok := o.mu.queues[d]
 			if !ok && !o.mu.stopped {
@@ -166,6 +171,23 @@ func (a *Aggregator) Pending() map[string]int {
 		}
 	}
 	return p
+}
+
+// Waiting names the destinations whose oldest request has waited longer
+// than age: a member that is down or far behind, rather than one whose
+// requests are on their way.
+func (a *Aggregator) Waiting(age time.Duration) []string {
+	o := &a.out
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	var names []string
+	for d, q := range o.mu.queues {
+		if len(q) > 0 && time.Since(q[0].queued) > age {
+			names = append(names, d)
+		}
+	}
+	slices.Sort(names)
+	return names
 }
 
 // drain waits until every queue is empty or the deadline passes, then stops

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -256,6 +257,14 @@ func TestWALHandoffAndTruncation(t *testing.T) {
 	pending := a.Pending()["r2"]
 	if pending == 0 {
 		t.Fatal("nothing waits for the replica that is down")
+	}
+	// Only the replica that is down keeps requests waiting; r1 takes each
+	// as it comes.
+	if got := a.Waiting(0); !slices.Equal(got, []string{"r2"}) {
+		t.Errorf("waiting for %v, want [r2]", got)
+	}
+	if got := a.Waiting(time.Hour); len(got) != 0 {
+		t.Errorf("waiting over an hour for %v, want none", got)
 	}
 	kept := segments(t, dir)
 	t.Logf("segments: %d kept while r2 is down, %d pending", kept, pending)

@@ -241,11 +241,16 @@ func (t *topology) Conn(name string) (grpc.ClientConnInterface, error) { return 
 // holds hinted handoff for.
 const handoffGossipInterval = 500 * time.Millisecond
 
+// behindAfter is how long a request must have waited for a member before
+// the member counts as behind: a healthy combiner takes a flush within
+// milliseconds, one that is down or catching up keeps requests waiting.
+const behindAfter = time.Second
+
 // gossipHandoff keeps this aggregator's PendingHandoff meta up to date, so
-// that query nodes prefer replicas that have every flush.
+// that query nodes prefer replicas that have every flush, and a leaving
+// aggregator waits for what others hold for it.
 func gossipHandoff(c *cluster.Cluster, agg *aggregator.Aggregator, stop <-chan struct{}, log *slog.Logger) {
 	var last []string
-	before := map[string]bool{} // names with requests waiting at the previous tick
 	tick := time.NewTicker(handoffGossipInterval)
 	defer tick.Stop()
 	for {
@@ -254,19 +259,7 @@ func gossipHandoff(c *cluster.Cluster, agg *aggregator.Aggregator, stop <-chan s
 			return
 		case <-tick.C:
 		}
-		// A name counts once requests have waited for it at two ticks in a
-		// row: a flush on its way for a few milliseconds does not make a
-		// replica look behind.
-		var names []string
-		now := map[string]bool{}
-		for name := range agg.Pending() {
-			now[name] = true
-			if before[name] {
-				names = append(names, name)
-			}
-		}
-		before = now
-		slices.Sort(names)
+		names := agg.Waiting(behindAfter)
 		if slices.Equal(names, last) {
 			continue
 		}

@@ -301,23 +301,24 @@ func (n *Node) HTTPAddr() string { return n.httpLn.Addr().String() }
 
 // announceLeave tells the others that this aggregator is leaving, so that
 // they route no more events to it, and waits (at most 10s) until none of
-// them holds batches for it: those arrive before it stops taking them.
+// them holds batches for it: those arrive before it stops taking them. A
+// batch shows in the others' gossip once it has waited behindAfter, so the
+// wait lasts until that long and a gossip round have passed with none.
 func (n *Node) announceLeave() {
 	if err := n.member.UpdateMeta(func(m *cluster.Meta) { m.Leaving = true }); err != nil {
 		n.log.Warn("cannot announce the leave", "err", err)
 		return
 	}
 	deadline := time.Now().Add(10 * time.Second)
-	quiet := 0
-	for quiet < 2 && time.Now().Before(deadline) {
+	quietFor := time.Duration(0)
+	for quietFor <= behindAfter+handoffGossipInterval && time.Now().Before(deadline) {
 		time.Sleep(handoffGossipInterval)
+		quietFor += handoffGossipInterval
 		if n.topo.view.Load().behind[n.cfg.Name] {
-			quiet = 0
-		} else {
-			quiet++
+			quietFor = 0
 		}
 	}
-	if quiet < 2 {
+	if quietFor <= behindAfter+handoffGossipInterval {
 		n.log.Warn("leaving while other aggregators still hold batches for this node; they wait for a node of this name to return")
 	}
 }
