@@ -149,13 +149,18 @@ func fetch(ctx context.Context, u string) (string, int, error) {
 // settle waits until the nodes hold nothing unflushed from before the run:
 // no live cell in an aggregator and nothing waiting for another member, in
 // two scrapes in a row. Otherwise a previous run's last windows could reach
-// the store after the baseline is read, and show as a mismatch. Nodes that
-// export no aggregator metrics (a query node of a cluster) cannot tell, and
-// are not waited for.
+// the store after the baseline is read, and show as a mismatch. The nodes
+// scraped are the aggregators of the clusters the HTTP addresses belong to
+// (from /api/v1/status/cluster), or the addresses themselves; when none
+// exports aggregator metrics, there is nothing to wait for.
 func settle(ctx context.Context, opts Options) error {
+	addrs, err := aggregatorAddrs(ctx, opts.HTTPAddrs)
+	if err != nil {
+		return err
+	}
 	deadline := time.Now().Add(opts.VerifyTimeout)
 	for quiet := 0; quiet < 2; {
-		s, err := scrapeAll(ctx, opts.HTTPAddrs)
+		s, err := scrapeAll(ctx, addrs)
 		if err != nil {
 			return err
 		}
@@ -176,6 +181,40 @@ func settle(ctx context.Context, opts Options) error {
 		}
 	}
 	return nil
+}
+
+// aggregatorAddrs returns the HTTP addresses of the alive aggregators of
+// the clusters addrs belong to, and addrs themselves where a node is not
+// in a cluster (or says nothing of one).
+func aggregatorAddrs(ctx context.Context, addrs []string) ([]string, error) {
+	var out []string
+	for _, addr := range addrs {
+		body, status, err := fetch(ctx, "http://"+addr+"/api/v1/status/cluster")
+		if err != nil {
+			return nil, err
+		}
+		var st struct {
+			Data struct {
+				Clustered bool `json:"clustered"`
+				Members   []struct {
+					Roles []string `json:"roles"`
+					State string   `json:"state"`
+					HTTP  string   `json:"http"`
+				} `json:"members"`
+			} `json:"data"`
+		}
+		if status != http.StatusOK || json.Unmarshal([]byte(body), &st) != nil || !st.Data.Clustered {
+			out = append(out, addr)
+			continue
+		}
+		for _, m := range st.Data.Members {
+			if m.State == "alive" && m.HTTP != "" && slices.Contains(m.Roles, "aggregator") {
+				out = append(out, m.HTTP)
+			}
+		}
+	}
+	slices.Sort(out)
+	return slices.Compact(out), nil
 }
 
 // verifyGrid lays the run's time out in pairs of windows from first, a
