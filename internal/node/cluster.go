@@ -52,7 +52,8 @@ type members struct {
 	// did not leave, alive or dead. A dead one keeps its shards, and its
 	// flushes wait for it.
 	combiners []string
-	// behind lists the combiners some alive aggregator holds flushes for.
+	// behind lists the members for which a request has waited at some
+	// alive aggregator for over behindAfter: down, or catching up.
 	behind map[string]bool
 	state  map[string]cluster.State
 	grpc   map[string]string // gRPC address by member name
@@ -108,12 +109,12 @@ func (t *topology) refresh() {
 		if mm.Meta.HasRole(cluster.RoleAggregator) && mm.State != cluster.StateLeft && !mm.Meta.Leaving {
 			m.aggregators = append(m.aggregators, mm.Name)
 		}
-		if mm.Meta.HasRole(cluster.RoleCombiner) && mm.State != cluster.StateLeft && t.combiners == nil {
+		if mm.Meta.HasRole(cluster.RoleCombiner) && mm.State != cluster.StateLeft {
 			m.combiners = append(m.combiners, mm.Name)
 		}
 	}
 	if t.combiners != nil {
-		m.combiners = t.combiners
+		m.combiners = t.combiners // placement ignores what this node has seen
 	}
 	t.view.Store(m)
 	t.pruneConns(m)
