@@ -81,6 +81,9 @@ type outbox struct {
 		// order. A destination's sender runs from its first entry on.
 		queues  map[string][]*entry
 		stopped bool
+		// wake is closed, and replaced, by RetryNow: senders waiting out a
+		// backoff try again at once.
+		wake chan struct{}
 	}
 	closing chan struct{} // closed when Close begins: senders retry at once
 	ctx     context.Context
@@ -91,6 +94,7 @@ type outbox struct {
 func (o *outbox) init() {
 	o.mu.cond = sync.NewCond(&o.mu.Mutex)
 	o.mu.queues = map[string][]*entry{}
+	o.mu.wake = make(chan struct{})
 	o.closing = make(chan struct{})
 	o.ctx, o.cancel = context.WithCancel(context.Background())
 }
@@ -173,6 +177,17 @@ func (a *Aggregator) Pending() map[string]int {
 	return p
 }
 
+// RetryNow makes every destination whose delivery failed try again at once,
+// rather than at the end of its backoff: the node calls it when a member
+// comes back, so that what waited for it goes out without delay.
+func (a *Aggregator) RetryNow() {
+	o := &a.out
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	close(o.mu.wake)
+	o.mu.wake = make(chan struct{})
+}
+
 // Waiting names the destinations whose oldest request has waited longer
 // than age: a member that is down or far behind, rather than one whose
 // requests are on their way.
@@ -230,6 +245,10 @@ func (a *Aggregator) send(dest string, e *entry) error {
 	backoff := a.opts.RetryBackoff
 	closing := o.closing
 	for {
+		// Taken before the attempt, so that a RetryNow during it counts.
+		o.mu.Lock()
+		wake := o.mu.wake
+		o.mu.Unlock()
 		ctx, cancel := context.WithTimeout(o.ctx, flushTimeout)
 		err := a.attempt(ctx, dest, e)
 		cancel()
@@ -250,6 +269,9 @@ func (a *Aggregator) send(dest string, e *entry) error {
 		case <-closing:
 			// Close began: try once more at once, then back off again.
 			closing = nil
+		case <-wake:
+			// A member came back: try at once, from the first backoff.
+			backoff = a.opts.RetryBackoff
 		case <-time.After(backoff):
 			backoff = min(2*backoff, 30*time.Second)
 		}

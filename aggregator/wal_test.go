@@ -396,3 +396,23 @@ func TestWALReplayWithOtherGrace(t *testing.T) {
 		t.Errorf("store holds %+v, acknowledged %+v", got, want)
 	}
 }
+
+// TestRetryNow checks that a replica that comes back gets what waited for it
+// when RetryNow says so, not at the end of a long backoff.
+func TestRetryNow(t *testing.T) {
+	h := newHarness(t, schema.Default())
+	sink := newReplicaSink(t, h, 1, "r1")
+	a := walAggregator(t, h, t.TempDir(), sink, aggregator.Options{Grace: time.Second, RetryBackoff: time.Hour, Registerer: h.reg})
+	defer a.Close()
+	sink.set("r1", true, false)
+	want := acked(t, h, a, "pub", 1, h.ms(0), 20, 1)
+	h.clock.Set(h.clock.Now().Add(10 * time.Second))
+	aggregator.Flush(a)
+	poll(t, "a failed delivery", func() bool { return h.counter(t, "dimsum_aggregator_flush_errors_total") > 0 })
+	sink.set("r1", false, false)
+	a.RetryNow()
+	poll(t, "r1 to take the flush", func() bool { return len(a.Pending()) == 0 })
+	if got := sink.stores["r1"].total(t); got != want {
+		t.Errorf("r1 holds %+v, acknowledged %+v", got, want)
+	}
+}

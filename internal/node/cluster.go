@@ -33,8 +33,11 @@ type topology struct {
 	combiners   []string             // the configured combiners; nil: those seen
 	gauge       *prometheus.GaugeVec // members by role and state
 
-	view  atomic.Pointer[members]
-	conns struct {
+	view atomic.Pointer[members]
+	// returned is called when a member comes back (alive again, or at a
+	// new address): the aggregator retries what waits for it at once.
+	returned atomic.Pointer[func()]
+	conns    struct {
 		sync.Mutex
 		byAddr map[string]*grpc.ClientConn
 	}
@@ -116,8 +119,22 @@ func (t *topology) refresh() {
 	if t.combiners != nil {
 		m.combiners = t.combiners // placement ignores what this node has seen
 	}
-	t.view.Store(m)
+	old := t.view.Swap(m)
 	t.pruneConns(m)
+	if f := t.returned.Load(); f != nil && old != nil && cameBack(old, m) {
+		(*f)()
+	}
+}
+
+// cameBack reports whether a member is alive in now and was not in before,
+// or is at another gRPC address.
+func cameBack(before, now *members) bool {
+	for name, st := range now.state {
+		if st == cluster.StateAlive && (before.state[name] != cluster.StateAlive || before.grpc[name] != now.grpc[name]) {
+			return true
+		}
+	}
+	return false
 }
 
 // pruneConns closes the connections to addresses no member has any more: a

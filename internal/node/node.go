@@ -257,6 +257,8 @@ func (n *Node) startAggregator(s *schema.Schema, reg prometheus.Registerer) erro
 		return err
 	}
 	router.Register(n.grpc)
+	retry := n.agg.RetryNow
+	n.topo.returned.Store(&retry)
 	n.loops.Go(func() { gossipHandoff(n.member, n.agg, n.stop, n.log.With("component", "cluster")) })
 	return nil
 }
