@@ -65,11 +65,14 @@ type Aggregator struct {
 	// forwardSeq numbers the forwarded parts of batches that came without
 	// an identity.
 	forwardSeq atomic.Uint64
-	window     schema.Resolution // the finest resolution; its step is the window
-	step       int64             // window length, ms
-	fams       []*family
-	byName     map[string]int
-	metrics    *metrics
+	// pushes counts the pushes past the closed check that have not yet
+	// queued their forwarded parts.
+	pushes  sync.WaitGroup
+	window  schema.Resolution // the finest resolution; its step is the window
+	step    int64             // window length, ms
+	fams    []*family
+	byName  map[string]int
+	metrics *metrics
 
 	mu struct {
 		sync.Mutex
@@ -413,6 +416,10 @@ func (a *Aggregator) push(req *wirepb.PushRequest, owner func(int) string, check
 		eventPool.Put(evp)
 		return nil, ErrClosed
 	}
+	// Close waits for this push to queue its parts before it drains the
+	// outbox.
+	a.pushes.Add(1)
+	defer a.pushes.Done()
 	switch a.markLocked(req, now) {
 	case seqRepeat:
 		a.mu.Unlock()
@@ -961,6 +968,7 @@ func (a *Aggregator) Close() error {
 	}
 	a.mu.closed = true
 	a.mu.Unlock()
+	a.pushes.Wait()
 	close(a.stop)
 	<-a.done
 	a.flush(true)

@@ -3,6 +3,7 @@ package aggregator_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"sync"
 	"sync/atomic"
@@ -475,4 +476,43 @@ func TestRouterForwardWithoutIdentity(t *testing.T) {
 	})
 	a.lossy.Store(false)
 	checkOwned(t, r.counts(), owner, 1)
+}
+
+// TestRouterCloseWaitsForPushes closes a receiver while batches whose
+// events b owns are being pushed to it from 16 goroutines: every batch it
+// acknowledged must reach b before Close returns. (Close waits for the
+// pushes in flight to queue their parts before it drains the outbox; the
+// moment when a push would queue its part after the drain is narrow, so
+// this checks the property more than it catches that moment.)
+func TestRouterCloseWaitsForPushes(t *testing.T) {
+	r := newRing(t, "a", "b")
+	r.setOwner(func(uint64) string { return "b" })
+	a, b := r.nodes["a"], r.nodes["b"]
+	ts := r.clock.Now().UnixMilli()
+	var acked atomic.Int64
+	var wg sync.WaitGroup
+	for g := range 16 {
+		wg.Go(func() {
+			for i := range 1_000 {
+				var bt wire.Batch
+				bt.Identify(fmt.Sprint("pub", g), uint64(i+1))
+				addGood(&bt, ts, 1, i%routeHosts, 0, 0)
+				if _, err := a.agg.PushRouted(bt.Request(), func(int) string { return "b" }); err != nil {
+					return // closed
+				}
+				acked.Add(1)
+			}
+		})
+	}
+	poll(t, "some batches to be taken", func() bool { return acked.Load() > 100 })
+	if err := a.agg.Close(); err != nil {
+		t.Fatal(err)
+	}
+	wg.Wait()
+	if p := a.agg.Pending(); len(p) > 0 {
+		t.Fatalf("a closed with %v undelivered", p)
+	}
+	if got := b.h.counter(t, "dimsum_aggregator_events_accepted_total"); got != float64(acked.Load()) {
+		t.Fatalf("b counted %v events, a acknowledged %d", got, acked.Load())
+	}
 }

@@ -1,11 +1,14 @@
 package node
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
+	"log/slog"
 	"maps"
 	"net/http"
 	"net/url"
+	"sync"
 	"testing"
 	"time"
 
@@ -27,12 +30,36 @@ func member(t *testing.T, name string, seed *Node, roles ...cluster.Role) *Node 
 	if seed != nil {
 		cfg.Cluster.Join = []string{seed.GossipAddr()}
 	}
-	n, err := Start(cfg, "test", nil)
+	logs := &syncBuffer{}
+	n, err := Start(cfg, "test", slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelInfo})))
 	if err != nil {
 		t.Fatalf("starting %s: %v", name, err)
 	}
-	t.Cleanup(func() { n.Close() })
+	t.Cleanup(func() {
+		n.Close()
+		if t.Failed() {
+			t.Logf("log of %s:\n%s", name, logs.String())
+		}
+	})
 	return n
+}
+
+// syncBuffer is a log destination that several goroutines write.
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
 }
 
 // status reads a node's /api/v1/status/cluster.
