@@ -304,21 +304,26 @@ func TestClusterSIGKILL(t *testing.T) {
 	t.Logf("%d acknowledged events read back exactly through the query node", rep.Accepted)
 
 	// Once the restarted combiner has caught up (no aggregator holds
-	// flushes for it), one combiner down leaves every shard a whole
-	// replica: answers stay complete.
+	// flushes for it) and the last flushes have reached both replicas, one
+	// combiner down leaves every shard a whole replica: answers stay
+	// complete.
+	// A request counts as behind once it has waited a second, so the view
+	// must stay clear for longer than that.
+	quiet := 0
 	c.waitFor("every replica to have caught up", func() bool {
+		quiet++
 		st, err := c.status(q)
 		if err != nil {
-			return false
+			quiet = 0
 		}
 		for _, sh := range st.Shards {
 			for _, r := range sh.Replicas {
 				if r.Behind {
-					return false
+					quiet = 0
 				}
 			}
 		}
-		return true
+		return quiet > 20 // 2s at the poll's 100ms
 	})
 	c.kill(c.members["c3"])
 	if got, count, err := sliceTotals(q); err != nil || !maps.Equal(got, want) || count != float64(rep.Accepted) {

@@ -230,7 +230,12 @@ func TestClusterJoinLeave(t *testing.T) {
 		t.Fatal("a3 runs no aggregator")
 	}
 
-	// One combiner down: every shard has the other; the answer is whole.
+	// Once every flush has reached both combiners (what was read back may
+	// have come from one), one combiner down leaves every shard whole on
+	// the other.
+	waitFor(t, "every flush to reach both combiners", func() bool {
+		return len(a2.agg.Pending()) == 0 && len(a3.agg.Pending()) == 0
+	})
 	c2.Close()
 	if got, count, warnings, code := totals(t, q, false); code != http.StatusOK || len(warnings) > 0 || !maps.Equal(got, want) || count != float64(r.rep.Accepted) {
 		t.Fatalf("with c2 down: %v, %v events, warnings %v, HTTP %d", got, count, warnings, code)
