@@ -22,7 +22,8 @@ type Config struct {
 	// DataDir holds the cube store (in cube/) and the aggregator's
 	// write-ahead log (in wal/). The default is ./data.
 	DataDir string `yaml:"data_dir"`
-	// GRPCListen is the address of the gRPC server (Push and Flush). The
+	// GRPCListen is the address of the gRPC server (pushes, and in a
+	// cluster flushes, forwarded batches and reads between nodes). The
 	// default is 127.0.0.1:9400.
 	GRPCListen string `yaml:"grpc_listen"`
 	// HTTPListen is the address of the HTTP server (the Prometheus API and
