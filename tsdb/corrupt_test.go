@@ -61,6 +61,34 @@ func TestCorruptRow(t *testing.T) {
 	}
 }
 
+// TestCorruptDataKey writes a key in the data range that is not a data key
+// behind the DB's back: a scan that walks over it reports corruption naming
+// it.
+func TestCorruptDataKey(t *testing.T) {
+	s := testSchema(t)
+	finest := cuboidOf(t, s, "requests", "dc", "host", "txn")
+	now := testNow.UnixMilli()
+	db := openTest(t, t.TempDir(), s)
+	defer closeTest(t, db)
+	deltas := []Delta{
+		{Family: "requests", Cuboid: finest, Values: []string{"d1", "h1", "GET"}, Time: now, Sum: 1, Count: 1},
+		{Family: "requests", Cuboid: finest, Values: []string{"d1", "h2", "GET"}, Time: now, Sum: 1, Count: 1},
+	}
+	if _, err := db.Apply(nil, 0, deltas); err != nil {
+		t.Fatal(err)
+	}
+	r := db.res[0]
+	cell0 := makeDataKey(r.stepSec, r.Row(now), db.families["requests"].id, finest, 0)
+	key := append(cell0[:], 0x01) // between the keys of cells 0 and 1
+	if err := db.pdb.Set(key, []byte{}, pebble.Sync); err != nil {
+		t.Fatal(err)
+	}
+	err := db.Scan(0, "requests", finest, nil, now-3600e3, now, func(uint32, []Step) error { return nil })
+	if !isCorruptNaming(err, key) {
+		t.Fatalf("got %v, want ErrCorrupt naming %x", err, key)
+	}
+}
+
 // TestCorruptPresence writes an undecodable presence bitmap behind the DB's
 // back: the retention pass, the label API over a time range and an Apply
 // that must extend the bitmap report corruption naming its key.

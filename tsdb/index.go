@@ -406,7 +406,7 @@ func (db *DB) loadCells() error {
 	for valid := iter.First(); valid; valid = iter.Next() {
 		famID, cuboid, cell, err := parseCellKey(iter.Key())
 		if err != nil {
-			return fmt.Errorf("%w: cell dictionary key %x: %v", ErrCorrupt, iter.Key(), err)
+			return err
 		}
 		fs := db.byID[famID]
 		if fs == nil {

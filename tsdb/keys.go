@@ -76,11 +76,16 @@ type parsedDataKey struct {
 	cell uint32
 }
 
-var errBadKey = errors.New("malformed key")
+// malformedKey is the error of a stored key that does not parse as what
+// its range holds, naming it.
+func malformedKey(what string, k []byte) error {
+	return fmt.Errorf("%w: %s %x is malformed", ErrCorrupt, what, k)
+}
 
+// parseDataKey splits a data key; a malformed one is corruption.
 func parseDataKey(k []byte) (parsedDataKey, error) {
 	if len(k) != dataKeyLen || k[0] != prefixData {
-		return parsedDataKey{}, errBadKey
+		return parsedDataKey{}, malformedKey("data key", k)
 	}
 	return parsedDataKey{presenceKey: rowFields(k), cell: binary.BigEndian.Uint32(k[17:21])}, nil
 }
@@ -109,9 +114,10 @@ func (p presenceKey) append(dst []byte) []byte {
 	return binary.BigEndian.AppendUint16(dst, uint16(p.cuboid))
 }
 
+// parsePresenceKey splits a presence key; a malformed one is corruption.
 func parsePresenceKey(k []byte) (presenceKey, error) {
 	if len(k) != presenceKeyLen || k[0] != prefixPresence {
-		return presenceKey{}, errBadKey
+		return presenceKey{}, malformedKey("presence key", k)
 	}
 	return rowFields(k), nil
 }
@@ -145,9 +151,11 @@ func appendCellKey(dst []byte, fam uint16, cuboid schema.CuboidID, cell uint32) 
 	return binary.BigEndian.AppendUint32(dst, cell)
 }
 
+// parseCellKey splits a cell-dictionary key; a malformed one is
+// corruption.
 func parseCellKey(k []byte) (fam uint16, cuboid schema.CuboidID, cell uint32, err error) {
 	if len(k) != cellKeyLen || k[0] != prefixCell {
-		return 0, 0, 0, errBadKey
+		return 0, 0, 0, malformedKey("cell dictionary key", k)
 	}
 	return binary.BigEndian.Uint16(k[1:3]), schema.CuboidID(binary.BigEndian.Uint16(k[3:5])), binary.BigEndian.Uint32(k[5:9]), nil
 }

@@ -134,7 +134,6 @@ func (db *DB) cellsWithData(r resolution, fam uint16, cuboid schema.CuboidID, mi
 	for valid := iter.First(); valid; valid = iter.Next() {
 		pk, err := parsePresenceKey(iter.Key())
 		if err != nil {
-			err = fmt.Errorf("%w: presence key %x: %v", ErrCorrupt, iter.Key(), err)
 			return nil, errors.Join(err, iter.Close())
 		}
 		if pk.fam != fam || pk.cuboid != cuboid {

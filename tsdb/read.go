@@ -259,7 +259,6 @@ func (db *DB) seekRows(r resolution, d *cellDict, cells []uint32, mint, maxt int
 			}
 			k, err := parseDataKey(iter.Key())
 			if err != nil {
-				err = fmt.Errorf("%w: data key %x: %v", ErrCorrupt, iter.Key(), err)
 				return buf, errors.Join(err, iter.Close())
 			}
 			if k.row != row || k.fam != d.fam || k.cuboid != d.cuboid || k.cell != cell {
@@ -352,7 +351,6 @@ func (db *DB) openCursors(r resolution, d *cellDict, mint, maxt int64) (*cursors
 		}
 		k, err := parseDataKey(probe.Key())
 		if err != nil {
-			err = fmt.Errorf("%w: data key %x: %v", ErrCorrupt, probe.Key(), err)
 			return cs, errors.Join(err, probe.Close())
 		}
 		if k.row != row || k.fam != d.fam || k.cuboid != d.cuboid {
@@ -385,7 +383,7 @@ func (c *cursor) set(valid bool) {
 	}
 	k, err := parseDataKey(c.iter.Key())
 	if err != nil {
-		c.valid, c.err = false, fmt.Errorf("%w: data key %x: %v", ErrCorrupt, c.iter.Key(), err)
+		c.valid, c.err = false, err
 		return
 	}
 	c.cell = k.cell

@@ -187,8 +187,7 @@ func (db *DB) removedSteps() ([]uint32, error) {
 		for valid := iter.First(); valid; {
 			k := iter.Key()
 			if len(k) < 5 {
-				err := fmt.Errorf("%w: key %x: %v", ErrCorrupt, k, errBadKey)
-				return nil, errors.Join(err, iter.Close())
+				return nil, errors.Join(malformedKey("key", k), iter.Close())
 			}
 			step := binary.BigEndian.Uint32(k[1:5])
 			if !slices.ContainsFunc(db.res, func(r resolution) bool { return r.stepSec == step }) && !slices.Contains(out, step) {
@@ -261,7 +260,6 @@ func (db *DB) eachPresence(lo, hi []byte, reverse bool, fn func(pk presenceKey, 
 		key := iter.Key()
 		pk, err := parsePresenceKey(key)
 		if err != nil {
-			err = fmt.Errorf("%w: presence key %x: %v", ErrCorrupt, key, err)
 			return errors.Join(err, iter.Close())
 		}
 		more, err := fn(pk, key, func() (*roaring.Bitmap, error) {
@@ -301,8 +299,7 @@ func (db *DB) pruneIdempotency(b *pebble.Batch, cutoff int64) (int, error) {
 	for valid := iter.First(); valid; valid = iter.Next() {
 		k := iter.Key()
 		if len(k) < 1+8 {
-			err := fmt.Errorf("%w: idempotency key %x: %v", ErrCorrupt, k, errBadKey)
-			return 0, errors.Join(err, iter.Close())
+			return 0, errors.Join(malformedKey("idempotency key", k), iter.Close())
 		}
 		key = appendIdemKey(key[:0], k[1+8:])
 		if err := b.Delete(key, nil); err != nil {
