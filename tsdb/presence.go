@@ -87,14 +87,24 @@ func (db *DB) presenceList(pk presenceKey) (*roaring.Bitmap, error) {
 	case err != nil:
 		return nil, fmt.Errorf("tsdb: cannot read presence %x: %w", p.key, err)
 	default:
-		l, err = decodeBitmap(v)
+		l, err = db.decodePresence(p.key, v)
 		closer.Close()
 		if err != nil {
-			db.metrics.corruptions.Inc()
-			return nil, fmt.Errorf("%w: presence %x: %v", ErrCorrupt, p.key, err)
+			return nil, err
 		}
 	}
 	p.remember(pk, l)
+	return l, nil
+}
+
+// decodePresence decodes the presence bitmap v stored under key; one that
+// does not decode is corruption, counted and naming the key.
+func (db *DB) decodePresence(key, v []byte) (*roaring.Bitmap, error) {
+	l, err := decodeBitmap(v)
+	if err != nil {
+		db.metrics.corruptions.Inc()
+		return nil, fmt.Errorf("%w: presence %x: %v", ErrCorrupt, key, err)
+	}
 	return l, nil
 }
 
@@ -117,38 +127,25 @@ func (p *presence) publish() {
 
 // cellsWithData returns the cells of one cuboid that have data in a row of
 // resolution r overlapping [mint, maxt]: the union of the presence bitmaps
-// of those rows.
+// of those rows. mint is at most maxt.
 func (db *DB) cellsWithData(r resolution, fam uint16, cuboid schema.CuboidID, mint, maxt int64) (*roaring.Bitmap, error) {
-	out := roaring.New()
-	if mint > maxt {
-		return out, nil
-	}
 	lo := appendRowBound(nil, prefixPresence, r.stepSec, r.Row(mint))
 	hi := appendRowBound(nil, prefixPresence, r.stepSec, r.Row(maxt))
 	hi = append(hi, 0xff, 0xff, 0xff, 0xff, 0xff) // after every key of the last row
-	iter, err := db.pdb.NewIter(&pebble.IterOptions{LowerBound: lo, UpperBound: hi})
-	if err != nil {
-		return nil, fmt.Errorf("tsdb: cannot read presence: %w", err)
-	}
 	var lists []*roaring.Bitmap
-	for valid := iter.First(); valid; valid = iter.Next() {
-		pk, err := parsePresenceKey(iter.Key())
-		if err != nil {
-			return nil, errors.Join(err, iter.Close())
-		}
+	err := db.eachPresence(lo, hi, false, func(pk presenceKey, list func() (*roaring.Bitmap, error)) (bool, error) {
 		if pk.fam != fam || pk.cuboid != cuboid {
-			continue
+			return true, nil
 		}
-		l, err := decodeBitmap(iter.Value())
+		l, err := list()
 		if err != nil {
-			db.metrics.corruptions.Inc()
-			err = fmt.Errorf("%w: presence %x: %v", ErrCorrupt, iter.Key(), err)
-			return nil, errors.Join(err, iter.Close())
+			return false, err
 		}
 		lists = append(lists, l)
-	}
-	if err := errors.Join(iter.Error(), iter.Close()); err != nil {
-		return nil, fmt.Errorf("tsdb: cannot read presence: %w", err)
+		return true, nil
+	})
+	if err != nil {
+		return nil, err
 	}
 	return roaring.FastOr(lists...), nil
 }

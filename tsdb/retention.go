@@ -131,7 +131,7 @@ func (db *DB) expireRows(b *pebble.Batch, r resolution, cut int64, candidates ma
 	lo := appendRowBound(nil, prefixPresence, r.stepSec, math.MinInt64)
 	hi := appendRowBound(nil, prefixPresence, r.stepSec, cut)
 	n := 0
-	err := db.eachPresence(lo, hi, false, func(pk presenceKey, key []byte, l func() (*roaring.Bitmap, error)) (bool, error) {
+	err := db.eachPresence(lo, hi, false, func(pk presenceKey, l func() (*roaring.Bitmap, error)) (bool, error) {
 		n++
 		d := db.dictByID(pk.fam, pk.cuboid)
 		if d == nil {
@@ -222,7 +222,7 @@ func (db *DB) keepLive(cut []int64, candidates map[*cellDict]*roaring.Bitmap) er
 		r := db.res[i]
 		lo := appendRowBound(nil, prefixPresence, r.stepSec, cut[i])
 		hi := append(appendRowBound(nil, prefixPresence, r.stepSec, math.MaxInt64), 0xff, 0xff, 0xff, 0xff, 0xff)
-		err := db.eachPresence(lo, hi, true, func(pk presenceKey, key []byte, l func() (*roaring.Bitmap, error)) (bool, error) {
+		err := db.eachPresence(lo, hi, true, func(pk presenceKey, l func() (*roaring.Bitmap, error)) (bool, error) {
 			c := candidates[db.dictByID(pk.fam, pk.cuboid)]
 			if c == nil || c.IsEmpty() {
 				return true, nil
@@ -247,7 +247,7 @@ func (db *DB) keepLive(cut []int64, candidates map[*cellDict]*roaring.Bitmap) er
 // eachPresence calls fn for each presence key in [lo, hi), ascending or
 // descending, until fn returns false. fn decodes the bitmap by calling
 // list, which reports corruption naming the key.
-func (db *DB) eachPresence(lo, hi []byte, reverse bool, fn func(pk presenceKey, key []byte, list func() (*roaring.Bitmap, error)) (bool, error)) error {
+func (db *DB) eachPresence(lo, hi []byte, reverse bool, fn func(pk presenceKey, list func() (*roaring.Bitmap, error)) (bool, error)) error {
 	iter, err := db.pdb.NewIter(&pebble.IterOptions{LowerBound: lo, UpperBound: hi})
 	if err != nil {
 		return fmt.Errorf("tsdb: cannot read presence: %w", err)
@@ -262,14 +262,7 @@ func (db *DB) eachPresence(lo, hi []byte, reverse bool, fn func(pk presenceKey, 
 		if err != nil {
 			return errors.Join(err, iter.Close())
 		}
-		more, err := fn(pk, key, func() (*roaring.Bitmap, error) {
-			l, err := decodeBitmap(iter.Value())
-			if err != nil {
-				db.metrics.corruptions.Inc()
-				return nil, fmt.Errorf("%w: presence %x: %v", ErrCorrupt, key, err)
-			}
-			return l, nil
-		})
+		more, err := fn(pk, func() (*roaring.Bitmap, error) { return db.decodePresence(key, iter.Value()) })
 		if err != nil {
 			return errors.Join(err, iter.Close())
 		}
