@@ -154,34 +154,51 @@ func (f *shardFilter) keep(family string, cuboid schema.CuboidID, values []strin
 	return f == nil || f.in[schema.Shard(family, cuboid, values, f.count)]
 }
 
-// cells returns the cells of the request's shards.
-func (r *ReadServer) cells(family string, cuboid uint32, wms []*wirepb.Matcher, set *wirepb.ShardSet) (schema.Cuboid, []tsdb.Cell, error) {
+// selection is a request's checked family, cuboid, matchers and shards.
+type selection struct {
+	family string
+	cuboid schema.Cuboid
+	ms     []*labels.Matcher
+	shards *shardFilter
+}
+
+// selection checks the part of a request that selects cells.
+func (r *ReadServer) selection(family string, cuboid uint32, wms []*wirepb.Matcher, set *wirepb.ShardSet) (selection, error) {
 	c, err := r.cuboid(family, cuboid)
 	if err != nil {
-		return c, nil, err
+		return selection{}, err
 	}
 	ms, err := matchers(wms)
 	if err != nil {
-		return c, nil, err
+		return selection{}, err
 	}
 	f, err := shards(set)
 	if err != nil {
-		return c, nil, err
+		return selection{}, err
 	}
-	cells, err := r.store.Cells(family, c.ID, ms)
+	return selection{family: family, cuboid: c, ms: ms, shards: f}, nil
+}
+
+// cells returns the selected cells.
+func (r *ReadServer) cells(sel selection) ([]tsdb.Cell, error) {
+	cells, err := r.store.Cells(sel.family, sel.cuboid.ID, sel.ms)
 	if err != nil {
-		return c, nil, storeError(err)
+		return nil, storeError(err)
 	}
-	if f != nil {
-		cells = slices.DeleteFunc(cells, func(cell tsdb.Cell) bool { return !f.keep(family, c.ID, cell.Values) })
+	if sel.shards != nil {
+		cells = slices.DeleteFunc(cells, func(cell tsdb.Cell) bool { return !sel.shards.keep(sel.family, sel.cuboid.ID, cell.Values) })
 	}
-	return c, cells, nil
+	return cells, nil
 }
 
 // Cells streams the cells of the request's shards, in messages of at most
 // about maxChunkBytes.
 func (r *ReadServer) Cells(req *wirepb.CellsRequest, stream grpc.ServerStreamingServer[wirepb.CellsChunk]) error {
-	_, cells, err := r.cells(req.Family, req.Cuboid, req.Matchers, req.Shards)
+	sel, err := r.selection(req.Family, req.Cuboid, req.Matchers, req.Shards)
+	if err != nil {
+		return err
+	}
+	cells, err := r.cells(sel)
 	if err != nil {
 		return err
 	}
@@ -267,35 +284,28 @@ func (r *ReadServer) Scan(req *wirepb.ScanRequest, stream grpc.ServerStreamingSe
 // replica of a shard holds the same cells, so a reader that reads all
 // shards gets the same union either way.
 func (r *ReadServer) labelsQuery(req *wirepb.LabelsRequest, names bool) (*wirepb.LabelsResponse, error) {
-	c, err := r.cuboid(req.Family, req.Cuboid)
+	sel, err := r.selection(req.Family, req.Cuboid, req.Matchers, req.Shards)
 	if err != nil {
 		return nil, err
 	}
 	if req.MintMs > req.MaxtMs {
 		return nil, invalid("mint %d is after maxt %d", req.MintMs, req.MaxtMs)
 	}
-	ms, err := matchers(req.Matchers)
-	if err != nil {
-		return nil, err
-	}
-	f, err := shards(req.Shards)
-	if err != nil {
-		return nil, err
-	}
+	c := sel.cuboid
 	index := func(limit int) ([]string, error) {
 		if names {
-			return r.store.LabelNames(req.Family, c.ID, req.MintMs, req.MaxtMs, limit, ms)
+			return r.store.LabelNames(req.Family, c.ID, req.MintMs, req.MaxtMs, limit, sel.ms)
 		}
-		return r.store.LabelValues(req.Family, c.ID, req.Name, req.MintMs, req.MaxtMs, limit, ms)
+		return r.store.LabelValues(req.Family, c.ID, req.Name, req.MintMs, req.MaxtMs, limit, sel.ms)
 	}
-	if f == nil {
+	if sel.shards == nil {
 		vals, err := index(int(req.Limit))
 		if err != nil {
 			return nil, storeError(err)
 		}
 		return &wirepb.LabelsResponse{Values: vals}, nil
 	}
-	_, cells, err := r.cells(req.Family, req.Cuboid, req.Matchers, req.Shards)
+	cells, err := r.cells(sel)
 	if err != nil {
 		return nil, err
 	}
