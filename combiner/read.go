@@ -3,6 +3,7 @@ package combiner
 import (
 	"context"
 	"errors"
+	"maps"
 	"math"
 	"slices"
 
@@ -323,10 +324,7 @@ func (r *ReadServer) labelsQuery(req *wirepb.LabelsRequest, names bool) (*wirepb
 	}
 	var out []string
 	if req.MintMs == math.MinInt64 && req.MaxtMs == math.MaxInt64 {
-		for v := range set {
-			out = append(out, v)
-		}
-		slices.Sort(out)
+		out = slices.Sorted(maps.Keys(set))
 	} else {
 		all, err := index(0)
 		if err != nil {
