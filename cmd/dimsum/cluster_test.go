@@ -40,21 +40,9 @@ type testCluster struct {
 	members map[string]*member
 }
 
-func buildBinary(t *testing.T, dir string) string {
-	t.Helper()
-	bin := filepath.Join(dir, "dimsum")
-	if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
-		t.Fatalf("go build: %v\n%s", err, out)
-	}
-	return bin
-}
-
 func newTestCluster(t *testing.T) *testCluster {
 	dir := t.TempDir()
-	c := &testCluster{t: t, bin: buildBinary(t, dir), config: filepath.Join(dir, "dimsum.yaml"), dir: dir, members: map[string]*member{}}
-	if err := os.WriteFile(c.config, []byte(clusterConfig), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	c := &testCluster{t: t, bin: dimsumBinary(t), config: writeConfig(t, dir, clusterConfig), dir: dir, members: map[string]*member{}}
 	t.Cleanup(func() {
 		for _, m := range c.members {
 			if m.cmd != nil {

@@ -7,7 +7,6 @@ import (
 	"math/rand/v2"
 	"net/http"
 	"net/url"
-	"os"
 	"os/exec"
 	"path/filepath"
 	"sync"
@@ -36,15 +35,8 @@ type crashBatch struct {
 // counted once: none acknowledged is lost, and a batch whose reply the kill
 // cut off, then retried, is not counted twice.
 func TestSIGKILL(t *testing.T) {
-	dir := t.TempDir()
-	bin := filepath.Join(dir, "dimsum")
-	if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
-		t.Fatalf("go build: %v\n%s", err, out)
-	}
-	config := filepath.Join(dir, "dimsum.yaml")
-	if err := os.WriteFile(config, []byte("aggregator: {grace: 500ms, flush_interval: 100ms}\nschema: {resolutions: [1s:1d, 1m:35d]}\n"), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	dir, bin := t.TempDir(), dimsumBinary(t)
+	config := writeConfig(t, dir, "aggregator: {grace: 500ms, flush_interval: 100ms}\nschema: {resolutions: [1s:1d, 1m:35d]}\n")
 	grpcAddr, httpAddr := freeAddr(t), freeAddr(t)
 	data := filepath.Join(dir, "data")
 	start := func() *exec.Cmd { return startNode(t, bin, config, data, grpcAddr, httpAddr) }

@@ -2,7 +2,6 @@ package main
 
 import (
 	"encoding/json"
-	"net"
 	"net/http"
 	"net/url"
 	"os"
@@ -15,17 +14,6 @@ import (
 	"testing"
 	"time"
 )
-
-// freeAddr returns a loopback address that was free a moment ago.
-func freeAddr(t *testing.T) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().String()
-}
 
 // total asks the node for the exact total of the requests family.
 func total(t *testing.T, httpAddr string) (float64, bool) {
@@ -50,24 +38,17 @@ func total(t *testing.T, httpAddr string) (float64, bool) {
 	return v, err == nil
 }
 
-// TestBinary builds dimsum, runs a node as a real process, drives it with
+// TestBinary runs a node as a real process, drives it with
 // the load command, stops it with SIGTERM (which flushes every open window)
 // and checks the totals before and after a restart.
 func TestBinary(t *testing.T) {
-	dir := t.TempDir()
-	bin := filepath.Join(dir, "dimsum")
-	if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
-		t.Fatalf("go build: %v\n%s", err, out)
-	}
+	dir, bin := t.TempDir(), dimsumBinary(t)
 	if out, err := exec.Command(bin, "version").Output(); err != nil || !strings.HasPrefix(string(out), "dimsum ") {
 		t.Fatalf("dimsum version: %q, %v", out, err)
 	}
 	// A 1s window with a long grace: nothing is flushed before SIGTERM
 	// unless the node is slow, so the stop must flush what is open.
-	config := filepath.Join(dir, "dimsum.yaml")
-	if err := os.WriteFile(config, []byte("aggregator: {grace: 1m}\nschema: {resolutions: [1s:1d, 1m:35d]}\n"), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	config := writeConfig(t, dir, "aggregator: {grace: 1m}\nschema: {resolutions: [1s:1d, 1m:35d]}\n")
 	grpcAddr, httpAddr := freeAddr(t), freeAddr(t)
 	start := func() *exec.Cmd { return startNode(t, bin, config, filepath.Join(dir, "data"), grpcAddr, httpAddr) }
 	stop := func(cmd *exec.Cmd) { stopNode(t, cmd) }
