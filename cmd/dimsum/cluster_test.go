@@ -93,14 +93,7 @@ func (c *testCluster) start(m *member) {
 	if err := m.cmd.Start(); err != nil {
 		c.t.Fatal(err)
 	}
-	c.waitFor(m.name+" to serve HTTP", func() bool {
-		resp, err := http.Get("http://" + m.http + "/-/healthy")
-		if err != nil {
-			return false
-		}
-		resp.Body.Close()
-		return resp.StatusCode == http.StatusOK
-	})
+	waitFor(c.t, m.name+" to serve HTTP", func() bool { return healthy(m.http) })
 }
 
 // kill stops a member with SIGKILL.
@@ -111,19 +104,6 @@ func (c *testCluster) kill(m *member) {
 	}
 	m.cmd.Wait()
 	m.cmd = nil
-}
-
-// waitFor polls cond every 100ms until it holds, or fails the test after a
-// minute.
-func (c *testCluster) waitFor(what string, cond func() bool) {
-	c.t.Helper()
-	deadline := time.Now().Add(time.Minute)
-	for !cond() {
-		if time.Now().After(deadline) {
-			c.t.Fatalf("gave up waiting for %s", what)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
 }
 
 // status reads a member's view of the cluster.
@@ -161,7 +141,7 @@ type clusterStatus struct {
 // alive waits until m sees every member alive.
 func (c *testCluster) alive(m *member) {
 	c.t.Helper()
-	c.waitFor(m.name+" to see every member alive", func() bool {
+	waitFor(c.t, m.name+" to see every member alive", func() bool {
 		st, err := c.status(m)
 		if err != nil {
 			return false
@@ -298,7 +278,7 @@ func TestClusterSIGKILL(t *testing.T) {
 	// A request counts as behind once it has waited a second, so the view
 	// must stay clear for longer than that.
 	quiet := 0
-	c.waitFor("every replica to have caught up", func() bool {
+	waitFor(c.t, "every replica to have caught up", func() bool {
 		quiet++
 		st, err := c.status(q)
 		if err != nil {

@@ -10,9 +10,7 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
-	"syscall"
 	"testing"
-	"time"
 )
 
 // total asks the node for the exact total of the requests family.
@@ -57,12 +55,10 @@ func TestBinary(t *testing.T) {
 	report := filepath.Join(dir, "report.json")
 	out, err := exec.Command(bin, "load", "-addr", grpcAddr, "-http", httpAddr, "-events", "20000", "-seed", "3", "-batch", "1000", "-report", report).Output()
 	if err != nil {
-		node.Process.Kill()
 		t.Fatalf("dimsum load: %v\n%s", err, out)
 	}
 	m := regexp.MustCompile(`(?m)^total requests: (\d+)$`).FindSubmatch(out)
 	if m == nil || !strings.Contains(string(out), "accepted 20000, rejected 0") {
-		node.Process.Kill()
 		t.Fatalf("unexpected load report:\n%s", out)
 	}
 	want, _ := strconv.ParseFloat(string(m[1]), 64)
@@ -73,7 +69,6 @@ func TestBinary(t *testing.T) {
 		} `json:"server"`
 	}
 	if data, err := os.ReadFile(report); err != nil || json.Unmarshal(data, &figures) != nil || figures.Accepted != 20000 || figures.Server.Accepted != 20000 {
-		node.Process.Kill()
 		t.Fatalf("report file: %+v, %v", figures, err)
 	}
 	stop(node)
@@ -82,38 +77,5 @@ func TestBinary(t *testing.T) {
 	defer stop(node)
 	if got, ok := total(t, httpAddr); !ok || got != want {
 		t.Errorf("after SIGTERM and restart the total is %v (ok %v), want %v", got, ok, want)
-	}
-}
-
-// startNode runs a node process and waits until it serves HTTP.
-func startNode(t *testing.T, bin, config, data, grpcAddr, httpAddr string) *exec.Cmd {
-	t.Helper()
-	cmd := exec.Command(bin, "-config", config, "-data", data, "-grpc", grpcAddr, "-http", httpAddr)
-	cmd.Stderr = os.Stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		if resp, err := http.Get("http://" + httpAddr + "/-/healthy"); err == nil {
-			resp.Body.Close()
-			return cmd
-		}
-		if time.Now().After(deadline) {
-			cmd.Process.Kill()
-			t.Fatal("the node did not come up")
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-}
-
-// stopNode stops a node with SIGTERM and requires a clean exit.
-func stopNode(t *testing.T, cmd *exec.Cmd) {
-	t.Helper()
-	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Wait(); err != nil {
-		t.Fatalf("the node exited with %v after SIGTERM", err)
 	}
 }

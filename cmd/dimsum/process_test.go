@@ -3,11 +3,14 @@ package main
 import (
 	"fmt"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"sync"
+	"syscall"
 	"testing"
+	"time"
 )
 
 // binDir holds the dimsum binary that every process test runs; TestMain
@@ -65,4 +68,57 @@ func freeAddr(t *testing.T) string {
 	}
 	defer ln.Close()
 	return ln.Addr().String()
+}
+
+// startNode runs a node process and waits until it serves HTTP. A test
+// that fails before it stops the node does not leave it running.
+func startNode(t *testing.T, bin, config, data, grpcAddr, httpAddr string) *exec.Cmd {
+	t.Helper()
+	cmd := exec.Command(bin, "-config", config, "-data", data, "-grpc", grpcAddr, "-http", httpAddr)
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if cmd.ProcessState == nil {
+			cmd.Process.Kill()
+			cmd.Wait()
+		}
+	})
+	waitFor(t, "the node to serve HTTP", func() bool { return healthy(httpAddr) })
+	return cmd
+}
+
+// stopNode stops a node with SIGTERM and requires a clean exit.
+func stopNode(t *testing.T, cmd *exec.Cmd) {
+	t.Helper()
+	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Wait(); err != nil {
+		t.Fatalf("the node exited with %v after SIGTERM", err)
+	}
+}
+
+// healthy reports whether the node at httpAddr answers its health check.
+func healthy(httpAddr string) bool {
+	resp, err := http.Get("http://" + httpAddr + "/-/healthy")
+	if err != nil {
+		return false
+	}
+	resp.Body.Close()
+	return resp.StatusCode == http.StatusOK
+}
+
+// waitFor polls cond every 100ms until it holds, or fails the test after a
+// minute.
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(time.Minute)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("gave up waiting for %s", what)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
 }
