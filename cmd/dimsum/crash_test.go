@@ -2,11 +2,8 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"math/rand/v2"
-	"net/http"
-	"net/url"
 	"os/exec"
 	"path/filepath"
 	"sync"
@@ -143,31 +140,15 @@ func TestSIGKILL(t *testing.T) {
 		want.sum += cb.sum
 		want.count += cb.count
 	}
-	sum, count := sliceTotal(t, httpAddr)
-	if sum != want.sum || count != want.count {
-		t.Errorf("the store holds sum %v count %v; the %d batches sent hold sum %v count %v", sum, count, len(batches), want.sum, want.count)
-	}
-}
-
-// sliceTotal reads the sum and count of every requests event of the last
-// hour through the slice API.
-func sliceTotal(t *testing.T, httpAddr string) (sum, count float64) {
-	t.Helper()
-	q := url.Values{"family": {"requests"}, "since": {"1h"}, "measures": {"sum,count"}}
-	resp, err := http.Get("http://" + httpAddr + "/api/v1/cube/slice?" + q.Encode())
+	sums, count, err := sliceTotals(httpAddr)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer resp.Body.Close()
-	var r struct {
-		Data struct {
-			Total struct {
-				Values map[string]float64 `json:"values"`
-			} `json:"total"`
-		} `json:"data"`
+	var sum float64
+	for _, s := range sums {
+		sum += s
 	}
-	if err := json.NewDecoder(resp.Body).Decode(&r); err != nil {
-		t.Fatal(err)
+	if sum != want.sum || count != want.count {
+		t.Errorf("the store holds sum %v count %v; the %d batches sent hold sum %v count %v", sum, count, len(batches), want.sum, want.count)
 	}
-	return r.Data.Total.Values["sum"], r.Data.Total.Values["count"]
 }
