@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -77,5 +78,24 @@ func TestBinary(t *testing.T) {
 	defer stop(node)
 	if got, ok := total(t, httpAddr); !ok || got != want {
 		t.Errorf("after SIGTERM and restart the total is %v (ok %v), want %v", got, ok, want)
+	}
+}
+
+// TestSplit checks the reading of the comma-separated address lists of
+// -addr, -http and -join: blanks around an address and empty entries go.
+func TestSplit(t *testing.T) {
+	for _, c := range []struct {
+		in   string
+		want []string
+	}{
+		{"", nil},
+		{"a:1", []string{"a:1"}},
+		{"a:1, b:2", []string{"a:1", "b:2"}},
+		{" a:1,,b:2, ", []string{"a:1", "b:2"}},
+		{" , ", nil},
+	} {
+		if got := split(c.in); !slices.Equal(got, c.want) {
+			t.Errorf("split(%q) = %q, want %q", c.in, got, c.want)
+		}
 	}
 }
