@@ -95,9 +95,7 @@ func TestSIGKILL(t *testing.T) {
 		var wg sync.WaitGroup
 		stop := make(chan struct{})
 		for range 2 {
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
+			wg.Go(func() {
 				for {
 					select {
 					case <-stop:
@@ -111,7 +109,7 @@ func TestSIGKILL(t *testing.T) {
 						return
 					}
 				}
-			}()
+			})
 		}
 		time.Sleep(time.Duration(300+rng.IntN(700)) * time.Millisecond)
 		if err := node.Process.Kill(); err != nil {
