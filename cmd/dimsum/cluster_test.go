@@ -40,21 +40,9 @@ type testCluster struct {
 	members map[string]*member
 }
 
-func buildBinary(t *testing.T, dir string) string {
-	t.Helper()
-	bin := filepath.Join(dir, "dimsum")
-	if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
-		t.Fatalf("go build: %v\n%s", err, out)
-	}
-	return bin
-}
-
 func newTestCluster(t *testing.T) *testCluster {
 	dir := t.TempDir()
-	c := &testCluster{t: t, bin: buildBinary(t, dir), config: filepath.Join(dir, "dimsum.yaml"), dir: dir, members: map[string]*member{}}
-	if err := os.WriteFile(c.config, []byte(clusterConfig), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	c := &testCluster{t: t, bin: dimsumBinary(t), config: writeConfig(t, dir, clusterConfig), dir: dir, members: map[string]*member{}}
 	t.Cleanup(func() {
 		for _, m := range c.members {
 			if m.cmd != nil {
@@ -105,14 +93,7 @@ func (c *testCluster) start(m *member) {
 	if err := m.cmd.Start(); err != nil {
 		c.t.Fatal(err)
 	}
-	c.waitFor(m.name+" to serve HTTP", func() bool {
-		resp, err := http.Get("http://" + m.http + "/-/healthy")
-		if err != nil {
-			return false
-		}
-		resp.Body.Close()
-		return resp.StatusCode == http.StatusOK
-	})
+	waitFor(c.t, m.name+" to serve HTTP", func() bool { return healthy(m.http) })
 }
 
 // kill stops a member with SIGKILL.
@@ -123,19 +104,6 @@ func (c *testCluster) kill(m *member) {
 	}
 	m.cmd.Wait()
 	m.cmd = nil
-}
-
-// waitFor polls cond every 100ms until it holds, or fails the test after a
-// minute.
-func (c *testCluster) waitFor(what string, cond func() bool) {
-	c.t.Helper()
-	deadline := time.Now().Add(time.Minute)
-	for !cond() {
-		if time.Now().After(deadline) {
-			c.t.Fatalf("gave up waiting for %s", what)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
 }
 
 // status reads a member's view of the cluster.
@@ -173,7 +141,7 @@ type clusterStatus struct {
 // alive waits until m sees every member alive.
 func (c *testCluster) alive(m *member) {
 	c.t.Helper()
-	c.waitFor(m.name+" to see every member alive", func() bool {
+	waitFor(c.t, m.name+" to see every member alive", func() bool {
 		st, err := c.status(m)
 		if err != nil {
 			return false
@@ -188,11 +156,12 @@ func (c *testCluster) alive(m *member) {
 	})
 }
 
-// sliceTotals asks the query member for exact totals by datacenter over the last
-// hour: the sum and the event count of each.
-func sliceTotals(m *member) (sums map[string]float64, count float64, err error) {
+// sliceTotals asks the node at httpAddr for the exact sum of requests by
+// datacenter over the last hour, and the count of events in all; a partial
+// answer is an error.
+func sliceTotals(httpAddr string) (sums map[string]float64, count float64, err error) {
 	q := url.Values{"family": {"requests"}, "by": {"datacenter"}, "since": {"1h"}, "measures": {"sum,count"}, "partial_response": {"false"}}
-	resp, err := http.Get("http://" + m.http + "/api/v1/cube/slice?" + q.Encode())
+	resp, err := http.Get("http://" + httpAddr + "/api/v1/cube/slice?" + q.Encode())
 	if err != nil {
 		return nil, 0, err
 	}
@@ -292,7 +261,7 @@ func TestClusterSIGKILL(t *testing.T) {
 	var count float64
 	deadline := time.Now().Add(40 * time.Second)
 	for {
-		got, count, err = sliceTotals(q)
+		got, count, err = sliceTotals(q.http)
 		if err == nil && maps.Equal(got, want) && count == float64(rep.Accepted) {
 			break
 		}
@@ -310,7 +279,7 @@ func TestClusterSIGKILL(t *testing.T) {
 	// A request counts as behind once it has waited a second, so the view
 	// must stay clear for longer than that.
 	quiet := 0
-	c.waitFor("every replica to have caught up", func() bool {
+	waitFor(c.t, "every replica to have caught up", func() bool {
 		quiet++
 		st, err := c.status(q)
 		if err != nil {
@@ -326,7 +295,7 @@ func TestClusterSIGKILL(t *testing.T) {
 		return quiet > 20 // 2s at the poll's 100ms
 	})
 	c.kill(c.members["c3"])
-	if got, count, err := sliceTotals(q); err != nil || !maps.Equal(got, want) || count != float64(rep.Accepted) {
+	if got, count, err := sliceTotals(q.http); err != nil || !maps.Equal(got, want) || count != float64(rep.Accepted) {
 		t.Fatalf("with c3 down: %v, %v events, %v", got, count, err)
 	}
 }

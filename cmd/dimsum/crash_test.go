@@ -2,12 +2,8 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"math/rand/v2"
-	"net/http"
-	"net/url"
-	"os"
 	"os/exec"
 	"path/filepath"
 	"sync"
@@ -36,15 +32,8 @@ type crashBatch struct {
 // counted once: none acknowledged is lost, and a batch whose reply the kill
 // cut off, then retried, is not counted twice.
 func TestSIGKILL(t *testing.T) {
-	dir := t.TempDir()
-	bin := filepath.Join(dir, "dimsum")
-	if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
-		t.Fatalf("go build: %v\n%s", err, out)
-	}
-	config := filepath.Join(dir, "dimsum.yaml")
-	if err := os.WriteFile(config, []byte("aggregator: {grace: 500ms, flush_interval: 100ms}\nschema: {resolutions: [1s:1d, 1m:35d]}\n"), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	dir, bin := t.TempDir(), dimsumBinary(t)
+	config := writeConfig(t, dir, "aggregator: {grace: 500ms, flush_interval: 100ms}\nschema: {resolutions: [1s:1d, 1m:35d]}\n")
 	grpcAddr, httpAddr := freeAddr(t), freeAddr(t)
 	data := filepath.Join(dir, "data")
 	start := func() *exec.Cmd { return startNode(t, bin, config, data, grpcAddr, httpAddr) }
@@ -106,9 +95,7 @@ func TestSIGKILL(t *testing.T) {
 		var wg sync.WaitGroup
 		stop := make(chan struct{})
 		for range 2 {
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
+			wg.Go(func() {
 				for {
 					select {
 					case <-stop:
@@ -122,7 +109,7 @@ func TestSIGKILL(t *testing.T) {
 						return
 					}
 				}
-			}()
+			})
 		}
 		time.Sleep(time.Duration(300+rng.IntN(700)) * time.Millisecond)
 		if err := node.Process.Kill(); err != nil {
@@ -151,31 +138,15 @@ func TestSIGKILL(t *testing.T) {
 		want.sum += cb.sum
 		want.count += cb.count
 	}
-	sum, count := sliceTotal(t, httpAddr)
-	if sum != want.sum || count != want.count {
-		t.Errorf("the store holds sum %v count %v; the %d batches sent hold sum %v count %v", sum, count, len(batches), want.sum, want.count)
-	}
-}
-
-// sliceTotal reads the sum and count of every requests event of the last
-// hour through the slice API.
-func sliceTotal(t *testing.T, httpAddr string) (sum, count float64) {
-	t.Helper()
-	q := url.Values{"family": {"requests"}, "since": {"1h"}, "measures": {"sum,count"}}
-	resp, err := http.Get("http://" + httpAddr + "/api/v1/cube/slice?" + q.Encode())
+	sums, count, err := sliceTotals(httpAddr)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer resp.Body.Close()
-	var r struct {
-		Data struct {
-			Total struct {
-				Values map[string]float64 `json:"values"`
-			} `json:"total"`
-		} `json:"data"`
+	var sum float64
+	for _, s := range sums {
+		sum += s
 	}
-	if err := json.NewDecoder(resp.Body).Decode(&r); err != nil {
-		t.Fatal(err)
+	if sum != want.sum || count != want.count {
+		t.Errorf("the store holds sum %v count %v; the %d batches sent hold sum %v count %v", sum, count, len(batches), want.sum, want.count)
 	}
-	return r.Data.Total.Values["sum"], r.Data.Total.Values["count"]
 }

@@ -2,30 +2,17 @@ package main
 
 import (
 	"encoding/json"
-	"net"
 	"net/http"
 	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
-	"syscall"
 	"testing"
-	"time"
 )
-
-// freeAddr returns a loopback address that was free a moment ago.
-func freeAddr(t *testing.T) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().String()
-}
 
 // total asks the node for the exact total of the requests family.
 func total(t *testing.T, httpAddr string) (float64, bool) {
@@ -50,24 +37,17 @@ func total(t *testing.T, httpAddr string) (float64, bool) {
 	return v, err == nil
 }
 
-// TestBinary builds dimsum, runs a node as a real process, drives it with
+// TestBinary runs a node as a real process, drives it with
 // the load command, stops it with SIGTERM (which flushes every open window)
 // and checks the totals before and after a restart.
 func TestBinary(t *testing.T) {
-	dir := t.TempDir()
-	bin := filepath.Join(dir, "dimsum")
-	if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
-		t.Fatalf("go build: %v\n%s", err, out)
-	}
+	dir, bin := t.TempDir(), dimsumBinary(t)
 	if out, err := exec.Command(bin, "version").Output(); err != nil || !strings.HasPrefix(string(out), "dimsum ") {
 		t.Fatalf("dimsum version: %q, %v", out, err)
 	}
 	// A 1s window with a long grace: nothing is flushed before SIGTERM
 	// unless the node is slow, so the stop must flush what is open.
-	config := filepath.Join(dir, "dimsum.yaml")
-	if err := os.WriteFile(config, []byte("aggregator: {grace: 1m}\nschema: {resolutions: [1s:1d, 1m:35d]}\n"), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	config := writeConfig(t, dir, "aggregator: {grace: 1m}\nschema: {resolutions: [1s:1d, 1m:35d]}\n")
 	grpcAddr, httpAddr := freeAddr(t), freeAddr(t)
 	start := func() *exec.Cmd { return startNode(t, bin, config, filepath.Join(dir, "data"), grpcAddr, httpAddr) }
 	stop := func(cmd *exec.Cmd) { stopNode(t, cmd) }
@@ -76,12 +56,10 @@ func TestBinary(t *testing.T) {
 	report := filepath.Join(dir, "report.json")
 	out, err := exec.Command(bin, "load", "-addr", grpcAddr, "-http", httpAddr, "-events", "20000", "-seed", "3", "-batch", "1000", "-report", report).Output()
 	if err != nil {
-		node.Process.Kill()
 		t.Fatalf("dimsum load: %v\n%s", err, out)
 	}
 	m := regexp.MustCompile(`(?m)^total requests: (\d+)$`).FindSubmatch(out)
 	if m == nil || !strings.Contains(string(out), "accepted 20000, rejected 0") {
-		node.Process.Kill()
 		t.Fatalf("unexpected load report:\n%s", out)
 	}
 	want, _ := strconv.ParseFloat(string(m[1]), 64)
@@ -92,7 +70,6 @@ func TestBinary(t *testing.T) {
 		} `json:"server"`
 	}
 	if data, err := os.ReadFile(report); err != nil || json.Unmarshal(data, &figures) != nil || figures.Accepted != 20000 || figures.Server.Accepted != 20000 {
-		node.Process.Kill()
 		t.Fatalf("report file: %+v, %v", figures, err)
 	}
 	stop(node)
@@ -104,35 +81,21 @@ func TestBinary(t *testing.T) {
 	}
 }
 
-// startNode runs a node process and waits until it serves HTTP.
-func startNode(t *testing.T, bin, config, data, grpcAddr, httpAddr string) *exec.Cmd {
-	t.Helper()
-	cmd := exec.Command(bin, "-config", config, "-data", data, "-grpc", grpcAddr, "-http", httpAddr)
-	cmd.Stderr = os.Stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		if resp, err := http.Get("http://" + httpAddr + "/-/healthy"); err == nil {
-			resp.Body.Close()
-			return cmd
+// TestSplit checks the reading of the comma-separated address lists of
+// -addr, -http and -join: blanks around an address and empty entries go.
+func TestSplit(t *testing.T) {
+	for _, c := range []struct {
+		in   string
+		want []string
+	}{
+		{"", nil},
+		{"a:1", []string{"a:1"}},
+		{"a:1, b:2", []string{"a:1", "b:2"}},
+		{" a:1,,b:2, ", []string{"a:1", "b:2"}},
+		{" , ", nil},
+	} {
+		if got := split(c.in); !slices.Equal(got, c.want) {
+			t.Errorf("split(%q) = %q, want %q", c.in, got, c.want)
 		}
-		if time.Now().After(deadline) {
-			cmd.Process.Kill()
-			t.Fatal("the node did not come up")
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-}
-
-// stopNode stops a node with SIGTERM and requires a clean exit.
-func stopNode(t *testing.T, cmd *exec.Cmd) {
-	t.Helper()
-	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Wait(); err != nil {
-		t.Fatalf("the node exited with %v after SIGTERM", err)
 	}
 }

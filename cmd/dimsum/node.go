@@ -6,7 +6,6 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
-	"strings"
 	"syscall"
 
 	"github.com/dimsum/dimsum/internal/node"
@@ -53,7 +52,9 @@ func runNode(cmd string, args []string) error {
 		}
 	}
 	if *join != "" {
-		cfg.Cluster.Join = strings.Split(*join, ",")
+		if cfg.Cluster.Join = split(*join); len(cfg.Cluster.Join) == 0 {
+			return fmt.Errorf("-join %q names no address", *join)
+		}
 	}
 	if cmd != "all" {
 		cfg.Roles = []string{cmd}

@@ -4,7 +4,6 @@ import (
 	"encoding/json"
 	"net/http"
 	"net/url"
-	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
@@ -18,15 +17,8 @@ import (
 // TestSliceCommand runs `dimsum slice` against a running node process and
 // checks its table, CSV and JSON against the node's own answer.
 func TestSliceCommand(t *testing.T) {
-	dir := t.TempDir()
-	bin := filepath.Join(dir, "dimsum")
-	if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
-		t.Fatalf("go build: %v\n%s", err, out)
-	}
-	config := filepath.Join(dir, "dimsum.yaml")
-	if err := os.WriteFile(config, []byte("aggregator: {grace: 200ms, flush_interval: 100ms}\nschema: {resolutions: [1s:1d, 1m:35d]}\n"), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	dir, bin := t.TempDir(), dimsumBinary(t)
+	config := writeConfig(t, dir, "aggregator: {grace: 200ms, flush_interval: 100ms}\nschema: {resolutions: [1s:1d, 1m:35d]}\n")
 	grpcAddr, httpAddr := freeAddr(t), freeAddr(t)
 	node := startNode(t, bin, config, filepath.Join(dir, "data"), grpcAddr, httpAddr)
 	defer stopNode(t, node)

@@ -148,11 +148,7 @@ func (n *Node) join(reg prometheus.Registerer) error {
 	cfg := n.cfg
 	var meta cluster.Meta
 	for _, r := range cfg.Roles {
-		role, err := cluster.ParseRole(r)
-		if err != nil {
-			return fmt.Errorf("%w: %v", ErrConfig, err)
-		}
-		meta.Roles = append(meta.Roles, role)
+		meta.Roles = append(meta.Roles, cluster.Role(r)) // Validate has checked each
 	}
 	var err error
 	if meta.GRPCAddr, err = reachable(n.GRPCAddr(), cfg.Cluster.Advertise); err != nil {
