@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"maps"
 	"net/http"
 	"net/url"
@@ -144,11 +145,11 @@ func fetch(ctx context.Context, u string) (string, int, error) {
 		return "", 0, fmt.Errorf("loadtest: %w", err)
 	}
 	defer resp.Body.Close()
-	var b strings.Builder
-	if _, err := bufio.NewReader(resp.Body).WriteTo(&b); err != nil {
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
 		return "", 0, fmt.Errorf("loadtest: cannot read %s: %w", u, err)
 	}
-	return b.String(), resp.StatusCode, nil
+	return string(b), resp.StatusCode, nil
 }
 
 // settle waits until the nodes hold nothing unflushed from before the run:
