@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"maps"
 	"net/http"
 	"net/url"
@@ -98,10 +99,14 @@ func scrape(ctx context.Context, addr string, s *ServerFigures) error {
 		if strings.HasPrefix(line, "#") {
 			continue
 		}
+		// A label value may hold spaces and braces: the value follows the
+		// last "}".
 		name, rest, _ := strings.Cut(line, " ")
-		if i := strings.IndexByte(line, '{'); i >= 0 && i < len(name) {
-			name = line[:i]
-			_, rest, _ = strings.Cut(line[strings.LastIndexByte(line, '}'):], " ")
+		if i := strings.IndexByte(name, '{'); i >= 0 {
+			name, rest = name[:i], ""
+			if j := strings.LastIndexByte(line, '}'); j >= 0 {
+				_, rest, _ = strings.Cut(line[j+1:], " ")
+			}
 		}
 		field, ok := serverMetrics[name]
 		if !ok {
@@ -110,7 +115,8 @@ func scrape(ctx context.Context, addr string, s *ServerFigures) error {
 		if name == "dimsum_aggregator_events_accepted_total" {
 			s.aggregators++
 		}
-		v, err := strconv.ParseFloat(strings.Fields(rest)[0], 64)
+		value, _, _ := strings.Cut(rest, " ")
+		v, err := strconv.ParseFloat(value, 64)
 		if err != nil {
 			return fmt.Errorf("loadtest: cannot read %s's metric %q: %w", addr, line, err)
 		}
@@ -139,11 +145,11 @@ func fetch(ctx context.Context, u string) (string, int, error) {
 		return "", 0, fmt.Errorf("loadtest: %w", err)
 	}
 	defer resp.Body.Close()
-	var b strings.Builder
-	if _, err := bufio.NewReader(resp.Body).WriteTo(&b); err != nil {
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
 		return "", 0, fmt.Errorf("loadtest: cannot read %s: %w", u, err)
 	}
-	return b.String(), resp.StatusCode, nil
+	return string(b), resp.StatusCode, nil
 }
 
 // settle waits until the nodes hold nothing unflushed from before the run:

@@ -380,10 +380,6 @@ func (a *API) prepare(r *http.Request) (prepared, *apiError) {
 		}
 	}
 	p.opts = promql.NewPrometheusQueryOpts(p.stats == "all", lookback, nil)
-	partial, aerr := a.partial(r.FormValue)
-	if aerr != nil {
-		return prepared{}, aerr
-	}
 	p.ctx, p.cancel = r.Context(), func() {}
 	if v := r.FormValue("timeout"); v != "" {
 		d, err := parseDuration(v)
@@ -392,7 +388,11 @@ func (a *API) prepare(r *http.Request) (prepared, *apiError) {
 		}
 		p.ctx, p.cancel = context.WithTimeout(p.ctx, d)
 	}
-	view := a.opts.Source.Open(p.ctx, partial)
+	view, aerr := a.open(p.ctx, r.FormValue)
+	if aerr != nil {
+		p.cancel()
+		return prepared{}, aerr
+	}
 	p.queryable = p.queryable.withView(view)
 	cancel := p.cancel
 	p.cancel = func() { view.Close(); cancel() }

@@ -90,13 +90,7 @@ func TestStorageErrorIsInternal(t *testing.T) {
 	db := openStore(t, s)
 	now := time.Now()
 	put(t, db, s, "a", now.UnixMilli()-20_000, 1)
-	api, err := NewAPI(Options{Schema: s, Reader: db})
-	if err != nil {
-		t.Fatal(err)
-	}
-	mux := http.NewServeMux()
-	api.Register(mux)
-	srv := httptest.NewServer(mux)
+	srv := httptest.NewServer(apiMux(t, Options{Schema: s, Reader: db}))
 	defer srv.Close()
 	db.Close()
 	resp, err := http.Get(srv.URL + "/api/v1/query?query=x_delta")
@@ -122,12 +116,7 @@ func TestQueryLimitsAndCancel(t *testing.T) {
 	for _, h := range []string{"a", "b", "c"} {
 		put(t, db, s, h, now.UnixMilli()-20_000, 1)
 	}
-	api, err := NewAPI(Options{Schema: s, Reader: db, MaxSeries: 2})
-	if err != nil {
-		t.Fatal(err)
-	}
-	mux := http.NewServeMux()
-	api.Register(mux)
+	mux := apiMux(t, Options{Schema: s, Reader: db, MaxSeries: 2})
 	call := func(ctx context.Context, query string) (int, string, string) {
 		rec := httptest.NewRecorder()
 		req := httptest.NewRequestWithContext(ctx, http.MethodGet, "/api/v1/query?query="+url.QueryEscape(query), nil)
@@ -158,12 +147,7 @@ func TestPartialResponseParameter(t *testing.T) {
 	db := openStore(t, s)
 	now := time.Now()
 	put(t, db, s, "a", now.UnixMilli()-20_000, 1)
-	api, err := NewAPI(Options{Schema: s, Reader: db})
-	if err != nil {
-		t.Fatal(err)
-	}
-	mux := http.NewServeMux()
-	api.Register(mux)
+	mux := apiMux(t, Options{Schema: s, Reader: db})
 	start, end := fmt.Sprint(now.Add(-time.Hour).Unix()), fmt.Sprint(now.Unix())
 	for _, path := range []string{
 		"/api/v1/query?query=x_delta",

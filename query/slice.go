@@ -1,6 +1,7 @@
 package query
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"regexp"
@@ -324,13 +325,7 @@ func sortGroups(gs []*accum, by string, desc bool) {
 		}
 	}
 	slices.SortFunc(ks, func(a, b keyed) int {
-		c := 0
-		switch {
-		case a.v < b.v:
-			c = -1
-		case a.v > b.v:
-			c = 1
-		}
+		c := cmp.Compare(a.v, b.v)
 		if desc {
 			c = -c
 		}

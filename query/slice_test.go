@@ -39,12 +39,7 @@ func newSliceFixture(t testing.TB, maxGroups int) *sliceFixture {
 	// Late events: written after the rest, into steps already stored.
 	late := randomEvents(rng, 1000, from, to-time.Hour.Milliseconds())
 	writeCube(t, db, s, rng, late)
-	a, err := NewAPI(Options{Schema: s, Reader: db, MaxGroups: maxGroups, Now: func() time.Time { return now }})
-	if err != nil {
-		t.Fatal(err)
-	}
-	mux := http.NewServeMux()
-	a.Register(mux)
+	mux := apiMux(t, Options{Schema: s, Reader: db, MaxGroups: maxGroups, Now: func() time.Time { return now }})
 	return &sliceFixture{events: append(events, late...), now: now, mux: mux}
 }
 
@@ -522,12 +517,7 @@ func BenchmarkSlice(b *testing.B) {
 		events = append(events, cubeEvent{t: week + rng.Int64N(now.UnixMilli()-week), values: host(rng.IntN(hosts)), v: 1})
 	}
 	writeCube(b, db, s, rng, events)
-	a, err := NewAPI(Options{Schema: s, Reader: db, MaxGroups: 2 * hosts, Now: func() time.Time { return now }})
-	if err != nil {
-		b.Fatal(err)
-	}
-	mux := http.NewServeMux()
-	a.Register(mux)
+	mux := apiMux(b, Options{Schema: s, Reader: db, MaxGroups: 2 * hosts, Now: func() time.Time { return now }})
 	for _, bc := range []struct {
 		name   string
 		params string
@@ -563,12 +553,7 @@ func FuzzSliceRequest(f *testing.F) {
 	rng := rand.New(rand.NewPCG(9, 9))
 	now := time.Now().Truncate(time.Hour)
 	writeCube(f, db, s, rng, randomEvents(rng, 300, now.Add(-3*time.Hour).UnixMilli(), now.UnixMilli()))
-	a, err := NewAPI(Options{Schema: s, Reader: db, MaxGroups: 20, Now: func() time.Time { return now }})
-	if err != nil {
-		f.Fatal(err)
-	}
-	mux := http.NewServeMux()
-	a.Register(mux)
+	mux := apiMux(f, Options{Schema: s, Reader: db, MaxGroups: 20, Now: func() time.Time { return now }})
 	for _, seed := range []struct {
 		path  uint8
 		query string

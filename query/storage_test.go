@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"math/rand/v2"
+	"net/http"
 	"testing"
 	"time"
 
@@ -39,6 +40,18 @@ func openStore(t testing.TB, s *schema.Schema) *tsdb.DB {
 	}
 	t.Cleanup(func() { db.Close() })
 	return db
+}
+
+// apiMux returns the API built from opts with its routes registered.
+func apiMux(t testing.TB, opts Options) *http.ServeMux {
+	t.Helper()
+	a, err := NewAPI(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mux := http.NewServeMux()
+	a.Register(mux)
+	return mux
 }
 
 // put writes one finest-cuboid delta per (host, time, value).

@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"maps"
 	"math/rand/v2"
 	"net"
 	"net/http"
@@ -315,6 +316,13 @@ type request struct {
 
 func (r request) String() string { return r.path + "?" + r.p.Encode() }
 
+// whole returns r asking for a complete answer.
+func (r request) whole() request {
+	p := maps.Clone(r.p)
+	p.Set("partial_response", "false")
+	return request{r.path, p}
+}
+
 func (w *world) requests() []request {
 	now := fmt.Sprint(w.now.Unix())
 	start := fmt.Sprint(w.now.Add(-2 * time.Hour).Unix())
@@ -484,12 +492,7 @@ func TestFanOut(t *testing.T) {
 			t.Fatalf("%s: the lost shards change nothing, so the test proves nothing", r)
 		}
 		for _, r := range w.requests() {
-			p := url.Values{}
-			for k, v := range r.p {
-				p[k] = v
-			}
-			p.Set("partial_response", "false")
-			w.unavailable(t, w.fan, request{r.path, p}, "shards 0, 3, 6 have no reachable replica")
+			w.unavailable(t, w.fan, r.whole(), "shards 0, 3, 6 have no reachable replica")
 			w.unavailable(t, w.fanNoPartialDefault, r, "shards 0, 3, 6 have no reachable replica")
 		}
 	})
@@ -504,12 +507,7 @@ func TestFanOut(t *testing.T) {
 	t.Run("one combiner back, catching up", func(t *testing.T) {
 		w.same(t, w.ref, behindWarning)
 		for _, r := range w.requests() {
-			p := url.Values{}
-			for k, v := range r.p {
-				p[k] = v
-			}
-			p.Set("partial_response", "false")
-			w.unavailable(t, w.fan, request{r.path, p}, "shards 0, 3, 6 could only be read from a replica still receiving")
+			w.unavailable(t, w.fan, r.whole(), "shards 0, 3, 6 could only be read from a replica still receiving")
 		}
 	})
 	w.mu.Lock()
