@@ -420,7 +420,7 @@ func (a *Aggregator) push(req *wirepb.PushRequest, owner func(int) string, check
 	// outbox.
 	a.pushes.Add(1)
 	defer a.pushes.Done()
-	switch a.markLocked(req, now) {
+	switch a.markLocked(req.Source, req.BatchSeq, now) {
 	case seqRepeat:
 		a.mu.Unlock()
 		*evp = evs

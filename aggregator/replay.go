@@ -66,7 +66,7 @@ func (r *replay) record(pos wal.Pos, typ wal.Type, payload []byte) error {
 		}
 		// The batch's identity was checked and marked here, whichever
 		// aggregators own its events.
-		r.mark(f.source, f.batchSeq, f.nowMS)
+		a.markLocked(f.source, f.batchSeq, f.nowMS)
 		r.intent(pos, cutMark{}, f.entries)
 	case recDelivered:
 		d, err := decodeDelivered(payload)
@@ -111,7 +111,7 @@ func (r *replay) intent(pos wal.Pos, cut cutMark, entries []*entry) {
 // now refuses, or older than the finest retention, is logged and left out.
 func (r *replay) batch(pos wal.Pos, b batchRecord) {
 	a := r.a
-	r.mark(b.source, b.batchSeq, b.nowMS)
+	a.markLocked(b.source, b.batchSeq, b.nowMS)
 	v := a.newValidator(b.dict, b.nowMS, true)
 	ids := make([]uint32, len(b.dict))
 	maxStart, any := int64(math.MinInt64), false
@@ -136,19 +136,6 @@ func (r *replay) batch(pos wal.Pos, b batchRecord) {
 	if any {
 		a.noteSegmentLocked(pos.Segment, maxStart)
 	}
-}
-
-// mark marks a batch identity, as Push did.
-func (r *replay) mark(source string, seq uint64, nowMS int64) {
-	if source == "" || seq == 0 {
-		return
-	}
-	w := r.a.mu.sources[source]
-	if w == nil {
-		w = &seqWindow{}
-		r.a.mu.sources[source] = w
-	}
-	w.mark(seq, nowMS)
 }
 
 // restore puts the windows of cuts that never got an intent back into the
