@@ -60,26 +60,16 @@ func NewRouter(opts RouterOptions) (*Router, error) {
 
 // Register serves Ingest through the router on s.
 func (r *Router) Register(s *grpc.Server) {
-	wirepb.RegisterIngestServer(s, routeServer{r: r})
+	wirepb.RegisterIngestServer(s, ingestServer{push: r.serve})
 }
 
-type routeServer struct {
-	wirepb.UnimplementedIngestServer
-	r *Router
-}
-
-func (s routeServer) Push(ctx context.Context, req *wirepb.PushRequest) (*wirepb.PushResponse, error) {
-	var resp *wirepb.PushResponse
-	var err error
+// serve counts a batch another aggregator forwarded here as it is, and
+// routes one from a publisher.
+func (r *Router) serve(ctx context.Context, req *wirepb.PushRequest) (*wirepb.PushResponse, error) {
 	if md, ok := metadata.FromIncomingContext(ctx); ok && len(md.Get(forwardedKey)) > 0 {
-		resp, err = s.r.opts.Local.PushForwarded(req)
-	} else {
-		resp, err = s.r.Push(req)
+		return r.opts.Local.PushForwarded(req)
 	}
-	if err != nil {
-		return nil, grpcError(err)
-	}
-	return resp, nil
+	return r.Push(req)
 }
 
 // Push takes one batch from a publisher. The owner of each valid event is
