@@ -46,7 +46,11 @@ func grpcError(err error) error {
 		})
 		return st.Err()
 	case errors.Is(err, ErrLogFull):
-		return status.Error(codes.ResourceExhausted, err.Error())
+		// RetryInfo tells this back-pressure apart from gRPC's own
+		// ResourceExhausted for a message over the size limit, which no
+		// retry mends: a publisher retries the batch.
+		st, _ := status.New(codes.ResourceExhausted, err.Error()).WithDetails(&errdetails.RetryInfo{})
+		return st.Err()
 	case errors.Is(err, ErrClosed):
 		return status.Error(codes.Unavailable, err.Error())
 	default:
