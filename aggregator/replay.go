@@ -1,7 +1,6 @@
 package aggregator
 
 import (
-	"cmp"
 	"fmt"
 	"math"
 	"slices"
@@ -159,9 +158,7 @@ func (r *replay) finish() []*intent {
 			pending = append(pending, it)
 		}
 	}
-	slices.SortFunc(pending, func(x, y *intent) int {
-		return cmp.Or(cmp.Compare(x.pos.Segment, y.pos.Segment), cmp.Compare(x.pos.Offset, y.pos.Offset))
-	})
+	slices.SortFunc(pending, func(x, y *intent) int { return x.pos.Compare(y.pos) })
 	return pending
 }
 

@@ -65,7 +65,7 @@ func TestReplayInOrderAcrossSegments(t *testing.T) {
 		t.Fatalf("replayed\n%v\nwant\n%v", got, want)
 	}
 	for i := 1; i < len(got); i++ {
-		if !got[i-1].pos.Less(got[i].pos) {
+		if got[i-1].pos.Compare(got[i].pos) >= 0 {
 			t.Fatalf("positions do not grow: %v then %v", got[i-1].pos, got[i].pos)
 		}
 	}
