@@ -323,8 +323,10 @@ func (a *Aggregator) Push(req *wirepb.PushRequest) (*wirepb.PushResponse, error)
 	return a.push(req, nil, false)
 }
 
-// PushRouted takes a batch for a cluster: owner(i) names the aggregator that
-// owns event i (called for valid events only), "" for this one. It is Push,
+// PushRouted takes a batch for a cluster: owner(f, partition) names the
+// aggregator that owns a valid event of family f whose partition levels
+// (schema.Family.PartitionLevels) hold the values partition, "" for this
+// one; partition is valid only during the call. It is Push,
 // except that the events other aggregators own are not counted here: each
 // owner's events become a batch of their own under the publisher's
 // identity, logged here in the same write as the local part and then sent
@@ -332,7 +334,7 @@ func (a *Aggregator) Push(req *wirepb.PushRequest) (*wirepb.PushResponse, error)
 // across restarts. The reply counts them as accepted: they are on this
 // node's disk and will be delivered. The identity is checked here, once for
 // the whole batch. It needs Options.Peers.
-func (a *Aggregator) PushRouted(req *wirepb.PushRequest, owner func(event int) string) (*wirepb.PushResponse, error) {
+func (a *Aggregator) PushRouted(req *wirepb.PushRequest, owner func(f *schema.Family, partition []string) string) (*wirepb.PushResponse, error) {
 	if a.opts.Peers == nil {
 		return nil, fmt.Errorf("%w: routing a batch needs Peers to forward parts to their owners", ErrOptions)
 	}
@@ -350,7 +352,7 @@ func (a *Aggregator) PushForwarded(req *wirepb.PushRequest) (*wirepb.PushRespons
 }
 
 // push is Push, PushRouted (owner set) and PushForwarded (checked set).
-func (a *Aggregator) push(req *wirepb.PushRequest, owner func(int) string, checked bool) (*wirepb.PushResponse, error) {
+func (a *Aggregator) push(req *wirepb.PushRequest, owner func(*schema.Family, []string) string, checked bool) (*wirepb.PushResponse, error) {
 	if n := len(req.Events); n > a.opts.MaxBatchEvents {
 		a.metrics.batchesRefused.Inc()
 		return nil, fmt.Errorf("%w: %d events, at most %d", ErrBatchTooLarge, n, a.opts.MaxBatchEvents)
@@ -364,6 +366,7 @@ func (a *Aggregator) push(req *wirepb.PushRequest, owner func(int) string, check
 	evs := (*evp)[:0]
 	v := a.newValidator(req.Dict, now, checked)
 	var fw forwards
+	var partition [schema.MaxLevels]string
 	for i, e := range req.Events {
 		ev := event{index: i}
 		if reason, detail := v.check(e, &ev); reason != wirepb.RejectReason_REJECT_REASON_UNSPECIFIED {
@@ -371,7 +374,12 @@ func (a *Aggregator) push(req *wirepb.PushRequest, owner func(int) string, check
 			continue
 		}
 		if owner != nil {
-			if o := owner(i); o != "" {
+			f := a.fams[ev.fam].Family
+			p := partition[:f.PartitionLevels()]
+			for s := range p {
+				p[s] = req.Dict[ev.vals[s]-1]
+			}
+			if o := owner(f, p); o != "" {
 				fw.add(o, req, i)
 				continue
 			}
@@ -420,7 +428,7 @@ func (a *Aggregator) push(req *wirepb.PushRequest, owner func(int) string, check
 	// outbox.
 	a.pushes.Add(1)
 	defer a.pushes.Done()
-	switch a.markLocked(req, now) {
+	switch a.markLocked(req.Source, req.BatchSeq, now) {
 	case seqRepeat:
 		a.mu.Unlock()
 		*evp = evs

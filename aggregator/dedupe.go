@@ -1,7 +1,5 @@
 package aggregator
 
-import "github.com/dimsum/dimsum/wire/wirepb"
-
 // dedupeWindow is how many of a source's most recent batch sequences are
 // remembered. A publisher keeps only a few batches in flight and retries
 // one within seconds, so a repeat lies far inside it; a repeat of a batch
@@ -50,18 +48,19 @@ func (w *seqWindow) mark(seq uint64, nowMS int64) seqVerdict {
 	return seqNew
 }
 
-// markLocked checks a batch's identity against the sources seen in the last
-// MaxLateness. A batch without an identity is always new.
-func (a *Aggregator) markLocked(req *wirepb.PushRequest, nowMS int64) seqVerdict {
-	if req.Source == "" || req.BatchSeq == 0 {
+// markLocked checks a batch identity (source, seq) against the sources
+// seen in the last MaxLateness and marks it. A batch without an identity is
+// always new.
+func (a *Aggregator) markLocked(source string, seq uint64, nowMS int64) seqVerdict {
+	if source == "" || seq == 0 {
 		return seqNew
 	}
-	w := a.mu.sources[req.Source]
+	w := a.mu.sources[source]
 	if w == nil {
 		w = &seqWindow{}
-		a.mu.sources[req.Source] = w
+		a.mu.sources[source] = w
 	}
-	return w.mark(req.BatchSeq, nowMS)
+	return w.mark(seq, nowMS)
 }
 
 // forgetSources drops the windows of sources that have not pushed for

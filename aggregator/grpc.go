@@ -17,16 +17,20 @@ import (
 
 // Register serves the aggregator's Ingest service on s.
 func (a *Aggregator) Register(s *grpc.Server) {
-	wirepb.RegisterIngestServer(s, ingestServer{a: a})
+	wirepb.RegisterIngestServer(s, ingestServer{push: func(_ context.Context, req *wirepb.PushRequest) (*wirepb.PushResponse, error) {
+		return a.Push(req)
+	}})
 }
 
+// ingestServer serves Ingest with push, mapping its errors to the statuses
+// a publisher sees.
 type ingestServer struct {
 	wirepb.UnimplementedIngestServer
-	a *Aggregator
+	push func(context.Context, *wirepb.PushRequest) (*wirepb.PushResponse, error)
 }
 
-func (s ingestServer) Push(_ context.Context, req *wirepb.PushRequest) (*wirepb.PushResponse, error) {
-	resp, err := s.a.Push(req)
+func (s ingestServer) Push(ctx context.Context, req *wirepb.PushRequest) (*wirepb.PushResponse, error) {
+	resp, err := s.push(ctx, req)
 	if err != nil {
 		return nil, grpcError(err)
 	}
@@ -42,7 +46,11 @@ func grpcError(err error) error {
 		})
 		return st.Err()
 	case errors.Is(err, ErrLogFull):
-		return status.Error(codes.ResourceExhausted, err.Error())
+		// RetryInfo tells this back-pressure apart from gRPC's own
+		// ResourceExhausted for a message over the size limit, which no
+		// retry mends: a publisher retries the batch.
+		st, _ := status.New(codes.ResourceExhausted, err.Error()).WithDetails(&errdetails.RetryInfo{})
+		return st.Err()
 	case errors.Is(err, ErrClosed):
 		return status.Error(codes.Unavailable, err.Error())
 	default:

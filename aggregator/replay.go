@@ -1,7 +1,6 @@
 package aggregator
 
 import (
-	"cmp"
 	"fmt"
 	"math"
 	"slices"
@@ -66,7 +65,7 @@ func (r *replay) record(pos wal.Pos, typ wal.Type, payload []byte) error {
 		}
 		// The batch's identity was checked and marked here, whichever
 		// aggregators own its events.
-		r.mark(f.source, f.batchSeq, f.nowMS)
+		a.markLocked(f.source, f.batchSeq, f.nowMS)
 		r.intent(pos, cutMark{}, f.entries)
 	case recDelivered:
 		d, err := decodeDelivered(payload)
@@ -111,7 +110,7 @@ func (r *replay) intent(pos wal.Pos, cut cutMark, entries []*entry) {
 // now refuses, or older than the finest retention, is logged and left out.
 func (r *replay) batch(pos wal.Pos, b batchRecord) {
 	a := r.a
-	r.mark(b.source, b.batchSeq, b.nowMS)
+	a.markLocked(b.source, b.batchSeq, b.nowMS)
 	v := a.newValidator(b.dict, b.nowMS, true)
 	ids := make([]uint32, len(b.dict))
 	maxStart, any := int64(math.MinInt64), false
@@ -138,19 +137,6 @@ func (r *replay) batch(pos wal.Pos, b batchRecord) {
 	}
 }
 
-// mark marks a batch identity, as Push did.
-func (r *replay) mark(source string, seq uint64, nowMS int64) {
-	if source == "" || seq == 0 {
-		return
-	}
-	w := r.a.mu.sources[source]
-	if w == nil {
-		w = &seqWindow{}
-		r.a.mu.sources[source] = w
-	}
-	w.mark(seq, nowMS)
-}
-
 // restore puts the windows of cuts that never got an intent back into the
 // cube, as the process that restarted after the crash did.
 func (r *replay) restore() {
@@ -172,9 +158,7 @@ func (r *replay) finish() []*intent {
 			pending = append(pending, it)
 		}
 	}
-	slices.SortFunc(pending, func(x, y *intent) int {
-		return cmp.Or(cmp.Compare(x.pos.Segment, y.pos.Segment), cmp.Compare(x.pos.Offset, y.pos.Offset))
-	})
+	slices.SortFunc(pending, func(x, y *intent) int { return x.pos.Compare(y.pos) })
 	return pending
 }
 

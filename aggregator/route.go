@@ -44,8 +44,7 @@ type RouterOptions struct {
 // however often it arrives. See docs/architecture.md for what a retry of a
 // batch through another aggregator counts.
 type Router struct {
-	opts     RouterOptions
-	families map[string]*schema.Family
+	opts RouterOptions
 }
 
 // NewRouter builds a router.
@@ -56,82 +55,33 @@ func NewRouter(opts RouterOptions) (*Router, error) {
 	if opts.Local.opts.Peers == nil {
 		return nil, fmt.Errorf("%w: a router's aggregator needs Peers to forward parts to their owners", ErrOptions)
 	}
-	r := &Router{opts: opts, families: map[string]*schema.Family{}}
-	for _, f := range opts.Local.opts.Schema.Families {
-		r.families[f.Name] = f
-	}
-	return r, nil
+	return &Router{opts: opts}, nil
 }
 
 // Register serves Ingest through the router on s.
 func (r *Router) Register(s *grpc.Server) {
-	wirepb.RegisterIngestServer(s, routeServer{r: r})
+	wirepb.RegisterIngestServer(s, ingestServer{push: r.serve})
 }
 
-type routeServer struct {
-	wirepb.UnimplementedIngestServer
-	r *Router
-}
-
-func (s routeServer) Push(ctx context.Context, req *wirepb.PushRequest) (*wirepb.PushResponse, error) {
-	var resp *wirepb.PushResponse
-	var err error
+// serve counts a batch another aggregator forwarded here as it is, and
+// routes one from a publisher.
+func (r *Router) serve(ctx context.Context, req *wirepb.PushRequest) (*wirepb.PushResponse, error) {
 	if md, ok := metadata.FromIncomingContext(ctx); ok && len(md.Get(forwardedKey)) > 0 {
-		resp, err = s.r.opts.Local.PushForwarded(req)
-	} else {
-		resp, err = s.r.Push(req)
+		return r.opts.Local.PushForwarded(req)
 	}
-	if err != nil {
-		return nil, grpcError(err)
-	}
-	return resp, nil
+	return r.Push(req)
 }
 
-// Push takes one batch from a publisher. The owner function runs only for
-// the events that passed validation (a bad reference, an unknown family or
-// a missing level is rejected with its reason first), so their partition
-// key can be read; one that could not would be counted here.
+// Push takes one batch from a publisher. The owner of each valid event is
+// read from its family and partition levels, as the validation resolved
+// them.
 func (r *Router) Push(req *wirepb.PushRequest) (*wirepb.PushResponse, error) {
-	values := make([]string, schema.MaxLevels)
-	return r.opts.Local.PushRouted(req, func(i int) string {
-		key, ok := r.partitionKey(req.Dict, req.Events[i], values)
-		if !ok {
-			return ""
-		}
-		if owner := r.opts.Owner(key); owner != r.opts.Self {
+	return r.opts.Local.PushRouted(req, func(f *schema.Family, partition []string) string {
+		if owner := r.opts.Owner(schema.PartitionKey(f.Name, partition)); owner != r.opts.Self {
 			return owner
 		}
 		return ""
 	})
-}
-
-// partitionKey reads an event's family and the values of its partition
-// levels; ok is false when the event is malformed.
-func (r *Router) partitionKey(dict []string, e *wirepb.Event, values []string) (uint64, bool) {
-	if int(e.Family) >= len(dict) {
-		return 0, false
-	}
-	f := r.families[dict[e.Family]]
-	if f == nil {
-		return 0, false
-	}
-	levels := f.PartitionLevels()
-	values = values[:levels]
-	found := 0
-	for i := 0; i+1 < len(e.Labels); i += 2 {
-		n, v := e.Labels[i], e.Labels[i+1]
-		if int(n) >= len(dict) || int(v) >= len(dict) {
-			return 0, false
-		}
-		if s, ok := f.LabelIndex(dict[n]); ok && s < levels {
-			values[s] = dict[v]
-			found++
-		}
-	}
-	if found != levels {
-		return 0, false
-	}
-	return schema.PartitionKey(f.Name, values), true
 }
 
 // PeerClients is Peers over gRPC: it returns an Ingest client of the named

@@ -449,7 +449,7 @@ func TestPushForwardedBounds(t *testing.T) {
 	if err != nil || !resp.Duplicate {
 		t.Fatalf("the same identity pushed by a publisher: %v, %v; want a duplicate", resp, err)
 	}
-	if _, err := h.agg.PushRouted(b.Request(), func(int) string { return "x" }); !errors.Is(err, aggregator.ErrOptions) {
+	if _, err := h.agg.PushRouted(b.Request(), func(*schema.Family, []string) string { return "x" }); !errors.Is(err, aggregator.ErrOptions) {
 		t.Errorf("PushRouted without Peers: %v, want ErrOptions", err)
 	}
 	if _, err := aggregator.NewRouter(aggregator.RouterOptions{Local: h.agg, Self: "a", Owner: byKey("a")}); !errors.Is(err, aggregator.ErrOptions) {
@@ -497,7 +497,7 @@ func TestRouterCloseWaitsForPushes(t *testing.T) {
 				var bt wire.Batch
 				bt.Identify(fmt.Sprint("pub", g), uint64(i+1))
 				addGood(&bt, ts, 1, i%routeHosts, 0, 0)
-				if _, err := a.agg.PushRouted(bt.Request(), func(int) string { return "b" }); err != nil {
+				if _, err := a.agg.PushRouted(bt.Request(), func(*schema.Family, []string) string { return "b" }); err != nil {
 					return // closed
 				}
 				acked.Add(1)

@@ -99,20 +99,18 @@ func (s *stalled) Push(ctx context.Context, req *wirepb.PushRequest) (*wirepb.Pu
 }
 
 // startNode starts an all-in-one node on free loopback ports with a 1s
-// window and a short grace, stopped at the end of the test.
-func startNode(t *testing.T, maxBatch int) *node.Node {
+// window, a short grace and the rest of ac, stopped at the end of the test.
+func startNode(t *testing.T, ac node.AggregatorConfig) *node.Node {
 	t.Helper()
+	ac.Grace = model.Duration(200 * time.Millisecond)
+	ac.FlushInterval = model.Duration(50 * time.Millisecond)
 	n, err := node.Start(node.Config{
 		DataDir:    t.TempDir(),
 		GRPCListen: "127.0.0.1:0",
 		HTTPListen: "127.0.0.1:0",
 		Name:       "test",
-		Aggregator: node.AggregatorConfig{
-			Grace:          model.Duration(200 * time.Millisecond),
-			FlushInterval:  model.Duration(50 * time.Millisecond),
-			MaxBatchEvents: maxBatch,
-		},
-		Schema: schema.File{Resolutions: []string{"1s:1d", "10s:8d", "1m:35d"}},
+		Aggregator: ac,
+		Schema:     schema.File{Resolutions: []string{"1s:1d", "10s:8d", "1m:35d"}},
 	}, "test", nil)
 	if err != nil {
 		t.Fatal(err)

@@ -5,10 +5,12 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
 
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/encoding/gzip"
@@ -270,14 +272,22 @@ func (p *Publisher) sender() {
 	}
 }
 
-// retryable reports whether an attempt that failed with code may succeed
-// when repeated, on this node or another. ResourceExhausted is not: gRPC
-// answers it for a message over the node's size limit, which the same batch
+// retryable reports whether an attempt that failed with err may succeed
+// when repeated, on this node or another. ResourceExhausted is, only when
+// the node says so with RetryInfo (its write-ahead log is full: back-pressure
+// until its combiners catch up); gRPC itself answers ResourceExhausted,
+// without it, for a message over the node's size limit, which the same batch
 // exceeds again on every attempt.
-func retryable(code codes.Code) bool {
-	switch code {
+func retryable(err error) bool {
+	st := status.Convert(err)
+	switch st.Code() {
 	case codes.Unavailable, codes.DeadlineExceeded, codes.Aborted:
 		return true
+	case codes.ResourceExhausted:
+		return slices.ContainsFunc(st.Details(), func(d any) bool {
+			_, ok := d.(*errdetails.RetryInfo)
+			return ok
+		})
 	}
 	return false
 }
@@ -296,13 +306,12 @@ func (p *Publisher) push(req *wirepb.PushRequest) (*wirepb.PushResponse, error) 
 		if err == nil {
 			return resp, nil
 		}
-		code := status.Code(err)
 		switch {
 		case p.ctx.Err() != nil:
 			return nil, fmt.Errorf("%w: %w", ErrUnsent, err)
-		case code == codes.InvalidArgument:
+		case status.Code(err) == codes.InvalidArgument:
 			return nil, fmt.Errorf("%w: %w", ErrRefused, err)
-		case !retryable(code):
+		case !retryable(err):
 			return nil, fmt.Errorf("%w: %w", ErrFailed, err)
 		}
 		p.stats.retries.Add(1)

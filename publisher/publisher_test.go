@@ -14,6 +14,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/dimsum/dimsum/internal/node"
 	"github.com/dimsum/dimsum/publisher"
 	"github.com/dimsum/dimsum/wire/wirepb"
 )
@@ -155,7 +156,7 @@ func (l *lossy) Push(ctx context.Context, req *wirepb.PushRequest) (*wirepb.Push
 // the node's first reply: the publisher retries, and the node counts the
 // batch once.
 func TestRetryWithoutDuplication(t *testing.T) {
-	n := startNode(t, 0)
+	n := startNode(t, node.AggregatorConfig{})
 	conn, err := grpcClient(n.GRPCAddr())
 	if err != nil {
 		t.Fatal(err)
@@ -203,7 +204,7 @@ func TestRetryWithoutDuplication(t *testing.T) {
 // TestFailover gives the publisher a dead node first: every batch goes to
 // the second, and Close sends what lingers.
 func TestFailover(t *testing.T) {
-	n := startNode(t, 0)
+	n := startNode(t, node.AggregatorConfig{})
 	p, err := publisher.New(publisher.Options{
 		Addrs:        []string{freeAddr(t), n.GRPCAddr()},
 		BatchEvents:  40,
@@ -234,10 +235,46 @@ func TestFailover(t *testing.T) {
 	}
 }
 
+// TestRetryWhenLogFull gives the publisher first a node whose write-ahead
+// log is over its limit: its ResourceExhausted is back-pressure, not a
+// message over the size limit, so the batch is retried on the next node
+// rather than dropped as failed.
+func TestRetryWhenLogFull(t *testing.T) {
+	full := startNode(t, node.AggregatorConfig{WALMaxBytes: 1})
+	n := startNode(t, node.AggregatorConfig{})
+	p, err := publisher.New(publisher.Options{
+		Addrs:        []string{full.GRPCAddr(), n.GRPCAddr()},
+		BatchEvents:  10,
+		InFlight:     1,
+		Linger:       time.Hour,
+		RetryBackoff: time.Millisecond,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for range 10 {
+		if err := p.Add(context.Background(), event(1)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := p.Close(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if s := p.Stats(); s.Sent != 10 || s.Dropped["failed"] != 0 || s.Failovers != 1 || s.Retries != 1 {
+		t.Errorf("stats %+v, want 10 events sent after one retry on the next node", s)
+	}
+	if got := nodeMetric(t, full, "dimsum_aggregator_batches_backpressured_total", ""); got != 1 {
+		t.Errorf("the full node refused %v batches, want 1", got)
+	}
+	if got := nodeMetric(t, n, "dimsum_aggregator_events_accepted_total", ""); got != 10 {
+		t.Errorf("the second node counted %v events, want 10", got)
+	}
+}
+
 // TestNoRetryOfInvalid pushes events the node rejects one by one and a batch
 // it refuses whole, and checks that none of them is pushed twice.
 func TestNoRetryOfInvalid(t *testing.T) {
-	n := startNode(t, 10) // batches of more than 10 events are refused
+	n := startNode(t, node.AggregatorConfig{MaxBatchEvents: 10}) // batches of more than 10 events are refused
 	reg := prometheus.NewRegistry()
 	var (
 		mu      sync.Mutex

@@ -36,11 +36,12 @@ var (
 // CRC-32C of the type byte and payload, both little-endian uint32, then the
 // type byte and the payload.
 func AppendRecord(dst []byte, typ Type, payload []byte) []byte {
-	crc := crc32.Update(crc32.Update(0, castagnoli, []byte{byte(typ)}), castagnoli, payload)
+	start := len(dst)
 	dst = binary.LittleEndian.AppendUint32(dst, uint32(len(payload)))
-	dst = binary.LittleEndian.AppendUint32(dst, crc)
-	dst = append(dst, byte(typ))
-	return append(dst, payload...)
+	dst = append(dst, 0, 0, 0, 0, byte(typ)) // the CRC, set below
+	dst = append(dst, payload...)
+	binary.LittleEndian.PutUint32(dst[start+4:], crc32.Checksum(dst[start+8:], castagnoli))
+	return dst
 }
 
 // DecodeRecord reads the record at the start of b. It returns the record's
@@ -61,7 +62,7 @@ func DecodeRecord(b []byte) (typ Type, payload []byte, n int, err error) {
 	}
 	typ = Type(b[8])
 	payload = b[recordHeader:n]
-	if crc32.Update(crc32.Update(0, castagnoli, b[8:9]), castagnoli, payload) != binary.LittleEndian.Uint32(b[4:]) {
+	if crc32.Checksum(b[8:n], castagnoli) != binary.LittleEndian.Uint32(b[4:]) {
 		return 0, nil, n, errChecksum
 	}
 	if typ == 0 {

@@ -2,6 +2,7 @@ package wal
 
 import (
 	"bytes"
+	"cmp"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -33,9 +34,9 @@ type Pos struct {
 	Offset  int64
 }
 
-// Less reports whether p comes before q.
-func (p Pos) Less(q Pos) bool {
-	return p.Segment < q.Segment || p.Segment == q.Segment && p.Offset < q.Offset
+// Compare returns -1, 0 or +1 as p comes before, at or after q.
+func (p Pos) Compare(q Pos) int {
+	return cmp.Or(cmp.Compare(p.Segment, q.Segment), cmp.Compare(p.Offset, q.Offset))
 }
 
 func (p Pos) String() string { return fmt.Sprintf("%d:%d", p.Segment, p.Offset) }
@@ -336,7 +337,7 @@ func (l *Log) Sync(pos Pos) error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	for {
-		if pos.Less(l.mu.synced) {
+		if pos.Compare(l.mu.synced) < 0 {
 			return nil
 		}
 		if l.mu.err != nil {
