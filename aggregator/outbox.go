@@ -332,20 +332,29 @@ func (a *Aggregator) confirm(e *entry, dest string) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	it := e.intent
-	if !it.left[e.index][dest] {
+	if !a.deliveredLocked(it, e.index, dest) || a.wal == nil {
 		return
 	}
-	delete(it.left[e.index], dest)
-	it.remaining--
-	if a.wal != nil {
-		rec := appendDelivered(nil, deliveredRecord{intent: it.pos, index: e.index, dest: dest})
-		if _, err := a.wal.Append(recDelivered, rec); err != nil {
-			a.opts.Logger.Error("cannot log a delivery; the request will go out again after a restart", "err", err)
-		}
+	// Logged after the intent may have completed and its segment gone: a
+	// replay ignores the confirmation of an intent it does not know.
+	rec := appendDelivered(nil, deliveredRecord{intent: it.pos, index: e.index, dest: dest})
+	if _, err := a.wal.Append(recDelivered, rec); err != nil {
+		a.opts.Logger.Error("cannot log a delivery; the request will go out again after a restart", "err", err)
 	}
-	if it.remaining == 0 {
+}
+
+// deliveredLocked records that dest took request index of it, completes the
+// intent once every request reached every destination, and reports whether
+// the delivery was news. Deliveries and their replay both go through it.
+func (a *Aggregator) deliveredLocked(it *intent, index int, dest string) bool {
+	if !it.left[index][dest] {
+		return false
+	}
+	delete(it.left[index], dest)
+	if it.remaining--; it.remaining == 0 {
 		a.completeLocked(it)
 	}
+	return true
 }
 
 // completeLocked forgets a fully delivered intent and drops the segments it

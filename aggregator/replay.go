@@ -74,13 +74,8 @@ func (r *replay) record(pos wal.Pos, typ wal.Type, payload []byte) error {
 		}
 		// An intent fully delivered before its segment was deleted leaves
 		// confirmations of nothing behind.
-		it := r.intents[d.intent]
-		if it == nil || d.index >= len(it.entries) || !it.left[d.index][d.dest] {
-			return nil
-		}
-		delete(it.left[d.index], d.dest)
-		if it.remaining--; it.remaining == 0 {
-			a.completeLocked(it)
+		if it := r.intents[d.intent]; it != nil && d.index < len(it.entries) {
+			a.deliveredLocked(it, d.index, d.dest)
 		}
 	case recCheckpoint:
 		sources, err := decodeCheckpoint(payload)
