@@ -3,6 +3,7 @@ package aggregator
 import (
 	"context"
 	"fmt"
+	"math"
 	"slices"
 	"sync"
 	"time"
@@ -380,15 +381,16 @@ func (a *Aggregator) completeLocked(it *intent) {
 // intent was fully delivered. See docs/format/wal.md.
 func (a *Aggregator) truncateLocked() {
 	segs := a.wal.Segments()
+	// No segment at or after the oldest one an intent waits in is consumed.
+	pending := uint64(math.MaxUint64)
+	for it := range a.mu.intents {
+		if it.pos != (wal.Pos{}) { // an intent the log failed to take holds no segment
+			pending = min(pending, it.pos.Segment)
+		}
+	}
 	upto := uint64(0)
 	for _, s := range segs[:len(segs)-1] {
-		consumed := true
-		for it := range a.mu.intents {
-			if it.pos.Segment == s {
-				consumed = false
-				break
-			}
-		}
+		consumed := s < pending
 		if maxStart, ok := a.mu.segMax[s]; ok && consumed {
 			consumed = false
 			for _, c := range a.mu.doneCuts {
