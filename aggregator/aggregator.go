@@ -13,6 +13,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/dimsum/dimsum/internal/dedupe"
 	"github.com/dimsum/dimsum/schema"
 	"github.com/dimsum/dimsum/wal"
 	"github.com/dimsum/dimsum/wire"
@@ -429,7 +430,7 @@ func (a *Aggregator) push(req *wirepb.PushRequest, owner func(*schema.Family, []
 	a.pushes.Add(1)
 	defer a.pushes.Done()
 	switch a.markLocked(req.Source, req.BatchSeq, now) {
-	case seqRepeat:
+	case dedupe.Repeat:
 		a.mu.Unlock()
 		*evp = evs
 		eventPool.Put(evp)
@@ -437,7 +438,7 @@ func (a *Aggregator) push(req *wirepb.PushRequest, owner func(*schema.Family, []
 		resp.Duplicate = true
 		resp.Accepted = uint64(len(evs) + fw.events)
 		return resp, nil
-	case seqForgotten:
+	case dedupe.Forgotten:
 		a.metrics.forgotten.Inc()
 	}
 	ids := make([]uint32, len(req.Dict)) // batch dictionary index -> interned ID

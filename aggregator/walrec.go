@@ -8,6 +8,7 @@ import (
 
 	"google.golang.org/protobuf/proto"
 
+	"github.com/dimsum/dimsum/internal/dedupe"
 	"github.com/dimsum/dimsum/wal"
 	"github.com/dimsum/dimsum/wire/wirepb"
 )
@@ -336,9 +337,9 @@ func appendCheckpoint(b []byte, sources map[string]*seqWindow) []byte {
 	b = binary.AppendUvarint(b, uint64(len(sources)))
 	for s, w := range sources {
 		b = appendString(b, s)
-		b = binary.AppendUvarint(b, w.high)
+		b = binary.AppendUvarint(b, w.High())
 		b = binary.AppendVarint(b, w.lastMS)
-		for _, x := range w.bits {
+		for _, x := range w.Bits() {
 			b = binary.LittleEndian.AppendUint64(b, x)
 		}
 	}
@@ -347,15 +348,16 @@ func appendCheckpoint(b []byte, sources map[string]*seqWindow) []byte {
 
 func decodeCheckpoint(payload []byte) (map[string]*seqWindow, error) {
 	d := decoder{b: payload}
-	n := d.count("sources", 3+8*dedupeWindow/64)
+	n := d.count("sources", 3+8*dedupe.Words)
 	sources := make(map[string]*seqWindow, n)
 	for range n {
 		s := d.string("source")
-		w := &seqWindow{high: d.uvarint("high"), lastMS: d.varint("last push")}
-		for i := range w.bits {
-			w.bits[i] = d.uint64("bits")
+		high, lastMS := d.uvarint("high"), d.varint("last push")
+		var bits [dedupe.Words]uint64
+		for i := range bits {
+			bits[i] = d.uint64("bits")
 		}
-		sources[s] = w
+		sources[s] = &seqWindow{Seqs: dedupe.Restore(high, bits), lastMS: lastMS}
 	}
 	return sources, d.done("checkpoint")
 }

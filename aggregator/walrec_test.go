@@ -8,6 +8,7 @@ import (
 
 	"google.golang.org/protobuf/proto"
 
+	"github.com/dimsum/dimsum/internal/dedupe"
 	"github.com/dimsum/dimsum/wal"
 	"github.com/dimsum/dimsum/wire/wirepb"
 )
@@ -57,8 +58,7 @@ func TestRecordsRoundTrip(t *testing.T) {
 	if got, err := decodeDelivered(appendString(huge, "r2")); !errors.Is(err, errRecord) {
 		t.Errorf("delivery of request 2^63: %+v, %v", got, err)
 	}
-	w := &seqWindow{high: 1500, lastMS: 42}
-	w.bits[3] = 0xf0
+	w := &seqWindow{Seqs: dedupe.Restore(1500, [dedupe.Words]uint64{3: 0xf0}), lastMS: 42}
 	sources, err := decodeCheckpoint(appendCheckpoint(nil, map[string]*seqWindow{"pub": w}))
 	if err != nil || len(sources) != 1 || *sources["pub"] != *w {
 		t.Errorf("checkpoint: %v, %v", sources, err)
@@ -79,7 +79,7 @@ func FuzzDecodeRecords(f *testing.F) {
 		entries: []*entry{{kind: entryForward, dests: []string{"b"}, push: req}}})
 	f.Add(forward)
 	f.Add(appendDelivered(nil, deliveredRecord{dest: "c"}))
-	f.Add(appendCheckpoint(nil, map[string]*seqWindow{"pub": {high: 3}}))
+	f.Add(appendCheckpoint(nil, map[string]*seqWindow{"pub": {Seqs: dedupe.Restore(3, [dedupe.Words]uint64{})}}))
 	f.Fuzz(func(t *testing.T, payload []byte) {
 		_, err1 := decodeBatch(payload)
 		_, err2 := decodeCut(payload)
