@@ -62,8 +62,28 @@ type Options struct {
 	// "requests".
 	Family string
 	// Datacenters, ClustersPerDC, HostsPerCluster and Transactions shape
-	// the fleet. The defaults are 3, 4, 25 and 50: 300 hosts.
+	// the fleet. The defaults are 3, 4, 25 and 50: 300 hosts; with Series,
+	// 4, 5 and 10, and the hosts follow from Series.
 	Datacenters, ClustersPerDC, HostsPerCluster, Transactions int
+	// Series, when set, sends what a log-to-metrics pipeline does: one
+	// event a Step for each of Series finest series (Series/Transactions
+	// hosts spread over the clusters, each with every transaction and
+	// one status), its value the count of the step, a Poisson number. With
+	// Backfill the events cover the Backfill before the run's start and go
+	// out as fast as they are acknowledged; without it the run is live,
+	// each step's events paced over the step and stamped with the time they
+	// are sent. Events must then be a whole number of steps (a multiple of
+	// Series); its default is every step of Backfill, or 30 steps live.
+	// Rate, Diurnal and LateFraction do not apply. Step defaults to 1m.
+	Series   int
+	Step     time.Duration
+	Backfill time.Duration
+	// Target is what receives the events: TargetDimsum (the default), the
+	// nodes of Addrs, or TargetVictoriaMetrics, a VictoriaMetrics server at
+	// HTTPAddrs[0] that imports the same events of a Series run as
+	// cumulative counters, so that both stores are measured on the same
+	// samples.
+	Target string
 	// LateFraction is the share of events stamped up to LateBound in the
 	// past, so some arrive after their window closed. The default is 0.01;
 	// a negative value sends none. LateBound must stay below the node's
@@ -96,8 +116,14 @@ func (o *Options) ensureDefaults() {
 	if len(o.HTTPAddrs) == 0 {
 		o.HTTPAddrs = []string{"127.0.0.1:9401"}
 	}
+	if o.Series > 0 {
+		o.seriesDefaults()
+	}
 	if o.Events == 0 {
 		o.Events = 1_000_000
+	}
+	if o.Target == "" {
+		o.Target = TargetDimsum
 	}
 	if o.Diurnal == 0 {
 		o.Diurnal = 0.5
@@ -158,13 +184,69 @@ func (o *Options) ensureDefaults() {
 	}
 }
 
+// Targets of a run.
+const (
+	TargetDimsum          = "dimsum"
+	TargetVictoriaMetrics = "victoriametrics"
+)
+
+// seriesDefaults fills the defaults that differ for a Series run: a fleet
+// of 4 datacenters of 5 clusters, 10 transactions, steps of a minute, and
+// every step of the backfill (or 30 steps live).
+func (o *Options) seriesDefaults() {
+	if o.Datacenters == 0 {
+		o.Datacenters = 4
+	}
+	if o.ClustersPerDC == 0 {
+		o.ClustersPerDC = 5
+	}
+	if o.Transactions == 0 {
+		o.Transactions = 10
+	}
+	if o.Step == 0 {
+		o.Step = time.Minute
+	}
+	if o.Events == 0 {
+		steps := 30
+		if o.Backfill > 0 && o.Step > 0 {
+			steps = int(o.Backfill / o.Step)
+		}
+		o.Events = steps * o.Series
+	}
+	if o.Backfill == 0 && o.Step > 0 {
+		// Live: one event per series and step, at an even pace.
+		o.Rate = float64(o.Series) / o.Step.Seconds()
+		o.Diurnal = -1
+	}
+	o.LateFraction = -1
+}
+
+// validateSeries checks the options of a Series run.
+func (o *Options) validateSeries() error {
+	switch {
+	case o.Step < time.Second || o.Step%time.Second != 0:
+		return fmt.Errorf("%w: step %s is not a whole number of seconds", ErrOptions, o.Step)
+	case o.Backfill < 0:
+		return fmt.Errorf("%w: negative backfill %s", ErrOptions, o.Backfill)
+	case o.Series%o.Transactions != 0:
+		return fmt.Errorf("%w: %d series are not a whole number of hosts of %d transactions", ErrOptions, o.Series, o.Transactions)
+	case o.Series/o.Transactions < o.Datacenters*o.ClustersPerDC:
+		return fmt.Errorf("%w: %d series make %d hosts, fewer than the %d clusters", ErrOptions, o.Series, o.Series/o.Transactions, o.Datacenters*o.ClustersPerDC)
+	case o.Events%o.Series != 0:
+		return fmt.Errorf("%w: %d events are not a whole number of steps of %d series", ErrOptions, o.Events, o.Series)
+	case o.Backfill > 0 && o.Events/o.Series > int(o.Backfill/o.Step):
+		return fmt.Errorf("%w: %d steps of %s do not fit in the backfill of %s", ErrOptions, o.Events/o.Series, o.Step, o.Backfill)
+	}
+	return nil
+}
+
 // ErrOptions marks invalid options.
 var ErrOptions = errors.New("loadtest: invalid options")
 
 func (o *Options) validate() error {
 	switch {
 	case o.Events < 0 || o.BatchSize < 0 || o.Concurrency < 0 || o.Buffer < 0 || o.Datacenters < 0 ||
-		o.ClustersPerDC < 0 || o.HostsPerCluster < 0 || o.Transactions < 0:
+		o.ClustersPerDC < 0 || o.HostsPerCluster < 0 || o.Transactions < 0 || o.Series < 0:
 		return fmt.Errorf("%w: counts must be positive", ErrOptions)
 	case o.Rate < 0:
 		return fmt.Errorf("%w: negative rate %v", ErrOptions, o.Rate)
@@ -180,6 +262,16 @@ func (o *Options) validate() error {
 		return fmt.Errorf("%w: window %s is not a whole number of seconds", ErrOptions, o.Window)
 	case o.CloseTimeout < 0 || o.VerifyTimeout < 0:
 		return fmt.Errorf("%w: negative timeout", ErrOptions)
+	}
+	switch {
+	case o.Target != TargetDimsum && o.Target != TargetVictoriaMetrics:
+		return fmt.Errorf("%w: target %q, want %s or %s", ErrOptions, o.Target, TargetDimsum, TargetVictoriaMetrics)
+	case o.Target == TargetVictoriaMetrics && o.Series == 0:
+		return fmt.Errorf("%w: the %s target takes only a Series run", ErrOptions, TargetVictoriaMetrics)
+	case o.Series > 0:
+		if err := o.validateSeries(); err != nil {
+			return err
+		}
 	}
 	if o.Diurnal < 0 {
 		o.Diurnal = 0
@@ -202,7 +294,16 @@ func Run(ctx context.Context, opts Options) (Report, error) {
 	if err := opts.validate(); err != nil {
 		return Report{}, err
 	}
-	w := newWorkload(opts)
+	start := time.Now()
+	var gen generator = newWorkload(opts)
+	earliest := opts.Now().Add(-opts.LateBound).UnixMilli()
+	if opts.Series > 0 {
+		sw := newSeriesWorkload(opts, opts.Now())
+		gen, earliest = sw, sw.first
+		if opts.Target == TargetVictoriaMetrics {
+			return runVictoria(ctx, opts, sw, start)
+		}
+	}
 	rec := newRecorder(opts.Family)
 	rep := Report{TargetRate: opts.Rate}
 
@@ -220,10 +321,9 @@ func Run(ctx context.Context, opts Options) (Report, error) {
 		if scrapeErr != nil {
 			return rep, fmt.Errorf("loadtest: cannot verify: %w", scrapeErr)
 		}
-		now := opts.Now()
-		grid = newGrid(opts, now)
+		grid = newGrid(opts.Window, earliest)
 		var err error
-		if base, err = grid.read(ctx, opts, now); err != nil {
+		if base, err = grid.read(ctx, opts, opts.Now()); err != nil {
 			return rep, fmt.Errorf("loadtest: cannot read the totals before the run: %w", err)
 		}
 	}
@@ -240,13 +340,12 @@ func Run(ctx context.Context, opts Options) (Report, error) {
 	if err != nil {
 		return rep, fmt.Errorf("loadtest: %w", err)
 	}
-	start := time.Now()
 	stopProgress := make(chan struct{})
 	var progressDone sync.WaitGroup
 	if opts.Progress != nil {
 		progressDone.Go(func() { progress(opts, pub, start, stopProgress) })
 	}
-	genErr := generate(ctx, opts, w, pub, start)
+	genErr := generate(ctx, opts, gen, start, func(evs []publisher.Event) error { return pub.Add(ctx, evs...) })
 	cctx, cancel := context.WithTimeout(context.Background(), opts.CloseTimeout)
 	closeErr := pub.Close(cctx)
 	cancel()
@@ -262,18 +361,24 @@ func Run(ctx context.Context, opts Options) (Report, error) {
 		return rep, fmt.Errorf("loadtest: %w", err)
 	}
 	if opts.Verify {
-		if err := verify(ctx, opts, grid, base, &rep); err != nil {
+		if err := verify(ctx, opts, grid, base, start, &rep); err != nil {
 			return rep, err
 		}
 	}
 	return rep, nil
 }
 
-// generate hands the workload to the publisher: as fast as it takes it
-// (closed loop), or on the schedule of Rate (open loop).
-func generate(ctx context.Context, opts Options, w *workload, pub *publisher.Publisher, start time.Time) error {
+// generator makes the events of a run: n of them from index first on,
+// stamped relative to now.
+type generator interface {
+	chunk(dst []publisher.Event, first uint64, n int, now time.Time) []publisher.Event
+}
+
+// generate hands the workload to send, a chunk at a time: as fast as it
+// takes it (closed loop), or on the schedule of Rate (open loop).
+func generate(ctx context.Context, opts Options, gen generator, start time.Time, send func([]publisher.Event) error) error {
 	evs := make([]publisher.Event, 0, chunkEvents)
-	for sent, i := 0, uint64(0); sent < opts.Events; i++ {
+	for sent := 0; sent < opts.Events; {
 		if err := ctx.Err(); err != nil {
 			return err
 		}
@@ -282,13 +387,12 @@ func generate(ctx context.Context, opts Options, w *workload, pub *publisher.Pub
 			due := int(opts.due(time.Since(start)))
 			if due <= sent {
 				time.Sleep(time.Millisecond)
-				i--
 				continue
 			}
 			n = min(n, due-sent)
 		}
-		evs = w.chunk(evs[:0], i, n, opts.Now())
-		if err := pub.Add(ctx, evs...); err != nil {
+		evs = gen.chunk(evs[:0], uint64(sent), n, opts.Now())
+		if err := send(evs); err != nil {
 			return err
 		}
 		sent += n

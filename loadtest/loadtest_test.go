@@ -3,6 +3,7 @@ package loadtest
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"math"
 	"os"
 	"path/filepath"
@@ -175,5 +176,105 @@ func TestRunVerifies(t *testing.T) {
 				t.Errorf("report file %s: %v", data, err)
 			}
 		})
+	}
+}
+
+// TestSeriesWorkload checks the shape of a Series run: one event a step for
+// every series, at the series' own offset within the step, a Poisson count
+// whose mean follows the transaction's rank, and values that depend on the
+// seed and the index alone.
+func TestSeriesWorkload(t *testing.T) {
+	opts := Options{Series: 400, Backfill: time.Hour, Seed: 3}
+	opts.ensureDefaults()
+	if err := opts.validate(); err != nil {
+		t.Fatal(err)
+	}
+	if opts.Events != 400*60 || opts.Step != time.Minute || opts.Transactions != 10 {
+		t.Fatalf("defaults: %d events, step %s, %d transactions", opts.Events, opts.Step, opts.Transactions)
+	}
+	start := time.Unix(1_800_000_000, 0)
+	w := newSeriesWorkload(opts, start)
+	if w.first != start.Add(-time.Hour).UnixMilli() || w.last() != start.UnixMilli() {
+		t.Fatalf("steps from %d to %d", w.first, w.last())
+	}
+	evs := w.chunk(nil, 0, opts.Events, time.Time{})
+	again := w.chunk(nil, 123, 10, time.Time{})
+	type series struct{ host, txn string }
+	seen := map[series][]int64{}
+	sums := make([]float64, opts.Transactions)
+	dcs, clusters := map[string]bool{}, map[string]bool{}
+	for i, e := range evs {
+		if i >= 123 && i < 133 && (again[i-123].Value != e.Value || again[i-123].TimestampMS != e.TimestampMS) {
+			t.Fatalf("event %d differs when generated again", i)
+		}
+		s := series{e.Labels[5], e.Labels[7]}
+		seen[s] = append(seen[s], e.TimestampMS)
+		sums[i%opts.Transactions] += e.Value
+		dcs[e.Labels[1]], clusters[e.Labels[3]] = true, true
+		if e.Labels[9] != "200" || e.Value < 0 || e.Value != float64(int(e.Value)) {
+			t.Fatalf("event %d: %+v", i, e)
+		}
+	}
+	if len(seen) != opts.Series || len(dcs) != 4 || len(clusters) != 20 {
+		t.Fatalf("%d series in %d datacenters and %d clusters", len(seen), len(dcs), len(clusters))
+	}
+	for s, ts := range seen {
+		if len(ts) != 60 {
+			t.Fatalf("series %v has %d events", s, len(ts))
+		}
+		for k, t0 := range ts {
+			step := w.first + int64(k)*w.stepMS
+			if t0 < step || t0 >= step+w.stepMS || t0-step != ts[0]-w.first {
+				t.Fatalf("series %v: event %d at %d, not at its offset in step %d", s, k, t0, step)
+			}
+		}
+	}
+	// The mean count of transaction t is 10/(t+1) times the host's size,
+	// 1.25 on average: the first is about ten times the last.
+	if m0, m9 := sums[0]/2400, sums[9]/2400; m0 < 11 || m0 > 14 || m9 < 0.9 || m9 > 1.6 {
+		t.Errorf("mean counts %v and %v, want about 12.5 and 1.25", m0, m9)
+	}
+	for _, bad := range []Options{
+		{Series: 405},              // not whole hosts
+		{Series: 100},              // fewer hosts than clusters
+		{Series: 400, Events: 500}, // not whole steps
+		{Series: 400, Backfill: time.Minute, Events: 800},
+		{Series: 400, Step: 1500 * time.Millisecond},
+		{Target: TargetVictoriaMetrics},     // only for Series runs
+		{Series: 400, Target: "prometheus"}, // unknown target
+	} {
+		bad.ensureDefaults()
+		if err := bad.validate(); !errors.Is(err, ErrOptions) {
+			t.Errorf("options %+v: %v, want ErrOptions", bad, err)
+		}
+	}
+}
+
+// TestBackfillVerifies backfills two hours of 400 series into a real node
+// that takes events that old, and reads them back.
+func TestBackfillVerifies(t *testing.T) {
+	n, err := node.Start(node.Config{
+		DataDir:    t.TempDir(),
+		GRPCListen: "127.0.0.1:0",
+		HTTPListen: "127.0.0.1:0",
+		Name:       "test",
+		Aggregator: node.AggregatorConfig{MaxLateness: model.Duration(3 * time.Hour), FlushInterval: model.Duration(50 * time.Millisecond)},
+	}, "test", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer n.Close()
+	rep, err := Run(context.Background(), Options{
+		Addrs:     []string{n.GRPCAddr()},
+		HTTPAddrs: []string{n.HTTPAddr()},
+		Series:    400,
+		Backfill:  2 * time.Hour,
+		Verify:    true,
+	})
+	if err != nil {
+		t.Fatalf("%v\n%s", err, rep)
+	}
+	if rep.Accepted != 400*120 || rep.Rejected != 0 || rep.ReadBack == nil || !rep.ReadBack.Verified || rep.SettledRate() <= 0 {
+		t.Errorf("report:\n%s", rep)
 	}
 }

@@ -59,6 +59,18 @@ type ReadBack struct {
 	Totals       map[string]float64            `json:"totals"`
 	ByDatacenter map[string]map[string]float64 `json:"by_datacenter"`
 	Verified     bool                          `json:"verified"`
+	// SettledIn is the time from the run's start to the read that matched:
+	// the events per second the store settled is Accepted over it.
+	SettledIn time.Duration `json:"settled_in_ns"`
+}
+
+// SettledRate is the events per second from the run's start until they
+// were all readable; 0 when they never were.
+func (r Report) SettledRate() float64 {
+	if r.ReadBack == nil || !r.ReadBack.Verified {
+		return 0
+	}
+	return float64(r.Accepted) / r.ReadBack.SettledIn.Seconds()
 }
 
 // Rate is the events acknowledged per second.
@@ -69,8 +81,9 @@ func (r Report) MarshalJSON() ([]byte, error) {
 	type plain Report
 	return json.Marshal(struct {
 		plain
-		Rate float64 `json:"rate"`
-	}{plain(r), r.Rate()})
+		Rate        float64 `json:"rate"`
+		SettledRate float64 `json:"settled_rate,omitempty"`
+	}{plain(r), r.Rate(), r.SettledRate()})
 }
 
 // String renders the report for people.
@@ -112,6 +125,9 @@ func (r Report) String() string {
 			fmt.Fprintf(&b, ", %s %s", fam, num(rb.Totals[fam]))
 		}
 		b.WriteString(")\n")
+		if rb.Verified {
+			fmt.Fprintf(&b, "settled (all readable) %s after the start: %.0f events/s\n", rb.SettledIn.Round(time.Millisecond), r.SettledRate())
+		}
 	}
 	return b.String()
 }
@@ -161,10 +177,7 @@ func (r *recorder) fill(rep *Report, s publisher.Stats) {
 	rep.Dropped = s.Dropped
 	rep.Retries, rep.Failovers, rep.Duplicates = s.Retries, s.Failovers, s.Duplicates
 	rep.ByDatacenter = map[string]map[string]float64{r.family: maps.Clone(r.totals)}
-	rep.Totals = map[string]float64{}
-	for _, dc := range slices.Sorted(maps.Keys(r.totals)) {
-		rep.Totals[r.family] += r.totals[dc]
-	}
+	rep.Totals = map[string]float64{r.family: sumValues(r.totals)}
 	rep.Latency = Latency{P50: r.hist.quantile(0.5), P99: r.hist.quantile(0.99), P999: r.hist.quantile(0.999), Max: r.hist.max}
 }
 

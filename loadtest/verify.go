@@ -238,10 +238,11 @@ type verifyGrid struct {
 // API's limit of 11,000.
 const maxPoints = 10_000
 
-func newGrid(opts Options, now time.Time) verifyGrid {
-	w := opts.Window.Milliseconds()
-	earliest := now.Add(-opts.LateBound).UnixMilli()
-	return verifyGrid{first: earliest - earliest%w, pair: 2 * w}
+// newGrid lays out the grid of windows of the given length from the one
+// holding earliest (unix ms).
+func newGrid(window time.Duration, earliest int64) verifyGrid {
+	w := window.Milliseconds()
+	return verifyGrid{first: earliest - mod(earliest, w), pair: 2 * w}
 }
 
 // readout is what the nodes hold over the grid: the sums by datacenter
@@ -356,7 +357,7 @@ func seconds(ms int64) string { return strconv.FormatFloat(float64(ms)/1000, 'f'
 // passes: the sums by datacenter through PromQL and, where the nodes serve
 // slices, the sums and the number of events through the slice API. Without
 // slices, the event count is the aggregators' accepted counter.
-func verify(ctx context.Context, opts Options, g verifyGrid, base readout, rep *Report) error {
+func verify(ctx context.Context, opts Options, g verifyGrid, base readout, start time.Time, rep *Report) error {
 	want := rep.ByDatacenter[opts.Family]
 	upto := opts.Now()
 	deadline := time.Now().Add(opts.VerifyTimeout)
@@ -375,10 +376,7 @@ func verify(ctx context.Context, opts Options, g verifyGrid, base readout, rep *
 			return err
 		}
 		got := diff(after.promql, base.promql)
-		total := 0.0
-		for _, dc := range slices.Sorted(maps.Keys(got)) {
-			total += got[dc]
-		}
+		total := sumValues(got)
 		var events uint64
 		ok := maps.Equal(got, want)
 		if after.slice != nil {
@@ -393,6 +391,7 @@ func verify(ctx context.Context, opts Options, g verifyGrid, base readout, rep *
 			Totals:       map[string]float64{opts.Family: total},
 			ByDatacenter: map[string]map[string]float64{opts.Family: got},
 			Verified:     ok,
+			SettledIn:    time.Since(start),
 		}
 		if ok {
 			return nil

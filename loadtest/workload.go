@@ -11,8 +11,9 @@ import (
 	"github.com/dimsum/dimsum/publisher"
 )
 
-// workload generates the events of a run from the seed alone: chunk i of a
-// run is the same in every run with the same options, timestamps aside.
+// workload generates the events of a run from the seed alone: the chunk
+// from a given index on is the same in every run with the same options,
+// timestamps aside.
 type workload struct {
 	opts    Options
 	dcs     []string
@@ -57,10 +58,10 @@ func suffix(n int) string {
 // labelsPerEvent is the number of label strings of an event: five pairs.
 const labelsPerEvent = 10
 
-// chunk appends the n events of chunk i, stamped at now (a LateFraction of
-// them up to LateBound earlier).
-func (w *workload) chunk(dst []publisher.Event, i uint64, n int, now time.Time) []publisher.Event {
-	r := rand.New(rand.NewPCG(w.opts.Seed, i))
+// chunk appends n events, drawn from the seed and first, stamped at now (a
+// LateFraction of them up to LateBound earlier).
+func (w *workload) chunk(dst []publisher.Event, first uint64, n int, now time.Time) []publisher.Event {
+	r := rand.New(rand.NewPCG(w.opts.Seed, first))
 	nowMS := now.UnixMilli()
 	total := w.weights[len(w.weights)-1]
 	late := w.opts.LateBound.Milliseconds()

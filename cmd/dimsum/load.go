@@ -10,6 +10,7 @@ import (
 	"os/signal"
 	"strings"
 	"syscall"
+	"time"
 
 	grpcgzip "google.golang.org/grpc/encoding/gzip"
 
@@ -27,7 +28,7 @@ func runLoad(args []string) error {
 	httpAddrs := fs.String("http", "127.0.0.1:9401", "HTTP `addresses` of the nodes, comma-separated, for /metrics and -verify")
 	policy := fs.String("policy", "block", "what to do when the buffer is full: block, drop-head or drop-tail")
 	reportFile := fs.String("report", "", "write the figures as JSON to `file`")
-	fs.IntVar(&o.Events, "events", 1_000_000, "number of events to send")
+	fs.IntVar(&o.Events, "events", 0, "number of events to send (default 1000000; with -series, every step of -backfill, or 30 steps live)")
 	fs.Float64Var(&o.Rate, "rate", 0, "open loop: mean `events/s`, shaped by -diurnal (0: closed loop, as fast as acknowledged)")
 	fs.Float64Var(&o.Diurnal, "diurnal", 0.5, "open loop: how far the rate swings around -rate over the simulated day (negative: flat)")
 	fs.DurationVar(&o.Day, "day", loadtest.DefaultDay, "real `duration` of one simulated day")
@@ -39,12 +40,16 @@ func runLoad(args []string) error {
 	fs.StringVar(&o.Compression, "compression", publisher.Gzip, "gzip or none")
 	gzipLevel := fs.Int("gzip-level", gzip.BestSpeed, "gzip `level`, 1 (fastest) to 9 (smallest)")
 	fs.StringVar(&o.Family, "family", "requests", "counter `family` with dimensions datacenter/cluster/host, transaction, status")
-	fs.IntVar(&o.Datacenters, "datacenters", 3, "datacenters in the fleet")
-	fs.IntVar(&o.ClustersPerDC, "clusters", 4, "clusters per datacenter")
+	fs.IntVar(&o.Datacenters, "datacenters", 0, "datacenters in the fleet (default 3, or 4 with -series)")
+	fs.IntVar(&o.ClustersPerDC, "clusters", 0, "clusters per datacenter (default 4, or 5 with -series)")
 	fs.IntVar(&o.HostsPerCluster, "hosts", 25, "hosts per cluster")
-	fs.IntVar(&o.Transactions, "transactions", 50, "distinct transaction names")
+	fs.IntVar(&o.Transactions, "transactions", 0, "distinct transaction names (default 50, or 10 with -series)")
 	fs.Float64Var(&o.LateFraction, "late", 0.01, "share of events stamped up to -late-bound in the past (negative: none)")
 	fs.DurationVar(&o.LateBound, "late-bound", loadtest.DefaultLateBound, "how far in the past a late event may be stamped; keep it below the node's max_lateness")
+	fs.IntVar(&o.Series, "series", 0, "send one event a -step for each of this many finest series (hosts x -transactions), as a log-to-metrics pipeline does; live unless -backfill")
+	fs.DurationVar(&o.Step, "step", time.Minute, "with -series: the `interval` between a series' events")
+	fs.DurationVar(&o.Backfill, "backfill", 0, "with -series: cover this `span` before now, as fast as acknowledged, instead of sending live")
+	fs.StringVar(&o.Target, "target", loadtest.TargetDimsum, "what receives the events: dimsum, or victoriametrics (the first -http address; the same samples as cumulative counters, for comparison)")
 	fs.BoolVar(&o.Verify, "verify", false, "read the totals back through PromQL and the slice API and fail unless they equal what was acknowledged")
 	fs.DurationVar(&o.Window, "window", loadtest.DefaultWindow, "the node's window (finest resolution step), for -verify")
 	fs.DurationVar(&o.VerifyTimeout, "verify-timeout", loadtest.DefaultVerifyTimeout, "how long -verify waits for the data to become queryable")
