@@ -9,6 +9,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/dimsum/dimsum/internal/dedupe"
+	"github.com/dimsum/dimsum/internal/encoding"
 	"github.com/dimsum/dimsum/wal"
 	"github.com/dimsum/dimsum/wire/wirepb"
 )
@@ -34,11 +35,6 @@ const (
 // errRecord marks a record of the aggregator's log that does not decode.
 var errRecord = errors.New("aggregator: bad log record")
 
-func appendString(b []byte, s string) []byte {
-	b = binary.AppendUvarint(b, uint64(len(s)))
-	return append(b, s...)
-}
-
 func appendPos(b []byte, p wal.Pos) []byte {
 	b = binary.AppendUvarint(b, p.Segment)
 	return binary.AppendUvarint(b, uint64(p.Offset))
@@ -47,12 +43,12 @@ func appendPos(b []byte, p wal.Pos) []byte {
 // appendBatch encodes the events of req at the indexes in accepted, with
 // the batch's identity and the time it was taken.
 func appendBatch(b []byte, req *wirepb.PushRequest, nowMS int64, accepted []event) []byte {
-	b = appendString(b, req.Source)
+	b = encoding.AppendString(b, req.Source)
 	b = binary.AppendUvarint(b, req.BatchSeq)
 	b = binary.AppendVarint(b, nowMS)
 	b = binary.AppendUvarint(b, uint64(len(req.Dict)))
 	for _, s := range req.Dict {
-		b = appendString(b, s)
+		b = encoding.AppendString(b, s)
 	}
 	b = binary.AppendUvarint(b, uint64(len(accepted)))
 	for i := range accepted {
@@ -68,90 +64,9 @@ func appendBatch(b []byte, req *wirepb.PushRequest, nowMS int64, accepted []even
 	return b
 }
 
-// decoder reads a payload with a sticky error: after the first failure every
-// read returns zero, and err says what failed first.
-type decoder struct {
-	b   []byte
-	err error
-}
-
-func (d *decoder) fail(what string) {
-	if d.err == nil {
-		d.err = fmt.Errorf("%w: cannot read %s", errRecord, what)
-	}
-	d.b = nil
-}
-
-func (d *decoder) uvarint(what string) uint64 {
-	v, n := binary.Uvarint(d.b)
-	if n <= 0 {
-		d.fail(what)
-		return 0
-	}
-	d.b = d.b[n:]
-	return v
-}
-
-func (d *decoder) varint(what string) int64 {
-	v, n := binary.Varint(d.b)
-	if n <= 0 {
-		d.fail(what)
-		return 0
-	}
-	d.b = d.b[n:]
-	return v
-}
-
-// count reads a length that must fit in the bytes left, each item taking at
-// least min bytes, so that garbage cannot make a huge allocation.
-func (d *decoder) count(what string, min int) int {
-	n := d.uvarint(what)
-	if n > uint64(len(d.b)/min) {
-		d.fail(what)
-		return 0
-	}
-	return int(n)
-}
-
-func (d *decoder) bytes(what string) []byte {
-	n := d.count(what, 1)
-	v := d.b[:n]
-	d.b = d.b[n:]
-	return v
-}
-
-func (d *decoder) string(what string) string { return string(d.bytes(what)) }
-
-func (d *decoder) uint64(what string) uint64 {
-	if len(d.b) < 8 {
-		d.fail(what)
-		return 0
-	}
-	v := binary.LittleEndian.Uint64(d.b)
-	d.b = d.b[8:]
-	return v
-}
-
-func (d *decoder) byte(what string) byte {
-	if len(d.b) < 1 {
-		d.fail(what)
-		return 0
-	}
-	v := d.b[0]
-	d.b = d.b[1:]
-	return v
-}
-
-func (d *decoder) pos(what string) wal.Pos {
-	return wal.Pos{Segment: d.uvarint(what), Offset: int64(d.uvarint(what))}
-}
-
-// done reports the first error, or that bytes were left over.
-func (d *decoder) done(what string) error {
-	if d.err == nil && len(d.b) > 0 {
-		d.err = fmt.Errorf("%w: %d bytes after the %s", errRecord, len(d.b), what)
-	}
-	return d.err
+// readPos reads what appendPos wrote.
+func readPos(d *encoding.Decbuf, what string) wal.Pos {
+	return wal.Pos{Segment: d.Uvarint(what), Offset: int64(d.Uvarint(what))}
 }
 
 // batchRecord is a decoded recBatch.
@@ -164,24 +79,24 @@ type batchRecord struct {
 }
 
 func decodeBatch(payload []byte) (batchRecord, error) {
-	d := decoder{b: payload}
-	r := batchRecord{source: d.string("source"), batchSeq: d.uvarint("batch sequence"), nowMS: d.varint("time")}
-	r.dict = make([]string, d.count("dictionary", 1))
+	d := encoding.NewDecbuf(payload, errRecord)
+	r := batchRecord{source: d.String("source"), batchSeq: d.Uvarint("batch sequence"), nowMS: d.Varint("time")}
+	r.dict = make([]string, d.Count("dictionary", 1))
 	for i := range r.dict {
-		r.dict[i] = d.string("dictionary")
+		r.dict[i] = d.String("dictionary")
 	}
-	r.events = make([]*wirepb.Event, d.count("events", 11))
+	r.events = make([]*wirepb.Event, d.Count("events", 11))
 	for i := range r.events {
-		e := &wirepb.Event{Family: uint32(d.uvarint("family"))}
-		e.Labels = make([]uint32, d.count("labels", 1))
+		e := &wirepb.Event{Family: uint32(d.Uvarint("family"))}
+		e.Labels = make([]uint32, d.Count("labels", 1))
 		for j := range e.Labels {
-			e.Labels[j] = uint32(d.uvarint("label"))
+			e.Labels[j] = uint32(d.Uvarint("label"))
 		}
-		e.TimestampMs = r.nowMS + d.varint("timestamp")
-		e.Value = math.Float64frombits(d.uint64("value"))
+		e.TimestampMs = r.nowMS + d.Varint("timestamp")
+		e.Value = math.Float64frombits(d.Uint64("value"))
 		r.events[i] = e
 	}
-	return r, d.done("batch")
+	return r, d.Done("batch")
 }
 
 // cutRecord is a recCut: the windows starting at starts left the cube. They
@@ -207,13 +122,13 @@ func appendCut(b []byte, c cutRecord) []byte {
 }
 
 func decodeCut(payload []byte) (cutRecord, error) {
-	d := decoder{b: payload}
-	c := cutRecord{upto: d.varint("upto"), final: d.byte("final flag") == 1}
-	c.starts = make([]int64, d.count("window starts", 1))
+	d := encoding.NewDecbuf(payload, errRecord)
+	c := cutRecord{upto: d.Varint("upto"), final: d.Byte("final flag") == 1}
+	c.starts = make([]int64, d.Count("window starts", 1))
 	for i := range c.starts {
-		c.starts[i] = d.varint("window start")
+		c.starts[i] = d.Varint("window start")
 	}
-	return c, d.done("cut")
+	return c, d.Done("cut")
 }
 
 // appendIntent encodes the requests built from the cut at pos, each with its
@@ -223,10 +138,10 @@ func appendIntent(b []byte, cut wal.Pos, entries []*entry) ([]byte, error) {
 }
 
 func decodeIntent(payload []byte) (cut wal.Pos, entries []*entry, err error) {
-	d := decoder{b: payload}
-	cut = d.pos("cut position")
-	entries = d.requests()
-	return cut, entries, d.done("intent")
+	d := encoding.NewDecbuf(payload, errRecord)
+	cut = readPos(&d, "cut position")
+	entries = readRequests(&d)
+	return cut, entries, d.Done("intent")
 }
 
 // forwardRecord is a recForward: the parts of the batch (source, batchSeq)
@@ -239,17 +154,17 @@ type forwardRecord struct {
 }
 
 func appendForward(b []byte, r forwardRecord) ([]byte, error) {
-	b = appendString(b, r.source)
+	b = encoding.AppendString(b, r.source)
 	b = binary.AppendUvarint(b, r.batchSeq)
 	b = binary.AppendVarint(b, r.nowMS)
 	return appendRequests(b, r.entries)
 }
 
 func decodeForward(payload []byte) (forwardRecord, error) {
-	d := decoder{b: payload}
-	r := forwardRecord{source: d.string("source"), batchSeq: d.uvarint("batch sequence"), nowMS: d.varint("time")}
-	r.entries = d.requests()
-	return r, d.done("forward")
+	d := encoding.NewDecbuf(payload, errRecord)
+	r := forwardRecord{source: d.String("source"), batchSeq: d.Uvarint("batch sequence"), nowMS: d.Varint("time")}
+	r.entries = readRequests(&d)
+	return r, d.Done("forward")
 }
 
 // appendRequests encodes the requests of an intent or forward record, each
@@ -260,7 +175,7 @@ func appendRequests(b []byte, entries []*entry) ([]byte, error) {
 		b = append(b, e.kind)
 		b = binary.AppendUvarint(b, uint64(len(e.dests)))
 		for _, d := range e.dests {
-			b = appendString(b, d)
+			b = encoding.AppendString(b, d)
 		}
 		var msg proto.Message = e.flush
 		if e.kind == entryForward {
@@ -277,15 +192,15 @@ func appendRequests(b []byte, entries []*entry) ([]byte, error) {
 }
 
 // requests reads what appendRequests wrote.
-func (d *decoder) requests() []*entry {
-	entries := make([]*entry, d.count("requests", 3))
+func readRequests(d *encoding.Decbuf) []*entry {
+	entries := make([]*entry, d.Count("requests", 3))
 	for i := range entries {
-		e := &entry{index: i, kind: d.byte("kind")}
-		e.dests = make([]string, d.count("destinations", 1))
+		e := &entry{index: i, kind: d.Byte("kind")}
+		e.dests = make([]string, d.Count("destinations", 1))
 		for j := range e.dests {
-			e.dests[j] = d.string("destination")
+			e.dests[j] = d.String("destination")
 		}
-		enc := d.bytes("request")
+		enc := d.Bytes("request")
 		var msg proto.Message
 		switch e.kind {
 		case entryFlush:
@@ -295,11 +210,11 @@ func (d *decoder) requests() []*entry {
 			e.push = &wirepb.PushRequest{}
 			msg = e.push
 		default:
-			d.fail(fmt.Sprintf("request %d of unknown kind %d", i, e.kind))
+			d.Fail(fmt.Sprintf("request %d of unknown kind %d", i, e.kind))
 		}
-		if msg != nil && d.err == nil {
+		if msg != nil && d.Err() == nil {
 			if err := proto.Unmarshal(enc, msg); err != nil {
-				d.err = fmt.Errorf("%w: request %d of kind %d: %w", errRecord, i, e.kind, err)
+				d.Failf("request %d of kind %d: %w", i, e.kind, err)
 			}
 		}
 		entries[i] = e
@@ -317,26 +232,26 @@ type deliveredRecord struct {
 func appendDelivered(b []byte, r deliveredRecord) []byte {
 	b = appendPos(b, r.intent)
 	b = binary.AppendUvarint(b, uint64(r.index))
-	return appendString(b, r.dest)
+	return encoding.AppendString(b, r.dest)
 }
 
 func decodeDelivered(payload []byte) (deliveredRecord, error) {
-	d := decoder{b: payload}
-	r := deliveredRecord{intent: d.pos("intent position")}
-	if index := d.uvarint("index"); index <= math.MaxInt32 {
+	d := encoding.NewDecbuf(payload, errRecord)
+	r := deliveredRecord{intent: readPos(&d, "intent position")}
+	if index := d.Uvarint("index"); index <= math.MaxInt32 {
 		r.index = int(index)
 	} else {
-		d.fail("index")
+		d.Fail("index")
 	}
-	r.dest = d.string("destination")
-	return r, d.done("delivery")
+	r.dest = d.String("destination")
+	return r, d.Done("delivery")
 }
 
 // appendCheckpoint encodes the dedupe state of every source.
 func appendCheckpoint(b []byte, sources map[string]*seqWindow) []byte {
 	b = binary.AppendUvarint(b, uint64(len(sources)))
 	for s, w := range sources {
-		b = appendString(b, s)
+		b = encoding.AppendString(b, s)
 		b = binary.AppendUvarint(b, w.High())
 		b = binary.AppendVarint(b, w.lastMS)
 		for _, x := range w.Bits() {
@@ -347,17 +262,17 @@ func appendCheckpoint(b []byte, sources map[string]*seqWindow) []byte {
 }
 
 func decodeCheckpoint(payload []byte) (map[string]*seqWindow, error) {
-	d := decoder{b: payload}
-	n := d.count("sources", 3+8*dedupe.Words)
+	d := encoding.NewDecbuf(payload, errRecord)
+	n := d.Count("sources", 3+8*dedupe.Words)
 	sources := make(map[string]*seqWindow, n)
 	for range n {
-		s := d.string("source")
-		high, lastMS := d.uvarint("high"), d.varint("last push")
+		s := d.String("source")
+		high, lastMS := d.Uvarint("high"), d.Varint("last push")
 		var bits [dedupe.Words]uint64
 		for i := range bits {
-			bits[i] = d.uint64("bits")
+			bits[i] = d.Uint64("bits")
 		}
 		sources[s] = &seqWindow{Seqs: dedupe.Restore(high, bits), lastMS: lastMS}
 	}
-	return sources, d.done("checkpoint")
+	return sources, d.Done("checkpoint")
 }

@@ -9,6 +9,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/dimsum/dimsum/internal/dedupe"
+	"github.com/dimsum/dimsum/internal/encoding"
 	"github.com/dimsum/dimsum/wal"
 	"github.com/dimsum/dimsum/wire/wirepb"
 )
@@ -55,7 +56,7 @@ func TestRecordsRoundTrip(t *testing.T) {
 	}
 	// An index beyond int would turn negative, and replay indexes with it.
 	huge := binary.AppendUvarint(appendPos(nil, d.intent), 1<<63)
-	if got, err := decodeDelivered(appendString(huge, "r2")); !errors.Is(err, errRecord) {
+	if got, err := decodeDelivered(encoding.AppendString(huge, "r2")); !errors.Is(err, errRecord) {
 		t.Errorf("delivery of request 2^63: %+v, %v", got, err)
 	}
 	w := &seqWindow{Seqs: dedupe.Restore(1500, [dedupe.Words]uint64{3: 0xf0}), lastMS: 42}
