@@ -2,7 +2,6 @@ package combiner
 
 import (
 	"context"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -20,9 +19,9 @@ import (
 
 // Store is what the combiner needs of the cube store.
 type Store interface {
-	// Apply merges deltas into every resolution at once, unless a write with
-	// the same idempotency key was applied before.
-	Apply(idempotencyKey []byte, keyTime int64, deltas []tsdb.Delta) (applied bool, err error)
+	// Apply adds deltas to the store, unless the batch with the same id
+	// was applied before.
+	Apply(id tsdb.BatchID, deltas []tsdb.Delta) (applied bool, err error)
 }
 
 // Options configure a Combiner.
@@ -66,7 +65,10 @@ func (c *Combiner) Apply(req *wirepb.FlushRequest) (duplicate bool, err error) {
 		c.metrics.refused.Inc()
 		return false, err
 	}
-	applied, err := c.opts.Store.Apply(flushKey(req), req.WindowStartMs, deltas)
+	// An aggregator numbers its flushes across windows and sends each
+	// replica its flushes in that order, retrying one until it is taken,
+	// so the store's window of recent sequences recognises every retry.
+	applied, err := c.opts.Store.Apply(tsdb.BatchID{Source: req.Source, Seq: req.Sequence}, deltas)
 	if errors.Is(err, tsdb.ErrBadInput) {
 		c.metrics.refused.Inc()
 		return false, fmt.Errorf("%w from %s: %w", ErrBadFlush, req.Source, err)
@@ -82,15 +84,6 @@ func (c *Combiner) Apply(req *wirepb.FlushRequest) (duplicate bool, err error) {
 	c.metrics.applied.Inc()
 	c.metrics.cells.Add(float64(len(deltas)))
 	return false, nil
-}
-
-// flushKey is the flush's identity: source, window start and sequence.
-func flushKey(req *wirepb.FlushRequest) []byte {
-	k := make([]byte, 0, len(req.Source)+1+16)
-	k = append(k, req.Source...)
-	k = append(k, 0)
-	k = binary.BigEndian.AppendUint64(k, uint64(req.WindowStartMs))
-	return binary.BigEndian.AppendUint64(k, req.Sequence)
 }
 
 func (c *Combiner) deltas(req *wirepb.FlushRequest) ([]tsdb.Delta, error) {

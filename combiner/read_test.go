@@ -47,7 +47,7 @@ func newReadWorld(t *testing.T) *readWorld {
 	for t0 := now - 5*24*time.Hour.Milliseconds(); t0 < now; t0 += 10_000 {
 		deltas = append(deltas, tsdb.Delta{Family: "requests", Cuboid: finest.ID, Values: []string{"dc2", "c2", "busy", "get", "200"}, Time: t0, Sum: 1, Count: 1})
 	}
-	if _, err := db.Apply(nil, 0, deltas); err != nil {
+	if _, err := db.Apply(tsdb.BatchID{}, deltas); err != nil {
 		t.Fatal(err)
 	}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")

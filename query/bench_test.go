@@ -167,13 +167,13 @@ families:
 			deltas = append(deltas, tsdb.Delta{Family: "requests", Cuboid: dcCuboid, Values: []string{fmt.Sprintf("dc%d", dc)}, Time: t, Sum: v, Count: uint64(v)})
 		}
 		if len(deltas) > 200_000 {
-			if _, err := db.Apply(nil, 0, deltas); err != nil {
+			if _, err := db.Apply(tsdb.BatchID{}, deltas); err != nil {
 				return nil, err
 			}
 			deltas = deltas[:0]
 		}
 	}
-	if _, err := db.Apply(nil, 0, deltas); err != nil {
+	if _, err := db.Apply(tsdb.BatchID{}, deltas); err != nil {
 		return nil, err
 	}
 	if err := prom.Compact(context.Background()); err != nil {

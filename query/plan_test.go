@@ -140,7 +140,7 @@ func writeCube(t testing.TB, db *tsdb.DB, s *schema.Schema, rng *rand.Rand, even
 	rng.Shuffle(len(deltas), func(i, j int) { deltas[i], deltas[j] = deltas[j], deltas[i] })
 	for len(deltas) > 0 {
 		n := min(len(deltas), 10_000)
-		if _, err := db.Apply(nil, 0, deltas[:n]); err != nil {
+		if _, err := db.Apply(tsdb.BatchID{}, deltas[:n]); err != nil {
 			t.Fatal(err)
 		}
 		deltas = deltas[n:]

@@ -58,7 +58,7 @@ func apiMux(t testing.TB, opts Options) *http.ServeMux {
 func put(t *testing.T, db *tsdb.DB, s *schema.Schema, host string, ts int64, v float64) {
 	t.Helper()
 	f := s.Family("x")
-	if _, err := db.Apply(nil, ts, []tsdb.Delta{{Family: "x", Cuboid: f.Finest().ID, Values: []string{host}, Time: ts, Sum: v, Count: 1}}); err != nil {
+	if _, err := db.Apply(tsdb.BatchID{}, []tsdb.Delta{{Family: "x", Cuboid: f.Finest().ID, Values: []string{host}, Time: ts, Sum: v, Count: 1}}); err != nil {
 		t.Fatal(err)
 	}
 }

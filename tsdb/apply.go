@@ -1,15 +1,12 @@
 package tsdb
 
 import (
-	"bytes"
-	"encoding/binary"
-	"errors"
 	"fmt"
 	"math"
 	"slices"
 	"time"
 
-	"github.com/cockroachdb/pebble/v2"
+	"github.com/dimsum/dimsum/internal/dedupe"
 	"github.com/dimsum/dimsum/schema"
 )
 
@@ -23,33 +20,41 @@ type Delta struct {
 	Count  uint64   // number of events
 }
 
-// entry is one delta at one resolution, on its way into a row operand.
-type entry struct {
-	key   dataKey
-	slot  uint16
-	seq   uint32 // position in the batch, which orders the additions
-	sum   float64
-	count uint64
+// BatchID identifies a batch for Apply: the source that sends it and its
+// number among that source's batches. A source numbers its batches in the
+// order it sends them to this store, and retries a batch under the same
+// number; the store remembers the last dedupe.Window numbers of each
+// source, so a retry is applied once. The zero BatchID has no identity:
+// the batch is always applied.
+type BatchID struct {
+	Source string
+	Seq    uint64
 }
 
-// cell returns the cell ID of e's key.
-func (e *entry) cell() uint32 { return binary.BigEndian.Uint32(e.key[dataKeyLen-4:]) }
-
-// Apply merges deltas into every resolution of the schema in one atomic
-// Pebble batch (synced unless NoSync), as merge operands: no
-// read-modify-write of rows. Deltas whose time is older than a resolution's
-// retention (measured from now) are skipped at that resolution.
+// Apply adds deltas to the store. It logs them in one atomic Pebble batch
+// (synced unless NoSync), a staged batch of the head, and then adds them to
+// the head's open rows of the finest resolution, where reads see them at
+// once. It writes no row: the writer writes each row once its span has
+// closed, into every resolution, and rolls the coarser ones up from it
+// then (docs/format/tsdb.md, "The head"). Deltas older than the longest
+// retention (measured from now) are skipped; the others are kept at every
+// resolution that still retains their time.
 //
-// If idempotencyKey is non-empty and a batch with that key was applied
-// before, Apply writes nothing and returns applied=false; otherwise the key is
-// recorded in the same batch, so a crash can never separate a batch from its
-// key. A key is recognised whatever keyTime comes with it; keyTime (unix ms)
-// is the time the key belongs to, and orders the key records so that old keys
-// can be forgotten by time.
+// If id has a source and a batch with the same id was applied before,
+// Apply writes nothing and returns applied=false; otherwise the id is
+// recorded in the same Pebble batch as the deltas, so a crash can never
+// separate them.
 //
-// Unknown family, unknown cuboid, a wrong number of values, a sum that is NaN or infinite, or a negative counter sum is an error
-// wrapping ErrBadInput, and nothing is written.
-func (db *DB) Apply(idempotencyKey []byte, keyTime int64, deltas []Delta) (applied bool, err error) {
+// Apply waits while the head holds more than Options.HeadMaxBytes, until
+// the writer has written enough of it: memory is bounded by configuration,
+// and a caller that sends faster than the store can write is slowed down
+// to its pace. If the writer cannot write (a failing disk), Apply returns
+// the writer's error instead of waiting.
+//
+// Unknown family, unknown cuboid, a wrong number of values, a sum that is
+// NaN or infinite, or a negative counter sum is an error wrapping
+// ErrBadInput, and nothing is written.
+func (db *DB) Apply(id BatchID, deltas []Delta) (applied bool, err error) {
 	start := time.Now()
 	db.apply.Lock()
 	defer db.apply.Unlock()
@@ -72,130 +77,157 @@ func (db *DB) Apply(idempotencyKey []byte, keyTime int64, deltas []Delta) (appli
 	}
 
 	a := &db.apply
-	if len(idempotencyKey) > 0 {
-		a.keyBuf = appendIdemKey(a.keyBuf[:0], idempotencyKey)
-		_, closer, err := db.pdb.Get(a.keyBuf)
-		switch {
-		case err == nil:
-			closer.Close()
+	var src source
+	if id.Source != "" {
+		if s := db.sources[id.Source]; s != nil {
+			src = *s
+		}
+		switch src.seqs.Mark(id.Seq) {
+		case dedupe.Repeat:
 			db.metrics.duplicates.Inc()
 			return false, nil
-		case !errors.Is(err, pebble.ErrNotFound):
-			return false, fmt.Errorf("tsdb: cannot look up idempotency key %x: %w", idempotencyKey, err)
+		case dedupe.Forgotten:
+			db.metrics.beyondDedupe.Inc()
+			db.log.Warn("batch far behind the newest of its source: applying it, though it may be a retry", "source", id.Source, "seq", id.Seq, "newest", src.seqs.High())
 		}
+	}
+	if err := db.waitForRoom(); err != nil {
+		return false, err
 	}
 
 	b := db.pdb.NewBatch()
 	defer b.Close()
 	defer db.rollback()
 
-	now := db.opts.now().UnixMilli()
-	var expired int
+	now := db.opts.now()
+	oldest := now.UnixMilli() - db.maxRetentionMs
+	expired := 0
 	entries := a.entries[:0]
 	for i := range deltas {
 		d := &deltas[i]
-		fs := db.families[d.Family]
-		// The cell gets its ID at the first resolution that keeps the
-		// delta, so a delta expired everywhere creates no cell.
-		var cell uint32
-		haveCell := false
-		for _, r := range db.res {
-			if d.Time < now-r.retentionMs {
-				expired++
-				continue
-			}
-			if !haveCell {
-				var err error
-				dict := fs.cuboid(d.Cuboid)
-				a.cellBuf = appendCellValues(a.cellBuf[:0], d.Values)
-				if cell, err = dict.assign(b, a.cellBuf, &a.keyBuf); err != nil {
-					return false, err
-				}
-				if dict.dirty() && !slices.Contains(a.touched, dict) {
-					a.touched = append(a.touched, dict)
-				}
-				haveCell = true
-			}
-			stepStart := r.StepStart(d.Time)
-			row := r.Row(stepStart)
-			entries = append(entries, entry{
-				key:   makeDataKey(r.stepSec, row, fs.id, d.Cuboid, cell),
-				slot:  uint16((stepStart - row*r.rowSpanMs) / r.stepMs),
-				seq:   uint32(len(entries)),
-				sum:   d.Sum,
-				count: d.Count,
-			})
+		if d.Time < oldest {
+			expired++
+			continue
 		}
+		fs := db.families[d.Family]
+		dict := fs.cuboid(d.Cuboid)
+		a.cellBuf = appendCellValues(a.cellBuf[:0], d.Values)
+		cell, err := dict.assign(b, a.cellBuf, &a.keyBuf)
+		if err != nil {
+			return false, err
+		}
+		if dict.dirty() && !slices.Contains(a.touched, dict) {
+			a.touched = append(a.touched, dict)
+		}
+		entries = append(entries, headEntry{fi: uint16(fs.idx), cuboid: d.Cuboid, cell: cell, time: d.Time, sum: d.Sum, count: d.Count})
 	}
 	a.entries = entries
-
-	// Fold the batch's cell-steps into one operand per row: a coarse row
-	// receives many fine steps of one batch, and fewer operands mean less
-	// for reads and compactions to fold. Ties are broken by position so
-	// that sums are added in delta order, which keeps Apply deterministic
-	// (an unstable sort with a total order is faster than a stable one).
-	slices.SortFunc(entries, func(x, y entry) int {
-		if c := bytes.Compare(x.key[:], y.key[:]); c != 0 {
-			return c
-		}
-		if x.slot != y.slot {
-			return int(x.slot) - int(y.slot)
-		}
-		return int(x.seq) - int(y.seq)
-	})
-	var enc rowEncoder
-	operands := 0
-	for i := 0; i < len(entries); {
-		key := &entries[i].key
-		enc.reset(a.rowBuf)
-		for i < len(entries) && entries[i].key == *key {
-			slot, sum, count := entries[i].slot, entries[i].sum, entries[i].count
-			for i++; i < len(entries) && entries[i].key == *key && entries[i].slot == slot; i++ {
-				sum += entries[i].sum
-				count += entries[i].count
-			}
-			enc.add(int(slot), sum, count)
-		}
-		a.rowBuf = enc.buf
-		if err := b.Merge(key[:], enc.buf, nil); err != nil {
-			return false, fmt.Errorf("tsdb: cannot add row to batch: %w", err)
-		}
-		operands++
-	}
-
-	if err := db.stagePresence(b, entries); err != nil {
-		return false, err
-	}
+	a.grouped = db.groupByCuboid(a.grouped[:0], entries)
 	for _, d := range a.touched {
 		d.stage()
 	}
 
-	if len(idempotencyKey) > 0 {
-		a.keyBuf = appendIdemTimeKey(a.keyBuf[:0], keyTime, idempotencyKey)
-		if err := b.Set(a.keyBuf, nil, nil); err != nil {
-			return false, fmt.Errorf("tsdb: cannot add idempotency key to batch: %w", err)
-		}
-		a.keyBuf = appendIdemKey(a.keyBuf[:0], idempotencyKey)
-		var t [8]byte
-		binary.BigEndian.PutUint64(t[:], flipSign(keyTime))
-		if err := b.Set(a.keyBuf, t[:], nil); err != nil {
-			return false, fmt.Errorf("tsdb: cannot add idempotency key to batch: %w", err)
+	h := db.head
+	h.mu.Lock()
+	seq := h.nextSeq
+	h.nextSeq++
+	h.inflight = seq + 1
+	h.mu.Unlock()
+	a.rowBuf = appendStaged(a.rowBuf[:0], a.grouped, func(fi uint16) uint16 { return db.fams[fi].id })
+	if err := b.Set(stagedKey(seq), a.rowBuf, nil); err != nil {
+		return false, db.abandon(fmt.Errorf("tsdb: cannot add the staged batch to the Pebble batch: %w", err))
+	}
+	if id.Source != "" {
+		src.lastMS = now.UnixMilli()
+		a.keyBuf = appendSourceKey(a.keyBuf[:0], id.Source)
+		if err := b.Set(a.keyBuf, appendSource(nil, &src), nil); err != nil {
+			return false, db.abandon(fmt.Errorf("tsdb: cannot add the source record to the Pebble batch: %w", err))
 		}
 	}
-
 	if err := b.Commit(db.syncMode()); err != nil {
-		return false, fmt.Errorf("tsdb: cannot commit batch: %w", err)
+		return false, db.abandon(fmt.Errorf("tsdb: cannot commit batch: %w", err))
 	}
+	// The data first, then the new cells: a reader finds a cell only once
+	// it has data.
+	h.mu.Lock()
+	h.add(db, seq, a.grouped, now)
+	h.inflight = 0
+	heldBytes := h.bytes
+	h.mu.Unlock()
 	created, _ := db.publish()
+	if id.Source != "" {
+		db.sources[id.Source] = &src
+	}
+	db.wakeWriter()
 
 	db.metrics.applies.Inc()
 	db.metrics.deltas.Add(float64(len(entries)))
 	db.metrics.expired.Add(float64(expired))
-	db.metrics.operands.Add(float64(operands))
 	db.metrics.cellsCreated.Add(float64(created))
 	db.metrics.cells.Add(float64(created))
+	db.metrics.headBytes.Set(float64(heldBytes))
+	db.metrics.stagedBytes.Add(float64(len(a.rowBuf)))
 	db.metrics.applyDurations.Observe(time.Since(start).Seconds())
 	return true, nil
+}
+
+// abandon forgets the staged sequence of an Apply that did not commit, and
+// returns err.
+func (db *DB) abandon(err error) error {
+	db.head.mu.Lock()
+	db.head.inflight = 0
+	db.head.mu.Unlock()
+	return err
+}
+
+// groupByCuboid appends entries to dst grouped by family and cuboid, in
+// schema order, keeping their order within each: a counting sort, so that
+// a staged batch lists each cuboid once and its cells in delta order.
+func (db *DB) groupByCuboid(dst, entries []headEntry) []headEntry {
+	counts := db.apply.counts
+	clear(counts)
+	for i := range entries {
+		counts[db.cuboidBase[entries[i].fi]+int(entries[i].cuboid)]++
+	}
+	pos := 0
+	for i, n := range counts {
+		counts[i] = pos
+		pos += n
+	}
+	dst = slices.Grow(dst, len(entries))[:len(entries)]
+	for _, e := range entries {
+		k := db.cuboidBase[e.fi] + int(e.cuboid)
+		dst[counts[k]] = e
+		counts[k]++
+	}
+	return dst
+}
+
+// waitForRoom waits while the head holds more than Options.HeadMaxBytes,
+// waking the writer. It returns the writer's error if it failed since, and
+// ErrClosed if the store begins to close.
+func (db *DB) waitForRoom() error {
+	h := db.head
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.bytes <= db.opts.HeadMaxBytes {
+		return nil
+	}
+	start := time.Now()
+	db.metrics.applyWaits.Inc()
+	defer func() { db.metrics.applyWaitSeconds.Add(time.Since(start).Seconds()) }()
+	h.writeErr = nil
+	for h.bytes > db.opts.HeadMaxBytes {
+		switch {
+		case h.stopping:
+			return ErrClosed
+		case h.writeErr != nil:
+			return fmt.Errorf("tsdb: the head is full and cannot be written: %w", h.writeErr)
+		}
+		db.wakeWriter()
+		h.cond.Wait()
+	}
+	return nil
 }
 
 // check validates one delta against the schema.
@@ -221,27 +253,25 @@ func (db *DB) check(d *Delta) error {
 	return nil
 }
 
-// publish makes the changes of the committed batch visible to readers and
-// returns how many cells it added and removed.
+// publish makes the dictionary changes of the committed batch visible to
+// readers and returns how many cells it added and removed.
 func (db *DB) publish() (added, removed int) {
 	for _, d := range db.apply.touched {
 		a, r := d.publish()
 		added += a
 		removed += r
 	}
-	db.presence.publish()
 	clear(db.apply.touched)
 	db.apply.touched = db.apply.touched[:0]
 	return added, removed
 }
 
-// rollback forgets the changes of a batch that was not committed. After
-// publish it has nothing to do.
+// rollback forgets the dictionary changes of a batch that was not
+// committed. After publish it has nothing to do.
 func (db *DB) rollback() {
 	for _, d := range db.apply.touched {
 		d.rollback()
 	}
-	clear(db.presence.staged)
 	clear(db.apply.touched)
 	db.apply.touched = db.apply.touched[:0]
 }

@@ -34,7 +34,7 @@ func TestApplyBadInput(t *testing.T) {
 			db := openTest(t, t.TempDir(), s)
 			defer closeTest(t, db)
 			// A good delta before the bad one must not be written either.
-			applied, err := db.Apply([]byte("k"), now, []Delta{good, tc.bad})
+			applied, err := db.Apply(BatchID{Source: "k", Seq: 1}, []Delta{good, tc.bad})
 			if !errors.Is(err, ErrBadInput) || !strings.Contains(err.Error(), tc.want) || !strings.Contains(err.Error(), "delta 1") {
 				t.Fatalf("got %v, want ErrBadInput naming delta 1 and %q", err, tc.want)
 			}
@@ -44,8 +44,8 @@ func TestApplyBadInput(t *testing.T) {
 			if cells, err := db.Cells("requests", finest, nil); err != nil || len(cells) != 0 {
 				t.Fatalf("cells after a refused batch: %v, %v", cells, err)
 			}
-			// The refused batch's key was not recorded.
-			if applied, err := db.Apply([]byte("k"), now, []Delta{good}); err != nil || !applied {
+			// The refused batch's identity was not recorded.
+			if applied, err := db.Apply(BatchID{Source: "k", Seq: 1}, []Delta{good}); err != nil || !applied {
 				t.Fatalf("retry with good input: applied=%v, %v", applied, err)
 			}
 			if cells, err := db.Cells("requests", finest, nil); err != nil || len(cells) != 1 || cells[0].ID != 0 {
@@ -85,40 +85,39 @@ func TestIdempotency(t *testing.T) {
 	d := []Delta{{Family: "errors", Cuboid: code, Values: []string{"500"}, Time: now, Sum: 2, Count: 1}}
 	dir := t.TempDir()
 	db := openTest(t, dir, s)
-	apply := func(key string, keyTime int64, want bool) {
+	apply := func(source string, seq uint64, want bool) {
 		t.Helper()
-		var k []byte
-		if key != "" {
-			k = []byte(key)
-		}
-		applied, err := db.Apply(k, keyTime, d)
+		applied, err := db.Apply(BatchID{Source: source, Seq: seq}, d)
 		if err != nil || applied != want {
-			t.Fatalf("Apply(%q): applied=%v, %v; want applied=%v", key, applied, err, want)
+			t.Fatalf("Apply(%s, %d): applied=%v, %v; want applied=%v", source, seq, applied, err, want)
 		}
 	}
-	apply("a", now, true)
-	apply("a", now, false)
-	apply("a", now-5000, false) // another keyTime, same key
-	apply("b", now, true)
-	apply("", now, true) // no key: always applied
-	apply("", now, true)
+	apply("a", 0, true)
+	apply("a", 0, false)
+	apply("a", 2, true) // 1 is still on its way
+	apply("a", 1, true)
+	apply("a", 2, false)
+	apply("b", 0, true) // sources count apart
+	apply("", 0, true)  // no identity: always applied
+	apply("", 0, true)
 	closeTest(t, db)
 	db = openTest(t, dir, s)
 	defer closeTest(t, db)
-	apply("a", now, false)
-	apply("b", now+1, false)
+	apply("a", 1, false)
+	apply("b", 0, false)
+	apply("a", 3, true)
 	steps, err := db.Steps(0, "errors", code, 0, now-1000, now, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := []Step{{T: now / 1000 * 1000, Sum: 8, Count: 4}}
+	want := []Step{{T: now / 1000 * 1000, Sum: 14, Count: 7}}
 	if !stepsEqual(steps, want) {
 		t.Fatalf("steps %v, want %v", steps, want)
 	}
 }
 
 // TestRetention places deltas beyond the retention of the finer resolutions:
-// they must reach only the resolutions that still keep their time.
+// they must reach only the resolutions that still keep their step.
 func TestRetention(t *testing.T) {
 	s := testSchema(t) // 1s:10h, 10s:2d, 1m:30d
 	code := cuboidOf(t, s, "errors", "code")
@@ -134,12 +133,12 @@ func TestRetention(t *testing.T) {
 		{"fresh", 0, []bool{true, true, true}},
 		{"just inside the finest", 10 * hour, []bool{true, true, true}},
 		{"beyond the finest", 10*hour + 1, []bool{false, true, true}},
-		{"beyond the middle", 48*hour + 1, []bool{false, false, true}},
+		{"beyond the middle", 48*hour + 10e3, []bool{false, false, true}}, // a whole 10s step
 		{"beyond all", 30*24*hour + 1, []bool{false, false, false}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			value := "r-" + tc.name
-			if _, err := db.Apply(nil, 0, []Delta{{Family: "errors", Cuboid: code, Values: []string{value}, Time: now - tc.age, Sum: 1, Count: 1}}); err != nil {
+			if _, err := db.Apply(BatchID{}, []Delta{{Family: "errors", Cuboid: code, Values: []string{value}, Time: now - tc.age, Sum: 1, Count: 1}}); err != nil {
 				t.Fatal(err)
 			}
 			cells, err := db.Cells("errors", code, nil)
@@ -176,7 +175,7 @@ func TestClosed(t *testing.T) {
 	s := testSchema(t)
 	db := openTest(t, t.TempDir(), s)
 	closeTest(t, db)
-	if _, err := db.Apply(nil, 0, nil); !errors.Is(err, ErrClosed) {
+	if _, err := db.Apply(BatchID{}, nil); !errors.Is(err, ErrClosed) {
 		t.Errorf("Apply: %v", err)
 	}
 	if _, err := db.Cells("errors", 1, nil); !errors.Is(err, ErrClosed) {
@@ -202,6 +201,8 @@ func TestOptions(t *testing.T) {
 		{"negative cache", Options{Dir: "x", Schema: s, CacheSize: -1}, "CacheSize"},
 		{"no resolutions", Options{Dir: "x", Schema: &schema.Schema{}}, "no resolutions"},
 		{"negative idempotency horizon", Options{Dir: "x", Schema: s, IdempotencyHorizon: -time.Hour}, "IdempotencyHorizon"},
+		{"negative head bound", Options{Dir: "x", Schema: s, HeadMaxBytes: -1}, "HeadMaxBytes"},
+		{"negative head hold", Options{Dir: "x", Schema: s, HeadHold: -time.Second}, "HeadHold"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			tc.opts.EnsureDefaults()
@@ -214,7 +215,8 @@ func TestOptions(t *testing.T) {
 	o.EnsureDefaults()
 	o.Schema = s
 	o.EnsureDefaults()
-	if o.CacheSize != DefaultCacheSize || o.Logger == nil || o.now == nil || o.RetentionInterval != DefaultRetentionInterval || o.IdempotencyHorizon != 30*24*time.Hour {
+	if o.CacheSize != DefaultCacheSize || o.Logger == nil || o.now == nil || o.RetentionInterval != DefaultRetentionInterval || o.IdempotencyHorizon != 30*24*time.Hour ||
+		o.HeadMaxBytes != DefaultHeadMaxBytes || o.HeadHold != DefaultHeadHold {
 		t.Fatalf("defaults not applied: %+v", o)
 	}
 }
@@ -231,7 +233,7 @@ func TestMetrics(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if _, err := db.Apply([]byte("k"), 0, []Delta{{Family: "errors", Cuboid: code, Values: []string{"500"}, Time: testNow.UnixMilli(), Sum: 1, Count: 1}}); err != nil {
+		if _, err := db.Apply(BatchID{Source: "k"}, []Delta{{Family: "errors", Cuboid: code, Values: []string{"500"}, Time: testNow.UnixMilli(), Sum: 1, Count: 1}}); err != nil {
 			t.Fatal(err)
 		}
 		families, err := reg.Gather()

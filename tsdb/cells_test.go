@@ -33,7 +33,7 @@ func TestCells(t *testing.T) {
 			deltas = append(deltas, Delta{Family: "requests", Cuboid: schema.CuboidID(cub), Values: v, Time: testNow.UnixMilli(), Sum: 1, Count: 1})
 		}
 	}
-	if _, err := db.Apply(nil, 0, deltas); err != nil {
+	if _, err := db.Apply(BatchID{}, deltas); err != nil {
 		t.Fatal(err)
 	}
 
@@ -147,7 +147,7 @@ func TestConcurrentReads(t *testing.T) {
 	}
 	for i := range 200 {
 		d := Delta{Family: "requests", Cuboid: finest, Values: []string{"d1", "h" + string(rune('a'+i%26)), string(rune('A' + i/26))}, Time: testNow.UnixMilli() - int64(i)*1000, Sum: 1, Count: 1}
-		if _, err := db.Apply(nil, 0, []Delta{d}); err != nil {
+		if _, err := db.Apply(BatchID{}, []Delta{d}); err != nil {
 			t.Fatal(err)
 		}
 	}

@@ -36,7 +36,7 @@ func TestCorruptRow(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			db := openTest(t, t.TempDir(), s)
 			defer closeTest(t, db)
-			if _, err := db.Apply(nil, 0, []Delta{delta}); err != nil {
+			if _, err := db.Apply(BatchID{}, []Delta{delta}); err != nil {
 				t.Fatal(err)
 			}
 			r := db.res[0]
@@ -45,7 +45,7 @@ func TestCorruptRow(t *testing.T) {
 				t.Fatal(err)
 			}
 			if tc.mergeOnTop {
-				if _, err := db.Apply(nil, 0, []Delta{delta}); err != nil {
+				if _, err := db.Apply(BatchID{}, []Delta{delta}); err != nil {
 					t.Fatal(err)
 				}
 			}
@@ -74,7 +74,7 @@ func TestCorruptDataKey(t *testing.T) {
 		{Family: "requests", Cuboid: finest, Values: []string{"d1", "h1", "GET"}, Time: now, Sum: 1, Count: 1},
 		{Family: "requests", Cuboid: finest, Values: []string{"d1", "h2", "GET"}, Time: now, Sum: 1, Count: 1},
 	}
-	if _, err := db.Apply(nil, 0, deltas); err != nil {
+	if _, err := db.Apply(BatchID{}, deltas); err != nil {
 		t.Fatal(err)
 	}
 	r := db.res[0]
@@ -90,16 +90,17 @@ func TestCorruptDataKey(t *testing.T) {
 }
 
 // TestCorruptPresence writes an undecodable presence bitmap behind the DB's
-// back: the retention pass, the label API over a time range and an Apply
-// that must extend the bitmap report corruption naming its key.
+// back: the retention pass, the label API over a time range and a write of
+// the head that must extend the bitmap report corruption naming its key.
 func TestCorruptPresence(t *testing.T) {
 	s := testSchema(t)
 	code := cuboidOf(t, s, "errors", "code")
 	now := testNow.UnixMilli()
 	db := openTest(t, t.TempDir(), s)
-	defer closeTest(t, db)
+	// Close cannot write the head either.
+	defer func() { _ = db.Close() }()
 	delta := Delta{Family: "errors", Cuboid: code, Values: []string{"500"}, Time: now - 11*3600e3, Sum: 1, Count: 1}
-	if _, err := db.Apply(nil, 0, []Delta{delta}); err != nil {
+	if _, err := db.Apply(BatchID{}, []Delta{delta}); err != nil {
 		t.Fatal(err)
 	}
 	r := db.res[1]
@@ -122,9 +123,20 @@ func TestCorruptPresence(t *testing.T) {
 		t.Fatalf("label values: got %v, want ErrCorrupt naming %x", err, key)
 	}
 	delta.Values = []string{"502"}
-	_, err = db.Apply(nil, 0, []Delta{delta})
-	if !isCorruptNaming(err, key) {
-		t.Fatalf("apply: got %v, want ErrCorrupt naming %x", err, key)
+	if _, err := db.Apply(BatchID{}, []Delta{delta}); err != nil {
+		t.Fatal(err)
+	}
+	if err := db.Flush(); !isCorruptNaming(err, key) {
+		t.Fatalf("flush: got %v, want ErrCorrupt naming %x", err, key)
+	}
+	// The head keeps what it could not write, and reads see it.
+	cells, err := db.Cells("errors", code, nil)
+	if err != nil || len(cells) != 2 {
+		t.Fatalf("cells %v, %v", cells, err)
+	}
+	steps, err := db.Steps(1, "errors", code, cells[1].ID, 0, now, nil)
+	if err != nil || len(steps) != 1 || steps[0].Sum != 1 {
+		t.Fatalf("steps of the cell left in the head: %v, %v", steps, err)
 	}
 }
 
@@ -145,7 +157,7 @@ func TestOpenRefuses(t *testing.T) {
 			prepare: func(t *testing.T, dir string) {
 				rawSet(t, dir, metaFormatKey, []byte{1})
 			},
-			want: "format version 1; this binary reads only version 2",
+			want: "format version 1; this binary reads only version 3",
 		},
 		{
 			name: "garbage format record",

@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/dimsum/dimsum/internal/dedupe"
 	"github.com/dimsum/dimsum/schema"
 )
 
@@ -38,8 +39,10 @@ func TestMain(m *testing.M) {
 	os.Exit(m.Run())
 }
 
-// crashWriter applies batches from, from+1, ... with their idempotency
-// keys, each synced, and prints "ack N" once Apply of batch N returned.
+// crashWriter applies batches from, from+1, ... with their identities,
+// each synced, and prints "ack N" once Apply of batch N returned. Their
+// deltas span days, so the writer writes rows all along: the kill lands
+// in its writes too.
 func crashWriter(dir, from string) error {
 	first, err := strconv.Atoi(from)
 	if err != nil {
@@ -56,7 +59,7 @@ func crashWriter(dir, from string) error {
 	defer db.Close()
 	for i := first; i < first+crashMaxBatches; i++ {
 		key, deltas := crashBatch(s, i)
-		if _, err := db.Apply(key, testNow.UnixMilli(), deltas); err != nil {
+		if _, err := db.Apply(key, deltas); err != nil {
 			return err
 		}
 		if _, err := fmt.Fprintf(os.Stdout, "ack %d\n", i); err != nil {
@@ -66,25 +69,26 @@ func crashWriter(dir, from string) error {
 	return errors.New("writer was never killed")
 }
 
-// crashBatch returns the idempotency key and the deltas of batch i, the
-// same in every process. Every delta counts at least one event, so a batch
-// applied twice or half shows in the counts.
-func crashBatch(s *schema.Schema, i int) ([]byte, []Delta) {
+// crashBatch returns the identity and the deltas of batch i, the same in
+// every process. Every delta counts at least one event, so a batch applied
+// twice or half shows in the counts.
+func crashBatch(s *schema.Schema, i int) (BatchID, []Delta) {
 	rng := rand.New(rand.NewPCG(uint64(i), 42))
 	deltas := make([]Delta, 1+rng.IntN(10))
 	for j := range deltas {
 		deltas[j] = randomDelta(rng, s, testNow.UnixMilli())
 		deltas[j].Count++
 	}
-	return fmt.Appendf(nil, "crash/%d", i), deltas
+	return BatchID{Source: "crash", Seq: uint64(i)}, deltas
 }
 
 // TestCrash kills a writer process with SIGKILL at random moments, several
 // times over, and checks after each kill that the store holds every
 // acknowledged batch exactly once, that the batch in flight at the kill
 // was applied whole or not at all (its key and its data agree), and that
-// nothing reads as corrupt. Finally every acknowledged key must be
-// refused as a duplicate, before and after a compaction.
+// nothing reads as corrupt. Finally the acknowledged batches the store
+// still remembers must be refused as duplicates, before and after a
+// compaction.
 func TestCrash(t *testing.T) {
 	seed := uint64(time.Now().UnixNano())
 	t.Logf("seed %d", seed)
@@ -105,7 +109,7 @@ func TestCrash(t *testing.T) {
 		db := openSynced(t, dir)
 		inFlight := last + 1
 		key, deltas := crashBatch(s, inFlight)
-		applied, err := db.Apply(key, testNow.UnixMilli(), deltas)
+		applied, err := db.Apply(key, deltas)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -117,9 +121,10 @@ func TestCrash(t *testing.T) {
 	}
 	db := openSynced(t, dir)
 	defer closeTest(t, db)
-	for i := range next {
+	// A source's last dedupe.Window batches are remembered.
+	for i := max(0, next-dedupe.Window+1); i < next; i++ {
 		key, deltas := crashBatch(s, i)
-		applied, err := db.Apply(key, testNow.UnixMilli(), deltas)
+		applied, err := db.Apply(key, deltas)
 		if err != nil {
 			t.Fatal(err)
 		}

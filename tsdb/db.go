@@ -37,13 +37,24 @@ type DB struct {
 	pdb     *pebble.DB
 	metrics *metrics
 
-	// families are the schema's families by name, and byID by their
-	// stored ID; fixed after Open.
+	// families are the schema's families by name, byID by their stored
+	// ID and fams in schema order (familyState.idx); fixed after Open.
 	families map[string]*familyState
 	byID     map[uint16]*familyState
+	fams     []*familyState
+	// cuboidBase holds, per family index, the number of cuboids of the
+	// families before it: a (family, cuboid) pair's index among all.
+	cuboidBase []int
 	// res holds, per schema resolution, its step and row span in the units
-	// the hot paths need.
-	res []resolution
+	// the hot paths need; maxRetentionMs is the longest retention.
+	res            []resolution
+	maxRetentionMs int64
+
+	// head holds the open rows of the finest resolution (head.go).
+	head *head
+	// sources holds what each source of batches applied, for Apply's
+	// dedupe; guarded by apply.
+	sources map[string]*source
 
 	state struct {
 		sync.RWMutex
@@ -56,14 +67,30 @@ type DB struct {
 	// batch costs no allocation per delta.
 	apply struct {
 		sync.Mutex
-		entries []entry
-		cellBuf []byte // a delta's encoded cell values
-		keyBuf  []byte // dictionary and idempotency keys
-		rowBuf  []byte // the row operand being encoded
+		entries []headEntry
+		grouped []headEntry // entries grouped by cuboid
+		counts  []int       // groupByCuboid's counts, one per cuboid of the schema
+		cellBuf []byte      // a delta's encoded cell values
+		keyBuf  []byte      // dictionary and source keys
+		rowBuf  []byte      // the staged batch being encoded
 		touched []*cellDict
 	}
-	// presence caches presence bitmaps for Apply; guarded by apply.
+	// write serializes the writer's group writes and the retention pass,
+	// which both write rows and presence.
+	write sync.Mutex
+	// presence caches presence bitmaps for the writer; guarded by write.
 	presence presence
+	// orphans holds the cells of groups the writer wrote nothing of, their
+	// rows being past every retention, for the next retention pass;
+	// guarded by write.
+	orphans map[*cellDict]*roaring.Bitmap
+	// writer writes the head's groups (write.go); its scratch space is
+	// guarded by write.
+	writer struct {
+		wake, stop, done chan struct{}
+		fine, coarse     denseRow
+		buf              []byte
+	}
 
 	// retention runs the periodic retention pass.
 	retention struct {
@@ -86,6 +113,7 @@ type resolution struct {
 // dictionaries of its cuboids.
 type familyState struct {
 	id  uint16
+	idx int // in the schema's order
 	fam *schema.Family
 	// cuboids is indexed by CuboidID.
 	cuboids []*cellDict
@@ -109,6 +137,9 @@ func Open(opts Options) (*DB, error) {
 		log:      opts.Logger,
 		families: make(map[string]*familyState, len(opts.Schema.Families)),
 		byID:     make(map[uint16]*familyState, len(opts.Schema.Families)),
+		head:     newHead(),
+		sources:  map[string]*source{},
+		orphans:  map[*cellDict]*roaring.Bitmap{},
 	}
 	for _, r := range opts.Schema.Resolutions {
 		db.res = append(db.res, resolution{
@@ -118,6 +149,7 @@ func Open(opts Options) (*DB, error) {
 			rowSpanMs:   r.RowSpan().Milliseconds(),
 			retentionMs: r.Retention.Milliseconds(),
 		})
+		db.maxRetentionMs = max(db.maxRetentionMs, r.Retention.Milliseconds())
 	}
 	m, err := newMetrics(opts.Registerer)
 	if err != nil {
@@ -137,17 +169,14 @@ func Open(opts Options) (*DB, error) {
 		m.unregister()
 		return nil, err
 	}
-	cuboids := 0
-	for _, fs := range db.families {
-		cuboids += len(fs.cuboids)
-	}
 	db.presence = presence{
 		// Four rows of every resolution and cuboid: the current row, the
 		// previous one for late deltas, and room for stragglers.
-		limit:  4 * len(db.res) * cuboids,
+		limit:  4 * len(db.res) * len(db.apply.counts),
 		cache:  map[presenceKey]*roaring.Bitmap{},
 		staged: map[presenceKey]*roaring.Bitmap{},
 	}
+	db.startWriter()
 	db.startRetention()
 	return db, nil
 }
@@ -174,8 +203,8 @@ func pebbleOptions(cache *pebble.Cache, log *slog.Logger) *pebble.Options {
 	return o
 }
 
-// load checks the format version, then loads the family and cell
-// dictionaries.
+// load checks the format version, loads the family and cell
+// dictionaries, then rebuilds the head from the staged batches.
 func (db *DB) load() error {
 	if err := db.checkFormat(); err != nil {
 		return err
@@ -183,7 +212,10 @@ func (db *DB) load() error {
 	if err := db.loadFamilies(); err != nil {
 		return err
 	}
-	return db.loadCells()
+	if err := db.loadCells(); err != nil {
+		return err
+	}
+	return db.loadHead()
 }
 
 func (db *DB) checkFormat() error {
@@ -214,6 +246,9 @@ func (db *DB) checkFormat() error {
 	got, n := binary.Uvarint(v)
 	if n <= 0 || n != len(v) {
 		return fmt.Errorf("%w: format record %x holds %x", ErrCorrupt, metaFormatKey, v)
+	}
+	if got == 2 {
+		return db.upgradeFrom2()
 	}
 	if got != formatVersion {
 		return fmt.Errorf("tsdb: %s has format version %d; this binary reads only version %d and has no migration from it: start from an empty directory (docs/format/tsdb.md)", db.opts.Dir, got, formatVersion)
@@ -287,10 +322,13 @@ func (db *DB) loadFamilies() error {
 			db.log.Info("added family", "family", fam.Name, "id", st.id)
 		}
 		cuboids := fam.Cuboids()
-		fs := &familyState{id: st.id, fam: fam, cuboids: make([]*cellDict, len(cuboids))}
+		fs := &familyState{id: st.id, idx: len(db.fams), fam: fam, cuboids: make([]*cellDict, len(cuboids))}
 		for _, c := range cuboids {
 			fs.cuboids[c.ID] = newCellDict(st.id, c)
 		}
+		db.cuboidBase = append(db.cuboidBase, len(db.apply.counts))
+		db.apply.counts = append(db.apply.counts, make([]int, len(cuboids))...)
+		db.fams = append(db.fams, fs)
 		db.families[fam.Name] = fs
 		db.byID[st.id] = fs
 	}
@@ -307,8 +345,15 @@ func (db *DB) loadFamilies() error {
 	return nil
 }
 
-// Close closes the store. Methods called afterwards return ErrClosed.
+// Close writes what the head holds, as Flush does, and closes the store.
+// Methods called afterwards return ErrClosed. If the head cannot be
+// written, its staged batches keep it for the next Open.
 func (db *DB) Close() error {
+	h := db.head
+	h.mu.Lock()
+	h.stopping = true // an Apply waiting for room gives up
+	h.cond.Broadcast()
+	h.mu.Unlock()
 	db.state.Lock()
 	if db.state.closed {
 		db.state.Unlock()
@@ -316,13 +361,19 @@ func (db *DB) Close() error {
 	}
 	db.state.closed = true
 	db.state.Unlock()
-	// A pass in flight finishes first; none starts after closed is set.
+	// A pass or a write in flight finishes first; none starts after closed
+	// is set.
 	db.stopRetention()
+	db.stopWriter()
+	flushErr := db.writeDue(true)
+	if flushErr != nil {
+		db.log.Error("cannot write the head at close; the next open replays it", "err", flushErr)
+	}
 	db.metrics.unregister()
 	if err := db.pdb.Close(); err != nil {
 		return fmt.Errorf("tsdb: cannot close pebble: %w", err)
 	}
-	return nil
+	return flushErr
 }
 
 // pebbleLogger bridges Pebble's printf-style logger into slog.

@@ -100,13 +100,40 @@ func TestGolden(t *testing.T) {
 	line("presence key 10s row492887 fam1 cuboid15", presenceKey{10, 492887, 1, 15}.append(nil))
 	line("presence key 1h row-1 fam65535 c65535", presenceKey{3600, -1, 65535, 65535}.append(nil))
 	line("cell key fam1 cuboid15 cell42", appendCellKey(nil, 1, 15, 42))
-	line("idem time key 1700000000000 agg-1/7", appendIdemTimeKey(nil, 1700000000000, []byte("agg-1/7")))
-	line("idem key agg-1/7", appendIdemKey(nil, []byte("agg-1/7")))
+	line("source key agg-1", appendSourceKey(nil, "agg-1"))
+	line("staged key 7", stagedKey(7))
+	line("written key 10s row492887", writtenKey(10, 492887))
 	buf.WriteString("# values\n")
 	line("format record", binary.AppendUvarint(nil, formatVersion))
 	line("family record id1 requests", appendFamilyRecord(nil, 1, fam))
 	line("cell values dc1,,h1", appendCellValues(nil, []string{"dc1", "", "h1"}))
-	line("idem key record 1700000000000", binary.BigEndian.AppendUint64(nil, flipSign(1700000000000)))
+	src := &source{lastMS: 1700000000000}
+	for _, seq := range []uint64{3, 5, 64} {
+		src.seqs.Mark(seq)
+	}
+	line("source record 3,5,64", appendSource(nil, src))
+	if got, err := decodeSource(appendSource(nil, src)); err != nil || *got != *src {
+		t.Fatalf("source record: decoded %+v, %v", got, err)
+	}
+	staged := []headEntry{
+		{fi: 0, cuboid: 15, cell: 42, time: 1700000000000, sum: 3, count: 3},
+		{fi: 0, cuboid: 15, cell: 7, time: 1700000000000, sum: 12, count: 1},
+		{fi: 0, cuboid: 0, cell: 0, time: 1700000010000, sum: 0.5, count: 2},
+	}
+	b := appendStaged(nil, staged, func(uint16) uint16 { return 1 })
+	line("staged batch of 3 deltas", b)
+	back, err := decodeStaged(nil, b)
+	if err != nil || len(back) != len(staged) {
+		t.Fatalf("staged batch: decoded %+v, %v", back, err)
+	}
+	for i, e := range back {
+		if w := staged[i]; e != (stagedEntry{fam: 1, cuboid: w.cuboid, cell: w.cell, time: w.time, sum: w.sum, count: w.count}) {
+			t.Fatalf("staged entry %d: %+v, want %+v", i, e, w)
+		}
+	}
+	line("written mark 7", binary.AppendUvarint(nil, 7))
+	head := appendHeadEntry(appendHeadEntry(nil, 3, 4, 4), 359, 1e300, 1)
+	line("head entries slot 3 (4,4), 359 (1e300,1)", head)
 	for _, g := range goldenBitmaps {
 		b := appendBitmap(nil, roaring.BitmapOf(g.ids...))
 		line("bitmap "+g.name, b)

@@ -241,7 +241,7 @@ families:
 			deltas = append(deltas, Delta{Family: "requests", Cuboid: finest, Values: []string{fmt.Sprintf("dc%d", h%10), fmt.Sprintf("host%05d", h), fmt.Sprintf("GET /api/%d", x)}, Time: testNow.UnixMilli(), Sum: 1, Count: 1})
 		}
 		if len(deltas) >= 100000 {
-			if _, err := db.Apply(nil, 0, deltas); err != nil {
+			if _, err := db.Apply(BatchID{}, deltas); err != nil {
 				b.Fatal(err)
 			}
 			deltas = deltas[:0]

@@ -15,22 +15,29 @@ import (
 // Metadata sorts first so that Open's dictionary scans touch only the head of
 // the key space; data, the bulk, comes last.
 const (
-	prefixMeta     byte = 0x00 // 0x00 | name → value
-	prefixFamily   byte = 0x01 // 0x01 | family name → family ID | kind | dimensions
-	prefixCell     byte = 0x02 // 0x02 | family ID | cuboid | cell ID → cell values
+	prefixMeta   byte = 0x00 // 0x00 | name → value
+	prefixFamily byte = 0x01 // 0x01 | family name → family ID | kind | dimensions
+	prefixCell   byte = 0x02 // 0x02 | family ID | cuboid | cell ID → cell values
+	// 0x03 and 0x04 held version 2's idempotency keys, one pair a batch;
+	// Open folds them into source records (0x07) when it upgrades a store.
 	prefixIdemTime byte = 0x03 // 0x03 | keyTime | idempotency key → empty
 	prefixIdemKey  byte = 0x04 // 0x04 | idempotency key → keyTime
 	// 0x05 is unused: early builds of version 2 stored postings there,
 	// which Open now builds from the cell dictionary; never reuse it.
 	prefixPresence byte = 0x06 // 0x06 | step | row | family ID | cuboid → cell IDs
+	prefixSource   byte = 0x07 // 0x07 | source → the batch sequences applied from it
+	prefixStaged   byte = 0x08 // 0x08 | sequence → a batch held in the head
+	prefixWritten  byte = 0x09 // 0x09 | step | row → the highest staged sequence written in it
 	prefixData     byte = 0x10 // 0x10 | step | row | family ID | cuboid | cell ID → row value
 )
 
 // formatVersion is the version of the layout described in
-// docs/format/tsdb.md. Open writes it into an empty store and refuses any
-// other value, so that a binary never misreads a layout it does not know.
-// Version 1 ordered data keys cell-major and had no postings or presence.
-const formatVersion = 2
+// docs/format/tsdb.md. Open writes it into an empty store, upgrades a store
+// of version 2 and refuses any other value, so that a binary never misreads
+// a layout it does not know. Version 1 ordered data keys cell-major and had
+// no postings or presence; version 2 wrote every batch into the rows at
+// once and kept an idempotency key pair a batch.
+const formatVersion = 3
 
 // metaFormatKey is the key of the format-version record.
 var metaFormatKey = []byte{prefixMeta, 'f', 'o', 'r', 'm', 'a', 't'}
@@ -160,20 +167,41 @@ func parseCellKey(k []byte) (fam uint16, cuboid schema.CuboidID, cell uint32, er
 	return binary.BigEndian.Uint16(k[1:3]), schema.CuboidID(binary.BigEndian.Uint16(k[3:5])), binary.BigEndian.Uint32(k[5:9]), nil
 }
 
-// appendIdemTimeKey appends the key that orders idempotency records by the
-// time they belong to, so that forgetting old keys is one range deletion.
-func appendIdemTimeKey(dst []byte, keyTime int64, key []byte) []byte {
-	dst = append(dst, prefixIdemTime)
-	dst = binary.BigEndian.AppendUint64(dst, flipSign(keyTime))
-	return append(dst, key...)
+// appendSourceKey appends the key of a source's record.
+func appendSourceKey(dst []byte, source string) []byte {
+	dst = append(dst, prefixSource)
+	return append(dst, source...)
 }
 
-// appendIdemKey appends the key under which an idempotency key is looked up.
-// It exists next to the time-ordered record because a retry is recognised by
-// its key alone, whatever keyTime the caller passes with it.
-func appendIdemKey(dst []byte, key []byte) []byte {
-	dst = append(dst, prefixIdemKey)
-	return append(dst, key...)
+// stagedKeyLen is the length of a staged batch's key.
+const stagedKeyLen = 1 + 8
+
+// stagedKey is the key of the staged batch of sequence seq. Sequences are
+// big-endian, so the staged batches sort in the order they were applied.
+func stagedKey(seq uint64) []byte {
+	return binary.BigEndian.AppendUint64([]byte{prefixStaged}, seq)
+}
+
+// parseStagedKey reads the sequence of a staged batch's key.
+func parseStagedKey(k []byte) (uint64, error) {
+	if len(k) != stagedKeyLen || k[0] != prefixStaged {
+		return 0, malformedKey("staged batch key", k)
+	}
+	return binary.BigEndian.Uint64(k[1:]), nil
+}
+
+// writtenKey is the key of the written mark of one row of the finest
+// resolution: the data key's first 13 bytes under its own prefix.
+func writtenKey(stepSec uint32, row int64) []byte {
+	return appendRowBound(nil, prefixWritten, stepSec, row)
+}
+
+// parseWrittenKey reads a written mark's key.
+func parseWrittenKey(k []byte) (stepSec uint32, row int64, err error) {
+	if len(k) != 1+4+8 || k[0] != prefixWritten {
+		return 0, 0, malformedKey("written mark key", k)
+	}
+	return binary.BigEndian.Uint32(k[1:5]), unflipSign(binary.BigEndian.Uint64(k[5:13])), nil
 }
 
 // appendCellValues appends the encoding of a cell's label values: a uvarint

@@ -20,12 +20,21 @@ type metrics struct {
 	corruptions    prometheus.Counter
 	applyDurations prometheus.Histogram
 
+	beyondDedupe     prometheus.Counter
+	applyWaits       prometheus.Counter
+	applyWaitSeconds prometheus.Counter
+	stagedBytes      prometheus.Counter
+	headBytes        prometheus.Gauge
+	groupsWritten    *prometheus.CounterVec
+	writeErrors      prometheus.Counter
+	writeDurations   prometheus.Histogram
+
 	retentionPasses    prometheus.Counter
 	retentionErrors    prometheus.Counter
 	retentionDurations prometheus.Histogram
 	rowsDeleted        prometheus.Counter
 	cellsForgotten     prometheus.Counter
-	idempotencyPruned  prometheus.Counter
+	sourcesForgotten   prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
@@ -44,16 +53,16 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Help: "Batches refused for bad input or failed to commit.",
 		}),
 		deltas: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "dimsum_tsdb_cell_steps_written_total",
-			Help: "Cell-steps written, counted once per resolution.",
+			Name: "dimsum_tsdb_deltas_applied_total",
+			Help: "Deltas (cell-steps of a partial cube) added to the head.",
 		}),
 		expired: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "dimsum_tsdb_cell_steps_expired_total",
-			Help: "Cell-steps skipped because they were older than the retention of their resolution, counted once per resolution.",
+			Name: "dimsum_tsdb_deltas_expired_total",
+			Help: "Deltas skipped because they were older than the longest retention.",
 		}),
 		operands: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "dimsum_tsdb_merge_operands_written_total",
-			Help: "Row merge operands written; each folds the cell-steps of one batch that fall in one row.",
+			Help: "Row merge operands written by the writer: one per cell and resolution of each group written.",
 		}),
 		cellsCreated: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "dimsum_tsdb_cells_created_total",
@@ -72,6 +81,39 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Help:    "Time an Apply takes, including the wait for the fsync.",
 			Buckets: prometheus.ExponentialBuckets(0.0001, 4, 10),
 		}),
+		beyondDedupe: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "dimsum_tsdb_batches_beyond_dedupe_window_total",
+			Help: "Batches applied though their sequence was too far behind their source's newest to tell whether they were retries.",
+		}),
+		applyWaits: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "dimsum_tsdb_apply_waits_total",
+			Help: "Applies that waited because the head held more than its limit (head_max_bytes).",
+		}),
+		applyWaitSeconds: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "dimsum_tsdb_apply_wait_seconds_total",
+			Help: "Time Applies spent waiting for room in the head.",
+		}),
+		stagedBytes: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "dimsum_tsdb_staged_bytes_total",
+			Help: "Bytes of staged batches written: the head's log.",
+		}),
+		headBytes: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "dimsum_tsdb_head_bytes",
+			Help: "Memory the head's open rows hold.",
+		}),
+		groupsWritten: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "dimsum_tsdb_head_groups_written_total",
+			Help: "Groups (every cell of one row of the finest resolution) the writer wrote, by reason: closed (the row's span ended), memory (the head held too much), flush (Flush or Close), retry (an earlier attempt failed).",
+		}, []string{"reason"}),
+		writeErrors: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "dimsum_tsdb_head_write_errors_total",
+			Help: "Group writes that failed; the group stays in the head and is retried.",
+		}),
+		writeDurations: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "dimsum_tsdb_head_write_duration_seconds",
+			Help:    "Time the writer takes to encode and commit one group.",
+			Buckets: prometheus.ExponentialBuckets(0.0001, 4, 10),
+		}),
 		retentionPasses: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "dimsum_tsdb_retention_passes_total",
 			Help: "Retention passes completed.",
@@ -82,7 +124,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		}),
 		retentionDurations: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name:    "dimsum_tsdb_retention_duration_seconds",
-			Help:    "Time a retention pass takes, during which Apply waits.",
+			Help:    "Time a retention pass takes, during which Apply and the writer wait.",
 			Buckets: prometheus.ExponentialBuckets(0.001, 4, 10),
 		}),
 		rowsDeleted: prometheus.NewCounter(prometheus.CounterOpts{
@@ -93,16 +135,18 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Name: "dimsum_tsdb_cells_forgotten_total",
 			Help: "Cells removed from the dictionaries and postings because retention left them no data.",
 		}),
-		idempotencyPruned: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "dimsum_tsdb_idempotency_keys_pruned_total",
-			Help: "Idempotency keys forgotten because they are older than the idempotency horizon.",
+		sourcesForgotten: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "dimsum_tsdb_sources_forgotten_total",
+			Help: "Source records forgotten because their source applied nothing for the idempotency horizon.",
 		}),
 	}
 	m.collectors = []prometheus.Collector{
 		m.applies, m.duplicates, m.applyErrors, m.deltas, m.expired, m.operands,
 		m.cellsCreated, m.cells, m.corruptions, m.applyDurations,
+		m.beyondDedupe, m.applyWaits, m.applyWaitSeconds, m.stagedBytes, m.headBytes,
+		m.groupsWritten, m.writeErrors, m.writeDurations,
 		m.retentionPasses, m.retentionErrors, m.retentionDurations, m.rowsDeleted,
-		m.cellsForgotten, m.idempotencyPruned,
+		m.cellsForgotten, m.sourcesForgotten,
 	}
 	if reg == nil {
 		return m, nil

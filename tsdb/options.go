@@ -19,6 +19,14 @@ const DefaultCacheSize = 64 << 20
 // Options.RetentionInterval is zero.
 const DefaultRetentionInterval = 10 * time.Minute
 
+// DefaultHeadMaxBytes is the head's memory bound when Options.HeadMaxBytes
+// is zero.
+const DefaultHeadMaxBytes = 256 << 20
+
+// DefaultHeadHold is how long a row stays open after its span ends when
+// Options.HeadHold is zero.
+const DefaultHeadHold = time.Minute
+
 // Options configure a DB. The zero value plus Dir and Schema works: call
 // EnsureDefaults (Open does) and Validate.
 type Options struct {
@@ -62,11 +70,31 @@ type Options struct {
 	// 10 minutes. A negative value disables the periodic pass.
 	RetentionInterval time.Duration
 
-	// IdempotencyHorizon is how long an idempotency key is remembered,
-	// counted from its keyTime: a batch retried later than that is applied
-	// again. The default, zero, is the longest retention of the schema,
-	// beyond which a retried batch's data would be dropped anyway.
+	// IdempotencyHorizon is how long the store remembers a source of
+	// batches (Apply's BatchID) that applies nothing: a batch it retries
+	// later than that is applied again. A source costs about 150 bytes,
+	// whatever it sends. The default, zero, is the longest retention of the
+	// schema, beyond which a retried batch's data would be dropped anyway.
 	IdempotencyHorizon time.Duration
+
+	// HeadMaxBytes bounds the memory of the head, the rows of the finest
+	// resolution still open (docs/format/tsdb.md, "The head"). Past three
+	// quarters of it the writer writes the oldest rows before their span
+	// ends, as merge operands that later writes add to; past all of it
+	// Apply waits for the writer, which slows the aggregators' flushes to
+	// the pace the disk takes. A row of one cell costs about 4 bytes a step
+	// with data plus 24, so the default, 256 MiB, holds an hour of 10s steps
+	// for about 180,000 cells, or an hour of one step a minute for about a
+	// million.
+	HeadMaxBytes int64
+
+	// HeadHold is how long a row of the finest resolution stays open after
+	// its span ended, for the partial cubes of that span still on their way
+	// (windows flushed late, retries): it is written once a delta at least
+	// HeadHold newer than its end arrived, or, when nothing arrives, HeadHold
+	// after its end by the wall clock. A delta for a written row opens it
+	// again, and its next write adds to the first. The default is 1m.
+	HeadHold time.Duration
 
 	// now returns the current time; tests set it to pin retention. The
 	// default is time.Now.
@@ -86,6 +114,12 @@ func (o *Options) EnsureDefaults() {
 	}
 	if o.RetentionInterval == 0 {
 		o.RetentionInterval = DefaultRetentionInterval
+	}
+	if o.HeadMaxBytes == 0 {
+		o.HeadMaxBytes = DefaultHeadMaxBytes
+	}
+	if o.HeadHold == 0 {
+		o.HeadHold = DefaultHeadHold
 	}
 	if o.IdempotencyHorizon == 0 && o.Schema != nil {
 		for _, r := range o.Schema.Resolutions {
@@ -109,6 +143,10 @@ func (o *Options) Validate() error {
 		return fmt.Errorf("tsdb: Options.CacheSize is %d, must not be negative", o.CacheSize)
 	case o.IdempotencyHorizon < 0:
 		return fmt.Errorf("tsdb: Options.IdempotencyHorizon is %v, must not be negative", o.IdempotencyHorizon)
+	case o.HeadMaxBytes < 0:
+		return fmt.Errorf("tsdb: Options.HeadMaxBytes is %d, must not be negative", o.HeadMaxBytes)
+	case o.HeadHold < 0:
+		return fmt.Errorf("tsdb: Options.HeadHold is %v, must not be negative", o.HeadHold)
 	}
 	for _, r := range o.Schema.Resolutions {
 		if r.Step < time.Second || r.Step%time.Second != 0 || r.Step/time.Second > math.MaxUint32 {

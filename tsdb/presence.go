@@ -11,16 +11,17 @@ import (
 )
 
 // Presence bitmaps (prefix 0x06) record, per (resolution, row, family,
-// cuboid), the cells that have data in that row. Apply writes them in the
-// batch that writes the data; the retention pass deletes them with their
+// cuboid), the cells that have data in that row. The writer writes them in
+// the batch that writes the rows; the retention pass deletes them with their
 // rows, and learns from them, without reading data, which cells have no data
 // left; the label API learns from them which cells have data in a time
 // range.
 
-// presence is Apply's cache of presence bitmaps, so that a batch whose cells
-// already have data in their rows (the steady state: every window but the
-// first of a row) reads and writes none. It holds at most limit bitmaps,
-// which bounds its memory whatever the time range stored.
+// presence is the writer's cache of presence bitmaps, so that a row whose
+// cells already have data (a row written again for late deltas, a coarse
+// row the next group adds to) costs no read. It holds at most limit
+// bitmaps, which bounds its memory whatever the time range stored. The
+// writer and the retention pass own it, under DB.write.
 type presence struct {
 	limit  int
 	cache  map[presenceKey]*roaring.Bitmap
@@ -29,42 +30,24 @@ type presence struct {
 	key    []byte
 }
 
-// stage adds to b the presence of the cells of sorted entries: for each
-// row, the bitmap gains the cells it lacks, and is rewritten whole.
-func (db *DB) stagePresence(b *pebble.Batch, entries []entry) error {
+// stagePresence adds to b the presence of cells in the row pk: when the
+// bitmap lacks some of them, it is rewritten whole with them.
+func (db *DB) stagePresence(b *pebble.Batch, pk presenceKey, cells *roaring.Bitmap) error {
 	p := &db.presence
-	for i := 0; i < len(entries); {
-		pk := presenceOf(&entries[i].key)
-		j := i
-		for j < len(entries) && presenceOf(&entries[j].key) == pk {
-			j++
-		}
-		cur, err := db.presenceList(pk)
-		if err != nil {
-			return err
-		}
-		var next *roaring.Bitmap
-		for _, e := range entries[i:j] {
-			cell := e.cell()
-			if cur.Contains(cell) {
-				continue
-			}
-			if next == nil {
-				next = cur.Clone()
-			}
-			next.Add(cell)
-		}
-		i = j
-		if next == nil {
-			continue
-		}
-		p.key = pk.append(p.key[:0])
-		p.val = appendBitmap(p.val[:0], next)
-		if err := b.Set(p.key, p.val, nil); err != nil {
-			return fmt.Errorf("tsdb: cannot add presence to batch: %w", err)
-		}
-		p.staged[pk] = next
+	cur, err := db.presenceList(pk)
+	if err != nil {
+		return err
 	}
+	if roaring.AndNot(cells, cur).IsEmpty() {
+		return nil
+	}
+	next := roaring.Or(cur, cells)
+	p.key = pk.append(p.key[:0])
+	p.val = appendBitmap(p.val[:0], next)
+	if err := b.Set(p.key, p.val, nil); err != nil {
+		return fmt.Errorf("tsdb: cannot add presence to batch: %w", err)
+	}
+	p.staged[pk] = next
 	return nil
 }
 
@@ -111,7 +94,7 @@ func (db *DB) decodePresence(key, v []byte) (*roaring.Bitmap, error) {
 func (p *presence) remember(pk presenceKey, l *roaring.Bitmap) {
 	if len(p.cache) >= p.limit {
 		// Rows are written in time order, give or take late deltas: what
-		// the cache held is mostly rows no batch will touch again.
+		// the cache held is mostly rows no group will touch again.
 		clear(p.cache)
 	}
 	p.cache[pk] = l
@@ -148,6 +131,17 @@ func (db *DB) cellsWithData(r resolution, fam uint16, cuboid schema.CuboidID, mi
 		return nil, err
 	}
 	return roaring.FastOr(lists...), nil
+}
+
+// heldCells returns the cells of d's cuboid that the head holds data of in
+// a row of the finest resolution overlapping [mint, maxt].
+func (db *DB) heldCells(d *cellDict, mint, maxt int64) *roaring.Bitmap {
+	fine := db.res[0]
+	h := db.head
+	h.mu.Lock()
+	v := h.viewLocked(db.byID[d.fam].idx, d.cuboid, fine.Row(mint), fine.Row(maxt), nil)
+	h.mu.Unlock()
+	return roaring.BitmapOf(v.cellIDs()...)
 }
 
 // rangeResolution picks the resolution whose presence answers "which cells

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"math"
 	"slices"
+	"sync"
 
 	"github.com/RoaringBitmap/roaring/v2"
 	"github.com/cockroachdb/pebble/v2"
@@ -115,10 +116,14 @@ func (db *DB) selectCells(family string, cuboid schema.CuboidID, mint, maxt int6
 	}
 	var inRange *roaring.Bitmap
 	if !fullRange(mint, maxt) {
+		// The head first: a group written in between is then in the
+		// presence read after.
+		held := db.heldCells(d, mint, maxt)
 		r := db.rangeResolution(db.opts.now().UnixMilli(), mint)
 		if inRange, err = db.cellsWithData(r, d.fam, cuboid, mint, maxt); err != nil {
 			return err
 		}
+		inRange.Or(held)
 	}
 	d.mu.RLock()
 	defer d.mu.RUnlock()
@@ -159,7 +164,11 @@ func (db *DB) Steps(res int, family string, cuboid schema.CuboidID, cell uint32,
 		return dst, nil
 	}
 	cells := [1]uint32{cell}
-	dst, err = db.seekRows(r, d, cells[:], mint, maxt, dst, nil)
+	view, iter, err := db.snapshot(r, d, cells[:], mint, maxt, cellRowBounds(r, d, cells[:], mint, maxt))
+	if err != nil {
+		return dst, db.readError(err)
+	}
+	dst, err = db.seekRows(iter, r, d, cells[:], mint, maxt, &view, dst, nil)
 	if err != nil {
 		return dst, db.readError(err)
 	}
@@ -180,7 +189,8 @@ func (db *DB) Steps(res int, family string, cuboid schema.CuboidID, cell uint32,
 // one cursor per stored row and merges them by cell, so a short range over
 // many cells reads contiguous keys with no seek, a long range over a few
 // cells costs one seek per row per cell, and neither buffers more than one
-// cell's steps.
+// cell's steps. The head's rows (not yet written) add to the stored ones,
+// rolled up to the resolution read.
 func (db *DB) Scan(res int, family string, cuboid schema.CuboidID, cells []uint32, mint, maxt int64, fn func(cell uint32, steps []Step) error) error {
 	db.state.RLock()
 	defer db.state.RUnlock()
@@ -210,15 +220,54 @@ func (db *DB) scan(r resolution, d *cellDict, cells []uint32, mint, maxt int64, 
 	}
 	var err error
 	if cells != nil && len(cells) <= seekCells {
-		_, err = db.seekRows(r, d, cells, mint, maxt, nil, fn)
+		view, iter, serr := db.snapshot(r, d, cells, mint, maxt, cellRowBounds(r, d, cells, mint, maxt))
+		if serr != nil {
+			return db.readError(serr)
+		}
+		_, err = db.seekRows(iter, r, d, cells, mint, maxt, &view, nil, fn)
 	} else {
-		cs, oerr := db.openCursors(r, d, mint, maxt)
+		view, probe, serr := db.snapshot(r, d, cells, mint, maxt, dataBounds(
+			makeDataKey(r.stepSec, r.Row(mint), d.fam, d.cuboid, 0),
+			makeDataKey(r.stepSec, r.Row(maxt), d.fam, d.cuboid, math.MaxUint32)))
+		if serr != nil {
+			return db.readError(serr)
+		}
+		cs, oerr := db.openCursors(probe, r, d, mint, maxt)
 		if oerr == nil {
-			oerr = cs.merge(r, cells, mint, maxt, fn)
+			oerr = cs.merge(db.res[0], r, cells, mint, maxt, &view, fn)
 		}
 		err = errors.Join(oerr, cs.close())
 	}
 	return db.readError(err)
+}
+
+// snapshot returns the head's view of d's cuboid over the steps of r in
+// [mint, maxt], of the listed cells (all when nil), and an iterator with
+// bounds, taken together under the head's lock once no group of the range
+// is being committed: every delta is then in exactly one of the two.
+func (db *DB) snapshot(r resolution, d *cellDict, cells []uint32, mint, maxt int64, bounds *pebble.IterOptions) (headView, *pebble.Iterator, error) {
+	fine := db.res[0]
+	first, last := fine.Row(mint), fine.Row(maxt)
+	if maxt <= math.MaxInt64-r.stepMs {
+		last = fine.Row(maxt + r.stepMs - 1) // the fine steps of the last step of r
+	}
+	h := db.head
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.waitLocked(first, last)
+	iter, err := db.pdb.NewIter(bounds)
+	if err != nil {
+		return headView{}, nil, err
+	}
+	return h.viewLocked(db.byID[d.fam].idx, d.cuboid, first, last, cells), iter, nil
+}
+
+// cellRowBounds are the bounds of the data keys of sorted cells in the rows
+// of r over [mint, maxt].
+func cellRowBounds(r resolution, d *cellDict, cells []uint32, mint, maxt int64) *pebble.IterOptions {
+	return dataBounds(
+		makeDataKey(r.stepSec, r.Row(mint), d.fam, d.cuboid, cells[0]),
+		makeDataKey(r.stepSec, r.Row(maxt), d.fam, d.cuboid, cells[len(cells)-1]))
 }
 
 // readError wraps a read's error, counting corruption.
@@ -237,19 +286,16 @@ func (db *DB) readError(err error) error {
 // cursor costs an iterator, worth it only when it serves many cells.
 const seekCells = 32
 
-// seekRows reads cells one after the other: for each, one seek per stored
-// row of the range, skipping rows without data by the seeks themselves. It
-// appends each cell's steps to buf and passes them to fn, then reuses that
-// part of buf; with fn nil it keeps every step in buf, which it returns.
-func (db *DB) seekRows(r resolution, d *cellDict, cells []uint32, mint, maxt int64, buf []Step, fn func(cell uint32, steps []Step) error) ([]Step, error) {
+// seekRows reads cells one after the other with iter: for each, one seek
+// per stored row of the range, skipping rows without data by the seeks
+// themselves, plus what the head holds of it. It appends each cell's steps
+// to buf and passes them to fn, then reuses that part of buf; with fn nil
+// it keeps every step in buf, which it returns. It closes iter.
+func (db *DB) seekRows(iter *pebble.Iterator, r resolution, d *cellDict, cells []uint32, mint, maxt int64, view *headView, buf []Step, fn func(cell uint32, steps []Step) error) ([]Step, error) {
 	first, last := r.Row(mint), r.Row(maxt)
-	iter, err := db.pdb.NewIter(dataBounds(
-		makeDataKey(r.stepSec, first, d.fam, d.cuboid, cells[0]),
-		makeDataKey(r.stepSec, last, d.fam, d.cuboid, cells[len(cells)-1])))
-	if err != nil {
-		return buf, err
-	}
 	var dec rowDecoder
+	var hs headSteps
+	defer hs.release()
 	for _, cell := range cells {
 		n := len(buf)
 		for row := first; row <= last; {
@@ -278,6 +324,7 @@ func (db *DB) seekRows(r resolution, d *cellDict, cells []uint32, mint, maxt int
 		if err := iter.Error(); err != nil {
 			return buf, errors.Join(err, iter.Close())
 		}
+		buf = hs.add(db.res[0], r, view, cell, mint, maxt, buf, n)
 		if fn != nil && len(buf) > n {
 			if err := fn(cell, buf[n:]); err != nil {
 				return buf, errors.Join(err, iter.Close())
@@ -286,6 +333,39 @@ func (db *DB) seekRows(r resolution, d *cellDict, cells []uint32, mint, maxt int
 		}
 	}
 	return buf, iter.Close()
+}
+
+// headSteps is a read's scratch space for adding the head's steps of a cell
+// to its stored ones.
+type headSteps struct {
+	rows   *[2]denseRow
+	steps  []Step
+	merged []Step
+}
+
+var headRowPool = sync.Pool{New: func() any { return new([2]denseRow) }}
+
+// add adds the head's steps of cell to buf[from:], the cell's stored steps
+// (ascending), and returns buf.
+func (hs *headSteps) add(fine, r resolution, view *headView, cell uint32, mint, maxt int64, buf []Step, from int) []Step {
+	if len(view.groups) == 0 {
+		return buf
+	}
+	if hs.rows == nil {
+		hs.rows = headRowPool.Get().(*[2]denseRow)
+	}
+	hs.steps = view.steps(fine, r, cell, mint, maxt, &hs.rows[0], &hs.rows[1], hs.steps[:0])
+	if len(hs.steps) == 0 {
+		return buf
+	}
+	hs.merged = mergeSteps(hs.merged[:0], buf[from:], hs.steps)
+	return append(buf[:from], hs.merged...)
+}
+
+func (hs *headSteps) release() {
+	if hs.rows != nil {
+		headRowPool.Put(hs.rows)
+	}
 }
 
 // dataBounds returns the iterator bounds of the data keys from lo to hi,
@@ -334,16 +414,11 @@ type cursors struct {
 }
 
 // openCursors opens a cursor on each row of [mint, maxt] that holds data
-// of the cuboid, found by seeking from row to row.
-func (db *DB) openCursors(r resolution, d *cellDict, mint, maxt int64) (*cursors, error) {
+// of the cuboid, found by seeking from row to row with probe, which it
+// closes; each cursor is a clone of it, with the same view of the store.
+func (db *DB) openCursors(probe *pebble.Iterator, r resolution, d *cellDict, mint, maxt int64) (*cursors, error) {
 	cs := &cursors{fam: d.fam, cuboid: d.cuboid, stepS: r.stepSec}
 	first, last := r.Row(mint), r.Row(maxt)
-	probe, err := db.pdb.NewIter(dataBounds(
-		makeDataKey(r.stepSec, first, d.fam, d.cuboid, 0),
-		makeDataKey(r.stepSec, last, d.fam, d.cuboid, math.MaxUint32)))
-	if err != nil {
-		return cs, err
-	}
 	for row := first; row <= last; {
 		seek := makeDataKey(r.stepSec, row, d.fam, d.cuboid, 0)
 		if !probe.SeekGE(seek[:]) {
@@ -390,10 +465,17 @@ func (c *cursor) set(valid bool) {
 }
 
 // merge walks the cursors by cell: the listed cells, or every cell a
-// cursor holds when cells is nil.
-func (cs *cursors) merge(r resolution, cells []uint32, mint, maxt int64, fn func(cell uint32, steps []Step) error) error {
+// cursor or the head's view holds when cells is nil. The head's steps add
+// to the stored ones.
+func (cs *cursors) merge(fine, r resolution, cells []uint32, mint, maxt int64, view *headView, fn func(cell uint32, steps []Step) error) error {
 	var steps []Step
 	var dec rowDecoder
+	var hs headSteps
+	defer hs.release()
+	var held []uint32 // cells the head holds, when walking every cell
+	if cells == nil {
+		held = view.cellIDs()
+	}
 	for i := 0; ; i++ {
 		var cell uint32
 		if cells != nil {
@@ -402,7 +484,10 @@ func (cs *cursors) merge(r resolution, cells []uint32, mint, maxt int64, fn func
 			}
 			cell = cells[i]
 		} else {
-			found := false
+			found := len(held) > 0
+			if found {
+				cell = held[0]
+			}
 			for _, c := range cs.list {
 				if c.valid && (!found || c.cell < cell) {
 					cell, found = c.cell, true
@@ -410,6 +495,9 @@ func (cs *cursors) merge(r resolution, cells []uint32, mint, maxt int64, fn func
 			}
 			if !found {
 				return nil
+			}
+			if len(held) > 0 && held[0] == cell {
+				held = held[1:]
 			}
 		}
 		steps = steps[:0]
@@ -441,6 +529,7 @@ func (cs *cursors) merge(r resolution, cells []uint32, mint, maxt int64, fn func
 				return c.err
 			}
 		}
+		steps = hs.add(fine, r, view, cell, mint, maxt, steps, 0)
 		if len(steps) > 0 {
 			if err := fn(cell, steps); err != nil {
 				return err

@@ -22,8 +22,8 @@ type RetentionStats struct {
 	// Cells is the number of cells forgotten because no resolution holds
 	// data of theirs any more.
 	Cells int
-	// IdempotencyKeys is the number of idempotency keys forgotten.
-	IdempotencyKeys int
+	// Sources is the number of sources of batches forgotten.
+	Sources int
 }
 
 // RunRetention runs one retention pass now; Open also runs one every
@@ -39,15 +39,18 @@ type RetentionStats struct {
 //   - deletes every row of a resolution that is no longer in the schema,
 //     the same way: removing a resolution from the schema drops its data at
 //     the next pass;
-//   - forgets idempotency keys whose keyTime is older than now minus
+//   - forgets the sources that applied nothing for
 //     Options.IdempotencyHorizon.
 //
-// Apply waits while a pass runs; reads do not. Reads never return steps
-// older than retention, pass or no pass.
+// A cell with data in the head is live, whatever presence says. Apply and
+// the writer wait while a pass runs; reads do not. Reads never return
+// steps older than retention, pass or no pass.
 func (db *DB) RunRetention() (st RetentionStats, err error) {
 	start := time.Now()
 	db.apply.Lock()
 	defer db.apply.Unlock()
+	db.write.Lock()
+	defer db.write.Unlock()
 	db.state.RLock()
 	defer db.state.RUnlock()
 	if db.state.closed {
@@ -63,9 +66,9 @@ func (db *DB) RunRetention() (st RetentionStats, err error) {
 		db.metrics.retentionDurations.Observe(d.Seconds())
 		db.metrics.rowsDeleted.Add(float64(st.Rows))
 		db.metrics.cellsForgotten.Add(float64(st.Cells))
-		db.metrics.idempotencyPruned.Add(float64(st.IdempotencyKeys))
+		db.metrics.sourcesForgotten.Add(float64(st.Sources))
 		db.metrics.cells.Sub(float64(st.Cells))
-		db.log.Info("retention pass", "rows", st.Rows, "cells_forgotten", st.Cells, "idempotency_keys", st.IdempotencyKeys, "duration", d)
+		db.log.Info("retention pass", "rows", st.Rows, "cells_forgotten", st.Cells, "sources_forgotten", st.Sources, "duration", d)
 	}()
 
 	now := db.opts.now().UnixMilli()
@@ -97,9 +100,17 @@ func (db *DB) RunRetention() (st RetentionStats, err error) {
 		db.log.Warn("deleting the rows of a resolution that is no longer in the schema", "step", time.Duration(step)*time.Second, "rows", n)
 		st.Rows += n
 	}
+	for d, o := range db.orphans {
+		if c := candidates[d]; c != nil {
+			c.Or(o)
+		} else {
+			candidates[d] = o
+		}
+	}
 	if err := db.keepLive(cut, candidates); err != nil {
 		return st, err
 	}
+	db.keepHeld(now, candidates)
 	for d, dead := range candidates {
 		dead.And(d.live) // presence names only committed cells; this makes sure
 		if dead.IsEmpty() {
@@ -111,7 +122,8 @@ func (db *DB) RunRetention() (st RetentionStats, err error) {
 		d.stage()
 		db.apply.touched = append(db.apply.touched, d)
 	}
-	if st.IdempotencyKeys, err = db.pruneIdempotency(b, now-db.opts.IdempotencyHorizon.Milliseconds()); err != nil {
+	quiet, err := db.pruneSources(b, now-db.opts.IdempotencyHorizon.Milliseconds())
+	if err != nil {
 		return st, err
 	}
 
@@ -119,6 +131,11 @@ func (db *DB) RunRetention() (st RetentionStats, err error) {
 		return st, fmt.Errorf("tsdb: cannot commit retention: %w", err)
 	}
 	_, st.Cells = db.publish()
+	clear(db.orphans)
+	for _, name := range quiet {
+		delete(db.sources, name)
+	}
+	st.Sources = len(quiet)
 	// The cache may hold bitmaps of deleted rows.
 	clear(db.presence.cache)
 	return st, nil
@@ -276,39 +293,45 @@ func (db *DB) eachPresence(lo, hi []byte, reverse bool, fn func(pk presenceKey, 
 	return nil
 }
 
-// pruneIdempotency adds to b the deletion of the idempotency keys whose
-// keyTime is before cutoff: one range deletion for the by-time records,
-// and a point deletion of each key's by-key record, found by scanning the
-// by-time records being deleted (and no others).
-func (db *DB) pruneIdempotency(b *pebble.Batch, cutoff int64) (int, error) {
-	lo := []byte{prefixIdemTime}
-	hi := appendIdemTimeKey(nil, cutoff, nil)
-	iter, err := db.pdb.NewIter(&pebble.IterOptions{LowerBound: lo, UpperBound: hi})
-	if err != nil {
-		return 0, fmt.Errorf("tsdb: cannot read idempotency keys: %w", err)
-	}
-	n := 0
-	var key []byte
-	for valid := iter.First(); valid; valid = iter.Next() {
-		k := iter.Key()
-		if len(k) < 1+8 {
-			return 0, errors.Join(malformedKey("idempotency key", k), iter.Close())
+// keepHeld removes from candidates every cell with data in the head that
+// some resolution still retains.
+func (db *DB) keepHeld(now int64, candidates map[*cellDict]*roaring.Bitmap) {
+	h := db.head
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	fine := db.res[0]
+	h.groups(func(g *group) {
+		if (g.row+1)*fine.rowSpanMs <= now-db.maxRetentionMs {
+			return // the writer will write none of it
 		}
-		key = appendIdemKey(key[:0], k[1+8:])
-		if err := b.Delete(key, nil); err != nil {
-			return 0, errors.Join(fmt.Errorf("tsdb: cannot add idempotency key removal to batch: %w", err), iter.Close())
+		for d, c := range candidates {
+			fs := db.byID[d.fam]
+			if fs == nil || g.fams[fs.idx] == nil || g.fams[fs.idx][d.cuboid] == nil {
+				continue
+			}
+			for id, b := range g.fams[fs.idx][d.cuboid].cells {
+				if len(b) > 0 {
+					c.Remove(uint32(id))
+				}
+			}
 		}
-		n++
-	}
-	if err := errors.Join(iter.Error(), iter.Close()); err != nil {
-		return 0, fmt.Errorf("tsdb: cannot read idempotency keys: %w", err)
-	}
-	if n > 0 {
-		if err := b.DeleteRange(lo, hi, nil); err != nil {
-			return 0, fmt.Errorf("tsdb: cannot add range deletion to batch: %w", err)
+	})
+}
+
+// pruneSources adds to b the deletion of the records of the sources that
+// applied nothing since cutoff, and returns their names.
+func (db *DB) pruneSources(b *pebble.Batch, cutoff int64) ([]string, error) {
+	var quiet []string
+	for name, s := range db.sources {
+		if s.lastMS >= cutoff {
+			continue
 		}
+		if err := b.Delete(appendSourceKey(nil, name), nil); err != nil {
+			return nil, fmt.Errorf("tsdb: cannot add a source record's removal to batch: %w", err)
+		}
+		quiet = append(quiet, name)
 	}
-	return n, nil
+	return quiet, nil
 }
 
 // dictByID returns the index of a cuboid of a family of the schema, or nil.

@@ -15,7 +15,7 @@ import (
 )
 
 // TestRetentionPass walks one cell through its life: written, expired at
-// the finer resolutions, forgotten, written again, and its idempotency key
+// the finer resolutions, forgotten, written again, and its source
 // forgotten, with the store reopened in between.
 func TestRetentionPass(t *testing.T) {
 	s := testSchema(t) // 1s:10h, 10s:2d, 1m:30d
@@ -32,14 +32,18 @@ func TestRetentionPass(t *testing.T) {
 	}
 	db := open()
 	defer func() { _ = db.Close() }()
-	apply := func(key string, keyTime int64, values ...string) bool {
+	apply := func(source string, values ...string) bool {
 		t.Helper()
 		var deltas []Delta
 		for _, v := range values {
 			deltas = append(deltas, Delta{Family: "errors", Cuboid: code, Values: []string{v}, Time: clock.UnixMilli(), Sum: 1, Count: 1})
 		}
-		applied, err := db.Apply([]byte(key), keyTime, deltas)
+		applied, err := db.Apply(BatchID{Source: source, Seq: 1}, deltas)
 		if err != nil {
+			t.Fatal(err)
+		}
+		// Written while fresh: the writer writes no row already expired.
+		if err := db.Flush(); err != nil {
 			t.Fatal(err)
 		}
 		return applied
@@ -73,9 +77,9 @@ func TestRetentionPass(t *testing.T) {
 		return st
 	}
 	start := clock.UnixMilli()
-	apply("k-old", start, "500", "502")
+	apply("k-old", "500", "502")
 	clock = clock.Add(20 * 24 * time.Hour)
-	apply("k-new", clock.UnixMilli(), "503")
+	apply("k-new", "503")
 	ids := cells()
 	if len(ids) != 3 {
 		t.Fatalf("cells %v", ids)
@@ -83,7 +87,7 @@ func TestRetentionPass(t *testing.T) {
 
 	// 20 days on, the old cells' 1s and 10s rows are gone, their 1m rows
 	// remain: they are still listed and readable at 1m.
-	if st := pass(); st.Rows != 2*1 || st.Cells != 0 || st.IdempotencyKeys != 0 {
+	if st := pass(); st.Rows != 2*1 || st.Cells != 0 || st.Sources != 0 {
 		t.Fatalf("first pass: %+v", st)
 	}
 	if got := cells(); len(got) != 3 {
@@ -97,10 +101,10 @@ func TestRetentionPass(t *testing.T) {
 	}
 
 	// 31 days after the old cells' data, their last rows go: the cells
-	// and their idempotency key are forgotten, through a reopen.
+	// and their source are forgotten, through a reopen.
 	clock = time.UnixMilli(start).Add(31 * 24 * time.Hour)
 	st := pass()
-	if st.Cells != 2 || st.IdempotencyKeys != 1 {
+	if st.Cells != 2 || st.Sources != 1 {
 		t.Fatalf("second pass: %+v", st)
 	}
 	closeTest(t, db)
@@ -115,9 +119,10 @@ func TestRetentionPass(t *testing.T) {
 	if got := testutil.ToFloat64(db.metrics.cells); got != 1 {
 		t.Fatalf("dimsum_tsdb_cells = %v, want 1", got)
 	}
-	// The forgotten key applies again; a new cell takes the lowest free ID.
-	if !apply("k-old", clock.UnixMilli(), "502", "504") {
-		t.Fatal("a forgotten idempotency key was refused")
+	// The forgotten source applies again; a new cell takes the lowest
+	// free ID.
+	if !apply("k-old", "502", "504") {
+		t.Fatal("a batch of a forgotten source was refused")
 	}
 	again := cells()
 	if len(again) != 3 || again["503"] != ids["503"] {
@@ -158,7 +163,7 @@ func TestRetentionLoop(t *testing.T) {
 	defer closeTest(t, db)
 	// Written when it was fresh; then the clock jumps 40 days, beyond
 	// every retention.
-	if _, err := db.Apply(nil, 0, []Delta{{Family: "errors", Cuboid: code, Values: []string{"500"}, Time: old.UnixMilli(), Sum: 1, Count: 1}}); err != nil {
+	if _, err := db.Apply(BatchID{}, []Delta{{Family: "errors", Cuboid: code, Values: []string{"500"}, Time: old.UnixMilli(), Sum: 1, Count: 1}}); err != nil {
 		t.Fatal(err)
 	}
 	clock.Store(testNow.UnixMilli())
@@ -192,10 +197,13 @@ func TestRetentionRemovedResolution(t *testing.T) {
 	now := func() time.Time { return clock }
 	db := openTestAt(t, dir, full, now)
 	code := cuboidOf(t, full, "errors", "code")
-	put := func(key, value string) {
+	put := func(source, value string) {
 		t.Helper()
 		d := []Delta{{Family: "errors", Cuboid: code, Values: []string{value}, Time: clock.UnixMilli(), Sum: 1, Count: 1}}
-		if _, err := db.Apply([]byte(key), clock.UnixMilli(), d); err != nil {
+		if _, err := db.Apply(BatchID{Source: source}, d); err != nil {
+			t.Fatal(err)
+		}
+		if err := db.Flush(); err != nil {
 			t.Fatal(err)
 		}
 	}

@@ -479,14 +479,30 @@ func (r *denseRow) addRow(b []byte) error {
 		if !ok {
 			return d.err
 		}
-		w, bit := slot/64, uint64(1)<<(slot%64)
-		if r.present[w]&bit == 0 {
-			r.present[w] |= bit
-			r.sum[slot] = sum
-			r.count[slot] = count
-		} else {
-			r.sum[slot] += sum
-			r.count[slot] += count
+		r.add(slot, sum, count)
+	}
+}
+
+// add adds one slot's sum and count to r.
+func (r *denseRow) add(slot int, sum float64, count uint64) {
+	w, bit := slot/64, uint64(1)<<(slot%64)
+	if r.present[w]&bit == 0 {
+		r.present[w] |= bit
+		r.sum[slot] = sum
+		r.count[slot] = count
+		return
+	}
+	r.sum[slot] += sum
+	r.count[slot] += count
+}
+
+// each calls fn with every present slot of r, ascending.
+func (r *denseRow) each(fn func(slot int, sum float64, count uint64)) {
+	for w, word := range r.present {
+		for word != 0 {
+			slot := w*64 + bits.TrailingZeros64(word)
+			word &= word - 1
+			fn(slot, r.sum[slot], r.count[slot])
 		}
 	}
 }

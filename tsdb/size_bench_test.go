@@ -87,7 +87,7 @@ families:
 			}
 		}
 		deltas = w.deltas(t, deltas[:0])
-		if _, err := db.Apply(nil, 0, deltas); err != nil {
+		if _, err := db.Apply(BatchID{}, deltas); err != nil {
 			b.Fatal(err)
 		}
 		stored += len(deltas)

@@ -55,7 +55,7 @@ families:
 	c := &cluster{t: b, schema: s, dirs: map[string]string{}, nodes: map[string]*node{}}
 	local := openDB(b, s, filepath.Join(root, "local"))
 	defer local.Close()
-	if _, err := local.Apply(nil, 0, deltas); err != nil {
+	if _, err := local.Apply(tsdb.BatchID{}, deltas); err != nil {
 		b.Fatal(err)
 	}
 	for i := range combiners {
@@ -70,7 +70,7 @@ families:
 				}
 			}
 		}
-		if _, err := db.Apply(nil, 0, mine); err != nil {
+		if _, err := db.Apply(tsdb.BatchID{}, mine); err != nil {
 			b.Fatal(err)
 		}
 		if err := db.Close(); err != nil {

@@ -186,7 +186,7 @@ func newWorld(t testing.TB, wrap map[string]func(*combiner.ReadServer) wirepb.Re
 	deltas := cube(s, now)
 	apply := func(db *tsdb.DB, ds []tsdb.Delta) {
 		for i := 0; i < len(ds); i += 4096 {
-			if _, err := db.Apply(nil, 0, ds[i:min(i+4096, len(ds))]); err != nil {
+			if _, err := db.Apply(tsdb.BatchID{}, ds[i:min(i+4096, len(ds))]); err != nil {
 				t.Fatal(err)
 			}
 		}

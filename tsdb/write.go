@@ -1,0 +1,340 @@
+package tsdb
+
+import (
+	"encoding/binary"
+	"fmt"
+	"time"
+
+	"github.com/RoaringBitmap/roaring/v2"
+	"github.com/cockroachdb/pebble/v2"
+
+	"github.com/dimsum/dimsum/schema"
+)
+
+// The writer writes the head's groups into Pebble (docs/format/tsdb.md,
+// "The head"): a group is due once its row of the finest resolution ended
+// more than Options.HeadHold before the newest delta applied, or before the
+// wall clock when no delta came for HeadHold; and, while the head holds
+// more than three quarters of Options.HeadMaxBytes, the oldest group is due
+// whatever its row. Writing a group is one Pebble batch: a merge operand for
+// each of its cells at every resolution that still retains its row, the
+// coarser ones rolled up from the finest, the presence bitmaps that gain
+// cells, the written mark of its row, and the deletion of the staged batches
+// no group needs any more.
+
+// writerInterval is how often the writer looks for due groups when no Apply
+// wakes it: groups fall due by the wall clock too.
+const writerInterval = time.Second
+
+// writeReason says why a group was written, for the metrics.
+type writeReason int
+
+const (
+	writeClosed writeReason = iota // its row's span ended
+	writeMemory                    // the head held too much
+	writeFlush                     // Flush or Close
+	writeRetry                     // an earlier write of it failed
+)
+
+var writeReasons = []string{"closed", "memory", "flush", "retry"}
+
+func (db *DB) startWriter() {
+	w := &db.writer
+	w.wake = make(chan struct{}, 1)
+	w.stop = make(chan struct{})
+	w.done = make(chan struct{})
+	go func() {
+		defer close(w.done)
+		t := time.NewTicker(writerInterval)
+		defer t.Stop()
+		failing := false
+		for {
+			select {
+			case <-w.stop:
+				return
+			case <-w.wake:
+			case <-t.C:
+			}
+			err := db.writeDue(false)
+			switch {
+			case err != nil && !failing:
+				db.log.Error("cannot write the head's rows; they stay in memory and in the staged batches, and Apply waits once the head is full", "err", err)
+			case err == nil && failing:
+				db.log.Info("writing the head's rows again")
+			}
+			failing = err != nil
+		}
+	}()
+}
+
+func (db *DB) stopWriter() {
+	close(db.writer.stop)
+	<-db.writer.done
+}
+
+// wakeWriter asks the writer to look for due groups now.
+func (db *DB) wakeWriter() {
+	select {
+	case db.writer.wake <- struct{}{}:
+	default:
+	}
+}
+
+// Flush writes every group of the head now, whether its row is closed or
+// not: the rows get what the head held as merge operands, and the staged
+// batches are deleted. Close does it; tests call it to look at what is on
+// disk.
+func (db *DB) Flush() error {
+	db.state.RLock()
+	defer db.state.RUnlock()
+	if db.state.closed {
+		return ErrClosed
+	}
+	return db.writeDue(true)
+}
+
+// writeDue writes the due groups, oldest first, every group when all is set.
+func (db *DB) writeDue(all bool) error {
+	db.write.Lock()
+	defer db.write.Unlock()
+	for {
+		g, why := db.takeDue(all)
+		if g == nil {
+			return nil
+		}
+		if err := db.writeGroup(g, why); err != nil {
+			db.metrics.writeErrors.Inc()
+			h := db.head
+			h.mu.Lock()
+			h.writeErr = err
+			h.cond.Broadcast()
+			h.mu.Unlock()
+			return err
+		}
+	}
+}
+
+// takeDue moves the next group to write from the open ones to the closing
+// ones and returns it, or nil when none is due. A group whose write failed
+// is retried first.
+func (db *DB) takeDue(all bool) (*group, writeReason) {
+	h := db.head
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if len(h.closing) > 0 {
+		return h.closing[0], writeRetry
+	}
+	r := db.res[0]
+	hold := db.opts.HeadHold.Milliseconds()
+	now := db.opts.now()
+	var due, oldest *group
+	for _, g := range h.open {
+		end := (g.row + 1) * r.rowSpanMs
+		closed := end+hold <= h.clock || end+hold <= now.UnixMilli() && now.Sub(g.last) >= db.opts.HeadHold
+		if (all || closed) && (due == nil || g.row < due.row) {
+			due = g
+		}
+		if oldest == nil || g.row < oldest.row {
+			oldest = g
+		}
+	}
+	why := writeClosed
+	switch {
+	case all:
+		why = writeFlush
+	case due == nil && oldest != nil && h.bytes > db.opts.HeadMaxBytes/4*3:
+		due, why = oldest, writeMemory
+	}
+	if due == nil {
+		return nil, 0
+	}
+	delete(h.open, due.row)
+	h.closing = append(h.closing, due)
+	return due, why
+}
+
+// writeGroup writes one closing group. On failure the group stays closing,
+// for the next attempt, and nothing of it is in Pebble.
+func (db *DB) writeGroup(g *group, why writeReason) error {
+	start := time.Now()
+	b := db.pdb.NewBatch()
+	defer b.Close()
+	defer clear(db.presence.staged)
+	operands, err := db.encodeGroup(b, g)
+	if err != nil {
+		return err
+	}
+
+	h := db.head
+	h.mu.Lock()
+	low := h.lowest(g)
+	if low > h.stagedLow {
+		if err := b.DeleteRange(stagedKey(h.stagedLow), stagedKey(low), nil); err != nil {
+			h.mu.Unlock()
+			return fmt.Errorf("tsdb: cannot add the deletion of staged batches to the Pebble batch: %w", err)
+		}
+	}
+	// The mark says which staged batches not to replay into this row: it
+	// is needed only while one of them is still stored.
+	marks := map[int64]uint64{}
+	for row, seq := range h.written {
+		if seq >= low {
+			marks[row] = seq
+		}
+	}
+	if g.maxSeq >= low {
+		marks[g.row] = max(marks[g.row], g.maxSeq)
+	}
+	step := db.res[0].stepSec
+	for row := range h.written {
+		if _, keep := marks[row]; !keep {
+			if err := b.Delete(writtenKey(step, row), nil); err != nil {
+				h.mu.Unlock()
+				return fmt.Errorf("tsdb: cannot add the deletion of a written mark to the Pebble batch: %w", err)
+			}
+		}
+	}
+	if seq, ok := marks[g.row]; ok {
+		if err := b.Set(writtenKey(step, g.row), binary.AppendUvarint(nil, seq), nil); err != nil {
+			h.mu.Unlock()
+			return fmt.Errorf("tsdb: cannot add a written mark to the Pebble batch: %w", err)
+		}
+	}
+	g.committing = true
+	h.mu.Unlock()
+
+	// Not synced: if the batch is lost in a crash, so are its staged
+	// deletions, and replay rebuilds the group. The next synced Apply syncs
+	// it too, the log being written in order.
+	err = b.Commit(pebble.NoSync)
+
+	h.mu.Lock()
+	g.committing = false
+	if err == nil {
+		for i, c := range h.closing {
+			if c == g {
+				h.closing = append(h.closing[:i], h.closing[i+1:]...)
+				break
+			}
+		}
+		h.bytes -= g.bytes
+		h.written = marks
+		h.stagedLow = max(h.stagedLow, low)
+		h.writeErr = nil
+	}
+	held := h.bytes
+	h.cond.Broadcast()
+	h.mu.Unlock()
+	if err != nil {
+		return fmt.Errorf("tsdb: cannot commit the rows of row %d: %w", g.row, err)
+	}
+	db.presence.publish()
+	m := db.metrics
+	m.groupsWritten.WithLabelValues(writeReasons[why]).Inc()
+	m.operands.Add(float64(operands))
+	m.headBytes.Set(float64(held))
+	m.writeDurations.Observe(time.Since(start).Seconds())
+	return nil
+}
+
+// encodeGroup adds to b the rows of a group at every resolution and the
+// presence they add, and returns how many row operands it added.
+func (db *DB) encodeGroup(b *pebble.Batch, g *group) (int, error) {
+	w := &db.writer
+	fine := db.res[0]
+	base := g.row * fine.rowSpanMs
+	now := db.opts.now().UnixMilli()
+	// rows[i] is the row of resolution i the group falls in; a resolution
+	// whose retention has passed the row's end gets nothing.
+	rows := make([]int64, len(db.res))
+	keep := make([]bool, len(db.res))
+	kept := false
+	for i, r := range db.res {
+		rows[i] = r.Row(base)
+		keep[i] = (rows[i]+1)*r.rowSpanMs > now-r.retentionMs
+		kept = kept || keep[i]
+	}
+	if !kept {
+		// The head held this row past every retention: nothing of it is
+		// written, and its cells may have no data anywhere; the next
+		// retention pass looks.
+		db.orphan(g)
+		return 0, nil
+	}
+	operands := 0
+	present := make([]*roaring.Bitmap, len(db.res))
+	for fi, cuboids := range g.fams {
+		fs := db.fams[fi]
+		for cuboid, cs := range cuboids {
+			if cs == nil || cs.n == 0 {
+				continue
+			}
+			for i := range present {
+				present[i] = roaring.New()
+			}
+			for cell, entries := range cs.cells {
+				if len(entries) == 0 {
+					continue
+				}
+				w.fine.addEntries(entries)
+				for i, r := range db.res {
+					if !keep[i] {
+						continue
+					}
+					row := &w.fine
+					if i > 0 {
+						row = &w.coarse
+						coarseBase := rows[i] * r.rowSpanMs
+						w.fine.each(func(slot int, sum float64, count uint64) {
+							t := r.StepStart(base + int64(slot)*fine.stepMs)
+							row.add(int((t-coarseBase)/r.stepMs), sum, count)
+						})
+					}
+					w.buf = row.appendTo(w.buf[:0])
+					key := makeDataKey(r.stepSec, rows[i], fs.id, schema.CuboidID(cuboid), uint32(cell))
+					if err := b.Merge(key[:], w.buf, nil); err != nil {
+						return 0, fmt.Errorf("tsdb: cannot add a row to the Pebble batch: %w", err)
+					}
+					if i > 0 {
+						row.reset()
+					}
+					present[i].Add(uint32(cell))
+					operands++
+				}
+				w.fine.reset()
+			}
+			for i, r := range db.res {
+				if !keep[i] {
+					continue
+				}
+				pk := presenceKey{stepSec: r.stepSec, row: rows[i], fam: fs.id, cuboid: schema.CuboidID(cuboid)}
+				if err := db.stagePresence(b, pk, present[i]); err != nil {
+					return 0, err
+				}
+			}
+		}
+	}
+	return operands, nil
+}
+
+// orphan adds the cells of g to those the next retention pass looks at.
+func (db *DB) orphan(g *group) {
+	for fi, cuboids := range g.fams {
+		for cuboid, cs := range cuboids {
+			if cs == nil {
+				continue
+			}
+			d := db.fams[fi].cuboids[cuboid]
+			o := db.orphans[d]
+			if o == nil {
+				o = roaring.New()
+				db.orphans[d] = o
+			}
+			for id, b := range cs.cells {
+				if len(b) > 0 {
+					o.Add(uint32(id))
+				}
+			}
+		}
+	}
+}
