@@ -30,7 +30,7 @@ type Sink interface {
 	Replicas(shard uint32) []string
 	// Flush delivers one request to one named combiner. It must be safe to
 	// retry; the combiner applies a flush identity once.
-	Flush(ctx context.Context, replica string, req *wirepb.FlushRequest) error
+	Flush(ctx context.Context, replica string, f *wire.Flush) error
 }
 
 // Peers delivers the parts of a batch that other aggregators own (see
@@ -86,6 +86,9 @@ type Aggregator struct {
 		values []string
 		// windows holds the open (and late) windows by start time.
 		windows map[int64]*window
+		// hint is the size of the largest window the last cut took, for
+		// window.reserve.
+		hint sizeHint
 		// sources remembers the recent batch sequences of each publisher
 		// source, so that a retried batch is counted once.
 		sources map[string]*seqWindow
@@ -118,6 +121,7 @@ type Aggregator struct {
 	out     outbox
 
 	flushMu sync.Mutex // one flush at a time: a cut, then its intent
+	encode  encodeScratch
 	stop    chan struct{}
 	done    chan struct{}
 }
@@ -161,6 +165,33 @@ type window struct {
 
 func newWindow(families int) *window {
 	return &window{leaves: map[cellKey]int32{}, cells: map[cellKey]int32{}, finest: make([]int, families)}
+}
+
+// reserveAt is the number of leaves at which a window that is growing takes
+// the room the last cut's largest window needed, at once: growing a map or
+// slice of a million entries step by step copies it many times over, while
+// a window of a few late events must not take a full window's room.
+const reserveAt = 256
+
+// sizeHint is the size of the largest window the last cut took.
+type sizeHint struct{ leaves, cells, fan int }
+
+// reserve makes room for h at once.
+func (w *window) reserve(h sizeHint) {
+	if h.leaves <= len(w.leaves) {
+		return
+	}
+	leaves := make(map[cellKey]int32, h.leaves)
+	for k, v := range w.leaves {
+		leaves[k] = v
+	}
+	cells := make(map[cellKey]int32, h.cells)
+	for k, v := range w.cells {
+		cells[k] = v
+	}
+	w.leaves, w.cells = leaves, cells
+	w.fan = slices.Grow(w.fan, h.fan-len(w.fan))
+	w.aggs = slices.Grow(w.aggs, h.cells+h.leaves-len(w.aggs))
 }
 
 // addLeaf creates a leaf, finding or creating its cell in every cuboid, and
@@ -643,6 +674,9 @@ func (a *Aggregator) addLocked(ev *event, start int64, maxCells int) wirepb.Reje
 			return wirepb.RejectReason_REJECT_REASON_CARDINALITY_LIMIT
 		}
 		off = w.addLeaf(f, leaf)
+		if len(w.leaves) == reserveAt {
+			w.reserve(a.mu.hint)
+		}
 	}
 	for _, i := range w.fan[off : off+int32(len(f.masks))] {
 		w.aggs[i].sum += ev.value
@@ -788,11 +822,18 @@ func (a *Aggregator) cutLocked(now int64, final bool) ([]ready, cutRecord) {
 // live process took whatever the options are now.
 func (a *Aggregator) takeLocked(starts []int64) []ready {
 	var todo []ready
+	var hint sizeHint
 	for _, start := range starts {
 		if w := a.mu.windows[start]; w != nil {
 			todo = append(todo, ready{start: start, w: w})
 			delete(a.mu.windows, start)
+			if len(w.leaves) > hint.leaves {
+				hint = sizeHint{leaves: len(w.leaves), cells: len(w.cells), fan: len(w.fan)}
+			}
 		}
+	}
+	if len(todo) > 0 {
+		a.mu.hint = hint
 	}
 	slices.SortFunc(todo, func(x, y ready) int { return cmp.Compare(x.start, y.start) })
 	return todo
@@ -844,19 +885,26 @@ func (a *Aggregator) flush(final bool) {
 		return
 	}
 
-	var entries []*entry
+	var reqs []*wirepb.FlushRequest
 	for _, r := range todo {
-		for _, req := range a.flushRequests(r.start, r.w, values, shards) {
-			entries = append(entries, &entry{kind: entryFlush, dests: replicas[req.Shard], flush: req})
-		}
+		reqs = append(reqs, a.flushRequests(r.start, r.w, values, shards)...)
 	}
-	var payload []byte
 	a.mu.Lock()
-	for _, e := range entries {
-		e.flush.Sequence = a.mu.seq
+	for _, req := range reqs {
+		req.Sequence = a.mu.seq
 		a.mu.seq++
 	}
 	a.mu.Unlock()
+	entries := make([]*entry, len(reqs))
+	for i, req := range reqs {
+		f, err := wire.EncodeFlush(req)
+		if err != nil {
+			// A message of well-formed fields always marshals.
+			panic(err)
+		}
+		entries[i] = &entry{kind: entryFlush, dests: replicas[req.Shard], flush: f}
+	}
+	var payload []byte
 	if a.wal != nil {
 		var err error
 		if payload, err = appendIntent(nil, cut.pos, entries); err != nil {
@@ -882,82 +930,6 @@ func (a *Aggregator) flush(final bool) {
 		a.opts.Logger.Error("cannot log an intent; its requests go out unlogged", "err", err)
 	}
 	a.enqueue(it)
-}
-
-// maxFlushCells bounds the cells of one flush request. A request holds about
-// 36 bytes a cell, so a window of any size goes out in requests of about
-// 3.6 MB, well under the combiner's message limit.
-const maxFlushCells = 100_000
-
-// flushRequests encodes one window's cells as requests, one or more per
-// shard of the global cube (schema.Shard), each of at most maxFlushCells
-// cells and with its own string dictionary. The caller numbers them.
-func (a *Aggregator) flushRequests(start int64, w *window, values []string, shards int) []*wirepb.FlushRequest {
-	// building is the request being filled for one shard.
-	type building struct {
-		req   *wirepb.FlushRequest
-		remap map[uint32]uint32 // interned ID -> index in req.Dict
-		fams  []uint32          // index in req.Dict of each family's name
-	}
-	var (
-		reqs   []*wirepb.FlushRequest
-		open   = make([]building, shards)
-		cells  = make([]wirepb.FlushCell, len(w.aggs))
-		vals   []string
-		filled int
-	)
-	add := func(key cellKey, i int32) {
-		f := a.fams[key.fam]
-		mask := f.masks[key.cuboid]
-		shard := uint32(0)
-		if shards > 1 {
-			vals = vals[:0]
-			for j := range key.v {
-				if mask&(1<<j) != 0 {
-					vals = append(vals, values[key.v[j]])
-				}
-			}
-			shard = schema.Shard(f.Name, key.cuboid, vals, shards)
-		}
-		b := &open[shard]
-		if b.req == nil || len(b.req.Cells) == maxFlushCells {
-			b.req = &wirepb.FlushRequest{Source: a.source, WindowStartMs: start, Shard: shard, Shards: uint32(shards)}
-			b.req.Cells = make([]*wirepb.FlushCell, 0, min(maxFlushCells, (len(w.aggs)-filled)/shards+1))
-			b.remap = map[uint32]uint32{}
-			b.fams = make([]uint32, len(a.fams))
-			for i, f := range a.fams {
-				b.fams[i] = uint32(len(b.req.Dict))
-				b.req.Dict = append(b.req.Dict, f.Name)
-			}
-			reqs = append(reqs, b.req)
-		}
-		c := &cells[i]
-		c.Family = b.fams[key.fam]
-		c.Cuboid = uint32(key.cuboid)
-		for j := range key.v {
-			if mask&(1<<j) == 0 {
-				continue
-			}
-			d, ok := b.remap[key.v[j]]
-			if !ok {
-				d = uint32(len(b.req.Dict))
-				b.req.Dict = append(b.req.Dict, values[key.v[j]])
-				b.remap[key.v[j]] = d
-			}
-			c.Values = append(c.Values, d)
-		}
-		c.Sum = w.aggs[i].sum
-		c.Count = w.aggs[i].count
-		b.req.Cells = append(b.req.Cells, c)
-		filled++
-	}
-	for key, i := range w.cells {
-		add(key, i)
-	}
-	for key, off := range w.leaves {
-		add(key, w.fan[off+int32(key.cuboid)])
-	}
-	return reqs
 }
 
 const (

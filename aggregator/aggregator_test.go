@@ -416,8 +416,8 @@ func TestLateEvent(t *testing.T) {
 		if r.Source != h.agg.Source() || r.WindowStartMs != w {
 			t.Errorf("flush %d is of (%q, %d), want (%q, %d)", i, r.Source, r.WindowStartMs, h.agg.Source(), w)
 		}
-		if len(r.Cells) != 16 {
-			t.Errorf("flush %d has %d cells, want one per cuboid", i, len(r.Cells))
+		if len(r.CellCounts) != 16 {
+			t.Errorf("flush %d has %d cells, want one per cuboid", i, len(r.CellCounts))
 		}
 	}
 	if f[1].Sequence <= f[0].Sequence {
@@ -446,7 +446,7 @@ type lossySink struct {
 	lost atomic.Int32 // replies lost so far
 }
 
-func (s *lossySink) Flush(ctx context.Context, replica string, req *wirepb.FlushRequest) error {
+func (s *lossySink) Flush(ctx context.Context, replica string, req *wire.Flush) error {
 	err := s.next.Flush(ctx, replica, req)
 	if s.lose.Load() {
 		s.lost.Add(1)

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/dimsum/dimsum/aggregator"
 	"github.com/dimsum/dimsum/combiner"
@@ -65,7 +66,11 @@ type oneReplica struct{}
 func (oneReplica) Shards() int              { return 1 }
 func (oneReplica) Replicas(uint32) []string { return []string{"c"} }
 
-func (s *combinerSink) Flush(_ context.Context, _ string, req *wirepb.FlushRequest) error {
+func (s *combinerSink) Flush(_ context.Context, _ string, f *wire.Flush) error {
+	req := &wirepb.FlushRequest{}
+	if err := proto.Unmarshal(f.Data, req); err != nil {
+		return err
+	}
 	dup, err := s.c.Apply(req)
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -164,7 +169,7 @@ func openStore(t testing.TB, s *schema.Schema) (*tsdb.DB, *combiner.Combiner) {
 			t.Error(err)
 		}
 	})
-	c, err := combiner.New(combiner.Options{Store: db})
+	c, err := combiner.New(combiner.Options{Store: db, Schema: s})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -12,6 +12,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/dimsum/dimsum/wal"
+	"github.com/dimsum/dimsum/wire"
 	"github.com/dimsum/dimsum/wire/wirepb"
 )
 
@@ -32,9 +33,9 @@ type entry struct {
 	index  int // in intent.entries
 	kind   byte
 	dests  []string
-	flush  *wirepb.FlushRequest // entryFlush
-	push   *wirepb.PushRequest  // entryForward: one owner, in dests[0]
-	queued time.Time            // when it was first queued; guarded by outbox.mu
+	flush  *wire.Flush         // entryFlush
+	push   *wirepb.PushRequest // entryForward: one owner, in dests[0]
+	queued time.Time           // when it was first queued; guarded by outbox.mu
 }
 
 // intent is the requests of one record: the flushes built from one cut
@@ -303,7 +304,7 @@ func (a *Aggregator) attempt(ctx context.Context, dest string, e *entry) error {
 		return err
 	}
 	a.metrics.flushes.Inc()
-	a.metrics.flushedCells.Add(float64(len(e.flush.Cells)))
+	a.metrics.flushedCells.Add(float64(e.flush.Cells))
 	a.metrics.flushLag.Observe(float64(a.opts.Now().UnixMilli()-e.flush.WindowStartMs-a.step) / 1000)
 	return nil
 }
@@ -323,7 +324,7 @@ func describe(dest string, e *entry) []any {
 	if e.kind == entryForward {
 		return []any{"owner", dest, "source", e.push.Source, "batch_seq", e.push.BatchSeq, "events", len(e.push.Events)}
 	}
-	return []any{"replica", dest, "window", time.UnixMilli(e.flush.WindowStartMs).UTC(), "sequence", e.flush.Sequence, "cells", len(e.flush.Cells)}
+	return []any{"replica", dest, "window", time.UnixMilli(e.flush.WindowStartMs).UTC(), "sequence", e.flush.Sequence, "cells", e.flush.Cells}
 }
 
 // confirm records that dest took e. Once every destination has taken every

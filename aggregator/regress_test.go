@@ -47,7 +47,7 @@ type failingSink struct {
 	attempts atomic.Int32
 }
 
-func (s *failingSink) Flush(ctx context.Context, replica string, req *wirepb.FlushRequest) error {
+func (s *failingSink) Flush(ctx context.Context, replica string, req *wire.Flush) error {
 	s.attempts.Add(1)
 	if time.Now().UnixNano() < s.until.Load() {
 		return errors.New("combiner unavailable")
@@ -130,7 +130,7 @@ func TestLargeWindowIsSplit(t *testing.T) {
 	flushes := h.sink.flushes()
 	cells, seqs := 0, map[uint64]bool{}
 	for _, f := range flushes {
-		cells += len(f.Cells)
+		cells += len(f.CellCounts)
 		seqs[f.Sequence] = true
 	}
 	if len(flushes) < 2 || len(seqs) != len(flushes) {
@@ -149,7 +149,7 @@ type refusingSink struct {
 	attempts atomic.Int32
 }
 
-func (s *refusingSink) Flush(ctx context.Context, replica string, req *wirepb.FlushRequest) error {
+func (s *refusingSink) Flush(ctx context.Context, replica string, req *wire.Flush) error {
 	if s.attempts.Add(1) == 1 {
 		return status.Error(codes.InvalidArgument, "malformed")
 	}

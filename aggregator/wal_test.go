@@ -51,7 +51,7 @@ func newReplicaSink(t *testing.T, h *harness, shards int, names ...string) *repl
 func (s *replicaSink) Shards() int              { return s.shards }
 func (s *replicaSink) Replicas(uint32) []string { return s.names }
 
-func (s *replicaSink) Flush(ctx context.Context, replica string, req *wirepb.FlushRequest) error {
+func (s *replicaSink) Flush(ctx context.Context, replica string, req *wire.Flush) error {
 	s.mu.Lock()
 	down, lossy := s.mu.down[replica], s.mu.lossy[replica]
 	s.mu.Unlock()

@@ -5,12 +5,14 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"slices"
 
 	"google.golang.org/protobuf/proto"
 
 	"github.com/dimsum/dimsum/internal/dedupe"
 	"github.com/dimsum/dimsum/internal/encoding"
 	"github.com/dimsum/dimsum/wal"
+	"github.com/dimsum/dimsum/wire"
 	"github.com/dimsum/dimsum/wire/wirepb"
 )
 
@@ -170,6 +172,13 @@ func decodeForward(payload []byte) (forwardRecord, error) {
 // appendRequests encodes the requests of an intent or forward record, each
 // with its kind and destinations.
 func appendRequests(b []byte, entries []*entry) ([]byte, error) {
+	size := binary.MaxVarintLen64
+	for _, e := range entries {
+		if e.kind == entryFlush {
+			size += len(e.flush.Data) + 64
+		}
+	}
+	b = slices.Grow(b, size)
 	b = binary.AppendUvarint(b, uint64(len(entries)))
 	for _, e := range entries {
 		b = append(b, e.kind)
@@ -177,13 +186,14 @@ func appendRequests(b []byte, entries []*entry) ([]byte, error) {
 		for _, d := range e.dests {
 			b = encoding.AppendString(b, d)
 		}
-		var msg proto.Message = e.flush
-		if e.kind == entryForward {
-			msg = e.push
-		}
-		enc, err := proto.Marshal(msg)
-		if err != nil {
-			return nil, fmt.Errorf("aggregator: cannot encode a request of kind %d: %w", e.kind, err)
+		enc := []byte(nil)
+		if e.kind == entryFlush {
+			enc = e.flush.Data
+		} else {
+			var err error
+			if enc, err = proto.Marshal(e.push); err != nil {
+				return nil, fmt.Errorf("aggregator: cannot encode a request of kind %d: %w", e.kind, err)
+			}
 		}
 		b = binary.AppendUvarint(b, uint64(len(enc)))
 		b = append(b, enc...)
@@ -201,21 +211,18 @@ func readRequests(d *encoding.Decbuf) []*entry {
 			e.dests[j] = d.String("destination")
 		}
 		enc := d.Bytes("request")
-		var msg proto.Message
+		var err error
 		switch e.kind {
 		case entryFlush:
-			e.flush = &wirepb.FlushRequest{}
-			msg = e.flush
+			e.flush, err = wire.DecodeFlush(slices.Clone(enc))
 		case entryForward:
 			e.push = &wirepb.PushRequest{}
-			msg = e.push
+			err = proto.Unmarshal(enc, e.push)
 		default:
 			d.Fail(fmt.Sprintf("request %d of unknown kind %d", i, e.kind))
 		}
-		if msg != nil && d.Err() == nil {
-			if err := proto.Unmarshal(enc, msg); err != nil {
-				d.Failf("request %d of kind %d: %w", i, e.kind, err)
-			}
+		if err != nil && d.Err() == nil {
+			d.Failf("request %d of kind %d: %w", i, e.kind, err)
 		}
 		entries[i] = e
 	}

@@ -11,6 +11,7 @@ import (
 	"github.com/dimsum/dimsum/internal/dedupe"
 	"github.com/dimsum/dimsum/internal/encoding"
 	"github.com/dimsum/dimsum/wal"
+	"github.com/dimsum/dimsum/wire"
 	"github.com/dimsum/dimsum/wire/wirepb"
 )
 
@@ -27,14 +28,18 @@ func TestRecordsRoundTrip(t *testing.T) {
 	if c, err := decodeCut(appendCut(nil, cut)); err != nil || !reflect.DeepEqual(c, cut) {
 		t.Errorf("cut: %+v, %v", c, err)
 	}
-	flush := &wirepb.FlushRequest{Source: "agg/x", WindowStartMs: 10_000, Sequence: 3, Shard: 1, Shards: 2, Dict: []string{"requests"}}
+	flush, err := wire.EncodeFlush(&wirepb.FlushRequest{Source: "agg/x", WindowStartMs: 10_000, Sequence: 3, Shard: 1, Shards: 2, Dict: []string{"requests"},
+		CellFamilies: []uint32{0}, CellCuboids: []uint32{0}, CellSums: []float64{2}, CellCounts: []uint64{1}})
+	if err != nil {
+		t.Fatal(err)
+	}
 	payload, err := appendIntent(nil, wal.Pos{Segment: 2, Offset: 30}, []*entry{{kind: entryFlush, dests: []string{"r1", "r2"}, flush: flush}})
 	if err != nil {
 		t.Fatal(err)
 	}
 	pos, entries, err := decodeIntent(payload)
-	if err != nil || pos != (wal.Pos{Segment: 2, Offset: 30}) || len(entries) != 1 || entries[0].flush.Sequence != 3 ||
-		entries[0].flush.Shard != 1 || !reflect.DeepEqual(entries[0].dests, []string{"r1", "r2"}) {
+	if err != nil || pos != (wal.Pos{Segment: 2, Offset: 30}) || len(entries) != 1 || !reflect.DeepEqual(entries[0].flush, flush) ||
+		entries[0].flush.Sequence != 3 || entries[0].flush.Shard != 1 || entries[0].flush.Cells != 1 || !reflect.DeepEqual(entries[0].dests, []string{"r1", "r2"}) {
 		t.Errorf("intent: %v %+v, %v", pos, entries, err)
 	}
 	part := &wirepb.PushRequest{Source: "pub", BatchSeq: 7, Dict: []string{"requests", "host", "h2"},
@@ -47,7 +52,7 @@ func TestRecordsRoundTrip(t *testing.T) {
 	f, err := decodeForward(payload)
 	if err != nil || f.source != "pub" || f.batchSeq != 7 || f.nowMS != 1_000_000 || len(f.entries) != 2 ||
 		f.entries[0].kind != entryForward || !reflect.DeepEqual(f.entries[0].dests, []string{"b"}) ||
-		!proto.Equal(f.entries[0].push, part) || f.entries[1].index != 1 || !proto.Equal(f.entries[1].flush, flush) {
+		!proto.Equal(f.entries[0].push, part) || f.entries[1].index != 1 || !reflect.DeepEqual(f.entries[1].flush, flush) {
 		t.Errorf("forward: %+v, %v", f, err)
 	}
 	d := deliveredRecord{intent: wal.Pos{Segment: 1, Offset: 8}, index: 4, dest: "r2"}
@@ -74,7 +79,8 @@ func FuzzDecodeRecords(f *testing.F) {
 		Events: []*wirepb.Event{{Family: 0, Labels: []uint32{1, 2}, TimestampMs: 5, Value: 1}}}
 	f.Add(appendBatch(nil, req, 10, []event{{index: 0}}))
 	f.Add(appendCut(nil, cutRecord{upto: 99, starts: []int64{90}}))
-	intent, _ := appendIntent(nil, wal.Pos{Segment: 1, Offset: 9}, []*entry{{kind: entryFlush, dests: []string{"c"}, flush: &wirepb.FlushRequest{Source: "a"}}})
+	flush, _ := wire.EncodeFlush(&wirepb.FlushRequest{Source: "a"})
+	intent, _ := appendIntent(nil, wal.Pos{Segment: 1, Offset: 9}, []*entry{{kind: entryFlush, dests: []string{"c"}, flush: flush}})
 	f.Add(intent)
 	forward, _ := appendForward(nil, forwardRecord{source: "pub", batchSeq: 2, nowMS: 10,
 		entries: []*entry{{kind: entryForward, dests: []string{"b"}, push: req}}})

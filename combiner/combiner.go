@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"math"
+	"slices"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc"
@@ -14,6 +15,7 @@ import (
 
 	"github.com/dimsum/dimsum/schema"
 	"github.com/dimsum/dimsum/tsdb"
+	"github.com/dimsum/dimsum/wire"
 	"github.com/dimsum/dimsum/wire/wirepb"
 )
 
@@ -28,6 +30,9 @@ type Store interface {
 type Options struct {
 	// Store persists the global cube. Required.
 	Store Store
+	// Schema is the store's schema: it says how many values each cuboid's
+	// cells carry. Required.
+	Schema *schema.Schema
 	// Logger receives operational logs. nil discards them.
 	Logger *slog.Logger
 	// Registerer registers the combiner's metrics. nil registers none.
@@ -46,8 +51,8 @@ type Combiner struct {
 
 // New builds a combiner.
 func New(opts Options) (*Combiner, error) {
-	if opts.Store == nil {
-		return nil, errors.New("combiner: invalid options: a store is required")
+	if opts.Store == nil || opts.Schema == nil {
+		return nil, errors.New("combiner: invalid options: a store and a schema are required")
 	}
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
@@ -100,44 +105,81 @@ func (c *Combiner) deltas(req *wirepb.FlushRequest) ([]tsdb.Delta, error) {
 		}
 		return req.Dict[i], nil
 	}
-	deltas := make([]tsdb.Delta, len(req.Cells))
-	n := 0
-	for _, cell := range req.Cells {
-		n += len(cell.Values)
+	n := len(req.CellCounts)
+	if len(req.CellFamilies) != n || len(req.CellCuboids) != n || len(req.CellSums) != n {
+		return nil, fmt.Errorf("%w: the cell columns have %d families, %d cuboids, %d sums and %d counts", ErrBadFlush, len(req.CellFamilies), len(req.CellCuboids), len(req.CellSums), n)
 	}
-	values := make([]string, 0, n)
-	for i, cell := range req.Cells {
-		name, err := str(cell.Family)
+	if n > 0 && len(req.Cells) > 0 {
+		return nil, fmt.Errorf("%w: cells both in columns and as messages", ErrBadFlush)
+	}
+	values := make([]string, 0, len(req.CellValues))
+	for _, cell := range req.Cells {
+		values = slices.Grow(values, len(cell.Values))
+	}
+	deltas := make([]tsdb.Delta, 0, n+len(req.Cells))
+	// add appends cell i, its values the dictionary indexes vals.
+	add := func(i int, family, cuboid uint32, vals []uint32, sum float64, count uint64) error {
+		name, err := str(family)
 		if err != nil {
-			return nil, err
+			return err
 		}
-		if cell.Cuboid > math.MaxUint16 {
-			return nil, fmt.Errorf("%w: cell %d: cuboid %d is out of range", ErrBadFlush, i, cell.Cuboid)
+		if cuboid > math.MaxUint16 {
+			return fmt.Errorf("%w: cell %d: cuboid %d is out of range", ErrBadFlush, i, cuboid)
 		}
 		start := len(values)
-		for _, v := range cell.Values {
+		for _, v := range vals {
 			s, err := str(v)
 			if err != nil {
-				return nil, err
+				return err
 			}
 			if s == "" {
 				// Aggregators refuse events with an empty label, and
 				// PromQL would read one as an absent label.
-				return nil, fmt.Errorf("%w: cell %d of %q has an empty value", ErrBadFlush, i, name)
+				return fmt.Errorf("%w: cell %d of %q has an empty value", ErrBadFlush, i, name)
 			}
 			values = append(values, s)
 		}
-		if sh := schema.Shard(name, schema.CuboidID(cell.Cuboid), values[start:], shards); sh != req.Shard {
-			return nil, fmt.Errorf("%w: cell %d of %q belongs to shard %d, the flush is for shard %d of %d", ErrBadFlush, i, name, sh, req.Shard, shards)
+		if sh := schema.Shard(name, schema.CuboidID(cuboid), values[start:], shards); sh != req.Shard {
+			return fmt.Errorf("%w: cell %d of %q belongs to shard %d, the flush is for shard %d of %d", ErrBadFlush, i, name, sh, req.Shard, shards)
 		}
-		deltas[i] = tsdb.Delta{
+		deltas = append(deltas, tsdb.Delta{
 			Family: name,
-			Cuboid: schema.CuboidID(cell.Cuboid),
+			Cuboid: schema.CuboidID(cuboid),
 			Values: values[start:len(values):len(values)],
 			Time:   req.WindowStartMs,
-			Sum:    cell.Sum,
-			Count:  cell.Count,
+			Sum:    sum,
+			Count:  count,
+		})
+		return nil
+	}
+	for i, cell := range req.Cells {
+		if err := add(i, cell.Family, cell.Cuboid, cell.Values, cell.Sum, cell.Count); err != nil {
+			return nil, err
 		}
+	}
+	// In columns, a cell's values are as many as its cuboid has labels.
+	rest := req.CellValues
+	for i := range n {
+		name, err := str(req.CellFamilies[i])
+		if err != nil {
+			return nil, err
+		}
+		labels := 0
+		if f := c.opts.Schema.Family(name); f != nil {
+			if cub, ok := f.Cuboid(schema.CuboidID(req.CellCuboids[i])); ok {
+				labels = len(cub.Labels)
+			}
+		}
+		if labels > len(rest) {
+			return nil, fmt.Errorf("%w: cell %d needs %d values, %d are left", ErrBadFlush, i, labels, len(rest))
+		}
+		if err := add(i, req.CellFamilies[i], req.CellCuboids[i], rest[:labels], req.CellSums[i], req.CellCounts[i]); err != nil {
+			return nil, err
+		}
+		rest = rest[labels:]
+	}
+	if len(rest) > 0 {
+		return nil, fmt.Errorf("%w: %d values left after the last cell", ErrBadFlush, len(rest))
 	}
 	return deltas, nil
 }
@@ -169,13 +211,13 @@ func (s server) Flush(_ context.Context, req *wirepb.FlushRequest) (*wirepb.Flus
 // into the aggregator's sink: one shard, one replica.
 type Client struct {
 	name string
-	c    wirepb.CombinerClient
+	conn grpc.ClientConnInterface
 }
 
 // NewClient returns a sink that flushes over conn to the combiner named
 // name.
 func NewClient(name string, conn grpc.ClientConnInterface) *Client {
-	return &Client{name: name, c: wirepb.NewCombinerClient(conn)}
+	return &Client{name: name, conn: conn}
 }
 
 // Shards is 1: the combiner holds the whole cube.
@@ -184,11 +226,11 @@ func (c *Client) Shards() int { return 1 }
 // Replicas names the one combiner.
 func (c *Client) Replicas(uint32) []string { return []string{c.name} }
 
-// Flush sends one partial cube to the combiner. Every replica name reaches
-// it: requests logged under an earlier name of the node (the host name,
-// when a container restarts under a new one) must still be delivered, and
-// the combiner holds the whole cube.
-func (c *Client) Flush(ctx context.Context, _ string, req *wirepb.FlushRequest) error {
-	_, err := c.c.Flush(ctx, req)
-	return err
+// Flush sends one partial cube to the combiner, as the bytes it was
+// marshalled into. Every replica name reaches it: requests logged under an
+// earlier name of the node (the host name, when a container restarts under
+// a new one) must still be delivered, and the combiner holds the whole
+// cube.
+func (c *Client) Flush(ctx context.Context, _ string, f *wire.Flush) error {
+	return wire.Invoke(ctx, c.conn, wirepb.Combiner_Flush_FullMethodName, f.Data, new(wirepb.FlushResponse))
 }

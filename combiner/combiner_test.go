@@ -17,6 +17,7 @@ import (
 
 	"github.com/dimsum/dimsum/schema"
 	"github.com/dimsum/dimsum/tsdb"
+	"github.com/dimsum/dimsum/wire"
 	"github.com/dimsum/dimsum/wire/wirepb"
 )
 
@@ -28,7 +29,7 @@ func newCombiner(t testing.TB) (*Combiner, *tsdb.DB) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { db.Close() })
-	c, err := New(Options{Store: db})
+	c, err := New(Options{Store: db, Schema: s})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -45,6 +46,20 @@ func flush(window int64, seq uint64) *wirepb.FlushRequest {
 			{Family: 0, Cuboid: 0, Sum: 5, Count: 2},
 			{Family: 0, Cuboid: finest, Values: []uint32{1, 2, 3, 4, 5}, Sum: 5, Count: 2},
 		},
+	}
+}
+
+// columnar is flush in the columnar layout aggregators send.
+func columnar(window int64, seq uint64) *wirepb.FlushRequest {
+	finest := uint32(schema.Default().Family("requests").Finest().ID)
+	return &wirepb.FlushRequest{
+		Source: "agg/1", WindowStartMs: window, Sequence: seq,
+		Dict:         []string{"requests", "dc1", "c1", "h1", "get", "200"},
+		CellFamilies: []uint32{0, 0},
+		CellCuboids:  []uint32{0, finest},
+		CellValues:   []uint32{1, 2, 3, 4, 5},
+		CellSums:     []float64{5, 5},
+		CellCounts:   []uint64{2, 2},
 	}
 }
 
@@ -123,6 +138,35 @@ func TestBadFlush(t *testing.T) {
 			}
 		})
 	}
+	// The columnar layout.
+	for _, tc := range []struct {
+		name   string
+		change func(*wirepb.FlushRequest)
+	}{
+		{"family outside dict", func(r *wirepb.FlushRequest) { r.CellFamilies[1] = 99 }},
+		{"value outside dict", func(r *wirepb.FlushRequest) { r.CellValues[2] = 99 }},
+		{"unknown cuboid", func(r *wirepb.FlushRequest) { r.CellCuboids[1] = 16 }},
+		{"cuboid beyond 16 bits", func(r *wirepb.FlushRequest) { r.CellCuboids[0] = 1 << 16 }},
+		{"NaN sum", func(r *wirepb.FlushRequest) { r.CellSums[1] = math.NaN() }},
+		{"empty value", func(r *wirepb.FlushRequest) { r.Dict[3] = "" }},
+		{"too few values", func(r *wirepb.FlushRequest) { r.CellValues = r.CellValues[:4] }},
+		{"values left over", func(r *wirepb.FlushRequest) { r.CellValues = append(r.CellValues, 1) }},
+		{"a sum short", func(r *wirepb.FlushRequest) { r.CellSums = r.CellSums[:1] }},
+		{"a family short", func(r *wirepb.FlushRequest) { r.CellFamilies = r.CellFamilies[:1] }},
+		{"cells in both layouts", func(r *wirepb.FlushRequest) { r.Cells = flush(w, 0).Cells }},
+	} {
+		t.Run("columns/"+tc.name, func(t *testing.T) {
+			c, db := newCombiner(t)
+			req := columnar(w, 0)
+			tc.change(req)
+			if _, err := c.Apply(req); !errors.Is(err, ErrBadFlush) {
+				t.Fatalf("error %v, want ErrBadFlush", err)
+			}
+			if got := apexSum(t, db, w); got != 0 {
+				t.Errorf("a refused flush wrote %v", got)
+			}
+		})
+	}
 }
 
 // apexShard is the shard of flush's apex cell out of shards.
@@ -179,7 +223,11 @@ func TestGRPC(t *testing.T) {
 	if sink.Shards() != 1 || fmt.Sprint(sink.Replicas(0)) != "[c1]" {
 		t.Fatalf("client holds %d shards on %v, want 1 on [c1]", sink.Shards(), sink.Replicas(0))
 	}
-	if err := sink.Flush(ctx, "c1", flush(w, 5)); err != nil {
+	enc, err := wire.EncodeFlush(columnar(w, 5))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := sink.Flush(ctx, "c1", enc); err != nil {
 		t.Fatal(err)
 	}
 	if got := apexSum(t, db, w); got != 10 {
@@ -189,7 +237,7 @@ func TestGRPC(t *testing.T) {
 
 func FuzzApply(f *testing.F) {
 	w := time.Now().Truncate(10 * time.Second).UnixMilli()
-	for _, r := range []*wirepb.FlushRequest{flush(w, 0), {Source: "x", Cells: []*wirepb.FlushCell{{Family: 3}}}} {
+	for _, r := range []*wirepb.FlushRequest{flush(w, 0), columnar(w, 1), {Source: "x", Cells: []*wirepb.FlushCell{{Family: 3}}}} {
 		b, _ := proto.Marshal(r)
 		f.Add(b)
 	}

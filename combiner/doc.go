@@ -6,7 +6,7 @@
 // identity in the same write as the data, so a flush retried after a lost
 // acknowledgement is applied once.
 //
-//	c, err := combiner.New(combiner.Options{Store: db})
+//	c, err := combiner.New(combiner.Options{Store: db, Schema: s})
 //	if err != nil { ... }
 //	c.Register(grpcServer) // serves dimsum.wire.v1.Combiner/Flush
 package combiner

@@ -16,6 +16,7 @@ import (
 	"github.com/dimsum/dimsum/aggregator"
 	"github.com/dimsum/dimsum/cluster"
 	"github.com/dimsum/dimsum/combiner"
+	"github.com/dimsum/dimsum/wire"
 	"github.com/dimsum/dimsum/wire/wirepb"
 )
 
@@ -222,12 +223,12 @@ func (s flushSink) Shards() int { return s.t.shards }
 
 func (s flushSink) Replicas(shard uint32) []string { return s.t.placement(int(shard)) }
 
-func (s flushSink) Flush(ctx context.Context, replica string, req *wirepb.FlushRequest) error {
+func (s flushSink) Flush(ctx context.Context, replica string, f *wire.Flush) error {
 	c, err := s.t.conn(replica)
 	if err != nil {
 		return err
 	}
-	return combiner.NewClient(replica, c).Flush(ctx, replica, req)
+	return combiner.NewClient(replica, c).Flush(ctx, replica, f)
 }
 
 // Replicas lists, for the query fan-out, the combiners of a shard that are

@@ -93,7 +93,7 @@ func Start(cfg Config, version string, log *slog.Logger) (n *Node, err error) {
 		if err != nil {
 			return nil, fmt.Errorf("node: cannot open the store in %s: %w", cfg.DataDir, err)
 		}
-		comb, err := combiner.New(combiner.Options{Store: n.db, Logger: log.With("component", "combiner"), Registerer: reg})
+		comb, err := combiner.New(combiner.Options{Store: n.db, Schema: s, Logger: log.With("component", "combiner"), Registerer: reg})
 		if err != nil {
 			return nil, err
 		}

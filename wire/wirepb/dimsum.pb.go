@@ -403,8 +403,21 @@ type FlushRequest struct {
 	// to, out of shards (see schema.Shard). A combiner refuses a flush for a
 	// shard it does not hold, or with a cell of another shard. shards 0 (an
 	// unsharded flush) is the same as 1.
-	Shard         uint32 `protobuf:"varint,6,opt,name=shard,proto3" json:"shard,omitempty"`
-	Shards        uint32 `protobuf:"varint,7,opt,name=shards,proto3" json:"shards,omitempty"`
+	Shard  uint32 `protobuf:"varint,6,opt,name=shard,proto3" json:"shard,omitempty"`
+	Shards uint32 `protobuf:"varint,7,opt,name=shards,proto3" json:"shards,omitempty"`
+	// The cells in columns, which encode and decode far faster than a message
+	// a cell: cell i has the family named by dict[cell_families[i]], the
+	// cuboid cell_cuboids[i], the sum cell_sums[i] and the count
+	// cell_counts[i]; its values are the next n entries of cell_values (dict
+	// indexes, in schema order), n being the number of labels of its cuboid.
+	// The five lists describe the same cells, so the four per-cell lists have
+	// one length. A flush holds its cells either here or in cells: aggregators
+	// write these; combiners read both.
+	CellFamilies  []uint32  `protobuf:"varint,8,rep,packed,name=cell_families,json=cellFamilies,proto3" json:"cell_families,omitempty"`
+	CellCuboids   []uint32  `protobuf:"varint,9,rep,packed,name=cell_cuboids,json=cellCuboids,proto3" json:"cell_cuboids,omitempty"`
+	CellValues    []uint32  `protobuf:"varint,10,rep,packed,name=cell_values,json=cellValues,proto3" json:"cell_values,omitempty"`
+	CellSums      []float64 `protobuf:"fixed64,11,rep,packed,name=cell_sums,json=cellSums,proto3" json:"cell_sums,omitempty"`
+	CellCounts    []uint64  `protobuf:"varint,12,rep,packed,name=cell_counts,json=cellCounts,proto3" json:"cell_counts,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -486,6 +499,41 @@ func (x *FlushRequest) GetShards() uint32 {
 		return x.Shards
 	}
 	return 0
+}
+
+func (x *FlushRequest) GetCellFamilies() []uint32 {
+	if x != nil {
+		return x.CellFamilies
+	}
+	return nil
+}
+
+func (x *FlushRequest) GetCellCuboids() []uint32 {
+	if x != nil {
+		return x.CellCuboids
+	}
+	return nil
+}
+
+func (x *FlushRequest) GetCellValues() []uint32 {
+	if x != nil {
+		return x.CellValues
+	}
+	return nil
+}
+
+func (x *FlushRequest) GetCellSums() []float64 {
+	if x != nil {
+		return x.CellSums
+	}
+	return nil
+}
+
+func (x *FlushRequest) GetCellCounts() []uint64 {
+	if x != nil {
+		return x.CellCounts
+	}
+	return nil
 }
 
 type FlushCell struct {
@@ -634,7 +682,7 @@ const file_dimsum_proto_rawDesc = "" +
 	"\x06Reject\x12\x14\n" +
 	"\x05index\x18\x01 \x01(\rR\x05index\x124\n" +
 	"\x06reason\x18\x02 \x01(\x0e2\x1c.dimsum.wire.v1.RejectReasonR\x06reason\x12\x16\n" +
-	"\x06detail\x18\x03 \x01(\tR\x06detail\"\xdd\x01\n" +
+	"\x06detail\x18\x03 \x01(\tR\x06detail\"\x84\x03\n" +
 	"\fFlushRequest\x12\x16\n" +
 	"\x06source\x18\x01 \x01(\tR\x06source\x12&\n" +
 	"\x0fwindow_start_ms\x18\x02 \x01(\x03R\rwindowStartMs\x12\x1a\n" +
@@ -642,7 +690,15 @@ const file_dimsum_proto_rawDesc = "" +
 	"\x04dict\x18\x04 \x03(\tR\x04dict\x12/\n" +
 	"\x05cells\x18\x05 \x03(\v2\x19.dimsum.wire.v1.FlushCellR\x05cells\x12\x14\n" +
 	"\x05shard\x18\x06 \x01(\rR\x05shard\x12\x16\n" +
-	"\x06shards\x18\a \x01(\rR\x06shards\"{\n" +
+	"\x06shards\x18\a \x01(\rR\x06shards\x12#\n" +
+	"\rcell_families\x18\b \x03(\rR\fcellFamilies\x12!\n" +
+	"\fcell_cuboids\x18\t \x03(\rR\vcellCuboids\x12\x1f\n" +
+	"\vcell_values\x18\n" +
+	" \x03(\rR\n" +
+	"cellValues\x12\x1b\n" +
+	"\tcell_sums\x18\v \x03(\x01R\bcellSums\x12\x1f\n" +
+	"\vcell_counts\x18\f \x03(\x04R\n" +
+	"cellCounts\"{\n" +
 	"\tFlushCell\x12\x16\n" +
 	"\x06family\x18\x01 \x01(\rR\x06family\x12\x16\n" +
 	"\x06cuboid\x18\x02 \x01(\rR\x06cuboid\x12\x16\n" +

@@ -1,0 +1,76 @@
+package wire
+
+import (
+	"context"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/encoding"
+	"google.golang.org/protobuf/proto"
+	// The proto codec registers itself under "proto"; Codec wraps it.
+	_ "google.golang.org/grpc/encoding/proto"
+	"google.golang.org/grpc/mem"
+
+	"github.com/dimsum/dimsum/wire/wirepb"
+)
+
+// Encoded is a request already marshalled: an aggregator marshals a flush
+// once, logs those bytes and sends the same bytes to every replica, rather
+// than marshalling it again for each.
+type Encoded []byte
+
+// codec is gRPC's proto codec, except that it sends an Encoded request as
+// the bytes it holds. It keeps the proto codec's name, so the server reads
+// the request as the message it encodes.
+type codec struct{ proto encoding.CodecV2 }
+
+func (c codec) Marshal(v any) (mem.BufferSlice, error) {
+	if e, ok := v.(*Encoded); ok {
+		return mem.BufferSlice{mem.SliceBuffer(*e)}, nil
+	}
+	return c.proto.Marshal(v)
+}
+
+func (c codec) Unmarshal(data mem.BufferSlice, v any) error { return c.proto.Unmarshal(data, v) }
+
+func (c codec) Name() string { return c.proto.Name() }
+
+var encodedCodec = grpc.ForceCodecV2(codec{proto: encoding.GetCodecV2("proto")})
+
+// Invoke calls the unary method of conn with a request already marshalled,
+// and decodes the reply into resp.
+func Invoke(ctx context.Context, conn grpc.ClientConnInterface, method string, req Encoded, resp any) error {
+	return conn.Invoke(ctx, method, &req, resp, encodedCodec)
+}
+
+// Flush is one flush request, marshalled once: an aggregator logs these
+// bytes and sends every replica the same bytes. The other fields repeat
+// what the request says, for logs and metrics.
+type Flush struct {
+	WindowStartMs int64
+	Sequence      uint64
+	Shard         uint32
+	Cells         int
+	// Data is the marshalled wirepb.FlushRequest.
+	Data Encoded
+}
+
+// EncodeFlush marshals a flush request.
+func EncodeFlush(req *wirepb.FlushRequest) (*Flush, error) {
+	data, err := proto.Marshal(req)
+	if err != nil {
+		return nil, err
+	}
+	return &Flush{WindowStartMs: req.WindowStartMs, Sequence: req.Sequence, Shard: req.Shard, Cells: flushCells(req), Data: data}, nil
+}
+
+// DecodeFlush reads back what EncodeFlush marshalled; the Flush keeps data.
+func DecodeFlush(data []byte) (*Flush, error) {
+	var req wirepb.FlushRequest
+	if err := proto.Unmarshal(data, &req); err != nil {
+		return nil, err
+	}
+	return &Flush{WindowStartMs: req.WindowStartMs, Sequence: req.Sequence, Shard: req.Shard, Cells: flushCells(&req), Data: data}, nil
+}
+
+// flushCells is the number of cells of a request, in either layout.
+func flushCells(req *wirepb.FlushRequest) int { return len(req.CellCounts) + len(req.Cells) }
