@@ -101,6 +101,10 @@ type Aggregator struct {
 		// order is the cube's; the bookkeeping below decides which
 		// segments are consumed (see truncateLocked).
 
+		// segLast holds, per segment with batch records, the position of
+		// the last one: a cut after it took every window they touched up
+		// to its upto.
+		segLast map[uint64]wal.Pos
 		// segMax holds, per segment with batch records, the latest window
 		// start they touched.
 		segMax map[uint64]int64
@@ -260,6 +264,7 @@ func New(opts Options) (*Aggregator, error) {
 	a.mu.windows = map[int64]*window{}
 	a.mu.sources = map[string]*seqWindow{}
 	a.mu.segMax = map[uint64]int64{}
+	a.mu.segLast = map[uint64]wal.Pos{}
 	a.mu.intents = map[*intent]struct{}{}
 	a.out.init()
 	a.metrics = newMetrics(opts.Registerer, a.logSize)
@@ -321,12 +326,13 @@ func (a *Aggregator) logSize() float64 {
 	return float64(a.wal.Size())
 }
 
-// noteSegmentLocked records that a batch record in seg touched windows up to
-// maxStart.
-func (a *Aggregator) noteSegmentLocked(seg uint64, maxStart int64) {
-	if cur, ok := a.mu.segMax[seg]; !ok || maxStart > cur {
-		a.mu.segMax[seg] = maxStart
+// noteSegmentLocked records that the batch record at pos touched windows up
+// to maxStart.
+func (a *Aggregator) noteSegmentLocked(pos wal.Pos, maxStart int64) {
+	if cur, ok := a.mu.segMax[pos.Segment]; !ok || maxStart > cur {
+		a.mu.segMax[pos.Segment] = maxStart
 	}
+	a.mu.segLast[pos.Segment] = pos
 }
 
 // Source is the identity this aggregator puts on its flushes.
@@ -504,7 +510,7 @@ func (a *Aggregator) push(req *wirepb.PushRequest, owner func(*schema.Family, []
 			*rec = appendBatch((*rec)[:0], req, now, evs)
 		}
 		if pos, logErr = a.wal.Append(recBatch, *rec); logErr == nil && kept > 0 {
-			a.noteSegmentLocked(pos.Segment, maxStart)
+			a.noteSegmentLocked(pos, maxStart)
 		}
 	}
 	var fwd *intent

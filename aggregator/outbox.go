@@ -378,8 +378,11 @@ func (a *Aggregator) completeLocked(it *intent) {
 
 // truncateLocked deletes the longest run of oldest segments that are
 // consumed: no intent in them waits for a delivery, and every window their
-// batch records touched was taken by a cut, in a later segment, whose
-// intent was fully delivered. See docs/format/wal.md.
+// batch records touched was taken by a cut, after the last of them in the
+// log, whose intent was fully delivered. When every segment is consumed,
+// the one appended to as well, and it holds more than rotateBytes, the log
+// moves to a new segment and drops them all: an idle or cleanly stopped
+// aggregator keeps nothing but its dedupe state. See docs/format/wal.md.
 func (a *Aggregator) truncateLocked() {
 	segs := a.wal.Segments()
 	// No segment at or after the oldest one an intent waits in is consumed.
@@ -390,12 +393,12 @@ func (a *Aggregator) truncateLocked() {
 		}
 	}
 	upto := uint64(0)
-	for _, s := range segs[:len(segs)-1] {
+	for _, s := range segs {
 		consumed := s < pending
 		if maxStart, ok := a.mu.segMax[s]; ok && consumed {
 			consumed = false
 			for _, c := range a.mu.doneCuts {
-				if c.pos.Segment > s && (c.final || maxStart <= c.upto) {
+				if c.pos.Compare(a.mu.segLast[s]) > 0 && (c.final || maxStart <= c.upto) {
 					consumed = true
 					break
 				}
@@ -406,7 +409,19 @@ func (a *Aggregator) truncateLocked() {
 		}
 		upto = s + 1
 	}
-	if upto == 0 {
+	if last := segs[len(segs)-1]; upto > last {
+		// Every segment is consumed. The one appended to cannot be deleted;
+		// a new one can take its place once it holds enough to be worth it.
+		upto = last
+		if a.wal.Size() > rotateBytes {
+			if err := a.wal.Rotate(); err != nil {
+				a.opts.Logger.Error("cannot start a new log segment", "err", err)
+			} else {
+				upto = last + 1
+			}
+		}
+	}
+	if upto == 0 || upto == segs[0] {
 		return
 	}
 	if err := a.wal.DeleteBefore(upto); err != nil {
@@ -416,8 +431,13 @@ func (a *Aggregator) truncateLocked() {
 	for s := range a.mu.segMax {
 		if s < upto {
 			delete(a.mu.segMax, s)
+			delete(a.mu.segLast, s)
 		}
 	}
-	a.mu.doneCuts = slices.DeleteFunc(a.mu.doneCuts, func(c cutMark) bool { return c.pos.Segment <= upto })
+	a.mu.doneCuts = slices.DeleteFunc(a.mu.doneCuts, func(c cutMark) bool { return c.pos.Segment < upto })
 	a.opts.Logger.Debug("consumed log segments deleted", "below", fmt.Sprint(upto))
 }
+
+// rotateBytes is how much a wholly consumed log must hold before it moves
+// to a new segment and drops what it held.
+const rotateBytes = 1 << 20

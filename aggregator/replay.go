@@ -128,7 +128,7 @@ func (r *replay) batch(pos wal.Pos, b batchRecord) {
 		maxStart, any = max(maxStart, start), true
 	}
 	if any {
-		a.noteSegmentLocked(pos.Segment, maxStart)
+		a.noteSegmentLocked(pos, maxStart)
 	}
 }
 

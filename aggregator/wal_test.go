@@ -416,3 +416,60 @@ func TestRetryNow(t *testing.T) {
 		t.Errorf("r1 holds %+v, acknowledged %+v", got, want)
 	}
 }
+
+// logBytes is the size of the log's segment files.
+func logBytes(t *testing.T, dir string) int64 {
+	t.Helper()
+	files, err := filepath.Glob(filepath.Join(dir, "*.wal"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var n int64
+	for _, f := range files {
+		st, err := os.Stat(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		n += st.Size()
+	}
+	return n
+}
+
+// Once everything the log holds has reached the combiner, the log drops it,
+// the segment appended to as well: an idle aggregator, and one stopped
+// cleanly, keep only their dedupe state, and a restart replays nothing.
+func TestWALEmptiesOnceConsumed(t *testing.T) {
+	h := newHarness(t, schema.Default())
+	dir := t.TempDir()
+	a := walAggregator(t, h, dir, h.sink, aggregator.Options{Grace: time.Second})
+	var want tsdb.Step
+	for seq := uint64(1); seq <= 40; seq++ {
+		want = add(want, acked(t, h, a, "pub", seq, h.ms(0), 1000, 1))
+	}
+	if n := logBytes(t, dir); n < 1<<20 {
+		t.Fatalf("the log holds %d bytes before the flush; the test needs more than 1 MiB", n)
+	}
+	h.clock.Set(h.clock.Now().Add(20 * time.Second))
+	aggregator.Flush(a)
+	poll(t, "the log to drop what reached the combiner", func() bool { return logBytes(t, dir) < 64<<10 })
+	if err := a.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if n := logBytes(t, dir); n >= 64<<10 {
+		t.Errorf("the log holds %d bytes after a clean stop", n)
+	}
+	if got := h.total(t); got != want {
+		t.Fatalf("store holds %+v, acknowledged %+v", got, want)
+	}
+	// A restart replays nothing and sends nothing again; the dedupe state
+	// survives.
+	a = walAggregator(t, h, dir, h.sink, aggregator.Options{Grace: time.Second})
+	defer a.Close()
+	if got := acked(t, h, a, "pub", 40, h.ms(0), 1000, 1); got != (tsdb.Step{}) {
+		t.Errorf("batch 40 counted again after the restart: %+v", got)
+	}
+	aggregator.Flush(a)
+	if got := h.total(t); got != want {
+		t.Errorf("store holds %+v after the restart, acknowledged %+v", got, want)
+	}
+}

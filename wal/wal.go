@@ -331,6 +331,26 @@ func (l *Log) Append(typ Type, payload []byte) (Pos, error) {
 	return pos, nil
 }
 
+// Rotate makes a new segment the one appended to and syncs it: every
+// segment before it can then be deleted without losing what the new
+// segment's head record restates.
+func (l *Log) Rotate() error {
+	l.mu.Lock()
+	if l.mu.err != nil {
+		defer l.mu.Unlock()
+		return l.mu.err
+	}
+	if l.mu.size > int64(len(segmentMagic)) {
+		if err := l.startSegmentLocked(l.mu.seg + 1); err != nil {
+			l.mu.Unlock()
+			return err
+		}
+	}
+	end := l.mu.end
+	l.mu.Unlock()
+	return l.Sync(end)
+}
+
 // Sync returns once the record at pos, and every one before it, is on disk. Concurrent callers
 // share the writes and fsyncs of one of them.
 func (l *Log) Sync(pos Pos) error {
