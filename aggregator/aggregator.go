@@ -55,6 +55,11 @@ var (
 	// taking more would grow the log without bound. Nothing of the batch
 	// is taken; the publisher should retry later.
 	ErrLogFull = errors.New("aggregator: write-ahead log full")
+	// ErrBehind is returned by Push while the flushes waiting for the
+	// combiners hold more than MaxPendingBytes: the store takes less than
+	// the aggregator does, and taking more would queue without bound.
+	// Nothing of the batch is taken; the publisher should retry later.
+	ErrBehind = errors.New("aggregator: the combiners are behind")
 )
 
 // Aggregator validates events, rolls each one up into every cuboid of its
@@ -119,10 +124,11 @@ type Aggregator struct {
 
 	// wal is the write-ahead log; nil without Options.WALDir.
 	wal *wal.Log
-	// logFull is set while Push refuses batches for the log's size, so
-	// that the reason is logged once a stretch.
-	logFull atomic.Bool
-	out     outbox
+	// logFull is set while Push refuses batches for the log's size, and
+	// behind while it refuses them for the bytes the outbox holds, so that
+	// the reason is logged once a stretch.
+	logFull, behind atomic.Bool
+	out             outbox
 
 	flushMu sync.Mutex // one flush at a time: a cut, then its intent
 	encode  encodeScratch
@@ -267,7 +273,7 @@ func New(opts Options) (*Aggregator, error) {
 	a.mu.segLast = map[uint64]wal.Pos{}
 	a.mu.intents = map[*intent]struct{}{}
 	a.out.init()
-	a.metrics = newMetrics(opts.Registerer, a.logSize)
+	a.metrics = newMetrics(opts.Registerer, a.logSize, func() float64 { return float64(a.out.bytes.Load()) })
 	if opts.WALDir != "" {
 		if err := a.openLog(); err != nil {
 			return nil, err
@@ -521,7 +527,7 @@ func (a *Aggregator) push(req *wirepb.PushRequest, owner func(*schema.Family, []
 				pos = fpos
 			}
 		}
-		fwd = newIntent(fpos, cutMark{}, fw.entries)
+		fwd = a.newIntent(fpos, cutMark{}, fw.entries)
 		a.mu.intents[fwd] = struct{}{}
 	}
 	a.mu.Unlock()
@@ -616,9 +622,22 @@ func (a *Aggregator) internEventLocked(ev *event, dict []string, ids []uint32) {
 }
 
 // checkLog refuses a batch while the log is broken (so that nothing is
-// counted that cannot be logged) or over WALMaxBytes, logging the reason
-// when a stretch of refusals begins and ends.
+// counted that cannot be logged), while it is over WALMaxBytes, or while the
+// outbox holds more than MaxPendingBytes, logging the reason when a stretch
+// of refusals begins and ends.
 func (a *Aggregator) checkLog() error {
+	pending := a.out.bytes.Load()
+	if pending > a.opts.MaxPendingBytes {
+		a.metrics.batchesBackpressured.WithLabelValues("behind").Inc()
+		if a.behind.CompareAndSwap(false, true) {
+			a.opts.Logger.Warn("the combiners take less than this aggregator takes: refusing batches until the flushes waiting for them fall below the limit",
+				"pending_bytes", pending, "limit", a.opts.MaxPendingBytes, "pending", a.Pending())
+		}
+		return fmt.Errorf("%w: %d bytes of flushes wait for the combiners, the limit is %d", ErrBehind, pending, a.opts.MaxPendingBytes)
+	}
+	if a.behind.CompareAndSwap(true, false) {
+		a.opts.Logger.Info("the combiners caught up: taking batches", "pending_bytes", pending, "limit", a.opts.MaxPendingBytes)
+	}
 	if a.wal == nil {
 		return nil
 	}
@@ -632,7 +651,7 @@ func (a *Aggregator) checkLog() error {
 		}
 		return nil
 	}
-	a.metrics.batchesBackpressured.Inc()
+	a.metrics.batchesBackpressured.WithLabelValues("log_full").Inc()
 	if a.logFull.CompareAndSwap(false, true) {
 		a.opts.Logger.Warn("write-ahead log over its limit: refusing batches until the combiners take the windows it holds",
 			"bytes", size, "limit", a.opts.WALMaxBytes, "pending", a.Pending())
@@ -923,7 +942,7 @@ func (a *Aggregator) flush(final bool) {
 	if payload != nil {
 		pos, err = a.wal.Append(recIntent, payload)
 	}
-	it := newIntent(pos, cut, entries)
+	it := a.newIntent(pos, cut, entries)
 	a.mu.intents[it] = struct{}{}
 	if it.remaining == 0 {
 		a.completeLocked(it)

@@ -3,6 +3,7 @@ package aggregator
 import (
 	"context"
 	"errors"
+	"time"
 
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
@@ -11,6 +12,7 @@ import (
 	// every server that serves Ingest accept them.
 	_ "google.golang.org/grpc/encoding/gzip"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/durationpb"
 
 	"github.com/dimsum/dimsum/wire/wirepb"
 )
@@ -37,6 +39,10 @@ func (s ingestServer) Push(ctx context.Context, req *wirepb.PushRequest) (*wirep
 	return resp, nil
 }
 
+// retryDelay is how long a publisher refused for back-pressure is asked to
+// wait before it tries again: the time for a few flushes to go out.
+const retryDelay = 100 * time.Millisecond
+
 // grpcError maps an aggregator error to the status a publisher sees.
 func grpcError(err error) error {
 	switch {
@@ -45,11 +51,12 @@ func grpcError(err error) error {
 			FieldViolations: []*errdetails.BadRequest_FieldViolation{{Field: "events", Description: err.Error()}},
 		})
 		return st.Err()
-	case errors.Is(err, ErrLogFull):
+	case errors.Is(err, ErrLogFull), errors.Is(err, ErrBehind):
 		// RetryInfo tells this back-pressure apart from gRPC's own
 		// ResourceExhausted for a message over the size limit, which no
-		// retry mends: a publisher retries the batch.
-		st, _ := status.New(codes.ResourceExhausted, err.Error()).WithDetails(&errdetails.RetryInfo{})
+		// retry mends: a publisher retries the batch, after the delay it
+		// says.
+		st, _ := status.New(codes.ResourceExhausted, err.Error()).WithDetails(&errdetails.RetryInfo{RetryDelay: durationpb.New(retryDelay)})
 		return st.Err()
 	case errors.Is(err, ErrClosed):
 		return status.Error(codes.Unavailable, err.Error())

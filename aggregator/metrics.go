@@ -18,7 +18,7 @@ type metrics struct {
 	openWindows    prometheus.Gauge
 	liveCells      prometheus.Gauge
 
-	batchesBackpressured prometheus.Counter
+	batchesBackpressured *prometheus.CounterVec
 	handoffPending       *prometheus.GaugeVec
 	walSync              prometheus.Histogram
 	replayedRecords      prometheus.Counter
@@ -28,7 +28,7 @@ type metrics struct {
 
 // newMetrics builds the metrics; walBytes reads the log's size when they
 // are gathered.
-func newMetrics(reg prometheus.Registerer, walBytes func() float64) *metrics {
+func newMetrics(reg prometheus.Registerer, walBytes, pendingBytes func() float64) *metrics {
 	m := &metrics{
 		accepted: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "dimsum_aggregator_events_accepted_total",
@@ -87,10 +87,10 @@ func newMetrics(reg prometheus.Registerer, walBytes func() float64) *metrics {
 			Name: "dimsum_aggregator_live_cells",
 			Help: "Cells of every cuboid in the windows held in memory, as of the last look for closed windows.",
 		}),
-		batchesBackpressured: prometheus.NewCounter(prometheus.CounterOpts{
+		batchesBackpressured: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "dimsum_aggregator_batches_backpressured_total",
-			Help: "Batches refused because the write-ahead log was over its size limit: windows waited for a combiner that did not take them.",
-		}),
+			Help: "Batches refused for back-pressure, by reason: log_full (the write-ahead log over wal_max_bytes: windows waited for a combiner that did not take them), behind (the flushes waiting for the combiners over max_pending_bytes: they take less than the aggregator does).",
+		}, []string{"reason"}),
 		handoffPending: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "dimsum_aggregator_handoff_pending_requests",
 			Help: "Requests waiting for a destination to take them (hinted handoff), by destination: flushes for a combiner replica, forwarded batches for the aggregator that owns them.",
@@ -119,7 +119,11 @@ func newMetrics(reg prometheus.Registerer, walBytes func() float64) *metrics {
 			prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 				Name: "dimsum_aggregator_wal_bytes",
 				Help: "Size of the write-ahead log on disk, with what is appended but not yet written.",
-			}, walBytes))
+			}, walBytes),
+			prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+				Name: "dimsum_aggregator_pending_bytes",
+				Help: "Memory of the flushes and forwarded parts waiting for their destinations; past max_pending_bytes, pushes are refused.",
+			}, pendingBytes))
 	}
 	return m
 }

@@ -81,6 +81,13 @@ type Options struct {
 	// 1 GiB.
 	WALMaxBytes int64
 
+	// MaxPendingBytes bounds the memory of the flushes (and forwarded
+	// parts) waiting for their destinations. It grows when the combiners
+	// take less than the aggregator takes, a store that falls behind; past
+	// the bound Push refuses batches with ErrBehind, which publishers see as
+	// back-pressure, until they drain. The default is 256 MiB.
+	MaxPendingBytes int64
+
 	// WALSegmentBytes is the size of a log segment file. The log drops
 	// whole segments once everything in them reached the combiners. The
 	// default is 64 MiB.
@@ -131,6 +138,9 @@ func (o *Options) EnsureDefaults() {
 	if o.WALMaxBytes == 0 {
 		o.WALMaxBytes = 1 << 30
 	}
+	if o.MaxPendingBytes == 0 {
+		o.MaxPendingBytes = 256 << 20
+	}
 	if o.WALSegmentBytes == 0 {
 		o.WALSegmentBytes = 64 << 20
 	}
@@ -159,6 +169,8 @@ func (o *Options) Validate() error {
 		return fmt.Errorf("%w: negative limit", ErrOptions)
 	case o.WALMaxBytes < 0 || o.WALSegmentBytes < 0:
 		return fmt.Errorf("%w: negative write-ahead log size", ErrOptions)
+	case o.MaxPendingBytes < 0:
+		return fmt.Errorf("%w: negative max pending bytes %d", ErrOptions, o.MaxPendingBytes)
 	case o.FlushInterval <= 0 || o.RetryBackoff <= 0:
 		return fmt.Errorf("%w: flush interval and retry backoff must be positive", ErrOptions)
 	}

@@ -6,10 +6,12 @@ import (
 	"math"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/dimsum/dimsum/wal"
 	"github.com/dimsum/dimsum/wire"
@@ -36,6 +38,9 @@ type entry struct {
 	flush  *wire.Flush         // entryFlush
 	push   *wirepb.PushRequest // entryForward: one owner, in dests[0]
 	queued time.Time           // when it was first queued; guarded by outbox.mu
+	// size is the memory the request holds until every destination took
+	// it: the bytes of a flush, the encoded size of a forwarded part.
+	size int64
 }
 
 // intent is the requests of one record: the flushes built from one cut
@@ -51,7 +56,9 @@ type intent struct {
 	remaining int
 }
 
-func newIntent(pos wal.Pos, cut cutMark, entries []*entry) *intent {
+// newIntent makes the intent of entries, and counts the memory they hold
+// against MaxPendingBytes until they are delivered.
+func (a *Aggregator) newIntent(pos wal.Pos, cut cutMark, entries []*entry) *intent {
 	it := &intent{pos: pos, cut: cut, entries: entries, left: make([]map[string]bool, len(entries))}
 	for i, e := range entries {
 		e.intent, e.index = it, i
@@ -61,6 +68,16 @@ func newIntent(pos wal.Pos, cut cutMark, entries []*entry) *intent {
 				it.left[i][d] = true
 				it.remaining++
 			}
+		}
+		if e.size == 0 {
+			if e.kind == entryFlush {
+				e.size = int64(len(e.flush.Data))
+			} else {
+				e.size = int64(proto.Size(e.push))
+			}
+		}
+		if len(it.left[i]) > 0 {
+			a.out.bytes.Add(e.size)
 		}
 	}
 	return it
@@ -88,9 +105,12 @@ type outbox struct {
 		wake chan struct{}
 	}
 	closing chan struct{} // closed when Close begins: senders retry at once
-	ctx     context.Context
-	cancel  context.CancelFunc // stops the senders
-	wg      sync.WaitGroup
+	// bytes is the memory of the requests some destination has not taken
+	// (entry.size), which MaxPendingBytes bounds.
+	bytes  atomic.Int64
+	ctx    context.Context
+	cancel context.CancelFunc // stops the senders
+	wg     sync.WaitGroup
 }
 
 func (o *outbox) init() {
@@ -353,6 +373,9 @@ func (a *Aggregator) deliveredLocked(it *intent, index int, dest string) bool {
 		return false
 	}
 	delete(it.left[index], dest)
+	if len(it.left[index]) == 0 {
+		a.out.bytes.Add(-it.entries[index].size)
+	}
 	if it.remaining--; it.remaining == 0 {
 		a.completeLocked(it)
 	}

@@ -92,7 +92,7 @@ func (r *replay) record(pos wal.Pos, typ wal.Type, payload []byte) error {
 // intent makes the requests of an intent or forward record pending until
 // their deliveries show up.
 func (r *replay) intent(pos wal.Pos, cut cutMark, entries []*entry) {
-	it := newIntent(pos, cut, entries)
+	it := r.a.newIntent(pos, cut, entries)
 	r.intents[pos] = it
 	r.a.mu.intents[it] = struct{}{}
 	if it.remaining == 0 {

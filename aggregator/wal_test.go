@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
@@ -471,5 +472,81 @@ func TestWALEmptiesOnceConsumed(t *testing.T) {
 	aggregator.Flush(a)
 	if got := h.total(t); got != want {
 		t.Errorf("store holds %+v after the restart, acknowledged %+v", got, want)
+	}
+}
+
+// gatedSink holds every flush until its gate opens, as a store that stopped
+// taking them does.
+type gatedSink struct {
+	oneReplica
+	next *combinerSink
+	open chan struct{}
+}
+
+func (s *gatedSink) Flush(ctx context.Context, replica string, f *wire.Flush) error {
+	select {
+	case <-s.open:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	return s.next.Flush(ctx, replica, f)
+}
+
+// Past MaxPendingBytes of flushes waiting for a store that takes none, Push
+// refuses batches with ResourceExhausted and a RetryInfo that says when to
+// come back; once the store takes them again, pushes are taken, and the
+// store holds exactly what was acknowledged.
+func TestBehindBackPressure(t *testing.T) {
+	h := newHarness(t, schema.Default())
+	sink := &gatedSink{next: h.sink, open: make(chan struct{})}
+	a, err := aggregator.New(aggregator.Options{Schema: h.schema, Sink: sink, Now: h.clock.Now, Grace: time.Second,
+		FlushInterval: time.Hour, RetryBackoff: time.Millisecond, MaxPendingBytes: 4 << 10, Registerer: h.reg})
+	if err != nil {
+		t.Fatal(err)
+	}
+	h.agg = a
+	defer a.Close()
+	client := serve(t, h)
+	var want tsdb.Step
+	push := func(seq uint64) error {
+		var b wire.Batch
+		for i := range 50 {
+			addGood(&b, h.ms(0), 1, i, i%3, i%2)
+		}
+		req := b.Request()
+		req.Source, req.BatchSeq = "pub", seq
+		resp, err := client.Push(context.Background(), req)
+		if err == nil {
+			want = add(want, tsdb.Step{Sum: float64(resp.Accepted), Count: resp.Accepted})
+		}
+		return err
+	}
+	seq := uint64(0)
+	var refused error
+	for ; seq < 100 && refused == nil; seq++ {
+		refused = push(seq + 1)
+		h.clock.Set(h.clock.Now().Add(10 * time.Second))
+		aggregator.Flush(a)
+	}
+	st := status.Convert(refused)
+	if st.Code() != codes.ResourceExhausted || len(st.Details()) != 1 {
+		t.Fatalf("push %d: %v, want ResourceExhausted with RetryInfo", seq, refused)
+	}
+	if ri, ok := st.Details()[0].(*errdetails.RetryInfo); !ok || ri.RetryDelay.AsDuration() <= 0 {
+		t.Fatalf("details %v, want a RetryInfo with a delay", st.Details())
+	}
+	if _, err := a.Push(new(wire.Batch).Request()); !errors.Is(err, aggregator.ErrBehind) {
+		t.Fatalf("Push: %v, want ErrBehind", err)
+	}
+	if got := h.counter(t, "dimsum_aggregator_batches_backpressured_total"); got < 2 {
+		t.Errorf("%v refusals counted, want at least 2", got)
+	}
+	close(sink.open)
+	poll(t, "pushes to be taken again", func() bool { return push(seq+1) == nil })
+	h.clock.Set(h.clock.Now().Add(20 * time.Second))
+	aggregator.Flush(a)
+	poll(t, "the flushes to drain", func() bool { return len(a.Pending()) == 0 })
+	if got := h.total(t); got != want {
+		t.Errorf("store holds %+v, acknowledged %+v", got, want)
 	}
 }

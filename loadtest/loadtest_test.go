@@ -251,30 +251,51 @@ func TestSeriesWorkload(t *testing.T) {
 }
 
 // TestBackfillVerifies backfills two hours of 400 series into a real node
-// that takes events that old, and reads them back.
+// that takes events that old, and reads them back: once with the default
+// bounds, and once with bounds so small that the store is always behind,
+// so that the node refuses pushes for back-pressure and the publisher
+// retries them when asked: nothing acknowledged may be lost, nothing
+// counted twice.
 func TestBackfillVerifies(t *testing.T) {
-	n, err := node.Start(node.Config{
-		DataDir:    t.TempDir(),
-		GRPCListen: "127.0.0.1:0",
-		HTTPListen: "127.0.0.1:0",
-		Name:       "test",
-		Aggregator: node.AggregatorConfig{MaxLateness: model.Duration(3 * time.Hour), FlushInterval: model.Duration(50 * time.Millisecond)},
-	}, "test", nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer n.Close()
-	rep, err := Run(context.Background(), Options{
-		Addrs:     []string{n.GRPCAddr()},
-		HTTPAddrs: []string{n.HTTPAddr()},
-		Series:    400,
-		Backfill:  2 * time.Hour,
-		Verify:    true,
-	})
-	if err != nil {
-		t.Fatalf("%v\n%s", err, rep)
-	}
-	if rep.Accepted != 400*120 || rep.Rejected != 0 || rep.ReadBack == nil || !rep.ReadBack.Verified || rep.SettledRate() <= 0 {
-		t.Errorf("report:\n%s", rep)
+	for _, tc := range []struct {
+		name  string
+		agg   node.AggregatorConfig
+		store node.StoreConfig
+	}{
+		{"default bounds", node.AggregatorConfig{}, node.StoreConfig{}},
+		{"store behind", node.AggregatorConfig{MaxPendingBytes: 16 << 10}, node.StoreConfig{HeadMaxBytes: 64 << 10}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			tc.agg.MaxLateness, tc.agg.FlushInterval = model.Duration(3*time.Hour), model.Duration(50*time.Millisecond)
+			n, err := node.Start(node.Config{
+				DataDir:    t.TempDir(),
+				GRPCListen: "127.0.0.1:0",
+				HTTPListen: "127.0.0.1:0",
+				Name:       "test",
+				Aggregator: tc.agg,
+				Store:      tc.store,
+			}, "test", nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer n.Close()
+			rep, err := Run(context.Background(), Options{
+				Addrs:     []string{n.GRPCAddr()},
+				HTTPAddrs: []string{n.HTTPAddr()},
+				Series:    400,
+				Backfill:  2 * time.Hour,
+				BatchSize: 1000,
+				Verify:    true,
+			})
+			if err != nil {
+				t.Fatalf("%v\n%s", err, rep)
+			}
+			if rep.Accepted != 400*120 || rep.Rejected != 0 || len(rep.Dropped) != 0 || rep.ReadBack == nil || !rep.ReadBack.Verified || rep.SettledRate() <= 0 {
+				t.Errorf("report:\n%s", rep)
+			}
+			if behind := tc.agg.MaxPendingBytes > 0; behind != (rep.Backpressured > 0) {
+				t.Errorf("%d retries asked for by the node, want some only when the store is behind:\n%s", rep.Backpressured, rep)
+			}
+		})
 	}
 }

@@ -24,11 +24,14 @@ type Report struct {
 	Rejected uint64 `json:"rejected"` // events a node refused
 	// Rejects counts refused events by reason; Dropped counts events the
 	// publisher did not send, by reason.
-	Rejects    map[string]uint64 `json:"rejects"`
-	Dropped    map[string]uint64 `json:"dropped"`
-	Retries    uint64            `json:"retries"`
-	Failovers  uint64            `json:"failovers"`
-	Duplicates uint64            `json:"duplicate_batches"`
+	Rejects map[string]uint64 `json:"rejects"`
+	Dropped map[string]uint64 `json:"dropped"`
+	Retries uint64            `json:"retries"`
+	// Backpressured counts the retries a node asked for, with a delay,
+	// because its store was behind (among Retries).
+	Backpressured uint64 `json:"backpressured"`
+	Failovers     uint64 `json:"failovers"`
+	Duplicates    uint64 `json:"duplicate_batches"`
 	// Totals is the sum of accepted values per family; ByDatacenter the
 	// same per family and datacenter. They are what Verify expects to read.
 	Totals       map[string]float64            `json:"totals"`
@@ -102,7 +105,7 @@ func (r Report) String() string {
 		fmt.Fprintf(&b, "dropped %s: %d\n", reason, r.Dropped[reason])
 	}
 	if r.Retries > 0 || r.Failovers > 0 || r.Duplicates > 0 {
-		fmt.Fprintf(&b, "retries %d, failovers %d, batches acknowledged as duplicates %d\n", r.Retries, r.Failovers, r.Duplicates)
+		fmt.Fprintf(&b, "retries %d (%d asked for by a node behind), failovers %d, batches acknowledged as duplicates %d\n", r.Retries, r.Backpressured, r.Failovers, r.Duplicates)
 	}
 	for _, fam := range slices.Sorted(maps.Keys(r.Totals)) {
 		fmt.Fprintf(&b, "total %s: %s\n", fam, num(r.Totals[fam]))
@@ -175,7 +178,7 @@ func (r *recorder) fill(rep *Report, s publisher.Stats) {
 	rep.Rejects = s.Rejected
 	rep.Rejected = sum(s.Rejected)
 	rep.Dropped = s.Dropped
-	rep.Retries, rep.Failovers, rep.Duplicates = s.Retries, s.Failovers, s.Duplicates
+	rep.Retries, rep.Backpressured, rep.Failovers, rep.Duplicates = s.Retries, s.Backpressured, s.Failovers, s.Duplicates
 	rep.ByDatacenter = map[string]map[string]float64{r.family: maps.Clone(r.totals)}
 	rep.Totals = map[string]float64{r.family: sumValues(r.totals)}
 	rep.Latency = Latency{P50: r.hist.quantile(0.5), P99: r.hist.quantile(0.99), P999: r.hist.quantile(0.999), Max: r.hist.max}

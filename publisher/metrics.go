@@ -26,8 +26,8 @@ const RefusedReason = "batch_refused"
 
 // counters hold what a publisher did; Stats and the metrics read them.
 type counters struct {
-	added, sent, batches, duplicates, retries, failovers atomic.Uint64
-	dropped                                              [numDropReasons]atomic.Uint64
+	added, sent, batches, duplicates, retries, failovers, backpressured atomic.Uint64
+	dropped                                                             [numDropReasons]atomic.Uint64
 
 	mu       sync.Mutex
 	rejected map[string]uint64 // by reason
@@ -72,21 +72,25 @@ type Stats struct {
 	Batches    uint64 // batches acknowledged
 	Duplicates uint64 // of those, acknowledged as counted before
 	Retries    uint64 // failed attempts that were retried
-	Failovers  uint64 // moves to the next node
-	Buffered   int    // events in the ring buffer now
+	// Backpressured counts the retries a node asked for, with a delay,
+	// because it was taking less than it was sent (among Retries).
+	Backpressured uint64
+	Failovers     uint64 // moves to the next node
+	Buffered      int    // events in the ring buffer now
 }
 
 // Stats returns what the publisher has done so far.
 func (p *Publisher) Stats() Stats {
 	s := Stats{
-		Added:      p.stats.added.Load(),
-		Sent:       p.stats.sent.Load(),
-		Batches:    p.stats.batches.Load(),
-		Duplicates: p.stats.duplicates.Load(),
-		Retries:    p.stats.retries.Load(),
-		Failovers:  p.stats.failovers.Load(),
-		Rejected:   map[string]uint64{},
-		Dropped:    map[string]uint64{},
+		Added:         p.stats.added.Load(),
+		Sent:          p.stats.sent.Load(),
+		Batches:       p.stats.batches.Load(),
+		Duplicates:    p.stats.duplicates.Load(),
+		Retries:       p.stats.retries.Load(),
+		Backpressured: p.stats.backpressured.Load(),
+		Failovers:     p.stats.failovers.Load(),
+		Rejected:      map[string]uint64{},
+		Dropped:       map[string]uint64{},
 	}
 	for i, r := range dropReasons {
 		if n := p.stats.dropped[i].Load(); n > 0 {
@@ -119,6 +123,8 @@ var (
 		"Acknowledged batches the node had counted before: retries after a lost reply.", nil, nil)
 	retriesDesc = prometheus.NewDesc("dimsum_publisher_push_retries_total",
 		"Failed push attempts that were retried.", nil, nil)
+	backpressuredDesc = prometheus.NewDesc("dimsum_publisher_push_backpressured_total",
+		"Retried push attempts that a node refused for back-pressure, asking to come back after a delay (among the retries).", nil, nil)
 	failoversDesc = prometheus.NewDesc("dimsum_publisher_failovers_total",
 		"Moves to the next node of the destination after a failed attempt.", nil, nil)
 	bufferedDesc = prometheus.NewDesc("dimsum_publisher_buffered_events",
@@ -129,7 +135,7 @@ var (
 type collector struct{ p *Publisher }
 
 func (c collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{addedDesc, sentDesc, rejectedDesc, droppedDesc, batchesDesc, duplicatesDesc, retriesDesc, failoversDesc, bufferedDesc} {
+	for _, d := range []*prometheus.Desc{addedDesc, sentDesc, rejectedDesc, droppedDesc, batchesDesc, duplicatesDesc, retriesDesc, backpressuredDesc, failoversDesc, bufferedDesc} {
 		ch <- d
 	}
 }
@@ -150,6 +156,7 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 	counter(batchesDesc, s.Batches)
 	counter(duplicatesDesc, s.Duplicates)
 	counter(retriesDesc, s.Retries)
+	counter(backpressuredDesc, s.Backpressured)
 	counter(failoversDesc, s.Failovers)
 	ch <- prometheus.MustNewConstMetric(bufferedDesc, prometheus.GaugeValue, float64(s.Buffered))
 }

@@ -292,6 +292,17 @@ func retryable(err error) bool {
 	return false
 }
 
+// askedDelay returns the delay a node asked for in the RetryInfo of its
+// refusal, if it gave one.
+func askedDelay(err error) (time.Duration, bool) {
+	for _, d := range status.Convert(err).Details() {
+		if ri, ok := d.(*errdetails.RetryInfo); ok && ri.RetryDelay != nil && ri.RetryDelay.AsDuration() > 0 {
+			return ri.RetryDelay.AsDuration(), true
+		}
+	}
+	return 0, false
+}
+
 // push sends one batch, retrying transient failures with backoff and
 // failing over to the next node after each. Every attempt carries the same
 // batch identity, so a node that counted an attempt whose reply was lost
@@ -320,15 +331,24 @@ func (p *Publisher) push(req *wirepb.PushRequest) (*wirepb.PushResponse, error) 
 			p.stats.failovers.Add(1)
 			p.opts.Logger.Warn("failing over", "from", p.opts.Addrs[i], "to", p.opts.Addrs[next], "err", err)
 		}
-		p.opts.Logger.Warn("push failed, retrying", "node", p.opts.Addrs[i], "batch", req.BatchSeq,
-			"events", len(req.Events), "backoff", backoff, "err", err)
-		wait := backoff + time.Duration(rand.Int64N(int64(backoff)/5+1))
+		wait := backoff
+		if d, ok := askedDelay(err); ok {
+			// Back-pressure: the node says when to come back, and
+			// waiting for it is no failure to back off from.
+			wait = min(d, p.opts.MaxBackoff)
+			p.stats.backpressured.Add(1)
+			p.opts.Logger.Debug("node asks to wait", "node", p.opts.Addrs[i], "batch", req.BatchSeq, "wait", wait, "err", err)
+		} else {
+			p.opts.Logger.Warn("push failed, retrying", "node", p.opts.Addrs[i], "batch", req.BatchSeq,
+				"events", len(req.Events), "backoff", backoff, "err", err)
+			backoff = min(2*backoff, p.opts.MaxBackoff)
+		}
+		wait += time.Duration(rand.Int64N(int64(wait)/5 + 1))
 		select {
 		case <-p.ctx.Done():
 			return nil, fmt.Errorf("%w: %w", ErrUnsent, err)
 		case <-time.After(wait):
 		}
-		backoff = min(2*backoff, p.opts.MaxBackoff)
 	}
 }
 

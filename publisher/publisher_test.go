@@ -260,10 +260,10 @@ func TestRetryWhenLogFull(t *testing.T) {
 	if err := p.Close(context.Background()); err != nil {
 		t.Fatal(err)
 	}
-	if s := p.Stats(); s.Sent != 10 || s.Dropped["failed"] != 0 || s.Failovers != 1 || s.Retries != 1 {
-		t.Errorf("stats %+v, want 10 events sent after one retry on the next node", s)
+	if s := p.Stats(); s.Sent != 10 || s.Dropped["failed"] != 0 || s.Failovers != 1 || s.Retries != 1 || s.Backpressured != 1 {
+		t.Errorf("stats %+v, want 10 events sent after one retry on the next node, asked for by the first", s)
 	}
-	if got := nodeMetric(t, full, "dimsum_aggregator_batches_backpressured_total", ""); got != 1 {
+	if got := nodeMetric(t, full, "dimsum_aggregator_batches_backpressured_total", `reason="log_full"`); got != 1 {
 		t.Errorf("the full node refused %v batches, want 1", got)
 	}
 	if got := nodeMetric(t, n, "dimsum_aggregator_events_accepted_total", ""); got != 10 {

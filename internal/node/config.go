@@ -44,6 +44,7 @@ type Config struct {
 	Cluster ClusterConfig `yaml:"cluster"`
 
 	Aggregator AggregatorConfig `yaml:"aggregator"`
+	Store      StoreConfig      `yaml:"store"`
 	Query      QueryConfig      `yaml:"query"`
 	// Schema declares the families and resolutions. When it names no
 	// family, the embedded default schema is used.
@@ -62,10 +63,28 @@ type AggregatorConfig struct {
 	// refuses batches (gRPC ResourceExhausted) until the combiners take
 	// the windows it holds. The default is 1 GiB.
 	WALMaxBytes int64 `yaml:"wal_max_bytes"`
+	// MaxPendingBytes bounds the memory of the flushes waiting for the
+	// combiners; past it Push refuses batches (gRPC ResourceExhausted with
+	// RetryInfo) until the store catches up. The default is 256 MiB.
+	MaxPendingBytes int64 `yaml:"max_pending_bytes"`
 	// WALDisabled runs the aggregator without a write-ahead log: a batch is
 	// acknowledged once it is in memory, and a crash loses what was not
 	// yet flushed. For benchmarks that measure the cube alone.
 	WALDisabled bool `yaml:"wal_disabled"`
+}
+
+// StoreConfig mirrors the combiner's store options (tsdb.Options); zero
+// fields take their defaults.
+type StoreConfig struct {
+	// HeadMaxBytes bounds the memory of the store's open rows, the head:
+	// past three quarters of it the oldest rows are written before their
+	// span ends, past all of it flushes wait, which makes the aggregators
+	// refuse batches once they hold max_pending_bytes. The default is
+	// 256 MiB.
+	HeadMaxBytes int64 `yaml:"head_max_bytes"`
+	// HeadHold is how long a row stays open after its span ends, for late
+	// windows. The default is 1m.
+	HeadHold model.Duration `yaml:"head_hold"`
 }
 
 // ClusterConfig configures membership and how the cube is split.
@@ -187,6 +206,12 @@ func (c *Config) Validate() error {
 	switch {
 	case c.Aggregator.WALMaxBytes < 0:
 		return fmt.Errorf("%w: aggregator wal_max_bytes %d is negative", ErrConfig, c.Aggregator.WALMaxBytes)
+	case c.Aggregator.MaxPendingBytes < 0:
+		return fmt.Errorf("%w: aggregator max_pending_bytes %d is negative", ErrConfig, c.Aggregator.MaxPendingBytes)
+	case c.Store.HeadMaxBytes < 0:
+		return fmt.Errorf("%w: store head_max_bytes %d is negative", ErrConfig, c.Store.HeadMaxBytes)
+	case c.Store.HeadHold < 0:
+		return fmt.Errorf("%w: store head_hold %s is negative", ErrConfig, c.Store.HeadHold)
 	case c.MaxRecvBytes < 0:
 		return fmt.Errorf("%w: max_recv_bytes %d is negative", ErrConfig, c.MaxRecvBytes)
 	case c.Query.MaxSamples < 0:

@@ -85,10 +85,12 @@ func Start(cfg Config, version string, log *slog.Logger) (n *Node, err error) {
 
 	if cfg.HasRole(cluster.RoleCombiner) {
 		n.db, err = tsdb.Open(tsdb.Options{
-			Dir:        filepath.Join(cfg.DataDir, "cube"),
-			Schema:     s,
-			Logger:     log.With("component", "tsdb"),
-			Registerer: reg,
+			Dir:          filepath.Join(cfg.DataDir, "cube"),
+			Schema:       s,
+			Logger:       log.With("component", "tsdb"),
+			Registerer:   reg,
+			HeadMaxBytes: cfg.Store.HeadMaxBytes,
+			HeadHold:     time.Duration(cfg.Store.HeadHold),
 		})
 		if err != nil {
 			return nil, fmt.Errorf("node: cannot open the store in %s: %w", cfg.DataDir, err)
@@ -236,6 +238,7 @@ func (n *Node) startAggregator(s *schema.Schema, reg prometheus.Registerer) erro
 		FlushInterval:     time.Duration(ac.FlushInterval),
 		WALDir:            walDir,
 		WALMaxBytes:       ac.WALMaxBytes,
+		MaxPendingBytes:   ac.MaxPendingBytes,
 		Logger:            n.log.With("component", "aggregator"),
 		Registerer:        reg,
 	})
