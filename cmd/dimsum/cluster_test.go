@@ -159,8 +159,8 @@ func (c *testCluster) alive(m *member) {
 // sliceTotals asks the node at httpAddr for the exact sum of requests by
 // datacenter over the last hour, and the count of events in all; a partial
 // answer is an error.
-func sliceTotals(httpAddr string) (sums map[string]float64, count float64, err error) {
-	q := url.Values{"family": {"requests"}, "by": {"datacenter"}, "since": {"1h"}, "measures": {"sum,count"}, "partial_response": {"false"}}
+func sliceTotals(httpAddr, since string) (sums map[string]float64, count float64, err error) {
+	q := url.Values{"family": {"requests"}, "by": {"datacenter"}, "since": {since}, "measures": {"sum,count"}, "partial_response": {"false"}}
 	resp, err := http.Get("http://" + httpAddr + "/api/v1/cube/slice?" + q.Encode())
 	if err != nil {
 		return nil, 0, err
@@ -261,7 +261,7 @@ func TestClusterSIGKILL(t *testing.T) {
 	var count float64
 	deadline := time.Now().Add(40 * time.Second)
 	for {
-		got, count, err = sliceTotals(q.http)
+		got, count, err = sliceTotals(q.http, "1h")
 		if err == nil && maps.Equal(got, want) && count == float64(rep.Accepted) {
 			break
 		}
@@ -295,7 +295,7 @@ func TestClusterSIGKILL(t *testing.T) {
 		return quiet > 20 // 2s at the poll's 100ms
 	})
 	c.kill(c.members["c3"])
-	if got, count, err := sliceTotals(q.http); err != nil || !maps.Equal(got, want) || count != float64(rep.Accepted) {
+	if got, count, err := sliceTotals(q.http, "1h"); err != nil || !maps.Equal(got, want) || count != float64(rep.Accepted) {
 		t.Fatalf("with c3 down: %v, %v events, %v", got, count, err)
 	}
 }

@@ -30,10 +30,20 @@ type crashBatch struct {
 // the batches that were not acknowledged, under the same identities. At the
 // end the store must hold exactly the events of the batches, every one
 // counted once: none acknowledged is lost, and a batch whose reply the kill
-// cut off, then retried, is not counted twice.
+// cut off, then retried, is not counted twice. Live, the events are stamped
+// now; as a backfill, each batch is 20s of data after the one before,
+// starting a day ago, so that the store writes rows all along (its finest
+// rows span 6 minutes) and the kills land in those writes too.
 func TestSIGKILL(t *testing.T) {
+	for _, backfill := range []bool{false, true} {
+		t.Run(map[bool]string{false: "live", true: "backfill"}[backfill], func(t *testing.T) { testSIGKILL(t, backfill) })
+	}
+}
+
+func testSIGKILL(t *testing.T, backfill bool) {
 	dir, bin := t.TempDir(), dimsumBinary(t)
-	config := writeConfig(t, dir, "aggregator: {grace: 500ms, flush_interval: 100ms}\nschema: {resolutions: [1s:1d, 1m:35d]}\n")
+	config := writeConfig(t, dir, "aggregator: {grace: 500ms, flush_interval: 100ms, max_lateness: 30h}\nschema: {resolutions: [1s:2d, 1m:35d]}\n")
+	base := time.Now().Add(-24 * time.Hour)
 	grpcAddr, httpAddr := freeAddr(t), freeAddr(t)
 	data := filepath.Join(dir, "data")
 	start := func() *exec.Cmd { return startNode(t, bin, config, data, grpcAddr, httpAddr) }
@@ -49,10 +59,14 @@ func TestSIGKILL(t *testing.T) {
 	newBatch := func() *crashBatch {
 		var b wire.Batch
 		cb := &crashBatch{}
+		ts := time.Now()
+		if backfill {
+			ts = base.Add(time.Duration(len(batches)) * 20 * time.Second)
+		}
 		for range 200 {
 			v := float64(1 + rng.IntN(9))
 			h := rng.IntN(40)
-			b.Add("requests", time.Now().UnixMilli(), v, "datacenter", fmt.Sprint("dc", h%2), "cluster", fmt.Sprint("c", h%4),
+			b.Add("requests", ts.UnixMilli(), v, "datacenter", fmt.Sprint("dc", h%2), "cluster", fmt.Sprint("c", h%4),
 				"host", fmt.Sprint("h", h), "transaction", fmt.Sprint("t", rng.IntN(5)), "status", "200")
 			cb.sum += v
 			cb.count++
@@ -138,7 +152,7 @@ func TestSIGKILL(t *testing.T) {
 		want.sum += cb.sum
 		want.count += cb.count
 	}
-	sums, count, err := sliceTotals(httpAddr)
+	sums, count, err := sliceTotals(httpAddr, "30h")
 	if err != nil {
 		t.Fatal(err)
 	}
