@@ -2,9 +2,13 @@
 // the schema, the per-step sum and event count of every cell of every
 // materialized cuboid, plus the dictionaries that name those cells.
 //
-// Combiners write with Apply, which turns a partial cube into Pebble merge
-// operands in one atomic, fsynced batch: ingest never reads a row, and a
-// retried batch with the same idempotency key is applied once. Queries list
+// Combiners write with Apply, which logs a partial cube in one atomic,
+// fsynced Pebble batch and adds it to the head, the open rows of the finest
+// resolution held in memory; a writer writes each row once its span closes,
+// into every resolution at once, as Pebble merge operands: ingest never
+// reads a row, and a retried batch with the same BatchID is applied once.
+// Memory is bounded by Options.HeadMaxBytes, past which Apply waits for the
+// writer. Reads see the head and Pebble together. Queries list
 // cells with Cells, which evaluates Prometheus label matchers on Roaring
 // postings, read the steps of one cell with Steps or of many cells of a
 // cuboid in one pass with Scan, and serve label names and values with
@@ -17,7 +21,7 @@
 //	defer db.Close()
 //
 //	finest := schema.Default().Family("requests").Finest()
-//	_, err = db.Apply([]byte("agg-1/window-42/seq-7"), windowStart, []tsdb.Delta{{
+//	_, err = db.Apply(tsdb.BatchID{Source: "agg-1", Seq: 7}, []tsdb.Delta{{
 //		Family: "requests", Cuboid: finest.ID,
 //		Values: []string{"dc1", "c1", "h1", "GET /", "200"},
 //		Time:   windowStart, Sum: 7, Count: 3,
@@ -36,8 +40,8 @@
 //		...
 //	})
 //
-// The on-disk layout (key kinds and their order, postings, presence, the row
-// encoding, the format version, retention and what memory holds) is
-// described byte by byte in
+// The on-disk layout (key kinds and their order, postings, presence, the
+// head and its staged batches, the row encoding, the format version,
+// retention and what memory holds) is described byte by byte in
 // docs/format/tsdb.md; the code refers to it where it encodes or decodes.
 package tsdb

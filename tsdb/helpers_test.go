@@ -1,8 +1,10 @@
 package tsdb
 
 import (
+	"encoding/binary"
 	"encoding/hex"
 	"errors"
+	"math"
 	"slices"
 	"strings"
 	"testing"
@@ -77,6 +79,39 @@ type slotValue struct {
 	slot  int
 	sum   float64
 	count uint64
+}
+
+// rowEncoder appends a row value in the entries layout, slot by slot, in
+// strictly ascending slot order, as version 2 wrote its merge operands: the
+// tests pin that the decoder and the merge operator still read them.
+type rowEncoder struct {
+	buf  []byte
+	prev int
+}
+
+func (e *rowEncoder) reset(dst []byte) {
+	e.buf = append(dst[:0], rowMagic, slotsEntries)
+	e.prev = -1
+}
+
+// add appends one entry: a header (the gap since the previous present
+// slot, shifted left twice, and the sum's kind), the count and the sum.
+func (e *rowEncoder) add(slot int, sum float64, count uint64) {
+	gap := uint64(slot-e.prev-1) << 2
+	e.prev = slot
+	switch {
+	case sumIsCount(sum, count):
+		e.buf = binary.AppendUvarint(e.buf, gap|entrySumCount)
+		e.buf = binary.AppendUvarint(e.buf, count)
+	case sumIsWhole(sum):
+		e.buf = binary.AppendUvarint(e.buf, gap|entrySumWhole)
+		e.buf = binary.AppendUvarint(e.buf, count)
+		e.buf = binary.AppendUvarint(e.buf, uint64(sum))
+	default:
+		e.buf = binary.AppendUvarint(e.buf, gap|entrySumIEEE)
+		e.buf = binary.AppendUvarint(e.buf, count)
+		e.buf = binary.LittleEndian.AppendUint64(e.buf, math.Float64bits(sum))
+	}
 }
 
 func encodeRow(slots ...slotValue) []byte {

@@ -18,15 +18,15 @@ import (
 // how it packs counts and sums:
 //
 //	bits 0-1  slots:  0 all 360 present, 1 slot list, 2 bitmap,
-//	                  3 entries (interleaved, the merge operands' layout)
+//	                  3 entries (interleaved, version 2's merge operands)
 //	bit  2    counts: 0 frame of reference, 1 deltas
 //	bits 3-4  sums:   0 equal to the counts, 1 whole numbers by frame of
 //	                  reference, 2 whole numbers by deltas, 3 IEEE-754
 //	bits 5-7  zero
 //
-// Apply writes entries (rowEncoder), which it can stream slot by slot; the
-// merge operator writes the columnar layouts (denseRow.appendTo), which are
-// what compactions leave on disk. rowDecoder reads all of them.
+// The writer and the merge operator write the columnar layouts
+// (denseRow.appendTo); version 2 wrote its operands as entries, which
+// rowDecoder still reads, as it reads every layout.
 const (
 	// rowMagic is 0xD ("dimsum") in the high nibble and the row encoding's
 	// version (2) in the low one. A value that starts with anything else is
@@ -80,39 +80,6 @@ func sumIsWhole(sum float64) bool {
 // sum need not be stored: every event of a log-derived counter is 1.
 func sumIsCount(sum float64, count uint64) bool {
 	return sum == float64(count) && !math.Signbit(sum)
-}
-
-// rowEncoder appends a row value in the entries layout, slot by slot, in
-// strictly ascending slot order. Apply uses it for merge operands, which
-// hold a few slots each.
-type rowEncoder struct {
-	buf  []byte
-	prev int
-}
-
-func (e *rowEncoder) reset(dst []byte) {
-	e.buf = append(dst[:0], rowMagic, slotsEntries)
-	e.prev = -1
-}
-
-// add appends one entry: a header (the gap since the previous present
-// slot, shifted left twice, and the sum's kind), the count and the sum.
-func (e *rowEncoder) add(slot int, sum float64, count uint64) {
-	gap := uint64(slot-e.prev-1) << 2
-	e.prev = slot
-	switch {
-	case sumIsCount(sum, count):
-		e.buf = binary.AppendUvarint(e.buf, gap|entrySumCount)
-		e.buf = binary.AppendUvarint(e.buf, count)
-	case sumIsWhole(sum):
-		e.buf = binary.AppendUvarint(e.buf, gap|entrySumWhole)
-		e.buf = binary.AppendUvarint(e.buf, count)
-		e.buf = binary.AppendUvarint(e.buf, uint64(sum))
-	default:
-		e.buf = binary.AppendUvarint(e.buf, gap|entrySumIEEE)
-		e.buf = binary.AppendUvarint(e.buf, count)
-		e.buf = binary.LittleEndian.AppendUint64(e.buf, math.Float64bits(sum))
-	}
 }
 
 var (
