@@ -58,6 +58,11 @@ type AggregatorConfig struct {
 	MaxBatchEvents    int            `yaml:"max_batch_events"`     // default 100000
 	MaxCellsPerWindow int            `yaml:"max_cells_per_window"` // default 1000000
 	FlushInterval     model.Duration `yaml:"flush_interval"`       // default window/10
+	// MaxLabelNameBytes and MaxLabelValueBytes bound an event's label
+	// names and values; a longer one is rejected (LABEL_TOO_LONG). The
+	// defaults are 256 and 2048.
+	MaxLabelNameBytes  int `yaml:"max_label_name_bytes"`
+	MaxLabelValueBytes int `yaml:"max_label_value_bytes"`
 	// WALMaxBytes bounds the write-ahead log in data_dir/wal; past it Push
 	// refuses batches (gRPC ResourceExhausted) until the combiners take
 	// the windows it holds. The default is 1 GiB.

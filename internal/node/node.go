@@ -224,20 +224,22 @@ func (n *Node) startAggregator(s *schema.Schema, reg prometheus.Registerer) erro
 	}
 	var err error
 	n.agg, err = aggregator.New(aggregator.Options{
-		Schema:            s,
-		Sink:              sink,
-		Peers:             peers,
-		Name:              cfg.Name,
-		Grace:             time.Duration(ac.Grace),
-		MaxLateness:       time.Duration(ac.MaxLateness),
-		MaxFutureSkew:     time.Duration(ac.MaxFutureSkew),
-		MaxBatchEvents:    ac.MaxBatchEvents,
-		MaxCellsPerWindow: ac.MaxCellsPerWindow,
-		FlushInterval:     time.Duration(ac.FlushInterval),
-		WALDir:            walDir,
-		WALMaxBytes:       ac.WALMaxBytes,
-		Logger:            n.log.With("component", "aggregator"),
-		Registerer:        reg,
+		Schema:             s,
+		Sink:               sink,
+		Peers:              peers,
+		Name:               cfg.Name,
+		Grace:              time.Duration(ac.Grace),
+		MaxLateness:        time.Duration(ac.MaxLateness),
+		MaxFutureSkew:      time.Duration(ac.MaxFutureSkew),
+		MaxBatchEvents:     ac.MaxBatchEvents,
+		MaxCellsPerWindow:  ac.MaxCellsPerWindow,
+		MaxLabelNameBytes:  ac.MaxLabelNameBytes,
+		MaxLabelValueBytes: ac.MaxLabelValueBytes,
+		FlushInterval:      time.Duration(ac.FlushInterval),
+		WALDir:             walDir,
+		WALMaxBytes:        ac.WALMaxBytes,
+		Logger:             n.log.With("component", "aggregator"),
+		Registerer:         reg,
 	})
 	if err != nil {
 		return err
