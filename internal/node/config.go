@@ -111,6 +111,11 @@ type QueryConfig struct {
 	MaxSeries     int            `yaml:"max_series"`     // default 1000000
 	LookbackDelta model.Duration `yaml:"lookback_delta"` // default 5m
 	MaxGroups     int            `yaml:"max_groups"`     // default 10000, groups of one cube slice
+	// MaxQueryLength bounds a PromQL expression and each match[] selector,
+	// in bytes, and MaxQueryDepth how deep its brackets nest; either
+	// refused with 400. The defaults are 16384 and 64.
+	MaxQueryLength int `yaml:"max_query_length"`
+	MaxQueryDepth  int `yaml:"max_query_depth"`
 	// PartialResponse is what a request that does not say (with the
 	// partial_response parameter) gets when a shard of the cube has no
 	// reachable combiner: true, the default, answers from the others with a
@@ -200,6 +205,10 @@ func (c *Config) Validate() error {
 		return fmt.Errorf("%w: query max_series %d is negative", ErrConfig, c.Query.MaxSeries)
 	case c.Query.MaxGroups < 0:
 		return fmt.Errorf("%w: query max_groups %d is negative", ErrConfig, c.Query.MaxGroups)
+	case c.Query.MaxQueryLength < 0 || c.Query.MaxQueryDepth < 0:
+		return fmt.Errorf("%w: query max_query_length %d or max_query_depth %d is negative", ErrConfig, c.Query.MaxQueryLength, c.Query.MaxQueryDepth)
+	case c.Aggregator.MaxLabelNameBytes < 0 || c.Aggregator.MaxLabelValueBytes < 0:
+		return fmt.Errorf("%w: aggregator max_label_name_bytes %d or max_label_value_bytes %d is negative", ErrConfig, c.Aggregator.MaxLabelNameBytes, c.Aggregator.MaxLabelValueBytes)
 	case c.Cluster.Shards < 0 || c.Cluster.Shards > maxShards:
 		return fmt.Errorf("%w: cluster shards %d, want 1 to %d", ErrConfig, c.Cluster.Shards, maxShards)
 	case c.Cluster.Replication < 0:

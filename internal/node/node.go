@@ -270,6 +270,8 @@ func (n *Node) startQuery(s *schema.Schema, reg prometheus.Registerer, version s
 		MaxSamples:      qc.MaxSamples,
 		MaxSeries:       qc.MaxSeries,
 		MaxGroups:       qc.MaxGroups,
+		MaxQueryLength:  qc.MaxQueryLength,
+		MaxQueryDepth:   qc.MaxQueryDepth,
 		LookbackDelta:   time.Duration(qc.LookbackDelta),
 		PartialResponse: qc.PartialResponse,
 		Version:         version,

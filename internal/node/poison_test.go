@@ -95,3 +95,31 @@ func TestPoisonedEventsRefused(t *testing.T) {
 		t.Errorf("series: HTTP %d %s: %s %.300s", code, r.ErrorType, r.Error, r.Data)
 	}
 }
+
+// TestQueriesOfEverythingRefused asks a real node, over HTTP, for series
+// with match[]={} (every series of the store, which Prometheus refuses
+// with 400) and for an expression of 50,000 nested parentheses (15.7 s of
+// parsing), and wants both refused with 400 bad_data.
+func TestQueriesOfEverythingRefused(t *testing.T) {
+	n, err := Start(testConfig(t.TempDir()), "test", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer n.Close()
+	for _, c := range []struct {
+		path   string
+		params url.Values
+		msg    string
+	}{
+		{"/api/v1/series", url.Values{"match[]": {"{}"}}, "would read every series"},
+		{"/api/v1/labels", url.Values{"match[]": {`{host=~".*"}`}}, "would read every series"},
+		{"/api/v1/query", url.Values{"query": {strings.Repeat("(", 50_000) + "1" + strings.Repeat(")", 50_000)}}, "bytes, the limit is 16384"},
+		{"/api/v1/query", url.Values{"query": {strings.Repeat("(", 100) + "1" + strings.Repeat(")", 100)}}, "brackets nest 100 deep, the limit is 64"},
+	} {
+		start := time.Now()
+		code, r := get(t, n.HTTPAddr(), c.path, c.params)
+		if code != http.StatusBadRequest || r.ErrorType != "bad_data" || !strings.Contains(r.Error, c.msg) || time.Since(start) > 5*time.Second {
+			t.Errorf("%s %.60v: HTTP %d %s %q after %v, want 400 bad_data naming %q", c.path, c.params, code, r.ErrorType, r.Error, time.Since(start), c.msg)
+		}
+	}
+}
