@@ -13,6 +13,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/dimsum/dimsum/internal/disk"
 	"github.com/dimsum/dimsum/schema"
 	"github.com/dimsum/dimsum/wal"
 	"github.com/dimsum/dimsum/wire"
@@ -54,6 +55,21 @@ var (
 	// taking more would grow the log without bound. Nothing of the batch
 	// is taken; the publisher should retry later.
 	ErrLogFull = errors.New("aggregator: write-ahead log full")
+	// ErrDiskLow is returned by Push while the log's filesystem has less
+	// free space than MinFreeBytes. Nothing of the batch is taken; the
+	// publisher should retry later.
+	ErrDiskLow = errors.New("aggregator: free disk space below the floor")
+	// ErrLogFailed is returned by Push when the write-ahead log cannot
+	// write: the batch is not known to be durable here, and another node
+	// may take it.
+	ErrLogFailed = errors.New("aggregator: write-ahead log failed")
+	// ErrNotReady is returned by Push while Options.Ready reports an
+	// error.
+	ErrNotReady = errors.New("aggregator: not ready")
+	// ErrNotInternal refuses a batch marked as forwarded by another
+	// aggregator on a listener that is not the cluster's internal one:
+	// only a member may say that a batch was checked already.
+	ErrNotInternal = errors.New("aggregator: a forwarded batch is taken only on the internal listener")
 )
 
 // Aggregator validates events, rolls each one up into every cuboid of its
@@ -114,7 +130,9 @@ type Aggregator struct {
 	// logFull is set while Push refuses batches for the log's size, so
 	// that the reason is logged once a stretch.
 	logFull atomic.Bool
-	out     outbox
+	// floor refuses batches while the log's filesystem is nearly full.
+	floor *disk.Floor
+	out   outbox
 
 	flushMu sync.Mutex // one flush at a time: a cut, then its intent
 	stop    chan struct{}
@@ -230,7 +248,8 @@ func New(opts Options) (*Aggregator, error) {
 	a.mu.segMax = map[uint64]int64{}
 	a.mu.intents = map[*intent]struct{}{}
 	a.out.init()
-	a.metrics = newMetrics(opts.Registerer, a.logSize)
+	a.floor = &disk.Floor{Dir: opts.WALDir, Min: uint64(opts.MinFreeBytes), Logger: opts.Logger, What: "batches"}
+	a.metrics = newMetrics(opts.Registerer, a.logSize, a.floor.FreeBytes)
 	if opts.WALDir != "" {
 		if err := a.openLog(); err != nil {
 			return nil, err
@@ -509,7 +528,7 @@ func (a *Aggregator) push(req *wirepb.PushRequest, owner func(*schema.Family, []
 		// a crash before then would lose them: the publisher must not
 		// take the batch as safe.
 		a.opts.Logger.Error("batch not acknowledged: the write-ahead log failed", "err", logErr)
-		return nil, fmt.Errorf("aggregator: batch not logged: %w", logErr)
+		return nil, fmt.Errorf("%w: batch not logged: %w", ErrLogFailed, logErr)
 	}
 
 	slices.SortFunc(resp.Rejects, func(x, y *wirepb.Reject) int { return int(x.Index) - int(y.Index) })
@@ -581,15 +600,25 @@ func (a *Aggregator) internEventLocked(ev *event, dict []string, ids []uint32) {
 	}
 }
 
-// checkLog refuses a batch while the log is broken (so that nothing is
-// counted that cannot be logged) or over WALMaxBytes, logging the reason
-// when a stretch of refusals begins and ends.
+// checkLog refuses a batch while the node is not ready, while the log is
+// broken (so that nothing is counted that cannot be logged), its
+// filesystem below the free-space floor or the log over WALMaxBytes,
+// logging the reason when a stretch of refusals begins and ends.
 func (a *Aggregator) checkLog() error {
+	if a.opts.Ready != nil {
+		if err := a.opts.Ready(); err != nil {
+			return fmt.Errorf("%w: %w", ErrNotReady, err)
+		}
+	}
 	if a.wal == nil {
 		return nil
 	}
 	if err := a.wal.Err(); err != nil && !errors.Is(err, wal.ErrClosed) {
-		return fmt.Errorf("aggregator: the write-ahead log failed, batches cannot be made durable: %w", err)
+		return fmt.Errorf("%w, batches cannot be made durable: %w", ErrLogFailed, err)
+	}
+	if err := a.floor.Check(); err != nil {
+		a.metrics.batchesLowDisk.Inc()
+		return fmt.Errorf("%w: %w", ErrDiskLow, err)
 	}
 	size := a.wal.Size()
 	if size <= a.opts.WALMaxBytes {

@@ -19,6 +19,7 @@ type metrics struct {
 	liveCells      prometheus.Gauge
 
 	batchesBackpressured prometheus.Counter
+	batchesLowDisk       prometheus.Counter
 	handoffPending       *prometheus.GaugeVec
 	walSync              prometheus.Histogram
 	replayedRecords      prometheus.Counter
@@ -26,9 +27,9 @@ type metrics struct {
 	replaySkipped        prometheus.Counter
 }
 
-// newMetrics builds the metrics; walBytes reads the log's size when they
-// are gathered.
-func newMetrics(reg prometheus.Registerer, walBytes func() float64) *metrics {
+// newMetrics builds the metrics; walBytes reads the log's size and walFree
+// the free space of its filesystem when they are gathered.
+func newMetrics(reg prometheus.Registerer, walBytes, walFree func() float64) *metrics {
 	m := &metrics{
 		accepted: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "dimsum_aggregator_events_accepted_total",
@@ -91,6 +92,10 @@ func newMetrics(reg prometheus.Registerer, walBytes func() float64) *metrics {
 			Name: "dimsum_aggregator_batches_backpressured_total",
 			Help: "Batches refused because the write-ahead log was over its size limit: windows waited for a combiner that did not take them.",
 		}),
+		batchesLowDisk: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "dimsum_aggregator_batches_low_disk_total",
+			Help: "Batches refused because the write-ahead log's filesystem had less free space than the floor (min_free_bytes).",
+		}),
 		handoffPending: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "dimsum_aggregator_handoff_pending_requests",
 			Help: "Requests waiting for a destination to take them (hinted handoff), by destination: flushes for a combiner replica, forwarded batches for the aggregator that owns them.",
@@ -115,11 +120,15 @@ func newMetrics(reg prometheus.Registerer, walBytes func() float64) *metrics {
 	}
 	if reg != nil {
 		reg.MustRegister(m.accepted, m.rejected, m.late, m.batchesRefused, m.duplicates, m.forgotten, m.flushes, m.flushedCells, m.flushLag, m.flushErrors, m.forwarded, m.forwardErrors, m.openWindows, m.liveCells,
-			m.batchesBackpressured, m.handoffPending, m.walSync, m.replayedRecords, m.replayedEvents, m.replaySkipped,
+			m.batchesBackpressured, m.batchesLowDisk, m.handoffPending, m.walSync, m.replayedRecords, m.replayedEvents, m.replaySkipped,
 			prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 				Name: "dimsum_aggregator_wal_bytes",
 				Help: "Size of the write-ahead log on disk, with what is appended but not yet written.",
-			}, walBytes))
+			}, walBytes),
+			prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+				Name: "dimsum_aggregator_wal_free_bytes",
+				Help: "Free space of the write-ahead log's filesystem; below min_free_bytes, batches are refused.",
+			}, walFree))
 	}
 	return m
 }

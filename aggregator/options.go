@@ -90,6 +90,19 @@ type Options struct {
 	// 1 GiB.
 	WALMaxBytes int64
 
+	// MinFreeBytes is the free-space floor of the log's filesystem: below
+	// it Push refuses batches with ErrDiskLow, which publishers see as
+	// back-pressure (ResourceExhausted with RetryInfo), until space
+	// returns, so that the log never meets a full disk. The default, 0,
+	// sets no floor; a node sets one (min_free_bytes).
+	MinFreeBytes int64
+
+	// Ready, when set, is asked before every batch: while it returns an
+	// error, Push refuses batches with ErrNotReady (gRPC Unavailable), so
+	// that publishers go to another node. In a node, it reports a store
+	// that cannot go on. nil, the default, is always ready.
+	Ready func() error
+
 	// WALSegmentBytes is the size of a log segment file. The log drops
 	// whole segments once everything in them reached the combiners. The
 	// default is 64 MiB.
@@ -172,7 +185,7 @@ func (o *Options) Validate() error {
 		return fmt.Errorf("%w: max lateness %s exceeds the finest retention %s", ErrOptions, o.MaxLateness, o.Schema.Resolutions[0].Retention)
 	case o.MaxBatchEvents < 0 || o.MaxCellsPerWindow < 0 || o.MaxLabelNameBytes < 0 || o.MaxLabelValueBytes < 0:
 		return fmt.Errorf("%w: negative limit", ErrOptions)
-	case o.WALMaxBytes < 0 || o.WALSegmentBytes < 0:
+	case o.WALMaxBytes < 0 || o.WALSegmentBytes < 0 || o.MinFreeBytes < 0:
 		return fmt.Errorf("%w: negative write-ahead log size", ErrOptions)
 	case o.FlushInterval <= 0 || o.RetryBackoff <= 0:
 		return fmt.Errorf("%w: flush interval and retry backoff must be positive", ErrOptions)

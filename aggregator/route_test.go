@@ -109,7 +109,7 @@ func newRing(t *testing.T, names ...string) *ring {
 		}
 		r.nodes[name] = n
 		n.open()
-		n.srv = newPeer(t, func(s *grpc.Server) { n.router.Register(s) })
+		n.srv = newPeer(t, func(s *grpc.Server) { n.router.RegisterInternal(s) })
 	}
 	return r
 }

@@ -26,7 +26,7 @@ func member(t *testing.T, name string, seed *Node, roles ...cluster.Role) *Node 
 	for _, r := range roles {
 		cfg.Roles = append(cfg.Roles, string(r))
 	}
-	cfg.Cluster = ClusterConfig{GossipListen: "127.0.0.1:0", Timing: "fast", Shards: 8, Replication: 2, Combiners: []string{"c1", "c2"}}
+	cfg.Cluster = ClusterConfig{GossipListen: "127.0.0.1:0", InternalListen: "127.0.0.1:0", Insecure: true, Timing: "fast", Shards: 8, Replication: 2, Combiners: []string{"c1", "c2"}}
 	if seed != nil {
 		cfg.Cluster.Join = []string{seed.GossipAddr()}
 	}

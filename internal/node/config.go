@@ -8,6 +8,7 @@ import (
 	"os"
 	"slices"
 	"strings"
+	"time"
 
 	"github.com/prometheus/common/model"
 	"go.yaml.in/yaml/v3"
@@ -22,18 +23,44 @@ type Config struct {
 	// DataDir holds the cube store (in cube/) and the aggregator's
 	// write-ahead log (in wal/). The default is ./data.
 	DataDir string `yaml:"data_dir"`
-	// GRPCListen is the address of the gRPC server (pushes, and in a
-	// cluster flushes, forwarded batches and reads between nodes). The
-	// default is 127.0.0.1:9400.
+	// GRPCListen is the address of the public gRPC server: publishers'
+	// pushes, and nothing else. The cluster's own calls go to
+	// cluster.internal_listen. The default is 127.0.0.1:9400.
 	GRPCListen string `yaml:"grpc_listen"`
-	// HTTPListen is the address of the HTTP server (the Prometheus API and
-	// /metrics). The default is 127.0.0.1:9401.
+	// HTTPListen is the address of the HTTP server (the Prometheus API, the
+	// cube slices and /metrics). The default is 127.0.0.1:9401.
 	HTTPListen string `yaml:"http_listen"`
+	// TLS, when it names a certificate and key, serves the public gRPC and
+	// HTTP listeners over TLS; with a ca_file too, every client must
+	// present a certificate that CA signed. The default is none: plain
+	// text, for a node on loopback.
+	TLS TLSConfig `yaml:"tls"`
+	// Auth, when it names a credentials file, requires a credential with
+	// the right to each call on the public listeners (see docs/security.md).
+	// The default is none: anyone who reaches them may push and query.
+	Auth AuthConfig `yaml:"auth"`
+	// ReloadInterval is how often the credentials file, the certificates
+	// and the gossip keys are looked at, and read again when they changed,
+	// so that credentials rotate without a restart (SIGHUP reads them at
+	// once). The default is 10s.
+	ReloadInterval model.Duration `yaml:"reload_interval"`
 	// Name identifies the node in flush identities and logs. The default is
 	// the host name.
 	Name string `yaml:"name"`
-	// MaxRecvBytes bounds one gRPC message. The default is 64 MiB.
+	// MaxBatchBytes bounds one message on the public gRPC listener: the
+	// bytes of one batch, decompressed. A larger one is refused with gRPC
+	// ResourceExhausted (and no RetryInfo: no retry mends it). The default
+	// is 16 MiB.
+	MaxBatchBytes int `yaml:"max_batch_bytes"`
+	// MaxRecvBytes bounds one gRPC message between members on the internal
+	// listener (flushes, forwarded batches, reads). The default is 64 MiB.
 	MaxRecvBytes int `yaml:"max_recv_bytes"`
+	// MinFreeBytes is the free-space floor of data_dir's filesystems:
+	// below it the aggregator refuses batches (gRPC ResourceExhausted with
+	// RetryInfo: back-pressure) and the combiner flushes, until space
+	// returns, so that the write-ahead log and the store never meet a full
+	// disk. The default is 256 MiB.
+	MinFreeBytes int64 `yaml:"min_free_bytes"`
 
 	// Roles are the roles this node runs: some of aggregator, combiner and
 	// query. The default is all three.
@@ -79,6 +106,29 @@ type ClusterConfig struct {
 	// Join makes the node a cluster member. The default, for a member, is
 	// the gRPC host with port 9402.
 	GossipListen string `yaml:"gossip_listen"`
+	// InternalListen is the address of the internal gRPC server, where the
+	// other members send flushes, forwarded batches and shard reads; with
+	// TLS, only members reach it. The default is the gRPC host with port
+	// 9403. A node outside a cluster serves these calls in its own
+	// process, on no port at all.
+	InternalListen string `yaml:"internal_listen"`
+	// TLS is mutual TLS between members on the internal listener: ca_file
+	// is the cluster's CA, which signs every member's certificate (for both
+	// server and client use, naming the addresses it is reached at), and
+	// a call without a certificate it signed is refused in the handshake.
+	// Required of a member unless Insecure.
+	TLS TLSConfig `yaml:"tls"`
+	// GossipKeyFile holds the keys that encrypt and authenticate gossip
+	// (base64, one a line, 16, 24 or 32 bytes; the first encrypts, each
+	// decrypts): a host without one can neither join nor read the
+	// membership. It is read again on reload. Required of a member unless
+	// Insecure.
+	GossipKeyFile string `yaml:"gossip_key_file"`
+	// Insecure runs a cluster member without TLS on the internal listener
+	// and with gossip in clear: anyone who reaches those ports can write
+	// into the cube. Only for a network no one else reaches, and tests.
+	// The default is false.
+	Insecure bool `yaml:"insecure"`
 	// Advertise is the gossip address other members reach this node at,
 	// when it differs from GossipListen (NAT, 0.0.0.0).
 	Advertise string `yaml:"advertise"`
@@ -123,6 +173,16 @@ type QueryConfig struct {
 	PartialResponse *bool `yaml:"partial_response"`
 }
 
+// AuthConfig configures the credentials of the public listeners.
+type AuthConfig struct {
+	// CredentialsFile is a YAML file of credentials (bearer tokens and
+	// basic auth users, each with its rights: push, query, admin; see
+	// package auth). Once set, a call on the public listeners without a
+	// credential that holds its right is refused before any work is done.
+	// It is read again when it changes. The default is none.
+	CredentialsFile string `yaml:"credentials_file"`
+}
+
 // ErrConfig marks an invalid configuration.
 var ErrConfig = errors.New("node: invalid config")
 
@@ -163,6 +223,15 @@ func (c *Config) EnsureDefaults() {
 	if c.MaxRecvBytes == 0 {
 		c.MaxRecvBytes = 64 << 20
 	}
+	if c.MaxBatchBytes == 0 {
+		c.MaxBatchBytes = 16 << 20
+	}
+	if c.MinFreeBytes == 0 {
+		c.MinFreeBytes = 256 << 20
+	}
+	if c.ReloadInterval == 0 {
+		c.ReloadInterval = model.Duration(10 * time.Second)
+	}
 	if len(c.Roles) == 0 {
 		c.Roles = []string{string(cluster.RoleAggregator), string(cluster.RoleCombiner), string(cluster.RoleQuery)}
 	}
@@ -176,10 +245,14 @@ func (c *Config) EnsureDefaults() {
 	if cl.Timing == "" {
 		cl.Timing = "lan"
 	}
-	if c.Clustered() && cl.GossipListen == "" {
-		host, _, err := net.SplitHostPort(c.GRPCListen)
-		if err == nil {
-			cl.GossipListen = net.JoinHostPort(host, "9402")
+	if c.Clustered() {
+		if host, _, err := net.SplitHostPort(c.GRPCListen); err == nil {
+			if cl.GossipListen == "" {
+				cl.GossipListen = net.JoinHostPort(host, "9402")
+			}
+			if cl.InternalListen == "" {
+				cl.InternalListen = net.JoinHostPort(host, "9403")
+			}
 		}
 	}
 }
@@ -199,6 +272,12 @@ func (c *Config) Validate() error {
 		return fmt.Errorf("%w: aggregator wal_max_bytes %d is negative", ErrConfig, c.Aggregator.WALMaxBytes)
 	case c.MaxRecvBytes < 0:
 		return fmt.Errorf("%w: max_recv_bytes %d is negative", ErrConfig, c.MaxRecvBytes)
+	case c.MaxBatchBytes < 0:
+		return fmt.Errorf("%w: max_batch_bytes %d is negative", ErrConfig, c.MaxBatchBytes)
+	case c.MinFreeBytes < 0:
+		return fmt.Errorf("%w: min_free_bytes %d is negative", ErrConfig, c.MinFreeBytes)
+	case c.ReloadInterval < 0:
+		return fmt.Errorf("%w: reload_interval %s is negative", ErrConfig, c.ReloadInterval)
 	case c.Query.MaxSamples < 0:
 		return fmt.Errorf("%w: query max_samples %d is negative", ErrConfig, c.Query.MaxSamples)
 	case c.Query.MaxSeries < 0:
@@ -236,7 +315,33 @@ func (c *Config) Validate() error {
 	if !c.Clustered() && len(seen) != 0 && len(seen) != 3 {
 		return fmt.Errorf("%w: a node outside a cluster must run every role; roles %v need cluster.join or cluster.gossip_listen", ErrConfig, c.Roles)
 	}
-	return nil
+	if err := c.TLS.validate("tls", false); err != nil {
+		return err
+	}
+	return c.validateCluster()
+}
+
+// validateCluster checks the cluster's trust settings: a member proves
+// itself with TLS and the gossip key, unless insecure; a node alone has no
+// use for either.
+func (c *Config) validateCluster() error {
+	cl := c.Cluster
+	if !c.Clustered() {
+		if cl.InternalListen != "" || cl.TLS.enabled() || cl.GossipKeyFile != "" || cl.Insecure {
+			return fmt.Errorf("%w: cluster.internal_listen, tls, gossip_key_file and insecure need a cluster (cluster.join or cluster.gossip_listen); a node alone serves its internal calls in its own process", ErrConfig)
+		}
+		return nil
+	}
+	if cl.Insecure {
+		if cl.TLS.enabled() || cl.GossipKeyFile != "" {
+			return fmt.Errorf("%w: cluster.insecure excludes cluster.tls and cluster.gossip_key_file", ErrConfig)
+		}
+		return nil
+	}
+	if !cl.TLS.enabled() || cl.GossipKeyFile == "" {
+		return fmt.Errorf("%w: %v", ErrConfig, errNoTLS)
+	}
+	return cl.TLS.validate("cluster.tls", true)
 }
 
 // maxShards bounds cluster.shards: a query reads every shard, and the
