@@ -21,6 +21,12 @@ import (
 // combiners c1 and c2.
 func member(t *testing.T, name string, seed *Node, roles ...cluster.Role) *Node {
 	t.Helper()
+	return startMember(t, memberConfig(t, name, seed, roles...))
+}
+
+// memberConfig is the config member starts a node with.
+func memberConfig(t *testing.T, name string, seed *Node, roles ...cluster.Role) Config {
+	t.Helper()
 	cfg := testConfig(t.TempDir())
 	cfg.Name = name
 	for _, r := range roles {
@@ -30,15 +36,22 @@ func member(t *testing.T, name string, seed *Node, roles ...cluster.Role) *Node 
 	if seed != nil {
 		cfg.Cluster.Join = []string{seed.GossipAddr()}
 	}
+	return cfg
+}
+
+// startMember starts a node, stopped at the end of the test, which then
+// logs what the node logged if it failed.
+func startMember(t *testing.T, cfg Config) *Node {
+	t.Helper()
 	logs := &syncBuffer{}
 	n, err := Start(cfg, "test", slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelInfo})))
 	if err != nil {
-		t.Fatalf("starting %s: %v", name, err)
+		t.Fatalf("starting %s: %v", cfg.Name, err)
 	}
 	t.Cleanup(func() {
 		n.Close()
 		if t.Failed() {
-			t.Logf("log of %s:\n%s", name, logs.String())
+			t.Logf("log of %s:\n%s", cfg.Name, logs.String())
 		}
 	})
 	return n
