@@ -600,6 +600,19 @@ func (a *Aggregator) internEventLocked(ev *event, dict []string, ids []uint32) {
 	}
 }
 
+// LogErr is the error that broke the write-ahead log, wrapping
+// ErrLogFailed, and nil while it works (or without a log). A broken log
+// stays broken: batches are refused until a restart.
+func (a *Aggregator) LogErr() error {
+	if a.wal == nil {
+		return nil
+	}
+	if err := a.wal.Err(); err != nil && !errors.Is(err, wal.ErrClosed) {
+		return fmt.Errorf("%w, batches cannot be made durable: %w", ErrLogFailed, err)
+	}
+	return nil
+}
+
 // checkLog refuses a batch while the node is not ready, while the log is
 // broken (so that nothing is counted that cannot be logged), its
 // filesystem below the free-space floor or the log over WALMaxBytes,
@@ -613,8 +626,8 @@ func (a *Aggregator) checkLog() error {
 	if a.wal == nil {
 		return nil
 	}
-	if err := a.wal.Err(); err != nil && !errors.Is(err, wal.ErrClosed) {
-		return fmt.Errorf("%w, batches cannot be made durable: %w", ErrLogFailed, err)
+	if err := a.LogErr(); err != nil {
+		return err
 	}
 	if err := a.floor.Check(); err != nil {
 		a.metrics.batchesLowDisk.Inc()

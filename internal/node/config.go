@@ -94,6 +94,10 @@ type AggregatorConfig struct {
 	// refuses batches (gRPC ResourceExhausted) until the combiners take
 	// the windows it holds. The default is 1 GiB.
 	WALMaxBytes int64 `yaml:"wal_max_bytes"`
+	// WALSegmentBytes is the size of one log segment file; the log drops
+	// whole segments once the combiners took what they hold. The default
+	// is 64 MiB.
+	WALSegmentBytes int64 `yaml:"wal_segment_bytes"`
 	// WALDisabled runs the aggregator without a write-ahead log: a batch is
 	// acknowledged once it is in memory, and a crash loses what was not
 	// yet flushed. For benchmarks that measure the cube alone.
@@ -268,8 +272,8 @@ func (c *Config) HasRole(role cluster.Role) bool { return slices.Contains(c.Role
 // check their own fields when they are built.
 func (c *Config) Validate() error {
 	switch {
-	case c.Aggregator.WALMaxBytes < 0:
-		return fmt.Errorf("%w: aggregator wal_max_bytes %d is negative", ErrConfig, c.Aggregator.WALMaxBytes)
+	case c.Aggregator.WALMaxBytes < 0 || c.Aggregator.WALSegmentBytes < 0:
+		return fmt.Errorf("%w: aggregator wal_max_bytes %d or wal_segment_bytes %d is negative", ErrConfig, c.Aggregator.WALMaxBytes, c.Aggregator.WALSegmentBytes)
 	case c.MaxRecvBytes < 0:
 		return fmt.Errorf("%w: max_recv_bytes %d is negative", ErrConfig, c.MaxRecvBytes)
 	case c.MaxBatchBytes < 0:

@@ -10,11 +10,13 @@ import (
 )
 
 // health says whether the node can take work: its store may have failed
-// for good (Pebble met an error it cannot go on from), and its data
-// directory may be nearly full.
+// for good (Pebble met an error it cannot go on from), so may the
+// aggregator's write-ahead log, and its data directory may be nearly full.
 type health struct {
 	// store is the error the store failed with; nil while it works.
 	store atomic.Pointer[error]
+	// log is the aggregator's LogErr; nil without the role.
+	log func() error
 	// floor refuses flushes while the store's filesystem is nearly full;
 	// nil without the combiner role.
 	floor *disk.Floor
@@ -47,9 +49,13 @@ func (h *health) storeReady() error {
 }
 
 // serveHealth answers 200 while the node can take work, and 503 with the
-// reason once its store has failed.
+// reason once its store or its write-ahead log has failed.
 func (n *Node) serveHealth(w http.ResponseWriter, _ *http.Request) {
-	if err := n.health.failed(); err != nil {
+	err := n.health.failed()
+	if err == nil && n.health.log != nil {
+		err = n.health.log()
+	}
+	if err != nil {
 		http.Error(w, "dimsum is unhealthy: "+err.Error(), http.StatusServiceUnavailable)
 		return
 	}

@@ -301,6 +301,7 @@ func (n *Node) startAggregator(s *schema.Schema, reg prometheus.Registerer) erro
 		FlushInterval:      time.Duration(ac.FlushInterval),
 		WALDir:             walDir,
 		WALMaxBytes:        ac.WALMaxBytes,
+		WALSegmentBytes:    ac.WALSegmentBytes,
 		MinFreeBytes:       cfg.MinFreeBytes,
 		Ready:              n.health.ready,
 		Logger:             n.log.With("component", "aggregator"),
@@ -309,6 +310,7 @@ func (n *Node) startAggregator(s *schema.Schema, reg prometheus.Registerer) erro
 	if err != nil {
 		return err
 	}
+	n.health.log = n.agg.LogErr
 	if n.topo == nil {
 		n.agg.Register(n.grpc)
 		return nil
