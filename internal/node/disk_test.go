@@ -4,7 +4,10 @@ package node
 
 import (
 	"context"
+	"fmt"
+	"io"
 	"log/slog"
+	"net/http"
 	"os"
 	"path/filepath"
 	"slices"
@@ -122,4 +125,65 @@ func TestLowDiskRefusedAndRecovered(t *testing.T) {
 		t.Errorf("the log does not say batches are taken again")
 	}
 	waitTotal(t, n, time.Now().Truncate(time.Minute).Add(time.Minute), 7)
+}
+
+// TestSmallFilesystemKeepsNodeUp puts a node's data directory on a tmpfs
+// of 256 MiB with a free-space floor of 128 MiB, and pushes distinct cells
+// until the node refuses them: it stays up and healthy, holds its flushes
+// back, and takes batches again once the filesystem grows. On such a
+// filesystem, without the floor, Pebble failed to write its log and took
+// the node down. Mounting needs root; elsewhere the test is skipped (the
+// floor itself is shown without root by TestLowDiskRefusedAndRecovered).
+func TestSmallFilesystemKeepsNodeUp(t *testing.T) {
+	dir := t.TempDir()
+	if err := syscall.Mount("tmpfs", dir, "tmpfs", 0, "size=256m"); err != nil {
+		t.Skipf("cannot mount a tmpfs (%v): this test needs root", err)
+	}
+	defer syscall.Unmount(dir, syscall.MNT_DETACH)
+	cfg := testConfig(filepath.Join(dir, "data"))
+	cfg.MinFreeBytes = 128 << 20
+	n, err := Start(cfg, "test", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer n.Close()
+	push := func(i int) error {
+		var b wire.Batch
+		for j := range 2000 {
+			addRequest(&b, time.Now().UnixMilli(), float64(i), fmt.Sprintf("host-%d-%s", j, strings.Repeat("x", 1000)))
+		}
+		_, err := pushBatch(t, n.GRPCAddr(), b.Request())
+		return err
+	}
+	deadline := time.Now().Add(2 * time.Minute)
+	i := 0
+	for ; ; i++ {
+		err := push(i)
+		if grpcstatus.Code(err) == codes.ResourceExhausted {
+			break
+		}
+		if err != nil || time.Now().After(deadline) {
+			t.Fatalf("push %d: %v, want acceptance until the floor, then ResourceExhausted", i, err)
+		}
+	}
+	if i == 0 {
+		t.Fatal("the first push was refused: the test shows nothing")
+	}
+	// Flushes of what was taken meet the floor too, and wait.
+	waitFor(t, "flushes to be held back", func() bool {
+		return metricValue(t, n.HTTPAddr(), "dimsum_combiner_flushes_unready_total") > 0 || metricValue(t, n.HTTPAddr(), "dimsum_aggregator_open_windows") == 0
+	})
+	resp, err := http.Get("http://" + n.HTTPAddr() + "/-/healthy")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Errorf("a node refusing for want of space answers /-/healthy with %d %s, want 200: it is healthy and waits", resp.StatusCode, body)
+	}
+	if err := syscall.Mount("tmpfs", dir, "tmpfs", syscall.MS_REMOUNT, "size=1g"); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "batches to be taken again", func() bool { return push(i+1) == nil })
 }
