@@ -11,14 +11,19 @@ import (
 // Bearer <token>", for a node whose auth.credentials_file lists the
 // token's SHA-256 with the push right (Options.Credentials).
 func BearerToken(token string) credentials.PerRPCCredentials {
-	return header("Bearer " + token)
+	return Authorization("Bearer " + token)
 }
 
 // BasicAuth is a user name and password sent with every push as HTTP basic
 // credentials are (Options.Credentials).
 func BasicAuth(user, password string) credentials.PerRPCCredentials {
-	return header("Basic " + base64.StdEncoding.EncodeToString([]byte(user+":"+password)))
+	return Authorization("Basic " + base64.StdEncoding.EncodeToString([]byte(user+":"+password)))
 }
+
+// Authorization is a credential sent with every push as the
+// "authorization" metadata, an HTTP Authorization header's value
+// (Options.Credentials).
+func Authorization(value string) credentials.PerRPCCredentials { return header(value) }
 
 // header is an Authorization value sent with every call.
 type header string

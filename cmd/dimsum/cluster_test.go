@@ -93,7 +93,7 @@ func (c *testCluster) start(m *member) {
 	if err := m.cmd.Start(); err != nil {
 		c.t.Fatal(err)
 	}
-	waitFor(c.t, m.name+" to serve HTTP", func() bool { return healthy(m.http) })
+	waitFor(c.t, m.name+" to serve HTTP", func() bool { return healthy(http.DefaultClient, "http://"+m.http) })
 }
 
 // kill stops a member with SIGKILL.

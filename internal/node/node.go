@@ -134,7 +134,9 @@ func Start(cfg Config, version string, log *slog.Logger) (n *Node, err error) {
 	mux.HandleFunc("/-/healthy", n.serveHealth)
 	mux.HandleFunc("POST /-/reload", n.serveReload)
 	mux.HandleFunc("GET /api/v1/status/cluster", n.serveClusterStatus)
-	n.http = &http.Server{Handler: n.trust.guardHTTP(mux), ReadHeaderTimeout: 10 * time.Second, TLSConfig: n.trust.publicTLS()}
+	n.http = &http.Server{Handler: n.trust.guardHTTP(mux), ReadHeaderTimeout: 10 * time.Second, TLSConfig: n.trust.publicTLS(),
+		// Refused TLS handshakes and the like, which net/http logs.
+		ErrorLog: slog.NewLogLogger(log.With("component", "http").Handler(), slog.LevelWarn)}
 
 	go func() { n.errc <- n.grpc.Serve(n.grpcLn) }()
 	go func() { n.errc <- n.internal.Serve(n.internalLn) }()
