@@ -6,7 +6,6 @@ import (
 	"crypto/tls"
 	"encoding/hex"
 	"fmt"
-	"io"
 	"math/rand/v2"
 	"net/http"
 	"net/url"
@@ -180,23 +179,11 @@ func benchQueryHTTP(b *testing.B, secure, fresh bool) {
 	}
 	client := &http.Client{Transport: transport}
 	get := func(q url.Values) string {
-		req, err := http.NewRequest(http.MethodGet, scheme+"://"+n.HTTPAddr()+"/api/v1/query_range?"+q.Encode(), nil)
-		if err != nil {
-			b.Fatal(err)
+		code, body, err := fetch(client, scheme+"://"+n.HTTPAddr()+"/api/v1/query_range?"+q.Encode(), authorization)
+		if err != nil || code != http.StatusOK {
+			b.Fatalf("HTTP %d %s: %v", code, body, err)
 		}
-		if authorization != "" {
-			req.Header.Set("Authorization", authorization)
-		}
-		resp, err := client.Do(req)
-		if err != nil {
-			b.Fatal(err)
-		}
-		defer resp.Body.Close()
-		body, err := io.ReadAll(resp.Body)
-		if err != nil || resp.StatusCode != http.StatusOK {
-			b.Fatalf("HTTP %d %s: %v", resp.StatusCode, body, err)
-		}
-		return string(body)
+		return body
 	}
 	end := now.Truncate(time.Minute).Add(time.Minute)
 	sumQuery := url.Values{"query": {"sum(sum_over_time(requests_delta[20m]))"}, "start": {strconv.FormatInt(end.Unix(), 10)}, "end": {strconv.FormatInt(end.Unix(), 10)}, "step": {"15"}}

@@ -149,19 +149,8 @@ func TestPublicTLSAndCredentials(t *testing.T) {
 		})
 	}
 	get := func(path, authorization string, tc *tls.Config) (int, error) {
-		req, err := http.NewRequest(http.MethodGet, "https://"+n.HTTPAddr()+path, nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if authorization != "" {
-			req.Header.Set("Authorization", authorization)
-		}
-		resp, err := (&http.Client{Transport: &http.Transport{TLSClientConfig: tc}}).Do(req)
-		if err != nil {
-			return 0, err
-		}
-		resp.Body.Close()
-		return resp.StatusCode, nil
+		code, _, err := fetch(&http.Client{Transport: &http.Transport{TLSClientConfig: tc}}, "https://"+n.HTTPAddr()+path, authorization)
+		return code, err
 	}
 	for _, c := range []struct {
 		path, authorization string
@@ -190,21 +179,10 @@ func TestPublicTLSAndCredentials(t *testing.T) {
 			t.Error("plain HTTP was served on the TLS port")
 		}
 	}
-	metrics := func() string {
-		req, _ := http.NewRequest(http.MethodGet, "https://"+n.HTTPAddr()+"/metrics", nil)
-		req.Header.Set("Authorization", "Bearer admin-token")
-		resp, err := (&http.Client{Transport: &http.Transport{TLSClientConfig: trusting}}).Do(req)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer resp.Body.Close()
-		body, err := io.ReadAll(resp.Body)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return string(body)
+	_, m, err := fetch(&http.Client{Transport: &http.Transport{TLSClientConfig: trusting}}, "https://"+n.HTTPAddr()+"/metrics", "Bearer admin-token")
+	if err != nil {
+		t.Fatal(err)
 	}
-	m := metrics()
 	for _, want := range []string{
 		`dimsum_auth_requests_total{listener="grpc",outcome="unauthenticated"} 3`,
 		`dimsum_auth_requests_total{listener="grpc",outcome="forbidden"} 1`,
@@ -338,19 +316,33 @@ func TestClusterMutualTLS(t *testing.T) {
 	}
 }
 
-// metricValue reads one sample of a node's /metrics, 0 when absent.
-func metricValue(t *testing.T, addr, series string) float64 {
-	t.Helper()
-	resp, err := http.Get("http://" + addr + "/metrics")
+// fetch GETs u through client, with an Authorization header unless it is
+// empty, and returns the status and the body.
+func fetch(client *http.Client, u, authorization string) (int, string, error) {
+	req, err := http.NewRequest(http.MethodGet, u, nil)
 	if err != nil {
-		t.Fatal(err)
+		return 0, "", err
+	}
+	if authorization != "" {
+		req.Header.Set("Authorization", authorization)
+	}
+	resp, err := client.Do(req)
+	if err != nil {
+		return 0, "", err
 	}
 	defer resp.Body.Close()
 	body, err := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(body), err
+}
+
+// metricValue reads one sample of a node's /metrics, 0 when absent.
+func metricValue(t *testing.T, addr, series string) float64 {
+	t.Helper()
+	_, body, err := fetch(http.DefaultClient, "http://"+addr+"/metrics", "")
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, line := range strings.Split(string(body), "\n") {
+	for _, line := range strings.Split(body, "\n") {
 		if v, ok := strings.CutPrefix(line, series+" "); ok {
 			f, err := strconv.ParseFloat(v, 64)
 			if err != nil {
