@@ -414,6 +414,11 @@ func (a *API) prepare(r *http.Request) (prepared, *apiError) {
 
 func (a *API) exec(p prepared, q promql.Query) (result, *apiError) {
 	defer q.Close()
+	// A timeout that passed while the request was parsed and planned: the
+	// context's timer may not have fired yet, and the engine would run.
+	if d, ok := p.ctx.Deadline(); ok && !time.Now().Before(d) {
+		return result{}, &apiError{errTimeout, fmt.Errorf("query timed out before its evaluation began: %w", context.DeadlineExceeded)}
+	}
 	res := q.Exec(p.ctx)
 	if res.Err != nil {
 		return result{annos: res.Warnings}, engineError(res.Err)
