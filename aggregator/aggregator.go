@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/dimsum/dimsum/internal/dedupe"
+	"github.com/dimsum/dimsum/internal/disk"
 	"github.com/dimsum/dimsum/schema"
 	"github.com/dimsum/dimsum/wal"
 	"github.com/dimsum/dimsum/wire"
@@ -60,6 +61,21 @@ var (
 	// the aggregator does, and taking more would queue without bound.
 	// Nothing of the batch is taken; the publisher should retry later.
 	ErrBehind = errors.New("aggregator: the combiners are behind")
+	// ErrDiskLow is returned by Push while the log's filesystem has less
+	// free space than MinFreeBytes. Nothing of the batch is taken; the
+	// publisher should retry later.
+	ErrDiskLow = errors.New("aggregator: free disk space below the floor")
+	// ErrLogFailed is returned by Push when the write-ahead log cannot
+	// write: the batch is not known to be durable here, and another node
+	// may take it.
+	ErrLogFailed = errors.New("aggregator: write-ahead log failed")
+	// ErrNotReady is returned by Push while Options.Ready reports an
+	// error.
+	ErrNotReady = errors.New("aggregator: not ready")
+	// ErrNotInternal refuses a batch marked as forwarded by another
+	// aggregator on a listener that is not the cluster's internal one:
+	// only a member may say that a batch was checked already.
+	ErrNotInternal = errors.New("aggregator: a forwarded batch is taken only on the internal listener")
 )
 
 // Aggregator validates events, rolls each one up into every cuboid of its
@@ -128,7 +144,9 @@ type Aggregator struct {
 	// behind while it refuses them for the bytes the outbox holds, so that
 	// the reason is logged once a stretch.
 	logFull, behind atomic.Bool
-	out             outbox
+	// floor refuses batches while the log's filesystem is nearly full.
+	floor *disk.Floor
+	out   outbox
 
 	flushMu sync.Mutex // one flush at a time: a cut, then its intent
 	encode  encodeScratch
@@ -273,7 +291,8 @@ func New(opts Options) (*Aggregator, error) {
 	a.mu.segLast = map[uint64]wal.Pos{}
 	a.mu.intents = map[*intent]struct{}{}
 	a.out.init()
-	a.metrics = newMetrics(opts.Registerer, a.logSize, func() float64 { return float64(a.out.bytes.Load()) })
+	a.floor = &disk.Floor{Dir: opts.WALDir, Min: uint64(opts.MinFreeBytes), Logger: opts.Logger, What: "batches"}
+	a.metrics = newMetrics(opts.Registerer, a.logSize, func() float64 { return float64(a.out.bytes.Load()) }, a.floor.FreeBytes)
 	if opts.WALDir != "" {
 		if err := a.openLog(); err != nil {
 			return nil, err
@@ -386,17 +405,17 @@ func (a *Aggregator) PushRouted(req *wirepb.PushRequest, owner func(f *schema.Fa
 }
 
 // PushForwarded counts a part of a batch that another aggregator took and
-// forwarded here (PushRouted), as Push does but without the MaxLateness and
-// MaxFutureSkew bounds: the aggregator that took the batch checked them,
-// and the part may arrive late, after this node was down. Events older than
-// the finest resolution's retention are still rejected, since they could
-// not be stored.
+// forwarded here (PushRouted), as Push does but with the MaxLateness and
+// MaxFutureSkew bounds of the moment that aggregator received the batch
+// (req.ReceivedMs), not of now: the part may arrive late, after this node
+// was down. Events older than the finest resolution's retention are
+// rejected all the same, since they could not be stored.
 func (a *Aggregator) PushForwarded(req *wirepb.PushRequest) (*wirepb.PushResponse, error) {
 	return a.push(req, nil, true)
 }
 
-// push is Push, PushRouted (owner set) and PushForwarded (checked set).
-func (a *Aggregator) push(req *wirepb.PushRequest, owner func(*schema.Family, []string) string, checked bool) (*wirepb.PushResponse, error) {
+// push is Push, PushRouted (owner set) and PushForwarded (forwarded set).
+func (a *Aggregator) push(req *wirepb.PushRequest, owner func(*schema.Family, []string) string, forwarded bool) (*wirepb.PushResponse, error) {
 	if n := len(req.Events); n > a.opts.MaxBatchEvents {
 		a.metrics.batchesRefused.Inc()
 		return nil, fmt.Errorf("%w: %d events, at most %d", ErrBatchTooLarge, n, a.opts.MaxBatchEvents)
@@ -408,8 +427,11 @@ func (a *Aggregator) push(req *wirepb.PushRequest, owner func(*schema.Family, []
 	resp := &wirepb.PushResponse{}
 	evp := eventPool.Get().(*[]event)
 	evs := (*evp)[:0]
-	v := a.newValidator(req.Dict, now, checked)
-	var fw forwards
+	v := a.newValidator(req.Dict, now, false)
+	if forwarded {
+		v = a.forwardedValidator(req.Dict, req.ReceivedMs, now)
+	}
+	fw := forwards{received: now}
 	var partition [schema.MaxLevels]string
 	for i, e := range req.Events {
 		ev := event{index: i}
@@ -496,7 +518,7 @@ func (a *Aggregator) push(req *wirepb.PushRequest, owner func(*schema.Family, []
 			if reason == wirepb.RejectReason_REJECT_REASON_CARDINALITY_LIMIT {
 				r.Detail = fmt.Sprintf("family %q has %d cells in this window, the limit", a.fams[ev.fam].Name, a.opts.MaxCellsPerWindow)
 			} else {
-				r.Detail = fmt.Sprintf("value %v would overflow the window's total of family %q", ev.value, a.fams[ev.fam].Name)
+				r.Detail = fmt.Sprintf("value %v would take the window's total of family %q beyond 2^53, past which sums of counts are no longer exact", ev.value, a.fams[ev.fam].Name)
 			}
 			resp.Rejects = append(resp.Rejects, r)
 			continue
@@ -550,7 +572,7 @@ func (a *Aggregator) push(req *wirepb.PushRequest, owner func(*schema.Family, []
 		// a crash before then would lose them: the publisher must not
 		// take the batch as safe.
 		a.opts.Logger.Error("batch not acknowledged: the write-ahead log failed", "err", logErr)
-		return nil, fmt.Errorf("aggregator: batch not logged: %w", logErr)
+		return nil, fmt.Errorf("%w: batch not logged: %w", ErrLogFailed, logErr)
 	}
 
 	slices.SortFunc(resp.Rejects, func(x, y *wirepb.Reject) int { return int(x.Index) - int(y.Index) })
@@ -567,9 +589,10 @@ func (a *Aggregator) push(req *wirepb.PushRequest, owner func(*schema.Family, []
 // owner, a batch of their own events with a dictionary of the strings they
 // use and the publisher's identity, as an outbox entry addressed to it.
 type forwards struct {
-	entries []*entry
-	byOwner map[string]*forwardPart
-	events  int
+	entries  []*entry
+	byOwner  map[string]*forwardPart
+	events   int
+	received int64 // when the batch was received, unix ms
 }
 
 type forwardPart struct {
@@ -584,7 +607,7 @@ func (f *forwards) add(owner string, batch *wirepb.PushRequest, i int) {
 	}
 	p := f.byOwner[owner]
 	if p == nil {
-		p = &forwardPart{req: &wirepb.PushRequest{Source: batch.Source, BatchSeq: batch.BatchSeq}, remap: map[uint32]uint32{}}
+		p = &forwardPart{req: &wirepb.PushRequest{Source: batch.Source, BatchSeq: batch.BatchSeq, ReceivedMs: f.received}, remap: map[uint32]uint32{}}
 		f.byOwner[owner] = p
 		f.entries = append(f.entries, &entry{kind: entryForward, dests: []string{owner}, push: p.req})
 	}
@@ -621,11 +644,30 @@ func (a *Aggregator) internEventLocked(ev *event, dict []string, ids []uint32) {
 	}
 }
 
-// checkLog refuses a batch while the log is broken (so that nothing is
-// counted that cannot be logged), while it is over WALMaxBytes, or while the
-// outbox holds more than MaxPendingBytes, logging the reason when a stretch
-// of refusals begins and ends.
+// LogErr is the error that broke the write-ahead log, wrapping
+// ErrLogFailed, and nil while it works (or without a log). A broken log
+// stays broken: batches are refused until a restart.
+func (a *Aggregator) LogErr() error {
+	if a.wal == nil {
+		return nil
+	}
+	if err := a.wal.Err(); err != nil && !errors.Is(err, wal.ErrClosed) {
+		return fmt.Errorf("%w, batches cannot be made durable: %w", ErrLogFailed, err)
+	}
+	return nil
+}
+
+// checkLog refuses a batch while the node is not ready, while the outbox
+// holds more than MaxPendingBytes, while the log is broken (so that nothing
+// is counted that cannot be logged), its filesystem below the free-space
+// floor or the log over WALMaxBytes, logging the reason when a stretch of
+// refusals begins and ends.
 func (a *Aggregator) checkLog() error {
+	if a.opts.Ready != nil {
+		if err := a.opts.Ready(); err != nil {
+			return fmt.Errorf("%w: %w", ErrNotReady, err)
+		}
+	}
 	pending := a.out.bytes.Load()
 	if pending > a.opts.MaxPendingBytes {
 		a.metrics.batchesBackpressured.WithLabelValues("behind").Inc()
@@ -641,8 +683,12 @@ func (a *Aggregator) checkLog() error {
 	if a.wal == nil {
 		return nil
 	}
-	if err := a.wal.Err(); err != nil && !errors.Is(err, wal.ErrClosed) {
-		return fmt.Errorf("aggregator: the write-ahead log failed, batches cannot be made durable: %w", err)
+	if err := a.LogErr(); err != nil {
+		return err
+	}
+	if err := a.floor.Check(); err != nil {
+		a.metrics.batchesLowDisk.Inc()
+		return fmt.Errorf("%w: %w", ErrDiskLow, err)
 	}
 	size := a.wal.Size()
 	if size <= a.opts.WALMaxBytes {
@@ -669,10 +715,19 @@ func (a *Aggregator) internLocked(s string) uint32 {
 	return id
 }
 
+// MaxValue bounds the magnitude of an event's value and of a cell's sum for
+// one window at one aggregator: 2^53, up to which float64 holds every
+// integer exactly, so that sums of counts stay exact. A stored step adds up
+// the sums of every aggregator and late flush, and a coarser step those of
+// its finer steps, so a stored sum stays finite however many are added (it
+// would take 2^970 of them to overflow); it stays exact while the true
+// count is at most 2^53.
+const MaxValue = 1 << 53
+
 // addLocked rolls one event up into every cuboid of its family in the window
 // starting at start. It changes nothing and returns a reject reason when the
-// event would create a finest cell beyond maxCells, or would overflow a sum
-// to infinity.
+// event would create a finest cell beyond maxCells, or take a sum beyond
+// MaxValue.
 func (a *Aggregator) addLocked(ev *event, start int64, maxCells int) wirepb.RejectReason {
 	w := a.mu.windows[start]
 	if w == nil {
@@ -691,8 +746,8 @@ func (a *Aggregator) addLocked(ev *event, start int64, maxCells int) wirepb.Reje
 	} else {
 		apex, hasApex = w.cells[cellKey{fam: uint16(ev.fam)}]
 	}
-	if hasApex && math.IsInf(w.aggs[apex].sum+ev.value, 0) {
-		return wirepb.RejectReason_REJECT_REASON_NOT_FINITE
+	if hasApex && w.aggs[apex].sum+ev.value > MaxValue {
+		return wirepb.RejectReason_REJECT_REASON_VALUE_TOO_LARGE
 	}
 	if !ok {
 		if w.finest[ev.fam] >= maxCells {
@@ -715,23 +770,44 @@ func (a *Aggregator) addLocked(ev *event, start int64, maxCells int) wirepb.Reje
 type validator struct {
 	a    *Aggregator
 	dict []string
-	// oldest and newest bound the timestamps it takes; checked says they
-	// are the loose bounds of events checked before.
-	oldest, newest int64
-	checked        bool
-	slots          [][]int8 // per family, per dict index: label slot, -1 none, -2 unknown yet
+	// oldest and newest bound the timestamps it takes. retained is the
+	// oldest the finest resolution keeps; received, for a forwarded part,
+	// when its batch was received.
+	oldest, newest, retained, received int64
+	slots                              [][]int8 // per family, per dict index: label slot, -1 none, -2 unknown yet
 }
 
 // newValidator checks events taken at now. An event a publisher pushed here
 // must lie within MaxLateness and MaxFutureSkew of now; one checked before
-// (forwarded by the aggregator that took it, or replayed from the log) only
-// within the finest resolution's retention, or it could not be stored.
+// (replayed from the log) only within the finest resolution's retention, or
+// it could not be stored.
 func (a *Aggregator) newValidator(dict []string, now int64, checked bool) validator {
-	v := validator{a: a, dict: dict, checked: checked,
+	v := validator{a: a, dict: dict, retained: now - a.window.Retention.Milliseconds(),
 		oldest: now - a.opts.MaxLateness.Milliseconds(), newest: now + a.opts.MaxFutureSkew.Milliseconds()}
 	if checked {
-		v.oldest, v.newest = now-a.window.Retention.Milliseconds(), math.MaxInt64
+		v.oldest, v.newest = v.retained, math.MaxInt64
 	}
+	return v
+}
+
+// forwardedValidator checks the events of a part another aggregator
+// forwarded at now: within MaxLateness and MaxFutureSkew of when that
+// aggregator received the batch, as its publisher's events were checked
+// there, and within the finest resolution's retention of now. A part may
+// arrive long after it was received (its owner was down), so the bounds
+// follow the reception, not now; the reception itself may lie at most
+// MaxFutureSkew ahead of this node's clock, so no forwarded event lies more
+// than twice the skew ahead of it. A part without a reception time (logged
+// by an older version) is held to now.
+func (a *Aggregator) forwardedValidator(dict []string, received, now int64) validator {
+	if received == 0 {
+		received = now
+	}
+	received = min(received, now+a.opts.MaxFutureSkew.Milliseconds())
+	v := a.newValidator(dict, received, false)
+	v.received = received
+	v.retained = now - a.window.Retention.Milliseconds()
+	v.oldest = max(v.oldest, v.retained)
 	return v
 }
 
@@ -743,11 +819,16 @@ func (v *validator) check(e *wirepb.Event, ev *event) (wirepb.RejectReason, stri
 	}
 	fi, ok := v.a.byName[v.dict[e.Family]]
 	if !ok {
-		return wirepb.RejectReason_REJECT_REASON_UNKNOWN_FAMILY, fmt.Sprintf("unknown family %q", v.dict[e.Family])
+		return wirepb.RejectReason_REJECT_REASON_UNKNOWN_FAMILY, fmt.Sprintf("unknown family %s", quote(v.dict[e.Family]))
 	}
 	f := v.a.fams[fi]
-	if len(e.Labels)%2 != 0 {
+	switch {
+	case len(e.Labels)%2 != 0:
 		return wirepb.RejectReason_REJECT_REASON_BAD_REFERENCE, fmt.Sprintf("%d label indexes, want name/value pairs", len(e.Labels))
+	case len(e.Labels) > 2*schema.MaxLevels:
+		// No family has more labels; the loop below would stop at the
+		// first one unknown or repeated, but this says why at once.
+		return wirepb.RejectReason_REJECT_REASON_TOO_MANY_LABELS, fmt.Sprintf("%d labels, no family has more than %d", len(e.Labels)/2, schema.MaxLevels)
 	}
 	if v.slots == nil {
 		v.slots = make([][]int8, len(v.a.fams))
@@ -765,6 +846,9 @@ func (v *validator) check(e *wirepb.Event, ev *event) (wirepb.RejectReason, stri
 		if int(n) >= len(v.dict) || int(val) >= len(v.dict) {
 			return wirepb.RejectReason_REJECT_REASON_BAD_REFERENCE, fmt.Sprintf("label indexes %d, %d: outside the dictionary of %d strings", n, val, len(v.dict))
 		}
+		if reason, detail := v.checkLength(v.dict[n], v.dict[val]); reason != noReason {
+			return reason, detail
+		}
 		if slots[n] == -2 {
 			slots[n] = -1
 			if s, ok := f.LabelIndex(v.dict[n]); ok {
@@ -774,7 +858,7 @@ func (v *validator) check(e *wirepb.Event, ev *event) (wirepb.RejectReason, stri
 		s := slots[n]
 		switch {
 		case s < 0:
-			return wirepb.RejectReason_REJECT_REASON_UNKNOWN_DIMENSION, fmt.Sprintf("label %q is not a dimension of family %q", v.dict[n], f.Name)
+			return wirepb.RejectReason_REJECT_REASON_UNKNOWN_DIMENSION, fmt.Sprintf("label %s is not a dimension of family %q", quote(v.dict[n]), f.Name)
 		case seen&(1<<s) != 0:
 			return wirepb.RejectReason_REJECT_REASON_DUPLICATE_DIMENSION, fmt.Sprintf("label %q appears twice", v.dict[n])
 		case v.dict[val] == "":
@@ -795,17 +879,55 @@ func (v *validator) check(e *wirepb.Event, ev *event) (wirepb.RejectReason, stri
 		return wirepb.RejectReason_REJECT_REASON_NOT_FINITE, fmt.Sprintf("value %v is not finite", e.Value)
 	case e.Value < 0 && f.Kind == schema.KindCounter:
 		return wirepb.RejectReason_REJECT_REASON_NEGATIVE_DELTA, fmt.Sprintf("counter delta %v is negative", e.Value)
-	case e.TimestampMs < v.oldest && v.checked:
-		return wirepb.RejectReason_REJECT_REASON_TOO_OLD, fmt.Sprintf("timestamp %s is older than the finest resolution's retention %s", time.UnixMilli(e.TimestampMs).UTC().Format(time.RFC3339Nano), v.a.window.Retention)
-	case e.TimestampMs < v.oldest:
-		return wirepb.RejectReason_REJECT_REASON_TOO_OLD, fmt.Sprintf("timestamp %s is older than the maximum lateness %s", time.UnixMilli(e.TimestampMs).UTC().Format(time.RFC3339Nano), v.a.opts.MaxLateness)
-	case e.TimestampMs > v.newest:
-		return wirepb.RejectReason_REJECT_REASON_TOO_NEW, fmt.Sprintf("timestamp %s is more than %s ahead of this node's clock", time.UnixMilli(e.TimestampMs).UTC().Format(time.RFC3339Nano), v.a.opts.MaxFutureSkew)
+	case math.Abs(e.Value) > MaxValue:
+		return wirepb.RejectReason_REJECT_REASON_VALUE_TOO_LARGE, fmt.Sprintf("value %v is beyond 2^53, past which sums of counts are no longer exact", e.Value)
+	case e.TimestampMs < v.oldest || e.TimestampMs > v.newest:
+		return v.outside(e.TimestampMs)
 	}
 	ev.fam = fi
 	ev.ts = e.TimestampMs
 	ev.value = e.Value
 	return noReason, ""
+}
+
+// checkLength refuses a label name or value over the limits.
+func (v *validator) checkLength(name, value string) (wirepb.RejectReason, string) {
+	switch o := &v.a.opts; {
+	case len(name) > o.MaxLabelNameBytes:
+		return wirepb.RejectReason_REJECT_REASON_LABEL_TOO_LONG, fmt.Sprintf("label name %s is %d bytes long, the limit is %d", quote(name), len(name), o.MaxLabelNameBytes)
+	case len(value) > o.MaxLabelValueBytes:
+		return wirepb.RejectReason_REJECT_REASON_LABEL_TOO_LONG, fmt.Sprintf("label %s has a value of %d bytes, the limit is %d", quote(name), len(value), o.MaxLabelValueBytes)
+	}
+	return noReason, ""
+}
+
+// outside is the reason and detail of a timestamp outside the validator's
+// bounds.
+func (v *validator) outside(ts int64) (wirepb.RejectReason, string) {
+	at := time.UnixMilli(ts).UTC().Format(time.RFC3339Nano)
+	switch {
+	case ts > v.newest && v.received != 0:
+		return wirepb.RejectReason_REJECT_REASON_TOO_NEW, fmt.Sprintf("timestamp %s is more than %s ahead of the time its batch was received, %s", at, v.a.opts.MaxFutureSkew, time.UnixMilli(v.received).UTC().Format(time.RFC3339Nano))
+	case ts > v.newest:
+		return wirepb.RejectReason_REJECT_REASON_TOO_NEW, fmt.Sprintf("timestamp %s is more than %s ahead of this node's clock", at, v.a.opts.MaxFutureSkew)
+	case v.oldest == v.retained:
+		return wirepb.RejectReason_REJECT_REASON_TOO_OLD, fmt.Sprintf("timestamp %s is older than the finest resolution's retention %s", at, v.a.window.Retention)
+	case v.received != 0:
+		return wirepb.RejectReason_REJECT_REASON_TOO_OLD, fmt.Sprintf("timestamp %s is older than the maximum lateness %s before its batch was received, %s", at, v.a.opts.MaxLateness, time.UnixMilli(v.received).UTC().Format(time.RFC3339Nano))
+	}
+	return wirepb.RejectReason_REJECT_REASON_TOO_OLD, fmt.Sprintf("timestamp %s is older than the maximum lateness %s", at, v.a.opts.MaxLateness)
+}
+
+// maxQuoted is the most bytes of a string a reject's detail quotes: a
+// label may be megabytes long, and the detail goes back to the publisher.
+const maxQuoted = 64
+
+// quote quotes s for a reject's detail, cut after maxQuoted bytes.
+func quote(s string) string {
+	if len(s) <= maxQuoted {
+		return strconv.Quote(s)
+	}
+	return strconv.Quote(s[:maxQuoted]) + fmt.Sprintf("... (%d bytes)", len(s))
 }
 
 // loop flushes closed windows until Close.

@@ -141,6 +141,38 @@ func TestRejectReasons(t *testing.T) {
 			detail: []string{"11 label indexes"},
 		},
 		{
+			// A 16 MiB value was once taken, and broke every query of its
+			// series for the retention; the detail quotes no more than a
+			// few bytes of what it refuses.
+			name: "label value too long",
+			add: func(b *wire.Batch, ts int64) {
+				b.Add(family, ts, 1, "datacenter", "dc0", "cluster", "c0", "host", strings.Repeat("h", 16<<20), "transaction", "t", "status", "200")
+			},
+			reason: wirepb.RejectReason_REJECT_REASON_LABEL_TOO_LONG,
+			detail: []string{`label "host"`, "16777216 bytes", "limit is 2048"},
+		},
+		{
+			name: "label name too long",
+			add: func(b *wire.Batch, ts int64) {
+				b.Add(family, ts, 1, "datacenter", "dc0", "cluster", "c0", "host", "h", "transaction", "t", strings.Repeat("s", 300), "200")
+			},
+			reason: wirepb.RejectReason_REJECT_REASON_LABEL_TOO_LONG,
+			detail: []string{`"sss`, "(300 bytes)", "limit is 256"},
+		},
+		{
+			name:   "too many labels",
+			add:    func(b *wire.Batch, ts int64) { addGood(b, ts, 1, 0, 0, 0) },
+			edit:   func(e *wirepb.Event) { e.Labels = append(e.Labels, e.Labels...) },
+			reason: wirepb.RejectReason_REJECT_REASON_TOO_MANY_LABELS,
+			detail: []string{"10 labels", "more than 8"},
+		},
+		{
+			name:   "value too large",
+			add:    func(b *wire.Batch, ts int64) { addGood(b, ts, math.MaxFloat64, 0, 0, 0) },
+			reason: wirepb.RejectReason_REJECT_REASON_VALUE_TOO_LARGE,
+			detail: []string{"2^53"},
+		},
+		{
 			// Events 0 and 1 fill the window's two finest cells; event 2
 			// would add a third, event 3 falls in an existing one.
 			name:     "cardinality limit",

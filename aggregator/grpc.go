@@ -17,7 +17,8 @@ import (
 	"github.com/dimsum/dimsum/wire/wirepb"
 )
 
-// Register serves the aggregator's Ingest service on s.
+// Register serves the aggregator's Ingest service on s, a public listener:
+// a batch marked as forwarded is refused (ErrNotInternal).
 func (a *Aggregator) Register(s *grpc.Server) {
 	wirepb.RegisterIngestServer(s, ingestServer{push: func(_ context.Context, req *wirepb.PushRequest) (*wirepb.PushResponse, error) {
 		return a.Push(req)
@@ -25,13 +26,18 @@ func (a *Aggregator) Register(s *grpc.Server) {
 }
 
 // ingestServer serves Ingest with push, mapping its errors to the statuses
-// a publisher sees.
+// a publisher sees. On a public listener (internal unset) it refuses a
+// batch marked as forwarded before push sees it.
 type ingestServer struct {
 	wirepb.UnimplementedIngestServer
-	push func(context.Context, *wirepb.PushRequest) (*wirepb.PushResponse, error)
+	push     func(context.Context, *wirepb.PushRequest) (*wirepb.PushResponse, error)
+	internal bool
 }
 
 func (s ingestServer) Push(ctx context.Context, req *wirepb.PushRequest) (*wirepb.PushResponse, error) {
+	if !s.internal && forwarded(ctx) {
+		return nil, grpcError(ErrNotInternal)
+	}
 	resp, err := s.push(ctx, req)
 	if err != nil {
 		return nil, grpcError(err)
@@ -51,15 +57,19 @@ func grpcError(err error) error {
 			FieldViolations: []*errdetails.BadRequest_FieldViolation{{Field: "events", Description: err.Error()}},
 		})
 		return st.Err()
-	case errors.Is(err, ErrLogFull), errors.Is(err, ErrBehind):
+	case errors.Is(err, ErrLogFull), errors.Is(err, ErrBehind), errors.Is(err, ErrDiskLow):
 		// RetryInfo tells this back-pressure apart from gRPC's own
 		// ResourceExhausted for a message over the size limit, which no
 		// retry mends: a publisher retries the batch, after the delay it
 		// says.
 		st, _ := status.New(codes.ResourceExhausted, err.Error()).WithDetails(&errdetails.RetryInfo{RetryDelay: durationpb.New(retryDelay)})
 		return st.Err()
-	case errors.Is(err, ErrClosed):
+	case errors.Is(err, ErrClosed), errors.Is(err, ErrLogFailed), errors.Is(err, ErrNotReady):
+		// Nothing of the batch is known to be safe here: the publisher
+		// retries it, on another node if it has one.
 		return status.Error(codes.Unavailable, err.Error())
+	case errors.Is(err, ErrNotInternal):
+		return status.Error(codes.PermissionDenied, err.Error())
 	default:
 		return status.Error(codes.Internal, err.Error())
 	}

@@ -19,6 +19,7 @@ type metrics struct {
 	liveCells      prometheus.Gauge
 
 	batchesBackpressured *prometheus.CounterVec
+	batchesLowDisk       prometheus.Counter
 	handoffPending       *prometheus.GaugeVec
 	walSync              prometheus.Histogram
 	replayedRecords      prometheus.Counter
@@ -26,9 +27,10 @@ type metrics struct {
 	replaySkipped        prometheus.Counter
 }
 
-// newMetrics builds the metrics; walBytes reads the log's size when they
-// are gathered.
-func newMetrics(reg prometheus.Registerer, walBytes, pendingBytes func() float64) *metrics {
+// newMetrics builds the metrics; walBytes reads the log's size,
+// pendingBytes the memory of the outbox and walFree the free space of the
+// log's filesystem when they are gathered.
+func newMetrics(reg prometheus.Registerer, walBytes, pendingBytes, walFree func() float64) *metrics {
 	m := &metrics{
 		accepted: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "dimsum_aggregator_events_accepted_total",
@@ -91,6 +93,10 @@ func newMetrics(reg prometheus.Registerer, walBytes, pendingBytes func() float64
 			Name: "dimsum_aggregator_batches_backpressured_total",
 			Help: "Batches refused for back-pressure, by reason: log_full (the write-ahead log over wal_max_bytes: windows waited for a combiner that did not take them), behind (the flushes waiting for the combiners over max_pending_bytes: they take less than the aggregator does).",
 		}, []string{"reason"}),
+		batchesLowDisk: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "dimsum_aggregator_batches_low_disk_total",
+			Help: "Batches refused because the write-ahead log's filesystem had less free space than the floor (min_free_bytes).",
+		}),
 		handoffPending: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "dimsum_aggregator_handoff_pending_requests",
 			Help: "Requests waiting for a destination to take them (hinted handoff), by destination: flushes for a combiner replica, forwarded batches for the aggregator that owns them.",
@@ -115,7 +121,7 @@ func newMetrics(reg prometheus.Registerer, walBytes, pendingBytes func() float64
 	}
 	if reg != nil {
 		reg.MustRegister(m.accepted, m.rejected, m.late, m.batchesRefused, m.duplicates, m.forgotten, m.flushes, m.flushedCells, m.flushLag, m.flushErrors, m.forwarded, m.forwardErrors, m.openWindows, m.liveCells,
-			m.batchesBackpressured, m.handoffPending, m.walSync, m.replayedRecords, m.replayedEvents, m.replaySkipped,
+			m.batchesBackpressured, m.batchesLowDisk, m.handoffPending, m.walSync, m.replayedRecords, m.replayedEvents, m.replaySkipped,
 			prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 				Name: "dimsum_aggregator_wal_bytes",
 				Help: "Size of the write-ahead log on disk, with what is appended but not yet written.",
@@ -123,7 +129,11 @@ func newMetrics(reg prometheus.Registerer, walBytes, pendingBytes func() float64
 			prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 				Name: "dimsum_aggregator_pending_bytes",
 				Help: "Memory of the flushes and forwarded parts waiting for their destinations; past max_pending_bytes, pushes are refused.",
-			}, pendingBytes))
+			}, pendingBytes),
+			prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+				Name: "dimsum_aggregator_wal_free_bytes",
+				Help: "Free space of the write-ahead log's filesystem; below min_free_bytes, batches are refused.",
+			}, walFree))
 	}
 	return m
 }

@@ -60,6 +60,15 @@ type Options struct {
 	// reason. The default is 1,000,000.
 	MaxCellsPerWindow int
 
+	// MaxLabelNameBytes and MaxLabelValueBytes bound the length of an
+	// event's label names and values; an event with a longer one is
+	// rejected with a label-too-long reason. A label value becomes part of
+	// every key and series of its cells for the whole retention, so one
+	// huge value costs every query that touches it. The defaults are 256
+	// and 2,048 bytes (Grafana Cloud's and Loki's value limit; Prometheus
+	// has none).
+	MaxLabelNameBytes, MaxLabelValueBytes int
+
 	// FlushInterval is how often closed windows are looked for, with 10%
 	// jitter. The default is the window divided by 10, at least 100ms.
 	FlushInterval time.Duration
@@ -87,6 +96,19 @@ type Options struct {
 	// the bound Push refuses batches with ErrBehind, which publishers see as
 	// back-pressure, until they drain. The default is 256 MiB.
 	MaxPendingBytes int64
+
+	// MinFreeBytes is the free-space floor of the log's filesystem: below
+	// it Push refuses batches with ErrDiskLow, which publishers see as
+	// back-pressure (ResourceExhausted with RetryInfo), until space
+	// returns, so that the log never meets a full disk. The default, 0,
+	// sets no floor; a node sets one (min_free_bytes).
+	MinFreeBytes int64
+
+	// Ready, when set, is asked before every batch: while it returns an
+	// error, Push refuses batches with ErrNotReady (gRPC Unavailable), so
+	// that publishers go to another node. In a node, it reports a store
+	// that cannot go on. nil, the default, is always ready.
+	Ready func() error
 
 	// WALSegmentBytes is the size of a log segment file. The log drops
 	// whole segments once everything in them reached the combiners. The
@@ -129,6 +151,12 @@ func (o *Options) EnsureDefaults() {
 	if o.MaxCellsPerWindow == 0 {
 		o.MaxCellsPerWindow = 1_000_000
 	}
+	if o.MaxLabelNameBytes == 0 {
+		o.MaxLabelNameBytes = 256
+	}
+	if o.MaxLabelValueBytes == 0 {
+		o.MaxLabelValueBytes = 2048
+	}
 	if o.FlushInterval == 0 && o.Schema != nil {
 		o.FlushInterval = max(o.Schema.Window()/10, 100*time.Millisecond)
 	}
@@ -165,9 +193,9 @@ func (o *Options) Validate() error {
 		return fmt.Errorf("%w: negative lateness or skew", ErrOptions)
 	case o.MaxLateness > o.Schema.Resolutions[0].Retention:
 		return fmt.Errorf("%w: max lateness %s exceeds the finest retention %s", ErrOptions, o.MaxLateness, o.Schema.Resolutions[0].Retention)
-	case o.MaxBatchEvents < 0 || o.MaxCellsPerWindow < 0:
+	case o.MaxBatchEvents < 0 || o.MaxCellsPerWindow < 0 || o.MaxLabelNameBytes < 0 || o.MaxLabelValueBytes < 0:
 		return fmt.Errorf("%w: negative limit", ErrOptions)
-	case o.WALMaxBytes < 0 || o.WALSegmentBytes < 0:
+	case o.WALMaxBytes < 0 || o.WALSegmentBytes < 0 || o.MinFreeBytes < 0:
 		return fmt.Errorf("%w: negative write-ahead log size", ErrOptions)
 	case o.MaxPendingBytes < 0:
 		return fmt.Errorf("%w: negative max pending bytes %d", ErrOptions, o.MaxPendingBytes)

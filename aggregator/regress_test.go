@@ -3,6 +3,7 @@ package aggregator_test
 import (
 	"context"
 	"errors"
+	"math"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -17,24 +18,35 @@ import (
 	"github.com/dimsum/dimsum/wire/wirepb"
 )
 
-// Two finite, non-negative deltas whose sum overflows float64: the second is
-// rejected as not finite, and the rest of the window reaches the store.
-func TestSumOverflowIsRejected(t *testing.T) {
+// Two deltas each below 2^53 whose sum in one cell passes it: the second is
+// rejected, since a sum beyond 2^53 is no longer an exact count, and the
+// rest of the window reaches the store. A value beyond 2^53 on its own is
+// rejected too, MaxFloat64 among them, which once made every rate() of its
+// family NaN.
+func TestSumBeyondExactIsRejected(t *testing.T) {
 	h := start(t, aggregator.Options{})
 	var b wire.Batch
-	addGood(&b, h.ms(0), 1e308, 0, 0, 0)
-	addGood(&b, h.ms(0), 1e308, 0, 0, 0)
+	addGood(&b, h.ms(0), 6e15, 0, 0, 0)
+	addGood(&b, h.ms(0), 6e15, 0, 0, 0)
 	addGood(&b, h.ms(0), 1, 1, 0, 0) // another cell of the same window
+	addGood(&b, h.ms(0), math.MaxFloat64, 2, 0, 0)
+	addGood(&b, h.ms(0), 1<<53+2, 2, 0, 0)
 	resp := h.push(t, b.Request())
-	if len(resp.Rejects) != 1 || resp.Rejects[0].Index != 1 || resp.Rejects[0].Reason != wirepb.RejectReason_REJECT_REASON_NOT_FINITE {
-		t.Errorf("rejects %v, want event 1 as not finite", resp.Rejects)
+	want := []uint32{1, 3, 4}
+	if len(resp.Rejects) != len(want) {
+		t.Fatalf("rejects %v, want events %v as too large", resp.Rejects, want)
+	}
+	for i, r := range resp.Rejects {
+		if r.Index != want[i] || r.Reason != wirepb.RejectReason_REJECT_REASON_VALUE_TOO_LARGE || !strings.Contains(r.Detail, "2^53") {
+			t.Errorf("reject %v, want event %d as too large", r, want[i])
+		}
 	}
 	h.close(t)
 	if errs := h.sink.errors(); len(errs) > 0 {
 		t.Errorf("the combiner refused %d flush attempts: %v", len(errs), errs[0])
 	}
-	if got := h.everything(t); got.Count != resp.Accepted {
-		t.Errorf("accepted %d events, the store counts %d", resp.Accepted, got.Count)
+	if got := h.everything(t); got.Count != resp.Accepted || got.Sum != 6e15+1 {
+		t.Errorf("accepted %d events, the store counts %d summing to %v, want 6e15+1", resp.Accepted, got.Count, got.Sum)
 	}
 }
 

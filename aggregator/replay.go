@@ -66,6 +66,13 @@ func (r *replay) record(pos wal.Pos, typ wal.Type, payload []byte) error {
 		// The batch's identity was checked and marked here, whichever
 		// aggregators own its events.
 		a.markLocked(f.source, f.batchSeq, f.nowMS)
+		for _, e := range f.entries {
+			// Parts logged before they carried their reception time hold
+			// it in the record.
+			if e.push.ReceivedMs == 0 {
+				e.push.ReceivedMs = f.nowMS
+			}
+		}
 		r.intent(pos, cutMark{}, f.entries)
 	case recDelivered:
 		d, err := decodeDelivered(payload)

@@ -13,8 +13,16 @@ import (
 
 // forwardedKey is the gRPC metadata key that marks a batch one aggregator
 // forwarded to another. Its receiver counts it without routing it again,
-// so two nodes that briefly disagree on ownership never bounce a batch.
+// so two nodes that briefly disagree on ownership never bounce a batch. It
+// means something only on the internal listener (RegisterInternal), which
+// in a secure cluster only members reach; a public one refuses it.
 const forwardedKey = "dimsum-forwarded"
+
+// forwarded reports whether a call carries the forwarded marker.
+func forwarded(ctx context.Context) bool {
+	md, ok := metadata.FromIncomingContext(ctx)
+	return ok && len(md.Get(forwardedKey)) > 0
+}
 
 // RouterOptions configure a Router.
 type RouterOptions struct {
@@ -58,15 +66,25 @@ func NewRouter(opts RouterOptions) (*Router, error) {
 	return &Router{opts: opts}, nil
 }
 
-// Register serves Ingest through the router on s.
+// Register serves Ingest through the router on s, a public listener, for
+// publishers: a batch marked as forwarded is refused (ErrNotInternal).
 func (r *Router) Register(s *grpc.Server) {
-	wirepb.RegisterIngestServer(s, ingestServer{push: r.serve})
+	wirepb.RegisterIngestServer(s, ingestServer{push: func(_ context.Context, req *wirepb.PushRequest) (*wirepb.PushResponse, error) {
+		return r.Push(req)
+	}})
+}
+
+// RegisterInternal serves Ingest through the router on s, the cluster's
+// internal listener, where the other aggregators deliver the parts they
+// forward.
+func (r *Router) RegisterInternal(s *grpc.Server) {
+	wirepb.RegisterIngestServer(s, ingestServer{push: r.serve, internal: true})
 }
 
 // serve counts a batch another aggregator forwarded here as it is, and
 // routes one from a publisher.
 func (r *Router) serve(ctx context.Context, req *wirepb.PushRequest) (*wirepb.PushResponse, error) {
-	if md, ok := metadata.FromIncomingContext(ctx); ok && len(md.Get(forwardedKey)) > 0 {
+	if forwarded(ctx) {
 		return r.opts.Local.PushForwarded(req)
 	}
 	return r.Push(req)

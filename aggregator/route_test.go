@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"net"
 	"sync"
 	"sync/atomic"
@@ -108,7 +109,7 @@ func newRing(t *testing.T, names ...string) *ring {
 		}
 		r.nodes[name] = n
 		n.open()
-		n.srv = newPeer(t, func(s *grpc.Server) { n.router.Register(s) })
+		n.srv = newPeer(t, func(s *grpc.Server) { n.router.RegisterInternal(s) })
 	}
 	return r
 }
@@ -428,23 +429,56 @@ func TestRouterRetryAfterJoin(t *testing.T) {
 }
 
 // TestPushForwardedBounds checks the bounds of a forwarded part: the
-// receiver checked MaxLateness and MaxFutureSkew, so the owner takes what
-// arrives late, but not what is older than the finest retention.
+// lateness and skew of the moment the receiver took the batch, so that a
+// part delivered late (its owner was down) is taken as its publisher's batch
+// was, and never an event stamped far from that moment, nor one older than
+// the finest retention.
 func TestPushForwardedBounds(t *testing.T) {
 	h := start(t, aggregator.Options{})
 	retention := schema.Default().Resolutions[0].Retention
+	received := h.clock.Now().Add(-2 * time.Hour)
+	at := func(d time.Duration) int64 { return received.Add(d).UnixMilli() }
 	var b wire.Batch
 	b.Identify("pub", 1)
-	addGood(&b, h.ms(-2*time.Hour), 1, 1, 0, 0)         // past MaxLateness (1h): taken
-	addGood(&b, h.ms(2*time.Minute), 1, 1, 0, 0)        // past MaxFutureSkew (1m): taken
-	addGood(&b, h.ms(-retention-time.Hour), 1, 1, 0, 0) // past the retention: rejected
-	resp, err := h.agg.PushForwarded(b.Request())
+	addGood(&b, at(-30*time.Minute), 1, 1, 0, 0)        // within MaxLateness of the reception, 2.5h ago: taken
+	addGood(&b, at(30*time.Second), 1, 1, 0, 0)         // within MaxFutureSkew of the reception: taken
+	addGood(&b, at(2*time.Minute), 1, 1, 0, 0)          // past MaxFutureSkew (1m) of the reception
+	addGood(&b, at(-2*time.Hour), 1, 1, 0, 0)           // past MaxLateness (1h) of the reception
+	addGood(&b, h.ms(-retention-time.Hour), 1, 1, 0, 0) // past the retention
+	req := b.Request()
+	req.ReceivedMs = received.UnixMilli()
+	resp, err := h.agg.PushForwarded(req)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if resp.Accepted != 2 || len(resp.Rejects) != 1 || resp.Rejects[0].Index != 2 || resp.Rejects[0].Reason != wirepb.RejectReason_REJECT_REASON_TOO_OLD {
-		t.Fatalf("forwarded: accepted %d, rejects %v; want 2 accepted, event 2 too old", resp.Accepted, resp.Rejects)
+	want := []wirepb.RejectReason{2: wirepb.RejectReason_REJECT_REASON_TOO_NEW, 3: wirepb.RejectReason_REJECT_REASON_TOO_OLD, 4: wirepb.RejectReason_REJECT_REASON_TOO_OLD}
+	if resp.Accepted != 2 || len(resp.Rejects) != 3 {
+		t.Fatalf("forwarded: accepted %d, rejects %v; want 2 accepted, events 2 to 4 rejected", resp.Accepted, resp.Rejects)
 	}
+	for _, r := range resp.Rejects {
+		if r.Reason != want[r.Index] {
+			t.Errorf("event %d: %v (%s), want %v", r.Index, r.Reason, r.Detail, want[r.Index])
+		}
+	}
+
+	// A part that says it was received a year from now is held to this
+	// node's clock plus the skew; one with no reception time to now.
+	for _, received := range []int64{h.ms(365 * 24 * time.Hour), 0} {
+		var b wire.Batch
+		addGood(&b, h.ms(-24*time.Hour), 1, 1, 0, 0)
+		addGood(&b, h.ms(365*24*time.Hour), 1, 1, 0, 0)
+		addGood(&b, math.MaxInt64, 1, 1, 0, 0)
+		req := b.Request()
+		req.ReceivedMs = received
+		resp, err := h.agg.PushForwarded(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if resp.Accepted != 0 || len(resp.Rejects) != 3 {
+			t.Errorf("a part received at %d: accepted %d, rejects %v; want all three rejected", received, resp.Accepted, resp.Rejects)
+		}
+	}
+
 	resp, err = h.agg.Push(b.Request())
 	if err != nil || !resp.Duplicate {
 		t.Fatalf("the same identity pushed by a publisher: %v, %v; want a duplicate", resp, err)

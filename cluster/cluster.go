@@ -76,6 +76,8 @@ type Cluster struct {
 	logger *slog.Logger
 	timing Timing
 	ml     *memberlist.Memberlist
+	// keyring holds the gossip keys; nil when gossip is in clear.
+	keyring *memberlist.Keyring
 
 	// opMu serializes UpdateMeta, Leave and Shutdown: concurrent updates
 	// each apply to the result of the one before, and no memberlist call
@@ -111,6 +113,7 @@ func Start(cfg Config) (*Cluster, error) {
 	c.mu.members = make(map[string]*Member)
 	c.mu.subs = make(map[chan struct{}]struct{})
 
+	c.keyring, _ = keyring(cfg.SecretKeys) // Validate checked them
 	ml, err := memberlist.Create(c.memberlistConfig(&cfg))
 	if err != nil {
 		return nil, fmt.Errorf("cluster: cannot listen at %s: %w", cfg.BindAddr, err)
@@ -154,6 +157,12 @@ func (c *Cluster) memberlistConfig(cfg *Config) *memberlist.Config {
 	mc.TCPTimeout = t.TCPTimeout
 	mc.DeadNodeReclaimTime = t.DeadNodeReclaimTime
 	mc.Logger = newMemberlistLogger(cfg.Logger)
+	if c.keyring != nil {
+		// Every packet and stream is encrypted, and one that is not (or
+		// not with a listed key) is dropped.
+		mc.Keyring = c.keyring
+		mc.GossipVerifyIncoming, mc.GossipVerifyOutgoing = true, true
+	}
 	mc.Delegate = (*delegate)(c)
 	mc.Events = (*events)(c)
 	return mc

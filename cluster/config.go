@@ -58,6 +58,14 @@ type Config struct {
 	// field takes its value from LANTiming.
 	Timing Timing
 
+	// SecretKeys, when set, encrypt and authenticate all gossip with
+	// memberlist's keyring (AES-GCM): the first key encrypts what this
+	// node sends, and any of them decrypts what it receives; a member
+	// without a listed key can neither join nor read the gossip. Keys are
+	// 16, 24 or 32 bytes (ParseKeys reads them from a file), and change at
+	// run time with Cluster.SetKeys. The default is none: gossip in clear.
+	SecretKeys [][]byte
+
 	// Logger receives membership events and memberlist's own logs (under
 	// component=memberlist). nil discards them.
 	Logger *slog.Logger
@@ -277,6 +285,9 @@ func (c *Config) Validate() error {
 		return fmt.Errorf("%w: JoinTimeout is negative (%s)", ErrConfig, c.JoinTimeout)
 	}
 	if err := c.Timing.validate(); err != nil {
+		return err
+	}
+	if _, err := keyring(c.SecretKeys); err != nil {
 		return err
 	}
 	if _, err := c.Meta.encode(); err != nil {

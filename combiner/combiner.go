@@ -33,6 +33,12 @@ type Options struct {
 	// Schema is the store's schema: it says how many values each cuboid's
 	// cells carry. Required.
 	Schema *schema.Schema
+	// Ready, when set, is asked before every flush: while it returns an
+	// error, flushes are refused with gRPC Unavailable, and the
+	// aggregators retry them later. In a node, it refuses them while the
+	// store's disk is below its free-space floor or the store has failed.
+	// nil, the default, is always ready.
+	Ready func() error
 	// Logger receives operational logs. nil discards them.
 	Logger *slog.Logger
 	// Registerer registers the combiner's metrics. nil registers none.
@@ -195,6 +201,12 @@ type server struct {
 }
 
 func (s server) Flush(_ context.Context, req *wirepb.FlushRequest) (*wirepb.FlushResponse, error) {
+	if ready := s.c.opts.Ready; ready != nil {
+		if err := ready(); err != nil {
+			s.c.metrics.unready.Inc()
+			return nil, status.Error(codes.Unavailable, err.Error())
+		}
+	}
 	dup, err := s.c.Apply(req)
 	switch {
 	case errors.Is(err, ErrBadFlush):

@@ -7,6 +7,7 @@ type metrics struct {
 	duplicates prometheus.Counter
 	refused    prometheus.Counter
 	cells      prometheus.Counter
+	unready    prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -27,9 +28,13 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "dimsum_combiner_cells_applied_total",
 			Help: "Cells merged into the global cube, counted once per flush.",
 		}),
+		unready: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "dimsum_combiner_flushes_unready_total",
+			Help: "Flushes refused, to be retried, because the store was not ready: its disk below the free-space floor, or the store failed.",
+		}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.applied, m.duplicates, m.refused, m.cells)
+		reg.MustRegister(m.applied, m.duplicates, m.refused, m.cells, m.unready)
 	}
 	return m
 }

@@ -5,8 +5,12 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"sync"
 	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
 
 	"github.com/dimsum/dimsum/publisher"
 )
@@ -56,6 +60,14 @@ type Options struct {
 	Policy publisher.Policy
 	// Compression is publisher.Gzip (the default) or publisher.None.
 	Compression string
+	// DialOptions and Credentials are the publisher's (TLS, a bearer
+	// token): see publisher.Options. The defaults are plain text and no
+	// credential.
+	DialOptions []grpc.DialOption
+	Credentials credentials.PerRPCCredentials
+	// Logger receives the publisher's logs: retries, failovers, batches
+	// lost and why. nil discards them.
+	Logger *slog.Logger
 	// Family is the counter family the events belong to; it must have the
 	// dimensions datacenter/cluster/host, transaction and status, as the
 	// embedded default schema's requests family does. The default is
@@ -335,6 +347,9 @@ func Run(ctx context.Context, opts Options) (Report, error) {
 		Policy:       opts.Policy,
 		InFlight:     opts.Concurrency,
 		Compression:  opts.Compression,
+		DialOptions:  opts.DialOptions,
+		Credentials:  opts.Credentials,
+		Logger:       opts.Logger,
 		OnResult:     rec.result,
 	})
 	if err != nil {

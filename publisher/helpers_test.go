@@ -102,10 +102,16 @@ func (s *stalled) Push(ctx context.Context, req *wirepb.PushRequest) (*wirepb.Pu
 // window, a short grace and the rest of ac, stopped at the end of the test.
 func startNode(t *testing.T, ac node.AggregatorConfig) *node.Node {
 	t.Helper()
+	return startNodeIn(t, t.TempDir(), ac)
+}
+
+// startNodeIn is startNode with its data in dataDir.
+func startNodeIn(t *testing.T, dataDir string, ac node.AggregatorConfig) *node.Node {
+	t.Helper()
 	ac.Grace = model.Duration(200 * time.Millisecond)
 	ac.FlushInterval = model.Duration(50 * time.Millisecond)
 	n, err := node.Start(node.Config{
-		DataDir:    t.TempDir(),
+		DataDir:    dataDir,
 		GRPCListen: "127.0.0.1:0",
 		HTTPListen: "127.0.0.1:0",
 		Name:       "test",

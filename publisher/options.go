@@ -11,6 +11,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 )
 
@@ -106,8 +107,15 @@ type Options struct {
 	RetryBackoff, MaxBackoff time.Duration
 
 	// DialOptions are passed to grpc.NewClient for every node, for TLS for
-	// instance. The default is insecure credentials.
+	// instance (grpc.WithTransportCredentials(credentials.NewTLS(...))).
+	// The default is insecure credentials.
 	DialOptions []grpc.DialOption
+
+	// Credentials are sent with every push: BearerToken or BasicAuth, for
+	// a node that checks credentials. A refused one fails the batch
+	// (Unauthenticated, PermissionDenied: no retry mends it). The default
+	// is none.
+	Credentials credentials.PerRPCCredentials
 
 	// OnResult, when set, is called once for every batch when its fate is
 	// known: counted (perhaps with rejects), refused, failed or left unsent
@@ -159,6 +167,9 @@ func (o *Options) EnsureDefaults() {
 	}
 	if o.DialOptions == nil {
 		o.DialOptions = []grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials())}
+	}
+	if o.Credentials != nil {
+		o.DialOptions = append(o.DialOptions[:len(o.DialOptions):len(o.DialOptions)], grpc.WithPerRPCCredentials(o.Credentials))
 	}
 	if o.Logger == nil {
 		o.Logger = slog.New(slog.DiscardHandler)

@@ -4,7 +4,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -268,6 +273,56 @@ func TestRetryWhenLogFull(t *testing.T) {
 	}
 	if got := nodeMetric(t, n, "dimsum_aggregator_events_accepted_total", ""); got != 10 {
 		t.Errorf("the second node counted %v events, want 10", got)
+	}
+}
+
+// TestFailoverWhenLogFails gives the publisher first a node whose
+// write-ahead log cannot write: it cannot create its next segment file (a
+// directory stands at its name), as when its filesystem turns read-only or
+// fills. The node answers Unavailable, not Internal as it once did, which
+// made the publisher drop the batch as failed: the batch goes to the next
+// node instead, and the failed node says it is unhealthy, and why.
+func TestFailoverWhenLogFails(t *testing.T) {
+	dir := t.TempDir()
+	broken := startNodeIn(t, dir, node.AggregatorConfig{WALSegmentBytes: 512})
+	if err := os.Mkdir(filepath.Join(dir, "wal", "0000000000000002.wal"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	n := startNode(t, node.AggregatorConfig{})
+	p, err := publisher.New(publisher.Options{
+		Addrs:        []string{broken.GRPCAddr(), n.GRPCAddr()},
+		BatchEvents:  100,
+		InFlight:     1,
+		Linger:       time.Hour,
+		RetryBackoff: time.Millisecond,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range 100 {
+		labels := slices.Clone(requestLabels)
+		labels[5] = fmt.Sprintf("h%d", i) // distinct hosts: a record over the segment size
+		if err := p.Add(context.Background(), publisher.Event{Family: "requests", TimestampMS: time.Now().UnixMilli(), Value: 1, Labels: labels}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := p.Close(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if s := p.Stats(); s.Sent != 100 || s.Dropped["failed"] != 0 || s.Failovers != 1 {
+		t.Errorf("stats %+v, want 100 events sent after failing over once", s)
+	}
+	if got := nodeMetric(t, n, "dimsum_aggregator_events_accepted_total", ""); got != 100 {
+		t.Errorf("the second node counted %v events, want 100", got)
+	}
+	resp, err := http.Get("http://" + broken.HTTPAddr() + "/-/healthy")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusServiceUnavailable || !strings.Contains(string(body), "write-ahead log failed") {
+		t.Errorf("the node whose log failed: HTTP %d %q, want 503 saying why", resp.StatusCode, body)
 	}
 }
 

@@ -60,6 +60,13 @@ type Options struct {
 	// LookbackDelta is how far back an instant selector looks for a sample.
 	// The default is 5m, as Prometheus'.
 	LookbackDelta time.Duration
+	// MaxQueryLength bounds a PromQL expression, and each match[]
+	// selector, in bytes. The default is 16 KiB, as VictoriaMetrics'.
+	MaxQueryLength int
+	// MaxQueryDepth bounds how deep an expression's brackets nest; the
+	// parser's cost grows with the square of the nesting. The default is
+	// 64.
+	MaxQueryDepth int
 	// Version is reported by /api/v1/status/buildinfo.
 	Version string
 	// Logger receives operational logs. nil discards them.
@@ -86,6 +93,12 @@ func (o *Options) EnsureDefaults() {
 	}
 	if o.LookbackDelta == 0 {
 		o.LookbackDelta = 5 * time.Minute
+	}
+	if o.MaxQueryLength == 0 {
+		o.MaxQueryLength = 16 << 10
+	}
+	if o.MaxQueryDepth == 0 {
+		o.MaxQueryDepth = 64
 	}
 	if o.Version == "" {
 		o.Version = "devel"
@@ -353,7 +366,7 @@ func (a *API) open(ctx context.Context, get func(string) string) (View, *apiErro
 // that shape its evaluation: timeout, lookback_delta, stats,
 // max_source_resolution and partial_response.
 func (a *API) prepare(r *http.Request) (prepared, *apiError) {
-	expr, aerr := parseQuery(r)
+	expr, aerr := a.readQuery(r)
 	if aerr != nil {
 		return prepared{}, aerr
 	}
@@ -401,6 +414,11 @@ func (a *API) prepare(r *http.Request) (prepared, *apiError) {
 
 func (a *API) exec(p prepared, q promql.Query) (result, *apiError) {
 	defer q.Close()
+	// A timeout that passed while the request was parsed and planned: the
+	// context's timer may not have fired yet, and the engine would run.
+	if d, ok := p.ctx.Deadline(); ok && !time.Now().Before(d) {
+		return result{}, &apiError{errTimeout, fmt.Errorf("query timed out before its evaluation began: %w", context.DeadlineExceeded)}
+	}
 	res := q.Exec(p.ctx)
 	if res.Err != nil {
 		return result{annos: res.Warnings}, engineError(res.Err)
@@ -444,16 +462,23 @@ func storageError(err error) *apiError {
 // the engine parses queries.
 var promqlParser = parser.NewParser(parser.Options{})
 
-// selectors parses the match[] parameters.
-func selectors(r *http.Request) ([][]*labels.Matcher, *apiError) {
+// selectors parses the match[] parameters. Each must have a matcher that
+// the empty string fails.
+func (a *API) selectors(r *http.Request) ([][]*labels.Matcher, *apiError) {
 	var out [][]*labels.Matcher
 	for _, s := range r.Form["match[]"] {
+		if aerr := a.checkQuery("match[]", s); aerr != nil {
+			return nil, aerr
+		}
 		ms, err := promqlParser.ParseMetricSelector(s)
 		if err == nil {
 			err = reservedMatcher(ms)
 		}
 		if err != nil {
 			return nil, badData("invalid parameter \"match[]\": %v", err)
+		}
+		if !selectsSomething(ms) {
+			return nil, errEmptySelector(s)
 		}
 		out = append(out, ms)
 	}
@@ -512,7 +537,7 @@ func (a *API) labelQuery(r *http.Request, f func(storage.Querier, []*labels.Matc
 	if aerr != nil {
 		return result{}, aerr
 	}
-	sels, aerr := selectors(r)
+	sels, aerr := a.selectors(r)
 	if aerr != nil {
 		return result{}, aerr
 	}
@@ -563,7 +588,7 @@ func (a *API) labelValues(r *http.Request) (result, *apiError) {
 }
 
 func (a *API) series(r *http.Request) (result, *apiError) {
-	sels, aerr := selectors(r)
+	sels, aerr := a.selectors(r)
 	if aerr != nil {
 		return result{}, aerr
 	}

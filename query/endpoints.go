@@ -14,7 +14,7 @@ func (a *API) queryExemplars(r *http.Request) (result, *apiError) {
 	if _, _, aerr := timeRange(r); aerr != nil {
 		return result{}, aerr
 	}
-	if _, aerr := parseQuery(r); aerr != nil {
+	if _, aerr := a.readQuery(r); aerr != nil {
 		return result{}, aerr
 	}
 	return result{data: []any{}}, nil
@@ -28,25 +28,29 @@ func (*API) alerts(*http.Request) (result, *apiError) {
 	return result{data: map[string]any{"alerts": []any{}}}, nil
 }
 
-func (*API) formatQuery(r *http.Request) (result, *apiError) {
-	expr, aerr := parseQuery(r)
+func (a *API) formatQuery(r *http.Request) (result, *apiError) {
+	expr, aerr := a.readQuery(r)
 	if aerr != nil {
 		return result{}, aerr
 	}
 	return result{data: parser.Prettify(expr)}, nil
 }
 
-func (*API) parseQuery(r *http.Request) (result, *apiError) {
-	expr, aerr := parseQuery(r)
+func (a *API) parseQuery(r *http.Request) (result, *apiError) {
+	expr, aerr := a.readQuery(r)
 	if aerr != nil {
 		return result{}, aerr
 	}
 	return result{data: syntaxTree(expr)}, nil
 }
 
-// parseQuery parses the query parameter.
-func parseQuery(r *http.Request) (parser.Expr, *apiError) {
-	expr, err := promqlParser.ParseExpr(r.FormValue("query"))
+// readQuery checks the query parameter against the limits and parses it.
+func (a *API) readQuery(r *http.Request) (parser.Expr, *apiError) {
+	q := r.FormValue("query")
+	if aerr := a.checkQuery("query", q); aerr != nil {
+		return nil, aerr
+	}
+	expr, err := promqlParser.ParseExpr(q)
 	if err != nil {
 		return nil, badData("invalid parameter \"query\": %v", err)
 	}

@@ -383,12 +383,19 @@ func (p pebbleLogger) Infof(format string, args ...any) { p.l.Info(fmt.Sprintf(f
 
 func (p pebbleLogger) Errorf(format string, args ...any) { p.l.Error(fmt.Sprintf(format, args...)) }
 
-// Fatalf is called by Pebble on a broken invariant, after which it must not
-// continue. Pebble's own default exits the process; a library must not, so
-// this panics and leaves the decision to whoever recovers.
+// Fatalf is called by Pebble on an error it cannot go on from, after which
+// the calling goroutine must not continue (a commit Pebble failed to log
+// would otherwise return as written). Pebble's own default exits the
+// process; a library must not. With a FailureHandler in the logger, this
+// reports the error and parks the goroutine for good, so that the node
+// stays up, refuses work and says why; without one, it panics and leaves
+// the decision to whoever recovers.
 func (p pebbleLogger) Fatalf(format string, args ...any) {
 	msg := fmt.Sprintf(format, args...)
 	p.l.Error(msg, "fatal", true)
+	if fail(p.l, msg) {
+		select {}
+	}
 	panic("pebble: " + msg)
 }
 

@@ -19,16 +19,16 @@ import (
 // reaches the combiners quickly, memberlist's fast timings, and few shards
 // so that each combiner holds several of them twice.
 const clusterConfig = `aggregator: {grace: 1s, flush_interval: 100ms}
-cluster: {timing: fast, shards: 8, replication: 2, combiners: [c1, c2, c3]}
+cluster: {timing: fast, shards: 8, replication: 2, combiners: [c1, c2, c3], insecure: true}
 schema: {resolutions: [1s:1d, 1m:35d]}
 `
 
 // member is one dimsum process of a test cluster.
 type member struct {
-	name, role                  string
-	grpc, http, gossip, dataDir string
-	cmd                         *exec.Cmd
-	log                         *os.File
+	name, role                            string
+	grpc, http, gossip, internal, dataDir string
+	cmd                                   *exec.Cmd
+	log                                   *os.File
 }
 
 type testCluster struct {
@@ -68,7 +68,7 @@ func tail(s string, lines int) string {
 
 // add starts a new member with one role.
 func (c *testCluster) add(name, role string) *member {
-	m := &member{name: name, role: role, grpc: freeAddr(c.t), http: freeAddr(c.t), gossip: freeAddr(c.t), dataDir: filepath.Join(c.dir, name)}
+	m := &member{name: name, role: role, grpc: freeAddr(c.t), http: freeAddr(c.t), gossip: freeAddr(c.t), internal: freeAddr(c.t), dataDir: filepath.Join(c.dir, name)}
 	if c.seed == "" {
 		c.seed = m.gossip
 	}
@@ -88,12 +88,12 @@ func (c *testCluster) start(m *member) {
 		}
 	}
 	m.cmd = exec.Command(c.bin, m.role, "-config", c.config, "-name", m.name, "-data", m.dataDir,
-		"-grpc", m.grpc, "-http", m.http, "-gossip", m.gossip, "-join", c.seed)
+		"-grpc", m.grpc, "-http", m.http, "-gossip", m.gossip, "-internal", m.internal, "-join", c.seed)
 	m.cmd.Stdout, m.cmd.Stderr = m.log, m.log
 	if err := m.cmd.Start(); err != nil {
 		c.t.Fatal(err)
 	}
-	waitFor(c.t, m.name+" to serve HTTP", func() bool { return healthy(m.http) })
+	waitFor(c.t, m.name+" to serve HTTP", func() bool { return healthy(http.DefaultClient, "http://"+m.http) })
 }
 
 // kill stops a member with SIGKILL.

@@ -6,6 +6,8 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"log/slog"
+	"net/http"
 	"os"
 	"os/signal"
 	"strings"
@@ -53,6 +55,8 @@ func runLoad(args []string) error {
 	fs.BoolVar(&o.Verify, "verify", false, "read the totals back through PromQL and the slice API and fail unless they equal what was acknowledged")
 	fs.DurationVar(&o.Window, "window", loadtest.DefaultWindow, "the node's window (finest resolution step), for -verify")
 	fs.DurationVar(&o.VerifyTimeout, "verify-timeout", loadtest.DefaultVerifyTimeout, "how long -verify waits for the data to become queryable")
+	var cf clientFlags
+	cf.register(fs)
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -69,7 +73,16 @@ func runLoad(args []string) error {
 		return err
 	}
 	o.Addrs, o.HTTPAddrs = split(*addrs), split(*httpAddrs)
+	if o.DialOptions, o.Credentials, err = cf.grpcOptions(); err != nil {
+		return fmt.Errorf("load: %w", err)
+	}
+	// The load test reads /metrics and the API with the default client:
+	// this process does nothing else.
+	if http.DefaultClient.Transport, err = cf.httpTransport(); err != nil {
+		return fmt.Errorf("load: %w", err)
+	}
 	o.Progress = os.Stderr
+	o.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelError}))
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 	rep, err := loadtest.Run(ctx, o)

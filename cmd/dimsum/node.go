@@ -22,6 +22,7 @@ func runNode(cmd string, args []string) error {
 	name := fs.String("name", "", "node `name`, unique in the cluster (overrides name; default the host name)")
 	join := fs.String("join", "", "gossip `addresses` of cluster members to meet, comma-separated (overrides cluster.join)")
 	gossip := fs.String("gossip", "", "gossip listen `address` (overrides cluster.gossip_listen; default the gRPC host, port 9402)")
+	internal := fs.String("internal", "", "internal gRPC listen `address` of a cluster member, where members send flushes, forwarded batches and reads (overrides cluster.internal_listen; default the gRPC host, port 9403)")
 	logLevel := fs.String("log-level", "info", "log `level`: debug, info, warn or error")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -45,7 +46,7 @@ func runNode(cmd string, args []string) error {
 	}
 	for _, o := range []struct{ flag, field *string }{
 		{dataDir, &cfg.DataDir}, {grpcListen, &cfg.GRPCListen}, {httpListen, &cfg.HTTPListen},
-		{name, &cfg.Name}, {gossip, &cfg.Cluster.GossipListen},
+		{name, &cfg.Name}, {gossip, &cfg.Cluster.GossipListen}, {internal, &cfg.Cluster.InternalListen},
 	} {
 		if *o.flag != "" {
 			*o.field = *o.flag
@@ -63,16 +64,25 @@ func runNode(cmd string, args []string) error {
 	// Signals are caught before the node serves, so a SIGTERM sent as soon
 	// as it answers still stops it cleanly.
 	sig := make(chan os.Signal, 1)
-	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM)
+	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
 	n, err := node.Start(cfg, buildVersion(), log)
 	if err != nil {
 		return err
 	}
-	select {
-	case s := <-sig:
-		log.Info("stopping: flushing open windows", "signal", s.String())
-	case err = <-n.Err():
-		log.Error("a server stopped", "err", err)
+	for {
+		select {
+		case s := <-sig:
+			if s == syscall.SIGHUP {
+				// Credentials, certificates and gossip keys, read again;
+				// what fails to load stays as it was, and is logged.
+				n.Reload()
+				continue
+			}
+			log.Info("stopping: flushing open windows", "signal", s.String())
+		case err = <-n.Err():
+			log.Error("a server stopped", "err", err)
+		}
+		break
 	}
 	if cerr := n.Close(); err == nil {
 		err = cerr

@@ -74,6 +74,12 @@ func freeAddr(t *testing.T) string {
 // that fails before it stops the node does not leave it running.
 func startNode(t *testing.T, bin, config, data, grpcAddr, httpAddr string) *exec.Cmd {
 	t.Helper()
+	return startNodeUntil(t, bin, config, data, grpcAddr, httpAddr, func() bool { return healthy(http.DefaultClient, "http://"+httpAddr) })
+}
+
+// startNodeUntil is startNode, waiting until up reports true.
+func startNodeUntil(t *testing.T, bin, config, data, grpcAddr, httpAddr string, up func() bool) *exec.Cmd {
+	t.Helper()
 	cmd := exec.Command(bin, "-config", config, "-data", data, "-grpc", grpcAddr, "-http", httpAddr)
 	cmd.Stderr = os.Stderr
 	if err := cmd.Start(); err != nil {
@@ -85,7 +91,7 @@ func startNode(t *testing.T, bin, config, data, grpcAddr, httpAddr string) *exec
 			cmd.Wait()
 		}
 	})
-	waitFor(t, "the node to serve HTTP", func() bool { return healthy(httpAddr) })
+	waitFor(t, "the node to serve HTTP", up)
 	return cmd
 }
 
@@ -100,9 +106,10 @@ func stopNode(t *testing.T, cmd *exec.Cmd) {
 	}
 }
 
-// healthy reports whether the node at httpAddr answers its health check.
-func healthy(httpAddr string) bool {
-	resp, err := http.Get("http://" + httpAddr + "/-/healthy")
+// healthy reports whether the node at base (scheme and address) answers
+// its health check through client.
+func healthy(client *http.Client, base string) bool {
+	resp, err := client.Get(base + "/-/healthy")
 	if err != nil {
 		return false
 	}

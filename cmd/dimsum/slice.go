@@ -45,6 +45,8 @@ func runSlice(args []string) error {
 	str("drilldown", "drill into -value at this `dimension` or level")
 	str("value", "the `value` to drill into")
 	str("rollup", "roll up this `dimension` or level")
+	var cf clientFlags
+	cf.register(fs)
 	if len(args) == 0 || strings.HasPrefix(args[0], "-") {
 		fs.Usage()
 		return errors.New("slice: the first argument must be a family")
@@ -76,12 +78,15 @@ func runSlice(args []string) error {
 	default:
 		return fmt.Errorf("slice: -format must be table, csv or json, not %q", *format)
 	}
-	return slice(os.Stdout, "http://"+*addr+path+"?"+p.Encode(), *format)
+	transport, err := cf.httpTransport()
+	if err != nil {
+		return fmt.Errorf("slice: %w", err)
+	}
+	return slice(os.Stdout, &http.Client{Timeout: 5 * time.Minute, Transport: transport}, "http://"+*addr+path+"?"+p.Encode(), *format)
 }
 
-// slice fetches one slice and writes it in the format asked.
-func slice(w io.Writer, u, format string) error {
-	client := &http.Client{Timeout: 5 * time.Minute}
+// slice fetches one slice with client and writes it in the format asked.
+func slice(w io.Writer, client *http.Client, u, format string) error {
 	resp, err := client.Get(u)
 	if err != nil {
 		return fmt.Errorf("slice: %w", err)

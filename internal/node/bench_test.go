@@ -2,8 +2,17 @@ package node
 
 import (
 	"context"
+	"crypto/sha256"
+	"crypto/tls"
+	"encoding/hex"
 	"fmt"
 	"math/rand/v2"
+	"net/http"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -11,8 +20,11 @@ import (
 	"github.com/prometheus/prometheus/model/labels"
 	"github.com/prometheus/prometheus/tsdb"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 
+	"github.com/dimsum/dimsum/internal/testcert"
+	"github.com/dimsum/dimsum/publisher"
 	"github.com/dimsum/dimsum/wire"
 	"github.com/dimsum/dimsum/wire/wirepb"
 )
@@ -47,23 +59,47 @@ func benchEvents(n int) []benchEvent {
 // BenchmarkIngest pushes prebuilt batches over real gRPC on loopback into an
 // all-in-one node with the default schema (16 cuboids an event), four
 // batches in flight, with the aggregator's write-ahead log on (the default)
-// and off. One op is one batch of 5,000 events.
+// and off, and with the log on over TLS with a bearer token checked on
+// every push. One op is one batch of 5,000 events.
 func BenchmarkIngest(b *testing.B) {
-	for _, wal := range []bool{true, false} {
-		b.Run(fmt.Sprintf("wal=%v", wal), func(b *testing.B) { benchIngest(b, wal) })
+	for _, c := range []struct{ wal, tls bool }{{true, false}, {false, false}, {true, true}} {
+		b.Run(fmt.Sprintf("wal=%v/tls=%v", c.wal, c.tls), func(b *testing.B) { benchIngest(b, c.wal, c.tls) })
 	}
 }
 
-func benchIngest(b *testing.B, wal bool) {
+// benchSecure gives cfg TLS and a credentials file on its public
+// listeners, and returns the client's TLS config and a token with every
+// right.
+func benchSecure(b *testing.B, cfg *Config) (*tls.Config, string) {
+	dir := b.TempDir()
+	ca := testcert.NewCA(b, dir, "bench")
+	pair := ca.Issue(b, "node")
+	const token = "bench-token"
+	sum := sha256.Sum256([]byte(token))
+	creds := filepath.Join(dir, "credentials.yaml")
+	if err := os.WriteFile(creds, []byte("credentials: [{name: bench, token_sha256: "+hex.EncodeToString(sum[:])+", rights: [push, query, admin]}]\n"), 0o600); err != nil {
+		b.Fatal(err)
+	}
+	cfg.TLS = TLSConfig{CertFile: pair.Cert, KeyFile: pair.Key}
+	cfg.Auth = AuthConfig{CredentialsFile: creds}
+	return &tls.Config{RootCAs: ca.Pool}, token
+}
+
+func benchIngest(b *testing.B, wal, secure bool) {
 	cfg := testConfig(b.TempDir())
 	cfg.Schema.Resolutions = nil // the default 10s:8d, 1m:35d, 1h:400d
 	cfg.Aggregator = AggregatorConfig{WALDisabled: !wal}
+	dial := []grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials())}
+	if secure {
+		tc, token := benchSecure(b, &cfg)
+		dial = []grpc.DialOption{grpc.WithTransportCredentials(credentials.NewTLS(tc)), grpc.WithPerRPCCredentials(publisher.BearerToken(token))}
+	}
 	n, err := Start(cfg, "bench", nil)
 	if err != nil {
 		b.Fatal(err)
 	}
 	defer n.Close()
-	conn, err := grpc.NewClient("passthrough:///"+n.GRPCAddr(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	conn, err := grpc.NewClient("passthrough:///"+n.GRPCAddr(), dial...)
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -94,6 +130,92 @@ func benchIngest(b *testing.B, wal bool) {
 		}
 	})
 	b.ReportMetric(float64(b.N*benchBatch)/b.Elapsed().Seconds(), "events/s")
+}
+
+// BenchmarkQueryHTTP asks an all-in-one node over HTTP on loopback for
+// sum by (datacenter) (rate(requests_total[1m])) over its last 15 minutes
+// at 15s steps, as a Grafana panel does, with 60,000 events of 300 hosts
+// and 50 transactions in the store: in plain text, and over TLS with a
+// bearer token, once on kept-alive connections (Grafana's case) and once
+// on a new connection, with its handshake, for every query. One op is one
+// query.
+func BenchmarkQueryHTTP(b *testing.B) {
+	for _, c := range []struct {
+		name          string
+		secure, fresh bool
+	}{{"tls=false", false, false}, {"tls=true", true, false}, {"tls=true/new-connection", true, true}} {
+		b.Run(c.name, func(b *testing.B) { benchQueryHTTP(b, c.secure, c.fresh) })
+	}
+}
+
+func benchQueryHTTP(b *testing.B, secure, fresh bool) {
+	cfg := testConfig(b.TempDir())
+	transport := &http.Transport{}
+	scheme, authorization := "http", ""
+	var dial []grpc.DialOption
+	if secure {
+		tc, token := benchSecure(b, &cfg)
+		transport.TLSClientConfig = tc
+		scheme, authorization = "https", "Bearer "+token
+		dial = []grpc.DialOption{grpc.WithTransportCredentials(credentials.NewTLS(tc)), grpc.WithPerRPCCredentials(publisher.BearerToken(token))}
+	}
+	transport.DisableKeepAlives = fresh
+	n, err := Start(cfg, "bench", nil)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer n.Close()
+	now := time.Now()
+	var total float64
+	for i := range 12 {
+		var batch wire.Batch
+		for _, e := range benchEvents(benchBatch) {
+			batch.Add("requests", now.Add(-time.Duration(i)*time.Minute).UnixMilli(), e.value, "datacenter", e.dc, "cluster", e.cluster, "host", e.host, "transaction", e.txn, "status", e.status)
+			total += e.value
+		}
+		if resp, err := pushBenchBatch(n, batch.Request(), dial); err != nil || resp.Accepted != benchBatch {
+			b.Fatalf("push: %v, %v", resp, err)
+		}
+	}
+	client := &http.Client{Transport: transport}
+	get := func(q url.Values) string {
+		code, body, err := fetch(client, scheme+"://"+n.HTTPAddr()+"/api/v1/query_range?"+q.Encode(), authorization)
+		if err != nil || code != http.StatusOK {
+			b.Fatalf("HTTP %d %s: %v", code, body, err)
+		}
+		return body
+	}
+	end := now.Truncate(time.Minute).Add(time.Minute)
+	sumQuery := url.Values{"query": {"sum(sum_over_time(requests_delta[20m]))"}, "start": {strconv.FormatInt(end.Unix(), 10)}, "end": {strconv.FormatInt(end.Unix(), 10)}, "step": {"15"}}
+	want := `"` + strconv.FormatFloat(total, 'f', -1, 64) + `"`
+	deadline := time.Now().Add(30 * time.Second)
+	for !strings.Contains(get(sumQuery), want) {
+		if time.Now().After(deadline) {
+			b.Fatalf("the store never held the %v events pushed", total)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	q := url.Values{"query": {"sum by (datacenter) (rate(requests_total[1m]))"},
+		"start": {strconv.FormatInt(end.Add(-15*time.Minute).Unix(), 10)}, "end": {strconv.FormatInt(end.Unix(), 10)}, "step": {"15"}}
+	b.ReportAllocs()
+	b.ResetTimer()
+	for b.Loop() {
+		get(q)
+	}
+	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "queries/s")
+}
+
+// pushBenchBatch pushes one batch to n's public port.
+func pushBenchBatch(n *Node, req *wirepb.PushRequest, dial []grpc.DialOption) (*wirepb.PushResponse, error) {
+	if dial == nil {
+		dial = []grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials())}
+	}
+	conn, err := grpc.NewClient("passthrough:///"+n.GRPCAddr(), dial...)
+	if err != nil {
+		return nil, err
+	}
+	defer conn.Close()
+	return wirepb.NewIngestClient(conn).Push(context.Background(), req)
 }
 
 // BenchmarkPrometheusHeadAppend is the peer of BenchmarkIngest: the same

@@ -11,7 +11,6 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/dimsum/dimsum/aggregator"
 	"github.com/dimsum/dimsum/cluster"
@@ -30,7 +29,7 @@ type topology struct {
 	members     *cluster.Cluster
 	shards      int
 	replication int
-	maxRecv     int
+	dial        []grpc.DialOption    // how to reach a member's internal listener
 	combiners   []string             // the configured combiners; nil: those seen
 	gauge       *prometheus.GaugeVec // members by role and state
 
@@ -63,8 +62,8 @@ type members struct {
 	grpc   map[string]string // gRPC address by member name
 }
 
-func newTopology(self string, c *cluster.Cluster, cfg ClusterConfig, maxRecv int, reg prometheus.Registerer) *topology {
-	t := &topology{self: self, members: c, shards: cfg.Shards, replication: cfg.Replication, maxRecv: maxRecv,
+func newTopology(self string, c *cluster.Cluster, cfg ClusterConfig, dial []grpc.DialOption, reg prometheus.Registerer) *topology {
+	t := &topology{self: self, members: c, shards: cfg.Shards, replication: cfg.Replication, dial: dial,
 		combiners: slices.Sorted(slices.Values(cfg.Combiners)),
 		stop:      make(chan struct{}), done: make(chan struct{})}
 	t.gauge = prometheus.NewGaugeVec(prometheus.GaugeOpts{
@@ -179,9 +178,7 @@ func (t *topology) conn(name string) (*grpc.ClientConn, error) {
 	if c := t.conns.byAddr[addr]; c != nil {
 		return c, nil
 	}
-	c, err := grpc.NewClient("passthrough:///"+addr,
-		grpc.WithTransportCredentials(insecure.NewCredentials()),
-		grpc.WithDefaultCallOptions(grpc.MaxCallSendMsgSize(t.maxRecv), grpc.MaxCallRecvMsgSize(t.maxRecv)))
+	c, err := grpc.NewClient("passthrough:///"+addr, t.dial...)
 	if err != nil {
 		return nil, fmt.Errorf("node: cannot dial member %q at %s: %w", name, addr, err)
 	}

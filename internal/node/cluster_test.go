@@ -21,24 +21,37 @@ import (
 // combiners c1 and c2.
 func member(t *testing.T, name string, seed *Node, roles ...cluster.Role) *Node {
 	t.Helper()
+	return startMember(t, memberConfig(t, name, seed, roles...))
+}
+
+// memberConfig is the config member starts a node with.
+func memberConfig(t *testing.T, name string, seed *Node, roles ...cluster.Role) Config {
+	t.Helper()
 	cfg := testConfig(t.TempDir())
 	cfg.Name = name
 	for _, r := range roles {
 		cfg.Roles = append(cfg.Roles, string(r))
 	}
-	cfg.Cluster = ClusterConfig{GossipListen: "127.0.0.1:0", Timing: "fast", Shards: 8, Replication: 2, Combiners: []string{"c1", "c2"}}
+	cfg.Cluster = ClusterConfig{GossipListen: "127.0.0.1:0", InternalListen: "127.0.0.1:0", Insecure: true, Timing: "fast", Shards: 8, Replication: 2, Combiners: []string{"c1", "c2"}}
 	if seed != nil {
 		cfg.Cluster.Join = []string{seed.GossipAddr()}
 	}
+	return cfg
+}
+
+// startMember starts a node, stopped at the end of the test, which then
+// logs what the node logged if it failed.
+func startMember(t *testing.T, cfg Config) *Node {
+	t.Helper()
 	logs := &syncBuffer{}
 	n, err := Start(cfg, "test", slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelInfo})))
 	if err != nil {
-		t.Fatalf("starting %s: %v", name, err)
+		t.Fatalf("starting %s: %v", cfg.Name, err)
 	}
 	t.Cleanup(func() {
 		n.Close()
 		if t.Failed() {
-			t.Logf("log of %s:\n%s", name, logs.String())
+			t.Logf("log of %s:\n%s", cfg.Name, logs.String())
 		}
 	})
 	return n

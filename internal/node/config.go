@@ -8,6 +8,7 @@ import (
 	"os"
 	"slices"
 	"strings"
+	"time"
 
 	"github.com/prometheus/common/model"
 	"go.yaml.in/yaml/v3"
@@ -22,18 +23,44 @@ type Config struct {
 	// DataDir holds the cube store (in cube/) and the aggregator's
 	// write-ahead log (in wal/). The default is ./data.
 	DataDir string `yaml:"data_dir"`
-	// GRPCListen is the address of the gRPC server (pushes, and in a
-	// cluster flushes, forwarded batches and reads between nodes). The
-	// default is 127.0.0.1:9400.
+	// GRPCListen is the address of the public gRPC server: publishers'
+	// pushes, and nothing else. The cluster's own calls go to
+	// cluster.internal_listen. The default is 127.0.0.1:9400.
 	GRPCListen string `yaml:"grpc_listen"`
-	// HTTPListen is the address of the HTTP server (the Prometheus API and
-	// /metrics). The default is 127.0.0.1:9401.
+	// HTTPListen is the address of the HTTP server (the Prometheus API, the
+	// cube slices and /metrics). The default is 127.0.0.1:9401.
 	HTTPListen string `yaml:"http_listen"`
+	// TLS, when it names a certificate and key, serves the public gRPC and
+	// HTTP listeners over TLS; with a ca_file too, every client must
+	// present a certificate that CA signed. The default is none: plain
+	// text, for a node on loopback.
+	TLS TLSConfig `yaml:"tls"`
+	// Auth, when it names a credentials file, requires a credential with
+	// the right to each call on the public listeners (see docs/security.md).
+	// The default is none: anyone who reaches them may push and query.
+	Auth AuthConfig `yaml:"auth"`
+	// ReloadInterval is how often the credentials file, the certificates
+	// and the gossip keys are looked at, and read again when they changed,
+	// so that credentials rotate without a restart (SIGHUP reads them at
+	// once). The default is 10s.
+	ReloadInterval model.Duration `yaml:"reload_interval"`
 	// Name identifies the node in flush identities and logs. The default is
 	// the host name.
 	Name string `yaml:"name"`
-	// MaxRecvBytes bounds one gRPC message. The default is 64 MiB.
+	// MaxBatchBytes bounds one message on the public gRPC listener: the
+	// bytes of one batch, decompressed. A larger one is refused with gRPC
+	// ResourceExhausted (and no RetryInfo: no retry mends it). The default
+	// is 16 MiB.
+	MaxBatchBytes int `yaml:"max_batch_bytes"`
+	// MaxRecvBytes bounds one gRPC message between members on the internal
+	// listener (flushes, forwarded batches, reads). The default is 64 MiB.
 	MaxRecvBytes int `yaml:"max_recv_bytes"`
+	// MinFreeBytes is the free-space floor of data_dir's filesystems:
+	// below it the aggregator refuses batches (gRPC ResourceExhausted with
+	// RetryInfo: back-pressure) and the combiner flushes, until space
+	// returns, so that the write-ahead log and the store never meet a full
+	// disk. The default is 256 MiB.
+	MinFreeBytes int64 `yaml:"min_free_bytes"`
 
 	// Roles are the roles this node runs: some of aggregator, combiner and
 	// query. The default is all three.
@@ -59,6 +86,11 @@ type AggregatorConfig struct {
 	MaxBatchEvents    int            `yaml:"max_batch_events"`     // default 100000
 	MaxCellsPerWindow int            `yaml:"max_cells_per_window"` // default 1000000
 	FlushInterval     model.Duration `yaml:"flush_interval"`       // default window/10
+	// MaxLabelNameBytes and MaxLabelValueBytes bound an event's label
+	// names and values; a longer one is rejected (LABEL_TOO_LONG). The
+	// defaults are 256 and 2048.
+	MaxLabelNameBytes  int `yaml:"max_label_name_bytes"`
+	MaxLabelValueBytes int `yaml:"max_label_value_bytes"`
 	// WALMaxBytes bounds the write-ahead log in data_dir/wal; past it Push
 	// refuses batches (gRPC ResourceExhausted) until the combiners take
 	// the windows it holds. The default is 1 GiB.
@@ -67,6 +99,10 @@ type AggregatorConfig struct {
 	// combiners; past it Push refuses batches (gRPC ResourceExhausted with
 	// RetryInfo) until the store catches up. The default is 256 MiB.
 	MaxPendingBytes int64 `yaml:"max_pending_bytes"`
+	// WALSegmentBytes is the size of one log segment file; the log drops
+	// whole segments once the combiners took what they hold. The default
+	// is 64 MiB.
+	WALSegmentBytes int64 `yaml:"wal_segment_bytes"`
 	// WALDisabled runs the aggregator without a write-ahead log: a batch is
 	// acknowledged once it is in memory, and a crash loses what was not
 	// yet flushed. For benchmarks that measure the cube alone.
@@ -93,6 +129,29 @@ type ClusterConfig struct {
 	// Join makes the node a cluster member. The default, for a member, is
 	// the gRPC host with port 9402.
 	GossipListen string `yaml:"gossip_listen"`
+	// InternalListen is the address of the internal gRPC server, where the
+	// other members send flushes, forwarded batches and shard reads; with
+	// TLS, only members reach it. The default is the gRPC host with port
+	// 9403. A node outside a cluster serves these calls in its own
+	// process, on no port at all.
+	InternalListen string `yaml:"internal_listen"`
+	// TLS is mutual TLS between members on the internal listener: ca_file
+	// is the cluster's CA, which signs every member's certificate (for both
+	// server and client use, naming the addresses it is reached at), and
+	// a call without a certificate it signed is refused in the handshake.
+	// Required of a member unless Insecure.
+	TLS TLSConfig `yaml:"tls"`
+	// GossipKeyFile holds the keys that encrypt and authenticate gossip
+	// (base64, one a line, 16, 24 or 32 bytes; the first encrypts, each
+	// decrypts): a host without one can neither join nor read the
+	// membership. It is read again on reload. Required of a member unless
+	// Insecure.
+	GossipKeyFile string `yaml:"gossip_key_file"`
+	// Insecure runs a cluster member without TLS on the internal listener
+	// and with gossip in clear: anyone who reaches those ports can write
+	// into the cube. Only for a network no one else reaches, and tests.
+	// The default is false.
+	Insecure bool `yaml:"insecure"`
 	// Advertise is the gossip address other members reach this node at,
 	// when it differs from GossipListen (NAT, 0.0.0.0).
 	Advertise string `yaml:"advertise"`
@@ -125,11 +184,26 @@ type QueryConfig struct {
 	MaxSeries     int            `yaml:"max_series"`     // default 1000000
 	LookbackDelta model.Duration `yaml:"lookback_delta"` // default 5m
 	MaxGroups     int            `yaml:"max_groups"`     // default 10000, groups of one cube slice
+	// MaxQueryLength bounds a PromQL expression and each match[] selector,
+	// in bytes, and MaxQueryDepth how deep its brackets nest; either
+	// refused with 400. The defaults are 16384 and 64.
+	MaxQueryLength int `yaml:"max_query_length"`
+	MaxQueryDepth  int `yaml:"max_query_depth"`
 	// PartialResponse is what a request that does not say (with the
 	// partial_response parameter) gets when a shard of the cube has no
 	// reachable combiner: true, the default, answers from the others with a
 	// warning; false fails with 503.
 	PartialResponse *bool `yaml:"partial_response"`
+}
+
+// AuthConfig configures the credentials of the public listeners.
+type AuthConfig struct {
+	// CredentialsFile is a YAML file of credentials (bearer tokens and
+	// basic auth users, each with its rights: push, query, admin; see
+	// package auth). Once set, a call on the public listeners without a
+	// credential that holds its right is refused before any work is done.
+	// It is read again when it changes. The default is none.
+	CredentialsFile string `yaml:"credentials_file"`
 }
 
 // ErrConfig marks an invalid configuration.
@@ -172,6 +246,15 @@ func (c *Config) EnsureDefaults() {
 	if c.MaxRecvBytes == 0 {
 		c.MaxRecvBytes = 64 << 20
 	}
+	if c.MaxBatchBytes == 0 {
+		c.MaxBatchBytes = 16 << 20
+	}
+	if c.MinFreeBytes == 0 {
+		c.MinFreeBytes = 256 << 20
+	}
+	if c.ReloadInterval == 0 {
+		c.ReloadInterval = model.Duration(10 * time.Second)
+	}
 	if len(c.Roles) == 0 {
 		c.Roles = []string{string(cluster.RoleAggregator), string(cluster.RoleCombiner), string(cluster.RoleQuery)}
 	}
@@ -185,10 +268,14 @@ func (c *Config) EnsureDefaults() {
 	if cl.Timing == "" {
 		cl.Timing = "lan"
 	}
-	if c.Clustered() && cl.GossipListen == "" {
-		host, _, err := net.SplitHostPort(c.GRPCListen)
-		if err == nil {
-			cl.GossipListen = net.JoinHostPort(host, "9402")
+	if c.Clustered() {
+		if host, _, err := net.SplitHostPort(c.GRPCListen); err == nil {
+			if cl.GossipListen == "" {
+				cl.GossipListen = net.JoinHostPort(host, "9402")
+			}
+			if cl.InternalListen == "" {
+				cl.InternalListen = net.JoinHostPort(host, "9403")
+			}
 		}
 	}
 }
@@ -204,8 +291,8 @@ func (c *Config) HasRole(role cluster.Role) bool { return slices.Contains(c.Role
 // check their own fields when they are built.
 func (c *Config) Validate() error {
 	switch {
-	case c.Aggregator.WALMaxBytes < 0:
-		return fmt.Errorf("%w: aggregator wal_max_bytes %d is negative", ErrConfig, c.Aggregator.WALMaxBytes)
+	case c.Aggregator.WALMaxBytes < 0 || c.Aggregator.WALSegmentBytes < 0:
+		return fmt.Errorf("%w: aggregator wal_max_bytes %d or wal_segment_bytes %d is negative", ErrConfig, c.Aggregator.WALMaxBytes, c.Aggregator.WALSegmentBytes)
 	case c.Aggregator.MaxPendingBytes < 0:
 		return fmt.Errorf("%w: aggregator max_pending_bytes %d is negative", ErrConfig, c.Aggregator.MaxPendingBytes)
 	case c.Store.HeadMaxBytes < 0:
@@ -214,12 +301,22 @@ func (c *Config) Validate() error {
 		return fmt.Errorf("%w: store head_hold %s is negative", ErrConfig, c.Store.HeadHold)
 	case c.MaxRecvBytes < 0:
 		return fmt.Errorf("%w: max_recv_bytes %d is negative", ErrConfig, c.MaxRecvBytes)
+	case c.MaxBatchBytes < 0:
+		return fmt.Errorf("%w: max_batch_bytes %d is negative", ErrConfig, c.MaxBatchBytes)
+	case c.MinFreeBytes < 0:
+		return fmt.Errorf("%w: min_free_bytes %d is negative", ErrConfig, c.MinFreeBytes)
+	case c.ReloadInterval < 0:
+		return fmt.Errorf("%w: reload_interval %s is negative", ErrConfig, c.ReloadInterval)
 	case c.Query.MaxSamples < 0:
 		return fmt.Errorf("%w: query max_samples %d is negative", ErrConfig, c.Query.MaxSamples)
 	case c.Query.MaxSeries < 0:
 		return fmt.Errorf("%w: query max_series %d is negative", ErrConfig, c.Query.MaxSeries)
 	case c.Query.MaxGroups < 0:
 		return fmt.Errorf("%w: query max_groups %d is negative", ErrConfig, c.Query.MaxGroups)
+	case c.Query.MaxQueryLength < 0 || c.Query.MaxQueryDepth < 0:
+		return fmt.Errorf("%w: query max_query_length %d or max_query_depth %d is negative", ErrConfig, c.Query.MaxQueryLength, c.Query.MaxQueryDepth)
+	case c.Aggregator.MaxLabelNameBytes < 0 || c.Aggregator.MaxLabelValueBytes < 0:
+		return fmt.Errorf("%w: aggregator max_label_name_bytes %d or max_label_value_bytes %d is negative", ErrConfig, c.Aggregator.MaxLabelNameBytes, c.Aggregator.MaxLabelValueBytes)
 	case c.Cluster.Shards < 0 || c.Cluster.Shards > maxShards:
 		return fmt.Errorf("%w: cluster shards %d, want 1 to %d", ErrConfig, c.Cluster.Shards, maxShards)
 	case c.Cluster.Replication < 0:
@@ -247,7 +344,33 @@ func (c *Config) Validate() error {
 	if !c.Clustered() && len(seen) != 0 && len(seen) != 3 {
 		return fmt.Errorf("%w: a node outside a cluster must run every role; roles %v need cluster.join or cluster.gossip_listen", ErrConfig, c.Roles)
 	}
-	return nil
+	if err := c.TLS.validate("tls", false); err != nil {
+		return err
+	}
+	return c.validateCluster()
+}
+
+// validateCluster checks the cluster's trust settings: a member proves
+// itself with TLS and the gossip key, unless insecure; a node alone has no
+// use for either.
+func (c *Config) validateCluster() error {
+	cl := c.Cluster
+	if !c.Clustered() {
+		if cl.InternalListen != "" || cl.TLS.enabled() || cl.GossipKeyFile != "" || cl.Insecure {
+			return fmt.Errorf("%w: cluster.internal_listen, tls, gossip_key_file and insecure need a cluster (cluster.join or cluster.gossip_listen); a node alone serves its internal calls in its own process", ErrConfig)
+		}
+		return nil
+	}
+	if cl.Insecure {
+		if cl.TLS.enabled() || cl.GossipKeyFile != "" {
+			return fmt.Errorf("%w: cluster.insecure excludes cluster.tls and cluster.gossip_key_file", ErrConfig)
+		}
+		return nil
+	}
+	if !cl.TLS.enabled() || cl.GossipKeyFile == "" {
+		return fmt.Errorf("%w: %v", ErrConfig, errNoTLS)
+	}
+	return cl.TLS.validate("cluster.tls", true)
 }
 
 // maxShards bounds cluster.shards: a query reads every shard, and the

@@ -27,7 +27,7 @@ func TestParseConfig(t *testing.T) {
 	if c, err := ParseConfig(nil); err != nil || c.DataDir != "" {
 		t.Errorf("empty config: %+v, %v", c, err)
 	}
-	c, err = ParseConfig([]byte("grpc_listen: 10.0.0.5:9400\nroles: [combiner]\ncluster: {join: [10.0.0.4:9402]}\n"))
+	c, err = ParseConfig([]byte("grpc_listen: 10.0.0.5:9400\nroles: [combiner]\ncluster: {join: [10.0.0.4:9402], insecure: true}\n"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -35,7 +35,7 @@ func TestParseConfig(t *testing.T) {
 	if err := c.Validate(); err != nil {
 		t.Fatal(err)
 	}
-	if !c.Clustered() || c.Cluster.GossipListen != "10.0.0.5:9402" || c.Cluster.Shards != 64 || c.Cluster.Replication != 2 ||
+	if !c.Clustered() || c.Cluster.GossipListen != "10.0.0.5:9402" || c.Cluster.InternalListen != "10.0.0.5:9403" || c.Cluster.Shards != 64 || c.Cluster.Replication != 2 ||
 		!c.HasRole(cluster.RoleCombiner) || c.HasRole(cluster.RoleQuery) {
 		t.Errorf("cluster member's defaults: %+v", c)
 	}
@@ -53,6 +53,19 @@ func TestParseConfig(t *testing.T) {
 		{"negative replication", "cluster: {replication: -1}", "replication -1"},
 		{"bad timing", "cluster: {timing: slow}", `"slow"`},
 		{"combiner named twice", "cluster: {combiners: [c1, c1]}", "distinct"},
+		{"member without trust", "cluster: {join: [a:1]}", "cluster.insecure: true"},
+		{"member with TLS but no gossip key", "cluster: {join: [a:1], tls: {ca_file: ca, cert_file: c, key_file: k}}", "gossip_key_file"},
+		{"member TLS without a CA", "cluster: {join: [a:1], gossip_key_file: g, tls: {cert_file: c, key_file: k}}", "needs ca_file"},
+		{"insecure with TLS", "cluster: {join: [a:1], insecure: true, gossip_key_file: g}", "excludes"},
+		{"cluster settings alone", "cluster: {internal_listen: 127.0.0.1:9403}", "need a cluster"},
+		{"insecure alone", "cluster: {insecure: true}", "need a cluster"},
+		{"certificate without key", "tls: {cert_file: c}", "both cert_file and key_file"},
+		{"CA without certificate", "tls: {ca_file: ca}", "ca_file needs cert_file"},
+		{"negative floor", "min_free_bytes: -1", "min_free_bytes"},
+		{"negative batch bytes", "max_batch_bytes: -1", "max_batch_bytes"},
+		{"negative label limit", "aggregator: {max_label_value_bytes: -1}", "max_label_value_bytes"},
+		{"negative query length", "query: {max_query_length: -1}", "max_query_length"},
+		{"negative reload interval", "reload_interval: -1s", `"-1s"`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c, err := ParseConfig([]byte(tc.yaml))

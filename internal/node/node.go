@@ -15,11 +15,12 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/test/bufconn"
 
 	"github.com/dimsum/dimsum/aggregator"
 	"github.com/dimsum/dimsum/cluster"
 	"github.com/dimsum/dimsum/combiner"
+	"github.com/dimsum/dimsum/internal/disk"
 	"github.com/dimsum/dimsum/query"
 	"github.com/dimsum/dimsum/query/fanout"
 	"github.com/dimsum/dimsum/schema"
@@ -36,10 +37,21 @@ type Node struct {
 	member *cluster.Cluster       // in a cluster
 	topo   *topology              // in a cluster
 	conn   *grpc.ClientConn       // alone: the aggregator's connection to its combiner
-	grpc   *grpc.Server
-	http   *http.Server
-	grpcLn net.Listener
-	httpLn net.Listener
+	// grpc serves the public calls (pushes), internal those of the
+	// cluster (flushes, forwarded batches, reads): on a port of its own in
+	// a cluster, in this process alone.
+	grpc       *grpc.Server
+	internal   *grpc.Server
+	http       *http.Server
+	grpcLn     net.Listener
+	internalLn net.Listener
+	httpLn     net.Listener
+	// trust holds what proves callers and this node: certificates,
+	// credentials, gossip keys, read again by Reload.
+	trust *trust
+	// health is what stops the node taking work when its store cannot go
+	// on.
+	health health
 	stop   chan struct{} // ends the background loops
 	loops  sync.WaitGroup
 	errc   chan error
@@ -63,7 +75,7 @@ func Start(cfg Config, version string, log *slog.Logger) (n *Node, err error) {
 	if err != nil {
 		return nil, err
 	}
-	n = &Node{cfg: cfg, log: log, stop: make(chan struct{}), errc: make(chan error, 2)}
+	n = &Node{cfg: cfg, log: log, stop: make(chan struct{}), errc: make(chan error, 3)}
 	// Every failure below returns a nil node, so the cleanup keeps its own
 	// reference to what was built.
 	built := n
@@ -75,19 +87,19 @@ func Start(cfg Config, version string, log *slog.Logger) (n *Node, err error) {
 
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	if n.grpcLn, err = net.Listen("tcp", cfg.GRPCListen); err != nil {
-		return nil, fmt.Errorf("node: cannot listen for gRPC: %w", err)
+	if n.trust, err = loadTrust(cfg, log, reg); err != nil {
+		return nil, err
 	}
-	if n.httpLn, err = net.Listen("tcp", cfg.HTTPListen); err != nil {
-		return nil, fmt.Errorf("node: cannot listen for HTTP: %w", err)
+	if err := n.listen(); err != nil {
+		return nil, err
 	}
-	n.grpc = grpc.NewServer(grpc.MaxRecvMsgSize(cfg.MaxRecvBytes))
 
 	if cfg.HasRole(cluster.RoleCombiner) {
+		cube := filepath.Join(cfg.DataDir, "cube")
 		n.db, err = tsdb.Open(tsdb.Options{
-			Dir:          filepath.Join(cfg.DataDir, "cube"),
+			Dir:          cube,
 			Schema:       s,
-			Logger:       log.With("component", "tsdb"),
+			Logger:       slog.New(tsdb.FailureHandler(log.With("component", "tsdb").Handler(), n.health.storeFailed)),
 			Registerer:   reg,
 			HeadMaxBytes: cfg.Store.HeadMaxBytes,
 			HeadHold:     time.Duration(cfg.Store.HeadHold),
@@ -95,12 +107,13 @@ func Start(cfg Config, version string, log *slog.Logger) (n *Node, err error) {
 		if err != nil {
 			return nil, fmt.Errorf("node: cannot open the store in %s: %w", cfg.DataDir, err)
 		}
-		comb, err := combiner.New(combiner.Options{Store: n.db, Schema: s, Logger: log.With("component", "combiner"), Registerer: reg})
+		n.health.floor = &disk.Floor{Dir: cube, Min: uint64(cfg.MinFreeBytes), Logger: log.With("component", "combiner"), What: "flushes"}
+		comb, err := combiner.New(combiner.Options{Store: n.db, Schema: s, Ready: n.health.storeReady, Logger: log.With("component", "combiner"), Registerer: reg})
 		if err != nil {
 			return nil, err
 		}
-		comb.Register(n.grpc)
-		combiner.NewReadServer(s, n.db).Register(n.grpc)
+		comb.Register(n.internal)
+		combiner.NewReadServer(s, n.db).Register(n.internal)
 	}
 	if cfg.Clustered() {
 		if err := n.join(reg); err != nil {
@@ -120,16 +133,27 @@ func Start(cfg Config, version string, log *slog.Logger) (n *Node, err error) {
 		}
 	}
 	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
-	mux.HandleFunc("/-/healthy", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "dimsum is healthy.") })
+	mux.HandleFunc("/-/healthy", n.serveHealth)
+	mux.HandleFunc("POST /-/reload", n.serveReload)
 	mux.HandleFunc("GET /api/v1/status/cluster", n.serveClusterStatus)
-	n.http = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	n.http = &http.Server{Handler: n.trust.guardHTTP(mux), ReadHeaderTimeout: 10 * time.Second, TLSConfig: n.trust.publicTLS(),
+		// Refused TLS handshakes and the like, which net/http logs.
+		ErrorLog: slog.NewLogLogger(log.With("component", "http").Handler(), slog.LevelWarn)}
 
 	go func() { n.errc <- n.grpc.Serve(n.grpcLn) }()
+	go func() { n.errc <- n.internal.Serve(n.internalLn) }()
 	go func() {
-		if err := n.http.Serve(n.httpLn); !errors.Is(err, http.ErrServerClosed) {
+		serve := n.http.Serve
+		if n.http.TLSConfig != nil {
+			serve = func(ln net.Listener) error { return n.http.ServeTLS(ln, "", "") }
+		}
+		if err := serve(n.httpLn); !errors.Is(err, http.ErrServerClosed) {
 			n.errc <- err
 		}
 	}()
+	if cfg.ReloadInterval > 0 {
+		n.loops.Go(func() { n.reloadLoop(time.Duration(cfg.ReloadInterval)) })
+	}
 
 	families := make([]string, len(s.Families))
 	for i, f := range s.Families {
@@ -140,9 +164,45 @@ func Start(cfg Config, version string, log *slog.Logger) (n *Node, err error) {
 		resolutions[i] = r.String()
 	}
 	log.Info("schema loaded", "families", families, "resolutions", resolutions, "window", s.Window())
-	log.Info("dimsum is serving", "grpc", n.GRPCAddr(), "http", n.HTTPAddr(), "data", cfg.DataDir,
-		"roles", cfg.Roles, "cluster", cfg.Clustered())
+	log.Info("dimsum is serving", "grpc", n.GRPCAddr(), "http", n.HTTPAddr(), "internal", n.InternalAddr(), "data", cfg.DataDir,
+		"roles", cfg.Roles, "cluster", cfg.Clustered(), "tls", cfg.TLS.enabled(), "auth", cfg.Auth.CredentialsFile != "")
 	return n, nil
+}
+
+// listen opens the listeners and builds the gRPC servers on them: the
+// public one with the node's TLS and credentials, the internal one on its
+// own port with the cluster's mutual TLS, or alone on a listener in this
+// process that no other can reach.
+func (n *Node) listen() error {
+	cfg := n.cfg
+	var err error
+	if n.grpcLn, err = net.Listen("tcp", cfg.GRPCListen); err != nil {
+		return fmt.Errorf("node: cannot listen for gRPC: %w", err)
+	}
+	if n.httpLn, err = net.Listen("tcp", cfg.HTTPListen); err != nil {
+		return fmt.Errorf("node: cannot listen for HTTP: %w", err)
+	}
+	if cfg.Clustered() {
+		if n.internalLn, err = net.Listen("tcp", cfg.Cluster.InternalListen); err != nil {
+			return fmt.Errorf("node: cannot listen for the cluster's internal gRPC: %w", err)
+		}
+	} else {
+		n.internalLn = bufconn.Listen(1 << 20)
+	}
+	n.grpc = grpc.NewServer(append(n.trust.publicServerOptions(), grpc.MaxRecvMsgSize(cfg.MaxBatchBytes))...)
+	n.internal = grpc.NewServer(n.trust.internalServerOption(), grpc.MaxRecvMsgSize(cfg.MaxRecvBytes))
+	return nil
+}
+
+// dialInternal returns the options that reach another member's internal
+// listener (or, alone, this node's own).
+func (n *Node) dialInternal() []grpc.DialOption {
+	opts := []grpc.DialOption{n.trust.internalDialOption(),
+		grpc.WithDefaultCallOptions(grpc.MaxCallSendMsgSize(n.cfg.MaxRecvBytes), grpc.MaxCallRecvMsgSize(n.cfg.MaxRecvBytes))}
+	if ln, ok := n.internalLn.(*bufconn.Listener); ok {
+		opts = append(opts, grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return ln.DialContext(ctx) }))
+	}
+	return opts
 }
 
 // join starts memberlist and the topology over it.
@@ -153,7 +213,9 @@ func (n *Node) join(reg prometheus.Registerer) error {
 		meta.Roles = append(meta.Roles, cluster.Role(r)) // Validate has checked each
 	}
 	var err error
-	if meta.GRPCAddr, err = reachable(n.GRPCAddr(), cfg.Cluster.Advertise); err != nil {
+	// Members reach each other's internal listener; publishers are
+	// given the public one.
+	if meta.GRPCAddr, err = reachable(n.InternalAddr(), cfg.Cluster.Advertise); err != nil {
 		return err
 	}
 	if meta.HTTPAddr, err = reachable(n.HTTPAddr(), cfg.Cluster.Advertise); err != nil {
@@ -171,12 +233,16 @@ func (n *Node) join(reg prometheus.Registerer) error {
 		Join:          cfg.Cluster.Join,
 		Meta:          meta,
 		Timing:        timing,
+		SecretKeys:    n.trust.gossipKeys,
 		Logger:        n.log.With("component", "cluster"),
 	})
 	if err != nil {
 		return fmt.Errorf("node: cannot join the cluster: %w", err)
 	}
-	n.topo = newTopology(cfg.Name, n.member, cfg.Cluster, cfg.MaxRecvBytes, reg)
+	if n.trust.gossipKeys != nil {
+		n.trust.setKeys = n.member.SetKeys
+	}
+	n.topo = newTopology(cfg.Name, n.member, cfg.Cluster, n.dialInternal(), reg)
 	return nil
 }
 
@@ -205,11 +271,10 @@ func (n *Node) startAggregator(s *schema.Schema, reg prometheus.Registerer) erro
 		sink = flushSink{n.topo}
 	} else {
 		// Alone, the aggregator flushes to its combiner over gRPC too, so
-		// the path is the one a cluster takes.
+		// the path is the one a cluster takes, through the internal
+		// listener in this process.
 		var err error
-		n.conn, err = grpc.NewClient("passthrough:///"+n.GRPCAddr(),
-			grpc.WithTransportCredentials(insecure.NewCredentials()),
-			grpc.WithDefaultCallOptions(grpc.MaxCallSendMsgSize(cfg.MaxRecvBytes)))
+		n.conn, err = grpc.NewClient("passthrough:///internal", n.dialInternal()...)
 		if err != nil {
 			return fmt.Errorf("node: cannot dial the combiner: %w", err)
 		}
@@ -226,25 +291,31 @@ func (n *Node) startAggregator(s *schema.Schema, reg prometheus.Registerer) erro
 	}
 	var err error
 	n.agg, err = aggregator.New(aggregator.Options{
-		Schema:            s,
-		Sink:              sink,
-		Peers:             peers,
-		Name:              cfg.Name,
-		Grace:             time.Duration(ac.Grace),
-		MaxLateness:       time.Duration(ac.MaxLateness),
-		MaxFutureSkew:     time.Duration(ac.MaxFutureSkew),
-		MaxBatchEvents:    ac.MaxBatchEvents,
-		MaxCellsPerWindow: ac.MaxCellsPerWindow,
-		FlushInterval:     time.Duration(ac.FlushInterval),
-		WALDir:            walDir,
-		WALMaxBytes:       ac.WALMaxBytes,
-		MaxPendingBytes:   ac.MaxPendingBytes,
-		Logger:            n.log.With("component", "aggregator"),
-		Registerer:        reg,
+		Schema:             s,
+		Sink:               sink,
+		Peers:              peers,
+		Name:               cfg.Name,
+		Grace:              time.Duration(ac.Grace),
+		MaxLateness:        time.Duration(ac.MaxLateness),
+		MaxFutureSkew:      time.Duration(ac.MaxFutureSkew),
+		MaxBatchEvents:     ac.MaxBatchEvents,
+		MaxCellsPerWindow:  ac.MaxCellsPerWindow,
+		MaxLabelNameBytes:  ac.MaxLabelNameBytes,
+		MaxLabelValueBytes: ac.MaxLabelValueBytes,
+		FlushInterval:      time.Duration(ac.FlushInterval),
+		WALDir:             walDir,
+		WALMaxBytes:        ac.WALMaxBytes,
+		WALSegmentBytes:    ac.WALSegmentBytes,
+		MaxPendingBytes:    ac.MaxPendingBytes,
+		MinFreeBytes:       cfg.MinFreeBytes,
+		Ready:              n.health.ready,
+		Logger:             n.log.With("component", "aggregator"),
+		Registerer:         reg,
 	})
 	if err != nil {
 		return err
 	}
+	n.health.log = n.agg.LogErr
 	if n.topo == nil {
 		n.agg.Register(n.grpc)
 		return nil
@@ -256,6 +327,7 @@ func (n *Node) startAggregator(s *schema.Schema, reg prometheus.Registerer) erro
 		return err
 	}
 	router.Register(n.grpc)
+	router.RegisterInternal(n.internal)
 	retry := n.agg.RetryNow
 	n.topo.returned.Store(&retry)
 	n.loops.Go(func() { gossipHandoff(n.member, n.agg, n.stop, n.log.With("component", "cluster")) })
@@ -271,6 +343,8 @@ func (n *Node) startQuery(s *schema.Schema, reg prometheus.Registerer, version s
 		MaxSamples:      qc.MaxSamples,
 		MaxSeries:       qc.MaxSeries,
 		MaxGroups:       qc.MaxGroups,
+		MaxQueryLength:  qc.MaxQueryLength,
+		MaxQueryDepth:   qc.MaxQueryDepth,
 		LookbackDelta:   time.Duration(qc.LookbackDelta),
 		PartialResponse: qc.PartialResponse,
 		Version:         version,
@@ -299,6 +373,15 @@ func (n *Node) GRPCAddr() string { return n.grpcLn.Addr().String() }
 
 // HTTPAddr is the address the HTTP server listens on.
 func (n *Node) HTTPAddr() string { return n.httpLn.Addr().String() }
+
+// InternalAddr is the address of the internal gRPC server in a cluster;
+// alone, "" (it listens in this process only).
+func (n *Node) InternalAddr() string {
+	if _, ok := n.internalLn.(*bufconn.Listener); ok {
+		return ""
+	}
+	return n.internalLn.Addr().String()
+}
 
 // announceLeave tells the others that this aggregator is leaving, so that
 // they route no more events to it, and waits (at most 10s) until none of
@@ -367,10 +450,12 @@ func (n *Node) close() error {
 		errs = append(errs, n.http.Shutdown(ctx))
 		cancel()
 	}
-	if n.grpc != nil {
-		n.grpc.GracefulStop()
+	for _, s := range []*grpc.Server{n.grpc, n.internal} {
+		if s != nil {
+			s.GracefulStop()
+		}
 	}
-	for _, ln := range []net.Listener{n.grpcLn, n.httpLn} {
+	for _, ln := range []net.Listener{n.grpcLn, n.internalLn, n.httpLn} {
 		if ln != nil {
 			ln.Close()
 		}
@@ -381,8 +466,13 @@ func (n *Node) close() error {
 	if n.member != nil {
 		errs = append(errs, n.member.Shutdown())
 	}
-	if n.db != nil {
+	if err := n.health.failed(); n.db != nil && err == nil {
 		errs = append(errs, n.db.Close())
+	} else if err != nil {
+		// A store that failed may never finish closing: what it
+		// committed is in its log, read again at the next start.
+		n.log.Error("the store failed; not closing it", "err", err)
+		errs = append(errs, err)
 	}
 	n.log.Info("dimsum stopped")
 	return errors.Join(errs...)

@@ -51,6 +51,14 @@ const (
 	RejectReason_REJECT_REASON_BAD_REFERENCE RejectReason = 9
 	// The family has reached its limit of live cells.
 	RejectReason_REJECT_REASON_CARDINALITY_LIMIT RejectReason = 10
+	// A label name or value longer than the aggregator's limit.
+	RejectReason_REJECT_REASON_LABEL_TOO_LONG RejectReason = 11
+	// More labels than the family has dimension levels.
+	RejectReason_REJECT_REASON_TOO_MANY_LABELS RejectReason = 12
+	// The value's magnitude is beyond 2^53, or adding it would take a cell's
+	// sum for its window beyond 2^53, past which float64 sums of counts stop
+	// being exact integers.
+	RejectReason_REJECT_REASON_VALUE_TOO_LARGE RejectReason = 13
 )
 
 // Enum value maps for RejectReason.
@@ -67,6 +75,9 @@ var (
 		8:  "REJECT_REASON_TOO_NEW",
 		9:  "REJECT_REASON_BAD_REFERENCE",
 		10: "REJECT_REASON_CARDINALITY_LIMIT",
+		11: "REJECT_REASON_LABEL_TOO_LONG",
+		12: "REJECT_REASON_TOO_MANY_LABELS",
+		13: "REJECT_REASON_VALUE_TOO_LARGE",
 	}
 	RejectReason_value = map[string]int32{
 		"REJECT_REASON_UNSPECIFIED":         0,
@@ -80,6 +91,9 @@ var (
 		"REJECT_REASON_TOO_NEW":             8,
 		"REJECT_REASON_BAD_REFERENCE":       9,
 		"REJECT_REASON_CARDINALITY_LIMIT":   10,
+		"REJECT_REASON_LABEL_TOO_LONG":      11,
+		"REJECT_REASON_TOO_MANY_LABELS":     12,
+		"REJECT_REASON_VALUE_TOO_LARGE":     13,
 	}
 )
 
@@ -121,8 +135,14 @@ type PushRequest struct {
 	// aggregator acknowledges a retry of a batch it already counted without
 	// counting it again. An empty source or a zero batch_seq sends no
 	// identity: such a batch is counted every time it arrives.
-	Source        string `protobuf:"bytes,3,opt,name=source,proto3" json:"source,omitempty"`
-	BatchSeq      uint64 `protobuf:"varint,4,opt,name=batch_seq,json=batchSeq,proto3" json:"batch_seq,omitempty"`
+	Source   string `protobuf:"bytes,3,opt,name=source,proto3" json:"source,omitempty"`
+	BatchSeq uint64 `protobuf:"varint,4,opt,name=batch_seq,json=batchSeq,proto3" json:"batch_seq,omitempty"`
+	// received_ms is set only on a part one aggregator forwards to another
+	// over the internal listener: when the aggregator that took the batch
+	// from its publisher received it, in unix milliseconds. The owner checks
+	// the events' lateness and skew against it, so a part delivered late
+	// (its owner was down) is held to the bounds it met when it arrived.
+	ReceivedMs    int64 `protobuf:"varint,5,opt,name=received_ms,json=receivedMs,proto3" json:"received_ms,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -181,6 +201,13 @@ func (x *PushRequest) GetSource() string {
 func (x *PushRequest) GetBatchSeq() uint64 {
 	if x != nil {
 		return x.BatchSeq
+	}
+	return 0
+}
+
+func (x *PushRequest) GetReceivedMs() int64 {
+	if x != nil {
+		return x.ReceivedMs
 	}
 	return 0
 }
@@ -664,12 +691,14 @@ var File_dimsum_proto protoreflect.FileDescriptor
 
 const file_dimsum_proto_rawDesc = "" +
 	"\n" +
-	"\fdimsum.proto\x12\x0edimsum.wire.v1\"\x85\x01\n" +
+	"\fdimsum.proto\x12\x0edimsum.wire.v1\"\xa6\x01\n" +
 	"\vPushRequest\x12\x12\n" +
 	"\x04dict\x18\x01 \x03(\tR\x04dict\x12-\n" +
 	"\x06events\x18\x02 \x03(\v2\x15.dimsum.wire.v1.EventR\x06events\x12\x16\n" +
 	"\x06source\x18\x03 \x01(\tR\x06source\x12\x1b\n" +
-	"\tbatch_seq\x18\x04 \x01(\x04R\bbatchSeq\"p\n" +
+	"\tbatch_seq\x18\x04 \x01(\x04R\bbatchSeq\x12\x1f\n" +
+	"\vreceived_ms\x18\x05 \x01(\x03R\n" +
+	"receivedMs\"p\n" +
 	"\x05Event\x12\x16\n" +
 	"\x06family\x18\x01 \x01(\rR\x06family\x12!\n" +
 	"\ftimestamp_ms\x18\x02 \x01(\x03R\vtimestampMs\x12\x16\n" +
@@ -706,7 +735,7 @@ const file_dimsum_proto_rawDesc = "" +
 	"\x03sum\x18\x04 \x01(\x01R\x03sum\x12\x14\n" +
 	"\x05count\x18\x05 \x01(\x04R\x05count\"-\n" +
 	"\rFlushResponse\x12\x1c\n" +
-	"\tduplicate\x18\x01 \x01(\bR\tduplicate*\xfc\x02\n" +
+	"\tduplicate\x18\x01 \x01(\bR\tduplicate*\xe4\x03\n" +
 	"\fRejectReason\x12\x1d\n" +
 	"\x19REJECT_REASON_UNSPECIFIED\x10\x00\x12 \n" +
 	"\x1cREJECT_REASON_UNKNOWN_FAMILY\x10\x01\x12#\n" +
@@ -719,7 +748,10 @@ const file_dimsum_proto_rawDesc = "" +
 	"\x15REJECT_REASON_TOO_NEW\x10\b\x12\x1f\n" +
 	"\x1bREJECT_REASON_BAD_REFERENCE\x10\t\x12#\n" +
 	"\x1fREJECT_REASON_CARDINALITY_LIMIT\x10\n" +
-	"2K\n" +
+	"\x12 \n" +
+	"\x1cREJECT_REASON_LABEL_TOO_LONG\x10\v\x12!\n" +
+	"\x1dREJECT_REASON_TOO_MANY_LABELS\x10\f\x12!\n" +
+	"\x1dREJECT_REASON_VALUE_TOO_LARGE\x10\r2K\n" +
 	"\x06Ingest\x12A\n" +
 	"\x04Push\x12\x1b.dimsum.wire.v1.PushRequest\x1a\x1c.dimsum.wire.v1.PushResponse2P\n" +
 	"\bCombiner\x12D\n" +
