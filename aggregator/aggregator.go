@@ -110,6 +110,8 @@ type Aggregator struct {
 		// hint is the size of the largest window the last cut took, for
 		// window.reserve.
 		hint sizeHint
+		// spare holds flushed windows, emptied, for reuse.
+		spare []*window
 		// sources remembers the recent batch sequences of each publisher
 		// source, so that a retried batch is counted once.
 		sources map[string]*seqWindow
@@ -193,6 +195,38 @@ type window struct {
 
 func newWindow(families int) *window {
 	return &window{leaves: map[cellKey]int32{}, cells: map[cellKey]int32{}, finest: make([]int, families)}
+}
+
+// spareWindows is how many flushed windows the aggregator keeps for reuse:
+// a window's maps and slices keep their room when cleared, so a backfill,
+// which opens windows as fast as it flushes them, allocates none.
+const spareWindows = 4
+
+// newWindowLocked returns an empty window, a spare one if there is one.
+func (a *Aggregator) newWindowLocked() *window {
+	if n := len(a.mu.spare); n > 0 {
+		w := a.mu.spare[n-1]
+		a.mu.spare = a.mu.spare[:n-1]
+		return w
+	}
+	return newWindow(len(a.fams))
+}
+
+// recycle keeps flushed windows, emptied, for newWindowLocked.
+func (a *Aggregator) recycle(todo []ready) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	for _, r := range todo {
+		if len(a.mu.spare) == spareWindows {
+			return
+		}
+		w := r.w
+		clear(w.leaves)
+		clear(w.cells)
+		clear(w.finest)
+		w.fan, w.aggs = w.fan[:0], w.aggs[:0]
+		a.mu.spare = append(a.mu.spare, w)
+	}
 }
 
 // reserveAt is the number of leaves at which a window that is growing takes
@@ -731,7 +765,7 @@ const MaxValue = 1 << 53
 func (a *Aggregator) addLocked(ev *event, start int64, maxCells int) wirepb.RejectReason {
 	w := a.mu.windows[start]
 	if w == nil {
-		w = newWindow(len(a.fams))
+		w = a.newWindowLocked()
 		a.mu.windows[start] = w
 	}
 	f := a.fams[ev.fam]
@@ -1036,6 +1070,7 @@ func (a *Aggregator) flush(final bool) {
 	for _, r := range todo {
 		reqs = append(reqs, a.flushRequests(r.start, r.w, values, shards)...)
 	}
+	a.recycle(todo)
 	a.mu.Lock()
 	for _, req := range reqs {
 		req.Sequence = a.mu.seq

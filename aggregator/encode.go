@@ -2,6 +2,7 @@ package aggregator
 
 import (
 	"math/bits"
+	"slices"
 
 	"github.com/dimsum/dimsum/schema"
 	"github.com/dimsum/dimsum/wire/wirepb"
@@ -18,6 +19,14 @@ const maxFlushCells = 100_000
 type encodeScratch struct {
 	dictIdx, stamp []uint32
 	number         uint32
+	cells          []cellRef
+	shardOf        []uint32
+}
+
+// cellRef is a cell of a window being encoded, and its aggregate's index.
+type cellRef struct {
+	key cellKey
+	agg int32
 }
 
 // flushRequests encodes one window's cells as requests in the columnar
@@ -26,11 +35,7 @@ type encodeScratch struct {
 // caller numbers them. Cells are grouped by shard first, so that one
 // request is built at a time. It runs under flushMu, which guards a.encode.
 func (a *Aggregator) flushRequests(start int64, w *window, values []string, shards int) []*wirepb.FlushRequest {
-	type cellRef struct {
-		key cellKey
-		agg int32
-	}
-	cells := make([]cellRef, 0, len(w.aggs))
+	cells := a.encode.cells[:0]
 	for key, i := range w.cells {
 		cells = append(cells, cellRef{key, i})
 	}
@@ -39,7 +44,8 @@ func (a *Aggregator) flushRequests(start int64, w *window, values []string, shar
 	}
 	// shardOf[i] is the shard of cells[i]; a counting sort groups the
 	// cells by shard.
-	shardOf := make([]uint32, len(cells))
+	shardOf := slices.Grow(a.encode.shardOf[:0], len(cells))[:len(cells)]
+	clear(shardOf)
 	if shards > 1 {
 		counts := make([]int, shards+1)
 		var vals []string
@@ -67,6 +73,7 @@ func (a *Aggregator) flushRequests(start int64, w *window, values []string, shar
 		}
 		cells, shardOf = sorted, sortedShard
 	}
+	defer func() { a.encode.cells, a.encode.shardOf = cells[:0], shardOf[:0] }()
 	var reqs []*wirepb.FlushRequest
 	sc := &a.encode
 	if len(sc.stamp) < len(values) {

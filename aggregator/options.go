@@ -94,7 +94,8 @@ type Options struct {
 	// parts) waiting for their destinations. It grows when the combiners
 	// take less than the aggregator takes, a store that falls behind; past
 	// the bound Push refuses batches with ErrBehind, which publishers see as
-	// back-pressure, until they drain. The default is 256 MiB.
+	// back-pressure, until they drain. The default is 64 MiB, which holds
+	// about five million cells of partial cubes.
 	MaxPendingBytes int64
 
 	// MinFreeBytes is the free-space floor of the log's filesystem: below
@@ -167,7 +168,7 @@ func (o *Options) EnsureDefaults() {
 		o.WALMaxBytes = 1 << 30
 	}
 	if o.MaxPendingBytes == 0 {
-		o.MaxPendingBytes = 256 << 20
+		o.MaxPendingBytes = 64 << 20
 	}
 	if o.WALSegmentBytes == 0 {
 		o.WALSegmentBytes = 64 << 20

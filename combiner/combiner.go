@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"math"
 	"slices"
+	"sync"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc"
@@ -71,7 +72,9 @@ func New(opts Options) (*Combiner, error) {
 // duplicate of one applied before. A flush that does not fit is refused
 // whole with an error wrapping ErrBadFlush.
 func (c *Combiner) Apply(req *wirepb.FlushRequest) (duplicate bool, err error) {
-	deltas, err := c.deltas(req)
+	sc := scratchPool.Get().(*scratch)
+	defer scratchPool.Put(sc)
+	deltas, err := c.deltas(req, sc)
 	if err != nil {
 		c.metrics.refused.Inc()
 		return false, err
@@ -97,7 +100,17 @@ func (c *Combiner) Apply(req *wirepb.FlushRequest) (duplicate bool, err error) {
 	return false, nil
 }
 
-func (c *Combiner) deltas(req *wirepb.FlushRequest) ([]tsdb.Delta, error) {
+// scratch is the room a flush's deltas take, reused: the store copies what
+// it keeps.
+type scratch struct {
+	deltas []tsdb.Delta
+	values []string
+}
+
+var scratchPool = sync.Pool{New: func() any { return new(scratch) }}
+
+// deltas resolves a flush's cells into deltas, in sc's room.
+func (c *Combiner) deltas(req *wirepb.FlushRequest, sc *scratch) ([]tsdb.Delta, error) {
 	if req.Source == "" {
 		return nil, fmt.Errorf("%w: no source", ErrBadFlush)
 	}
@@ -118,11 +131,14 @@ func (c *Combiner) deltas(req *wirepb.FlushRequest) ([]tsdb.Delta, error) {
 	if n > 0 && len(req.Cells) > 0 {
 		return nil, fmt.Errorf("%w: cells both in columns and as messages", ErrBadFlush)
 	}
-	values := make([]string, 0, len(req.CellValues))
+	nv := len(req.CellValues)
 	for _, cell := range req.Cells {
-		values = slices.Grow(values, len(cell.Values))
+		nv += len(cell.Values)
 	}
-	deltas := make([]tsdb.Delta, 0, n+len(req.Cells))
+	// Grown once: the deltas' values are slices of it.
+	values := slices.Grow(sc.values[:0], nv)
+	deltas := slices.Grow(sc.deltas[:0], n+len(req.Cells))
+	defer func() { sc.values, sc.deltas = values[:0], deltas[:0] }()
 	// add appends cell i, its values the dictionary indexes vals.
 	add := func(i int, family, cuboid uint32, vals []uint32, sum float64, count uint64) error {
 		name, err := str(family)

@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"runtime/debug"
 	"syscall"
 
 	"github.com/dimsum/dimsum/internal/node"
@@ -59,6 +60,12 @@ func runNode(cmd string, args []string) error {
 	}
 	if cmd != "all" {
 		cfg.Roles = []string{cmd}
+	}
+
+	// The runtime's memory limit is the process's, so the binary sets it.
+	cfg.EnsureDefaults()
+	if cfg.MemoryLimit > 0 {
+		debug.SetMemoryLimit(cfg.MemoryLimit)
 	}
 
 	// Signals are caught before the node serves, so a SIGTERM sent as soon

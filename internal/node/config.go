@@ -55,6 +55,15 @@ type Config struct {
 	// MaxRecvBytes bounds one gRPC message between members on the internal
 	// listener (flushes, forwarded batches, reads). The default is 64 MiB.
 	MaxRecvBytes int `yaml:"max_recv_bytes"`
+	// MemoryLimit is the soft memory limit of the Go runtime
+	// (runtime/debug.SetMemoryLimit): as the heap nears it, the collector
+	// runs more often instead of letting the heap grow to twice what is
+	// live, so that the node's resident memory follows what its bounds
+	// (store.head_max_bytes, aggregator.max_pending_bytes, the windows of
+	// the cube) let it hold. The default is 768 MiB, or what the GOMEMLIMIT
+	// environment variable says; a negative value sets no limit. See
+	// docs/operations.md, "Sizing".
+	MemoryLimit int64 `yaml:"memory_limit"`
 	// MinFreeBytes is the free-space floor of data_dir's filesystems:
 	// below it the aggregator refuses batches (gRPC ResourceExhausted with
 	// RetryInfo: back-pressure) and the combiner flushes, until space
@@ -97,7 +106,7 @@ type AggregatorConfig struct {
 	WALMaxBytes int64 `yaml:"wal_max_bytes"`
 	// MaxPendingBytes bounds the memory of the flushes waiting for the
 	// combiners; past it Push refuses batches (gRPC ResourceExhausted with
-	// RetryInfo) until the store catches up. The default is 256 MiB.
+	// RetryInfo) until the store catches up. The default is 64 MiB.
 	MaxPendingBytes int64 `yaml:"max_pending_bytes"`
 	// WALSegmentBytes is the size of one log segment file; the log drops
 	// whole segments once the combiners took what they hold. The default
@@ -245,6 +254,9 @@ func (c *Config) EnsureDefaults() {
 	}
 	if c.MaxRecvBytes == 0 {
 		c.MaxRecvBytes = 64 << 20
+	}
+	if c.MemoryLimit == 0 && os.Getenv("GOMEMLIMIT") == "" {
+		c.MemoryLimit = 768 << 20
 	}
 	if c.MaxBatchBytes == 0 {
 		c.MaxBatchBytes = 16 << 20
