@@ -110,8 +110,10 @@ type Aggregator struct {
 		// hint is the size of the largest window the last cut took, for
 		// window.reserve.
 		hint sizeHint
-		// spare holds flushed windows, emptied, for reuse.
-		spare []*window
+		// spare holds flushed windows, emptied, for reuse, and spareRoom
+		// the leaves they have room for.
+		spare     []*window
+		spareRoom int
 		// sources remembers the recent batch sequences of each publisher
 		// source, so that a retried batch is counted once.
 		sources map[string]*seqWindow
@@ -191,22 +193,25 @@ type window struct {
 	cells  map[cellKey]int32
 	aggs   []agg
 	finest []int // leaves per family, for the cardinality limit
+	room   int   // leaves its maps were made for by reserve
 }
 
 func newWindow(families int) *window {
 	return &window{leaves: map[cellKey]int32{}, cells: map[cellKey]int32{}, finest: make([]int, families)}
 }
 
-// spareWindows is how many flushed windows the aggregator keeps for reuse:
-// a window's maps and slices keep their room when cleared, so a backfill,
-// which opens windows as fast as it flushes them, allocates none.
-const spareWindows = 4
+// spareLeaves bounds the room of the flushed windows the aggregator keeps
+// for reuse, in leaves (about 200 bytes each): a window's maps and slices
+// keep their room when cleared, so a backfill, which opens windows as fast
+// as it flushes them, allocates none.
+const spareLeaves = 1 << 19
 
 // newWindowLocked returns an empty window, a spare one if there is one.
 func (a *Aggregator) newWindowLocked() *window {
 	if n := len(a.mu.spare); n > 0 {
 		w := a.mu.spare[n-1]
 		a.mu.spare = a.mu.spare[:n-1]
+		a.mu.spareRoom -= max(w.room, reserveAt)
 		return w
 	}
 	return newWindow(len(a.fams))
@@ -217,10 +222,11 @@ func (a *Aggregator) recycle(todo []ready) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	for _, r := range todo {
-		if len(a.mu.spare) == spareWindows {
+		w := r.w
+		if a.mu.spareRoom+max(w.room, reserveAt) > spareLeaves {
 			return
 		}
-		w := r.w
+		a.mu.spareRoom += max(w.room, reserveAt)
 		clear(w.leaves)
 		clear(w.cells)
 		clear(w.finest)
@@ -238,11 +244,12 @@ const reserveAt = 256
 // sizeHint is the size of the largest window the last cut took.
 type sizeHint struct{ leaves, cells, fan int }
 
-// reserve makes room for h at once.
+// reserve makes room for h at once, unless the window has it.
 func (w *window) reserve(h sizeHint) {
-	if h.leaves <= len(w.leaves) {
+	if h.leaves <= max(len(w.leaves), w.room) {
 		return
 	}
+	w.room = h.leaves
 	leaves := make(map[cellKey]int32, h.leaves)
 	for k, v := range w.leaves {
 		leaves[k] = v
