@@ -4,9 +4,10 @@
 # series of `dimsum load -series N` gets one count a step over the span
 # before now. For each store it prints the settled ingest rate (from the
 # load's start until the exact totals are readable through the query API),
-# the server's CPU seconds over the run, its peak RSS, and the bytes of its
-# whole data directory per ingested sample, once settled and again after a
-# clean stop. docs/benchmarks.md records its figures.
+# the server's CPU seconds over the run (up to the exact read), its peak RSS,
+# and the bytes of its whole data directory per ingested sample, once it
+# stopped changing (compactions done) and again after a clean stop.
+# docs/benchmarks.md records its figures.
 #
 #   loadtest/backfill-bench.sh [-series 10000] [-backfill 24h] [-step 1m] [-runs 1] [-only dimsum|victoriametrics]
 #
@@ -55,6 +56,20 @@ waitfor() {
 	echo "$1 did not answer" >&2; exit 1
 }
 bytes() { du -sb "$1" | cut -f1; }
+# settle waits until a data directory stops shrinking or growing (its
+# compactions done: two readings 5s apart within 1%, at most 2 minutes) and
+# prints its size.
+settle() {
+	local prev cur
+	prev=$(bytes "$1")
+	for _ in $(seq 24); do
+		sleep 5
+		cur=$(bytes "$1")
+		if [ $((cur > prev ? cur - prev : prev - cur)) -le $((prev / 100)) ]; then break; fi
+		prev=$cur
+	done
+	bytes "$1"
+}
 
 load() {
 	"$work/dimsum" load -series "$series" -backfill "$backfill" -step "$step" -compression none \
@@ -83,7 +98,7 @@ run_dimsum() {
 	load -addr "$grpc" -http "$http"
 	c1=$(cpu "$pid")
 	mem=$(hwm "$pid")
-	settled=$(bytes "$data")
+	settled=$(settle "$data")
 	kill -TERM "$pid"
 	wait "$pid" || true
 	pid=""
@@ -102,7 +117,7 @@ run_victoria() {
 	load -target victoriametrics -http "$vm"
 	c1=$(cpu "$pid")
 	mem=$(hwm "$pid")
-	settled=$(bytes "$data")
+	settled=$(settle "$data")
 	kill -TERM "$pid"
 	wait "$pid" || true
 	pid=""

@@ -149,8 +149,8 @@ func BenchmarkMerge(b *testing.B) {
 }
 
 // fillBench applies windows batches of deltas, one every 10s up to now,
-// with varying counts, then compacts the store; it returns the first
-// window's time.
+// with varying counts, then writes the head and compacts the store; it
+// returns the first window's time.
 func fillBench(b *testing.B, db *DB, deltas []Delta, now int64, windows int) int64 {
 	start := now - int64(windows)*10000
 	rng := rand.New(rand.NewPCG(1, 2))
@@ -161,6 +161,9 @@ func fillBench(b *testing.B, db *DB, deltas []Delta, now int64, windows int) int
 		if _, err := db.Apply(BatchID{}, deltas); err != nil {
 			b.Fatal(err)
 		}
+	}
+	if err := db.Flush(); err != nil {
+		b.Fatal(err)
 	}
 	if err := db.pdb.Compact(context.Background(), []byte{0}, []byte{0xff}, false); err != nil {
 		b.Fatal(err)

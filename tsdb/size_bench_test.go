@@ -92,6 +92,9 @@ families:
 		}
 		stored += len(deltas)
 	}
+	if err := db.Flush(); err != nil {
+		b.Fatal(err)
+	}
 	if err := db.pdb.Compact(context.Background(), []byte{0}, []byte{0xff}, false); err != nil {
 		b.Fatal(err)
 	}
