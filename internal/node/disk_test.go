@@ -25,8 +25,8 @@ import (
 	"github.com/dimsum/dimsum/wire"
 )
 
-// TestLowDiskRefusedAndRecovered sets a node's free-space floor 2 GiB
-// below the free space of its disk, then takes 6 GiB of it with one
+// TestLowDiskRefusedAndRecovered sets a node's free-space floor 512 MiB
+// below the free space of its disk, then takes 1 GiB of it with one
 // preallocated file (no data is written) and gives it back. Below the
 // floor the node refuses batches with ResourceExhausted and RetryInfo, says
 // so in its log and metrics, and holds back its flushes; the publisher
@@ -40,7 +40,7 @@ func TestLowDiskRefusedAndRecovered(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	const margin, taken = 2 << 30, 6 << 30
+	const margin, taken = 512 << 20, 1 << 30
 	if free < taken+margin {
 		t.Fatalf("the test needs %d bytes free on %s, it has %d", taken+margin, dir, free)
 	}
