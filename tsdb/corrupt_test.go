@@ -39,7 +39,8 @@ func TestCorruptRow(t *testing.T) {
 			if _, err := db.Apply(BatchID{}, []Delta{delta}); err != nil {
 				t.Fatal(err)
 			}
-			r := db.res[0]
+			// The finest steps live in the rows of the next resolution.
+			r := db.res[0].keys()
 			key := makeDataKey(r.stepSec, r.Row(now), db.families["requests"].id, finest, 0)
 			if err := db.pdb.Set(key[:], tc.garbage, pebble.Sync); err != nil {
 				t.Fatal(err)
@@ -48,14 +49,19 @@ func TestCorruptRow(t *testing.T) {
 				if _, err := db.Apply(BatchID{}, []Delta{delta}); err != nil {
 					t.Fatal(err)
 				}
+				// Written, the operand lies on the garbage; the write
+				// itself reads nothing and succeeds.
+				if err := db.Flush(); err != nil {
+					t.Fatal(err)
+				}
 			}
 			steps, err := db.Steps(0, "requests", finest, 0, now-3600e3, now, nil)
 			if !isCorruptNaming(err, key[:]) {
 				t.Fatalf("got steps %v, err %v; want an error wrapping ErrCorrupt naming %x", steps, err, key)
 			}
-			// Other resolutions are untouched.
-			if steps, err := db.Steps(1, "requests", finest, 0, now-3600e3, now, nil); err != nil || len(steps) != 1 {
-				t.Fatalf("resolution 1: %v, %v", steps, err)
+			// The coarsest resolution is untouched.
+			if steps, err := db.Steps(2, "requests", finest, 0, now-3600e3, now, nil); err != nil || len(steps) != 1 {
+				t.Fatalf("resolution 2: %v, %v", steps, err)
 			}
 		})
 	}
@@ -77,7 +83,7 @@ func TestCorruptDataKey(t *testing.T) {
 	if _, err := db.Apply(BatchID{}, deltas); err != nil {
 		t.Fatal(err)
 	}
-	r := db.res[0]
+	r := db.res[0].keys() // where the finest steps are stored
 	cell0 := makeDataKey(r.stepSec, r.Row(now), db.families["requests"].id, finest, 0)
 	key := append(cell0[:], 0x01) // between the keys of cells 0 and 1
 	if err := db.pdb.Set(key, []byte{}, pebble.Sync); err != nil {

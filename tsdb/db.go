@@ -86,17 +86,21 @@ type DB struct {
 	orphans map[*cellDict]*roaring.Bitmap
 	// writer writes the head's groups (write.go); its scratch space is
 	// guarded by write.
-	writer struct {
-		wake, stop, done chan struct{}
-		fine, coarse     denseRow
-		buf              []byte
-	}
+	writer writerState
 
 	// retention runs the periodic retention pass.
 	retention struct {
 		stop chan struct{}
 		done chan struct{}
 	}
+}
+
+// writerState is the writer's: its goroutine's channels and its scratch.
+type writerState struct {
+	wake, stop, done chan struct{}
+	fine, coarse     denseRow
+	hostFine         denseFine
+	buf              []byte
 }
 
 // resolution is a schema resolution with its figures in the units the hot
@@ -107,6 +111,17 @@ type resolution struct {
 	stepMs      int64
 	rowSpanMs   int64
 	retentionMs int64
+	// host is, for the finest resolution of a store that pairs its two
+	// finest, the next one: its rows hold this one's steps (hosted.go).
+	host *resolution
+}
+
+// keys is the resolution whose data keys hold r's steps.
+func (r resolution) keys() resolution {
+	if r.host != nil {
+		return *r.host
+	}
+	return r
 }
 
 // familyState is a family of the schema with its persisted ID and the cell
@@ -232,12 +247,22 @@ func (db *DB) checkFormat() error {
 		if !empty {
 			return fmt.Errorf("tsdb: %s holds a Pebble store without a dimsum format record; refusing to use it", db.opts.Dir)
 		}
-		val := binary.AppendUvarint(nil, formatVersion)
-		if err := db.pdb.Set(metaFormatKey, val, pebble.Sync); err != nil {
+		b := db.pdb.NewBatch()
+		defer b.Close()
+		err = b.Set(metaFormatKey, binary.AppendUvarint(nil, formatVersion), nil)
+		if db.pairable() && err == nil {
+			// The pairing is chosen once, when the store is made: the
+			// finest resolution's steps then live in the next one's rows.
+			err = b.Set(metaPairKey, appendPair(nil, db.res[0].stepSec, db.res[1].stepSec), nil)
+		}
+		if err == nil {
+			err = b.Commit(pebble.Sync)
+		}
+		if err != nil {
 			return fmt.Errorf("tsdb: cannot write the format record: %w", err)
 		}
-		db.log.Info("created store", "dir", db.opts.Dir, "format", formatVersion)
-		return nil
+		db.log.Info("created store", "dir", db.opts.Dir, "format", formatVersion, "hosted", db.pairable())
+		return db.loadPairing()
 	}
 	if err != nil {
 		return fmt.Errorf("tsdb: cannot read the format record: %w", err)
@@ -253,6 +278,40 @@ func (db *DB) checkFormat() error {
 	if got != formatVersion {
 		return fmt.Errorf("tsdb: %s has format version %d; this binary reads only version %d and has no migration from it: start from an empty directory (docs/format/tsdb.md)", db.opts.Dir, got, formatVersion)
 	}
+	return db.loadPairing()
+}
+
+// pairable reports whether the schema's two finest resolutions can be
+// paired: the second's step at most maxHostedSubslots of the first's, and
+// its retention no shorter.
+func (db *DB) pairable() bool {
+	if len(db.res) < 2 {
+		return false
+	}
+	f, h := db.res[0], db.res[1]
+	return h.stepMs/f.stepMs <= maxHostedSubslots && h.retentionMs >= f.retentionMs
+}
+
+// loadPairing reads the pairing record, if the store has one, and makes the
+// finest resolution hosted by the next. A store whose pairing no longer
+// fits the schema is refused: its finest steps would be lost.
+func (db *DB) loadPairing() error {
+	v, closer, err := db.pdb.Get(metaPairKey)
+	if errors.Is(err, pebble.ErrNotFound) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("tsdb: cannot read the pairing record: %w", err)
+	}
+	defer closer.Close()
+	fine, host, ok := decodePair(v)
+	if !ok {
+		return fmt.Errorf("%w: pairing record %x holds %x", ErrCorrupt, metaPairKey, v)
+	}
+	if len(db.res) < 2 || db.res[0].stepSec != fine || db.res[1].stepSec != host || !db.pairable() {
+		return fmt.Errorf("tsdb: %s keeps its %ds steps inside the rows of its %ds resolution; the schema must keep both as its two finest resolutions, the second retained at least as long (docs/format/tsdb.md, \"Hosted rows\")", db.opts.Dir, fine, host)
+	}
+	db.res[0].host = &db.res[1]
 	return nil
 }
 

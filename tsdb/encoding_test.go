@@ -142,6 +142,17 @@ func TestGolden(t *testing.T) {
 			t.Fatalf("bitmap %s: decoded %v, %v", g.name, got, err)
 		}
 	}
+	var hc denseRow
+	hf := &denseFine{k: 6}
+	for _, e := range []struct {
+		slot, sub int
+		sum       float64
+		count     uint64
+	}{{0, 2, 5, 1}, {1, 0, 1, 1}, {1, 3, 2, 1}} {
+		hc.add(e.slot, e.sum, e.count)
+		hf.add(e.slot*6+e.sub, e.sum, e.count)
+	}
+	line("hosted row k=6: slot 0 in sub 2, slot 1 in subs 0 and 3", appendHosted(nil, &hc, hf))
 	buf.WriteString("# rows (merged) and merge operands of a few slots\n")
 	for _, r := range goldenRows {
 		encodings := [][]byte{denseOf(r.slots).appendTo(nil)}

@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"math"
 
 	"github.com/RoaringBitmap/roaring/v2"
 	"github.com/dimsum/dimsum/schema"
@@ -41,6 +42,27 @@ const formatVersion = 3
 
 // metaFormatKey is the key of the format-version record.
 var metaFormatKey = []byte{prefixMeta, 'f', 'o', 'r', 'm', 'a', 't'}
+
+// metaPairKey is the key of the pairing record: the finest resolution's
+// step and that of the resolution whose rows hold its steps.
+var metaPairKey = []byte{prefixMeta, 'p', 'a', 'i', 'r'}
+
+func appendPair(dst []byte, fine, host uint32) []byte {
+	dst = binary.AppendUvarint(dst, uint64(fine))
+	return binary.AppendUvarint(dst, uint64(host))
+}
+
+func decodePair(v []byte) (fine, host uint32, ok bool) {
+	f, n := binary.Uvarint(v)
+	if n <= 0 || f > math.MaxUint32 {
+		return 0, 0, false
+	}
+	h, m := binary.Uvarint(v[n:])
+	if m <= 0 || n+m != len(v) || h > math.MaxUint32 {
+		return 0, 0, false
+	}
+	return uint32(f), uint32(h), true
+}
 
 // Fixed widths of the key fields.
 const (

@@ -27,7 +27,7 @@ var rowMerger = &pebble.Merger{
 	Merge: func(key, value []byte) (pebble.ValueMerger, error) {
 		m := mergerPool.Get().(*valueMerger)
 		m.key = append(m.key[:0], key...)
-		if err := m.row.addRow(value); err != nil {
+		if err := addHosted(&m.row, &m.fine, value); err != nil {
 			err = corruptRowError(m.key, err)
 			m.release()
 			return nil, err
@@ -45,9 +45,10 @@ var mergerPool = sync.Pool{New: func() any { return new(valueMerger) }}
 // io.Closer: Finish returns a buffer it owns, and Close hands both back to
 // the pool once Pebble is done with the value.
 type valueMerger struct {
-	key []byte // the row's key, for error messages
-	row denseRow
-	buf []byte
+	key  []byte // the row's key, for error messages
+	row  denseRow
+	fine *denseFine // a hosted row's fine part, once an operand has one
+	buf  []byte
 }
 
 func (m *valueMerger) MergeNewer(value []byte) error { return m.merge(value) }
@@ -55,7 +56,7 @@ func (m *valueMerger) MergeNewer(value []byte) error { return m.merge(value) }
 func (m *valueMerger) MergeOlder(value []byte) error { return m.merge(value) }
 
 func (m *valueMerger) merge(value []byte) error {
-	if err := m.row.addRow(value); err != nil {
+	if err := addHosted(&m.row, &m.fine, value); err != nil {
 		return corruptRowError(m.key, err)
 	}
 	return nil
@@ -64,7 +65,11 @@ func (m *valueMerger) merge(value []byte) error {
 // Finish encodes the folded row. The result does not depend on includesBase:
 // a row has no tombstone semantics, a partial fold is itself a valid operand.
 func (m *valueMerger) Finish(includesBase bool) ([]byte, io.Closer, error) {
-	m.buf = m.row.appendTo(m.buf[:0])
+	if m.fine != nil && m.fine.any {
+		m.buf = appendHosted(m.buf[:0], &m.row, m.fine)
+	} else {
+		m.buf = m.row.appendTo(m.buf[:0])
+	}
 	return m.buf, m, nil
 }
 
@@ -76,5 +81,7 @@ func (m *valueMerger) Close() error {
 
 func (m *valueMerger) release() {
 	m.row.reset()
+	releaseFine(m.fine)
+	m.fine = nil
 	mergerPool.Put(m)
 }

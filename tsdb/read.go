@@ -226,13 +226,14 @@ func (db *DB) scan(r resolution, d *cellDict, cells []uint32, mint, maxt int64, 
 		}
 		_, err = db.seekRows(iter, r, d, cells, mint, maxt, &view, nil, fn)
 	} else {
+		kr := r.keys()
 		view, probe, serr := db.snapshot(r, d, cells, mint, maxt, dataBounds(
-			makeDataKey(r.stepSec, r.Row(mint), d.fam, d.cuboid, 0),
-			makeDataKey(r.stepSec, r.Row(maxt), d.fam, d.cuboid, math.MaxUint32)))
+			makeDataKey(kr.stepSec, kr.Row(mint), d.fam, d.cuboid, 0),
+			makeDataKey(kr.stepSec, kr.Row(maxt), d.fam, d.cuboid, math.MaxUint32)))
 		if serr != nil {
 			return db.readError(serr)
 		}
-		cs, oerr := db.openCursors(probe, r, d, mint, maxt)
+		cs, oerr := db.openCursors(probe, kr, d, mint, maxt)
 		if oerr == nil {
 			oerr = cs.merge(db.res[0], r, cells, mint, maxt, &view, fn)
 		}
@@ -265,6 +266,7 @@ func (db *DB) snapshot(r resolution, d *cellDict, cells []uint32, mint, maxt int
 // cellRowBounds are the bounds of the data keys of sorted cells in the rows
 // of r over [mint, maxt].
 func cellRowBounds(r resolution, d *cellDict, cells []uint32, mint, maxt int64) *pebble.IterOptions {
+	r = r.keys()
 	return dataBounds(
 		makeDataKey(r.stepSec, r.Row(mint), d.fam, d.cuboid, cells[0]),
 		makeDataKey(r.stepSec, r.Row(maxt), d.fam, d.cuboid, cells[len(cells)-1]))
@@ -292,14 +294,16 @@ const seekCells = 32
 // to buf and passes them to fn, then reuses that part of buf; with fn nil
 // it keeps every step in buf, which it returns. It closes iter.
 func (db *DB) seekRows(iter *pebble.Iterator, r resolution, d *cellDict, cells []uint32, mint, maxt int64, view *headView, buf []Step, fn func(cell uint32, steps []Step) error) ([]Step, error) {
-	first, last := r.Row(mint), r.Row(maxt)
-	var dec rowDecoder
+	kr := r.keys()
+	first, last := kr.Row(mint), kr.Row(maxt)
+	var dec stepDecoder
+	defer dec.release()
 	var hs headSteps
 	defer hs.release()
 	for _, cell := range cells {
 		n := len(buf)
 		for row := first; row <= last; {
-			seek := makeDataKey(r.stepSec, row, d.fam, d.cuboid, cell)
+			seek := makeDataKey(kr.stepSec, row, d.fam, d.cuboid, cell)
 			if !iter.SeekGE(seek[:]) {
 				break
 			}
@@ -316,7 +320,7 @@ func (db *DB) seekRows(iter *pebble.Iterator, r resolution, d *cellDict, cells [
 			if err != nil {
 				return buf, errors.Join(err, iter.Close())
 			}
-			if buf, err = decodeSteps(&dec, r, row, v, mint, maxt, buf); err != nil {
+			if buf, err = dec.decode(r, row, v, mint, maxt, buf); err != nil {
 				return buf, errors.Join(corruptRowError(iter.Key(), err), iter.Close())
 			}
 			row++
@@ -375,6 +379,30 @@ func dataBounds(lo, hi dataKey) *pebble.IterOptions {
 	upper := make([]byte, dataKeyLen+1)
 	copy(upper, hi[:])
 	return &pebble.IterOptions{LowerBound: lo[:], UpperBound: upper}
+}
+
+// stepDecoder decodes the steps of rows of one resolution: its own, or, for
+// a hosted finest resolution, the fine part of its host's rows.
+type stepDecoder struct {
+	row  rowDecoder
+	fine *denseFine
+}
+
+// decode appends the steps of r in the row value v of the row numbered row
+// (of r's host when r is hosted) whose start lies in [mint, maxt].
+func (d *stepDecoder) decode(r resolution, row int64, v []byte, mint, maxt int64, steps []Step) ([]Step, error) {
+	if r.host == nil {
+		return decodeSteps(&d.row, r, row, v, mint, maxt, steps)
+	}
+	if d.fine == nil {
+		d.fine = finePool.Get().(*denseFine)
+	}
+	return d.fine.appendFineSteps(r, *r.host, row, v, mint, maxt, steps)
+}
+
+func (d *stepDecoder) release() {
+	releaseFine(d.fine)
+	d.fine = nil
 }
 
 // decodeSteps appends the steps of a row value whose start lies in
@@ -469,7 +497,8 @@ func (c *cursor) set(valid bool) {
 // to the stored ones.
 func (cs *cursors) merge(fine, r resolution, cells []uint32, mint, maxt int64, view *headView, fn func(cell uint32, steps []Step) error) error {
 	var steps []Step
-	var dec rowDecoder
+	var dec stepDecoder
+	defer dec.release()
 	var hs headSteps
 	defer hs.release()
 	var held []uint32 // cells the head holds, when walking every cell
@@ -521,7 +550,7 @@ func (cs *cursors) merge(fine, r resolution, cells []uint32, mint, maxt int64, v
 			if err != nil {
 				return err
 			}
-			if steps, err = decodeSteps(&dec, r, c.row, v, mint, maxt, steps); err != nil {
+			if steps, err = dec.decode(r, c.row, v, mint, maxt, steps); err != nil {
 				return corruptRowError(c.iter.Key(), err)
 			}
 			c.set(c.iter.Next())

@@ -262,6 +262,15 @@ type rowDecoder struct {
 
 func (d *rowDecoder) init(b []byte) {
 	*d = rowDecoder{slot: -1}
+	if len(b) > 0 && b[0] == hostedMagic {
+		// A hosted row reads as its coarse part.
+		coarse, _, err := hostedParts(b)
+		if err != nil {
+			d.err = err
+			return
+		}
+		b = coarse
+	}
 	if len(b) == 0 || b[0] != rowMagic {
 		d.err = errRowMagic
 		return

@@ -281,16 +281,25 @@ func (db *DB) encodeGroup(b *pebble.Batch, g *group) (int, error) {
 					if !keep[i] {
 						continue
 					}
-					row := &w.fine
-					if i > 0 {
-						row = &w.coarse
+					present[i].Add(uint32(cell))
+					if r.host != nil {
+						continue // its steps go into its host's row
+					}
+					row := &w.coarse
+					if i == 0 {
+						row = &w.fine
+					} else {
 						coarseBase := rows[i] * r.rowSpanMs
 						w.fine.each(func(slot int, sum float64, count uint64) {
 							t := r.StepStart(base + int64(slot)*fine.stepMs)
 							row.add(int((t-coarseBase)/r.stepMs), sum, count)
 						})
 					}
-					w.buf = row.appendTo(w.buf[:0])
+					if i == 1 && fine.host != nil && keep[0] {
+						w.buf = appendHosted(w.buf[:0], row, db.hostFine(w, base, rows[1]))
+					} else {
+						w.buf = row.appendTo(w.buf[:0])
+					}
 					key := makeDataKey(r.stepSec, rows[i], fs.id, schema.CuboidID(cuboid), uint32(cell))
 					if err := b.Merge(key[:], w.buf, nil); err != nil {
 						return 0, fmt.Errorf("tsdb: cannot add a row to the Pebble batch: %w", err)
@@ -298,7 +307,6 @@ func (db *DB) encodeGroup(b *pebble.Batch, g *group) (int, error) {
 					if i > 0 {
 						row.reset()
 					}
-					present[i].Add(uint32(cell))
 					operands++
 				}
 				w.fine.reset()
@@ -337,4 +345,19 @@ func (db *DB) orphan(g *group) {
 			}
 		}
 	}
+}
+
+// hostFine lays the writer's fine row, which starts at base, out as the
+// fine part of row hostRow of the finest resolution's host.
+func (db *DB) hostFine(w *writerState, base, hostRow int64) *denseFine {
+	fine, host := db.res[0], db.res[1]
+	f := &w.hostFine
+	f.reset()
+	f.k = int(host.stepMs / fine.stepMs)
+	hostBase := hostRow * host.rowSpanMs
+	w.fine.each(func(slot int, sum float64, count uint64) {
+		off := base + int64(slot)*fine.stepMs - hostBase
+		f.add(int(off/host.stepMs)*f.k+int(off%host.stepMs/fine.stepMs), sum, count)
+	})
+	return f
 }
