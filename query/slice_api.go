@@ -496,7 +496,7 @@ func (a *API) cubeSchema(*http.Request) (result, *apiError) {
 		out.Families = append(out.Families, cf)
 	}
 	for _, r := range s.Resolutions {
-		out.Resolutions = append(out.Resolutions, CubeResolution{Step: model.Duration(r.Step).String(), Retention: model.Duration(r.Retention).String()})
+		out.Resolutions = append(out.Resolutions, CubeResolution{Step: schema.FormatDuration(r.Step), Retention: schema.FormatDuration(r.Retention)})
 	}
 	return result{data: out}, nil
 }
