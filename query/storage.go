@@ -429,53 +429,112 @@ func seriesLabels(name string, names, values []string) labels.Labels {
 	return b.Labels()
 }
 
-// labelRange is the querier's range as the index takes it: the API's
-// unbounded range means any time.
-func (q *querier) labelRange() (int64, int64) {
-	if q.mint <= math.MinInt64/2 && q.maxt >= math.MaxInt64/2 {
-		return math.MinInt64, math.MaxInt64
+// unbounded reports whether the querier's range is the whole of time, as
+// the label APIs ask without start and end.
+func (q *querier) unbounded() bool { return q.mint <= math.MinInt64/2 && q.maxt >= math.MaxInt64/2 }
+
+// errEnough stops a scan that has found what it looks for.
+var errEnough = errors.New("query: enough")
+
+// eachInRange calls fn with each cell that has a sample in the querier's
+// range, among the cells the matchers select of the smallest cuboid of v's
+// family that keeps the label keep ("" for none) and every label the
+// matchers name. A cell of that cuboid has a sample where one of its finest
+// cells does, so the answer is the one Select gives the series API, from
+// fewer cells. The index alone cannot answer this: it knows which rows
+// hold a cell's data, and a row spans many steps. fn returning errEnough
+// ends the scan early, without an error.
+func (q *querier) eachInRange(ctx context.Context, v view, keep string, ms []*labels.Matcher, fn func(cub schema.Cuboid, c tsdb.Cell) error) error {
+	sp, ok := q.span(q.mint, q.maxt, 0, 0)
+	if !ok {
+		return nil
 	}
-	return q.mint, q.maxt
+	need := map[string]bool{}
+	if keep != "" {
+		need[keep] = true
+	}
+	for _, m := range ms {
+		if _, ok := v.fam.LabelIndex(m.Name); ok {
+			need[m.Name] = true
+		}
+	}
+	cub := smallestCuboid(v.fam, need)
+	cells, err := q.view.Cells(v.fam.Name, cub.ID, ms)
+	if err != nil || len(cells) == 0 {
+		return err
+	}
+	err = scanCells(ctx, q.view, sp.res, v.fam.Name, cub.ID, cells, sp.first, sp.last, func(c tsdb.Cell, _ []tsdb.Step) error { return fn(cub, c) })
+	if errors.Is(err, errEnough) {
+		return nil
+	}
+	return err
+}
+
+// hasSeries reports whether any series of v the matchers select has a
+// sample in the querier's range.
+func (q *querier) hasSeries(ctx context.Context, v view, ms []*labels.Matcher) (bool, error) {
+	if q.unbounded() {
+		names, err := q.view.LabelNames(v.fam.Name, v.fam.Finest().ID, math.MinInt64, math.MaxInt64, 1, ms)
+		return len(names) > 0, err
+	}
+	found := false
+	err := q.eachInRange(ctx, v, "", ms, func(schema.Cuboid, tsdb.Cell) error { found = true; return errEnough })
+	return found, err
 }
 
 // LabelNames returns the label names of the series the matchers select.
-func (q *querier) LabelNames(_ context.Context, _ *storage.LabelHints, ms ...*labels.Matcher) ([]string, annotations.Annotations, error) {
-	mint, maxt := q.labelRange()
+// Every event carries a non-empty value for each label of its family, so a
+// family with a selected series has all of them.
+func (q *querier) LabelNames(ctx context.Context, _ *storage.LabelHints, ms ...*labels.Matcher) ([]string, annotations.Annotations, error) {
 	set := map[string]struct{}{}
 	for _, v := range q.views(ms) {
-		names, err := q.view.LabelNames(v.fam.Name, v.fam.Finest().ID, mint, maxt, 0, ms)
+		ok, err := q.hasSeries(ctx, v, ms)
 		if err != nil {
 			return nil, nil, err
 		}
-		for _, n := range names {
-			set[n] = struct{}{}
-		}
-		if len(names) > 0 {
+		if ok {
 			set[labels.MetricName] = struct{}{}
+			for _, n := range v.fam.Labels {
+				set[n] = struct{}{}
+			}
 		}
 	}
 	return slices.Sorted(maps.Keys(set)), q.view.Warnings(), nil
 }
 
 // LabelValues returns the values of one label over the series the matchers
-// select.
-func (q *querier) LabelValues(_ context.Context, name string, hints *storage.LabelHints, ms ...*labels.Matcher) ([]string, annotations.Annotations, error) {
+// select: from the index over all of time, and from the stored steps over a
+// bounded range.
+func (q *querier) LabelValues(ctx context.Context, name string, hints *storage.LabelHints, ms ...*labels.Matcher) ([]string, annotations.Annotations, error) {
 	limit := 0
 	if hints != nil {
 		limit = hints.Limit
 	}
-	mint, maxt := q.labelRange()
 	set := map[string]struct{}{}
 	for _, v := range q.views(ms) {
-		var vals []string
-		var err error
 		if name == labels.MetricName {
 			// A view is a value when any of its series is selected.
-			if vals, err = q.view.LabelNames(v.fam.Name, v.fam.Finest().ID, mint, maxt, 1, ms); len(vals) > 0 {
-				vals = []string{v.name}
+			ok, err := q.hasSeries(ctx, v, ms)
+			if err != nil {
+				return nil, nil, err
 			}
+			if ok {
+				set[v.name] = struct{}{}
+			}
+			continue
+		}
+		if _, ok := v.fam.LabelIndex(name); !ok {
+			continue
+		}
+		var vals []string
+		var err error
+		if q.unbounded() {
+			vals, err = q.view.LabelValues(v.fam.Name, v.fam.Finest().ID, name, math.MinInt64, math.MaxInt64, limit, ms)
 		} else {
-			vals, err = q.view.LabelValues(v.fam.Name, v.fam.Finest().ID, name, mint, maxt, limit, ms)
+			err = q.eachInRange(ctx, v, name, ms, func(cub schema.Cuboid, c tsdb.Cell) error {
+				vals = append(vals, c.Values[slices.Index(cub.Labels, name)])
+				return nil
+			})
 		}
 		if err != nil {
 			return nil, nil, err

@@ -2,9 +2,14 @@ package query
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"math/rand/v2"
 	"net/http"
+	"net/http/httptest"
+	"net/url"
+	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -214,4 +219,73 @@ func replaceSelector(expr, host string) string {
 		}
 	}
 	return out
+}
+
+// TestLabelsInRange checks that labels and label values over a range name
+// only the series with a sample in it, as the series API finds them, though
+// the store's rows span an hour of the finest steps: eight hosts counted
+// early in an hour, five of them again late in it, and a range over the
+// late part lists the five.
+func TestLabelsInRange(t *testing.T) {
+	s := testSchema(t)
+	db := openStore(t, s)
+	row := time.Now().Truncate(time.Hour).Add(-2 * time.Hour)
+	hosts := []string{"a", "b", "c", "d", "e", "f", "g", "h"}
+	// Into every cuboid, as the aggregator writes.
+	count := func(host string, at time.Duration) {
+		for _, c := range s.Family("x").Cuboids() {
+			d := tsdb.Delta{Family: "x", Cuboid: c.ID, Values: []string{host}[:len(c.Labels)], Time: row.Add(at).UnixMilli(), Sum: 1, Count: 1}
+			if _, err := db.Apply(tsdb.BatchID{}, []tsdb.Delta{d}); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	for i, h := range hosts {
+		count(h, 5*time.Minute)
+		if i < 5 {
+			count(h, 50*time.Minute)
+		}
+	}
+	mux := apiMux(t, Options{Schema: s, Reader: db})
+	values := func(path string, p url.Values) []string {
+		t.Helper()
+		rec := httptest.NewRecorder()
+		mux.ServeHTTP(rec, httptest.NewRequest(http.MethodGet, path+"?"+p.Encode(), nil))
+		var r struct{ Data []string }
+		if err := json.NewDecoder(rec.Body).Decode(&r); err != nil || rec.Code != http.StatusOK {
+			t.Fatalf("%s: HTTP %d, %v", path, rec.Code, err)
+		}
+		return r.Data
+	}
+	unix := func(d time.Duration) string { return strconv.FormatInt(row.Add(d).Unix(), 10) }
+	late := url.Values{"start": {unix(40 * time.Minute)}, "end": {unix(55 * time.Minute)}}
+	if got := values("/api/v1/label/host/values", late); fmt.Sprint(got) != "[a b c d e]" {
+		t.Errorf("hosts with data late in the hour: %v, want [a b c d e]", got)
+	}
+	all := url.Values{"start": {unix(0)}, "end": {unix(time.Hour)}}
+	if got := values("/api/v1/label/host/values", all); len(got) != len(hosts) {
+		t.Errorf("hosts over the hour: %v, want all %d", got, len(hosts))
+	}
+	withMatch := url.Values{"start": late["start"], "end": late["end"], "match[]": {`x_delta{host=~"[e-h]"}`}}
+	if got := values("/api/v1/label/host/values", withMatch); fmt.Sprint(got) != "[e]" {
+		t.Errorf("hosts e to h late in the hour: %v, want [e]", got)
+	}
+	if got := values("/api/v1/label/__name__/values", late); fmt.Sprint(got) != "[x_delta x_total]" {
+		t.Errorf("names late in the hour: %v", got)
+	}
+	after := url.Values{"start": {unix(56 * time.Minute)}, "end": {unix(59 * time.Minute)}}
+	for _, path := range []string{"/api/v1/label/host/values", "/api/v1/label/__name__/values", "/api/v1/labels"} {
+		if got := values(path, after); got == nil || len(got) != 0 {
+			t.Errorf("%s after the last sample: %v, want []", path, got)
+		}
+	}
+	if got := values("/api/v1/labels", withMatch); fmt.Sprint(got) != "[__name__ host]" {
+		t.Errorf("labels late in the hour: %v", got)
+	}
+	// The series API agrees.
+	rec := httptest.NewRecorder()
+	mux.ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "/api/v1/series?"+url.Values{"start": late["start"], "end": late["end"], "match[]": {"x_delta"}}.Encode(), nil))
+	if n := strings.Count(rec.Body.String(), `"host"`); n != 5 {
+		t.Errorf("series late in the hour: %d, want 5: %s", n, rec.Body)
+	}
 }
