@@ -84,13 +84,13 @@ const (
 	DeltaSuffix = "_delta"
 )
 
-// Limits bound what one query may read.
+// Limits bound what one query may read. The zero value bounds nothing.
 type Limits struct {
 	// MaxSeries bounds the series one query reads from the store, over all
 	// its selectors. 0 means no limit.
 	MaxSeries int
 	// MaxSamples bounds the samples one query synthesizes, over all its
-	// selectors.
+	// selectors. 0 means no limit.
 	MaxSamples int
 }
 
@@ -369,6 +369,9 @@ func (q *querier) Select(ctx context.Context, _ bool, hints *storage.SelectHints
 	step := sp.r.Step.Milliseconds()
 	n := (sp.last-sp.first)/step + 1
 	maxSamples := int64(q.q.limits.MaxSamples)
+	if maxSamples <= 0 {
+		maxSamples = math.MaxInt64
+	}
 	if n > maxSamples {
 		return storage.ErrSeriesSet(fmt.Errorf("query: the selection spans %d steps of %s, more than the %d samples a query may hold; narrow the range or widen the step", n, sp.r.Step, maxSamples))
 	}

@@ -289,3 +289,22 @@ func TestLabelsInRange(t *testing.T) {
 		t.Errorf("series late in the hour: %d, want 5: %s", n, rec.Body)
 	}
 }
+
+// TestZeroLimitsBoundNothing checks that Limits{} reads as no limit, as
+// MaxSeries 0 always did, rather than refusing every query with samples.
+func TestZeroLimitsBoundNothing(t *testing.T) {
+	s := testSchema(t)
+	db := openStore(t, s)
+	now := time.Now()
+	put(t, db, s, "a", now.Add(-time.Minute).UnixMilli(), 3)
+	engine := promql.NewEngine(promql.EngineOpts{MaxSamples: 1e6, Timeout: time.Minute, LookbackDelta: 5 * time.Minute})
+	q, err := engine.NewInstantQuery(context.Background(), NewQueryable(s, db, Limits{}, nil), nil, "sum(sum_over_time(x_delta[1h]))", now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer q.Close()
+	res := q.Exec(context.Background())
+	if vec, err := res.Vector(); err != nil || len(vec) != 1 || vec[0].F != 3 {
+		t.Errorf("with Limits{}: %v, %v; want 3", res.Value, err)
+	}
+}
