@@ -236,8 +236,10 @@ type span struct {
 }
 
 // span picks the resolution and the steps of the selection [mint, maxt]:
-// those whose end lies in (mint, maxt], and the open one holding maxt. It
-// reports false when no step falls in it.
+// those whose end lies in [mint, maxt], and the open one holding maxt. A
+// step ending at mint is in: the engine asks for a range [t-R, t] from
+// t-R+1, which holds a sample at t-R+1. It reports false when no step
+// falls in it.
 func (q *querier) span(mint, maxt, stepHint, rangeHint int64) (span, bool) {
 	now := q.q.now().UnixMilli()
 	res := Resolution(q.q.resolutions, stepHint, rangeHint, mint, now)
@@ -247,7 +249,7 @@ func (q *querier) span(mint, maxt, stepHint, rangeHint int64) (span, bool) {
 	if mint > maxt {
 		return span{}, false
 	}
-	sp := span{res: res, r: r, first: r.StepStart(mint), last: r.StepStart(maxt), maxt: maxt}
+	sp := span{res: res, r: r, first: r.StepStart(mint - 1), last: r.StepStart(maxt), maxt: maxt}
 	if sp.last == maxt {
 		sp.last -= r.Step.Milliseconds()
 	}

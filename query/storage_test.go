@@ -68,6 +68,20 @@ func put(t *testing.T, db *tsdb.DB, s *schema.Schema, host string, ts int64, v f
 	}
 }
 
+// putAll writes one delta of family x into every cuboid, as the aggregator
+// does, so that planned queries and label questions have their rolled-up
+// cells.
+func putAll(t *testing.T, db *tsdb.DB, s *schema.Schema, host string, ts int64, v float64) {
+	t.Helper()
+	var deltas []tsdb.Delta
+	for _, c := range s.Family("x").Cuboids() {
+		deltas = append(deltas, tsdb.Delta{Family: "x", Cuboid: c.ID, Values: []string{host}[:len(c.Labels)], Time: ts, Sum: v, Count: 1})
+	}
+	if _, err := db.Apply(tsdb.BatchID{}, deltas); err != nil {
+		t.Fatal(err)
+	}
+}
+
 type sample struct {
 	t int64
 	v float64
@@ -107,7 +121,8 @@ func TestSynthesis(t *testing.T) {
 	put(t, db, s, "a", base+31_000, 5)  // step [base+30s, base+40s), open at maxt
 	put(t, db, s, "b", base-600_000, 1) // outside the selection
 	now := func() time.Time { return time.UnixMilli(base + 3_600_000) }
-	q, _ := NewQueryable(s, db, Limits{MaxSamples: 1e7}, now).Querier(base, base+35_000)
+	// From base+1, as the engine asks for a range ending at base+35s.
+	q, _ := NewQueryable(s, db, Limits{MaxSamples: 1e7}, now).Querier(base+1, base+35_000)
 
 	got := selectAll(t, q, nil, labels.MustNewMatcher(labels.MatchEqual, labels.MetricName, "x_delta"))
 	want := []sample{{base + 10_000, 3}, {base + 20_000, 0}, {base + 30_000, 4}, {base + 35_000, 5}}
@@ -119,10 +134,11 @@ func TestSynthesis(t *testing.T) {
 	if fmt.Sprint(got) != fmt.Sprint(map[string][]sample{`{__name__="x_total", host="a"}`: want}) {
 		t.Errorf("total view:\n got %v\nwant %v", got, want)
 	}
-	// A selection ending on a step end has no open step.
+	// A selection ending on a step end has no open step; one starting on
+	// a step end holds that end's sample, the step before it.
 	q, _ = NewQueryable(s, db, Limits{MaxSamples: 1e7}, now).Querier(base, base+30_000)
 	got = selectAll(t, q, nil, labels.MustNewMatcher(labels.MatchEqual, labels.MetricName, "x_delta"))
-	if want := []sample{{base + 10_000, 3}, {base + 20_000, 0}, {base + 30_000, 4}}; fmt.Sprint(got[`{__name__="x_delta", host="a"}`]) != fmt.Sprint(want) {
+	if want := []sample{{base, 0}, {base + 10_000, 3}, {base + 20_000, 0}, {base + 30_000, 4}}; fmt.Sprint(got[`{__name__="x_delta", host="a"}`]) != fmt.Sprint(want) {
 		t.Errorf("aligned selection: got %v, want %v", got, want)
 	}
 	// Both views by a regex on the name, and a matcher on the host.
@@ -231,19 +247,10 @@ func TestLabelsInRange(t *testing.T) {
 	db := openStore(t, s)
 	row := time.Now().Truncate(time.Hour).Add(-2 * time.Hour)
 	hosts := []string{"a", "b", "c", "d", "e", "f", "g", "h"}
-	// Into every cuboid, as the aggregator writes.
-	count := func(host string, at time.Duration) {
-		for _, c := range s.Family("x").Cuboids() {
-			d := tsdb.Delta{Family: "x", Cuboid: c.ID, Values: []string{host}[:len(c.Labels)], Time: row.Add(at).UnixMilli(), Sum: 1, Count: 1}
-			if _, err := db.Apply(tsdb.BatchID{}, []tsdb.Delta{d}); err != nil {
-				t.Fatal(err)
-			}
-		}
-	}
 	for i, h := range hosts {
-		count(h, 5*time.Minute)
+		putAll(t, db, s, h, row.Add(5*time.Minute).UnixMilli(), 1)
 		if i < 5 {
-			count(h, 50*time.Minute)
+			putAll(t, db, s, h, row.Add(50*time.Minute).UnixMilli(), 1)
 		}
 	}
 	mux := apiMux(t, Options{Schema: s, Reader: db})

@@ -107,7 +107,8 @@ func (q *refQuerier) Select(_ context.Context, _ bool, h *storage.SelectHints, m
 	r := q.resolution(h.Step, h.Range, mint)
 	step := r.Step.Milliseconds()
 	mint = max(mint, q.m.now-r.Retention.Milliseconds())
-	first, last := floorTo(mint, step), floorTo(maxt, step)
+	// A step ending at mint has its sample in the selection.
+	first, last := floorTo(mint-1, step), floorTo(maxt, step)
 	if last == maxt {
 		last -= step
 	}
