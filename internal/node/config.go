@@ -76,6 +76,10 @@ type Config struct {
 	// Schema declares the families and resolutions. When it names no
 	// family, the embedded default schema is used.
 	Schema schema.File `yaml:"schema"`
+
+	// Flags are the command-line flags the node was started with, by
+	// name, as /api/v1/status/flags reports them; not read from YAML.
+	Flags map[string]string `yaml:"-"`
 }
 
 // AggregatorConfig mirrors aggregator.Options; zero fields take its defaults.

@@ -348,6 +348,7 @@ func (n *Node) startQuery(s *schema.Schema, reg prometheus.Registerer, version s
 		LookbackDelta:   time.Duration(qc.LookbackDelta),
 		PartialResponse: qc.PartialResponse,
 		Version:         version,
+		Flags:           n.cfg.Flags,
 		Logger:          n.log.With("component", "query"),
 		Registerer:      reg,
 	}
