@@ -228,7 +228,7 @@ func ParseConfig(data []byte) (Config, error) {
 	dec := yaml.NewDecoder(strings.NewReader(string(data)))
 	dec.KnownFields(true)
 	if err := dec.Decode(&c); err != nil && !errors.Is(err, io.EOF) {
-		return Config{}, fmt.Errorf("%w: %v", ErrConfig, err)
+		return Config{}, configError(err)
 	}
 	return c, nil
 }
