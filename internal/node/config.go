@@ -61,6 +61,11 @@ type Config struct {
 	// returns, so that the write-ahead log and the store never meet a full
 	// disk. The default is 256 MiB.
 	MinFreeBytes int64 `yaml:"min_free_bytes"`
+	// DebugPprof serves Go's profiles (net/http/pprof) under /debug/pprof/
+	// on the HTTP listener, behind the admin right when credentials are
+	// configured. The default is false: a profile costs CPU and shows the
+	// process's internals.
+	DebugPprof bool `yaml:"debug_pprof"`
 
 	// Roles are the roles this node runs: some of aggregator, combiner and
 	// query. The default is all three.
