@@ -1,13 +1,16 @@
 package loadtest
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"math"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -141,15 +144,29 @@ func TestRunVerifies(t *testing.T) {
 		name string
 		opts func(*Options)
 	}{
-		{"closed loop", func(o *Options) { o.Events, o.Seed = 30_000, 3 }},
+		{"closed loop", func(o *Options) { o.Events, o.Seed, o.ProgressTerminal = 30_000, 3, true }},
 		{"open loop", func(o *Options) { o.Events, o.Seed, o.Rate = 10_000, 4, 20_000 }},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			o := base
+			var progress bytes.Buffer
+			o.Progress, o.ProgressInterval = &progress, 50*time.Millisecond
 			tc.opts(&o)
 			rep, err := Run(context.Background(), o)
 			if err != nil {
 				t.Fatalf("%v\n%s", err, rep)
+			}
+			// Progress shows the share done, the rate and the time left,
+			// then what -verify waits for; on a terminal each line
+			// replaces the last.
+			shown := progress.String()
+			for _, want := range []string{"%  ", "events acknowledged", "events/s", "ETA ", "verify: "} {
+				if !strings.Contains(shown, want) {
+					t.Errorf("progress lacks %q:\n%q", want, shown)
+				}
+			}
+			if o.ProgressTerminal != strings.Contains(shown, "\r\x1b[K") {
+				t.Errorf("terminal %v, progress:\n%q", o.ProgressTerminal, shown)
 			}
 			if rep.Events != uint64(o.Events) || rep.Accepted != rep.Events || rep.Rejected != 0 || len(rep.Dropped) != 0 {
 				t.Errorf("report:\n%s", rep)
@@ -298,4 +315,67 @@ func TestBackfillVerifies(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestRunNamesConnectionErrors checks that a run says why it cannot reach
+// a node: at once when no address accepts connections, and in its progress
+// while a node that went away leaves everything unacknowledged.
+func TestRunNamesConnectionErrors(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	closed := ln.Addr().String()
+	ln.Close()
+	_, err = Run(context.Background(), Options{Addrs: []string{closed}, HTTPAddrs: []string{closed}, Events: 10})
+	if !errors.Is(err, ErrUnreachable) || !strings.Contains(err.Error(), closed+": dial tcp "+closed+": connect: connection refused") {
+		t.Errorf("a run to %s, where nothing listens: %v; want ErrUnreachable naming the address and the refusal", closed, err)
+	}
+
+	n, err := node.Start(node.Config{DataDir: t.TempDir(), GRPCListen: "127.0.0.1:0", HTTPListen: "127.0.0.1:0", Name: "test"}, "test", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var progress syncBuffer
+	opts := Options{Addrs: []string{n.GRPCAddr()}, HTTPAddrs: []string{n.HTTPAddr()}, Events: 4_000, Rate: 2_000, Diurnal: -1, BatchSize: 100,
+		Progress: &progress, ProgressInterval: 100 * time.Millisecond, CloseTimeout: 4 * time.Second}
+	done := make(chan error, 1)
+	go func() {
+		_, err := Run(context.Background(), opts)
+		done <- err
+	}()
+	deadline := time.Now().Add(30 * time.Second)
+	for !strings.Contains(progress.String(), "acknowledged") || strings.Contains(progress.String(), " 0/4000 events") {
+		if time.Now().After(deadline) {
+			t.Fatalf("nothing acknowledged:\n%s", progress.String())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if err := n.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-done; err == nil {
+		t.Error("a run whose node went away succeeded")
+	}
+	if want := "last error: " + n.GRPCAddr() + ": "; !strings.Contains(progress.String(), want) || !strings.Contains(progress.String(), "connection refused") {
+		t.Errorf("progress does not name the failure (%q ... connection refused):\n%s", want, progress.String())
+	}
+}
+
+// syncBuffer is a bytes.Buffer safe to read while a run writes to it.
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
 }

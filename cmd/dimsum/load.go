@@ -78,11 +78,15 @@ func runLoad(args []string) error {
 		return fmt.Errorf("load: %w", err)
 	}
 	o.Progress = os.Stderr
+	if fi, err := os.Stderr.Stat(); err == nil && fi.Mode()&os.ModeCharDevice != 0 {
+		o.ProgressTerminal = true
+	}
 	o.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelError}))
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 	rep, err := loadtest.Run(ctx, o)
-	if errors.Is(err, loadtest.ErrOptions) {
+	if errors.Is(err, loadtest.ErrOptions) || errors.Is(err, loadtest.ErrUnreachable) {
+		// Nothing was sent: no report.
 		return err
 	}
 	fmt.Print(rep)
