@@ -42,8 +42,8 @@ func reservedMatcher(ms []*labels.Matcher) error {
 // functions of one selector so that the selector reads the smallest cuboid
 // covering the grouping and every label its matchers name. The sum of a
 // rolled-up cell's series equals the sum of its finest cells' series (see
-// DESIGN.md, "How counters look to PromQL"), so the answer does not change;
-// only fewer series are read. Every other selector reads the finest cuboid.
+// docs/architecture.md, "4. Query"), so the answer does not change; only
+// fewer series are read. Every other selector reads the finest cuboid.
 func plan(s *schema.Schema, node parser.Node) {
 	if agg, ok := node.(*parser.AggregateExpr); ok && agg.Op == parser.SUM {
 		if vs, counter := linearSelector(agg.Expr); vs != nil {

@@ -206,9 +206,9 @@ func matchesName(ms []*labels.Matcher, name string) bool {
 
 // Resolution picks the resolution a selection reads: the coarsest whose step
 // is at most the query step and at most half the range of the range
-// selector, as DESIGN.md says, and then no finer than one whose retention
-// still holds the selection's start. A selection with neither a step nor a
-// range reads the finest.
+// selector, as docs/grafana.md ("How a resolution is chosen") says, and
+// then no finer than one whose retention still holds the selection's
+// start. A selection with neither a step nor a range reads the finest.
 func Resolution(rs []schema.Resolution, step, rng, start, now int64) int {
 	res := 0
 	if step > 0 || rng > 0 {

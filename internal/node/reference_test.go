@@ -33,8 +33,8 @@ import (
 
 // The reference suite checks a running node, over HTTP, against the
 // Prometheus engine over refModel: a plain list of the raw events from which
-// the finest series are synthesized as DESIGN.md defines them, with nothing
-// of dimsum's own code in between.
+// the finest series are synthesized as docs/architecture.md ("4. Query")
+// defines them, with nothing of dimsum's own code in between.
 
 // refEvent is one accepted event.
 type refEvent struct {
