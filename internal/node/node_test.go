@@ -163,11 +163,13 @@ func TestEndToEnd(t *testing.T) {
 	t.Run("after restart", func(t *testing.T) { check(t, n.HTTPAddr()) })
 }
 
-// startLoaded starts a node of version v1.2.3, pushes a small seeded
+// startLoaded starts a node of version v1.2.3 with a flag, pushes a small seeded
 // workload (no late events) and waits until its series are visible.
 func startLoaded(t *testing.T) *Node {
 	t.Helper()
-	n, err := Start(testConfig(t.TempDir()), "v1.2.3", nil)
+	cfg := testConfig(t.TempDir())
+	cfg.Flags = map[string]string{"log-level": "debug"} // as cmd/dimsum passes them
+	n, err := Start(cfg, "v1.2.3", nil)
 	if err != nil {
 		t.Fatal(err)
 	}
