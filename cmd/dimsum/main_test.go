@@ -178,3 +178,26 @@ func TestParseAnyOrder(t *testing.T) {
 		}
 	}
 }
+
+// FuzzParse checks that no command line panics the flag reader, and that
+// what it accepts holds exactly the arguments asked for, each one of the
+// command line's.
+func FuzzParse(f *testing.F) {
+	for _, s := range []string{"requests -addr x", "-addr=x -- -by", "-by", "--", "a b", "-tls requests -tls=false"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, line string) {
+		args := strings.Fields(line)
+		fs := newFlags("slice")
+		fs.String("addr", "", "")
+		fs.String("by", "", "")
+		fs.Bool("tls", false, "")
+		rest, err := parse(fs, args, 1)
+		if err != nil {
+			return
+		}
+		if len(rest) != 1 || !slices.Contains(args, rest[0]) {
+			t.Fatalf("parse(%q) = %q", args, rest)
+		}
+	})
+}
