@@ -3,6 +3,7 @@ package query
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"net/http"
@@ -313,5 +314,32 @@ func TestZeroLimitsBoundNothing(t *testing.T) {
 	res := q.Exec(context.Background())
 	if vec, err := res.Vector(); err != nil || len(vec) != 1 || vec[0].F != 3 {
 		t.Errorf("with Limits{}: %v, %v; want 3", res.Value, err)
+	}
+}
+
+// TestLabelsStopWithTheRequest checks that a label question over a range
+// reads the store under the request's context: once it is canceled, the
+// read stops with its error rather than finishing for no one.
+func TestLabelsStopWithTheRequest(t *testing.T) {
+	s := testSchema(t)
+	db := openStore(t, s)
+	now := time.Now()
+	for _, h := range []string{"a", "b", "c"} {
+		putAll(t, db, s, h, now.Add(-time.Minute).UnixMilli(), 1)
+	}
+	q, err := NewQueryable(s, db, Limits{}, nil).Querier(now.Add(-time.Hour).UnixMilli(), now.UnixMilli())
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if vals, _, err := q.LabelValues(ctx, "host", nil); !errors.Is(err, context.Canceled) {
+		t.Errorf("label values under a canceled request: %v, %v; want context.Canceled", vals, err)
+	}
+	if names, _, err := q.LabelNames(ctx, nil); !errors.Is(err, context.Canceled) {
+		t.Errorf("label names under a canceled request: %v, %v; want context.Canceled", names, err)
+	}
+	if vals, _, err := q.LabelValues(context.Background(), "host", nil); err != nil || len(vals) != 3 {
+		t.Errorf("label values: %v, %v", vals, err)
 	}
 }
