@@ -114,9 +114,17 @@ type Options struct {
 	Window        time.Duration
 	VerifyTimeout time.Duration
 	// Progress receives a progress line every ProgressInterval (default
-	// 1s). nil prints nothing.
+	// 1s): the share of the events acknowledged, the rate, the time left
+	// at that rate, and what -verify waits for. nil prints nothing.
 	Progress         io.Writer
 	ProgressInterval time.Duration
+	// ProgressTerminal says Progress is a terminal: each line replaces the
+	// last one in place, rather than adding a line, as for a log or a pipe.
+	ProgressTerminal bool
+	// ConnectTimeout bounds the check, before anything is sent, that the
+	// gRPC addresses accept connections: a run fails when none does,
+	// naming each address and why. The default is 3s.
+	ConnectTimeout time.Duration
 	// Now is the clock that stamps events. The default is time.Now.
 	Now func() time.Time
 }
@@ -190,6 +198,12 @@ func (o *Options) ensureDefaults() {
 	}
 	if o.ProgressInterval == 0 {
 		o.ProgressInterval = time.Second
+	}
+	if o.ConnectTimeout == 0 {
+		o.ConnectTimeout = 3 * time.Second
+	}
+	if o.Logger == nil {
+		o.Logger = slog.New(slog.DiscardHandler)
 	}
 	if o.Now == nil {
 		o.Now = time.Now
@@ -272,7 +286,7 @@ func (o *Options) validate() error {
 		return fmt.Errorf("%w: negative late bound", ErrOptions)
 	case o.Window < time.Second || o.Window%time.Second != 0:
 		return fmt.Errorf("%w: window %s is not a whole number of seconds", ErrOptions, o.Window)
-	case o.CloseTimeout < 0 || o.VerifyTimeout < 0:
+	case o.CloseTimeout < 0 || o.VerifyTimeout < 0 || o.ConnectTimeout < 0:
 		return fmt.Errorf("%w: negative timeout", ErrOptions)
 	}
 	switch {
@@ -318,9 +332,13 @@ func Run(ctx context.Context, opts Options) (Report, error) {
 	}
 	rec := newRecorder(opts.Family)
 	rep := Report{TargetRate: opts.Rate}
+	out := newProgress(opts)
+	if err := reachable(ctx, opts, out); err != nil {
+		return rep, err
+	}
 
 	if opts.Verify {
-		if err := settle(ctx, opts); err != nil {
+		if err := settle(ctx, opts, out); err != nil {
 			return rep, fmt.Errorf("loadtest: cannot verify: %w", err)
 		}
 	}
@@ -340,6 +358,9 @@ func Run(ctx context.Context, opts Options) (Report, error) {
 		}
 	}
 
+	// The publisher's warnings carry the error of each failed attempt:
+	// progress names the last one while nothing is acknowledged.
+	lastErr := newLastError(opts.Logger.Handler())
 	pub, err := publisher.New(publisher.Options{
 		Addrs:        opts.Addrs,
 		BatchEvents:  opts.BatchSize,
@@ -349,7 +370,7 @@ func Run(ctx context.Context, opts Options) (Report, error) {
 		Compression:  opts.Compression,
 		DialOptions:  opts.DialOptions,
 		Credentials:  opts.Credentials,
-		Logger:       opts.Logger,
+		Logger:       slog.New(lastErr),
 		OnResult:     rec.result,
 	})
 	if err != nil {
@@ -357,8 +378,8 @@ func Run(ctx context.Context, opts Options) (Report, error) {
 	}
 	stopProgress := make(chan struct{})
 	var progressDone sync.WaitGroup
-	if opts.Progress != nil {
-		progressDone.Go(func() { progress(opts, pub, start, stopProgress) })
+	if out != nil {
+		progressDone.Go(func() { out.run(pub, start, lastErr, stopProgress) })
 	}
 	genErr := generate(ctx, opts, gen, start, func(evs []publisher.Event) error { return pub.Add(ctx, evs...) })
 	cctx, cancel := context.WithTimeout(context.Background(), opts.CloseTimeout)
@@ -376,7 +397,7 @@ func Run(ctx context.Context, opts Options) (Report, error) {
 		return rep, fmt.Errorf("loadtest: %w", err)
 	}
 	if opts.Verify {
-		if err := verify(ctx, opts, grid, base, start, &rep); err != nil {
+		if err := verify(ctx, opts, grid, base, start, &rep, out); err != nil {
 			return rep, err
 		}
 	}
@@ -413,29 +434,6 @@ func generate(ctx context.Context, opts Options, gen generator, start time.Time,
 		sent += n
 	}
 	return nil
-}
-
-func progress(opts Options, pub *publisher.Publisher, start time.Time, done <-chan struct{}) {
-	t := time.NewTicker(opts.ProgressInterval)
-	defer t.Stop()
-	var last uint64
-	for {
-		select {
-		case <-done:
-			return
-		case <-t.C:
-			s := pub.Stats()
-			el := time.Since(start)
-			rate := ""
-			if opts.Rate > 0 {
-				rate = fmt.Sprintf(", target %.0f events/s", opts.Rate*opts.diurnal(el))
-			}
-			fmt.Fprintf(opts.Progress, "%s: added %d/%d, acknowledged %d (%.0f events/s in the last %s%s), buffered %d, rejected %d, dropped %d\n",
-				el.Round(time.Second), s.Added, opts.Events, s.Sent, float64(s.Sent-last)/opts.ProgressInterval.Seconds(),
-				opts.ProgressInterval, rate, s.Buffered, sum(s.Rejected), sum(s.Dropped))
-			last = s.Sent
-		}
-	}
 }
 
 func sum(m map[string]uint64) uint64 {

@@ -1,10 +1,13 @@
 package loadtest
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
+	"io"
 	"math"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -14,6 +17,7 @@ import (
 	"github.com/prometheus/common/model"
 
 	"github.com/dimsum/dimsum/internal/node"
+	"github.com/dimsum/dimsum/publisher"
 	"github.com/dimsum/dimsum/schema"
 )
 
@@ -141,15 +145,27 @@ func TestRunVerifies(t *testing.T) {
 		name string
 		opts func(*Options)
 	}{
-		{"closed loop", func(o *Options) { o.Events, o.Seed = 30_000, 3 }},
+		{"closed loop", func(o *Options) { o.Events, o.Seed, o.ProgressTerminal = 30_000, 3, true }},
 		{"open loop", func(o *Options) { o.Events, o.Seed, o.Rate = 10_000, 4, 20_000 }},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			o := base
+			var progress bytes.Buffer
+			o.Progress, o.ProgressInterval = &progress, 50*time.Millisecond
 			tc.opts(&o)
 			rep, err := Run(context.Background(), o)
 			if err != nil {
 				t.Fatalf("%v\n%s", err, rep)
+			}
+			// Progress says what -verify waits for (TestProgressLine
+			// pins the lines while sending, which a short run may not
+			// show); on a terminal each line replaces the last.
+			shown := progress.String()
+			if !strings.Contains(shown, "verify: ") || !strings.Contains(shown, " events read back after ") {
+				t.Errorf("progress does not say what verify waits for:\n%q", shown)
+			}
+			if o.ProgressTerminal != strings.Contains(shown, "\r\x1b[K") {
+				t.Errorf("terminal %v, progress:\n%q", o.ProgressTerminal, shown)
 			}
 			if rep.Events != uint64(o.Events) || rep.Accepted != rep.Events || rep.Rejected != 0 || len(rep.Dropped) != 0 {
 				t.Errorf("report:\n%s", rep)
@@ -297,5 +313,68 @@ func TestBackfillVerifies(t *testing.T) {
 				t.Errorf("%d retries asked for by the node, want some only when the store is behind:\n%s", rep.Backpressured, rep)
 			}
 		})
+	}
+}
+
+// TestRunNamesConnectionErrors checks that a run says why it cannot reach
+// a node: at once when no address accepts connections, and in its progress
+// while a node that went away leaves everything unacknowledged.
+func TestRunNamesConnectionErrors(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	closed := ln.Addr().String()
+	ln.Close()
+	_, err = Run(context.Background(), Options{Addrs: []string{closed}, HTTPAddrs: []string{closed}, Events: 10})
+	if !errors.Is(err, ErrUnreachable) || !strings.Contains(err.Error(), closed+": dial tcp "+closed+": connect: connection refused") {
+		t.Errorf("a run to %s, where nothing listens: %v; want ErrUnreachable naming the address and the refusal", closed, err)
+	}
+
+	n, err := node.Start(node.Config{DataDir: t.TempDir(), GRPCListen: "127.0.0.1:0", HTTPListen: "127.0.0.1:0", Name: "test"}, "test", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var progress bytes.Buffer
+	opts := Options{Addrs: []string{n.GRPCAddr()}, HTTPAddrs: []string{n.HTTPAddr()}, Events: 4_000, Rate: 2_000, Diurnal: -1, BatchSize: 100,
+		Progress: &progress, ProgressInterval: 100 * time.Millisecond, CloseTimeout: 4 * time.Second}
+	done := make(chan error, 1)
+	go func() {
+		_, err := Run(context.Background(), opts)
+		done <- err
+	}()
+	// Stop the node once it has counted some of the run.
+	deadline := time.Now().Add(30 * time.Second)
+	for s, _ := scrapeAll(context.Background(), opts.HTTPAddrs); s.Accepted == 0; s, _ = scrapeAll(context.Background(), opts.HTTPAddrs) {
+		if time.Now().After(deadline) {
+			t.Fatal("the node accepted nothing")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	// Close may time out shutting HTTP down under the run's own requests;
+	// what counts here is that the port is gone.
+	n.Close()
+	if err := <-done; err == nil {
+		t.Error("a run whose node went away succeeded")
+	}
+	if want := "last error: " + n.GRPCAddr() + ": "; !strings.Contains(progress.String(), want) || !strings.Contains(progress.String(), "connection refused") {
+		t.Errorf("progress does not name the failure (%q ... connection refused):\n%s", want, progress.String())
+	}
+}
+
+// TestProgressLine pins a progress line: the share acknowledged, the rate,
+// the time left at the run's average rate, and, once nothing has been
+// acknowledged for a while, the last error.
+func TestProgressLine(t *testing.T) {
+	p := newProgress(Options{Progress: io.Discard, Events: 1000})
+	s := publisher.Stats{Sent: 250, Buffered: 10, Rejected: map[string]uint64{"too_old": 2}}
+	if got, want := p.line(s, 5*time.Second, 48.5, time.Second, "x: refused"), "5s  25.0%  250/1000 events acknowledged  48 events/s  ETA 15s  buffered 10, rejected 2, dropped 0"; got != want {
+		t.Errorf("line\n got %q\nwant %q", got, want)
+	}
+	if got := p.line(publisher.Stats{}, 4*time.Second, 0, 4*time.Second, "127.0.0.1:1: connection refused"); !strings.HasSuffix(got, "ETA unknown  buffered 0, rejected 0, dropped 0; nothing acknowledged for 4s, last error: 127.0.0.1:1: connection refused") {
+		t.Errorf("stalled line %q", got)
+	}
+	if got := p.line(publisher.Stats{Sent: 1000}, 9*time.Second, 0, 0, ""); !strings.Contains(got, "100.0%") || !strings.Contains(got, " done ") {
+		t.Errorf("finished line %q", got)
 	}
 }

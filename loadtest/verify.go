@@ -159,11 +159,12 @@ func fetch(ctx context.Context, u string) (string, int, error) {
 // scraped are the aggregators of the clusters the HTTP addresses belong to
 // (from /api/v1/status/cluster), or the addresses themselves; when none
 // exports aggregator metrics, there is nothing to wait for.
-func settle(ctx context.Context, opts Options) error {
+func settle(ctx context.Context, opts Options, out *progress) error {
 	addrs, err := aggregatorAddrs(ctx, opts.HTTPAddrs)
 	if err != nil {
 		return err
 	}
+	defer out.done()
 	deadline := time.Now().Add(opts.VerifyTimeout)
 	for quiet := 0; quiet < 2; {
 		s, err := scrapeAll(ctx, addrs)
@@ -176,6 +177,7 @@ func settle(ctx context.Context, opts Options) error {
 		quiet++
 		if s.LiveCells > 0 || s.Pending > 0 {
 			quiet = 0
+			out.status("verify: waiting for the nodes to store what they hold from before the run: %d live cells, %d pending flushes", s.LiveCells, s.Pending)
 		}
 		if time.Now().After(deadline) {
 			return fmt.Errorf("loadtest: after %s the nodes still hold %d live cells and %d pending flushes from before the run", opts.VerifyTimeout, s.LiveCells, s.Pending)
@@ -357,8 +359,10 @@ func seconds(ms int64) string { return strconv.FormatFloat(float64(ms)/1000, 'f'
 // passes: the sums by datacenter through PromQL and, where the nodes serve
 // slices, the sums and the number of events through the slice API. Without
 // slices, the event count is the aggregators' accepted counter.
-func verify(ctx context.Context, opts Options, g verifyGrid, base readout, start time.Time, rep *Report) error {
+func verify(ctx context.Context, opts Options, g verifyGrid, base readout, start time.Time, rep *Report, out *progress) error {
 	want := rep.ByDatacenter[opts.Family]
+	defer out.done()
+	waiting, shown := time.Now(), time.Time{}
 	upto := opts.Now()
 	deadline := time.Now().Add(opts.VerifyTimeout)
 	diff := func(after, before map[string]float64) map[string]float64 {
@@ -395,6 +399,11 @@ func verify(ctx context.Context, opts Options, g verifyGrid, base readout, start
 		}
 		if ok {
 			return nil
+		}
+		if time.Since(shown) >= opts.ProgressInterval {
+			out.status("verify: %d of %d events read back after %s, waiting for the rest to become queryable (window + grace; timeout %s)",
+				events, rep.Accepted, time.Since(waiting).Round(time.Second), opts.VerifyTimeout)
+			shown = time.Now()
 		}
 		if time.Now().After(deadline) {
 			return fmt.Errorf("%w: after %s the nodes hold %d events and %v by datacenter (slices: %v); acknowledged were %d events and %v",

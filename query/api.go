@@ -69,6 +69,9 @@ type Options struct {
 	MaxQueryDepth int
 	// Version is reported by /api/v1/status/buildinfo.
 	Version string
+	// Flags are what /api/v1/status/flags reports: the command-line flags
+	// the node was started with, by name. The default is none.
+	Flags map[string]string
 	// Logger receives operational logs. nil discards them.
 	Logger *slog.Logger
 	// Registerer registers the engine's metrics. nil registers none.
@@ -113,6 +116,9 @@ func (o *Options) EnsureDefaults() {
 		partial := true
 		o.PartialResponse = &partial
 	}
+	if o.Flags == nil {
+		o.Flags = map[string]string{}
+	}
 }
 
 // API serves the Prometheus HTTP API over the cube.
@@ -120,6 +126,9 @@ type API struct {
 	opts      Options
 	engine    *promql.Engine
 	queryable *Queryable
+	// started is when the API was built, as /api/v1/status/runtimeinfo
+	// reports it.
+	started time.Time
 }
 
 // NewAPI builds the API and its PromQL engine.
@@ -145,7 +154,7 @@ func NewAPI(opts Options) (*API, error) {
 		NoStepSubqueryIntervalFn: func(int64) int64 { return time.Minute.Milliseconds() },
 	})
 	limits := Limits{MaxSeries: opts.MaxSeries, MaxSamples: opts.MaxSamples}
-	return &API{opts: opts, engine: engine, queryable: NewSourceQueryable(opts.Schema, opts.Source, *opts.PartialResponse, limits, opts.Now)}, nil
+	return &API{opts: opts, engine: engine, queryable: NewSourceQueryable(opts.Schema, opts.Source, *opts.PartialResponse, limits, opts.Now), started: opts.Now()}, nil
 }
 
 // Register adds the API's routes to mux under /api/v1/, and the cube
@@ -163,6 +172,14 @@ func (a *API) Register(mux *http.ServeMux) {
 	mux.HandleFunc("/api/v1/parse_query", a.wrap(a.parseQuery))
 	mux.HandleFunc("/api/v1/rules", a.wrap(a.rules))
 	mux.HandleFunc("/api/v1/alerts", a.wrap(a.alerts))
+	mux.HandleFunc("/api/v1/targets", a.wrap(a.targets))
+	mux.HandleFunc("/api/v1/targets/metadata", a.wrap(a.targetsMetadata))
+	mux.HandleFunc("/api/v1/alertmanagers", a.wrap(a.alertmanagers))
+	mux.HandleFunc("/api/v1/status/flags", a.wrap(a.flags))
+	mux.HandleFunc("/api/v1/status/runtimeinfo", a.wrap(a.runtimeInfo))
+	// Everything else under /api/v1/ (a Prometheus server's configuration,
+	// its TSDB's status, its admin calls) has no counterpart here.
+	mux.HandleFunc("/api/v1/", a.wrap(a.notServed))
 	mux.HandleFunc("/api/v1/cube/schema", a.wrap(a.cubeSchema))
 	mux.HandleFunc("/api/v1/cube/slice", a.wrapSlice(a.slice))
 	mux.HandleFunc("/api/v1/cube/drilldown", a.wrapSlice(a.drillDown))
@@ -170,16 +187,17 @@ func (a *API) Register(mux *http.ServeMux) {
 	explorer.Register(mux)
 }
 
-// Error types of the Prometheus API, with the HTTP status each maps to.
+// Error types of the Prometheus API (web/api/v1 names these and no
+// others), with the HTTP status each maps to.
 type errorType string
 
 const (
-	errBadData   errorType = "bad_data"
-	errExec      errorType = "execution"
-	errCanceled  errorType = "canceled"
-	errTimeout   errorType = "timeout"
-	errInternal  errorType = "internal"
-	errNotMethod errorType = "method_not_allowed"
+	errBadData  errorType = "bad_data"
+	errExec     errorType = "execution"
+	errCanceled errorType = "canceled"
+	errTimeout  errorType = "timeout"
+	errInternal errorType = "internal"
+	errNotFound errorType = "not_found"
 	// errUnavailable is a query asking for a complete answer when part of
 	// the cube cannot be read.
 	errUnavailable errorType = "unavailable"
@@ -195,8 +213,8 @@ func (t errorType) status() int {
 		return 499
 	case errTimeout, errUnavailable:
 		return http.StatusServiceUnavailable
-	case errNotMethod:
-		return http.StatusMethodNotAllowed
+	case errNotFound:
+		return http.StatusNotFound
 	default:
 		return http.StatusInternalServerError
 	}
@@ -205,12 +223,21 @@ func (t errorType) status() int {
 type apiError struct {
 	typ errorType
 	err error
+	// status, when set, is the HTTP status in place of the type's.
+	status int
+}
+
+func (e *apiError) httpStatus() int {
+	if e.status != 0 {
+		return e.status
+	}
+	return e.typ.status()
 }
 
 func (e *apiError) Error() string { return string(e.typ) + ": " + e.err.Error() }
 
 func badData(format string, args ...any) *apiError {
-	return &apiError{errBadData, fmt.Errorf(format, args...)}
+	return &apiError{typ: errBadData, err: fmt.Errorf(format, args...)}
 }
 
 type response struct {
@@ -234,30 +261,53 @@ type handler func(r *http.Request) (result, *apiError)
 func (a *API) wrap(h handler) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
 		var res result
-		var aerr *apiError
-		if r.Method != http.MethodGet && r.Method != http.MethodPost {
-			aerr = &apiError{errNotMethod, fmt.Errorf("method %s not allowed, use GET or POST", r.Method)}
-		} else if err := r.ParseForm(); err != nil {
-			aerr = badData("cannot parse form: %v", err)
-		} else {
-			res, aerr = h(r)
+		run, aerr := checkMethod(w, r)
+		if run {
+			if err := r.ParseForm(); err != nil {
+				aerr = badData("cannot parse form: %v", err)
+			} else {
+				res, aerr = h(r)
+			}
 		}
 		a.write(w, r, res, aerr)
 	}
 }
 
-// write writes a handler's answer in the Prometheus JSON envelope.
+// allowedMethods are the methods every endpoint takes, as the Allow header
+// lists them.
+const allowedMethods = "GET, POST, OPTIONS"
+
+// checkMethod reports whether the endpoint runs for r's method: GET and
+// POST run it; OPTIONS answers an empty success, as Prometheus does; any
+// other method is refused with 405 and errorType bad_data, Prometheus'
+// type for a request that cannot be served as sent.
+func checkMethod(w http.ResponseWriter, r *http.Request) (bool, *apiError) {
+	switch r.Method {
+	case http.MethodGet, http.MethodPost:
+		return true, nil
+	case http.MethodOptions:
+		w.Header().Set("Allow", allowedMethods)
+		return false, nil
+	}
+	w.Header().Set("Allow", allowedMethods)
+	return false, &apiError{typ: errBadData, status: http.StatusMethodNotAllowed,
+		err: fmt.Errorf("method %s is not allowed on %s; use GET or POST", r.Method, r.URL.Path)}
+}
+
+// write writes a handler's answer in the Prometheus JSON envelope. An error
+// carries no warnings, as in Prometheus.
 func (a *API) write(w http.ResponseWriter, r *http.Request, res result, aerr *apiError) {
 	w.Header().Set("Content-Type", "application/json")
 	resp := response{Status: "success", Data: res.data}
 	if aerr != nil {
 		resp = response{Status: "error", ErrorType: string(aerr.typ), Error: aerr.err.Error()}
-		w.WriteHeader(aerr.typ.status())
+		w.WriteHeader(aerr.httpStatus())
 		if aerr.typ == errInternal {
 			a.opts.Logger.Error("query failed", "path", r.URL.Path, "err", aerr.err)
 		}
+	} else {
+		resp.Warnings, resp.Infos = res.annos.AsStrings(r.FormValue("query"), 10, 10)
 	}
-	resp.Warnings, resp.Infos = res.annos.AsStrings(r.FormValue("query"), 10, 10)
 	if err := json.NewEncoder(w).Encode(resp); err != nil {
 		a.opts.Logger.Debug("cannot write response", "err", err)
 	}
@@ -417,17 +467,33 @@ func (a *API) exec(p prepared, q promql.Query) (result, *apiError) {
 	// A timeout that passed while the request was parsed and planned: the
 	// context's timer may not have fired yet, and the engine would run.
 	if d, ok := p.ctx.Deadline(); ok && !time.Now().Before(d) {
-		return result{}, &apiError{errTimeout, fmt.Errorf("query timed out before its evaluation began: %w", context.DeadlineExceeded)}
+		return result{}, &apiError{typ: errTimeout, err: fmt.Errorf("query timed out before its evaluation began: %w", context.DeadlineExceeded)}
 	}
 	res := q.Exec(p.ctx)
 	if res.Err != nil {
 		return result{annos: res.Warnings}, engineError(res.Err)
 	}
-	data := queryData{ResultType: res.Value.Type(), Result: res.Value}
+	data := queryData{ResultType: res.Value.Type(), Result: emptyList(res.Value)}
 	if p.stats != "" {
 		data.Stats = stats.NewQueryStats(q.Stats())
 	}
 	return result{data: data, annos: res.Warnings}, nil
+}
+
+// emptyList returns v with a nil vector or matrix made empty, so that an
+// answer without series is "result":[], as Prometheus writes it, not null.
+func emptyList(v parser.Value) parser.Value {
+	switch v := v.(type) {
+	case promql.Vector:
+		if v == nil {
+			return promql.Vector{}
+		}
+	case promql.Matrix:
+		if v == nil {
+			return promql.Matrix{}
+		}
+	}
+	return v
 }
 
 // engineError classifies an evaluation error the way Prometheus' API does.
@@ -439,23 +505,23 @@ func engineError(err error) *apiError {
 	)
 	switch {
 	case errors.As(err, &canceled), errors.Is(err, context.Canceled):
-		return &apiError{errCanceled, err}
+		return &apiError{typ: errCanceled, err: err}
 	case errors.As(err, &timeout), errors.Is(err, context.DeadlineExceeded):
-		return &apiError{errTimeout, err}
+		return &apiError{typ: errTimeout, err: err}
 	case errors.Is(err, ErrUnavailable), errors.As(err, &stor) && errors.Is(stor.Err, ErrUnavailable):
-		return &apiError{errUnavailable, err}
+		return &apiError{typ: errUnavailable, err: err}
 	case errors.As(err, &stor):
-		return &apiError{errInternal, err}
+		return &apiError{typ: errInternal, err: err}
 	}
-	return &apiError{errExec, err}
+	return &apiError{typ: errExec, err: err}
 }
 
 // storageError classifies an error of the store outside the engine.
 func storageError(err error) *apiError {
 	if errors.Is(err, ErrUnavailable) {
-		return &apiError{errUnavailable, err}
+		return &apiError{typ: errUnavailable, err: err}
 	}
-	return &apiError{errInternal, err}
+	return &apiError{typ: errInternal, err: err}
 }
 
 // promqlParser parses match[] selectors with PromQL's default options, as
@@ -565,7 +631,7 @@ func (a *API) labelQuery(r *http.Request, f func(storage.Querier, []*labels.Matc
 			set[v] = struct{}{}
 		}
 	}
-	out, annos := truncate(slices.Sorted(maps.Keys(set)), n)
+	out, annos := truncate(nonNil(slices.Sorted(maps.Keys(set))), n)
 	return result{data: out, annos: annos.Merge(view.Warnings())}, nil
 }
 

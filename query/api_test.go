@@ -176,3 +176,59 @@ func TestPartialResponseParameter(t *testing.T) {
 		}
 	}
 }
+
+// TestEnvelopeAsPrometheus checks the JSON where Prometheus' own answer has
+// a shape a script relies on: empty lists as [] (never null), a refused
+// method with 405 and one of Prometheus' error types, OPTIONS answered, and
+// a path no endpoint serves answered 404 not_found in the envelope.
+func TestEnvelopeAsPrometheus(t *testing.T) {
+	s := testSchema(t)
+	db := openStore(t, s)
+	now := time.Now()
+	put(t, db, s, "a", now.UnixMilli()-20_000, 1)
+	mux := apiMux(t, Options{Schema: s, Reader: db})
+	call := func(method, target string) *httptest.ResponseRecorder {
+		rec := httptest.NewRecorder()
+		mux.ServeHTTP(rec, httptest.NewRequest(method, target, nil))
+		return rec
+	}
+	start, end := fmt.Sprint(now.Add(-time.Hour).Unix()), fmt.Sprint(now.Unix())
+	for _, tc := range []struct{ target, want string }{
+		{"/api/v1/query_range?query=sum(rate(x_total{host=%22none%22}[5m]))&step=60&start=" + start + "&end=" + end, `"data":{"resultType":"matrix","result":[]}`},
+		{"/api/v1/query?query=sum(x_delta{host=%22none%22})", `"data":{"resultType":"vector","result":[]}`},
+		{"/api/v1/label/nolabel/values", `"data":[]`},
+		{"/api/v1/labels?match[]=nometric", `"data":[]`},
+		{"/api/v1/label/host/values?match[]=x_delta{host=%22none%22}", `"data":[]`},
+		{"/api/v1/series?match[]=nometric", `"data":[]`},
+		{"/api/v1/targets", `"data":{"activeTargets":[],"droppedTargetCounts":{},"droppedTargets":[]}`},
+		{"/api/v1/targets/metadata", `"data":[]`},
+		{"/api/v1/alertmanagers", `"data":{"activeAlertmanagers":[],"droppedAlertmanagers":[]}`},
+		{"/api/v1/status/flags", `"data":{}`},
+	} {
+		rec := call(http.MethodGet, tc.target)
+		if rec.Code != http.StatusOK || !strings.Contains(rec.Body.String(), tc.want) {
+			t.Errorf("GET %s: HTTP %d %s, want 200 with %s", tc.target, rec.Code, rec.Body, tc.want)
+		}
+	}
+	for _, path := range []string{"/api/v1/query?query=1", "/api/v1/labels", "/api/v1/cube/slice?family=x"} {
+		for _, method := range []string{http.MethodDelete, http.MethodPut, http.MethodPatch} {
+			rec := call(method, path)
+			var r struct{ Status, ErrorType, Error string }
+			if err := json.NewDecoder(rec.Body).Decode(&r); err != nil {
+				t.Fatal(err)
+			}
+			if rec.Code != http.StatusMethodNotAllowed || r.ErrorType != "bad_data" || rec.Header().Get("Allow") != "GET, POST, OPTIONS" || !strings.Contains(r.Error, "method "+method+" is not allowed") {
+				t.Errorf("%s %s: HTTP %d %s %q, Allow %q; want 405 bad_data naming the method", method, path, rec.Code, r.ErrorType, r.Error, rec.Header().Get("Allow"))
+			}
+		}
+		if rec := call(http.MethodOptions, path); rec.Code != http.StatusOK || strings.TrimSpace(rec.Body.String()) != `{"status":"success"}` || rec.Header().Get("Allow") == "" {
+			t.Errorf("OPTIONS %s: HTTP %d %s", path, rec.Code, rec.Body)
+		}
+	}
+	for _, path := range []string{"/api/v1/status/config", "/api/v1/status/tsdb", "/api/v1/admin/tsdb/snapshot", "/api/v1/nothing"} {
+		rec := call(http.MethodGet, path)
+		if rec.Code != http.StatusNotFound || !strings.Contains(rec.Body.String(), `"errorType":"not_found","error":"dimsum does not serve `+path) {
+			t.Errorf("GET %s: HTTP %d %s, want 404 not_found", path, rec.Code, rec.Body)
+		}
+	}
+}

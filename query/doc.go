@@ -1,7 +1,9 @@
 // Package query answers PromQL over the cube: the Prometheus HTTP API
-// (query, query_range, labels, label values, series, metadata, buildinfo)
-// served by the Prometheus engine over Queryable, a storage.Queryable that
-// synthesizes series from the stored deltas.
+// (query, query_range, labels, label values, series, metadata, the status
+// endpoints, and empty answers where dimsum has nothing, in Prometheus'
+// shapes; see docs/grafana.md) served by the Prometheus engine over
+// Queryable, a storage.Queryable that synthesizes series from the stored
+// deltas. The planner's rewrites are the table testdata/plan.
 //
 // Each cell of a family's finest cuboid is visible as two series: name_total,
 // a cumulative counter for rate() and increase(), and name_delta, the exact

@@ -1,14 +1,24 @@
 package query
 
 import (
+	"fmt"
 	"net/http"
+	"os"
+	"runtime"
+	"runtime/debug"
 	"strconv"
+	"strings"
 
 	"github.com/prometheus/prometheus/promql/parser"
 )
 
 // The endpoints below exist so that Grafana and Prometheus' own tools find
-// everything they call. dimsum keeps no exemplars and evaluates no rules.
+// everything they call. dimsum keeps no exemplars, evaluates no rules,
+// scrapes no targets and notifies no Alertmanager: those answer empty
+// successes, in the shapes Prometheus gives them. What belongs to a
+// Prometheus server alone (its configuration, its TSDB's status, its admin
+// calls) is not served: a 404 in the error envelope, as Thanos' query
+// nodes answer it.
 
 func (a *API) queryExemplars(r *http.Request) (result, *apiError) {
 	if _, _, aerr := timeRange(r); aerr != nil {
@@ -26,6 +36,53 @@ func (*API) rules(*http.Request) (result, *apiError) {
 
 func (*API) alerts(*http.Request) (result, *apiError) {
 	return result{data: map[string]any{"alerts": []any{}}}, nil
+}
+
+func (*API) targets(*http.Request) (result, *apiError) {
+	return result{data: map[string]any{"activeTargets": []any{}, "droppedTargets": []any{}, "droppedTargetCounts": map[string]int{}}}, nil
+}
+
+func (*API) targetsMetadata(*http.Request) (result, *apiError) {
+	return result{data: []any{}}, nil
+}
+
+func (*API) alertmanagers(*http.Request) (result, *apiError) {
+	return result{data: map[string]any{"activeAlertmanagers": []any{}, "droppedAlertmanagers": []any{}}}, nil
+}
+
+func (a *API) flags(*http.Request) (result, *apiError) {
+	return result{data: a.opts.Flags}, nil
+}
+
+// runtimeInfo answers /api/v1/status/runtimeinfo with Prometheus' fields;
+// the storage retention is the schema's resolutions, each with its own.
+func (a *API) runtimeInfo(*http.Request) (result, *apiError) {
+	cwd, _ := os.Getwd()
+	host, _ := os.Hostname()
+	retention := make([]string, len(a.opts.Schema.Resolutions))
+	for i, r := range a.opts.Schema.Resolutions {
+		retention[i] = r.String()
+	}
+	return result{data: map[string]any{
+		"startTime":           a.started,
+		"CWD":                 cwd,
+		"hostname":            host,
+		"serverTime":          a.opts.Now().UTC(),
+		"reloadConfigSuccess": true,
+		"lastConfigTime":      a.started,
+		"corruptionCount":     0,
+		"goroutineCount":      runtime.NumGoroutine(),
+		"GOMAXPROCS":          runtime.GOMAXPROCS(0),
+		"GOMEMLIMIT":          debug.SetMemoryLimit(-1),
+		"GOGC":                os.Getenv("GOGC"),
+		"GODEBUG":             os.Getenv("GODEBUG"),
+		"storageRetention":    strings.Join(retention, ", "),
+	}}, nil
+}
+
+// notServed answers every path under /api/v1/ that no endpoint serves.
+func (*API) notServed(r *http.Request) (result, *apiError) {
+	return result{}, &apiError{typ: errNotFound, err: fmt.Errorf("dimsum does not serve %s; docs/grafana.md lists the endpoints it serves", r.URL.Path)}
 }
 
 func (a *API) formatQuery(r *http.Request) (result, *apiError) {

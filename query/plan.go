@@ -2,6 +2,7 @@ package query
 
 import (
 	"fmt"
+	"math"
 	"slices"
 	"strconv"
 
@@ -41,8 +42,8 @@ func reservedMatcher(ms []*labels.Matcher) error {
 // functions of one selector so that the selector reads the smallest cuboid
 // covering the grouping and every label its matchers name. The sum of a
 // rolled-up cell's series equals the sum of its finest cells' series (see
-// DESIGN.md, "How counters look to PromQL"), so the answer does not change;
-// only fewer series are read. Every other selector reads the finest cuboid.
+// docs/architecture.md, "4. Query"), so the answer does not change; only
+// fewer series are read. Every other selector reads the finest cuboid.
 func plan(s *schema.Schema, node parser.Node) {
 	if agg, ok := node.(*parser.AggregateExpr); ok && agg.Op == parser.SUM {
 		if vs, counter := linearSelector(agg.Expr); vs != nil {
@@ -157,13 +158,52 @@ func linearSelector(e parser.Expr) (vs *parser.VectorSelector, counter bool) {
 		}
 	case *parser.BinaryExpr:
 		switch {
-		case e.Op == parser.MUL && e.LHS.Type() == parser.ValueTypeScalar:
+		case e.Op == parser.MUL && exactFactor(e.LHS):
 			return linearSelector(e.RHS)
-		case (e.Op == parser.MUL || e.Op == parser.DIV) && e.RHS.Type() == parser.ValueTypeScalar:
+		case (e.Op == parser.MUL || e.Op == parser.DIV) && exactFactor(e.RHS):
 			return linearSelector(e.LHS)
 		}
 	}
 	return nil, false
+}
+
+// Bounds of a number a sum may be multiplied or divided by and keep its
+// answer: the series' values are finite, at most 2^53 times a count of
+// steps, and at least a count over the longest retention, so no product or
+// quotient over- or underflows in either order of evaluation.
+const (
+	minFactor = 1e-30
+	maxFactor = 1e30
+)
+
+// exactFactor reports whether multiplying or dividing by e commutes with
+// sum: e must be a number (a literal, in parentheses or under a sign) of
+// magnitude within [minFactor, maxFactor]. Any other scalar may be zero or
+// infinite at evaluation time, and then sum(x / 0) is NaN where one series
+// is 0 (0/0) while sum(x) / 0 is +Inf; sum(x * Inf) likewise. Prometheus
+// over the finest series gives the former, so the planner must not read a
+// rolled-up cell.
+func exactFactor(e parser.Expr) bool {
+	v, ok := number(e)
+	return ok && math.Abs(v) >= minFactor && math.Abs(v) <= maxFactor
+}
+
+// number returns the value of a number literal, in parentheses or under a
+// sign.
+func number(e parser.Expr) (float64, bool) {
+	switch e := e.(type) {
+	case *parser.NumberLiteral:
+		return e.Val, true
+	case *parser.ParenExpr:
+		return number(e.Expr)
+	case *parser.UnaryExpr:
+		v, ok := number(e.Expr)
+		if e.Op == parser.SUB {
+			v = -v
+		}
+		return v, ok
+	}
+	return 0, false
 }
 
 // bareSelector returns the selector a range function reads when it reads it

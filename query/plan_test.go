@@ -12,78 +12,13 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cockroachdb/datadriven"
 	"github.com/prometheus/prometheus/promql"
 	"github.com/prometheus/prometheus/promql/parser"
 
 	"github.com/dimsum/dimsum/schema"
 	"github.com/dimsum/dimsum/tsdb"
 )
-
-// TestPlanRewrites pins which cuboid the planner picks for each query shape,
-// by the labels the cuboid keeps; "" means the query is left as it is.
-func TestPlanRewrites(t *testing.T) {
-	s := schema.Default()
-	for _, tc := range []struct{ query, want string }{
-		{`sum(rate(requests_total[5m]))`, "[]"},
-		{`sum by (datacenter) (rate(requests_total[5m]))`, "[datacenter]"},
-		{`sum by (cluster) (rate(requests_total[5m]))`, "[datacenter cluster]"},
-		{`sum by (datacenter) (rate(requests_total{status=~"5.."}[5m]))`, "[datacenter status]"},
-		{`sum without (host) (rate(requests_total[5m]))`, "[datacenter cluster transaction status]"},
-		{`sum without (host, transaction, status) (increase(requests_total[1h]))`, "[datacenter cluster]"},
-		{`sum by (datacenter) (60 * rate(requests_total[5m] offset 1h))`, "[datacenter]"},
-		{`sum by (datacenter) (rate(requests_total[5m]) / 2)`, "[datacenter]"},
-		{`sum by (datacenter) (-(irate(requests_total[5m])))`, "[datacenter]"},
-		{`sum by (datacenter) (rate(requests_total[10m:1m]))`, "[datacenter]"},
-		{`sum by (datacenter) (sum_over_time(rate(requests_total[1m])[30m:5m]))`, "[datacenter]"},
-		{`sum by (datacenter) (sum_over_time(requests_delta[1h]))`, "[datacenter]"},
-		{`sum by (datacenter) (requests_delta @ 1000)`, "[datacenter]"},
-		{`sum by (transaction) (delta(requests_total[1h]))`, "[transaction]"},
-		{`sum by (le) (rate(requests_total[5m]))`, "[]"},
-		{`sum by (host) (rate(requests_total[5m]))`, "[datacenter cluster host]"},
-		{`sum by (datacenter) (rate(requests_total{host="h1"}[5m]))`, "[datacenter cluster host]"},
-		// Reads the finest cuboid.
-		{`sum without (datacenter) (rate(requests_total[5m]))`, ""},
-		{`count by (datacenter) (rate(requests_total[5m]))`, ""},
-		{`max by (datacenter) (rate(requests_total[5m]))`, ""},
-		{`sum by (datacenter) (rate(requests_delta[5m]))`, ""},
-		{`sum by (datacenter) (rate((-requests_total)[5m:1m]))`, ""},
-		{`sum by (datacenter) (rate(requests_total[5m]) + 1)`, ""},
-		{`sum by (datacenter) (2 / rate(requests_total[5m]))`, ""},
-		{`sum by (datacenter) (max_over_time(requests_delta[5m]))`, ""},
-		{`sum by (datacenter) ({__name__=~"requests_.*"})`, ""},
-		{`rate(requests_total[5m])`, ""},
-	} {
-		expr, err := promqlParser.ParseExpr(tc.query)
-		if err != nil {
-			t.Fatal(err)
-		}
-		plan(s, expr)
-		if got := plannedLabels(t, s, expr); got != tc.want {
-			t.Errorf("%s: planned onto %q, want %q (%s)", tc.query, got, tc.want, expr)
-		}
-	}
-}
-
-// plannedLabels returns the labels of the cuboid the planner pointed the
-// expression's selectors at, or "" if it pointed none.
-func plannedLabels(t *testing.T, s *schema.Schema, expr parser.Expr) string {
-	t.Helper()
-	var got []string
-	parser.Inspect(expr, func(n parser.Node, _ []parser.Node) error {
-		if vs, ok := n.(*parser.VectorSelector); ok {
-			id, _, err := plannedCuboid(vs.LabelMatchers)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if id >= 0 {
-				c, _ := s.Family("requests").Cuboid(schema.CuboidID(id))
-				got = append(got, fmt.Sprint(c.Labels))
-			}
-		}
-		return nil
-	})
-	return strings.Join(got, " ")
-}
 
 func TestPlanRefusesReservedLabel(t *testing.T) {
 	expr, err := promqlParser.ParseExpr(`sum(rate(requests_total{__dimsum_cuboid__="0"}[5m]))`)
@@ -147,52 +82,25 @@ func writeCube(t testing.TB, db *tsdb.DB, s *schema.Schema, rng *rand.Rand, even
 	}
 }
 
-// TestPlanEquality evaluates every plannable query shape over a randomized
-// cube with the planner on and off, as instant and range queries at every
-// resolution, and requires the same answer.
-func TestPlanEquality(t *testing.T) {
+// TestPlan runs the planner's rewrite table, testdata/plan: each query is
+// planned, and the rewritten query with the cuboid each selector reads is
+// compared with the file (go test ./query -run TestPlan -rewrite writes
+// it). Every entry is evaluated with and without the plan over a
+// randomized cube, as instant and range queries at every resolution, and
+// must give the same answer, with data in it.
+func TestPlan(t *testing.T) {
 	s := schema.Default()
 	db := openStore(t, s)
 	rng := rand.New(rand.NewPCG(7, 11))
 	now := time.Now().Truncate(time.Hour)
 	from, to := now.Add(-50*time.Hour).UnixMilli(), now.UnixMilli()
 	writeCube(t, db, s, rng, randomEvents(rng, 6000, from, to))
-	qa := NewQueryable(s, db, Limits{MaxSamples: 5e7}, func() time.Time { return now })
+	qa := NewQueryable(s, db, Limits{}, func() time.Time { return now })
 	engine := promql.NewEngine(promql.EngineOpts{
 		MaxSamples: 5e7, Timeout: time.Minute, LookbackDelta: 5 * time.Minute,
 		EnableAtModifier: true, EnableNegativeOffset: true,
 		NoStepSubqueryIntervalFn: func(int64) int64 { return time.Minute.Milliseconds() },
 	})
-	at := strconv.FormatInt(now.Add(-3*time.Hour).Unix(), 10)
-	queries := []string{
-		`sum(rate(requests_total[5m]))`,
-		`sum by (datacenter) (rate(requests_total[5m]))`,
-		`sum by (cluster) (rate(requests_total[5m]))`,
-		`sum by (datacenter, cluster) (increase(requests_total[2h]))`,
-		`sum without (host) (rate(requests_total[5m]))`,
-		`sum without (host, transaction) (irate(requests_total[3m]))`,
-		`sum by (status) (rate(requests_total{datacenter="dc1"}[10m]))`,
-		`sum by (transaction) (rate(requests_total{status=~"5..", cluster!="c2"}[5m]))`,
-		`sum by (datacenter) (rate(requests_total{transaction!~"check.*"}[5m]))`,
-		`sum(delta(requests_total[30m]))`,
-		`sum by (datacenter) (idelta(requests_total[5m]))`,
-		`sum by (datacenter) (sum_over_time(requests_delta[1h]))`,
-		`sum by (datacenter) (avg_over_time(requests_delta[15m]))`,
-		`sum by (datacenter) (last_over_time(requests_delta[15m]))`,
-		`sum by (datacenter) (requests_delta)`,
-		`sum by (datacenter) (requests_total)`,
-		`sum by (datacenter) (rate(requests_total[5m] offset 30m))`,
-		`sum by (datacenter) (rate(requests_total[5m] @ ` + at + `))`,
-		`sum by (datacenter) (rate(requests_total[10m:1m]))`,
-		`sum by (datacenter) (sum_over_time(rate(requests_total[1m])[30m:5m]))`,
-		`sum by (datacenter) (60 * rate(requests_total[5m]))`,
-		`sum by (datacenter) (rate(requests_total[5m]) / 3)`,
-		`sum by (datacenter) (-rate(requests_total[5m]))`,
-		`sum(sum by (datacenter, cluster) (rate(requests_total[5m])))`,
-		`sum by (datacenter) (rate(requests_total[5m])) / ignoring(datacenter) group_left sum(rate(requests_total[5m]))`,
-		`sum by (cluster, transaction) (increase(requests_total[1h]))`,
-		`sum by (datacenter) (increase(requests_total[3h]))`,
-	}
 	type window struct {
 		name       string
 		start, end time.Time
@@ -205,30 +113,52 @@ func TestPlanEquality(t *testing.T) {
 		{"1m", now.Add(-6 * time.Hour), now, time.Minute},
 		{"1h", now.Add(-48 * time.Hour), now, time.Hour},
 	}
-	planned := 0
-	for _, qs := range queries {
+	datadriven.RunTest(t, "testdata/plan", func(t *testing.T, d *datadriven.TestData) string {
+		if d.Cmd != "plan" {
+			d.Fatalf(t, "unknown command %q", d.Cmd)
+		}
+		qs := strings.TrimSpace(d.Input)
 		expr, err := promqlParser.ParseExpr(qs)
 		if err != nil {
-			t.Fatal(err)
+			d.Fatalf(t, "%v", err)
 		}
 		plan(s, expr)
-		if expr.String() != qs {
-			planned++
-		}
 		for _, w := range windows {
 			want := evaluate(t, engine, qa, qs, w.start, w.end, w.step)
 			got := evaluate(t, engine, qa, expr.String(), w.start, w.end, w.step)
 			if len(want) == 0 {
-				t.Errorf("%s (%s): empty answer; the workload does not exercise it", qs, w.name)
+				t.Errorf("%s: %s: empty answer; the workload does not exercise it", d.Pos, w.name)
 			}
 			if diff := compareResults(got, want); diff != "" {
-				t.Errorf("%s (%s), planned as %s: %s", qs, w.name, expr, diff)
+				t.Errorf("%s: %s (%s), planned as %s: %s", d.Pos, qs, w.name, expr, diff)
 			}
 		}
-	}
-	if planned != len(queries) {
-		t.Errorf("the planner rewrote %d of %d queries, want all", planned, len(queries))
-	}
+		return expr.String() + "\n" + reads(t, s, expr)
+	})
+}
+
+// reads says which cuboid each selector of a planned expression reads.
+func reads(t *testing.T, s *schema.Schema, expr parser.Expr) string {
+	t.Helper()
+	var out strings.Builder
+	parser.Inspect(expr, func(n parser.Node, _ []parser.Node) error {
+		vs, ok := n.(*parser.VectorSelector)
+		if !ok {
+			return nil
+		}
+		id, _, err := plannedCuboid(vs.LabelMatchers)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if id < 0 {
+			out.WriteString("reads the finest cuboid\n")
+			return nil
+		}
+		c, _ := s.Family("requests").Cuboid(schema.CuboidID(id))
+		fmt.Fprintf(&out, "reads %v\n", c.Labels)
+		return nil
+	})
+	return out.String()
 }
 
 // evaluate runs a query (an instant query when step is 0) and returns its
@@ -294,6 +224,9 @@ func compareResults(got, want map[string][]promql.FPoint) string {
 }
 
 func nearlyEqual(a, b float64) bool {
+	if a == b {
+		return true
+	}
 	if math.IsNaN(a) || math.IsNaN(b) {
 		return math.IsNaN(a) && math.IsNaN(b)
 	}

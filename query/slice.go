@@ -33,7 +33,7 @@ var allMeasures = []string{measureSum, measureCount, measureRate, measureShare}
 
 // inputError is a malformed or impossible slice request: bad_data, 400.
 func inputError(format string, args ...any) error {
-	return &apiError{errBadData, fmt.Errorf(format, args...)}
+	return &apiError{typ: errBadData, err: fmt.Errorf(format, args...)}
 }
 
 // sliceRequest is a parsed and checked slice question.
@@ -193,7 +193,7 @@ func runSlice(ctx context.Context, s *schema.Schema, rd View, req sliceRequest, 
 		g := groups[key.String()]
 		if g == nil {
 			if len(groups) == maxGroups {
-				return &apiError{errExec, fmt.Errorf("the slice has more than %d groups, the limit (max_groups); narrow the filters or group by coarser levels", maxGroups)}
+				return &apiError{typ: errExec, err: fmt.Errorf("the slice has more than %d groups, the limit (max_groups); narrow the filters or group by coarser levels", maxGroups)}
 			}
 			g = &accum{values: make([]string, len(slots)), sum: make([]float64, points), count: make([]uint64, points)}
 			for i, slot := range slots {

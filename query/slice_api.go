@@ -29,21 +29,12 @@ type sliceHandler func(r *http.Request, p url.Values) (*Slice, error)
 // envelope.
 func (a *API) wrapSlice(h sliceHandler) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
-		var (
-			sl   *Slice
-			aerr *apiError
-			p    url.Values
-			err  error
-		)
-		if r.Method != http.MethodGet && r.Method != http.MethodPost {
-			aerr = &apiError{errNotMethod, fmt.Errorf("method %s not allowed, use GET or POST", r.Method)}
-		} else if p, err = sliceParams(r); err != nil {
-			aerr = badData("%v", err)
-		} else if format := p.Get("format"); format != "" && format != "json" && format != "csv" {
-			aerr = badData("invalid parameter \"format\": want json or csv, got %q", format)
-		} else if sl, err = h(r, p); err != nil {
-			aerr = sliceError(err)
+		run, aerr := checkMethod(w, r)
+		if !run {
+			a.write(w, r, result{}, aerr)
+			return
 		}
+		sl, p, aerr := answerSlice(r, h)
 		if aerr == nil && p.Get("format") == "csv" {
 			// CSV has no place for them: warnings go in headers.
 			for _, warning := range sl.Warnings {
@@ -59,6 +50,22 @@ func (a *API) wrapSlice(h sliceHandler) http.HandlerFunc {
 	}
 }
 
+// answerSlice reads a slice request's parameters and runs h over them.
+func answerSlice(r *http.Request, h sliceHandler) (*Slice, url.Values, *apiError) {
+	p, err := sliceParams(r)
+	if err != nil {
+		return nil, nil, badData("%v", err)
+	}
+	if format := p.Get("format"); format != "" && format != "json" && format != "csv" {
+		return nil, p, badData("invalid parameter \"format\": want json or csv, got %q", format)
+	}
+	sl, err := h(r, p)
+	if err != nil {
+		return nil, p, sliceError(err)
+	}
+	return sl, p, nil
+}
+
 // WarningHeader carries each warning of a slice answered as CSV.
 const WarningHeader = "Dimsum-Warning"
 
@@ -69,9 +76,9 @@ func sliceError(err error) *apiError {
 	case errors.As(err, &aerr):
 		return aerr
 	case errors.Is(err, context.Canceled):
-		return &apiError{errCanceled, err}
+		return &apiError{typ: errCanceled, err: err}
 	case errors.Is(err, context.DeadlineExceeded):
-		return &apiError{errTimeout, err}
+		return &apiError{typ: errTimeout, err: err}
 	}
 	return storageError(err)
 }
@@ -496,7 +503,7 @@ func (a *API) cubeSchema(*http.Request) (result, *apiError) {
 		out.Families = append(out.Families, cf)
 	}
 	for _, r := range s.Resolutions {
-		out.Resolutions = append(out.Resolutions, CubeResolution{Step: model.Duration(r.Step).String(), Retention: model.Duration(r.Retention).String()})
+		out.Resolutions = append(out.Resolutions, CubeResolution{Step: schema.FormatDuration(r.Step), Retention: schema.FormatDuration(r.Retention)})
 	}
 	return result{data: out}, nil
 }

@@ -491,7 +491,7 @@ func TestCubeSchema(t *testing.T) {
 		fmt.Sprint(fam.Cuboids[0]) != "[datacenter cluster host transaction status]" || len(fam.Cuboids[len(fam.Cuboids)-1]) != 0 {
 		t.Errorf("family %+v", fam)
 	}
-	if fmt.Sprint(cs.Resolutions) != "[{10s 8d} {1m 5w} {1h 400d}]" {
+	if fmt.Sprint(cs.Resolutions) != "[{10s 8d} {1m 35d} {1h 400d}]" {
 		t.Errorf("resolutions %v", cs.Resolutions)
 	}
 }

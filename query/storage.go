@@ -84,13 +84,13 @@ const (
 	DeltaSuffix = "_delta"
 )
 
-// Limits bound what one query may read.
+// Limits bound what one query may read. The zero value bounds nothing.
 type Limits struct {
 	// MaxSeries bounds the series one query reads from the store, over all
 	// its selectors. 0 means no limit.
 	MaxSeries int
 	// MaxSamples bounds the samples one query synthesizes, over all its
-	// selectors.
+	// selectors. 0 means no limit.
 	MaxSamples int
 }
 
@@ -206,9 +206,9 @@ func matchesName(ms []*labels.Matcher, name string) bool {
 
 // Resolution picks the resolution a selection reads: the coarsest whose step
 // is at most the query step and at most half the range of the range
-// selector, as DESIGN.md says, and then no finer than one whose retention
-// still holds the selection's start. A selection with neither a step nor a
-// range reads the finest.
+// selector, as docs/grafana.md ("How a resolution is chosen") says, and
+// then no finer than one whose retention still holds the selection's
+// start. A selection with neither a step nor a range reads the finest.
 func Resolution(rs []schema.Resolution, step, rng, start, now int64) int {
 	res := 0
 	if step > 0 || rng > 0 {
@@ -236,8 +236,10 @@ type span struct {
 }
 
 // span picks the resolution and the steps of the selection [mint, maxt]:
-// those whose end lies in (mint, maxt], and the open one holding maxt. It
-// reports false when no step falls in it.
+// those whose end lies in [mint, maxt], and the open one holding maxt. A
+// step ending at mint is in: the engine asks for a range [t-R, t] from
+// t-R+1, which holds a sample at t-R+1. It reports false when no step
+// falls in it.
 func (q *querier) span(mint, maxt, stepHint, rangeHint int64) (span, bool) {
 	now := q.q.now().UnixMilli()
 	res := Resolution(q.q.resolutions, stepHint, rangeHint, mint, now)
@@ -247,7 +249,7 @@ func (q *querier) span(mint, maxt, stepHint, rangeHint int64) (span, bool) {
 	if mint > maxt {
 		return span{}, false
 	}
-	sp := span{res: res, r: r, first: r.StepStart(mint), last: r.StepStart(maxt), maxt: maxt}
+	sp := span{res: res, r: r, first: r.StepStart(mint - 1), last: r.StepStart(maxt), maxt: maxt}
 	if sp.last == maxt {
 		sp.last -= r.Step.Milliseconds()
 	}
@@ -369,6 +371,9 @@ func (q *querier) Select(ctx context.Context, _ bool, hints *storage.SelectHints
 	step := sp.r.Step.Milliseconds()
 	n := (sp.last-sp.first)/step + 1
 	maxSamples := int64(q.q.limits.MaxSamples)
+	if maxSamples <= 0 {
+		maxSamples = math.MaxInt64
+	}
 	if n > maxSamples {
 		return storage.ErrSeriesSet(fmt.Errorf("query: the selection spans %d steps of %s, more than the %d samples a query may hold; narrow the range or widen the step", n, sp.r.Step, maxSamples))
 	}
@@ -429,53 +434,112 @@ func seriesLabels(name string, names, values []string) labels.Labels {
 	return b.Labels()
 }
 
-// labelRange is the querier's range as the index takes it: the API's
-// unbounded range means any time.
-func (q *querier) labelRange() (int64, int64) {
-	if q.mint <= math.MinInt64/2 && q.maxt >= math.MaxInt64/2 {
-		return math.MinInt64, math.MaxInt64
+// unbounded reports whether the querier's range is the whole of time, as
+// the label APIs ask without start and end.
+func (q *querier) unbounded() bool { return q.mint <= math.MinInt64/2 && q.maxt >= math.MaxInt64/2 }
+
+// errEnough stops a scan that has found what it looks for.
+var errEnough = errors.New("query: enough")
+
+// eachInRange calls fn with each cell that has a sample in the querier's
+// range, among the cells the matchers select of the smallest cuboid of v's
+// family that keeps the label keep ("" for none) and every label the
+// matchers name. A cell of that cuboid has a sample where one of its finest
+// cells does, so the answer is the one Select gives the series API, from
+// fewer cells. The index alone cannot answer this: it knows which rows
+// hold a cell's data, and a row spans many steps. fn returning errEnough
+// ends the scan early, without an error.
+func (q *querier) eachInRange(ctx context.Context, v view, keep string, ms []*labels.Matcher, fn func(cub schema.Cuboid, c tsdb.Cell) error) error {
+	sp, ok := q.span(q.mint, q.maxt, 0, 0)
+	if !ok {
+		return nil
 	}
-	return q.mint, q.maxt
+	need := map[string]bool{}
+	if keep != "" {
+		need[keep] = true
+	}
+	for _, m := range ms {
+		if _, ok := v.fam.LabelIndex(m.Name); ok {
+			need[m.Name] = true
+		}
+	}
+	cub := smallestCuboid(v.fam, need)
+	cells, err := q.view.Cells(v.fam.Name, cub.ID, ms)
+	if err != nil || len(cells) == 0 {
+		return err
+	}
+	err = scanCells(ctx, q.view, sp.res, v.fam.Name, cub.ID, cells, sp.first, sp.last, func(c tsdb.Cell, _ []tsdb.Step) error { return fn(cub, c) })
+	if errors.Is(err, errEnough) {
+		return nil
+	}
+	return err
+}
+
+// hasSeries reports whether any series of v the matchers select has a
+// sample in the querier's range.
+func (q *querier) hasSeries(ctx context.Context, v view, ms []*labels.Matcher) (bool, error) {
+	if q.unbounded() {
+		names, err := q.view.LabelNames(v.fam.Name, v.fam.Finest().ID, math.MinInt64, math.MaxInt64, 1, ms)
+		return len(names) > 0, err
+	}
+	found := false
+	err := q.eachInRange(ctx, v, "", ms, func(schema.Cuboid, tsdb.Cell) error { found = true; return errEnough })
+	return found, err
 }
 
 // LabelNames returns the label names of the series the matchers select.
-func (q *querier) LabelNames(_ context.Context, _ *storage.LabelHints, ms ...*labels.Matcher) ([]string, annotations.Annotations, error) {
-	mint, maxt := q.labelRange()
+// Every event carries a non-empty value for each label of its family, so a
+// family with a selected series has all of them.
+func (q *querier) LabelNames(ctx context.Context, _ *storage.LabelHints, ms ...*labels.Matcher) ([]string, annotations.Annotations, error) {
 	set := map[string]struct{}{}
 	for _, v := range q.views(ms) {
-		names, err := q.view.LabelNames(v.fam.Name, v.fam.Finest().ID, mint, maxt, 0, ms)
+		ok, err := q.hasSeries(ctx, v, ms)
 		if err != nil {
 			return nil, nil, err
 		}
-		for _, n := range names {
-			set[n] = struct{}{}
-		}
-		if len(names) > 0 {
+		if ok {
 			set[labels.MetricName] = struct{}{}
+			for _, n := range v.fam.Labels {
+				set[n] = struct{}{}
+			}
 		}
 	}
 	return slices.Sorted(maps.Keys(set)), q.view.Warnings(), nil
 }
 
 // LabelValues returns the values of one label over the series the matchers
-// select.
-func (q *querier) LabelValues(_ context.Context, name string, hints *storage.LabelHints, ms ...*labels.Matcher) ([]string, annotations.Annotations, error) {
+// select: from the index over all of time, and from the stored steps over a
+// bounded range.
+func (q *querier) LabelValues(ctx context.Context, name string, hints *storage.LabelHints, ms ...*labels.Matcher) ([]string, annotations.Annotations, error) {
 	limit := 0
 	if hints != nil {
 		limit = hints.Limit
 	}
-	mint, maxt := q.labelRange()
 	set := map[string]struct{}{}
 	for _, v := range q.views(ms) {
-		var vals []string
-		var err error
 		if name == labels.MetricName {
 			// A view is a value when any of its series is selected.
-			if vals, err = q.view.LabelNames(v.fam.Name, v.fam.Finest().ID, mint, maxt, 1, ms); len(vals) > 0 {
-				vals = []string{v.name}
+			ok, err := q.hasSeries(ctx, v, ms)
+			if err != nil {
+				return nil, nil, err
 			}
+			if ok {
+				set[v.name] = struct{}{}
+			}
+			continue
+		}
+		if _, ok := v.fam.LabelIndex(name); !ok {
+			continue
+		}
+		var vals []string
+		var err error
+		if q.unbounded() {
+			vals, err = q.view.LabelValues(v.fam.Name, v.fam.Finest().ID, name, math.MinInt64, math.MaxInt64, limit, ms)
 		} else {
-			vals, err = q.view.LabelValues(v.fam.Name, v.fam.Finest().ID, name, mint, maxt, limit, ms)
+			err = q.eachInRange(ctx, v, name, ms, func(cub schema.Cuboid, c tsdb.Cell) error {
+				vals = append(vals, c.Values[slices.Index(cub.Labels, name)])
+				return nil
+			})
 		}
 		if err != nil {
 			return nil, nil, err

@@ -2,9 +2,15 @@ package query
 
 import (
 	"context"
+	"encoding/json"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"net/http"
+	"net/http/httptest"
+	"net/url"
+	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -63,6 +69,20 @@ func put(t *testing.T, db *tsdb.DB, s *schema.Schema, host string, ts int64, v f
 	}
 }
 
+// putAll writes one delta of family x into every cuboid, as the aggregator
+// does, so that planned queries and label questions have their rolled-up
+// cells.
+func putAll(t *testing.T, db *tsdb.DB, s *schema.Schema, host string, ts int64, v float64) {
+	t.Helper()
+	var deltas []tsdb.Delta
+	for _, c := range s.Family("x").Cuboids() {
+		deltas = append(deltas, tsdb.Delta{Family: "x", Cuboid: c.ID, Values: []string{host}[:len(c.Labels)], Time: ts, Sum: v, Count: 1})
+	}
+	if _, err := db.Apply(tsdb.BatchID{}, deltas); err != nil {
+		t.Fatal(err)
+	}
+}
+
 type sample struct {
 	t int64
 	v float64
@@ -102,7 +122,8 @@ func TestSynthesis(t *testing.T) {
 	put(t, db, s, "a", base+31_000, 5)  // step [base+30s, base+40s), open at maxt
 	put(t, db, s, "b", base-600_000, 1) // outside the selection
 	now := func() time.Time { return time.UnixMilli(base + 3_600_000) }
-	q, _ := NewQueryable(s, db, Limits{MaxSamples: 1e7}, now).Querier(base, base+35_000)
+	// From base+1, as the engine asks for a range ending at base+35s.
+	q, _ := NewQueryable(s, db, Limits{MaxSamples: 1e7}, now).Querier(base+1, base+35_000)
 
 	got := selectAll(t, q, nil, labels.MustNewMatcher(labels.MatchEqual, labels.MetricName, "x_delta"))
 	want := []sample{{base + 10_000, 3}, {base + 20_000, 0}, {base + 30_000, 4}, {base + 35_000, 5}}
@@ -114,10 +135,11 @@ func TestSynthesis(t *testing.T) {
 	if fmt.Sprint(got) != fmt.Sprint(map[string][]sample{`{__name__="x_total", host="a"}`: want}) {
 		t.Errorf("total view:\n got %v\nwant %v", got, want)
 	}
-	// A selection ending on a step end has no open step.
+	// A selection ending on a step end has no open step; one starting on
+	// a step end holds that end's sample, the step before it.
 	q, _ = NewQueryable(s, db, Limits{MaxSamples: 1e7}, now).Querier(base, base+30_000)
 	got = selectAll(t, q, nil, labels.MustNewMatcher(labels.MatchEqual, labels.MetricName, "x_delta"))
-	if want := []sample{{base + 10_000, 3}, {base + 20_000, 0}, {base + 30_000, 4}}; fmt.Sprint(got[`{__name__="x_delta", host="a"}`]) != fmt.Sprint(want) {
+	if want := []sample{{base, 0}, {base + 10_000, 3}, {base + 20_000, 0}, {base + 30_000, 4}}; fmt.Sprint(got[`{__name__="x_delta", host="a"}`]) != fmt.Sprint(want) {
 		t.Errorf("aligned selection: got %v, want %v", got, want)
 	}
 	// Both views by a regex on the name, and a matcher on the host.
@@ -214,4 +236,110 @@ func replaceSelector(expr, host string) string {
 		}
 	}
 	return out
+}
+
+// TestLabelsInRange checks that labels and label values over a range name
+// only the series with a sample in it, as the series API finds them, though
+// the store's rows span an hour of the finest steps: eight hosts counted
+// early in an hour, five of them again late in it, and a range over the
+// late part lists the five.
+func TestLabelsInRange(t *testing.T) {
+	s := testSchema(t)
+	db := openStore(t, s)
+	row := time.Now().Truncate(time.Hour).Add(-2 * time.Hour)
+	hosts := []string{"a", "b", "c", "d", "e", "f", "g", "h"}
+	for i, h := range hosts {
+		putAll(t, db, s, h, row.Add(5*time.Minute).UnixMilli(), 1)
+		if i < 5 {
+			putAll(t, db, s, h, row.Add(50*time.Minute).UnixMilli(), 1)
+		}
+	}
+	mux := apiMux(t, Options{Schema: s, Reader: db})
+	values := func(path string, p url.Values) []string {
+		t.Helper()
+		rec := httptest.NewRecorder()
+		mux.ServeHTTP(rec, httptest.NewRequest(http.MethodGet, path+"?"+p.Encode(), nil))
+		var r struct{ Data []string }
+		if err := json.NewDecoder(rec.Body).Decode(&r); err != nil || rec.Code != http.StatusOK {
+			t.Fatalf("%s: HTTP %d, %v", path, rec.Code, err)
+		}
+		return r.Data
+	}
+	unix := func(d time.Duration) string { return strconv.FormatInt(row.Add(d).Unix(), 10) }
+	late := url.Values{"start": {unix(40 * time.Minute)}, "end": {unix(55 * time.Minute)}}
+	if got := values("/api/v1/label/host/values", late); fmt.Sprint(got) != "[a b c d e]" {
+		t.Errorf("hosts with data late in the hour: %v, want [a b c d e]", got)
+	}
+	all := url.Values{"start": {unix(0)}, "end": {unix(time.Hour)}}
+	if got := values("/api/v1/label/host/values", all); len(got) != len(hosts) {
+		t.Errorf("hosts over the hour: %v, want all %d", got, len(hosts))
+	}
+	withMatch := url.Values{"start": late["start"], "end": late["end"], "match[]": {`x_delta{host=~"[e-h]"}`}}
+	if got := values("/api/v1/label/host/values", withMatch); fmt.Sprint(got) != "[e]" {
+		t.Errorf("hosts e to h late in the hour: %v, want [e]", got)
+	}
+	if got := values("/api/v1/label/__name__/values", late); fmt.Sprint(got) != "[x_delta x_total]" {
+		t.Errorf("names late in the hour: %v", got)
+	}
+	after := url.Values{"start": {unix(56 * time.Minute)}, "end": {unix(59 * time.Minute)}}
+	for _, path := range []string{"/api/v1/label/host/values", "/api/v1/label/__name__/values", "/api/v1/labels"} {
+		if got := values(path, after); got == nil || len(got) != 0 {
+			t.Errorf("%s after the last sample: %v, want []", path, got)
+		}
+	}
+	if got := values("/api/v1/labels", withMatch); fmt.Sprint(got) != "[__name__ host]" {
+		t.Errorf("labels late in the hour: %v", got)
+	}
+	// The series API agrees.
+	rec := httptest.NewRecorder()
+	mux.ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "/api/v1/series?"+url.Values{"start": late["start"], "end": late["end"], "match[]": {"x_delta"}}.Encode(), nil))
+	if n := strings.Count(rec.Body.String(), `"host"`); n != 5 {
+		t.Errorf("series late in the hour: %d, want 5: %s", n, rec.Body)
+	}
+}
+
+// TestZeroLimitsBoundNothing checks that Limits{} reads as no limit, as
+// MaxSeries 0 always did, rather than refusing every query with samples.
+func TestZeroLimitsBoundNothing(t *testing.T) {
+	s := testSchema(t)
+	db := openStore(t, s)
+	now := time.Now()
+	put(t, db, s, "a", now.Add(-time.Minute).UnixMilli(), 3)
+	engine := promql.NewEngine(promql.EngineOpts{MaxSamples: 1e6, Timeout: time.Minute, LookbackDelta: 5 * time.Minute})
+	q, err := engine.NewInstantQuery(context.Background(), NewQueryable(s, db, Limits{}, nil), nil, "sum(sum_over_time(x_delta[1h]))", now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer q.Close()
+	res := q.Exec(context.Background())
+	if vec, err := res.Vector(); err != nil || len(vec) != 1 || vec[0].F != 3 {
+		t.Errorf("with Limits{}: %v, %v; want 3", res.Value, err)
+	}
+}
+
+// TestLabelsStopWithTheRequest checks that a label question over a range
+// reads the store under the request's context: once it is canceled, the
+// read stops with its error rather than finishing for no one.
+func TestLabelsStopWithTheRequest(t *testing.T) {
+	s := testSchema(t)
+	db := openStore(t, s)
+	now := time.Now()
+	for _, h := range []string{"a", "b", "c"} {
+		putAll(t, db, s, h, now.Add(-time.Minute).UnixMilli(), 1)
+	}
+	q, err := NewQueryable(s, db, Limits{}, nil).Querier(now.Add(-time.Hour).UnixMilli(), now.UnixMilli())
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if vals, _, err := q.LabelValues(ctx, "host", nil); !errors.Is(err, context.Canceled) {
+		t.Errorf("label values under a canceled request: %v, %v; want context.Canceled", vals, err)
+	}
+	if names, _, err := q.LabelNames(ctx, nil); !errors.Is(err, context.Canceled) {
+		t.Errorf("label names under a canceled request: %v, %v; want context.Canceled", names, err)
+	}
+	if vals, _, err := q.LabelValues(context.Background(), "host", nil); err != nil || len(vals) != 3 {
+		t.Errorf("label values: %v, %v", vals, err)
+	}
 }

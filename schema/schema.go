@@ -147,8 +147,24 @@ func floorDiv(a, b int64) int64 {
 	return q
 }
 
+// String is the resolution as the schema writes it, "step:retention".
 func (r Resolution) String() string {
-	return model.Duration(r.Step).String() + ":" + model.Duration(r.Retention).String()
+	return FormatDuration(r.Step) + ":" + FormatDuration(r.Retention)
+}
+
+// FormatDuration writes d as a Prometheus duration in days and smaller
+// units, as retentions are configured ("35d"), where Prometheus' own
+// formatting says "5w" of any whole number of weeks.
+func FormatDuration(d time.Duration) string {
+	const day = 24 * time.Hour
+	days, rest := d/day, d%day
+	switch {
+	case days == 0:
+		return model.Duration(d).String()
+	case rest == 0:
+		return fmt.Sprintf("%dd", days)
+	}
+	return fmt.Sprintf("%dd%s", days, model.Duration(rest))
 }
 
 // Schema is a validated, immutable schema.

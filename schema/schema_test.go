@@ -66,6 +66,27 @@ func TestStepStartAndRow(t *testing.T) {
 	}
 }
 
+// TestResolutionString checks that a resolution reads as it is configured,
+// retentions in days rather than weeks.
+func TestResolutionString(t *testing.T) {
+	s, err := Parse([]byte("resolutions: [10s:8d, 1m:35d, 1h:400d, 1d:10000d]\nfamilies: [{name: r, dimensions: [a]}]\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, r := range s.Resolutions {
+		got = append(got, r.String())
+	}
+	if want := "[10s:8d 1m:35d 1h:400d 1d:10000d]"; fmt.Sprint(got) != want {
+		t.Errorf("resolutions %v, want %s", got, want)
+	}
+	for d, want := range map[time.Duration]string{90 * time.Second: "1m30s", 36 * time.Hour: "1d12h", 7*24*time.Hour + time.Minute: "7d1m", 0: "0s"} {
+		if got := FormatDuration(d); got != want {
+			t.Errorf("FormatDuration(%v) = %q, want %q", d, got, want)
+		}
+	}
+}
+
 func TestParseErrors(t *testing.T) {
 	fam := "families: [{name: r, dimensions: [a/b, c]}]\n"
 	for _, tc := range []struct{ name, yaml, want string }{

@@ -4,7 +4,6 @@ import (
 	"compress/gzip"
 	"context"
 	"errors"
-	"flag"
 	"fmt"
 	"log/slog"
 	"net/http"
@@ -24,7 +23,7 @@ import (
 // what was acknowledged and, with -verify, fails unless the nodes read back
 // exactly that.
 func runLoad(args []string) error {
-	fs := flag.NewFlagSet("load", flag.ContinueOnError)
+	fs := newFlags("load")
 	var o loadtest.Options
 	addrs := fs.String("addr", "127.0.0.1:9400", "gRPC `addresses` of the destination's nodes, comma-separated; the publisher fails over among them")
 	httpAddrs := fs.String("http", "127.0.0.1:9401", "HTTP `addresses` of the nodes, comma-separated, for /metrics and -verify")
@@ -57,11 +56,8 @@ func runLoad(args []string) error {
 	fs.DurationVar(&o.VerifyTimeout, "verify-timeout", loadtest.DefaultVerifyTimeout, "how long -verify waits for the data to become queryable")
 	var cf clientFlags
 	cf.register(fs)
-	if err := fs.Parse(args); err != nil {
+	if _, err := parse(fs, args, 0); err != nil {
 		return err
-	}
-	if fs.NArg() > 0 {
-		return fmt.Errorf("load: unexpected argument %q", fs.Arg(0))
 	}
 	// The level is a process-wide setting of gRPC's gzip codec; nothing
 	// is sending yet.
@@ -82,11 +78,15 @@ func runLoad(args []string) error {
 		return fmt.Errorf("load: %w", err)
 	}
 	o.Progress = os.Stderr
+	if fi, err := os.Stderr.Stat(); err == nil && fi.Mode()&os.ModeCharDevice != 0 {
+		o.ProgressTerminal = true
+	}
 	o.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelError}))
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 	rep, err := loadtest.Run(ctx, o)
-	if errors.Is(err, loadtest.ErrOptions) {
+	if errors.Is(err, loadtest.ErrOptions) || errors.Is(err, loadtest.ErrUnreachable) {
+		// Nothing was sent: no report.
 		return err
 	}
 	fmt.Print(rep)

@@ -99,3 +99,105 @@ func TestSplit(t *testing.T) {
 		}
 	}
 }
+
+// TestCommandLine runs the binary as a user discovering it would: 'dimsum
+// -h' lists every command with one line, every command takes -h and exits
+// 0, --version agrees with 'version', and mistakes exit 1 naming what is
+// wrong.
+func TestCommandLine(t *testing.T) {
+	bin := dimsumBinary(t)
+	run := func(args ...string) (string, string, int) {
+		t.Helper()
+		cmd := exec.Command(bin, args...)
+		var stdout, stderr strings.Builder
+		cmd.Stdout, cmd.Stderr = &stdout, &stderr
+		err := cmd.Run()
+		code := 0
+		if exit, ok := err.(*exec.ExitError); ok {
+			code = exit.ExitCode()
+		} else if err != nil {
+			t.Fatal(err)
+		}
+		return stdout.String(), stderr.String(), code
+	}
+	out, _, code := run("-h")
+	if code != 0 {
+		t.Fatalf("dimsum -h exited %d", code)
+	}
+	for _, c := range commands {
+		if n := strings.Count(out, "\n  "+c.name+" "); n != 1 {
+			t.Errorf("dimsum -h lists %q %d times:\n%s", c.name, n, out)
+		}
+		help, _, code := run(c.name, "-h")
+		if code != 0 || !strings.HasPrefix(help, "usage: dimsum "+c.name) {
+			t.Errorf("dimsum %s -h: exit %d\n%s", c.name, code, help)
+		}
+	}
+	if help, _, code := run("help", "load"); code != 0 || !strings.Contains(help, "-events") {
+		t.Errorf("dimsum help load: exit %d\n%s", code, help)
+	}
+	version, _, _ := run("version")
+	if flag, _, code := run("--version"); code != 0 || flag != version || !strings.HasPrefix(version, "dimsum ") {
+		t.Errorf("dimsum --version %q (exit %d), dimsum version %q", flag, code, version)
+	}
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"bogus"}, `unknown command "bogus"`},
+		{[]string{"slice"}, "slice: missing argument (usage: dimsum slice <family> [flags])"},
+		{[]string{"slice", "requests", "other"}, `slice: unexpected argument "other"`},
+		{[]string{"load", "-events", "many"}, `load: invalid value "many" for flag -events`},
+		{[]string{"-nope"}, "all: flag provided but not defined: -nope (run 'dimsum all -h' for its flags)"},
+	} {
+		if _, stderr, code := run(tc.args...); code != 1 || !strings.Contains(stderr, tc.want) {
+			t.Errorf("dimsum %v: exit %d, %q; want 1 naming %q", tc.args, code, stderr, tc.want)
+		}
+	}
+}
+
+// TestParseAnyOrder checks that flags and other arguments mix in any order,
+// and that "--" ends the flags.
+func TestParseAnyOrder(t *testing.T) {
+	for _, tc := range []struct {
+		args []string
+		addr string
+		rest []string
+	}{
+		{[]string{"requests", "-addr", "x"}, "x", []string{"requests"}},
+		{[]string{"-addr", "x", "requests"}, "x", []string{"requests"}},
+		{[]string{"-addr=x", "requests", "-by", "host"}, "x", []string{"requests"}},
+		{[]string{"--", "-addr"}, "", []string{"-addr"}},
+	} {
+		fs := newFlags("slice")
+		addr := fs.String("addr", "", "")
+		fs.String("by", "", "")
+		rest, err := parse(fs, tc.args, 1)
+		if err != nil || *addr != tc.addr || !slices.Equal(rest, tc.rest) {
+			t.Errorf("parse(%q) = %q, addr %q, %v; want %q, addr %q", tc.args, rest, *addr, err, tc.rest, tc.addr)
+		}
+	}
+}
+
+// FuzzParse checks that no command line panics the flag reader, and that
+// what it accepts holds exactly the arguments asked for, each one of the
+// command line's.
+func FuzzParse(f *testing.F) {
+	for _, s := range []string{"requests -addr x", "-addr=x -- -by", "-by", "--", "a b", "-tls requests -tls=false"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, line string) {
+		args := strings.Fields(line)
+		fs := newFlags("slice")
+		fs.String("addr", "", "")
+		fs.String("by", "", "")
+		fs.Bool("tls", false, "")
+		rest, err := parse(fs, args, 1)
+		if err != nil {
+			return
+		}
+		if len(rest) != 1 || !slices.Contains(args, rest[0]) {
+			t.Fatalf("parse(%q) = %q", args, rest)
+		}
+	})
+}

@@ -15,7 +15,7 @@ import (
 // runNode runs a node until SIGINT or SIGTERM. cmd is the subcommand: "all"
 // runs every role, "aggregator", "combiner" and "query" one each.
 func runNode(cmd string, args []string) error {
-	fs := flag.NewFlagSet(cmd, flag.ContinueOnError)
+	fs := newFlags(cmd)
 	configFile := fs.String("config", "", "YAML config `file` (default: the embedded defaults)")
 	dataDir := fs.String("data", "", "data `directory` (overrides data_dir; default ./data)")
 	grpcListen := fs.String("grpc", "", "gRPC listen `address` (overrides grpc_listen; default 127.0.0.1:9400)")
@@ -25,11 +25,8 @@ func runNode(cmd string, args []string) error {
 	gossip := fs.String("gossip", "", "gossip listen `address` (overrides cluster.gossip_listen; default the gRPC host, port 9402)")
 	internal := fs.String("internal", "", "internal gRPC listen `address` of a cluster member, where members send flushes, forwarded batches and reads (overrides cluster.internal_listen; default the gRPC host, port 9403)")
 	logLevel := fs.String("log-level", "info", "log `level`: debug, info, warn or error")
-	if err := fs.Parse(args); err != nil {
+	if _, err := parse(fs, args, 0); err != nil {
 		return err
-	}
-	if fs.NArg() > 0 {
-		return fmt.Errorf("unexpected argument %q", fs.Arg(0))
 	}
 	var level slog.Level
 	if err := level.UnmarshalText([]byte(*logLevel)); err != nil {
@@ -61,6 +58,9 @@ func runNode(cmd string, args []string) error {
 	if cmd != "all" {
 		cfg.Roles = []string{cmd}
 	}
+	// /api/v1/status/flags reports them, as Prometheus reports its own.
+	cfg.Flags = map[string]string{}
+	fs.VisitAll(func(f *flag.Flag) { cfg.Flags[f.Name] = f.Value.String() })
 
 	// The runtime's memory limit is the process's, so the binary sets it.
 	cfg.EnsureDefaults()

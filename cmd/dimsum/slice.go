@@ -3,9 +3,9 @@ package main
 import (
 	"encoding/json"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
+	"math"
 	"net/http"
 	"net/url"
 	"os"
@@ -20,11 +20,7 @@ import (
 
 // runSlice asks a node for a cube slice and prints it.
 func runSlice(args []string) error {
-	fs := flag.NewFlagSet("slice", flag.ContinueOnError)
-	fs.Usage = func() {
-		fmt.Fprint(fs.Output(), "usage: dimsum slice <family> [flags]\n\nflags:\n")
-		fs.PrintDefaults()
-	}
+	fs := newFlags("slice")
 	addr := fs.String("addr", "127.0.0.1:9401", "HTTP `address` of a node")
 	format := fs.String("format", "table", "table, csv or json")
 	p := url.Values{}
@@ -47,17 +43,11 @@ func runSlice(args []string) error {
 	str("rollup", "roll up this `dimension` or level")
 	var cf clientFlags
 	cf.register(fs)
-	if len(args) == 0 || strings.HasPrefix(args[0], "-") {
-		fs.Usage()
-		return errors.New("slice: the first argument must be a family")
-	}
-	p.Set("family", args[0])
-	if err := fs.Parse(args[1:]); err != nil {
+	family, err := parse(fs, args, 1)
+	if err != nil {
 		return err
 	}
-	if fs.NArg() > 0 {
-		return fmt.Errorf("slice: unexpected argument %q", fs.Arg(0))
-	}
+	p.Set("family", family[0])
 	path := "/api/v1/cube/slice"
 	switch {
 	case p.Has("drilldown") && p.Has("rollup"):
@@ -150,7 +140,7 @@ func printTable(w io.Writer, sl *query.Slice) error {
 			cols = append(cols, t)
 		}
 		for _, m := range sl.Measures {
-			cols = append(cols, strconv.FormatFloat(vals[m], 'g', 10, 64))
+			cols = append(cols, formatMeasure(m, vals[m]))
 		}
 		fmt.Fprintln(tw, strings.Join(cols, "\t")+"\t")
 	}
@@ -182,4 +172,18 @@ func printTable(w io.Writer, sl *query.Slice) error {
 		group(nil, sl.Total)
 	}
 	return tw.Flush()
+}
+
+// formatMeasure writes a measure for a reader: sums and counts in full,
+// rates to four significant digits, shares as a percentage to a tenth. The
+// CSV and JSON formats keep every digit.
+func formatMeasure(measure string, v float64) string {
+	switch {
+	case measure == "share":
+		return strconv.FormatFloat(100*v, 'f', 1, 64) + "%"
+	case measure == "rate" && v != 0 && !math.IsInf(v, 0) && !math.IsNaN(v):
+		decimals := max(0, 3-int(math.Floor(math.Log10(math.Abs(v)))))
+		return strconv.FormatFloat(v, 'f', decimals, 64)
+	}
+	return strconv.FormatFloat(v, 'f', -1, 64)
 }

@@ -45,7 +45,8 @@ func TestSliceCommand(t *testing.T) {
 
 	run := func(format string) string {
 		t.Helper()
-		out, err := exec.Command(bin, "slice", "requests", "-addr", httpAddr, "-where", "status=~5..|4..", "-by", "cluster",
+		// Flags go before and after the family alike.
+		out, err := exec.Command(bin, "slice", "-addr", httpAddr, "-where", "status=~5..|4..", "requests", "-by", "cluster",
 			"-start", start, "-end", end, "-top", "3", "-measures", "sum,share", "-format", format).CombinedOutput()
 		if err != nil {
 			t.Fatalf("dimsum slice -format %s: %v\n%s", format, err, out)
@@ -62,14 +63,15 @@ func TestSliceCommand(t *testing.T) {
 	}
 	for i, g := range want.Groups {
 		f := fields(table[3+i])
-		if len(f) != 4 || f[0] != g.Labels["datacenter"] || f[1] != g.Labels["cluster"] || f[2] != strconv.FormatFloat(g.Values["sum"], 'g', 10, 64) {
+		share := strconv.FormatFloat(100*g.Values["share"], 'f', 1, 64) + "%"
+		if len(f) != 4 || f[0] != g.Labels["datacenter"] || f[1] != g.Labels["cluster"] || f[2] != strconv.FormatFloat(g.Values["sum"], 'f', -1, 64) || f[3] != share {
 			t.Errorf("table row %d %q, want %v", i, table[3+i], g)
 		}
 	}
-	if f := fields(table[6]); f[0] != "("+strconv.Itoa(want.Rest.Groups) || f[2] != strconv.FormatFloat(want.Rest.Values["sum"], 'g', 10, 64) {
+	if f := fields(table[6]); f[0] != "("+strconv.Itoa(want.Rest.Groups) || f[2] != strconv.FormatFloat(want.Rest.Values["sum"], 'f', -1, 64) {
 		t.Errorf("rest row %q, want %d groups summing %v", table[6], want.Rest.Groups, want.Rest.Values["sum"])
 	}
-	if f := fields(table[7]); f[0] != "(total)" || f[1] != strconv.FormatFloat(want.Total.Values["sum"], 'g', 10, 64) || f[2] != "1" {
+	if f := fields(table[7]); f[0] != "(total)" || f[1] != strconv.FormatFloat(want.Total.Values["sum"], 'f', -1, 64) || f[2] != "100.0%" {
 		t.Errorf("total row %q, want %v", table[7], want.Total.Values)
 	}
 
@@ -85,5 +87,29 @@ func TestSliceCommand(t *testing.T) {
 	out, err := exec.Command(bin, "slice", "requests", "-addr", httpAddr, "-by", "rack").CombinedOutput()
 	if err == nil || !strings.Contains(string(out), `cannot group by "rack"`) || !strings.Contains(string(out), "HTTP 400 bad_data") {
 		t.Errorf("bad group-by: %v\n%s", err, out)
+	}
+}
+
+// TestFormatMeasure pins how the table writes measures: counts in full,
+// rates to four significant digits, shares as a percentage.
+func TestFormatMeasure(t *testing.T) {
+	for _, tc := range []struct {
+		measure string
+		v       float64
+		want    string
+	}{
+		{"sum", 1234567, "1234567"},
+		{"count", 3, "3"},
+		{"sum", 0.5, "0.5"},
+		{"rate", 123.1645429, "123.2"},
+		{"rate", 0.0001234567, "0.0001235"},
+		{"rate", 98765.4, "98765"},
+		{"rate", 0, "0"},
+		{"share", 0.222368148, "22.2%"},
+		{"share", 1, "100.0%"},
+	} {
+		if got := formatMeasure(tc.measure, tc.v); got != tc.want {
+			t.Errorf("formatMeasure(%s, %v) = %q, want %q", tc.measure, tc.v, got, tc.want)
+		}
 	}
 }

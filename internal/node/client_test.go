@@ -3,6 +3,7 @@ package node
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"net/http"
 	"net/url"
 	"strconv"
@@ -15,9 +16,12 @@ import (
 	"github.com/prometheus/common/model"
 )
 
-// TestOfficialClient drives every endpoint Grafana's Prometheus data source
-// calls through Prometheus' own Go client, which posts forms and falls back
-// to GET, against a running node.
+// TestOfficialClient drives every call of Prometheus' own Go client, which
+// posts forms and falls back to GET, against a running node, and checks
+// what each returns: what Grafana's Prometheus data source calls, empty
+// answers as empty lists, warnings and infos where Prometheus gives them,
+// and a 404 not_found in Prometheus' envelope for what belongs to a
+// Prometheus server alone.
 func TestOfficialClient(t *testing.T) {
 	n := startLoaded(t)
 	c, err := api.NewClient(api.Config{Address: "http://" + n.HTTPAddr()})
@@ -199,6 +203,75 @@ func TestOfficialClient(t *testing.T) {
 		mustDecode(t, r.Data, &data)
 		if len(data.Result) != 1 || data.Result[0].Value[0].(float64) != secs || data.Result[0].Value[1] != model.SampleValue(a[""]).String() {
 			t.Errorf("at %d ms, raw: %s; at %v s: %v", ms, r.Data, secs, a)
+		}
+	})
+	t.Run("empty answers are empty lists", func(t *testing.T) {
+		m, _, _, err := prom.QueryRange(ctx, `sum(rate(requests_total{datacenter="none"}[1m]))`, v1.Range{Start: now.Add(-5 * time.Minute), End: now, Step: 15 * time.Second})
+		if mat, ok := m.(model.Matrix); err != nil || !ok || mat == nil || len(mat) != 0 {
+			t.Errorf("query_range without series: %#v, %v; want an empty matrix", m, err)
+		}
+		v, _, _, err := prom.Query(ctx, `sum(requests_delta{datacenter="none"})`, now)
+		if vec, ok := v.(model.Vector); err != nil || !ok || vec == nil || len(vec) != 0 {
+			t.Errorf("query without series: %#v, %v; want an empty vector", v, err)
+		}
+		names, _, _, err := prom.LabelNames(ctx, []string{"nometric"}, start, end)
+		if err != nil || names == nil || len(names) != 0 {
+			t.Errorf("labels of no series: %#v, %v; want []", names, err)
+		}
+		vals, _, _, err := prom.LabelValues(ctx, "nolabel", nil, start, end)
+		if err != nil || vals == nil || len(vals) != 0 {
+			t.Errorf("values of an unknown label: %#v, %v; want []", vals, err)
+		}
+		sets, _, _, err := prom.Series(ctx, []string{"nometric"}, start, end)
+		if err != nil || sets == nil || len(sets) != 0 {
+			t.Errorf("series of nothing: %#v, %v; want []", sets, err)
+		}
+	})
+	t.Run("infos", func(t *testing.T) {
+		_, warnings, infos, err := prom.Query(ctx, "sum(rate(requests_delta[5m]))", now)
+		if err != nil || len(warnings) != 0 || len(infos) != 1 || !strings.Contains(infos[0], `metric might not be a counter, name does not end in _total/_sum/_count/_bucket: "requests_delta"`) {
+			t.Errorf("rate of a gauge: warnings %q, infos %q, %v; want Prometheus' info", warnings, infos, err)
+		}
+	})
+	t.Run("runtimeinfo and flags", func(t *testing.T) {
+		ri, err := prom.Runtimeinfo(ctx)
+		if err != nil || ri.StartTime.IsZero() || ri.GOMAXPROCS < 1 || ri.GoroutineCount < 1 || ri.StorageRetention != "1s:1d, 10s:8d, 1m:35d" {
+			t.Errorf("runtimeinfo %+v, %v", ri, err)
+		}
+		flags, err := prom.Flags(ctx)
+		if err != nil || flags["log-level"] != "debug" {
+			t.Errorf("flags %v, %v; want those the node was started with", flags, err)
+		}
+	})
+	t.Run("nothing scraped, nothing notified", func(t *testing.T) {
+		targets, err := prom.Targets(ctx)
+		if err != nil || targets.Active == nil || len(targets.Active) != 0 || targets.Dropped == nil || len(targets.Dropped) != 0 {
+			t.Errorf("targets %+v, %v; want empty lists", targets, err)
+		}
+		md, err := prom.TargetsMetadata(ctx, `{job="x"}`, "", "")
+		if err != nil || md == nil || len(md) != 0 {
+			t.Errorf("targets metadata %+v, %v; want []", md, err)
+		}
+		ams, err := prom.AlertManagers(ctx)
+		if err != nil || ams.Active == nil || len(ams.Active) != 0 || ams.Dropped == nil || len(ams.Dropped) != 0 {
+			t.Errorf("alertmanagers %+v, %v; want empty lists", ams, err)
+		}
+	})
+	t.Run("not served", func(t *testing.T) {
+		for name, call := range map[string]func() error{
+			"config":           func() error { _, err := prom.Config(ctx); return err },
+			"tsdb":             func() error { _, err := prom.TSDB(ctx); return err },
+			"tsdb blocks":      func() error { _, err := prom.TSDBBlocks(ctx); return err },
+			"wal replay":       func() error { _, err := prom.WalReplay(ctx); return err },
+			"snapshot":         func() error { _, err := prom.Snapshot(ctx, false); return err },
+			"delete series":    func() error { return prom.DeleteSeries(ctx, []string{"requests_total"}, start, end) },
+			"clean tombstones": func() error { return prom.CleanTombstones(ctx) },
+		} {
+			var apiErr *v1.Error
+			if err := call(); !errors.As(err, &apiErr) || apiErr.Type != v1.ErrClient || apiErr.Msg != "client error: 404" ||
+				!strings.Contains(apiErr.Detail, `"status":"error","errorType":"not_found","error":"dimsum does not serve /api/v1/`) {
+				t.Errorf("%s: %v; want a 404 not_found in the error envelope", name, err)
+			}
 		}
 	})
 }

@@ -70,6 +70,11 @@ type Config struct {
 	// returns, so that the write-ahead log and the store never meet a full
 	// disk. The default is 256 MiB.
 	MinFreeBytes int64 `yaml:"min_free_bytes"`
+	// DebugPprof serves Go's profiles (net/http/pprof) under /debug/pprof/
+	// on the HTTP listener, behind the admin right when credentials are
+	// configured. The default is false: a profile costs CPU and shows the
+	// process's internals.
+	DebugPprof bool `yaml:"debug_pprof"`
 
 	// Roles are the roles this node runs: some of aggregator, combiner and
 	// query. The default is all three.
@@ -85,6 +90,10 @@ type Config struct {
 	// Schema declares the families and resolutions. When it names no
 	// family, the embedded default schema is used.
 	Schema schema.File `yaml:"schema"`
+
+	// Flags are the command-line flags the node was started with, by
+	// name, as /api/v1/status/flags reports them; not read from YAML.
+	Flags map[string]string `yaml:"-"`
 }
 
 // AggregatorConfig mirrors aggregator.Options; zero fields take its defaults.
@@ -233,7 +242,7 @@ func ParseConfig(data []byte) (Config, error) {
 	dec := yaml.NewDecoder(strings.NewReader(string(data)))
 	dec.KnownFields(true)
 	if err := dec.Decode(&c); err != nil && !errors.Is(err, io.EOF) {
-		return Config{}, fmt.Errorf("%w: %v", ErrConfig, err)
+		return Config{}, configError(err)
 	}
 	return c, nil
 }

@@ -40,7 +40,11 @@ func TestParseConfig(t *testing.T) {
 		t.Errorf("cluster member's defaults: %+v", c)
 	}
 	for _, tc := range []struct{ name, yaml, want string }{
-		{"unknown field", "datadir: x", "not found"},
+		{"unknown field", "datadir: x", `line 1: unknown key "datadir" in the top level; did you mean "data_dir"?`},
+		{"misspelt listener", "data_dir: x\nhttp_listn: :1", `line 2: unknown key "http_listn" in the top level; did you mean "http_listen"?`},
+		{"unknown nested field", "aggregator:\n  grace: 1s\n  gracce: 2s", `line 3: unknown key "gracce" in aggregator; did you mean "grace"?`},
+		{"unknown TLS field", "cluster: {tls: {certfile: x}}", `unknown key "certfile" in tls or cluster.tls; did you mean "cert_file"?`},
+		{"unknown family field", "schema: {families: [{name: a, dims: [b]}]}", `unknown key "dims" in schema.families (its keys: `},
 		{"bad duration", "aggregator: {grace: soon}", "soon"},
 		{"negative message size", "max_recv_bytes: -1", "max_recv_bytes"},
 		{"negative max samples", "query: {max_samples: -5}", "max_samples"},

@@ -7,6 +7,8 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/pprof"
+	"os"
 	"path/filepath"
 	"sync"
 	"time"
@@ -51,10 +53,13 @@ type Node struct {
 	trust *trust
 	// health is what stops the node taking work when its store cannot go
 	// on.
-	health health
-	stop   chan struct{} // ends the background loops
-	loops  sync.WaitGroup
-	errc   chan error
+	health  health
+	metrics *serverMetrics
+	// dirLock holds the data directory for this process.
+	dirLock *os.File
+	stop    chan struct{} // ends the background loops
+	loops   sync.WaitGroup
+	errc    chan error
 
 	closeOnce sync.Once
 	closeErr  error
@@ -85,8 +90,12 @@ func Start(cfg Config, version string, log *slog.Logger) (n *Node, err error) {
 		}
 	}()
 
+	if n.dirLock, err = lockDataDir(cfg.DataDir); err != nil {
+		return nil, err
+	}
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	n.metrics = newServerMetrics(reg, version)
 	if n.trust, err = loadTrust(cfg, log, reg); err != nil {
 		return nil, err
 	}
@@ -136,7 +145,16 @@ func Start(cfg Config, version string, log *slog.Logger) (n *Node, err error) {
 	mux.HandleFunc("/-/healthy", n.serveHealth)
 	mux.HandleFunc("POST /-/reload", n.serveReload)
 	mux.HandleFunc("GET /api/v1/status/cluster", n.serveClusterStatus)
-	n.http = &http.Server{Handler: n.trust.guardHTTP(mux), ReadHeaderTimeout: 10 * time.Second, TLSConfig: n.trust.publicTLS(),
+	if cfg.DebugPprof {
+		// net/http/pprof's handlers, on this mux rather than the default
+		// one; the admin right guards them.
+		mux.HandleFunc("/debug/pprof/", pprof.Index)
+		mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+		mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+		mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+		mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	}
+	n.http = &http.Server{Handler: n.metrics.instrumentHTTP(mux, n.trust.guardHTTP(mux)), ReadHeaderTimeout: 10 * time.Second, TLSConfig: n.trust.publicTLS(),
 		// Refused TLS handshakes and the like, which net/http logs.
 		ErrorLog: slog.NewLogLogger(log.With("component", "http").Handler(), slog.LevelWarn)}
 
@@ -189,8 +207,8 @@ func (n *Node) listen() error {
 	} else {
 		n.internalLn = bufconn.Listen(1 << 20)
 	}
-	n.grpc = grpc.NewServer(append(n.trust.publicServerOptions(), grpc.MaxRecvMsgSize(cfg.MaxBatchBytes))...)
-	n.internal = grpc.NewServer(n.trust.internalServerOption(), grpc.MaxRecvMsgSize(cfg.MaxRecvBytes))
+	n.grpc = grpc.NewServer(append(append(n.trust.publicServerOptions(), grpc.MaxRecvMsgSize(cfg.MaxBatchBytes)), n.metrics.grpcOptions("public")...)...)
+	n.internal = grpc.NewServer(append(n.metrics.grpcOptions("internal"), n.trust.internalServerOption(), grpc.MaxRecvMsgSize(cfg.MaxRecvBytes))...)
 	return nil
 }
 
@@ -348,6 +366,7 @@ func (n *Node) startQuery(s *schema.Schema, reg prometheus.Registerer, version s
 		LookbackDelta:   time.Duration(qc.LookbackDelta),
 		PartialResponse: qc.PartialResponse,
 		Version:         version,
+		Flags:           n.cfg.Flags,
 		Logger:          n.log.With("component", "query"),
 		Registerer:      reg,
 	}
@@ -473,6 +492,9 @@ func (n *Node) close() error {
 		// committed is in its log, read again at the next start.
 		n.log.Error("the store failed; not closing it", "err", err)
 		errs = append(errs, err)
+	}
+	if n.dirLock != nil {
+		errs = append(errs, n.dirLock.Close())
 	}
 	n.log.Info("dimsum stopped")
 	return errors.Join(errs...)

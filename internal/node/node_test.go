@@ -4,10 +4,13 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"math"
 	"net"
 	"net/http"
 	"net/url"
+	"os"
+	"runtime"
 	"strconv"
 	"strings"
 	"testing"
@@ -17,6 +20,7 @@ import (
 
 	"github.com/dimsum/dimsum/loadtest"
 	"github.com/dimsum/dimsum/schema"
+	"github.com/dimsum/dimsum/wire/wirepb"
 )
 
 // testConfig runs a node on free loopback ports with a one-second window, so
@@ -159,11 +163,13 @@ func TestEndToEnd(t *testing.T) {
 	t.Run("after restart", func(t *testing.T) { check(t, n.HTTPAddr()) })
 }
 
-// startLoaded starts a node of version v1.2.3, pushes a small seeded
+// startLoaded starts a node of version v1.2.3 with a flag, pushes a small seeded
 // workload (no late events) and waits until its series are visible.
 func startLoaded(t *testing.T) *Node {
 	t.Helper()
-	n, err := Start(testConfig(t.TempDir()), "v1.2.3", nil)
+	cfg := testConfig(t.TempDir())
+	cfg.Flags = map[string]string{"log-level": "debug"} // as cmd/dimsum passes them
+	n, err := Start(cfg, "v1.2.3", nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -321,4 +327,86 @@ func TestStartFailsCleanly(t *testing.T) {
 		t.Fatal(err)
 	}
 	n.Close()
+}
+
+// TestDataDirInUse starts a second node on a data directory a running node
+// holds: it is refused at once, saying that another process holds the
+// directory, and once the first stops the directory is free again.
+func TestDataDirInUse(t *testing.T) {
+	dir := t.TempDir()
+	n, err := Start(testConfig(dir), "test", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	second, err := Start(testConfig(dir), "test", nil)
+	want := fmt.Sprintf("the data directory %s is in use by another dimsum process (pid %d)", dir, os.Getpid())
+	if err == nil || second != nil || !strings.Contains(err.Error(), want) {
+		t.Errorf("a second node on %s: %v; want an error saying %q", dir, err, want)
+	}
+	if err := n.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if n, err = Start(testConfig(dir), "test", nil); err != nil {
+		t.Fatalf("after the first node stopped: %v", err)
+	}
+	n.Close()
+}
+
+// TestServerMetrics checks that /metrics counts the HTTP requests by route
+// and status and the gRPC calls by method and code, and carries
+// dimsum_build_info; and that /debug/pprof/ is served only when asked for.
+func TestServerMetrics(t *testing.T) {
+	cfg := testConfig(t.TempDir())
+	cfg.DebugPprof = true
+	n, err := Start(cfg, "v9.8.7", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer n.Close()
+	if _, err := loadtest.Run(context.Background(), loadtest.Options{Addrs: []string{n.GRPCAddr()}, HTTPAddrs: []string{n.HTTPAddr()}, Events: 100, LateFraction: -1}); err != nil {
+		t.Fatal(err)
+	}
+	get(t, n.HTTPAddr(), "/api/v1/query", url.Values{"query": {"1"}})
+	get(t, n.HTTPAddr(), "/api/v1/query", url.Values{"query": {"sum("}})
+	fetch := func(addr, path string) (int, string) {
+		t.Helper()
+		resp, err := http.Get("http://" + addr + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		body, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(body)
+	}
+	if code, body := fetch(n.HTTPAddr(), "/debug/pprof/"); code != http.StatusOK || !strings.Contains(body, "goroutine") {
+		t.Errorf("/debug/pprof/ with debug_pprof: HTTP %d", code)
+	}
+	// The flush reaches the combiner once the window and its grace end.
+	flushed := `dimsum_grpc_requests_total{code="OK",method="` + wirepb.Combiner_Flush_FullMethodName + `",server="internal"}`
+	var metrics string
+	deadline := time.Now().Add(30 * time.Second)
+	for _, metrics = fetch(n.HTTPAddr(), "/metrics"); !strings.Contains(metrics, flushed) && time.Now().Before(deadline); _, metrics = fetch(n.HTTPAddr(), "/metrics") {
+		time.Sleep(100 * time.Millisecond)
+	}
+	for _, want := range []string{
+		`dimsum_http_requests_total{code="200",handler="/api/v1/query"} 1`,
+		`dimsum_http_requests_total{code="400",handler="/api/v1/query"} 1`,
+		`dimsum_http_request_duration_seconds_count{handler="/api/v1/query"} 2`,
+		`dimsum_grpc_requests_total{code="OK",method="` + wirepb.Ingest_Push_FullMethodName + `",server="public"}`,
+		flushed,
+		`dimsum_build_info{goversion="` + runtime.Version() + `",version="v9.8.7"} 1`,
+	} {
+		if !strings.Contains(metrics, want) {
+			t.Errorf("/metrics lacks %s", want)
+		}
+	}
+
+	plain, err := Start(testConfig(t.TempDir()), "test", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer plain.Close()
+	if code, _ := fetch(plain.HTTPAddr(), "/debug/pprof/"); code != http.StatusNotFound {
+		t.Errorf("/debug/pprof/ without debug_pprof: HTTP %d, want 404", code)
+	}
 }

@@ -33,8 +33,8 @@ import (
 
 // The reference suite checks a running node, over HTTP, against the
 // Prometheus engine over refModel: a plain list of the raw events from which
-// the finest series are synthesized as DESIGN.md defines them, with nothing
-// of dimsum's own code in between.
+// the finest series are synthesized as docs/architecture.md ("4. Query")
+// defines them, with nothing of dimsum's own code in between.
 
 // refEvent is one accepted event.
 type refEvent struct {
@@ -107,7 +107,8 @@ func (q *refQuerier) Select(_ context.Context, _ bool, h *storage.SelectHints, m
 	r := q.resolution(h.Step, h.Range, mint)
 	step := r.Step.Milliseconds()
 	mint = max(mint, q.m.now-r.Retention.Milliseconds())
-	first, last := floorTo(mint, step), floorTo(maxt, step)
+	// A step ending at mint has its sample in the selection.
+	first, last := floorTo(mint-1, step), floorTo(maxt, step)
 	if last == maxt {
 		last -= step
 	}

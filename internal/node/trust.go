@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net/http"
 	"os"
+	"strings"
 	"sync"
 	"time"
 
@@ -216,13 +217,16 @@ func (t *trust) guardHTTP(mux http.Handler) http.Handler {
 }
 
 // httpRight is the right an HTTP request needs: none for the health check
-// (load balancers probe it), Admin for the node's own state and reload,
-// Query for the rest (the API, slices, the explorer page).
+// (load balancers probe it), Admin for the node's own state, its profiles
+// and reload, Query for the rest (the API, slices, the explorer page).
 func httpRight(r *http.Request) auth.Right {
 	switch r.URL.Path {
 	case "/-/healthy":
 		return 0
 	case "/metrics", "/-/reload", "/api/v1/status/cluster":
+		return auth.Admin
+	}
+	if strings.HasPrefix(r.URL.Path, "/debug/") {
 		return auth.Admin
 	}
 	return auth.Query
