@@ -437,6 +437,27 @@ func (n *Node) GossipAddr() string {
 // Err delivers the first error that stopped a server.
 func (n *Node) Err() <-chan error { return n.errc }
 
+// grpcStopTimeout bounds how long Close waits for calls in flight: a call
+// stuck in a store that failed (Pebble parks the goroutine of a fatal error)
+// would otherwise hold the stop forever.
+const grpcStopTimeout = 10 * time.Second
+
+// stopGRPC stops s gracefully, and at once when calls are still running
+// after timeout.
+func stopGRPC(s *grpc.Server, timeout time.Duration) {
+	done := make(chan struct{})
+	go func() {
+		s.GracefulStop()
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-time.After(timeout):
+		s.Stop()
+		<-done
+	}
+}
+
 // Close flushes every open window, then stops serving, leaves the cluster
 // and closes the store. A node with the combiner role does not announce a
 // leave: the others list it as dead, so its shards wait for it to return
@@ -471,7 +492,7 @@ func (n *Node) close() error {
 	}
 	for _, s := range []*grpc.Server{n.grpc, n.internal} {
 		if s != nil {
-			s.GracefulStop()
+			stopGRPC(s, grpcStopTimeout)
 		}
 	}
 	for _, ln := range []net.Listener{n.grpcLn, n.internalLn, n.httpLn} {
