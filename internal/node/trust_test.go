@@ -25,6 +25,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/metadata"
 	grpcstatus "google.golang.org/grpc/status"
 
 	"github.com/dimsum/dimsum/cluster"
@@ -307,9 +308,30 @@ func TestClusterMutualTLS(t *testing.T) {
 	if _, err := wirepb.NewReadClient(conn).LabelNames(context.Background(), &wirepb.LabelsRequest{Family: "requests", MaxtMs: math.MaxInt64, Shards: &wirepb.ShardSet{Count: 8, Shards: []uint32{0}}}); err != nil {
 		t.Errorf("a read with a member's certificate: %v", err)
 	}
+	// A publisher that marks its batch as forwarded, on an aggregator's
+	// public listener, would have its events counted as they are, past the
+	// lateness and horizon checks: the public listener refuses the marker.
+	pub, err := grpc.NewClient("passthrough:///"+a1.GRPCAddr(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pub.Close()
+	labels := []uint32{1, 2, 3, 4, 5, 6, 7, 8, 9, 10}
+	forged := &wirepb.PushRequest{Source: "forger", BatchSeq: 1,
+		Dict: []string{"requests", "datacenter", "dc1", "cluster", "c1", "host", "forged", "transaction", "checkout", "status", "200"},
+		Events: []*wirepb.Event{
+			{Family: 0, Labels: labels, TimestampMs: time.Now().Add(-24 * time.Hour).UnixMilli(), Value: 1e6},
+			{Family: 0, Labels: labels, TimestampMs: time.Now().AddDate(1, 0, 0).UnixMilli(), Value: 1e6},
+			{Family: 0, Labels: labels, TimestampMs: math.MaxInt64, Value: 1e6},
+		}}
+	ctx, cancel := context.WithTimeout(metadata.AppendToOutgoingContext(context.Background(), "dimsum-forwarded", "1"), 10*time.Second)
+	defer cancel()
+	if _, err := wirepb.NewIngestClient(pub).Push(ctx, forged); grpcstatus.Code(err) != codes.PermissionDenied {
+		t.Errorf("a batch marked as forwarded on a public listener: %v, want PermissionDenied", err)
+	}
 	after, _, _, _ := totals(t, q, false)
 	if fmt.Sprint(after) != fmt.Sprint(before) {
-		t.Errorf("the totals moved from %v to %v after the outsiders' flushes", before, after)
+		t.Errorf("the totals moved from %v to %v after the outsiders' calls", before, after)
 	}
 }
 
