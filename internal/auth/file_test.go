@@ -6,6 +6,8 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -122,4 +124,35 @@ func FuzzParse(f *testing.F) {
 			}
 		}
 	})
+}
+
+// TestGuardRefusesEmptyFile: a guard never puts in force a file without a
+// credential, which would refuse every call; at start that is an error,
+// and on a reload the credentials before it stay.
+func TestGuardRefusesEmptyFile(t *testing.T) {
+	file := filepath.Join(t.TempDir(), "credentials.yaml")
+	for _, empty := range []string{"", "credentials: []\n", "# rewritten\n"} {
+		if err := os.WriteFile(file, []byte(empty), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := NewGuard(Options{File: file}); !errors.Is(err, ErrFile) {
+			t.Errorf("a guard over %q: %v, want ErrFile", empty, err)
+		}
+	}
+	if err := os.WriteFile(file, []byte("credentials:\n  - {name: a, token_sha256: "+sum("t")+", rights: [push]}\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	g, err := NewGuard(Options{File: file})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(file, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := g.Reload(); !errors.Is(err, ErrFile) {
+		t.Errorf("reloading an empty file: %v, want ErrFile", err)
+	}
+	if _, err := g.Check("grpc", "Bearer t", Push); err != nil {
+		t.Errorf("the credential in force before the empty file: %v", err)
+	}
 }

@@ -71,8 +71,8 @@ func NewGuard(opts Options) (*Guard, error) {
 	return g, nil
 }
 
-// Reload reads the file again. On a failure the credentials in force
-// stay, and the error says why.
+// Reload reads the file again. When that fails, or the file holds no
+// credential, the credentials in force stay, and the error says why.
 func (g *Guard) Reload() error {
 	g.mu.Lock()
 	defer g.mu.Unlock()
@@ -80,6 +80,11 @@ func (g *Guard) Reload() error {
 	var set *Set
 	if err == nil {
 		set, err = Parse(data)
+	}
+	if err == nil && set.Len() == 0 {
+		// An empty file, or one caught halfway through a rewrite in place,
+		// would refuse every call.
+		err = fmt.Errorf("%w: it holds no credential, which would refuse every call; to run without credentials, remove auth.credentials_file", ErrFile)
 	}
 	if err != nil {
 		g.reloads.WithLabelValues("failure").Inc()

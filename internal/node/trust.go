@@ -1,6 +1,7 @@
 package node
 
 import (
+	"crypto/sha256"
 	"crypto/tls"
 	"errors"
 	"fmt"
@@ -9,7 +10,6 @@ import (
 	"os"
 	"strings"
 	"sync"
-	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc"
@@ -37,21 +37,17 @@ type trust struct {
 	setKeys    func([][]byte) error
 
 	mu struct {
-		sync.Mutex
-		// stamps holds the modification time and size of each file when
-		// it was last read.
-		stamps map[string]stamp
+		sync.Mutex // one reload at a time
+		// sums holds the SHA-256 of each file's content when it was last
+		// read: a rewrite within the file system's clock tick, or one
+		// that keeps the size, still counts as a change.
+		sums map[string][sha256.Size]byte
 	}
-}
-
-type stamp struct {
-	mtime time.Time
-	size  int64
 }
 
 func loadTrust(cfg Config, log *slog.Logger, reg prometheus.Registerer) (*trust, error) {
 	t := &trust{log: log, gossipFile: cfg.Cluster.GossipKeyFile}
-	t.mu.stamps = map[string]stamp{}
+	t.mu.sums = map[string][sha256.Size]byte{}
 	var err error
 	if t.public, err = loadTLS(cfg.TLS); err != nil {
 		return nil, err
@@ -104,26 +100,26 @@ func (t *trust) files() []string {
 	return out
 }
 
-// changed reports whether file differs, by modification time or size, from
-// when changed last looked at it.
+// changed reports whether the content of file differs from when changed
+// last looked at it. The caller holds t.mu.
 func (t *trust) changed(file string) bool {
-	fi, err := os.Stat(file)
+	data, err := os.ReadFile(file)
 	if err != nil {
 		return true // reading it says why
 	}
-	st := stamp{fi.ModTime(), fi.Size()}
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	if t.mu.stamps[file] == st {
+	sum := sha256.Sum256(data)
+	if t.mu.sums[file] == sum {
 		return false
 	}
-	t.mu.stamps[file] = st
+	t.mu.sums[file] = sum
 	return true
 }
 
 // reload reads again the files that changed, or all of them with force.
 // What fails to load keeps what was in force, and the error says so.
 func (t *trust) reload(force bool) error {
+	t.mu.Lock()
+	defer t.mu.Unlock()
 	var errs []error
 	for _, f := range []*tlsFiles{t.public, t.members} {
 		if f == nil {

@@ -215,6 +215,35 @@ func TestPublicTLSAndCredentials(t *testing.T) {
 	if err := push(publisher.BearerToken("new-push-token"), trusting); err != nil {
 		t.Errorf("the token in force after a failed reload: %v", err)
 	}
+	// An empty file, as one caught halfway through a rewrite in place
+	// reads, would refuse every call: it keeps the credentials in force.
+	credentialsFile(t, creds)
+	if err := n.Reload(); err == nil || !strings.Contains(err.Error(), "holds no credential") {
+		t.Errorf("reloading an empty file: %v, want it refused", err)
+	}
+	if err := push(publisher.BearerToken("new-push-token"), trusting); err != nil {
+		t.Errorf("the token in force after reloading an empty file: %v", err)
+	}
+	// A rewrite by rename that keeps the size and the modification time
+	// is still seen: the node compares contents.
+	credentialsFile(t, creds, tokenLine("pipeline", "new-push-token", "push"), tokenLine("ops", "admin-token", "admin"))
+	if err := n.Reload(); err != nil {
+		t.Fatal(err)
+	}
+	fi, err := os.Stat(creds)
+	if err != nil {
+		t.Fatal(err)
+	}
+	next := credentialsFile(t, filepath.Join(dir, "credentials.next"), tokenLine("pipeline", "nxt-push-token", "push"), tokenLine("ops", "admin-token", "admin"))
+	if err := os.Chtimes(next, fi.ModTime(), fi.ModTime()); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(next, creds); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the renamed credentials file to be read", func() bool {
+		return push(publisher.BearerToken("nxt-push-token"), trusting) == nil
+	})
 }
 
 // basic is the value of HTTP basic credentials.
