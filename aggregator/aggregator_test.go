@@ -675,6 +675,7 @@ func TestOptionsValidate(t *testing.T) {
 		o.MaxLateness = time.Hour
 	}, "")
 	f("negative batch limit", func(o *aggregator.Options) { o.MaxBatchEvents = -1 }, "negative limit")
+	f("label limit over the ceiling", func(o *aggregator.Options) { o.MaxLabelValueBytes = aggregator.LabelBytesCeiling + 1 }, "may exceed")
 	f("negative log bound", func(o *aggregator.Options) { o.WALMaxBytes = -1 }, "write-ahead log")
 	f("negative segment size", func(o *aggregator.Options) { o.WALSegmentBytes = -1 }, "write-ahead log")
 	f("negative cell limit", func(o *aggregator.Options) { o.MaxCellsPerWindow = -1 }, "negative limit")

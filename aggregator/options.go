@@ -12,6 +12,12 @@ import (
 	"github.com/dimsum/dimsum/schema"
 )
 
+// LabelBytesCeiling is the most MaxLabelNameBytes and MaxLabelValueBytes
+// may be: a label lies in the keys of the store and in every message that
+// carries its cells, each far smaller than a label of megabytes would
+// make useful.
+const LabelBytesCeiling = 1 << 20
+
 // Options configure an Aggregator. The zero value of every field but Schema,
 // Sink and Peers is replaced by its default in EnsureDefaults.
 type Options struct {
@@ -65,8 +71,9 @@ type Options struct {
 	// rejected with a label-too-long reason. A label value becomes part of
 	// every key and series of its cells for the whole retention, so one
 	// huge value costs every query that touches it. The defaults are 256
-	// and 2,048 bytes (Grafana Cloud's and Loki's value limit; Prometheus
-	// has none).
+	// and 2,048 bytes (Grafana Cloud's and Loki's value limit; Prometheus'
+	// scrape limits on them are off by default); neither may exceed
+	// LabelBytesCeiling.
 	MaxLabelNameBytes, MaxLabelValueBytes int
 
 	// FlushInterval is how often closed windows are looked for, with 10%
@@ -196,6 +203,8 @@ func (o *Options) Validate() error {
 		return fmt.Errorf("%w: max lateness %s exceeds the finest retention %s", ErrOptions, o.MaxLateness, o.Schema.Resolutions[0].Retention)
 	case o.MaxBatchEvents < 0 || o.MaxCellsPerWindow < 0 || o.MaxLabelNameBytes < 0 || o.MaxLabelValueBytes < 0:
 		return fmt.Errorf("%w: negative limit", ErrOptions)
+	case o.MaxLabelNameBytes > LabelBytesCeiling || o.MaxLabelValueBytes > LabelBytesCeiling:
+		return fmt.Errorf("%w: label limits %d and %d bytes: neither may exceed %d", ErrOptions, o.MaxLabelNameBytes, o.MaxLabelValueBytes, LabelBytesCeiling)
 	case o.WALMaxBytes < 0 || o.WALSegmentBytes < 0 || o.MinFreeBytes < 0:
 		return fmt.Errorf("%w: negative write-ahead log size", ErrOptions)
 	case o.MaxPendingBytes < 0:

@@ -13,6 +13,7 @@ import (
 	"github.com/prometheus/common/model"
 	"go.yaml.in/yaml/v3"
 
+	"github.com/dimsum/dimsum/aggregator"
 	"github.com/dimsum/dimsum/cluster"
 	"github.com/dimsum/dimsum/schema"
 )
@@ -66,9 +67,10 @@ type Config struct {
 	MemoryLimit int64 `yaml:"memory_limit"`
 	// MinFreeBytes is the free-space floor of data_dir's filesystems:
 	// below it the aggregator refuses batches (gRPC ResourceExhausted with
-	// RetryInfo: back-pressure) and the combiner flushes, until space
-	// returns, so that the write-ahead log and the store never meet a full
-	// disk. The default is 256 MiB.
+	// RetryInfo: back-pressure) and the combiner flushes (Unavailable,
+	// retried by the aggregators), until space returns, so that the
+	// write-ahead log and the store never meet a full disk. The default is
+	// 256 MiB.
 	MinFreeBytes int64 `yaml:"min_free_bytes"`
 	// DebugPprof serves Go's profiles (net/http/pprof) under /debug/pprof/
 	// on the HTTP listener, behind the admin right when credentials are
@@ -106,7 +108,7 @@ type AggregatorConfig struct {
 	FlushInterval     model.Duration `yaml:"flush_interval"`       // default window/10
 	// MaxLabelNameBytes and MaxLabelValueBytes bound an event's label
 	// names and values; a longer one is rejected (LABEL_TOO_LONG). The
-	// defaults are 256 and 2048.
+	// defaults are 256 and 2048; neither may exceed 1 MiB.
 	MaxLabelNameBytes  int `yaml:"max_label_name_bytes"`
 	MaxLabelValueBytes int `yaml:"max_label_value_bytes"`
 	// WALMaxBytes bounds the write-ahead log in data_dir/wal; past it Push
@@ -338,6 +340,8 @@ func (c *Config) Validate() error {
 		return fmt.Errorf("%w: query max_query_length %d or max_query_depth %d is negative", ErrConfig, c.Query.MaxQueryLength, c.Query.MaxQueryDepth)
 	case c.Aggregator.MaxLabelNameBytes < 0 || c.Aggregator.MaxLabelValueBytes < 0:
 		return fmt.Errorf("%w: aggregator max_label_name_bytes %d or max_label_value_bytes %d is negative", ErrConfig, c.Aggregator.MaxLabelNameBytes, c.Aggregator.MaxLabelValueBytes)
+	case c.Aggregator.MaxLabelNameBytes > aggregator.LabelBytesCeiling || c.Aggregator.MaxLabelValueBytes > aggregator.LabelBytesCeiling:
+		return fmt.Errorf("%w: aggregator max_label_name_bytes %d or max_label_value_bytes %d is over %d (1 MiB)", ErrConfig, c.Aggregator.MaxLabelNameBytes, c.Aggregator.MaxLabelValueBytes, aggregator.LabelBytesCeiling)
 	case c.Cluster.Shards < 0 || c.Cluster.Shards > maxShards:
 		return fmt.Errorf("%w: cluster shards %d, want 1 to %d", ErrConfig, c.Cluster.Shards, maxShards)
 	case c.Cluster.Replication < 0:

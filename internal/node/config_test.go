@@ -68,6 +68,7 @@ func TestParseConfig(t *testing.T) {
 		{"negative floor", "min_free_bytes: -1", "min_free_bytes"},
 		{"negative batch bytes", "max_batch_bytes: -1", "max_batch_bytes"},
 		{"negative label limit", "aggregator: {max_label_value_bytes: -1}", "max_label_value_bytes"},
+		{"label limit too large", "aggregator: {max_label_name_bytes: 16777216}", "over 1048576"},
 		{"negative query length", "query: {max_query_length: -1}", "max_query_length"},
 		{"negative reload interval", "reload_interval: -1s", `"-1s"`},
 	} {
