@@ -34,7 +34,14 @@ type ingestServer struct {
 	internal bool
 }
 
+// Push takes a batch unless its caller is already gone. Once taken, it
+// runs to the end whatever the caller does: its events are in the cube
+// before the log's sync returns, so cutting the wait short would save no
+// work, and a retry of the batch is a duplicate.
 func (s ingestServer) Push(ctx context.Context, req *wirepb.PushRequest) (*wirepb.PushResponse, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, status.FromContextError(err).Err()
+	}
 	if !s.internal && forwarded(ctx) {
 		return nil, grpcError(ErrNotInternal)
 	}

@@ -113,3 +113,48 @@ func TestGRPCIngest(t *testing.T) {
 		}
 	})
 }
+
+// TestGRPCIngestCallerGone: a batch whose caller gave up while the call
+// waited to be served (here held until its deadline passes, as a busy
+// server would) is not taken: nothing of it is counted, and its retry is
+// not a duplicate.
+func TestGRPCIngestCallerGone(t *testing.T) {
+	h := start(t, aggregator.Options{})
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := grpc.NewServer(grpc.UnaryInterceptor(func(ctx context.Context, req any, _ *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
+		if _, ok := ctx.Deadline(); ok {
+			<-ctx.Done()
+		}
+		return handler(ctx, req)
+	}))
+	h.agg.Register(srv)
+	go srv.Serve(lis)
+	t.Cleanup(srv.Stop)
+	conn, err := grpc.NewClient("passthrough:///"+lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	client := wirepb.NewIngestClient(conn)
+
+	var b wire.Batch
+	addGood(&b, h.ms(0), 1, 0, 0, 0)
+	req := b.Request()
+	req.Source, req.BatchSeq = "gone", 1
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	if _, err := client.Push(ctx, req); status.Code(err) != codes.DeadlineExceeded {
+		t.Fatalf("a push past its deadline: %v, want DeadlineExceeded", err)
+	}
+	// The handler ran after the caller left; give it the time to finish.
+	srv.GracefulStop()
+	if got := h.counter(t, "dimsum_aggregator_events_accepted_total"); got != 0 {
+		t.Errorf("%v events of an abandoned batch were counted", got)
+	}
+	if resp, err := h.agg.Push(req); err != nil || resp.Duplicate || resp.Accepted != 1 {
+		t.Errorf("the retry of an abandoned batch: %+v, %v; want it taken, not a duplicate", resp, err)
+	}
+}

@@ -225,7 +225,8 @@ func (r *ReadServer) Cells(req *wirepb.CellsRequest, stream grpc.ServerStreaming
 }
 
 // Scan streams the steps of the listed cells. A message holds at most
-// about maxChunkBytes; a cell with more steps is split over several.
+// about maxChunkBytes; a cell with more steps is split over several. It
+// stops at the next cell once the reader is gone.
 func (r *ReadServer) Scan(req *wirepb.ScanRequest, stream grpc.ServerStreamingServer[wirepb.ScanChunk]) error {
 	if _, err := r.cuboid(req.Family, req.Cuboid); err != nil {
 		return err
@@ -246,7 +247,11 @@ func (r *ReadServer) Scan(req *wirepb.ScanRequest, stream grpc.ServerStreamingSe
 		chunk, size = &wirepb.ScanChunk{}, 0
 		return err
 	}
+	ctx := stream.Context()
 	err := r.store.Scan(int(req.Resolution), req.Family, schema.CuboidID(req.Cuboid), req.CellIds, req.MintMs, req.MaxtMs, func(id uint32, steps []tsdb.Step) error {
+		if err := ctx.Err(); err != nil {
+			return status.FromContextError(err).Err() // the reader is gone
+		}
 		for len(steps) > 0 {
 			n := min(len(steps), (maxChunkBytes-size)/stepBytes+1)
 			sc := &wirepb.ScanCell{Id: id, StartsMs: make([]int64, n), Sums: make([]float64, n), Counts: make([]uint64, n)}

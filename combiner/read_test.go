@@ -193,6 +193,37 @@ func TestReadScan(t *testing.T) {
 	}
 }
 
+// goneStream is a Scan stream whose reader has gone: its context is
+// cancelled, and it counts what the server still sends it. Scan calls
+// nothing else of it.
+type goneStream struct {
+	grpc.ServerStream
+	ctx  context.Context
+	sent int
+}
+
+func (s *goneStream) Context() context.Context     { return s.ctx }
+func (s *goneStream) Send(*wirepb.ScanChunk) error { s.sent++; return nil }
+
+// TestReadScanStopsWhenReaderGone: a scan whose reader went away stops at
+// the next cell with Canceled, rather than reading every cell it was
+// asked for into a stream no one reads.
+func TestReadScanStopsWhenReaderGone(t *testing.T) {
+	w := newReadWorld(t)
+	all := w.cells(t, &wirepb.CellsRequest{Family: "requests", Cuboid: uint32(w.finest.ID)})
+	ids := make([]uint32, len(all))
+	for i, c := range all {
+		ids[i] = c.Id
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	stream := &goneStream{ctx: ctx}
+	err := NewReadServer(schema.Default(), w.db).Scan(&wirepb.ScanRequest{Family: "requests", Cuboid: uint32(w.finest.ID), CellIds: ids, MintMs: w.now - 6*24*time.Hour.Milliseconds(), MaxtMs: w.now}, stream)
+	if status.Code(err) != codes.Canceled || stream.sent != 0 {
+		t.Errorf("a scan for a reader that is gone: %v after %d messages, want Canceled before any", err, stream.sent)
+	}
+}
+
 // TestReadInvalid sends malformed requests: each gets InvalidArgument and
 // a message that says what is wrong.
 func TestReadInvalid(t *testing.T) {
