@@ -128,7 +128,7 @@ func newMetrics(reg prometheus.Registerer, walBytes, pendingBytes, walFree func(
 			}, walBytes),
 			prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 				Name: "dimsum_aggregator_pending_bytes",
-				Help: "Memory of the flushes and forwarded parts waiting for their destinations; past max_pending_bytes, pushes are refused.",
+				Help: "Memory of the flushes no replica has taken yet; past max_pending_bytes, pushes are refused.",
 			}, pendingBytes),
 			prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 				Name: "dimsum_aggregator_wal_free_bytes",

@@ -97,12 +97,14 @@ type Options struct {
 	// 1 GiB.
 	WALMaxBytes int64
 
-	// MaxPendingBytes bounds the memory of the flushes (and forwarded
-	// parts) waiting for their destinations. It grows when the combiners
-	// take less than the aggregator takes, a store that falls behind; past
-	// the bound Push refuses batches with ErrBehind, which publishers see as
-	// back-pressure, until they drain. The default is 64 MiB, which holds
-	// about five million cells of partial cubes.
+	// MaxPendingBytes bounds the memory of the flushes that no replica of
+	// their shard has taken yet. It grows when the combiners take less
+	// than the aggregator takes, a store that falls behind; past the bound
+	// Push refuses batches with ErrBehind, which publishers see as
+	// back-pressure, until they drain. A flush one replica took, waiting
+	// only for another that is down, and a part forwarded to an
+	// aggregator, count against WALMaxBytes only. The default is 64 MiB,
+	// which holds about five million cells of partial cubes.
 	MaxPendingBytes int64
 
 	// MinFreeBytes is the free-space floor of the log's filesystem: below

@@ -41,6 +41,9 @@ type entry struct {
 	// size is the memory the request holds until every destination took
 	// it: the bytes of a flush, the encoded size of a forwarded part.
 	size int64
+	// untaken marks a flush no destination has taken yet, whose size
+	// counts against MaxPendingBytes. Guarded by Aggregator.mu.
+	untaken bool
 }
 
 // intent is the requests of one record: the flushes built from one cut
@@ -56,8 +59,12 @@ type intent struct {
 	remaining int
 }
 
-// newIntent makes the intent of entries, and counts the memory they hold
-// against MaxPendingBytes until they are delivered.
+// newIntent makes the intent of entries, and counts the memory of its
+// flushes against MaxPendingBytes until a first replica takes each: that
+// bound is for combiners that take less than the aggregator does. A flush
+// that waits only for a replica that is down, or a part for an aggregator
+// that is down, is bounded by the log (WALMaxBytes) instead, as a replica
+// may be down for hours without the others falling behind.
 func (a *Aggregator) newIntent(pos wal.Pos, cut cutMark, entries []*entry) *intent {
 	it := &intent{pos: pos, cut: cut, entries: entries, left: make([]map[string]bool, len(entries))}
 	for i, e := range entries {
@@ -76,7 +83,8 @@ func (a *Aggregator) newIntent(pos wal.Pos, cut cutMark, entries []*entry) *inte
 				e.size = int64(proto.Size(e.push))
 			}
 		}
-		if len(it.left[i]) > 0 {
+		if e.kind == entryFlush && len(it.left[i]) > 0 {
+			e.untaken = true
 			a.out.bytes.Add(e.size)
 		}
 	}
@@ -105,8 +113,8 @@ type outbox struct {
 		wake chan struct{}
 	}
 	closing chan struct{} // closed when Close begins: senders retry at once
-	// bytes is the memory of the requests some destination has not taken
-	// (entry.size), which MaxPendingBytes bounds.
+	// bytes is the memory of the flushes no destination has taken yet
+	// (entry.size of the untaken ones), which MaxPendingBytes bounds.
 	bytes  atomic.Int64
 	ctx    context.Context
 	cancel context.CancelFunc // stops the senders
@@ -373,8 +381,9 @@ func (a *Aggregator) deliveredLocked(it *intent, index int, dest string) bool {
 		return false
 	}
 	delete(it.left[index], dest)
-	if len(it.left[index]) == 0 {
-		a.out.bytes.Add(-it.entries[index].size)
+	if e := it.entries[index]; e.untaken {
+		e.untaken = false
+		a.out.bytes.Add(-e.size)
 	}
 	if it.remaining--; it.remaining == 0 {
 		a.completeLocked(it)

@@ -550,3 +550,37 @@ func TestBehindBackPressure(t *testing.T) {
 		t.Errorf("store holds %+v, acknowledged %+v", got, want)
 	}
 }
+
+// A replica that is down is not a store behind: with one of two replicas
+// down, pushes go on being taken however much waits for it (the log bounds
+// that), and once it is back it receives all of it.
+func TestDownReplicaIsNotBehind(t *testing.T) {
+	h := newHarness(t, schema.Default())
+	sink := newReplicaSink(t, h, 1, "c1", "c2")
+	sink.set("c2", true, false)
+	a := walAggregator(t, h, t.TempDir(), sink, aggregator.Options{Grace: time.Second, RetryBackoff: time.Millisecond, MaxPendingBytes: 4 << 10})
+	defer a.Close()
+	var want tsdb.Step
+	for seq := uint64(1); seq <= 100; seq++ {
+		var b wire.Batch
+		for i := range 50 {
+			addGood(&b, h.ms(0), 1, i, i%3, i%2)
+		}
+		req := b.Request()
+		req.Source, req.BatchSeq = "pub", seq
+		resp, err := a.Push(req)
+		if err != nil {
+			t.Fatalf("push %d with one replica down: %v", seq, err)
+		}
+		want = add(want, tsdb.Step{Sum: float64(resp.Accepted), Count: resp.Accepted})
+		h.clock.Set(h.clock.Now().Add(10 * time.Second))
+		aggregator.Flush(a)
+		poll(t, "c1 to take the flush", func() bool { return sink.stores["c1"].total(t) == want })
+	}
+	sink.set("c2", false, false)
+	a.RetryNow()
+	poll(t, "c2 to catch up", func() bool { return len(a.Pending()) == 0 })
+	if got := sink.stores["c2"].total(t); got != want {
+		t.Errorf("c2 holds %+v after it came back, acknowledged %+v", got, want)
+	}
+}
