@@ -54,7 +54,16 @@ var ErrBadFlush = errors.New("combiner: bad flush")
 type Combiner struct {
 	opts    Options
 	metrics *metrics
+	// slots admits the flushes served over gRPC: one decodes while
+	// another is applied, and the others wait for a slot until their
+	// caller gives up. A store whose head is full parks the one it is
+	// applying, so without them every retry of a flush would park a
+	// goroutine holding its cells.
+	slots chan struct{}
 }
+
+// flushSlots is how many served flushes a combiner holds at once.
+const flushSlots = 2
 
 // New builds a combiner.
 func New(opts Options) (*Combiner, error) {
@@ -64,7 +73,7 @@ func New(opts Options) (*Combiner, error) {
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
 	}
-	return &Combiner{opts: opts, metrics: newMetrics(opts.Registerer)}, nil
+	return &Combiner{opts: opts, metrics: newMetrics(opts.Registerer), slots: make(chan struct{}, flushSlots)}, nil
 }
 
 // Apply resolves a flush's dictionary references and writes it; the store
@@ -216,7 +225,16 @@ type server struct {
 	c *Combiner
 }
 
-func (s server) Flush(_ context.Context, req *wirepb.FlushRequest) (*wirepb.FlushResponse, error) {
+func (s server) Flush(ctx context.Context, req *wirepb.FlushRequest) (*wirepb.FlushResponse, error) {
+	select {
+	case s.c.slots <- struct{}{}:
+		defer func() { <-s.c.slots }()
+	case <-ctx.Done():
+		return nil, status.FromContextError(ctx.Err()).Err()
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, status.FromContextError(err).Err() // the aggregator retries it
+	}
 	if ready := s.c.opts.Ready; ready != nil {
 		if err := ready(); err != nil {
 			s.c.metrics.unready.Inc()

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"math"
 	"net"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -232,6 +233,89 @@ func TestGRPC(t *testing.T) {
 	}
 	if got := apexSum(t, db, w); got != 10 {
 		t.Errorf("apex sum %v, want 10", got)
+	}
+}
+
+// TestFlushSlots: while the store holds the flushes it is applying (a full
+// head parks them; here Ready does), a further flush waits for a slot only
+// until its caller gives up, and is then neither held nor applied, so that
+// the aggregators' retries cannot pile up goroutines that hold their cells.
+func TestFlushSlots(t *testing.T) {
+	s := schema.Default()
+	db, err := tsdb.Open(tsdb.Options{Dir: t.TempDir(), Schema: s, NoSync: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	release := make(chan struct{})
+	var entered atomic.Int32
+	c, err := New(Options{Store: db, Schema: s, Ready: func() error {
+		entered.Add(1)
+		<-release
+		return nil
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// gaveUp is closed once the server is done with the flush whose caller
+	// gave up: its deadline ends on the server a little after the client.
+	gaveUp := make(chan struct{})
+	srv := grpc.NewServer(grpc.UnaryInterceptor(func(ctx context.Context, req any, _ *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
+		resp, err := handler(ctx, req)
+		if req.(*wirepb.FlushRequest).Sequence == 10 {
+			close(gaveUp)
+		}
+		return resp, err
+	}))
+	c.Register(srv)
+	go srv.Serve(ln)
+	defer srv.Stop()
+	conn, err := grpc.NewClient("passthrough:///"+ln.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	client := wirepb.NewCombinerClient(conn)
+	w := time.Now().Truncate(10 * time.Second).UnixMilli()
+
+	held := make(chan error, flushSlots)
+	for seq := range uint64(flushSlots) {
+		go func() {
+			_, err := client.Flush(context.Background(), flush(w, seq+1))
+			held <- err
+		}()
+	}
+	for deadline := time.Now().Add(10 * time.Second); entered.Load() < flushSlots; {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d flushes reached the store, want %d", entered.Load(), flushSlots)
+		}
+		time.Sleep(time.Millisecond)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	if _, err := client.Flush(ctx, flush(w, 10)); status.Code(err) != codes.DeadlineExceeded {
+		t.Errorf("a flush while every slot is held: %v, want DeadlineExceeded", err)
+	}
+	select {
+	case <-gaveUp:
+	case <-time.After(30 * time.Second):
+		t.Fatal("the server still holds the flush whose caller gave up")
+	}
+	close(release)
+	for range flushSlots {
+		if err := <-held; err != nil {
+			t.Errorf("a held flush: %v", err)
+		}
+	}
+	if got := entered.Load(); got != flushSlots {
+		t.Errorf("%d flushes reached the store, want %d: the one whose caller gave up went on", got, flushSlots)
+	}
+	if got := apexSum(t, db, w); got != 5*flushSlots {
+		t.Errorf("apex sum %v, want %v: only the held flushes are applied", got, 5*flushSlots)
 	}
 }
 
