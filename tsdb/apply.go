@@ -37,8 +37,8 @@ type BatchID struct {
 // once. It writes no row: the writer writes each row once its span has
 // closed, into every resolution, and rolls the coarser ones up from it
 // then (docs/format/tsdb.md, "The head"). Deltas older than the longest
-// retention (measured from now) are skipped; the others are kept at every
-// resolution that still retains their time.
+// retention (measured from now) are skipped; the others are written, when
+// their row is, at every resolution that still retains that row.
 //
 // If id has a source and a batch with the same id was applied before,
 // Apply writes nothing and returns applied=false; otherwise the id is
@@ -51,9 +51,10 @@ type BatchID struct {
 // to its pace. If the writer cannot write (a failing disk), Apply returns
 // the writer's error instead of waiting.
 //
-// Unknown family, unknown cuboid, a wrong number of values, a sum that is
-// NaN or infinite, or a negative counter sum is an error wrapping
-// ErrBadInput, and nothing is written.
+// Unknown family, unknown cuboid, a wrong number of values, a time within
+// two row spans of the largest int64, a sum that is NaN or infinite, or a
+// negative counter sum is an error wrapping ErrBadInput, and nothing is
+// written.
 func (db *DB) Apply(id BatchID, deltas []Delta) (applied bool, err error) {
 	start := time.Now()
 	db.apply.Lock()
@@ -242,6 +243,9 @@ func (db *DB) check(d *Delta) error {
 	}
 	if len(d.Values) != len(dict.labels) {
 		return fmt.Errorf("family %q cuboid %d: %d values for labels %q", d.Family, d.Cuboid, len(d.Values), dict.labels)
+	}
+	if d.Time > db.latestMs {
+		return fmt.Errorf("family %q: time %d is past the latest a row can hold, %d", d.Family, d.Time, db.latestMs)
 	}
 	// A NaN or infinity would poison every later sum of its step for good.
 	if math.IsNaN(d.Sum) || math.IsInf(d.Sum, 0) {

@@ -29,6 +29,7 @@ func TestApplyBadInput(t *testing.T) {
 		{"NaN sum", Delta{Family: "requests", Cuboid: finest, Values: []string{"d1", "h1", "GET"}, Time: now, Sum: math.NaN()}, "not finite"},
 		{"infinite sum", Delta{Family: "requests", Cuboid: finest, Values: []string{"d1", "h1", "GET"}, Time: now, Sum: math.Inf(-1)}, "not finite"},
 		{"negative counter sum", Delta{Family: "requests", Cuboid: finest, Values: []string{"d1", "h1", "GET"}, Time: now, Sum: -1}, "negative"},
+		{"the largest time", Delta{Family: "requests", Cuboid: finest, Values: []string{"d1", "h1", "GET"}, Time: math.MaxInt64, Sum: 1}, "past the latest"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			db := openTest(t, t.TempDir(), s)
@@ -254,5 +255,28 @@ func TestMetrics(t *testing.T) {
 			t.Fatalf("dimsum_tsdb_cells = %v, want 1", got["dimsum_tsdb_cells"])
 		}
 		closeTest(t, db)
+	}
+}
+
+// TestFutureDeltaKeepsClock: a delta ahead of the store's clock (from an
+// aggregator whose clock runs ahead) moves the head's data clock only up to
+// the store's own, so the rows still being written do not fall due.
+func TestFutureDeltaKeepsClock(t *testing.T) {
+	s := testSchema(t)
+	finest := cuboidOf(t, s, "requests", "dc", "host", "txn")
+	db := openTest(t, t.TempDir(), s)
+	defer closeTest(t, db)
+	now := testNow.UnixMilli()
+	ahead := now + 2*time.Hour.Milliseconds()
+	for i, ts := range []int64{now, ahead} {
+		if _, err := db.Apply(BatchID{Source: "s", Seq: uint64(i + 1)}, []Delta{{Family: "requests", Cuboid: finest, Values: []string{"d1", "h1", "GET"}, Time: ts, Sum: 1, Count: 1}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	db.head.mu.Lock()
+	clock := db.head.clock
+	db.head.mu.Unlock()
+	if clock > now {
+		t.Errorf("the head's clock is %d, %s past the store's: a delta from a clock ahead closes the rows being written", clock, time.Duration(clock-now)*time.Millisecond)
 	}
 }

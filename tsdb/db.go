@@ -46,9 +46,12 @@ type DB struct {
 	// families before it: a (family, cuboid) pair's index among all.
 	cuboidBase []int
 	// res holds, per schema resolution, its step and row span in the units
-	// the hot paths need; maxRetentionMs is the longest retention.
+	// the hot paths need; maxRetentionMs is the longest retention, latestMs
+	// the latest time whose rows' ends are still an int64 at every
+	// resolution.
 	res            []resolution
 	maxRetentionMs int64
+	latestMs       int64
 
 	// head holds the open rows of the finest resolution (head.go).
 	head *head
@@ -165,6 +168,10 @@ func Open(opts Options) (*DB, error) {
 			retentionMs: r.Retention.Milliseconds(),
 		})
 		db.maxRetentionMs = max(db.maxRetentionMs, r.Retention.Milliseconds())
+	}
+	db.latestMs = math.MaxInt64
+	for _, r := range db.res {
+		db.latestMs = min(db.latestMs, math.MaxInt64-2*r.rowSpanMs)
 	}
 	m, err := newMetrics(opts.Registerer)
 	if err != nil {

@@ -40,8 +40,10 @@ type head struct {
 	closing []*group
 	// bytes is the memory the groups hold.
 	bytes int64
-	// clock is the newest delta time added (unix ms): the writer closes
-	// the groups that ended more than Options.HeadHold before it.
+	// clock is the newest delta time added, but never past the wall clock
+	// when it was added (unix ms): the writer closes the groups that ended
+	// more than Options.HeadHold before it. A delta from a node whose clock
+	// runs ahead must not close the rows still being written.
 	clock int64
 	// nextSeq is the sequence of the next staged batch; inflight is the
 	// sequence of the batch an Apply committed and has not yet added,
@@ -138,6 +140,7 @@ func (r *denseRow) addEntries(b []byte) {
 // order at replay.
 func (h *head) add(db *DB, seq uint64, entries []headEntry, now time.Time) {
 	r := db.res[0]
+	nowMs := now.UnixMilli()
 	var g *group
 	for i := range entries {
 		e := &entries[i]
@@ -177,7 +180,7 @@ func (h *head) add(db *DB, seq uint64, entries []headEntry, now time.Time) {
 		grown += cap(buf) - old
 		g.bytes += int64(grown)
 		h.bytes += int64(grown)
-		h.clock = max(h.clock, e.time)
+		h.clock = max(h.clock, min(e.time, nowMs))
 	}
 }
 
@@ -279,7 +282,7 @@ func (h *head) waitLocked(first, last int64) {
 	}
 }
 
-// cells returns, ascending, the cells with data in the view.
+// cellIDs returns, ascending, the cells with data in the view.
 func (v *headView) cellIDs() []uint32 {
 	var out []uint32
 	for _, g := range v.groups {

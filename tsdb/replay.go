@@ -49,9 +49,11 @@ func (db *DB) loadHead() error {
 
 	var entries []stagedEntry
 	var add []headEntry
-	replayed, skipped, batches := 0, 0, 0
+	replayed, skipped, expired, batches := 0, 0, 0, 0
 	first := true
 	now := db.opts.now()
+	rows := make([]int64, len(db.res))
+	keep := make([]bool, len(db.res))
 	err = db.eachKey(prefixStaged, func(k, v []byte) error {
 		seq, err := parseStagedKey(k)
 		if err != nil {
@@ -75,12 +77,19 @@ func (db *DB) loadHead() error {
 				skipped++ // a family that left the schema: not served
 				continue
 			}
+			row := fine.Row(fine.StepStart(e.time))
+			if mark, ok := h.written[row]; ok && seq <= mark {
+				continue // written before the store closed
+			}
 			d := fs.cuboid(e.cuboid)
 			if d == nil || int(e.cell) >= len(d.cells) || d.cells[e.cell] == nil {
+				if d != nil && !db.retainedRows(row, now.UnixMilli(), rows, keep) {
+					// Past every retention: the writer would write none of
+					// it, and a retention pass may have forgotten the cell.
+					expired++
+					continue
+				}
 				return fmt.Errorf("%w: staged batch %x names cell %d of family %d cuboid %d, which the dictionary lacks", ErrCorrupt, k, e.cell, e.fam, e.cuboid)
-			}
-			if mark, ok := h.written[fine.Row(fine.StepStart(e.time))]; ok && seq <= mark {
-				continue // written before the store closed
 			}
 			add = append(add, headEntry{fi: uint16(fs.idx), cuboid: e.cuboid, cell: e.cell, time: e.time, sum: e.sum, count: e.count})
 		}
@@ -92,7 +101,7 @@ func (db *DB) loadHead() error {
 		return err
 	}
 	if batches > 0 {
-		db.log.Info("replayed the head", "staged_batches", batches, "deltas", replayed, "skipped_families", skipped, "groups", len(h.open), "bytes", h.bytes)
+		db.log.Info("replayed the head", "staged_batches", batches, "deltas", replayed, "skipped_families", skipped, "expired", expired, "groups", len(h.open), "bytes", h.bytes)
 	}
 	db.metrics.headBytes.Set(float64(h.bytes))
 	return nil

@@ -47,15 +47,17 @@ type RetentionStats struct {
 // steps older than retention, pass or no pass.
 func (db *DB) RunRetention() (st RetentionStats, err error) {
 	start := time.Now()
+	// The locks in the order Apply and Flush take them: apply, state,
+	// write.
 	db.apply.Lock()
 	defer db.apply.Unlock()
-	db.write.Lock()
-	defer db.write.Unlock()
 	db.state.RLock()
 	defer db.state.RUnlock()
 	if db.state.closed {
 		return st, ErrClosed
 	}
+	db.write.Lock()
+	defer db.write.Unlock()
 	defer func() {
 		if err != nil {
 			db.metrics.retentionErrors.Inc()
@@ -294,14 +296,16 @@ func (db *DB) eachPresence(lo, hi []byte, reverse bool, fn func(pk presenceKey, 
 }
 
 // keepHeld removes from candidates every cell with data in the head that
-// some resolution still retains.
+// some resolution still retains, open or closing (a closing group whose
+// commit failed is retried).
 func (db *DB) keepHeld(now int64, candidates map[*cellDict]*roaring.Bitmap) {
 	h := db.head
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	fine := db.res[0]
+	rows := make([]int64, len(db.res))
+	keep := make([]bool, len(db.res))
 	h.groups(func(g *group) {
-		if (g.row+1)*fine.rowSpanMs <= now-db.maxRetentionMs {
+		if !db.retainedRows(g.row, now, rows, keep) {
 			return // the writer will write none of it
 		}
 		for d, c := range candidates {

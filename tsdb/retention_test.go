@@ -239,3 +239,73 @@ func TestRetentionRemovedResolution(t *testing.T) {
 		t.Fatalf("second pass: %+v, %v", st, err)
 	}
 }
+
+// crashInProcess stops db as a crash would once everything committed is on
+// disk: the head is not written and nothing else is either.
+func crashInProcess(t *testing.T, db *DB) {
+	t.Helper()
+	db.state.Lock()
+	db.state.closed = true
+	db.state.Unlock()
+	db.stopRetention()
+	db.stopWriter()
+	db.metrics.unregister()
+	if err := db.pdb.Close(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestReplayAfterOrphanForgotten: a row held in the head until every
+// resolution's retention passed it is written as nothing, and the next
+// retention pass forgets its cell, while the staged batch that holds it
+// stays for an older row still open. After a crash, Open replays that
+// batch: it leaves the forgotten cell's entry out instead of refusing the
+// store as corrupt.
+func TestReplayAfterOrphanForgotten(t *testing.T) {
+	s := testSchema(t)
+	finest := cuboidOf(t, s, "requests", "dc", "host", "txn")
+	var clock atomic.Int64
+	clock.Store(testNow.UnixMilli())
+	now := func() time.Time { return time.UnixMilli(clock.Load()) }
+	dir := t.TempDir()
+	db := openTestAt(t, dir, s, now)
+	longest := 30 * 24 * time.Hour.Milliseconds()
+	// live's row is still open when the writer runs, 7h on.
+	live := Delta{Family: "requests", Cuboid: finest, Values: []string{"d1", "live", "GET"}, Time: testNow.Add(7 * time.Hour).UnixMilli(), Sum: 1, Count: 1}
+	old := Delta{Family: "requests", Cuboid: finest, Values: []string{"d1", "old", "GET"}, Time: testNow.UnixMilli() - longest + time.Hour.Milliseconds(), Sum: 1, Count: 1}
+
+	// The writer is held off while old's row passes every retention.
+	db.write.Lock()
+	for i, d := range []Delta{live, old} {
+		if _, err := db.Apply(BatchID{Source: "s", Seq: uint64(i + 1)}, []Delta{d}); err != nil {
+			db.write.Unlock()
+			t.Fatal(err)
+		}
+	}
+	clock.Add(7 * time.Hour.Milliseconds()) // past the end of old's 6h row at 1m
+	db.write.Unlock()
+	if err := db.writeDue(false); err != nil {
+		t.Fatal(err)
+	}
+	if st, err := db.RunRetention(); err != nil || st.Cells != 1 {
+		t.Fatalf("retention pass: %+v, %v; want old's cell forgotten", st, err)
+	}
+	if len(db.head.open) != 1 {
+		t.Fatalf("%d open groups, want live's", len(db.head.open))
+	}
+	crashInProcess(t, db)
+
+	db, err := Open(Options{Dir: dir, Schema: s, NoSync: true, RetentionInterval: -1, now: now})
+	if err != nil {
+		t.Fatalf("Open after the crash: %v", err)
+	}
+	defer closeTest(t, db)
+	cells, err := db.Cells("requests", finest, nil)
+	if err != nil || len(cells) != 1 || cells[0].Values[1] != "live" {
+		t.Fatalf("cells after the crash: %v, %v; want only live's", cells, err)
+	}
+	steps, err := db.Steps(0, "requests", finest, cells[0].ID, math.MinInt64, math.MaxInt64, nil)
+	if err != nil || len(steps) != 1 || steps[0].Sum != 1 {
+		t.Errorf("live's steps after the crash: %v, %v", steps, err)
+	}
+}

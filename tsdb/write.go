@@ -13,7 +13,8 @@ import (
 
 // The writer writes the head's groups into Pebble (docs/format/tsdb.md,
 // "The head"): a group is due once its row of the finest resolution ended
-// more than Options.HeadHold before the newest delta applied, or before the
+// more than Options.HeadHold before the newest delta applied (or the wall
+// clock when it was applied, if earlier), or before the
 // wall clock when no delta came for HeadHold; and, while the head holds
 // more than three quarters of Options.HeadMaxBytes, the oldest group is due
 // whatever its row. Writing a group is one Pebble batch: a merge operand for
@@ -237,24 +238,31 @@ func (db *DB) writeGroup(g *group, why writeReason) error {
 	return nil
 }
 
-// encodeGroup adds to b the rows of a group at every resolution and the
-// presence they add, and returns how many row operands it added.
-func (db *DB) encodeGroup(b *pebble.Batch, g *group) (int, error) {
-	w := &db.writer
-	fine := db.res[0]
-	base := g.row * fine.rowSpanMs
-	now := db.opts.now().UnixMilli()
-	// rows[i] is the row of resolution i the group falls in; a resolution
-	// whose retention has passed the row's end gets nothing.
-	rows := make([]int64, len(db.res))
-	keep := make([]bool, len(db.res))
+// retainedRows sets rows[i] to the row of resolution i that the finest row
+// fineRow falls in, and keep[i] to whether resolution i still retains that
+// row at now (its end is after now minus the retention); it reports whether
+// any does. A group is written at the resolutions it keeps, and its cells
+// stay live until it is written (keepHeld) exactly when it keeps one.
+func (db *DB) retainedRows(fineRow, now int64, rows []int64, keep []bool) bool {
+	base := fineRow * db.res[0].rowSpanMs
 	kept := false
 	for i, r := range db.res {
 		rows[i] = r.Row(base)
 		keep[i] = (rows[i]+1)*r.rowSpanMs > now-r.retentionMs
 		kept = kept || keep[i]
 	}
-	if !kept {
+	return kept
+}
+
+// encodeGroup adds to b the rows of a group at every resolution and the
+// presence they add, and returns how many row operands it added.
+func (db *DB) encodeGroup(b *pebble.Batch, g *group) (int, error) {
+	w := &db.writer
+	fine := db.res[0]
+	base := g.row * fine.rowSpanMs
+	rows := make([]int64, len(db.res))
+	keep := make([]bool, len(db.res))
+	if !db.retainedRows(g.row, db.opts.now().UnixMilli(), rows, keep) {
 		// The head held this row past every retention: nothing of it is
 		// written, and its cells may have no data anywhere; the next
 		// retention pass looks.
