@@ -13,6 +13,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/dimsum/dimsum/schema"
 	"github.com/dimsum/dimsum/tsdb"
@@ -188,31 +189,68 @@ func (c *Combiner) deltas(req *wirepb.FlushRequest, sc *scratch) ([]tsdb.Delta, 
 			return nil, err
 		}
 	}
-	// In columns, a cell's values are as many as its cuboid has labels.
+	err := eachColumnCell(c.opts.Schema, req, func(i int, vals []uint32) error {
+		return add(i, req.CellFamilies[i], req.CellCuboids[i], vals, req.CellSums[i], req.CellCounts[i])
+	})
+	if err != nil {
+		return nil, err
+	}
+	return deltas, nil
+}
+
+// eachColumnCell calls fn with each cell a flush holds in columns and its
+// values: the next as many entries of cell_values as its cuboid has labels
+// in s. The columns must have one length.
+func eachColumnCell(s *schema.Schema, req *wirepb.FlushRequest, fn func(i int, vals []uint32) error) error {
 	rest := req.CellValues
-	for i := range n {
-		name, err := str(req.CellFamilies[i])
-		if err != nil {
-			return nil, err
+	for i, family := range req.CellFamilies {
+		if int(family) >= len(req.Dict) {
+			return fmt.Errorf("%w: index %d outside the dictionary of %d strings", ErrBadFlush, family, len(req.Dict))
 		}
 		labels := 0
-		if f := c.opts.Schema.Family(name); f != nil {
+		if f := s.Family(req.Dict[family]); f != nil {
 			if cub, ok := f.Cuboid(schema.CuboidID(req.CellCuboids[i])); ok {
 				labels = len(cub.Labels)
 			}
 		}
 		if labels > len(rest) {
-			return nil, fmt.Errorf("%w: cell %d needs %d values, %d are left", ErrBadFlush, i, labels, len(rest))
+			return fmt.Errorf("%w: cell %d needs %d values, %d are left", ErrBadFlush, i, labels, len(rest))
 		}
-		if err := add(i, req.CellFamilies[i], req.CellCuboids[i], rest[:labels], req.CellSums[i], req.CellCounts[i]); err != nil {
-			return nil, err
+		if err := fn(i, rest[:labels]); err != nil {
+			return err
 		}
 		rest = rest[labels:]
 	}
 	if len(rest) > 0 {
-		return nil, fmt.Errorf("%w: %d values left after the last cell", ErrBadFlush, len(rest))
+		return fmt.Errorf("%w: %d values left after the last cell", ErrBadFlush, len(rest))
 	}
-	return deltas, nil
+	return nil
+}
+
+// cellsLayout returns a marshalled flush with the cells of data, a
+// marshalled flush, as messages rather than in columns: what a combiner
+// that predates the columns reads.
+func cellsLayout(s *schema.Schema, data wire.Encoded) (wire.Encoded, error) {
+	var req wirepb.FlushRequest
+	if err := proto.Unmarshal(data, &req); err != nil {
+		return nil, fmt.Errorf("combiner: cannot decode a logged flush: %w", err)
+	}
+	if len(req.CellCounts) == 0 {
+		return data, nil
+	}
+	if n := len(req.CellCounts); len(req.CellFamilies) != n || len(req.CellCuboids) != n || len(req.CellSums) != n {
+		return nil, fmt.Errorf("%w: the cell columns have different lengths", ErrBadFlush)
+	}
+	req.Cells = make([]*wirepb.FlushCell, 0, len(req.CellCounts))
+	err := eachColumnCell(s, &req, func(i int, vals []uint32) error {
+		req.Cells = append(req.Cells, &wirepb.FlushCell{Family: req.CellFamilies[i], Cuboid: req.CellCuboids[i], Values: vals, Sum: req.CellSums[i], Count: req.CellCounts[i]})
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	req.CellFamilies, req.CellCuboids, req.CellValues, req.CellSums, req.CellCounts = nil, nil, nil, nil, nil
+	return proto.Marshal(&req)
 }
 
 // Register serves the Combiner service on s.
@@ -253,17 +291,23 @@ func (s server) Flush(ctx context.Context, req *wirepb.FlushRequest) (*wirepb.Fl
 	return &wirepb.FlushResponse{Duplicate: dup}, nil
 }
 
+// FlushColumns is Flush: a combiner reads either layout by either method.
+func (s server) FlushColumns(ctx context.Context, req *wirepb.FlushRequest) (*wirepb.FlushResponse, error) {
+	return s.Flush(ctx, req)
+}
+
 // Client adapts a gRPC connection to one combiner, holding the whole cube,
 // into the aggregator's sink: one shard, one replica.
 type Client struct {
-	name string
-	conn grpc.ClientConnInterface
+	name   string
+	conn   grpc.ClientConnInterface
+	schema *schema.Schema
 }
 
 // NewClient returns a sink that flushes over conn to the combiner named
-// name.
-func NewClient(name string, conn grpc.ClientConnInterface) *Client {
-	return &Client{name: name, conn: conn}
+// name, whose cube has schema s.
+func NewClient(name string, conn grpc.ClientConnInterface, s *schema.Schema) *Client {
+	return &Client{name: name, conn: conn, schema: s}
 }
 
 // Shards is 1: the combiner holds the whole cube.
@@ -273,10 +317,20 @@ func (c *Client) Shards() int { return 1 }
 func (c *Client) Replicas(uint32) []string { return []string{c.name} }
 
 // Flush sends one partial cube to the combiner, as the bytes it was
-// marshalled into. Every replica name reaches it: requests logged under an
-// earlier name of the node (the host name, when a container restarts under
-// a new one) must still be delivered, and the combiner holds the whole
-// cube.
+// marshalled into, by FlushColumns. A combiner that predates the columnar
+// layout answers that Unimplemented, and gets the same cells as messages by
+// Flush: during a rolling upgrade, old and new nodes flush to each other.
+// Every replica name reaches it: requests logged under an earlier name of
+// the node (the host name, when a container restarts under a new one) must
+// still be delivered, and the combiner holds the whole cube.
 func (c *Client) Flush(ctx context.Context, _ string, f *wire.Flush) error {
-	return wire.Invoke(ctx, c.conn, wirepb.Combiner_Flush_FullMethodName, f.Data, new(wirepb.FlushResponse))
+	err := wire.Invoke(ctx, c.conn, wirepb.Combiner_FlushColumns_FullMethodName, f.Data, new(wirepb.FlushResponse))
+	if status.Code(err) != codes.Unimplemented {
+		return err
+	}
+	data, err := cellsLayout(c.schema, f.Data)
+	if err != nil {
+		return err
+	}
+	return wire.Invoke(ctx, c.conn, wirepb.Combiner_Flush_FullMethodName, data, new(wirepb.FlushResponse))
 }

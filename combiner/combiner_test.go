@@ -220,7 +220,7 @@ func TestGRPC(t *testing.T) {
 	if _, err := client.Flush(ctx, bad); status.Code(err) != codes.InvalidArgument {
 		t.Errorf("bad flush: %v, want InvalidArgument", err)
 	}
-	sink := NewClient("c1", conn)
+	sink := NewClient("c1", conn, schema.Default())
 	if sink.Shards() != 1 || fmt.Sprint(sink.Replicas(0)) != "[c1]" {
 		t.Fatalf("client holds %d shards on %v, want 1 on [c1]", sink.Shards(), sink.Replicas(0))
 	}
@@ -233,6 +233,54 @@ func TestGRPC(t *testing.T) {
 	}
 	if got := apexSum(t, db, w); got != 10 {
 		t.Errorf("apex sum %v, want 10", got)
+	}
+}
+
+// TestFlushToOlderCombiner: a combiner that predates the columnar layout
+// serves only Flush and reads only cells as messages, dropping the columns
+// as fields it does not know. The client flushes to it by Flush with the
+// cells as messages, so that nothing is lost during a rolling upgrade.
+func TestFlushToOlderCombiner(t *testing.T) {
+	c, db := newCombiner(t)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := grpc.NewServer()
+	srv.RegisterService(&grpc.ServiceDesc{
+		ServiceName: "dimsum.wire.v1.Combiner",
+		HandlerType: (*any)(nil),
+		Methods: []grpc.MethodDesc{{MethodName: "Flush", Handler: func(_ any, _ context.Context, dec func(any) error, _ grpc.UnaryServerInterceptor) (any, error) {
+			var req wirepb.FlushRequest
+			if err := dec(&req); err != nil {
+				return nil, err
+			}
+			req.CellFamilies, req.CellCuboids, req.CellValues, req.CellSums, req.CellCounts = nil, nil, nil, nil, nil
+			dup, err := c.Apply(&req)
+			return &wirepb.FlushResponse{Duplicate: dup}, err
+		}}},
+	}, struct{}{})
+	go srv.Serve(ln)
+	defer srv.Stop()
+	conn, err := grpc.NewClient("passthrough:///"+ln.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	w := time.Now().Truncate(10 * time.Second).UnixMilli()
+	enc, err := wire.EncodeFlush(columnar(w, 1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := NewClient("old", conn, schema.Default()).Flush(context.Background(), "old", enc); err != nil {
+		t.Fatal(err)
+	}
+	if got := apexSum(t, db, w); got != 5 {
+		t.Errorf("the older combiner holds an apex sum of %v, want 5", got)
+	}
+	cells, err := db.Cells("requests", schema.Default().Family("requests").Finest().ID, nil)
+	if err != nil || len(cells) != 1 || fmt.Sprint(cells[0].Values) != "[dc1 c1 h1 get 200]" {
+		t.Errorf("the older combiner's finest cells: %v, %v", cells, err)
 	}
 }
 

@@ -15,6 +15,7 @@ import (
 	"github.com/dimsum/dimsum/aggregator"
 	"github.com/dimsum/dimsum/cluster"
 	"github.com/dimsum/dimsum/combiner"
+	"github.com/dimsum/dimsum/schema"
 	"github.com/dimsum/dimsum/wire"
 	"github.com/dimsum/dimsum/wire/wirepb"
 )
@@ -213,8 +214,12 @@ func (t *topology) placement(shard int) []string {
 // Shards is the number of shards of the global cube.
 func (t *topology) Shards() int { return t.shards }
 
-// flushSink is the topology as the aggregator's sink.
-type flushSink struct{ t *topology }
+// flushSink is the topology as the aggregator's sink, for a cube of
+// schema s.
+type flushSink struct {
+	t *topology
+	s *schema.Schema
+}
 
 func (s flushSink) Shards() int { return s.t.shards }
 
@@ -225,7 +230,7 @@ func (s flushSink) Flush(ctx context.Context, replica string, f *wire.Flush) err
 	if err != nil {
 		return err
 	}
-	return combiner.NewClient(replica, c).Flush(ctx, replica, f)
+	return combiner.NewClient(replica, c, s.s).Flush(ctx, replica, f)
 }
 
 // Replicas lists, for the query fan-out, the combiners of a shard that are

@@ -286,7 +286,7 @@ func (n *Node) startAggregator(s *schema.Schema, reg prometheus.Registerer) erro
 	cfg := n.cfg
 	var sink aggregator.Sink
 	if n.topo != nil {
-		sink = flushSink{n.topo}
+		sink = flushSink{n.topo, s}
 	} else {
 		// Alone, the aggregator flushes to its combiner over gRPC too, so
 		// the path is the one a cluster takes, through the internal
@@ -296,7 +296,7 @@ func (n *Node) startAggregator(s *schema.Schema, reg prometheus.Registerer) erro
 		if err != nil {
 			return fmt.Errorf("node: cannot dial the combiner: %w", err)
 		}
-		sink = combiner.NewClient(cfg.Name, n.conn)
+		sink = combiner.NewClient(cfg.Name, n.conn, s)
 	}
 	ac := cfg.Aggregator
 	walDir := filepath.Join(cfg.DataDir, "wal")

@@ -753,9 +753,10 @@ const file_dimsum_proto_rawDesc = "" +
 	"\x1dREJECT_REASON_TOO_MANY_LABELS\x10\f\x12!\n" +
 	"\x1dREJECT_REASON_VALUE_TOO_LARGE\x10\r2K\n" +
 	"\x06Ingest\x12A\n" +
-	"\x04Push\x12\x1b.dimsum.wire.v1.PushRequest\x1a\x1c.dimsum.wire.v1.PushResponse2P\n" +
+	"\x04Push\x12\x1b.dimsum.wire.v1.PushRequest\x1a\x1c.dimsum.wire.v1.PushResponse2\x9d\x01\n" +
 	"\bCombiner\x12D\n" +
-	"\x05Flush\x12\x1c.dimsum.wire.v1.FlushRequest\x1a\x1d.dimsum.wire.v1.FlushResponseB&Z$github.com/dimsum/dimsum/wire/wirepbb\x06proto3"
+	"\x05Flush\x12\x1c.dimsum.wire.v1.FlushRequest\x1a\x1d.dimsum.wire.v1.FlushResponse\x12K\n" +
+	"\fFlushColumns\x12\x1c.dimsum.wire.v1.FlushRequest\x1a\x1d.dimsum.wire.v1.FlushResponseB&Z$github.com/dimsum/dimsum/wire/wirepbb\x06proto3"
 
 var (
 	file_dimsum_proto_rawDescOnce sync.Once
@@ -788,10 +789,12 @@ var file_dimsum_proto_depIdxs = []int32{
 	6, // 3: dimsum.wire.v1.FlushRequest.cells:type_name -> dimsum.wire.v1.FlushCell
 	1, // 4: dimsum.wire.v1.Ingest.Push:input_type -> dimsum.wire.v1.PushRequest
 	5, // 5: dimsum.wire.v1.Combiner.Flush:input_type -> dimsum.wire.v1.FlushRequest
-	3, // 6: dimsum.wire.v1.Ingest.Push:output_type -> dimsum.wire.v1.PushResponse
-	7, // 7: dimsum.wire.v1.Combiner.Flush:output_type -> dimsum.wire.v1.FlushResponse
-	6, // [6:8] is the sub-list for method output_type
-	4, // [4:6] is the sub-list for method input_type
+	5, // 6: dimsum.wire.v1.Combiner.FlushColumns:input_type -> dimsum.wire.v1.FlushRequest
+	3, // 7: dimsum.wire.v1.Ingest.Push:output_type -> dimsum.wire.v1.PushResponse
+	7, // 8: dimsum.wire.v1.Combiner.Flush:output_type -> dimsum.wire.v1.FlushResponse
+	7, // 9: dimsum.wire.v1.Combiner.FlushColumns:output_type -> dimsum.wire.v1.FlushResponse
+	7, // [7:10] is the sub-list for method output_type
+	4, // [4:7] is the sub-list for method input_type
 	4, // [4:4] is the sub-list for extension type_name
 	4, // [4:4] is the sub-list for extension extendee
 	0, // [0:4] is the sub-list for field type_name

@@ -136,7 +136,8 @@ var Ingest_ServiceDesc = grpc.ServiceDesc{
 }
 
 const (
-	Combiner_Flush_FullMethodName = "/dimsum.wire.v1.Combiner/Flush"
+	Combiner_Flush_FullMethodName        = "/dimsum.wire.v1.Combiner/Flush"
+	Combiner_FlushColumns_FullMethodName = "/dimsum.wire.v1.Combiner/FlushColumns"
 )
 
 // CombinerClient is the client API for Combiner service.
@@ -148,6 +149,12 @@ type CombinerClient interface {
 	// Flush merges one partial cube into the global cube. A flush whose
 	// identity was applied before is acknowledged and ignored.
 	Flush(ctx context.Context, in *FlushRequest, opts ...grpc.CallOption) (*FlushResponse, error)
+	// FlushColumns is Flush for a request that holds its cells in the
+	// columns (cell_families to cell_counts). A combiner that predates the
+	// columns answers it Unimplemented, rather than take such a flush as one
+	// without cells, and the aggregator sends it the same cells by Flush in
+	// cells.
+	FlushColumns(ctx context.Context, in *FlushRequest, opts ...grpc.CallOption) (*FlushResponse, error)
 }
 
 type combinerClient struct {
@@ -168,6 +175,16 @@ func (c *combinerClient) Flush(ctx context.Context, in *FlushRequest, opts ...gr
 	return out, nil
 }
 
+func (c *combinerClient) FlushColumns(ctx context.Context, in *FlushRequest, opts ...grpc.CallOption) (*FlushResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(FlushResponse)
+	err := c.cc.Invoke(ctx, Combiner_FlushColumns_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // CombinerServer is the server API for Combiner service.
 // All implementations must embed UnimplementedCombinerServer
 // for forward compatibility.
@@ -177,6 +194,12 @@ type CombinerServer interface {
 	// Flush merges one partial cube into the global cube. A flush whose
 	// identity was applied before is acknowledged and ignored.
 	Flush(context.Context, *FlushRequest) (*FlushResponse, error)
+	// FlushColumns is Flush for a request that holds its cells in the
+	// columns (cell_families to cell_counts). A combiner that predates the
+	// columns answers it Unimplemented, rather than take such a flush as one
+	// without cells, and the aggregator sends it the same cells by Flush in
+	// cells.
+	FlushColumns(context.Context, *FlushRequest) (*FlushResponse, error)
 	mustEmbedUnimplementedCombinerServer()
 }
 
@@ -189,6 +212,9 @@ type UnimplementedCombinerServer struct{}
 
 func (UnimplementedCombinerServer) Flush(context.Context, *FlushRequest) (*FlushResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Flush not implemented")
+}
+func (UnimplementedCombinerServer) FlushColumns(context.Context, *FlushRequest) (*FlushResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method FlushColumns not implemented")
 }
 func (UnimplementedCombinerServer) mustEmbedUnimplementedCombinerServer() {}
 func (UnimplementedCombinerServer) testEmbeddedByValue()                  {}
@@ -229,6 +255,24 @@ func _Combiner_Flush_Handler(srv interface{}, ctx context.Context, dec func(inte
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Combiner_FlushColumns_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(FlushRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(CombinerServer).FlushColumns(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Combiner_FlushColumns_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(CombinerServer).FlushColumns(ctx, req.(*FlushRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Combiner_ServiceDesc is the grpc.ServiceDesc for Combiner service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -239,6 +283,10 @@ var Combiner_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "Flush",
 			Handler:    _Combiner_Flush_Handler,
+		},
+		{
+			MethodName: "FlushColumns",
+			Handler:    _Combiner_FlushColumns_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},
