@@ -382,7 +382,7 @@ func TestServerMetrics(t *testing.T) {
 		t.Errorf("/debug/pprof/ with debug_pprof: HTTP %d", code)
 	}
 	// The flush reaches the combiner once the window and its grace end.
-	flushed := `dimsum_grpc_requests_total{code="OK",method="` + wirepb.Combiner_Flush_FullMethodName + `",server="internal"}`
+	flushed := `dimsum_grpc_requests_total{code="OK",method="` + wirepb.Combiner_FlushColumns_FullMethodName + `",server="internal"}`
 	var metrics string
 	deadline := time.Now().Add(30 * time.Second)
 	for _, metrics = fetch(n.HTTPAddr(), "/metrics"); !strings.Contains(metrics, flushed) && time.Now().Before(deadline); _, metrics = fetch(n.HTTPAddr(), "/metrics") {
