@@ -154,3 +154,34 @@ func TestConcurrentReads(t *testing.T) {
 	close(done)
 	wg.Wait()
 }
+
+// TestLabelValuesInCoarseRow asks for the label values of a range the
+// finest resolution no longer keeps, whose row of the next resolution
+// holds a step before the range's start: the cell counts (the range is
+// answered to the row) whether its step is still in the head or written.
+func TestLabelValuesInCoarseRow(t *testing.T) {
+	s := testSchema(t)
+	code := cuboidOf(t, s, "errors", "code")
+	db := openTest(t, t.TempDir(), s)
+	defer closeTest(t, db)
+	r := db.res[1]
+	row := r.Row(testNow.UnixMilli() - 20*3600e3)
+	start := row * r.rowSpanMs
+	delta := Delta{Family: "errors", Cuboid: code, Values: []string{"500"}, Time: start + 60e3, Sum: 1, Count: 1}
+	if _, err := db.Apply(BatchID{}, []Delta{delta}); err != nil {
+		t.Fatal(err)
+	}
+	mint, maxt := start+30*60e3, start+90*60e3
+	for _, when := range []string{"held", "written"} {
+		values, err := db.LabelValues("errors", code, "code", mint, maxt, 0, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !slices.Equal(values, []string{"500"}) {
+			t.Fatalf("%s: values %q, want [500]", when, values)
+		}
+		if err := db.Flush(); err != nil {
+			t.Fatal(err)
+		}
+	}
+}

@@ -134,12 +134,15 @@ func (db *DB) cellsWithData(r resolution, fam uint16, cuboid schema.CuboidID, mi
 }
 
 // heldCells returns the cells of d's cuboid that the head holds data of in
-// a row of the finest resolution overlapping [mint, maxt].
-func (db *DB) heldCells(d *cellDict, mint, maxt int64) *roaring.Bitmap {
-	fine := db.res[0]
+// a row of resolution r overlapping [mint, maxt]: the head holds the finest
+// rows, so those of r's rows are read, not only those of the range.
+func (db *DB) heldCells(d *cellDict, r resolution, mint, maxt int64) *roaring.Bitmap {
+	// Each step is a multiple of the finest, so r's row n covers the finest
+	// rows [n*k, (n+1)*k); row numbers are far from overflowing.
+	k := r.rowSpanMs / db.res[0].rowSpanMs
 	h := db.head
 	h.mu.Lock()
-	v := h.viewLocked(db.byID[d.fam].idx, d.cuboid, fine.Row(mint), fine.Row(maxt), nil)
+	v := h.viewLocked(db.byID[d.fam].idx, d.cuboid, r.Row(mint)*k, (r.Row(maxt)+1)*k-1, nil)
 	h.mu.Unlock()
 	return roaring.BitmapOf(v.cellIDs()...)
 }

@@ -118,8 +118,8 @@ func (db *DB) selectCells(family string, cuboid schema.CuboidID, mint, maxt int6
 	if !fullRange(mint, maxt) {
 		// The head first: a group written in between is then in the
 		// presence read after.
-		held := db.heldCells(d, mint, maxt)
 		r := db.rangeResolution(db.opts.now().UnixMilli(), mint)
+		held := db.heldCells(d, r, mint, maxt)
 		if inRange, err = db.cellsWithData(r, d.fam, cuboid, mint, maxt); err != nil {
 			return err
 		}
