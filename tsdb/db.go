@@ -85,8 +85,11 @@ type DB struct {
 	presence presence
 	// orphans holds the cells of groups the writer wrote nothing of, their
 	// rows being past every retention, for the next retention pass;
-	// guarded by write.
+	// guarded by write. It lives in memory only: swept says that a pass
+	// since Open has looked at every cell, which finds those a restart
+	// forgot.
 	orphans map[*cellDict]*roaring.Bitmap
+	swept   bool
 	// writer writes the head's groups (write.go); its scratch space is
 	// guarded by write.
 	writer writerState

@@ -35,7 +35,10 @@ type RetentionStats struct {
 //     how much data the rows held;
 //   - forgets the cells whose data is now gone at every resolution, found
 //     from the presence bitmaps alone: their dictionary entries and postings
-//     are deleted, and their IDs are reused by new cells;
+//     are deleted, and their IDs are reused by new cells. A pass looks at
+//     the cells of the rows it deletes and of the groups the writer wrote
+//     nothing of; the first after Open looks at every cell, since the
+//     latter were known only to the process that stopped;
 //   - deletes every row of a resolution that is no longer in the schema,
 //     the same way: removing a resolution from the schema drops its data at
 //     the next pass;
@@ -109,6 +112,19 @@ func (db *DB) RunRetention() (st RetentionStats, err error) {
 			candidates[d] = o
 		}
 	}
+	if !db.swept {
+		// The orphans of the groups written before the last Open are
+		// unknown: every cell is a candidate, once.
+		for _, fs := range db.fams {
+			for _, d := range fs.cuboids {
+				if c := candidates[d]; c != nil {
+					c.Or(d.live)
+				} else {
+					candidates[d] = d.live.Clone()
+				}
+			}
+		}
+	}
 	if err := db.keepLive(cut, candidates); err != nil {
 		return st, err
 	}
@@ -134,6 +150,7 @@ func (db *DB) RunRetention() (st RetentionStats, err error) {
 	}
 	_, st.Cells = db.publish()
 	clear(db.orphans)
+	db.swept = true
 	for _, name := range quiet {
 		delete(db.sources, name)
 	}
