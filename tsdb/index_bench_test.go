@@ -16,7 +16,8 @@ import (
 )
 
 // keyLayout orders the fields of a data key; BenchmarkKeyLayout compares
-// the candidates on the two access patterns of DESIGN.md.
+// the candidates on the two access patterns a query makes: a short range
+// over many cells, and a long range over a few.
 type keyLayout struct {
 	name string
 	key  func(row int64, cuboid uint16, cell uint32) []byte
