@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"math/bits"
 	"math/rand/v2"
 	"slices"
 	"strconv"
@@ -164,6 +165,52 @@ type family struct {
 	// masks hold, per cuboid ID, a bit per family label the cuboid keeps.
 	masks  []uint16
 	finest schema.CuboidID
+	// order lists the cuboids but the finest, those that keep the most
+	// labels first; below[c] lists the cuboids whose labels are a subset
+	// of c's, c among them, and covers[c] is that list as a cuboidSet.
+	order  []schema.CuboidID
+	below  [][]schema.CuboidID
+	covers []cuboidSet
+}
+
+// cuboidSet holds a bit per cuboid ID: a family has at most
+// 2^schema.MaxLevels cuboids.
+type cuboidSet [1 << schema.MaxLevels / 64]uint64
+
+func (s *cuboidSet) has(c schema.CuboidID) bool { return s[c/64]&(1<<(c%64)) != 0 }
+
+func (s *cuboidSet) or(t *cuboidSet) {
+	for i := range s {
+		s[i] |= t[i]
+	}
+}
+
+func newFamily(f *schema.Family) *family {
+	cuboids := f.Cuboids()
+	fam := &family{Family: f, finest: f.Finest().ID, masks: make([]uint16, len(cuboids))}
+	for _, c := range cuboids {
+		for _, s := range c.Slots {
+			fam.masks[c.ID] |= 1 << s
+		}
+	}
+	fam.below = make([][]schema.CuboidID, len(cuboids))
+	fam.covers = make([]cuboidSet, len(cuboids))
+	for c, mask := range fam.masks {
+		id := schema.CuboidID(c)
+		if id != fam.finest {
+			fam.order = append(fam.order, id)
+		}
+		for sub, m := range fam.masks {
+			if m&^mask == 0 {
+				fam.below[c] = append(fam.below[c], schema.CuboidID(sub))
+				fam.covers[c][sub/64] |= 1 << (sub % 64)
+			}
+		}
+	}
+	slices.SortStableFunc(fam.order, func(x, y schema.CuboidID) int {
+		return bits.OnesCount16(fam.masks[y]) - bits.OnesCount16(fam.masks[x])
+	})
+	return fam
 }
 
 // cellKey identifies one cell: a family, a cuboid, and the interned value of
@@ -189,7 +236,10 @@ type window struct {
 	// fan holds, per leaf, the aggs index of the leaf's cell in each
 	// cuboid, by cuboid ID.
 	fan []int32
-	// cells maps the cells of every cuboid but the finest to aggs.
+	// cells maps each cell of every cuboid but the finest to the fan of
+	// the first leaf that reached it, which holds the cell's aggs index
+	// and those of every cell below it (cells of cuboids keeping a subset
+	// of its labels).
 	cells  map[cellKey]int32
 	aggs   []agg
 	finest []int // leaves per family, for the cardinality limit
@@ -264,17 +314,25 @@ func (w *window) reserve(h sizeHint) {
 }
 
 // addLeaf creates a leaf, finding or creating its cell in every cuboid, and
-// returns the offset of its fan.
+// returns the offset of its fan. The cuboids are looked at most labels
+// first: a cell found takes the fan of the leaf that first reached it, and
+// with it the cells below, which then need no lookup of their own. A new
+// leaf of a sparse window, whose coarse cells exist already, costs a few
+// lookups instead of one per cuboid.
 func (w *window) addLeaf(f *family, leaf cellKey) int32 {
 	off := int32(len(w.fan))
+	w.fan = slices.Grow(w.fan, len(f.masks))[:int(off)+len(f.masks)]
+	fan := w.fan[off:]
+	fan[f.finest] = int32(len(w.aggs))
+	w.aggs = append(w.aggs, agg{})
+	var done cuboidSet
 	key := leaf
-	for c, mask := range f.masks {
-		if schema.CuboidID(c) == f.finest {
-			w.fan = append(w.fan, int32(len(w.aggs)))
-			w.aggs = append(w.aggs, agg{})
+	for _, c := range f.order {
+		if done.has(c) {
 			continue
 		}
-		key.cuboid = schema.CuboidID(c)
+		key.cuboid = c
+		mask := f.masks[c]
 		for j := range key.v {
 			if mask&(1<<j) != 0 {
 				key.v[j] = leaf.v[j]
@@ -282,13 +340,16 @@ func (w *window) addLeaf(f *family, leaf cellKey) int32 {
 				key.v[j] = 0
 			}
 		}
-		i, ok := w.cells[key]
-		if !ok {
-			i = int32(len(w.aggs))
-			w.aggs = append(w.aggs, agg{})
-			w.cells[key] = i
+		if first, ok := w.cells[key]; ok {
+			for _, sub := range f.below[c] {
+				fan[sub] = w.fan[first+int32(sub)]
+			}
+			done.or(&f.covers[c])
+			continue
 		}
-		w.fan = append(w.fan, i)
+		fan[c] = int32(len(w.aggs))
+		w.aggs = append(w.aggs, agg{})
+		w.cells[key] = off
 	}
 	w.leaves[leaf] = off
 	w.finest[leaf.fam]++
@@ -314,14 +375,7 @@ func New(opts Options) (*Aggregator, error) {
 		done:   make(chan struct{}),
 	}
 	for i, f := range opts.Schema.Families {
-		cuboids := f.Cuboids()
-		fam := &family{Family: f, finest: f.Finest().ID, masks: make([]uint16, len(cuboids))}
-		for _, c := range cuboids {
-			for _, s := range c.Slots {
-				fam.masks[c.ID] |= 1 << s
-			}
-		}
-		a.fams = append(a.fams, fam)
+		a.fams = append(a.fams, newFamily(f))
 		a.byName[f.Name] = i
 	}
 	a.mu.intern = map[string]uint32{}
@@ -785,7 +839,10 @@ func (a *Aggregator) addLocked(ev *event, start int64, maxCells int) wirepb.Reje
 	if ok {
 		apex = w.fan[off]
 	} else {
-		apex, hasApex = w.cells[cellKey{fam: uint16(ev.fam)}]
+		var first int32
+		if first, hasApex = w.cells[cellKey{fam: uint16(ev.fam)}]; hasApex {
+			apex = w.fan[first]
+		}
 	}
 	if hasApex && w.aggs[apex].sum+ev.value > MaxValue {
 		return wirepb.RejectReason_REJECT_REASON_VALUE_TOO_LARGE

@@ -36,8 +36,8 @@ type cellRef struct {
 // request is built at a time. It runs under flushMu, which guards a.encode.
 func (a *Aggregator) flushRequests(start int64, w *window, values []string, shards int) []*wirepb.FlushRequest {
 	cells := a.encode.cells[:0]
-	for key, i := range w.cells {
-		cells = append(cells, cellRef{key, i})
+	for key, first := range w.cells {
+		cells = append(cells, cellRef{key, w.fan[first+int32(key.cuboid)]})
 	}
 	for key, off := range w.leaves {
 		cells = append(cells, cellRef{key, w.fan[off+int32(key.cuboid)]})
