@@ -485,16 +485,25 @@ func (n *Node) close() error {
 	if n.conn != nil {
 		errs = append(errs, n.conn.Close())
 	}
+	// The servers stop side by side: HTTP requests still running must not
+	// keep the gRPC ports open, where pushes would find only a closed
+	// aggregator instead of a refused connection that sends them elsewhere.
+	var stopping sync.WaitGroup
+	var httpErr error
 	if n.http != nil {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		errs = append(errs, n.http.Shutdown(ctx))
-		cancel()
+		stopping.Go(func() {
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			httpErr = n.http.Shutdown(ctx)
+			cancel()
+		})
 	}
 	for _, s := range []*grpc.Server{n.grpc, n.internal} {
 		if s != nil {
-			stopGRPC(s, grpcStopTimeout)
+			stopping.Go(func() { stopGRPC(s, grpcStopTimeout) })
 		}
 	}
+	stopping.Wait()
+	errs = append(errs, httpErr)
 	for _, ln := range []net.Listener{n.grpcLn, n.internalLn, n.httpLn} {
 		if ln != nil {
 			ln.Close()
