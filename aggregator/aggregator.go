@@ -185,6 +185,7 @@ func (s *cuboidSet) or(t *cuboidSet) {
 	}
 }
 
+// newFamily precomputes the aggregator's view of f.
 func newFamily(f *schema.Family) *family {
 	cuboids := f.Cuboids()
 	fam := &family{Family: f, finest: f.Finest().ID, masks: make([]uint16, len(cuboids))}
