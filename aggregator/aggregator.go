@@ -167,10 +167,9 @@ type family struct {
 	finest schema.CuboidID
 	// order lists the cuboids but the finest, those that keep the most
 	// labels first; below[c] lists the cuboids whose labels are a subset
-	// of c's, c among them, and covers[c] is that list as a cuboidSet.
-	order  []schema.CuboidID
-	below  [][]schema.CuboidID
-	covers []cuboidSet
+	// of c's, c among them.
+	order []schema.CuboidID
+	below [][]schema.CuboidID
 }
 
 // cuboidSet holds a bit per cuboid ID: a family has at most
@@ -179,11 +178,7 @@ type cuboidSet [1 << schema.MaxLevels / 64]uint64
 
 func (s *cuboidSet) has(c schema.CuboidID) bool { return s[c/64]&(1<<(c%64)) != 0 }
 
-func (s *cuboidSet) or(t *cuboidSet) {
-	for i := range s {
-		s[i] |= t[i]
-	}
-}
+func (s *cuboidSet) add(c schema.CuboidID) { s[c/64] |= 1 << (c % 64) }
 
 // newFamily precomputes the aggregator's view of f.
 func newFamily(f *schema.Family) *family {
@@ -195,7 +190,6 @@ func newFamily(f *schema.Family) *family {
 		}
 	}
 	fam.below = make([][]schema.CuboidID, len(cuboids))
-	fam.covers = make([]cuboidSet, len(cuboids))
 	for c, mask := range fam.masks {
 		id := schema.CuboidID(c)
 		if id != fam.finest {
@@ -204,7 +198,6 @@ func newFamily(f *schema.Family) *family {
 		for sub, m := range fam.masks {
 			if m&^mask == 0 {
 				fam.below[c] = append(fam.below[c], schema.CuboidID(sub))
-				fam.covers[c][sub/64] |= 1 << (sub % 64)
 			}
 		}
 	}
@@ -344,8 +337,8 @@ func (w *window) addLeaf(f *family, leaf cellKey) int32 {
 		if first, ok := w.cells[key]; ok {
 			for _, sub := range f.below[c] {
 				fan[sub] = w.fan[first+int32(sub)]
+				done.add(sub)
 			}
-			done.or(&f.covers[c])
 			continue
 		}
 		fan[c] = int32(len(w.aggs))
