@@ -119,3 +119,49 @@ func (p PeerClients) Forward(ctx context.Context, owner string, req *wirepb.Push
 	}
 	return resp, nil
 }
+
+// forwards gathers the events of a batch that other aggregators own: per
+// owner, a batch of their own events with a dictionary of the strings they
+// use and the publisher's identity, as an outbox entry addressed to it.
+type forwards struct {
+	entries  []*entry
+	byOwner  map[string]*forwardPart
+	events   int
+	received int64 // when the batch was received, unix ms
+}
+
+type forwardPart struct {
+	req   *wirepb.PushRequest
+	remap map[uint32]uint32 // batch dictionary index -> index in req.Dict
+}
+
+// add puts event i of batch into owner's part.
+func (f *forwards) add(owner string, batch *wirepb.PushRequest, i int) {
+	if f.byOwner == nil {
+		f.byOwner = map[string]*forwardPart{}
+	}
+	p := f.byOwner[owner]
+	if p == nil {
+		p = &forwardPart{req: &wirepb.PushRequest{Source: batch.Source, BatchSeq: batch.BatchSeq, ReceivedMs: f.received}, remap: map[uint32]uint32{}}
+		f.byOwner[owner] = p
+		f.entries = append(f.entries, &entry{kind: entryForward, dests: []string{owner}, push: p.req})
+	}
+	e := batch.Events[i]
+	fe := &wirepb.Event{Family: p.ref(batch.Dict, e.Family), Labels: make([]uint32, len(e.Labels)), TimestampMs: e.TimestampMs, Value: e.Value}
+	for j, l := range e.Labels {
+		fe.Labels[j] = p.ref(batch.Dict, l)
+	}
+	p.req.Events = append(p.req.Events, fe)
+	f.events++
+}
+
+// ref returns the index in the part's dictionary of the batch's string d.
+func (p *forwardPart) ref(dict []string, d uint32) uint32 {
+	if x, ok := p.remap[d]; ok {
+		return x
+	}
+	x := uint32(len(p.req.Dict))
+	p.req.Dict = append(p.req.Dict, dict[d])
+	p.remap[d] = x
+	return x
+}
