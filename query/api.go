@@ -2,16 +2,13 @@ package query
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
 	"maps"
-	"math"
 	"net/http"
 	"runtime"
 	"slices"
-	"strconv"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -185,132 +182,6 @@ func (a *API) Register(mux *http.ServeMux) {
 	mux.HandleFunc("/api/v1/cube/drilldown", a.wrapSlice(a.drillDown))
 	mux.HandleFunc("/api/v1/cube/rollup", a.wrapSlice(a.rollUp))
 	explorer.Register(mux)
-}
-
-// Error types of the Prometheus API (web/api/v1 names these and no
-// others), with the HTTP status each maps to.
-type errorType string
-
-const (
-	errBadData  errorType = "bad_data"
-	errExec     errorType = "execution"
-	errCanceled errorType = "canceled"
-	errTimeout  errorType = "timeout"
-	errInternal errorType = "internal"
-	errNotFound errorType = "not_found"
-	// errUnavailable is a query asking for a complete answer when part of
-	// the cube cannot be read.
-	errUnavailable errorType = "unavailable"
-)
-
-func (t errorType) status() int {
-	switch t {
-	case errBadData:
-		return http.StatusBadRequest
-	case errExec:
-		return http.StatusUnprocessableEntity
-	case errCanceled:
-		return 499
-	case errTimeout, errUnavailable:
-		return http.StatusServiceUnavailable
-	case errNotFound:
-		return http.StatusNotFound
-	default:
-		return http.StatusInternalServerError
-	}
-}
-
-type apiError struct {
-	typ errorType
-	err error
-	// status, when set, is the HTTP status in place of the type's.
-	status int
-}
-
-func (e *apiError) httpStatus() int {
-	if e.status != 0 {
-		return e.status
-	}
-	return e.typ.status()
-}
-
-func (e *apiError) Error() string { return string(e.typ) + ": " + e.err.Error() }
-
-func badData(format string, args ...any) *apiError {
-	return &apiError{typ: errBadData, err: fmt.Errorf(format, args...)}
-}
-
-type response struct {
-	Status    string   `json:"status"`
-	Data      any      `json:"data,omitempty"`
-	ErrorType string   `json:"errorType,omitempty"`
-	Error     string   `json:"error,omitempty"`
-	Warnings  []string `json:"warnings,omitempty"`
-	Infos     []string `json:"infos,omitempty"`
-}
-
-type result struct {
-	data  any
-	annos annotations.Annotations
-}
-
-type handler func(r *http.Request) (result, *apiError)
-
-// wrap parses the form (GET query or POST form body), runs h and writes the
-// Prometheus JSON envelope.
-func (a *API) wrap(h handler) http.HandlerFunc {
-	return func(w http.ResponseWriter, r *http.Request) {
-		var res result
-		run, aerr := checkMethod(w, r)
-		if run {
-			if err := r.ParseForm(); err != nil {
-				aerr = badData("cannot parse form: %v", err)
-			} else {
-				res, aerr = h(r)
-			}
-		}
-		a.write(w, r, res, aerr)
-	}
-}
-
-// allowedMethods are the methods every endpoint takes, as the Allow header
-// lists them.
-const allowedMethods = "GET, POST, OPTIONS"
-
-// checkMethod reports whether the endpoint runs for r's method: GET and
-// POST run it; OPTIONS answers an empty success, as Prometheus does; any
-// other method is refused with 405 and errorType bad_data, Prometheus'
-// type for a request that cannot be served as sent.
-func checkMethod(w http.ResponseWriter, r *http.Request) (bool, *apiError) {
-	switch r.Method {
-	case http.MethodGet, http.MethodPost:
-		return true, nil
-	case http.MethodOptions:
-		w.Header().Set("Allow", allowedMethods)
-		return false, nil
-	}
-	w.Header().Set("Allow", allowedMethods)
-	return false, &apiError{typ: errBadData, status: http.StatusMethodNotAllowed,
-		err: fmt.Errorf("method %s is not allowed on %s; use GET or POST", r.Method, r.URL.Path)}
-}
-
-// write writes a handler's answer in the Prometheus JSON envelope. An error
-// carries no warnings, as in Prometheus.
-func (a *API) write(w http.ResponseWriter, r *http.Request, res result, aerr *apiError) {
-	w.Header().Set("Content-Type", "application/json")
-	resp := response{Status: "success", Data: res.data}
-	if aerr != nil {
-		resp = response{Status: "error", ErrorType: string(aerr.typ), Error: aerr.err.Error()}
-		w.WriteHeader(aerr.httpStatus())
-		if aerr.typ == errInternal {
-			a.opts.Logger.Error("query failed", "path", r.URL.Path, "err", aerr.err)
-		}
-	} else {
-		resp.Warnings, resp.Infos = res.annos.AsStrings(r.FormValue("query"), 10, 10)
-	}
-	if err := json.NewEncoder(w).Encode(resp); err != nil {
-		a.opts.Logger.Debug("cannot write response", "err", err)
-	}
 }
 
 type queryData struct {
@@ -551,41 +422,6 @@ func (a *API) selectors(r *http.Request) ([][]*labels.Matcher, *apiError) {
 	return out, nil
 }
 
-// timeRange parses start and end, which default to the whole of time.
-func timeRange(r *http.Request) (int64, int64, *apiError) {
-	start, end := int64(math.MinInt64/2), int64(math.MaxInt64/2)
-	if v := r.FormValue("start"); v != "" {
-		t, err := parseTime(v)
-		if err != nil {
-			return 0, 0, badData("invalid parameter \"start\": %v", err)
-		}
-		start = t.UnixMilli()
-	}
-	if v := r.FormValue("end"); v != "" {
-		t, err := parseTime(v)
-		if err != nil {
-			return 0, 0, badData("invalid parameter \"end\": %v", err)
-		}
-		end = t.UnixMilli()
-	}
-	if end < start {
-		return 0, 0, badData("invalid parameter \"end\": end timestamp must not be before start time")
-	}
-	return start, end, nil
-}
-
-func limit(r *http.Request) (int, *apiError) {
-	v := r.FormValue("limit")
-	if v == "" {
-		return 0, nil
-	}
-	n, err := strconv.Atoi(v)
-	if err != nil || n < 0 {
-		return 0, badData("invalid parameter \"limit\": %q is not a non-negative integer", v)
-	}
-	return n, nil
-}
-
 // truncate cuts a list to the limit, warning as Prometheus does.
 func truncate[T any](list []T, n int) ([]T, annotations.Annotations) {
 	if n == 0 || len(list) <= n {
@@ -738,51 +574,4 @@ func (a *API) buildInfo(*http.Request) (result, *apiError) {
 		"buildDate": "",
 		"goVersion": runtime.Version(),
 	}}, nil
-}
-
-// msThreshold is the smallest magnitude of a timestamp read as unix
-// milliseconds rather than seconds: 10^12 seconds is the year 33658, while
-// 10^12 milliseconds is 2001.
-const msThreshold = 1e12
-
-// parseTime reads a unix timestamp in seconds (with a fraction), or in
-// milliseconds as some Grafana requests send it, or an RFC3339 time.
-func parseTime(s string) (time.Time, error) {
-	if s == "" {
-		return time.Time{}, errors.New("missing timestamp")
-	}
-	if f, err := strconv.ParseFloat(s, 64); err == nil {
-		if math.Abs(f) >= msThreshold {
-			f /= 1000
-		}
-		if math.IsNaN(f) || math.IsInf(f, 0) || math.Abs(f) > float64(math.MaxInt64/int64(time.Second)) {
-			return time.Time{}, fmt.Errorf("cannot parse %q to a valid timestamp", s)
-		}
-		// Timestamps are milliseconds, as in Prometheus.
-		sec, frac := math.Modf(f)
-		return time.Unix(int64(sec), int64(math.Round(frac*1000))*int64(time.Millisecond)).UTC(), nil
-	}
-	if t, err := time.Parse(time.RFC3339Nano, s); err == nil {
-		return t, nil
-	}
-	return time.Time{}, fmt.Errorf("cannot parse %q to a valid timestamp", s)
-}
-
-// parseDuration reads seconds (with a fraction) or a Prometheus duration
-// such as "5m".
-func parseDuration(s string) (time.Duration, error) {
-	if s == "" {
-		return 0, errors.New("missing duration")
-	}
-	if f, err := strconv.ParseFloat(s, 64); err == nil {
-		ts := f * float64(time.Second)
-		if math.IsNaN(ts) || ts > float64(math.MaxInt64) || ts < float64(math.MinInt64) {
-			return 0, fmt.Errorf("cannot parse %q to a valid duration. It overflows int64", s)
-		}
-		return time.Duration(ts), nil
-	}
-	if d, err := model.ParseDuration(s); err == nil {
-		return time.Duration(d), nil
-	}
-	return 0, fmt.Errorf("cannot parse %q to a valid duration", s)
 }
