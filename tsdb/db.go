@@ -35,6 +35,7 @@ type DB struct {
 	opts    Options
 	log     *slog.Logger
 	pdb     *pebble.DB
+	popts   *pebble.Options // pdb's, with Pebble's defaults: the writer's tables follow them
 	metrics *metrics
 
 	// families are the schema's families by name, byID by their stored
@@ -107,6 +108,7 @@ type writerState struct {
 	fine, coarse     denseRow
 	hostFine         denseFine
 	buf              []byte
+	table            groupTable
 }
 
 // resolution is a schema resolution with its figures in the units the hot
@@ -184,7 +186,13 @@ func Open(opts Options) (*DB, error) {
 
 	cache := pebble.NewCache(opts.CacheSize)
 	defer cache.Unref()
-	db.pdb, err = pebble.Open(opts.Dir, pebbleOptions(cache, db.log.With("component", "pebble")))
+	if err := removeIngestLeft(opts.Dir); err != nil {
+		m.unregister()
+		return nil, err
+	}
+	db.popts = pebbleOptions(cache, db.log.With("component", "pebble"))
+	db.popts.EnsureDefaults()
+	db.pdb, err = pebble.Open(opts.Dir, db.popts)
 	if err != nil {
 		m.unregister()
 		return nil, fmt.Errorf("tsdb: cannot open pebble in %s: %w", opts.Dir, err)

@@ -32,7 +32,7 @@ type presence struct {
 
 // stagePresence adds to b the presence of cells in the row pk: when the
 // bitmap lacks some of them, it is rewritten whole with them.
-func (db *DB) stagePresence(b *pebble.Batch, pk presenceKey, cells *roaring.Bitmap) error {
+func (db *DB) stagePresence(b *groupTable, pk presenceKey, cells *roaring.Bitmap) error {
 	p := &db.presence
 	cur, err := db.presenceList(pk)
 	if err != nil {
@@ -44,9 +44,7 @@ func (db *DB) stagePresence(b *pebble.Batch, pk presenceKey, cells *roaring.Bitm
 	next := roaring.Or(cur, cells)
 	p.key = pk.append(p.key[:0])
 	p.val = appendBitmap(p.val[:0], next)
-	if err := b.Set(p.key, p.val, nil); err != nil {
-		return fmt.Errorf("tsdb: cannot add presence to batch: %w", err)
-	}
+	b.Set(p.key, p.val)
 	p.staged[pk] = next
 	return nil
 }

@@ -6,7 +6,6 @@ import (
 	"time"
 
 	"github.com/RoaringBitmap/roaring/v2"
-	"github.com/cockroachdb/pebble/v2"
 
 	"github.com/dimsum/dimsum/schema"
 )
@@ -14,14 +13,14 @@ import (
 // The writer writes the head's groups into Pebble (docs/format/tsdb.md,
 // "The head"): a group is due once its row of the finest resolution ended
 // more than Options.HeadHold before the newest delta applied (or the wall
-// clock when it was applied, if earlier), or before the
-// wall clock when no delta came for HeadHold; and, while the head holds
-// more than three quarters of Options.HeadMaxBytes, the oldest group is due
-// whatever its row. Writing a group is one Pebble batch: a merge operand for
-// each of its cells at every resolution that still retains its row, the
+// clock when it was applied, if earlier), or before the wall clock when no
+// delta came for HeadHold; and, while the head holds more than three
+// quarters of Options.HeadMaxBytes, the oldest group is due whatever its
+// row. Writing a group is one ingested sstable (table.go): a merge operand
+// for each of its cells at every resolution that still retains its row, the
 // coarser ones rolled up from the finest, the presence bitmaps that gain
-// cells, the written mark of its row, and the deletion of the staged batches
-// no group needs any more.
+// cells, the written mark of its row, and the deletion of the staged
+// batches no group needs any more.
 
 // writerInterval is how often the writer looks for due groups when no Apply
 // wakes it: groups fall due by the wall clock too.
@@ -158,8 +157,8 @@ func (db *DB) takeDue(all bool) (*group, writeReason) {
 // for the next attempt, and nothing of it is in Pebble.
 func (db *DB) writeGroup(g *group, why writeReason) error {
 	start := time.Now()
-	b := db.pdb.NewBatch()
-	defer b.Close()
+	b := &db.writer.table
+	b.reset()
 	defer clear(db.presence.staged)
 	operands, err := db.encodeGroup(b, g)
 	if err != nil {
@@ -170,10 +169,7 @@ func (db *DB) writeGroup(g *group, why writeReason) error {
 	h.mu.Lock()
 	low := h.lowest(g)
 	if low > h.stagedLow {
-		if err := b.DeleteRange(stagedKey(h.stagedLow), stagedKey(low), nil); err != nil {
-			h.mu.Unlock()
-			return fmt.Errorf("tsdb: cannot add the deletion of staged batches to the Pebble batch: %w", err)
-		}
+		b.DeleteRange(stagedKey(h.stagedLow), stagedKey(low))
 	}
 	// The mark says which staged batches not to replay into this row: it
 	// is needed only while one of them is still stored.
@@ -189,25 +185,21 @@ func (db *DB) writeGroup(g *group, why writeReason) error {
 	step := db.res[0].stepSec
 	for row := range h.written {
 		if _, keep := marks[row]; !keep {
-			if err := b.Delete(writtenKey(step, row), nil); err != nil {
-				h.mu.Unlock()
-				return fmt.Errorf("tsdb: cannot add the deletion of a written mark to the Pebble batch: %w", err)
-			}
+			b.Delete(writtenKey(step, row))
 		}
 	}
 	if seq, ok := marks[g.row]; ok {
-		if err := b.Set(writtenKey(step, g.row), binary.AppendUvarint(nil, seq), nil); err != nil {
-			h.mu.Unlock()
-			return fmt.Errorf("tsdb: cannot add a written mark to the Pebble batch: %w", err)
-		}
+		b.Set(writtenKey(step, g.row), binary.AppendUvarint(nil, seq))
 	}
 	g.committing = true
 	h.mu.Unlock()
 
-	// Not synced: if the batch is lost in a crash, so are its staged
-	// deletions, and replay rebuilds the group. The next synced Apply syncs
-	// it too, the log being written in order.
-	err = b.Commit(pebble.NoSync)
+	// The rows, presence, marks and staged deletions go in at once: a
+	// crash before the table is ingested leaves the staged batches, and
+	// replay rebuilds the group.
+	if !b.empty() {
+		err = db.ingest(b)
+	}
 
 	h.mu.Lock()
 	g.committing = false
@@ -256,7 +248,7 @@ func (db *DB) retainedRows(fineRow, now int64, rows []int64, keep []bool) bool {
 
 // encodeGroup adds to b the rows of a group at every resolution and the
 // presence they add, and returns how many row operands it added.
-func (db *DB) encodeGroup(b *pebble.Batch, g *group) (int, error) {
+func (db *DB) encodeGroup(b *groupTable, g *group) (int, error) {
 	w := &db.writer
 	fine := db.res[0]
 	base := g.row * fine.rowSpanMs
@@ -309,9 +301,7 @@ func (db *DB) encodeGroup(b *pebble.Batch, g *group) (int, error) {
 						w.buf = row.appendTo(w.buf[:0])
 					}
 					key := makeDataKey(r.stepSec, rows[i], fs.id, schema.CuboidID(cuboid), uint32(cell))
-					if err := b.Merge(key[:], w.buf, nil); err != nil {
-						return 0, fmt.Errorf("tsdb: cannot add a row to the Pebble batch: %w", err)
-					}
+					b.Merge(key[:], w.buf)
 					if i > 0 {
 						row.reset()
 					}

@@ -1,0 +1,137 @@
+package tsdb
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+
+	"github.com/cockroachdb/pebble/v2/objstorage/objstorageprovider"
+	"github.com/cockroachdb/pebble/v2/sstable"
+	"github.com/cockroachdb/pebble/v2/vfs"
+)
+
+// The writer writes a group as one sstable that it ingests into Pebble,
+// rather than as a batch: a group's rows are megabytes, and a batch goes
+// through Pebble's write-ahead log, whose files Pebble keeps for reuse at
+// the size of the largest batch they held (docs/format/tsdb.md, "Why the
+// writer ingests a table"). Ingestion is atomic, and durable once it
+// returns.
+
+// groupTable collects the writes of one group, in any order, for ingest.
+type groupTable struct {
+	ops  []tableOp
+	data []byte // the keys and values of ops
+	// dels holds the range deletions, as start and end offsets into data.
+	dels [][4]int
+}
+
+// tableOp is one point write: its key and value are data[k:v] and
+// data[v:end].
+type tableOp struct {
+	k, v, end int
+	kind      opKind
+}
+
+type opKind uint8
+
+const (
+	opSet opKind = iota
+	opMerge
+	opDelete
+)
+
+func (t *groupTable) reset() {
+	t.ops, t.data, t.dels = t.ops[:0], t.data[:0], t.dels[:0]
+}
+
+func (t *groupTable) add(kind opKind, key, value []byte) {
+	k := len(t.data)
+	t.data = append(t.data, key...)
+	v := len(t.data)
+	t.data = append(t.data, value...)
+	t.ops = append(t.ops, tableOp{k: k, v: v, end: len(t.data), kind: kind})
+}
+
+func (t *groupTable) Set(key, value []byte)   { t.add(opSet, key, value) }
+func (t *groupTable) Merge(key, value []byte) { t.add(opMerge, key, value) }
+func (t *groupTable) Delete(key []byte)       { t.add(opDelete, key, nil) }
+
+func (t *groupTable) DeleteRange(start, end []byte) {
+	s := len(t.data)
+	t.data = append(t.data, start...)
+	e := len(t.data)
+	t.data = append(t.data, end...)
+	t.dels = append(t.dels, [4]int{s, e, e, len(t.data)})
+}
+
+func (t *groupTable) key(op tableOp) []byte { return t.data[op.k:op.v] }
+
+// empty reports whether the table holds no write.
+func (t *groupTable) empty() bool { return len(t.ops) == 0 && len(t.dels) == 0 }
+
+// ingestName is the file the writer builds a table in, in Pebble's
+// directory; ingest links it into the store and the name is removed. Open
+// removes one left by a crash.
+const ingestName = "dimsum-group.ingest"
+
+// ingest writes t as an sstable, synced, and ingests it into Pebble.
+func (db *DB) ingest(t *groupTable) error {
+	slices.SortFunc(t.ops, func(a, b tableOp) int { return bytes.Compare(t.key(a), t.key(b)) })
+	for i := 1; i < len(t.ops); i++ {
+		if bytes.Equal(t.key(t.ops[i-1]), t.key(t.ops[i])) {
+			return fmt.Errorf("tsdb: the group writes key %x twice", t.key(t.ops[i]))
+		}
+	}
+	path := filepath.Join(db.opts.Dir, ingestName)
+	f, err := vfs.Default.Create(path, vfs.WriteCategoryUnspecified)
+	if err != nil {
+		return fmt.Errorf("tsdb: cannot create the group's table: %w", err)
+	}
+	defer os.Remove(path)
+	o := db.popts.MakeWriterOptions(0, db.pdb.TableFormat())
+	w := sstable.NewWriter(objstorageprovider.NewFileWritable(f), o)
+	for _, op := range t.ops {
+		key, value := t.key(op), t.data[op.v:op.end]
+		switch op.kind {
+		case opSet:
+			err = w.Set(key, value)
+		case opMerge:
+			err = w.Merge(key, value)
+		default:
+			err = w.Delete(key)
+		}
+		if err != nil {
+			break
+		}
+	}
+	for _, d := range t.dels {
+		if err != nil {
+			break
+		}
+		err = w.DeleteRange(t.data[d[0]:d[1]], t.data[d[2]:d[3]])
+	}
+	// Close syncs the file.
+	if cerr := w.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return fmt.Errorf("tsdb: cannot write the group's table: %w", err)
+	}
+	if err := db.pdb.Ingest(context.Background(), []string{path}); err != nil {
+		return fmt.Errorf("tsdb: cannot ingest the group's table: %w", err)
+	}
+	return nil
+}
+
+// removeIngestLeft removes a table a crash left half built in dir.
+func removeIngestLeft(dir string) error {
+	err := os.Remove(filepath.Join(dir, ingestName))
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("tsdb: cannot remove %s: %w", ingestName, err)
+	}
+	return nil
+}
