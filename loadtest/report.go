@@ -65,6 +65,8 @@ type ReadBack struct {
 	// SettledIn is the time from the run's start to the read that matched:
 	// the events per second the store settled is Accepted over it.
 	SettledIn time.Duration `json:"settled_in_ns"`
+	// Warnings are what the last answers said they may lack.
+	Warnings []string `json:"warnings,omitempty"`
 }
 
 // SettledRate is the events per second from the run's start until they
@@ -128,6 +130,9 @@ func (r Report) String() string {
 			fmt.Fprintf(&b, ", %s %s", fam, num(rb.Totals[fam]))
 		}
 		b.WriteString(")\n")
+		for _, w := range rb.Warnings {
+			fmt.Fprintf(&b, "  the answers said: %s\n", w)
+		}
 		if rb.Verified {
 			fmt.Fprintf(&b, "settled (all readable) %s after the start: %.0f events/s\n", rb.SettledIn.Round(time.Millisecond), r.SettledRate())
 		}
