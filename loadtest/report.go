@@ -78,8 +78,14 @@ func (r Report) SettledRate() float64 {
 	return float64(r.Accepted) / r.ReadBack.SettledIn.Seconds()
 }
 
-// Rate is the events acknowledged per second.
-func (r Report) Rate() float64 { return float64(r.Accepted) / r.Duration.Seconds() }
+// Rate is the events acknowledged per second; 0 for a run that sent
+// nothing, as one that could not begin.
+func (r Report) Rate() float64 {
+	if r.Duration <= 0 {
+		return 0
+	}
+	return float64(r.Accepted) / r.Duration.Seconds()
+}
 
 // MarshalJSON adds the achieved rate to the figures.
 func (r Report) MarshalJSON() ([]byte, error) {
