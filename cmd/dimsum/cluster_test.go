@@ -136,6 +136,10 @@ type clusterStatus struct {
 			Behind bool   `json:"behind"`
 		} `json:"replicas"`
 	} `json:"shards"`
+	Gaps []struct {
+		Aggregator string `json:"aggregator"`
+		Down       bool   `json:"down"`
+	} `json:"gaps"`
 }
 
 type memberState struct {
