@@ -509,35 +509,38 @@ func TestFanOut(t *testing.T) {
 	// serve are answered with a warning, or refused when a complete answer
 	// is asked for.
 	w.start("c1")
-	w.mu.Lock()
-	w.behind = map[string]bool{"c1": true}
-	w.mu.Unlock()
-	t.Run("one combiner back, catching up", func(t *testing.T) {
-		w.same(t, w.ref, behindWarning)
-		for _, r := range w.requests() {
-			w.unavailable(t, w.fan, r.whole(), "shards 0, 3, 6 could only be read from a replica still receiving")
-		}
-	})
-	w.mu.Lock()
-	w.behind = nil
-	w.mu.Unlock()
+	w.warned(t, "one combiner back, catching up", func(on bool) { w.behind = map[string]bool{"c1": on} },
+		behindWarning, "shards 0, 3, 6 could only be read from a replica still receiving")
 	t.Run("one combiner back", func(t *testing.T) { w.same(t, w.ref, "") })
 
 	// Events wait for an aggregator that is down: every answer that reads
 	// the cube says so, or is refused when asked to be complete.
+	w.warned(t, "events waiting for an aggregator", func(on bool) {
+		w.gaps = nil
+		if on {
+			w.gaps = []fanout.Gap{{Aggregator: "a2", Down: true, WaitingAt: []string{"a1", "a3"}}}
+		}
+	}, gapWarning, "aggregator a2 is down")
+	t.Run("no events waiting", func(t *testing.T) { w.same(t, w.ref, "") })
+}
+
+// warned runs the suite, as test name, with the topology changed by
+// set(true): every answer carries warning, or is refused saying why when a
+// complete answer is asked for. set(false) then undoes the change.
+func (w *world) warned(t *testing.T, name string, set func(on bool), warning, why string) {
+	t.Helper()
 	w.mu.Lock()
-	w.gaps = []fanout.Gap{{Aggregator: "a2", Down: true, WaitingAt: []string{"a1", "a3"}}}
+	set(true)
 	w.mu.Unlock()
-	t.Run("events waiting for an aggregator", func(t *testing.T) {
-		w.same(t, w.ref, gapWarning)
+	t.Run(name, func(t *testing.T) {
+		w.same(t, w.ref, warning)
 		for _, r := range w.requests() {
-			w.unavailable(t, w.fan, r.whole(), "aggregator a2 is down")
+			w.unavailable(t, w.fan, r.whole(), why)
 		}
 	})
 	w.mu.Lock()
-	w.gaps = nil
+	set(false)
 	w.mu.Unlock()
-	t.Run("no events waiting", func(t *testing.T) { w.same(t, w.ref, "") })
 }
 
 const gapWarning = "aggregator a2 is down: the events it took and had not yet flushed or forwarded, and those of its hosts waiting for it at a1, a3, are in no answer; the result may be partial"
