@@ -278,7 +278,7 @@ func (t *topology) Replicas(shard int) []string {
 func (t *topology) Behind(name string) bool { return t.view.Load().behind[name] }
 
 // Gaps lists, for the query fan-out, what no combiner may hold yet: for
-// each aggregator that is dead, the events it took and had not flushed, and
+// each aggregator that is dead, the events it took and had not passed on, and
 // for each aggregator that alive ones gossip forwarded parts waiting for,
 // those parts. A flush waiting for a combiner is no gap: the shard's other
 // replicas have it, or the fan-out warns that none could be read, or that

@@ -47,8 +47,8 @@ type Topology interface {
 
 // Gap is what answers may lack for one aggregator: the events it owns that
 // wait at other aggregators, and, while it is down, those it took itself
-// and had not flushed. Neither is in any combiner, so every answer over
-// the cube may lack them, whatever the replicas hold.
+// and had not yet flushed or forwarded. Neither is in any combiner, so
+// every answer over the cube may lack them, whatever the replicas hold.
 type Gap struct {
 	// Aggregator owns the missing events.
 	Aggregator string
@@ -242,8 +242,9 @@ func (v *view) settle(rep string, shards []int, failed, pin bool) {
 // them, with call, and asks the next replica of a shard whose replica
 // failed, unless the shard was pinned. It returns the answers of the
 // replicas that answered; the shards none answered for are missing. With a
-// partial answer refused, a missing shard fails the read. A replica that
-// refuses the request fails the read too: every replica would.
+// partial answer refused, a missing shard fails the read, as do a shard
+// read from a replica still catching up and the view's gaps. A replica
+// that refuses the request fails the read too: every replica would.
 func fanOut[T any](v *view, method string, todo []int, pin bool, call func(ctx context.Context, c wirepb.ReadClient, shards []int) (T, error)) ([]*part[T], error) {
 	v.mu.Lock()
 	v.mu.read = true
