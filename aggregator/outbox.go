@@ -220,19 +220,34 @@ func (a *Aggregator) RetryNow() {
 
 // Waiting names the destinations whose oldest request has waited longer
 // than age: a member that is down or far behind, rather than one whose
-// requests are on their way.
-func (a *Aggregator) Waiting(age time.Duration) []string {
+// requests are on their way. Of those, forwards names the ones for which a
+// forwarded part has waited that long: an aggregator whose events are in
+// no cube until it takes them, where a flush waiting for a combiner may
+// already be on another replica of its shard.
+func (a *Aggregator) Waiting(age time.Duration) (names, forwards []string) {
 	o := &a.out
 	o.mu.Lock()
 	defer o.mu.Unlock()
-	var names []string
 	for d, q := range o.mu.queues {
-		if len(q) > 0 && time.Since(q[0].queued) > age {
-			names = append(names, d)
+		if len(q) == 0 || time.Since(q[0].queued) <= age {
+			continue
+		}
+		names = append(names, d)
+		// A queue is in the order its entries were queued: the search
+		// ends at the first one younger than age.
+		for _, e := range q {
+			if time.Since(e.queued) <= age {
+				break
+			}
+			if e.kind == entryForward {
+				forwards = append(forwards, d)
+				break
+			}
 		}
 	}
 	slices.Sort(names)
-	return names
+	slices.Sort(forwards)
+	return names, forwards
 }
 
 // drain waits until every queue is empty or the deadline passes, then stops

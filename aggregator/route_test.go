@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"math"
 	"net"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -325,6 +326,9 @@ func TestRouterOwnerDown(t *testing.T) {
 	})
 	if p := a.agg.Pending(); p["b"] != 1 {
 		t.Fatalf("pending with b down: %v, want b's part", p)
+	}
+	if names, forwards := a.agg.Waiting(0); !slices.Equal(names, []string{"b"}) || !slices.Equal(forwards, []string{"b"}) {
+		t.Fatalf("waiting for %v, forwards for %v; want b's part in both", names, forwards)
 	}
 	// a crashes too; its next incarnation sends b's part from its log.
 	a.crash()

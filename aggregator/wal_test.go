@@ -261,10 +261,10 @@ func TestWALHandoffAndTruncation(t *testing.T) {
 	}
 	// Only the replica that is down keeps requests waiting; r1 takes each
 	// as it comes.
-	if got := a.Waiting(0); !slices.Equal(got, []string{"r2"}) {
-		t.Errorf("waiting for %v, want [r2]", got)
+	if got, forwards := a.Waiting(0); !slices.Equal(got, []string{"r2"}) || len(forwards) != 0 {
+		t.Errorf("waiting for %v, forwards for %v; want [r2], no forwards", got, forwards)
 	}
-	if got := a.Waiting(time.Hour); len(got) != 0 {
+	if got, _ := a.Waiting(time.Hour); len(got) != 0 {
 		t.Errorf("waiting over an hour for %v, want none", got)
 	}
 	kept := segments(t, dir)

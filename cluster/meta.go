@@ -69,6 +69,10 @@ type Meta struct {
 	// PendingHandoff names the members this aggregator holds hinted
 	// handoff for: data for a replica that was down when it was flushed.
 	PendingHandoff []string
+	// PendingForward names those of PendingHandoff for which what waits
+	// includes forwarded parts of batches: aggregators owning events that
+	// are in no cube until they take them.
+	PendingForward []string
 	// Leaving says the node is leaving the cluster for good. Leave sets it
 	// and gossips it before announcing the leave, so that the others record
 	// the member as left rather than dead: memberlist reports both the same
@@ -83,13 +87,18 @@ func (m *Meta) HasRole(r Role) bool { return slices.Contains(m.Roles, r) }
 func (m Meta) clone() Meta {
 	m.Roles = slices.Clone(m.Roles)
 	m.PendingHandoff = slices.Clone(m.PendingHandoff)
+	m.PendingForward = slices.Clone(m.PendingForward)
 	return m
 }
 
 // metaVersion is the first byte of an encoded Meta. Fields are only ever
 // appended; a later version appends fields after the ones below, which this
-// version's decoder skips.
-const metaVersion = 1
+// version's decoder skips. Version 2 appends the forward indexes; a Meta
+// without them is written as version 1, which every version reads.
+const (
+	metaVersion1 = 1
+	metaVersion  = 2
+)
 
 const flagLeaving = 1 << 0
 
@@ -98,12 +107,21 @@ const flagLeaving = 1 << 0
 //	+---------+-------+-----------+----------+---------+-------+---------+---------------+
 //	| version | roles | grpc addr | http addr| started | flags | handoff | handoff names |
 //	| 1 byte  | 1 byte| uvarint   | uvarint  | varint  | 1 byte| uvarint | uvarint len + |
-//	|   = 1   | bits  | len+bytes | len+bytes| unix ns |       | count   | bytes, each   |
+//	| 1 or 2  | bits  | len+bytes | len+bytes| unix ns |       | count   | bytes, each   |
 //	+---------+-------+-----------+----------+---------+-------+---------+---------------+
+//	then, in version 2 only:
+//	+---------+-----------------+
+//	| forward | forward indexes |
+//	| uvarint | uvarint each,   |
+//	| count   | into handoff    |
+//	+---------+-----------------+
 //
 // Role bits follow roleBits (bit 0 aggregator, 1 combiner, 2 query); flag
-// bit 0 is Leaving; started is 0 for a zero Started. It checks m and
-// fails with ErrMeta when a field is invalid; it does not check the size.
+// bit 0 is Leaving; started is 0 for a zero Started. PendingForward is
+// written as the indexes of its names in PendingHandoff, a byte each for
+// the first 128, and only when it is not empty (version 2). It checks m
+// and fails with ErrMeta when a field is invalid; it does not check the
+// size.
 func AppendMeta(dst []byte, m *Meta) ([]byte, error) {
 	if err := m.check(); err != nil {
 		return dst, fmt.Errorf("%w: %v", ErrMeta, err)
@@ -120,7 +138,11 @@ func AppendMeta(dst []byte, m *Meta) ([]byte, error) {
 	if m.Leaving {
 		flags |= flagLeaving
 	}
-	dst = append(dst, metaVersion, roles)
+	version := byte(metaVersion1)
+	if len(m.PendingForward) > 0 {
+		version = metaVersion
+	}
+	dst = append(dst, version, roles)
 	dst = appendString(dst, m.GRPCAddr)
 	dst = appendString(dst, m.HTTPAddr)
 	dst = binary.AppendVarint(dst, started)
@@ -128,6 +150,12 @@ func AppendMeta(dst []byte, m *Meta) ([]byte, error) {
 	dst = binary.AppendUvarint(dst, uint64(len(m.PendingHandoff)))
 	for _, n := range m.PendingHandoff {
 		dst = appendString(dst, n)
+	}
+	if version == metaVersion {
+		dst = binary.AppendUvarint(dst, uint64(len(m.PendingForward)))
+		for _, n := range m.PendingForward {
+			dst = binary.AppendUvarint(dst, uint64(slices.Index(m.PendingHandoff, n)))
+		}
 	}
 	return dst, nil
 }
@@ -160,6 +188,14 @@ func (m *Meta) check() error {
 			return fmt.Errorf("PendingHandoff[%d] is empty", i)
 		}
 	}
+	for i, n := range m.PendingForward {
+		if !slices.Contains(m.PendingHandoff, n) {
+			return fmt.Errorf("PendingForward[%d] %q is not in PendingHandoff", i, n)
+		}
+		if slices.Contains(m.PendingForward[:i], n) {
+			return fmt.Errorf("PendingForward[%d] %q listed twice", i, n)
+		}
+	}
 	return nil
 }
 
@@ -184,7 +220,7 @@ func DecodeMeta(b []byte) (Meta, error) {
 	d := decoder{b: b}
 	var m Meta
 	version := d.byte()
-	if d.err == nil && version < metaVersion {
+	if d.err == nil && version < metaVersion1 {
 		return Meta{}, fmt.Errorf("%w: version %d", ErrCorruptMeta, version)
 	}
 	roles := d.byte()
@@ -210,7 +246,10 @@ func DecodeMeta(b []byte) (Meta, error) {
 			m.PendingHandoff[i] = d.string()
 		}
 	}
-	if d.err == nil && version == metaVersion && len(d.b) > 0 {
+	if d.err == nil && version >= metaVersion {
+		m.PendingForward = d.forward(m.PendingHandoff)
+	}
+	if d.err == nil && version <= metaVersion && len(d.b) > 0 {
 		d.fail("%d bytes after the last field", len(d.b))
 	}
 	if d.err != nil {
@@ -220,6 +259,30 @@ func DecodeMeta(b []byte) (Meta, error) {
 		return Meta{}, fmt.Errorf("%w: %v", ErrCorruptMeta, err)
 	}
 	return m, nil
+}
+
+// forward reads the forward indexes into handoff.
+func (d *decoder) forward(handoff []string) []string {
+	n := d.uvarint()
+	// Each index takes a byte at least, which bounds n before allocating.
+	if d.err == nil && n > uint64(len(d.b)) {
+		d.fail("%d forward indexes in %d bytes", n, len(d.b))
+	}
+	if d.err != nil || n == 0 {
+		return nil
+	}
+	out := make([]string, n)
+	for i := range out {
+		j := d.uvarint()
+		if d.err == nil && j >= uint64(len(handoff)) {
+			d.fail("forward index %d of %d pending handoff names", j, len(handoff))
+		}
+		if d.err != nil {
+			return nil
+		}
+		out[i] = handoff[j]
+	}
+	return out
 }
 
 // decoder reads fields off b with a sticky error: after the first failure
@@ -310,6 +373,9 @@ func (m Meta) String() string {
 	}
 	if len(m.PendingHandoff) > 0 {
 		sb.WriteString(" pending_handoff=" + strings.Join(m.PendingHandoff, ","))
+	}
+	if len(m.PendingForward) > 0 {
+		sb.WriteString(" pending_forward=" + strings.Join(m.PendingForward, ","))
 	}
 	sb.WriteString(" leaving=" + strconv.FormatBool(m.Leaving))
 	return sb.String()

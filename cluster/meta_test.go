@@ -13,7 +13,8 @@ import (
 // slices equal to empty ones.
 func sameMeta(a, b Meta) bool {
 	return slices.Equal(a.Roles, b.Roles) && a.GRPCAddr == b.GRPCAddr && a.HTTPAddr == b.HTTPAddr &&
-		a.Started.Equal(b.Started) && slices.Equal(a.PendingHandoff, b.PendingHandoff) && a.Leaving == b.Leaving
+		a.Started.Equal(b.Started) && slices.Equal(a.PendingHandoff, b.PendingHandoff) &&
+		slices.Equal(a.PendingForward, b.PendingForward) && a.Leaving == b.Leaving
 }
 
 func TestMetaRoundTrip(t *testing.T) {
@@ -22,6 +23,10 @@ func TestMetaRoundTrip(t *testing.T) {
 		"aggregator": {
 			Roles: []Role{RoleAggregator}, GRPCAddr: "10.0.0.7:9090", HTTPAddr: "10.0.0.7:9091",
 			Started: time.Unix(1_760_000_000, 123_456_789), PendingHandoff: []string{"comb-2", "comb-5"},
+		},
+		"forwards": {
+			Roles: []Role{RoleAggregator, RoleCombiner}, GRPCAddr: "10.0.0.7:9090",
+			PendingHandoff: []string{"n1", "n3", "n4"}, PendingForward: []string{"n4", "n1"},
 		},
 		"all-roles": {
 			Roles: []Role{RoleAggregator, RoleCombiner, RoleQuery}, GRPCAddr: "[::1]:9090",
@@ -65,6 +70,8 @@ func TestMetaInvalid(t *testing.T) {
 		{Meta{GRPCAddr: "10.0.0.1"}, `GRPCAddr: address "10.0.0.1" is not host:port`},
 		{Meta{HTTPAddr: "h:http"}, `HTTPAddr: address "h:http" has port "http", want a number in 0..65535`},
 		{Meta{PendingHandoff: []string{"a", ""}}, `PendingHandoff[1] is empty`},
+		{Meta{PendingHandoff: []string{"a"}, PendingForward: []string{"b"}}, `PendingForward[0] "b" is not in PendingHandoff`},
+		{Meta{PendingHandoff: []string{"a"}, PendingForward: []string{"a", "a"}}, `PendingForward[1] "a" listed twice`},
 	} {
 		_, err := c.meta.encode()
 		if !errors.Is(err, ErrMeta) || !strings.Contains(err.Error(), c.want) {
@@ -115,6 +122,10 @@ func TestDecodeMetaCorrupt(t *testing.T) {
 		{"handoff-count", []byte{1, 0, 0, 0, 0, 0, 0x80, 0x80, 0x04}, "65536 pending handoff names in 0 bytes"},
 		{"empty-handoff-name", []byte{1, 0, 0, 0, 0, 0, 2, 0, 2, 'a', 'b'}, "PendingHandoff[0] is empty"},
 		{"bad-address", []byte{1, 0, 3, 'a', 'b', 'c', 0, 0, 0, 0}, `GRPCAddr: address "abc" is not host:port`},
+		{"forward-count", []byte{2, 0, 0, 0, 0, 0, 1, 1, 'a', 3, 0}, "3 forward indexes in 1 bytes"},
+		{"forward-index", []byte{2, 0, 0, 0, 0, 0, 1, 1, 'a', 1, 1}, "forward index 1 of 1 pending handoff names"},
+		{"forward-twice", []byte{2, 0, 0, 0, 0, 0, 1, 1, 'a', 2, 0, 0}, `PendingForward[1] "a" listed twice`},
+		{"forward-trailing", []byte{2, 0, 0, 0, 0, 0, 1, 1, 'a', 1, 0, 0}, "1 bytes after the last field"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			_, err := DecodeMeta(c.b)
@@ -125,15 +136,34 @@ func TestDecodeMetaCorrupt(t *testing.T) {
 	}
 }
 
+// TestMetaVersion1WithoutForwards checks that a Meta with no forwards
+// waiting encodes as version 1 did, so that nodes of the version before
+// read it, and that a version 1 encoding still decodes.
+func TestMetaVersion1WithoutForwards(t *testing.T) {
+	m := Meta{Roles: []Role{RoleAggregator}, GRPCAddr: "h:1", PendingHandoff: []string{"x"}}
+	b, _ := AppendMeta(nil, &m)
+	want := []byte{1, 1, 3, 'h', ':', '1', 0, 0, 0, 1, 1, 'x'}
+	if string(b) != string(want) {
+		t.Errorf("encoded %x, want version 1's %x", b, want)
+	}
+	m.PendingForward = []string{"x"}
+	b, _ = AppendMeta(nil, &m)
+	if b[0] != 2 || string(b[len(b)-2:]) != "\x01\x00" {
+		t.Errorf("with a forward: %x, want version 2 ending with one index, 0", b)
+	}
+}
+
 // TestDecodeMetaLaterVersion checks that a node reads the meta of a later
 // version, which may append fields and use role and flag bits it does not
 // know.
 func TestDecodeMetaLaterVersion(t *testing.T) {
-	m := Meta{Roles: []Role{RoleQuery}, HTTPAddr: "q:80", Leaving: true}
+	m := Meta{Roles: []Role{RoleAggregator}, HTTPAddr: "q:80", PendingHandoff: []string{"a"}, PendingForward: []string{"a"}, Leaving: true}
 	b, _ := AppendMeta(nil, &m)
 	b[0] = metaVersion + 1
 	b[1] |= 1 << 7 // a role this version does not know
-	flags := len(b) - 2
+	// The flags follow the version, the roles, the empty gRPC address, the
+	// HTTP address and a zero start.
+	flags := 1 + 1 + 1 + 1 + len(m.HTTPAddr) + 1
 	b[flags] |= 1 << 5 // a flag this version does not know
 	b = append(b, 0xaa, 0xbb)
 	got, err := DecodeMeta(b)
@@ -152,7 +182,7 @@ func FuzzDecodeMeta(f *testing.F) {
 	for _, m := range []Meta{
 		{},
 		{Roles: []Role{RoleAggregator, RoleQuery}, GRPCAddr: "10.0.0.7:9090", HTTPAddr: "[::1]:80",
-			Started: time.Unix(1_760_000_000, 5), PendingHandoff: []string{"a", "bb"}, Leaving: true},
+			Started: time.Unix(1_760_000_000, 5), PendingHandoff: []string{"a", "bb"}, PendingForward: []string{"bb"}, Leaving: true},
 	} {
 		b, _ := AppendMeta(nil, &m)
 		f.Add(b)

@@ -65,6 +65,8 @@ type ReadBack struct {
 	// SettledIn is the time from the run's start to the read that matched:
 	// the events per second the store settled is Accepted over it.
 	SettledIn time.Duration `json:"settled_in_ns"`
+	// Warnings are what the last answers said they may lack.
+	Warnings []string `json:"warnings,omitempty"`
 }
 
 // SettledRate is the events per second from the run's start until they
@@ -76,8 +78,14 @@ func (r Report) SettledRate() float64 {
 	return float64(r.Accepted) / r.ReadBack.SettledIn.Seconds()
 }
 
-// Rate is the events acknowledged per second.
-func (r Report) Rate() float64 { return float64(r.Accepted) / r.Duration.Seconds() }
+// Rate is the events acknowledged per second; 0 for a run that sent
+// nothing, as one that could not begin.
+func (r Report) Rate() float64 {
+	if r.Duration <= 0 {
+		return 0
+	}
+	return float64(r.Accepted) / r.Duration.Seconds()
+}
 
 // MarshalJSON adds the achieved rate to the figures.
 func (r Report) MarshalJSON() ([]byte, error) {
@@ -128,6 +136,9 @@ func (r Report) String() string {
 			fmt.Fprintf(&b, ", %s %s", fam, num(rb.Totals[fam]))
 		}
 		b.WriteString(")\n")
+		for _, w := range rb.Warnings {
+			fmt.Fprintf(&b, "  the answers said: %s\n", w)
+		}
 		if rb.Verified {
 			fmt.Fprintf(&b, "settled (all readable) %s after the start: %.0f events/s\n", rb.SettledIn.Round(time.Millisecond), r.SettledRate())
 		}

@@ -16,9 +16,15 @@ import (
 	"time"
 )
 
-// ErrMismatch marks a verification that read back something other than
-// what was acknowledged.
-var ErrMismatch = errors.New("loadtest: read back differs from what was acknowledged")
+var (
+	// ErrMismatch marks a verification that read back something other
+	// than what was acknowledged.
+	ErrMismatch = errors.New("loadtest: read back differs from what was acknowledged")
+	// ErrPartial marks a verification that could not be exact: what was
+	// read back differs, and the answers said they may lack data, such as
+	// events waiting for an aggregator that is down.
+	ErrPartial = errors.New("loadtest: cannot verify exactly: the answers say they may lack data")
+)
 
 // ServerFigures are a node's own ingest counters (summed over the nodes).
 type ServerFigures struct {
@@ -36,7 +42,8 @@ type ServerFigures struct {
 	// other members at the end of the run.
 	Pending uint64 `json:"handoff_pending"`
 
-	aggregators int // nodes that export aggregator metrics
+	aggregators int               // nodes that export aggregator metrics
+	pendingFor  map[string]uint64 // Pending by the member it waits for
 }
 
 // BytesPerLiveCell estimates the nodes' memory per live cell: the heap the
@@ -79,7 +86,7 @@ var serverMetrics = map[string]func(*ServerFigures) *uint64{
 
 // scrapeAll reads the ingest counters of every node's /metrics.
 func scrapeAll(ctx context.Context, addrs []string) (ServerFigures, error) {
-	var s ServerFigures
+	s := ServerFigures{pendingFor: map[string]uint64{}}
 	for _, addr := range addrs {
 		if err := scrape(ctx, addr, &s); err != nil {
 			return s, err
@@ -121,8 +128,25 @@ func scrape(ctx context.Context, addr string, s *ServerFigures) error {
 			return fmt.Errorf("loadtest: cannot read %s's metric %q: %w", addr, line, err)
 		}
 		*field(s) += uint64(v)
+		if name == "dimsum_aggregator_handoff_pending_requests" && s.pendingFor != nil {
+			s.pendingFor[labelValue(line, "replica")] += uint64(v)
+		}
 	}
 	return nil
+}
+
+// labelValue returns the value of the label name in a /metrics line, ""
+// when it has none.
+func labelValue(line, name string) string {
+	_, rest, ok := strings.Cut(line, "{"+name+`="`)
+	if !ok {
+		_, rest, ok = strings.Cut(line, ","+name+`="`)
+	}
+	if !ok {
+		return ""
+	}
+	v, _, _ := strings.Cut(rest, `"`)
+	return v
 }
 
 // get fetches u and fails unless it answers 200.
@@ -156,31 +180,45 @@ func fetch(ctx context.Context, u string) (string, int, error) {
 // no live cell in an aggregator and nothing waiting for another member, in
 // two scrapes in a row. Otherwise a previous run's last windows could reach
 // the store after the baseline is read, and show as a mismatch. The nodes
-// scraped are the aggregators of the clusters the HTTP addresses belong to
-// (from /api/v1/status/cluster), or the addresses themselves; when none
-// exports aggregator metrics, there is nothing to wait for.
+// scraped are the alive aggregators of the clusters the HTTP addresses
+// belong to (from /api/v1/status/cluster), or the addresses themselves;
+// when none exports aggregator metrics, there is nothing to wait for. What
+// waits for a member the cluster lists as dead cannot reach the store
+// before it returns: settle says so and does not wait for it; the answers
+// warn of it, which verify reports. An aggregator that stops answering is
+// waited for until the cluster lists it as dead.
 func settle(ctx context.Context, opts Options, out *progress) error {
-	addrs, err := aggregatorAddrs(ctx, opts.HTTPAddrs)
-	if err != nil {
-		return err
-	}
 	defer out.done()
 	deadline := time.Now().Add(opts.VerifyTimeout)
 	for quiet := 0; quiet < 2; {
-		s, err := scrapeAll(ctx, addrs)
+		members, err := survey(ctx, opts.HTTPAddrs)
 		if err != nil {
 			return err
 		}
-		if s.aggregators == 0 {
-			return nil
-		}
+		s, scrapeErr := scrapeAll(ctx, members.aggregators)
 		quiet++
-		if s.LiveCells > 0 || s.Pending > 0 {
+		var dead uint64
+		for name := range members.dead {
+			dead += s.pendingFor[name]
+		}
+		switch {
+		case scrapeErr != nil:
 			quiet = 0
-			out.status("verify: waiting for the nodes to store what they hold from before the run: %d live cells, %d pending flushes", s.LiveCells, s.Pending)
+			out.status("verify: an aggregator the cluster lists as alive does not answer (%v); waiting for it to answer, or for the cluster to list it as dead", scrapeErr)
+		case s.aggregators == 0:
+			return nil
+		case s.LiveCells > 0 || s.Pending > dead:
+			quiet = 0
+			out.status("verify: waiting for the nodes to store what they hold from before the run: %d live cells, %d pending flushes", s.LiveCells, s.Pending-dead)
+		case dead > 0:
+			out.status("verify: %d flushes and forwarded batches wait for %s, which the cluster lists as dead: they are not waited for, and the answers say what they lack",
+				dead, strings.Join(slices.Sorted(maps.Keys(members.dead)), ", "))
 		}
 		if time.Now().After(deadline) {
-			return fmt.Errorf("loadtest: after %s the nodes still hold %d live cells and %d pending flushes from before the run", opts.VerifyTimeout, s.LiveCells, s.Pending)
+			if scrapeErr != nil {
+				return fmt.Errorf("loadtest: after %s the cluster still lists as alive a member that does not answer: %w", opts.VerifyTimeout, scrapeErr)
+			}
+			return fmt.Errorf("loadtest: after %s the nodes still hold %d live cells and %d pending flushes from before the run", opts.VerifyTimeout, s.LiveCells, s.Pending-dead)
 		}
 		select {
 		case <-ctx.Done():
@@ -191,20 +229,29 @@ func settle(ctx context.Context, opts Options, out *progress) error {
 	return nil
 }
 
-// aggregatorAddrs returns the HTTP addresses of the alive aggregators of
-// the clusters addrs belong to, and addrs themselves where a node is not
-// in a cluster (or says nothing of one).
-func aggregatorAddrs(ctx context.Context, addrs []string) ([]string, error) {
-	var out []string
+// members is what the nodes say of their clusters.
+type members struct {
+	// aggregators are the HTTP addresses of the alive aggregators of the
+	// clusters, and the addresses of the nodes outside a cluster.
+	aggregators []string
+	// dead holds the names of the members listed as dead.
+	dead map[string]bool
+}
+
+// survey reads the members of the clusters addrs belong to; a node not in
+// a cluster (or that says nothing of one) stands for itself.
+func survey(ctx context.Context, addrs []string) (members, error) {
+	out := members{dead: map[string]bool{}}
 	for _, addr := range addrs {
 		body, status, err := fetch(ctx, "http://"+addr+"/api/v1/status/cluster")
 		if err != nil {
-			return nil, err
+			return members{}, fmt.Errorf("loadtest: cannot read the cluster's members from %s: %w", addr, err)
 		}
 		var st struct {
 			Data struct {
 				Clustered bool `json:"clustered"`
 				Members   []struct {
+					Name  string   `json:"name"`
 					Roles []string `json:"roles"`
 					State string   `json:"state"`
 					HTTP  string   `json:"http"`
@@ -212,17 +259,21 @@ func aggregatorAddrs(ctx context.Context, addrs []string) ([]string, error) {
 			} `json:"data"`
 		}
 		if status != http.StatusOK || json.Unmarshal([]byte(body), &st) != nil || !st.Data.Clustered {
-			out = append(out, addr)
+			out.aggregators = append(out.aggregators, addr)
 			continue
 		}
 		for _, m := range st.Data.Members {
-			if m.State == "alive" && m.HTTP != "" && slices.Contains(m.Roles, "aggregator") {
-				out = append(out, m.HTTP)
+			switch {
+			case m.State == "dead":
+				out.dead[m.Name] = true
+			case m.State == "alive" && m.HTTP != "" && slices.Contains(m.Roles, "aggregator"):
+				out.aggregators = append(out.aggregators, m.HTTP)
 			}
 		}
 	}
-	slices.Sort(out)
-	return slices.Compact(out), nil
+	slices.Sort(out.aggregators)
+	out.aggregators = slices.Compact(out.aggregators)
+	return out, nil
 }
 
 // verifyGrid lays the run's time out in pairs of windows from first, a
@@ -254,6 +305,8 @@ type readout struct {
 	promql map[string]float64
 	slice  map[string]float64 // nil without the slice API
 	events float64
+	// warnings are what the answers said they may lack, sorted.
+	warnings []string
 }
 
 // read sums, per datacenter, every window from the grid's first through the
@@ -262,16 +315,19 @@ func (g verifyGrid) read(ctx context.Context, opts Options, upto time.Time) (rea
 	var r readout
 	var err error
 	points := (upto.UnixMilli() - g.first + g.pair) / g.pair // windows through upto's, in pairs
-	if r.promql, err = g.readPromQL(ctx, opts, points); err != nil {
+	if r.promql, err = g.readPromQL(ctx, opts, points, &r); err != nil {
 		return r, err
 	}
-	r.slice, r.events, err = g.readSlice(ctx, opts, g.first+points*g.pair)
+	r.slice, r.events, err = g.readSlice(ctx, opts, g.first+points*g.pair, &r)
+	slices.Sort(r.warnings)
+	r.warnings = slices.Compact(r.warnings)
 	return r, err
 }
 
 // readSlice asks each node's slice API for the sum and event count by
-// datacenter over [first, end); nil when a node serves no slices.
-func (g verifyGrid) readSlice(ctx context.Context, opts Options, end int64) (map[string]float64, float64, error) {
+// datacenter over [first, end); nil when a node serves no slices. It adds
+// the answers' warnings to r.
+func (g verifyGrid) readSlice(ctx context.Context, opts Options, end int64, r *readout) (map[string]float64, float64, error) {
 	out := map[string]float64{}
 	events := 0.0
 	for _, addr := range opts.HTTPAddrs {
@@ -289,18 +345,20 @@ func (g verifyGrid) readSlice(ctx context.Context, opts Options, end int64) (map
 		case status != http.StatusOK:
 			return nil, 0, fmt.Errorf("loadtest: %s: HTTP %d: %s", u, status, body)
 		}
-		var r struct {
+		var sl struct {
 			Data struct {
 				Groups []struct {
 					Labels map[string]string  `json:"labels"`
 					Values map[string]float64 `json:"values"`
 				} `json:"groups"`
+				Warnings []string `json:"warnings"`
 			} `json:"data"`
 		}
-		if err := json.Unmarshal([]byte(body), &r); err != nil {
+		if err := json.Unmarshal([]byte(body), &sl); err != nil {
 			return nil, 0, fmt.Errorf("loadtest: cannot decode the slice %s: %w", u, err)
 		}
-		for _, gr := range r.Data.Groups {
+		r.warnings = append(r.warnings, sl.Data.Warnings...)
+		for _, gr := range sl.Data.Groups {
 			out[gr.Labels["datacenter"]] += gr.Values["sum"]
 			events += gr.Values["count"]
 		}
@@ -309,8 +367,8 @@ func (g verifyGrid) readSlice(ctx context.Context, opts Options, end int64) (map
 }
 
 // readPromQL sums the first points pairs of windows by datacenter through
-// PromQL.
-func (g verifyGrid) readPromQL(ctx context.Context, opts Options, points int64) (map[string]float64, error) {
+// PromQL. It adds the answers' warnings to r.
+func (g verifyGrid) readPromQL(ctx context.Context, opts Options, points int64, r *readout) (map[string]float64, error) {
 	query := fmt.Sprintf("sum by (datacenter) (sum_over_time(%s_delta[%ds]))", opts.Family, g.pair/1000)
 	out := map[string]float64{}
 	for _, addr := range opts.HTTPAddrs {
@@ -326,18 +384,20 @@ func (g verifyGrid) readPromQL(ctx context.Context, opts Options, points int64) 
 			if err != nil {
 				return nil, err
 			}
-			var r struct {
+			var ans struct {
 				Data struct {
 					Result []struct {
 						Metric map[string]string `json:"metric"`
 						Values [][2]any          `json:"values"`
 					} `json:"result"`
 				} `json:"data"`
+				Warnings []string `json:"warnings"`
 			}
-			if err := json.Unmarshal([]byte(body), &r); err != nil {
+			if err := json.Unmarshal([]byte(body), &ans); err != nil {
 				return nil, fmt.Errorf("loadtest: cannot decode the answer to %s: %w", query, err)
 			}
-			for _, s := range r.Data.Result {
+			r.warnings = append(r.warnings, ans.Warnings...)
+			for _, s := range ans.Data.Result {
 				for _, v := range s.Values {
 					str, _ := v[1].(string)
 					f, err := strconv.ParseFloat(str, 64)
@@ -396,18 +456,28 @@ func verify(ctx context.Context, opts Options, g verifyGrid, base readout, start
 			ByDatacenter: map[string]map[string]float64{opts.Family: got},
 			Verified:     ok,
 			SettledIn:    time.Since(start),
+			Warnings:     after.warnings,
 		}
 		if ok {
 			return nil
 		}
+		lacking := lackText(base, after)
 		if time.Since(shown) >= opts.ProgressInterval {
-			out.status("verify: %d of %d events read back after %s, waiting for the rest to become queryable (window + grace; timeout %s)",
-				events, rep.Accepted, time.Since(waiting).Round(time.Second), opts.VerifyTimeout)
+			why := "waiting for the rest to become queryable (window + grace"
+			if lacking != "" {
+				why = "waiting for the rest: " + lacking + " (delivered once it returns"
+			}
+			out.status("verify: %d of %d events read back after %s, %s; timeout %s)",
+				events, rep.Accepted, time.Since(waiting).Round(time.Second), why, opts.VerifyTimeout)
 			shown = time.Now()
 		}
 		if time.Now().After(deadline) {
-			return fmt.Errorf("%w: after %s the nodes hold %d events and %v by datacenter (slices: %v); acknowledged were %d events and %v",
-				ErrMismatch, opts.VerifyTimeout, events, got, diff(after.slice, base.slice), rep.Accepted, want)
+			err, why := ErrMismatch, ""
+			if lacking != "" {
+				err, why = ErrPartial, "; "+lacking
+			}
+			return fmt.Errorf("%w: after %s the nodes hold %d events and %v by datacenter (slices: %v); acknowledged were %d events and %v%s",
+				err, opts.VerifyTimeout, events, got, diff(after.slice, base.slice), rep.Accepted, want, why)
 		}
 		select {
 		case <-ctx.Done():
@@ -415,4 +485,17 @@ func verify(ctx context.Context, opts Options, g verifyGrid, base readout, start
 		case <-time.After(200 * time.Millisecond):
 		}
 	}
+}
+
+// lackText says what the answers of the read before the run and of the
+// latest read said they may lack; "" when nothing.
+func lackText(base, after readout) string {
+	var parts []string
+	if len(after.warnings) > 0 {
+		parts = append(parts, "the answers say: "+strings.Join(after.warnings, "; "))
+	}
+	if len(base.warnings) > 0 && !slices.Equal(base.warnings, after.warnings) {
+		parts = append(parts, "the totals before the run were read while the answers said: "+strings.Join(base.warnings, "; "))
+	}
+	return strings.Join(parts, "; ")
 }

@@ -15,11 +15,12 @@ import (
 	"time"
 )
 
-// clusterConfig is every test member's config: a 1s window so that data
-// reaches the combiners quickly, memberlist's fast timings, and few shards
-// so that each combiner holds several of them twice.
+// clusterConfig is every test member's config, given the names of the
+// combiners: a 1s window so that data reaches the combiners quickly,
+// memberlist's fast timings, and few shards so that each combiner holds
+// several of them twice.
 const clusterConfig = `aggregator: {grace: 1s, flush_interval: 100ms}
-cluster: {timing: fast, shards: 8, replication: 2, combiners: [c1, c2, c3], insecure: true}
+cluster: {timing: fast, shards: 8, replication: 2, combiners: [%s], insecure: true}
 schema: {resolutions: [1s:1d, 1m:35d]}
 `
 
@@ -40,9 +41,12 @@ type testCluster struct {
 	members map[string]*member
 }
 
-func newTestCluster(t *testing.T) *testCluster {
+// newTestCluster makes a test cluster whose combiners are the members of
+// the given names.
+func newTestCluster(t *testing.T, combiners ...string) *testCluster {
 	dir := t.TempDir()
-	c := &testCluster{t: t, bin: dimsumBinary(t), config: writeConfig(t, dir, clusterConfig), dir: dir, members: map[string]*member{}}
+	config := writeConfig(t, dir, fmt.Sprintf(clusterConfig, strings.Join(combiners, ", ")))
+	c := &testCluster{t: t, bin: dimsumBinary(t), config: config, dir: dir, members: map[string]*member{}}
 	t.Cleanup(func() {
 		for _, m := range c.members {
 			if m.cmd != nil {
@@ -123,12 +127,8 @@ func (c *testCluster) status(m *member) (clusterStatus, error) {
 }
 
 type clusterStatus struct {
-	Members []struct {
-		Name  string   `json:"name"`
-		Roles []string `json:"roles"`
-		State string   `json:"state"`
-	} `json:"members"`
-	Shards []struct {
+	Members []memberState `json:"members"`
+	Shards  []struct {
 		Shard    int `json:"shard"`
 		Replicas []struct {
 			Name   string `json:"name"`
@@ -136,6 +136,16 @@ type clusterStatus struct {
 			Behind bool   `json:"behind"`
 		} `json:"replicas"`
 	} `json:"shards"`
+	Gaps []struct {
+		Aggregator string `json:"aggregator"`
+		Down       bool   `json:"down"`
+	} `json:"gaps"`
+}
+
+type memberState struct {
+	Name  string   `json:"name"`
+	Roles []string `json:"roles"`
+	State string   `json:"state"`
 }
 
 // alive waits until m sees every member alive.
@@ -189,6 +199,49 @@ func sliceTotals(httpAddr, since string) (sums map[string]float64, count float64
 	return sums, count, nil
 }
 
+// loadReport is what a load's -report file says was acknowledged.
+type loadReport struct {
+	Accepted     uint64                        `json:"accepted"`
+	ByDatacenter map[string]map[string]float64 `json:"by_datacenter"`
+}
+
+// readReport reads a load's -report file, which must acknowledge events.
+func readReport(t *testing.T, path string) loadReport {
+	t.Helper()
+	var rep loadReport
+	data, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := json.Unmarshal(data, &rep); err != nil {
+		t.Fatal(err)
+	}
+	if rep.Accepted == 0 || len(rep.ByDatacenter["requests"]) == 0 {
+		t.Fatalf("the load acknowledged nothing: %s", data)
+	}
+	return rep
+}
+
+// exact waits, for up to 40s, until the slice API of m answers, whole,
+// want by datacenter and accepted events over the last hour.
+func (c *testCluster) exact(m *member, want map[string]float64, accepted uint64) {
+	c.t.Helper()
+	var got map[string]float64
+	var count float64
+	var err error
+	deadline := time.Now().Add(40 * time.Second)
+	for {
+		got, count, err = sliceTotals(m.http, "1h")
+		if err == nil && maps.Equal(got, want) && count == float64(accepted) {
+			return
+		}
+		if time.Now().After(deadline) {
+			c.t.Fatalf("read back %v with %v events (err %v); acknowledged %v with %d events", got, count, err, want, accepted)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
 // TestClusterSIGKILL runs three aggregators, three combiners with
 // replication 2 and a query node as real processes, drives the load command
 // through the aggregators, kills one aggregator and one combiner with
@@ -196,7 +249,7 @@ func sliceTotals(httpAddr, since string) (sums map[string]float64, count float64
 // totals read back through the query node equal every acknowledged event,
 // exactly, per datacenter and overall.
 func TestClusterSIGKILL(t *testing.T) {
-	c := newTestCluster(t)
+	c := newTestCluster(t, "c1", "c2", "c3")
 	for i := 1; i <= 3; i++ {
 		c.add(fmt.Sprint("c", i), "combiner")
 	}
@@ -239,37 +292,12 @@ func TestClusterSIGKILL(t *testing.T) {
 		load.Process.Kill()
 		t.Fatal("the load did not finish in 90s")
 	}
-	var rep struct {
-		Accepted     uint64                        `json:"accepted"`
-		ByDatacenter map[string]map[string]float64 `json:"by_datacenter"`
-	}
-	data, err := os.ReadFile(report)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := json.Unmarshal(data, &rep); err != nil {
-		t.Fatal(err)
-	}
+	rep := readReport(t, report)
 	want := rep.ByDatacenter["requests"]
-	if rep.Accepted == 0 || len(want) == 0 {
-		t.Fatalf("the load acknowledged nothing: %s", data)
-	}
 
 	// Every acknowledged event, exactly once, once the windows are flushed
 	// and the restarted combiner has caught up.
-	var got map[string]float64
-	var count float64
-	deadline := time.Now().Add(40 * time.Second)
-	for {
-		got, count, err = sliceTotals(q.http, "1h")
-		if err == nil && maps.Equal(got, want) && count == float64(rep.Accepted) {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("read back %v with %v events (err %v); acknowledged %v with %d events", got, count, err, want, rep.Accepted)
-		}
-		time.Sleep(200 * time.Millisecond)
-	}
+	c.exact(q, want, rep.Accepted)
 	t.Logf("%d acknowledged events read back exactly through the query node", rep.Accepted)
 
 	// Once the restarted combiner has caught up (no aggregator holds

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"maps"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -15,6 +16,7 @@ import (
 	"github.com/dimsum/dimsum/aggregator"
 	"github.com/dimsum/dimsum/cluster"
 	"github.com/dimsum/dimsum/combiner"
+	"github.com/dimsum/dimsum/query/fanout"
 	"github.com/dimsum/dimsum/schema"
 	"github.com/dimsum/dimsum/wire"
 	"github.com/dimsum/dimsum/wire/wirepb"
@@ -59,8 +61,11 @@ type members struct {
 	// behind lists the members for which a request has waited at some
 	// alive aggregator for over behindAfter: down, or catching up.
 	behind map[string]bool
-	state  map[string]cluster.State
-	grpc   map[string]string // gRPC address by member name
+	// gaps are the events acknowledged to the cluster that no combiner
+	// may hold yet, by aggregator: see Gaps.
+	gaps  []fanout.Gap
+	state map[string]cluster.State
+	grpc  map[string]string // gRPC address by member name
 }
 
 func newTopology(self string, c *cluster.Cluster, cfg ClusterConfig, dial []grpc.DialOption, reg prometheus.Registerer) *topology {
@@ -95,6 +100,13 @@ func newTopology(self string, c *cluster.Cluster, cfg ClusterConfig, dial []grpc
 
 func (t *topology) refresh() {
 	m := &members{behind: map[string]bool{}, state: map[string]cluster.State{}, grpc: map[string]string{}}
+	gaps := map[string]*fanout.Gap{}
+	gap := func(name string) *fanout.Gap {
+		if gaps[name] == nil {
+			gaps[name] = &fanout.Gap{Aggregator: name}
+		}
+		return gaps[name]
+	}
 	t.gauge.Reset()
 	for _, mm := range t.members.Members() {
 		for _, r := range mm.Meta.Roles {
@@ -106,6 +118,13 @@ func (t *topology) refresh() {
 			for _, name := range mm.Meta.PendingHandoff {
 				m.behind[name] = true
 			}
+			for _, name := range mm.Meta.PendingForward {
+				g := gap(name)
+				g.WaitingAt = append(g.WaitingAt, mm.Name) // sorted: the members are
+			}
+		}
+		if mm.Meta.HasRole(cluster.RoleAggregator) && mm.State == cluster.StateDead {
+			gap(mm.Name).Down = true
 		}
 		// Aggregators own keys until they leave: a dead one keeps them,
 		// and what others take for it waits until it returns, so a crash
@@ -119,6 +138,9 @@ func (t *topology) refresh() {
 	}
 	if t.combiners != nil {
 		m.combiners = t.combiners // placement ignores what this node has seen
+	}
+	for _, name := range slices.Sorted(maps.Keys(gaps)) {
+		m.gaps = append(m.gaps, *gaps[name])
 	}
 	old := t.view.Swap(m)
 	t.pruneConns(m)
@@ -255,6 +277,14 @@ func (t *topology) Replicas(shard int) []string {
 // a combiner that was down and is catching up.
 func (t *topology) Behind(name string) bool { return t.view.Load().behind[name] }
 
+// Gaps lists, for the query fan-out, what no combiner may hold yet: for
+// each aggregator that is dead, the events it took and had not passed on, and
+// for each aggregator that alive ones gossip forwarded parts waiting for,
+// those parts. A flush waiting for a combiner is no gap: the shard's other
+// replicas have it, or the fan-out warns that none could be read, or that
+// the one read is behind.
+func (t *topology) Gaps() []fanout.Gap { return t.view.Load().gaps }
+
 // Conn returns a connection to a combiner, for the query fan-out.
 func (t *topology) Conn(name string) (grpc.ClientConnInterface, error) { return t.conn(name) }
 
@@ -267,11 +297,12 @@ const handoffGossipInterval = 500 * time.Millisecond
 // milliseconds, one that is down or catching up keeps requests waiting.
 const behindAfter = time.Second
 
-// gossipHandoff keeps this aggregator's PendingHandoff meta up to date, so
-// that query nodes prefer replicas that have every flush, and a leaving
+// gossipHandoff keeps this aggregator's PendingHandoff and PendingForward
+// meta up to date, so that query nodes prefer replicas that have every
+// flush and warn of the events waiting for an aggregator, and a leaving
 // aggregator waits for what others hold for it.
 func gossipHandoff(c *cluster.Cluster, agg *aggregator.Aggregator, stop <-chan struct{}, log *slog.Logger) {
-	var last []string
+	var last, lastForwards []string
 	tick := time.NewTicker(handoffGossipInterval)
 	defer tick.Stop()
 	for {
@@ -280,14 +311,14 @@ func gossipHandoff(c *cluster.Cluster, agg *aggregator.Aggregator, stop <-chan s
 			return
 		case <-tick.C:
 		}
-		names := agg.Waiting(behindAfter)
-		if slices.Equal(names, last) {
+		names, forwards := agg.Waiting(behindAfter)
+		if slices.Equal(names, last) && slices.Equal(forwards, lastForwards) {
 			continue
 		}
-		if err := c.UpdateMeta(func(m *cluster.Meta) { m.PendingHandoff = names }); err != nil {
+		if err := c.UpdateMeta(func(m *cluster.Meta) { m.PendingHandoff, m.PendingForward = names, forwards }); err != nil {
 			log.Warn("cannot gossip pending handoff", "err", err)
 			continue
 		}
-		last = names
+		last, lastForwards = names, forwards
 	}
 }

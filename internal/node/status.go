@@ -17,6 +17,15 @@ type clusterStatus struct {
 	Replication int             `json:"replication"`
 	Members     []memberStatus  `json:"members"`
 	Shards      []shardReplicas `json:"shards"`
+	// Gaps are what answers may lack, by aggregator: the events no
+	// combiner may hold yet, which every answer reading the cube warns of.
+	Gaps []gapStatus `json:"gaps"`
+}
+
+type gapStatus struct {
+	Aggregator string   `json:"aggregator"`
+	Down       bool     `json:"down"`
+	WaitingAt  []string `json:"waitingAt"`
 }
 
 type memberStatus struct {
@@ -47,7 +56,7 @@ type replicaStatus struct {
 // members, and the combiners holding each shard. A node outside a cluster
 // reports itself alone, holding the one shard.
 func (n *Node) serveClusterStatus(w http.ResponseWriter, _ *http.Request) {
-	st := clusterStatus{Self: n.cfg.Name, Clustered: n.member != nil, ShardCount: 1, Replication: 1}
+	st := clusterStatus{Self: n.cfg.Name, Clustered: n.member != nil, ShardCount: 1, Replication: 1, Gaps: []gapStatus{}}
 	if n.member == nil {
 		st.Members = []memberStatus{{Name: n.cfg.Name, Roles: n.cfg.Roles, State: cluster.StateAlive.String(),
 			GRPC: n.GRPCAddr(), HTTP: n.HTTPAddr()}}
@@ -69,6 +78,9 @@ func (n *Node) serveClusterStatus(w http.ResponseWriter, _ *http.Request) {
 				sr.Replicas = append(sr.Replicas, replicaStatus{Name: name, State: view.state[name].String(), Behind: view.behind[name]})
 			}
 			st.Shards = append(st.Shards, sr)
+		}
+		for _, g := range view.gaps {
+			st.Gaps = append(st.Gaps, gapStatus{Aggregator: g.Aggregator, Down: g.Down, WaitingAt: append([]string{}, g.WaitingAt...)})
 		}
 	}
 	w.Header().Set("Content-Type", "application/json")

@@ -65,6 +65,8 @@ type cluster struct {
 	nodes map[string]*node
 	// behind holds the combiners that say they are catching up.
 	behind map[string]bool
+	// gaps are the events the topology says no combiner holds yet.
+	gaps []fanout.Gap
 }
 
 type node struct {
@@ -95,6 +97,12 @@ func (c *cluster) Behind(name string) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	return c.behind[name]
+}
+
+func (c *cluster) Gaps() []fanout.Gap {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.gaps
 }
 
 func (c *cluster) Conn(name string) (grpc.ClientConnInterface, error) {
@@ -501,19 +509,56 @@ func TestFanOut(t *testing.T) {
 	// serve are answered with a warning, or refused when a complete answer
 	// is asked for.
 	w.start("c1")
+	w.warned(t, "one combiner back, catching up", func(on bool) { w.behind = map[string]bool{"c1": on} },
+		behindWarning, "shards 0, 3, 6 could only be read from a replica still receiving")
+	t.Run("one combiner back", func(t *testing.T) { w.same(t, w.ref, "") })
+
+	// Events wait for an aggregator that is down: every answer that reads
+	// the cube says so, or is refused when asked to be complete.
+	w.warned(t, "events waiting for an aggregator", func(on bool) {
+		w.gaps = nil
+		if on {
+			w.gaps = []fanout.Gap{{Aggregator: "a2", Down: true, WaitingAt: []string{"a1", "a3"}}}
+		}
+	}, gapWarning, "aggregator a2 is down")
+	t.Run("no events waiting", func(t *testing.T) { w.same(t, w.ref, "") })
+}
+
+// warned runs the suite, as test name, with the topology changed by
+// set(true): every answer carries warning, or is refused saying why when a
+// complete answer is asked for. set(false) then undoes the change.
+func (w *world) warned(t *testing.T, name string, set func(on bool), warning, why string) {
+	t.Helper()
 	w.mu.Lock()
-	w.behind = map[string]bool{"c1": true}
+	set(true)
 	w.mu.Unlock()
-	t.Run("one combiner back, catching up", func(t *testing.T) {
-		w.same(t, w.ref, behindWarning)
+	t.Run(name, func(t *testing.T) {
+		w.same(t, w.ref, warning)
 		for _, r := range w.requests() {
-			w.unavailable(t, w.fan, r.whole(), "shards 0, 3, 6 could only be read from a replica still receiving")
+			w.unavailable(t, w.fan, r.whole(), why)
 		}
 	})
 	w.mu.Lock()
-	w.behind = nil
+	set(false)
 	w.mu.Unlock()
-	t.Run("one combiner back", func(t *testing.T) { w.same(t, w.ref, "") })
+}
+
+const gapWarning = "aggregator a2 is down: the events it took and had not yet flushed or forwarded, and those of its hosts waiting for it at a1, a3, are in no answer; the result may be partial"
+
+func TestGapText(t *testing.T) {
+	for _, c := range []struct {
+		gap  fanout.Gap
+		want string
+	}{
+		{fanout.Gap{Aggregator: "n2", Down: true}, "aggregator n2 is down: the events it took and had not yet flushed or forwarded are in no answer"},
+		{fanout.Gap{Aggregator: "n2", Down: true, WaitingAt: []string{"n1"}},
+			"aggregator n2 is down: the events it took and had not yet flushed or forwarded, and those of its hosts waiting for it at n1, are in no answer"},
+		{fanout.Gap{Aggregator: "n2", WaitingAt: []string{"n1", "n3"}}, "events of the hosts of aggregator n2 wait for it at n1, n3 and are in no answer"},
+	} {
+		if got := c.gap.String(); got != c.want {
+			t.Errorf("%+v: %q, want %q", c.gap, got, c.want)
+		}
+	}
 }
 
 // unavailable checks that a request is refused with a 503.

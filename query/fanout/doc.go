@@ -12,7 +12,9 @@
 // make sense) before any of its data was used is replaced by the next one of
 // the shard. A shard with no replica left is missing: with a partial answer
 // allowed, the query answers from every other shard and warns which shards
-// are missing; otherwise it fails with query.ErrUnavailable.
+// are missing; otherwise it fails with query.ErrUnavailable. So does a
+// query while the topology knows of events that no combiner holds yet
+// (Gap): those waiting for an aggregator that is down or behind.
 //
 //	r, err := fanout.New(fanout.Options{Schema: s, Topology: topo})
 //	if err != nil { ... }

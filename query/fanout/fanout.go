@@ -40,6 +40,34 @@ type Topology interface {
 	Behind(replica string) bool
 	// Conn returns a connection to a combiner, by name.
 	Conn(replica string) (grpc.ClientConnInterface, error)
+	// Gaps lists, by aggregator, the events the cluster acknowledged that
+	// may be in no combiner yet; nil when none are known.
+	Gaps() []Gap
+}
+
+// Gap is what answers may lack for one aggregator: the events it owns that
+// wait at other aggregators, and, while it is down, those it took itself
+// and had not yet flushed or forwarded. Neither is in any combiner, so
+// every answer over the cube may lack them, whatever the replicas hold.
+type Gap struct {
+	// Aggregator owns the missing events.
+	Aggregator string
+	// Down says the aggregator is down.
+	Down bool
+	// WaitingAt names the aggregators holding parts of batches for it
+	// that have waited over a second, sorted.
+	WaitingAt []string
+}
+
+func (g Gap) String() string {
+	at := strings.Join(g.WaitingAt, ", ")
+	switch {
+	case g.Down && at != "":
+		return fmt.Sprintf("aggregator %s is down: the events it took and had not yet flushed or forwarded, and those of its hosts waiting for it at %s, are in no answer", g.Aggregator, at)
+	case g.Down:
+		return fmt.Sprintf("aggregator %s is down: the events it took and had not yet flushed or forwarded are in no answer", g.Aggregator)
+	}
+	return fmt.Sprintf("events of the hosts of aggregator %s wait for it at %s and are in no answer", g.Aggregator, at)
 }
 
 // Options configure a Reader.
@@ -99,6 +127,7 @@ func (r *Reader) Open(ctx context.Context, partial bool) query.View {
 	v.mu.missing = make([]bool, n)
 	v.mu.behind = make([]bool, n)
 	v.mu.dead = map[string]bool{}
+	v.gaps = r.opts.Topology.Gaps()
 	return v
 }
 
@@ -108,6 +137,9 @@ type view struct {
 	ctx     context.Context
 	partial bool
 	shards  int
+	// gaps are the events no combiner may hold yet, as the topology said
+	// when the view opened.
+	gaps []Gap
 	// localBits is how many low bits of a view's cell ID hold the
 	// combiner's own ID; the shard is above them.
 	localBits int
@@ -125,6 +157,9 @@ type view struct {
 		// behind marks the shards answered for by a replica that was
 		// still catching up.
 		behind []bool
+		// read says a fan-out ran: the answer holds what the cube holds,
+		// so it lacks the gaps.
+		read bool
 	}
 }
 
@@ -207,9 +242,13 @@ func (v *view) settle(rep string, shards []int, failed, pin bool) {
 // them, with call, and asks the next replica of a shard whose replica
 // failed, unless the shard was pinned. It returns the answers of the
 // replicas that answered; the shards none answered for are missing. With a
-// partial answer refused, a missing shard fails the read. A replica that
-// refuses the request fails the read too: every replica would.
+// partial answer refused, a missing shard fails the read, as do a shard
+// read from a replica still catching up and the view's gaps. A replica
+// that refuses the request fails the read too: every replica would.
 func fanOut[T any](v *view, method string, todo []int, pin bool, call func(ctx context.Context, c wirepb.ReadClient, shards []int) (T, error)) ([]*part[T], error) {
+	v.mu.Lock()
+	v.mu.read = true
+	v.mu.Unlock()
 	var done []*part[T]
 	for len(todo) > 0 {
 		groups := v.assign(todo)
@@ -247,6 +286,9 @@ func fanOut[T any](v *view, method string, todo []int, pin bool, call func(ctx c
 		}
 		if behind := v.behind(); len(behind) > 0 {
 			return nil, fmt.Errorf("%w: %s", query.ErrUnavailable, behindText(behind))
+		}
+		if len(v.gaps) > 0 {
+			return nil, fmt.Errorf("%w: %s", query.ErrUnavailable, gapsText(v.gaps))
 		}
 	}
 	return done, nil
@@ -322,8 +364,17 @@ func behindText(shards []int) string {
 	return shardsText(shards) + " could only be read from a replica still receiving the writes it missed while down"
 }
 
-// Warnings names the missing shards, and those read from a replica that
-// was still catching up.
+func gapsText(gaps []Gap) string {
+	texts := make([]string, len(gaps))
+	for i, g := range gaps {
+		texts[i] = g.String()
+	}
+	return strings.Join(texts, "; ")
+}
+
+// Warnings names the missing shards, those read from a replica that was
+// still catching up, and, once anything was read, the events no combiner
+// may hold yet.
 func (v *view) Warnings() annotations.Annotations {
 	var a annotations.Annotations
 	if missing := v.missing(); len(missing) > 0 {
@@ -332,12 +383,24 @@ func (v *view) Warnings() annotations.Annotations {
 	if behind := v.behind(); len(behind) > 0 {
 		a.Add(fmt.Errorf("%s; the result may be partial", behindText(behind)))
 	}
+	if v.wasRead() {
+		for _, g := range v.gaps {
+			a.Add(fmt.Errorf("%s; the result may be partial", g))
+		}
+	}
 	return a
+}
+
+// wasRead reports whether a fan-out ran.
+func (v *view) wasRead() bool {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	return v.mu.read
 }
 
 // Close counts a partial answer.
 func (v *view) Close() {
-	if v.partial && (len(v.missing()) > 0 || len(v.behind()) > 0) {
+	if v.partial && (len(v.missing()) > 0 || len(v.behind()) > 0 || len(v.gaps) > 0 && v.wasRead()) {
 		v.r.metrics.partial.Inc()
 	}
 }
