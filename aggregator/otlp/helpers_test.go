@@ -66,6 +66,9 @@ func (r *recorder) Push(req *wirepb.PushRequest) (*wirepb.PushResponse, error) {
 		return nil, r.err
 	}
 	resp, err := r.agg.Push(req)
+	if err != nil {
+		return nil, err
+	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.batches = append(r.batches, proto.Clone(req).(*wirepb.PushRequest))

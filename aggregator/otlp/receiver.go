@@ -11,6 +11,9 @@ import (
 	colmetricspb "go.opentelemetry.io/proto/otlp/collector/metrics/v1"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/encoding"
+	protoenc "google.golang.org/grpc/encoding/proto"
+	"google.golang.org/grpc/mem"
 	"google.golang.org/grpc/status"
 
 	"github.com/dimsum/dimsum/aggregator"
@@ -175,7 +178,8 @@ func (b *batch) partial(pushed *wirepb.PushResponse) *colmetricspb.ExportMetrics
 	}
 }
 
-// Register serves the OTLP metrics service on s, a public listener.
+// Register serves the OTLP metrics service on s, a public listener built
+// with ServerOption.
 func (r *Receiver) Register(s *grpc.Server) {
 	desc := colmetricspb.MetricsService_ServiceDesc
 	desc.Methods = []grpc.MethodDesc{{MethodName: "Export", Handler: exportHandler}}
@@ -202,24 +206,51 @@ func (g grpcService) Export(ctx context.Context, req *colmetricspb.ExportMetrics
 	return resp, nil
 }
 
-// exportHandler is the generated handler of Export, except that a request
-// that does not decode gets InvalidArgument, as OTLP says, rather than the
-// Internal that gRPC gives.
+// exportRequest is what the Export handler decodes a call into: the
+// request and, with ServerOption's codec, the error decoding it met.
+// Without that codec gRPC decodes the embedded request itself, and answers
+// one that does not decode with Internal.
+type exportRequest struct {
+	*colmetricspb.ExportMetricsServiceRequest
+	err error
+}
+
+// ServerOption is the codec a gRPC server that serves Export (Register)
+// must be built with, so that a request that does not decode gets
+// InvalidArgument, as OTLP says, not the Internal that gRPC gives (it
+// answers a message that does not decode before any handler runs). It is
+// gRPC's protobuf codec for every other message.
+func ServerOption() grpc.ServerOption {
+	return grpc.ForceServerCodecV2(serverCodec{encoding.GetCodecV2(protoenc.Name)})
+}
+
+type serverCodec struct{ encoding.CodecV2 }
+
+func (c serverCodec) Unmarshal(data mem.BufferSlice, v any) error {
+	if r, ok := v.(*exportRequest); ok {
+		r.err = c.CodecV2.Unmarshal(data, r.ExportMetricsServiceRequest)
+		return nil
+	}
+	return c.CodecV2.Unmarshal(data, v)
+}
+
+// exportHandler is the generated handler of Export, except that it
+// decodes into an exportRequest.
 func exportHandler(srv any, ctx context.Context, dec func(any) error, interceptor grpc.UnaryServerInterceptor) (any, error) {
-	in := new(colmetricspb.ExportMetricsServiceRequest)
+	in := &exportRequest{ExportMetricsServiceRequest: new(colmetricspb.ExportMetricsServiceRequest)}
 	if err := dec(in); err != nil {
-		if st, ok := status.FromError(err); ok && st.Code() == codes.Internal {
-			return nil, status.Error(codes.InvalidArgument, st.Message())
-		}
 		return nil, err
+	}
+	if in.err != nil {
+		return nil, status.Errorf(codes.InvalidArgument, "the request is not an ExportMetricsServiceRequest: %v", in.err)
 	}
 	export := func(ctx context.Context, req any) (any, error) {
 		return srv.(grpcService).Export(ctx, req.(*colmetricspb.ExportMetricsServiceRequest))
 	}
 	if interceptor == nil {
-		return export(ctx, in)
+		return export(ctx, in.ExportMetricsServiceRequest)
 	}
-	return interceptor(ctx, in, &grpc.UnaryServerInfo{Server: srv, FullMethod: ExportMethod}, export)
+	return interceptor(ctx, in.ExportMetricsServiceRequest, &grpc.UnaryServerInfo{Server: srv, FullMethod: ExportMethod}, export)
 }
 
 // ExportMethod is the full gRPC method name of OTLP metrics export.

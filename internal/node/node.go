@@ -212,7 +212,9 @@ func (n *Node) listen() error {
 	} else {
 		n.internalLn = bufconn.Listen(1 << 20)
 	}
-	n.grpc = grpc.NewServer(append(append(n.trust.publicServerOptions(), grpc.MaxRecvMsgSize(cfg.MaxBatchBytes)), n.metrics.grpcOptions("public")...)...)
+	// OTLP's codec answers an export that does not decode with
+	// InvalidArgument; it is gRPC's own for every other call.
+	n.grpc = grpc.NewServer(append(append(n.trust.publicServerOptions(), grpc.MaxRecvMsgSize(cfg.MaxBatchBytes), otlp.ServerOption()), n.metrics.grpcOptions("public")...)...)
 	n.internal = grpc.NewServer(append(n.metrics.grpcOptions("internal"), n.trust.internalServerOption(), grpc.MaxRecvMsgSize(cfg.MaxRecvBytes))...)
 	return nil
 }
