@@ -324,3 +324,41 @@ func TestOTLPCredentials(t *testing.T) {
 		}
 	}
 }
+
+// TestOTLPCluster exports to one aggregator of a cluster the counts of
+// hosts that two aggregators own: the one that takes the export forwards
+// each host's events to its owner, as it does a push's, and every count
+// reads back exactly from the other member.
+func TestOTLPCluster(t *testing.T) {
+	c1 := member(t, "c1", nil)
+	c2 := member(t, "c2", c1)
+	waitFor(t, "c2 to see two members", func() bool { return len(states(t, c2)) == 2 })
+
+	exp, err := otlpmetrichttp.New(context.Background(), otlpmetrichttp.WithEndpoint(c1.HTTPAddr()), otlpmetrichttp.WithInsecure(),
+		otlpmetrichttp.WithTemporalitySelector(deltaTemporality))
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := newProducer(t, exp, attribute.String("datacenter", "dc1"), attribute.String("cluster", "dc1-c1"))
+	want, total := map[string]float64{}, 0.0
+	for h := range 20 {
+		host := fmt.Sprintf("dc1-c1-h%02d", h)
+		p.requests.Add(context.Background(), int64(h+1), metric.WithAttributes(attribute.String("host.name", host),
+			attribute.String("http.route", "/checkout"), attribute.Int("http.response.status_code", 200)))
+		want[host+" /checkout 200"] = float64(h + 1)
+		total += float64(h + 1)
+	}
+	if err := p.flush(t); err != nil {
+		t.Fatal(err)
+	}
+	if got := metricValue(t, c1.HTTPAddr(), `dimsum_aggregator_forwarded_events_total{outcome="queued"}`); got == 0 || got == 20 {
+		t.Fatalf("%v of 20 events forwarded, want some but not all: the hosts must have two owners", got)
+	}
+	at := time.Now().Truncate(time.Minute).Add(time.Minute)
+	waitFor(t, "the export to be queryable", func() bool {
+		return vector(t, c2.HTTPAddr(), "sum(sum_over_time(requests_delta[1h]))", at, "")[""] == total
+	})
+	if got := sliceSums(t, c2.HTTPAddr()); fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Errorf("slice by host:\n%v\nwant\n%v", got, want)
+	}
+}
