@@ -25,7 +25,7 @@ func FuzzExport(f *testing.F) {
 			deltaSum("requests", "{request}", point(time.Second, 3, "http.route", "/a", "http.response.status_code", 200, "extra", true)),
 			deltaSum("jobs.total", "", point(0, math.Inf(1), "queue", "q"), point(0, nil, "queue", 1.5)),
 			deltaSum("worker.jobs.done", "", point(3*time.Hour, -4, "queue", "q")),
-			deltaSum("sent", "By", point(0, int64(1<<53+1), "peer", "p"), &metricspb.NumberDataPoint{Flags: 1})),
+			deltaSum("sent", "By", point(0, 1<<53+1, "peer", "p"), &metricspb.NumberDataPoint{Flags: 1})),
 		request(nil, nil,
 			sum("requests", "", metricspb.AggregationTemporality_AGGREGATION_TEMPORALITY_CUMULATIVE, true, point(0, 1)),
 			sum("jobs", "", metricspb.AggregationTemporality_AGGREGATION_TEMPORALITY_DELTA, false, point(0, 1)),

@@ -144,17 +144,14 @@ func attrs(kv ...any) []*commonpb.KeyValue {
 	return out
 }
 
-// point is a data point at the test clock less ago, of an int64 or a
-// float64 value (nil: neither).
+// point is a data point at the test clock less ago, of an int (as_int)
+// or a float64 (as_double) value; nil sets neither.
 func point(ago time.Duration, value any, kv ...any) *metricspb.NumberDataPoint {
 	at := uint64(now.Add(-ago).UnixNano())
 	p := &metricspb.NumberDataPoint{StartTimeUnixNano: at - 10e9, TimeUnixNano: at, Attributes: attrs(kv...)}
-	switch v := value.(type) {
-	case int:
+	if v, isInt := value.(int); isInt {
 		p.Value = &metricspb.NumberDataPoint_AsInt{AsInt: int64(v)}
-	case int64:
-		p.Value = &metricspb.NumberDataPoint_AsInt{AsInt: v}
-	case float64:
+	} else if v, isFloat := value.(float64); isFloat {
 		p.Value = &metricspb.NumberDataPoint_AsDouble{AsDouble: v}
 	}
 	return p

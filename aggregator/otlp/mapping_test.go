@@ -82,7 +82,7 @@ func TestExport(t *testing.T) {
 			name: "values the Push path refuses",
 			req: request(host(), nil, deltaSum("requests", "",
 				point(0, nan, ok("/a", 200)...), point(0, -1, ok("/a", 200)...), point(2*time.Hour, 1, ok("/a", 200)...),
-				point(0, int64(1<<53+1), ok("/a", 200)...), point(0, int64(1<<53), ok("/b", 200)...))),
+				point(0, 1<<53+1, ok("/a", 200)...), point(0, 1<<53, ok("/b", 200)...))),
 			rejected: 4,
 			message: `4 of 5 data points rejected: 1 not_finite (metric "requests": value NaN is not finite); ` +
 				`1 negative_delta (metric "requests": counter delta -1 is negative); ` +

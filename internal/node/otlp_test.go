@@ -180,28 +180,8 @@ func TestOTLPFromTheSDK(t *testing.T) {
 	at := time.Now().Truncate(time.Minute).Add(time.Minute)
 	const sumQuery = "sum(sum_over_time(requests_delta[1h]))"
 	waitFor(t, "the exports to be queryable", func() bool { return vector(t, n.HTTPAddr(), sumQuery, at, "")[""] == total })
-	byCell := map[string]float64{}
-	for _, host := range []string{"dc1-c1-h1", "dc1-c2-h7"} {
-		q := fmt.Sprintf(`sum by (transaction, status) (sum_over_time(requests_delta{host=%q}[1h]))`, host)
-		code, r := get(t, n.HTTPAddr(), "/api/v1/query", url.Values{"query": {q}, "time": {fmt.Sprint(at.Unix())}})
-		if code != http.StatusOK {
-			t.Fatalf("%s: HTTP %d %s", q, code, r.Error)
-		}
-		var data struct {
-			Result []struct {
-				Metric map[string]string `json:"metric"`
-				Value  [2]any            `json:"value"`
-			} `json:"result"`
-		}
-		if err := json.Unmarshal(r.Data, &data); err != nil {
-			t.Fatal(err)
-		}
-		for _, s := range data.Result {
-			var v float64
-			fmt.Sscan(s.Value[1].(string), &v)
-			byCell[host+" "+s.Metric["transaction"]+" "+s.Metric["status"]] = v
-		}
-	}
+	// One series a cell, labelled "host transaction status" as want is.
+	byCell := vector(t, n.HTTPAddr(), `label_join(sum by (host, transaction, status) (sum_over_time(requests_delta[1h])), "cell", " ", "host", "transaction", "status")`, at, "cell")
 	if fmt.Sprint(byCell) != fmt.Sprint(want) {
 		t.Errorf("PromQL by host, transaction and status:\n%v\nwant\n%v", byCell, want)
 	}
