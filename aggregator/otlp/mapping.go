@@ -30,7 +30,7 @@ const (
 	reasonBadAttribute = "bad_attribute"
 )
 
-// refusedReasons lists them, for the metric's help and tests.
+// refusedReasons lists them, for dimsum_otlp_data_points_refused_total.
 var refusedReasons = []string{reasonHistogram, reasonGauge, reasonSummary, reasonCumulative, reasonNonMonotonic, reasonNoValue, reasonBadAttribute}
 
 // names translates OTLP names as Prometheus' OTLP translator does by
@@ -155,10 +155,16 @@ var batchPool = sync.Pool{New: func() any {
 	return &batch{ints: map[int64]string{}, ctx: map[*schema.Family][]ctxLabel{}}
 }}
 
+// reset empties b for the next request, keeping none of this one's
+// strings.
 func (b *batch) reset() {
 	b.b.Reset()
+	clear(b.metrics)
 	b.metrics = b.metrics[:0]
+	clear(b.refused)
 	b.refused = b.refused[:0]
+	clear(b.labels)
+	b.labels = b.labels[:0]
 	b.points = 0
 	if len(b.ints) > 1024 {
 		clear(b.ints)
