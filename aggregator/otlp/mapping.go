@@ -172,6 +172,7 @@ func (b *batch) reset() {
 	clear(b.ctx)
 }
 
+// refuse records that points data points of m were refused for reason.
 func (b *batch) refuse(m *metricspb.Metric, reason, detail string, points int) {
 	b.refused = append(b.refused, refusal{metric: m.GetName(), reason: reason, detail: detail, points: points})
 }
