@@ -43,11 +43,11 @@ func (s ingestServer) Push(ctx context.Context, req *wirepb.PushRequest) (*wirep
 		return nil, status.FromContextError(err).Err()
 	}
 	if !s.internal && forwarded(ctx) {
-		return nil, grpcError(ErrNotInternal)
+		return nil, GRPCError(ErrNotInternal)
 	}
 	resp, err := s.push(ctx, req)
 	if err != nil {
-		return nil, grpcError(err)
+		return nil, GRPCError(err)
 	}
 	return resp, nil
 }
@@ -56,8 +56,9 @@ func (s ingestServer) Push(ctx context.Context, req *wirepb.PushRequest) (*wirep
 // wait before it tries again: the time for a few flushes to go out.
 const retryDelay = 100 * time.Millisecond
 
-// grpcError maps an aggregator error to the status a publisher sees.
-func grpcError(err error) error {
+// GRPCError maps an error of Push, PushRouted or PushForwarded to the status
+// a publisher sees: every ingest protocol refuses a batch alike.
+func GRPCError(err error) error {
 	switch {
 	case errors.Is(err, ErrBatchTooLarge):
 		st, _ := status.New(codes.InvalidArgument, err.Error()).WithDetails(&errdetails.BadRequest{

@@ -64,7 +64,7 @@ func (v *validator) check(e *wirepb.Event, ev *event) (wirepb.RejectReason, stri
 	}
 	fi, ok := v.a.byName[v.dict[e.Family]]
 	if !ok {
-		return wirepb.RejectReason_REJECT_REASON_UNKNOWN_FAMILY, fmt.Sprintf("unknown family %s", quote(v.dict[e.Family]))
+		return wirepb.RejectReason_REJECT_REASON_UNKNOWN_FAMILY, fmt.Sprintf("unknown family %s", Quote(v.dict[e.Family]))
 	}
 	f := v.a.fams[fi]
 	switch {
@@ -103,7 +103,7 @@ func (v *validator) check(e *wirepb.Event, ev *event) (wirepb.RejectReason, stri
 		s := slots[n]
 		switch {
 		case s < 0:
-			return wirepb.RejectReason_REJECT_REASON_UNKNOWN_DIMENSION, fmt.Sprintf("label %s is not a dimension of family %q", quote(v.dict[n]), f.Name)
+			return wirepb.RejectReason_REJECT_REASON_UNKNOWN_DIMENSION, fmt.Sprintf("label %s is not a dimension of family %q", Quote(v.dict[n]), f.Name)
 		case seen&(1<<s) != 0:
 			return wirepb.RejectReason_REJECT_REASON_DUPLICATE_DIMENSION, fmt.Sprintf("label %q appears twice", v.dict[n])
 		case v.dict[val] == "":
@@ -139,9 +139,9 @@ func (v *validator) check(e *wirepb.Event, ev *event) (wirepb.RejectReason, stri
 func (v *validator) checkLength(name, value string) (wirepb.RejectReason, string) {
 	switch o := &v.a.opts; {
 	case len(name) > o.MaxLabelNameBytes:
-		return wirepb.RejectReason_REJECT_REASON_LABEL_TOO_LONG, fmt.Sprintf("label name %s is %d bytes long, the limit is %d", quote(name), len(name), o.MaxLabelNameBytes)
+		return wirepb.RejectReason_REJECT_REASON_LABEL_TOO_LONG, fmt.Sprintf("label name %s is %d bytes long, the limit is %d", Quote(name), len(name), o.MaxLabelNameBytes)
 	case len(value) > o.MaxLabelValueBytes:
-		return wirepb.RejectReason_REJECT_REASON_LABEL_TOO_LONG, fmt.Sprintf("label %s has a value of %d bytes, the limit is %d", quote(name), len(value), o.MaxLabelValueBytes)
+		return wirepb.RejectReason_REJECT_REASON_LABEL_TOO_LONG, fmt.Sprintf("label %s has a value of %d bytes, the limit is %d", Quote(name), len(value), o.MaxLabelValueBytes)
 	}
 	return noReason, ""
 }
@@ -167,8 +167,9 @@ func (v *validator) outside(ts int64) (wirepb.RejectReason, string) {
 // label may be megabytes long, and the detail goes back to the publisher.
 const maxQuoted = 64
 
-// quote quotes s for a reject's detail, cut after maxQuoted bytes.
-func quote(s string) string {
+// Quote quotes s for a reject's detail, cut after maxQuoted bytes. Every
+// ingest protocol quotes what it refuses with it.
+func Quote(s string) string {
 	if len(s) <= maxQuoted {
 		return strconv.Quote(s)
 	}

@@ -85,6 +85,8 @@ type Family struct {
 	// Labels are the label names of every level of every dimension, in
 	// schema order. An event of the family carries exactly these labels.
 	Labels []string
+	// OTLP says which OTLP metrics and attributes feed the family.
+	OTLP OTLP
 
 	labelIndex map[string]int
 	cuboids    []Cuboid // every cuboid of the lattice, indexed by ID
@@ -174,7 +176,8 @@ type Schema struct {
 	// aggregator's window.
 	Resolutions []Resolution
 
-	byName map[string]*Family
+	byName      map[string]*Family
+	otlpMetrics map[string]*Family // OTLP metric name -> the family listing it
 }
 
 // Family returns the family with the given name, or nil.
@@ -189,6 +192,8 @@ type File struct {
 	// the previous one. The default is 10s:8d, 1m:35d, 1h:400d.
 	Resolutions []string     `yaml:"resolutions"`
 	Families    []FamilyFile `yaml:"families"`
+	// OTLP holds the schema-wide attribute renames of OTLP ingest.
+	OTLP OTLPFile `yaml:"otlp"`
 }
 
 // FamilyFile is the YAML form of a family.
@@ -199,6 +204,8 @@ type FamilyFile struct {
 	Help string `yaml:"help"`
 	// Dimensions, each a hierarchy "a/b/c" (coarsest first) or a flat name.
 	Dimensions []string `yaml:"dimensions"`
+	// OTLP says which OTLP metrics and attributes feed the family.
+	OTLP FamilyOTLPFile `yaml:"otlp"`
 }
 
 // DefaultResolutions are used when a schema names none.
@@ -252,7 +259,7 @@ var (
 
 // Build validates the file and builds the schema.
 func (f File) Build() (*Schema, error) {
-	s := &Schema{byName: map[string]*Family{}}
+	s := &Schema{byName: map[string]*Family{}, otlpMetrics: map[string]*Family{}}
 	res := f.Resolutions
 	if len(res) == 0 {
 		res = DefaultResolutions
@@ -288,6 +295,9 @@ func (f File) Build() (*Schema, error) {
 	if len(f.Families) == 0 {
 		return nil, fmt.Errorf("%w: no families", ErrInvalid)
 	}
+	if err := checkRenames("otlp", f.OTLP.Attributes); err != nil {
+		return nil, err
+	}
 	for _, ff := range f.Families {
 		fam, err := ff.build()
 		if err != nil {
@@ -295,6 +305,15 @@ func (f File) Build() (*Schema, error) {
 		}
 		if s.byName[fam.Name] != nil {
 			return nil, fmt.Errorf("%w: family %q declared twice", ErrInvalid, fam.Name)
+		}
+		if err := ff.buildOTLP(fam, f.OTLP.Attributes); err != nil {
+			return nil, err
+		}
+		for _, m := range fam.OTLP.Metrics {
+			if other := s.otlpMetrics[m]; other != nil {
+				return nil, fmt.Errorf("%w: OTLP metric %q feeds both family %q and family %q", ErrInvalid, m, other.Name, fam.Name)
+			}
+			s.otlpMetrics[m] = fam
 		}
 		s.byName[fam.Name] = fam
 		s.Families = append(s.Families, fam)

@@ -108,6 +108,11 @@ func TestParseErrors(t *testing.T) {
 		{"duplicate label", "families: [{name: r, dimensions: [a/b, b]}]", "appears twice"},
 		{"duplicate family", "families: [{name: r, dimensions: [a]}, {name: r, dimensions: [b]}]", "declared twice"},
 		{"too many labels", "families: [{name: r, dimensions: [a/b/c/d/e, f, g, h, i]}]", "at most 8"},
+		{"otlp rename to a bad label", fam + "otlp: {attributes: {host.name: host.x}}", `renamed to "host.x", which is not a valid label name`},
+		{"otlp rename of nothing", fam + "otlp: {attributes: {'': a}}", "empty attribute name"},
+		{"otlp rename to another family's label", "families: [{name: r, dimensions: [a], otlp: {attributes: {x.y: b}}}]", `renamed to "b", which is not one of its labels [a]`},
+		{"otlp metric twice", "families: [{name: r, dimensions: [a], otlp: {metrics: [m]}}, {name: s, dimensions: [a], otlp: {metrics: [m]}}]", `OTLP metric "m" feeds both family "r" and family "s"`},
+		{"otlp empty metric", "families: [{name: r, dimensions: [a], otlp: {metrics: ['']}}]", "empty otlp metric name"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := Parse([]byte(tc.yaml))

@@ -1,16 +1,19 @@
 package node
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"crypto/tls"
 	"encoding/hex"
 	"fmt"
+	"io"
 	"math/rand/v2"
 	"net/http"
 	"net/url"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -19,9 +22,14 @@ import (
 
 	"github.com/prometheus/prometheus/model/labels"
 	"github.com/prometheus/prometheus/tsdb"
+	colmetricspb "go.opentelemetry.io/proto/otlp/collector/metrics/v1"
+	commonpb "go.opentelemetry.io/proto/otlp/common/v1"
+	metricspb "go.opentelemetry.io/proto/otlp/metrics/v1"
+	resourcepb "go.opentelemetry.io/proto/otlp/resource/v1"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/dimsum/dimsum/internal/testcert"
 	"github.com/dimsum/dimsum/publisher"
@@ -250,4 +258,140 @@ func BenchmarkPrometheusHeadAppend(b *testing.B) {
 		}
 	}
 	b.ReportMetric(float64(b.N*benchBatch)/b.Elapsed().Seconds(), "events/s")
+}
+
+// BenchmarkOTLPIngest takes the events of BenchmarkIngest into an
+// all-in-one node with its write-ahead log (the default), four requests in
+// flight over loopback: natively (Push of a dictionary-encoded batch), as
+// OTLP over gRPC, and as OTLP/HTTP (protobuf, marshalled per request as an
+// exporter does). An OTLP request holds the same 5,000 events as a batch,
+// as an SDK would send them: one resource a host (datacenter, cluster,
+// host.name), each with a delta sum of data points with http.route and
+// http.response.status_code. One op is one request; allocs/point counts
+// the whole process's, client and node.
+func BenchmarkOTLPIngest(b *testing.B) {
+	events := benchEvents(16 * benchBatch)
+	now := time.Now()
+	for _, mode := range []string{"push", "otlp-grpc", "otlp-http"} {
+		b.Run(mode, func(b *testing.B) {
+			cfg := testConfig(b.TempDir())
+			cfg.Schema.Resolutions = nil
+			n, err := Start(cfg, "bench", nil)
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer n.Close()
+			conn, err := grpc.NewClient("passthrough:///"+n.GRPCAddr(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer conn.Close()
+			var send func(i int) error
+			switch mode {
+			case "push":
+				reqs := make([]*wirepb.PushRequest, 16)
+				for i := range reqs {
+					var batch wire.Batch
+					for _, e := range events[i*benchBatch : (i+1)*benchBatch] {
+						batch.Add("requests", now.UnixMilli(), e.value, "datacenter", e.dc, "cluster", e.cluster, "host", e.host, "transaction", e.txn, "status", e.status)
+					}
+					reqs[i] = batch.Request()
+				}
+				client := wirepb.NewIngestClient(conn)
+				send = func(i int) error {
+					resp, err := client.Push(context.Background(), reqs[i%len(reqs)])
+					if err == nil && resp.Accepted != benchBatch {
+						err = fmt.Errorf("accepted %d of %d", resp.Accepted, benchBatch)
+					}
+					return err
+				}
+			case "otlp-grpc":
+				reqs := otlpRequests(events, now)
+				client := colmetricspb.NewMetricsServiceClient(conn)
+				send = func(i int) error {
+					resp, err := client.Export(context.Background(), reqs[i%len(reqs)])
+					if err == nil && resp.PartialSuccess != nil {
+						err = fmt.Errorf("partial success: %v", resp.PartialSuccess)
+					}
+					return err
+				}
+			case "otlp-http":
+				reqs := otlpRequests(events, now)
+				url := "http://" + n.HTTPAddr() + "/v1/metrics"
+				send = func(i int) error {
+					body, err := proto.Marshal(reqs[i%len(reqs)])
+					if err != nil {
+						return err
+					}
+					resp, err := http.Post(url, "application/x-protobuf", bytes.NewReader(body))
+					if err != nil {
+						return err
+					}
+					defer resp.Body.Close()
+					data, err := io.ReadAll(resp.Body)
+					var out colmetricspb.ExportMetricsServiceResponse
+					if err == nil {
+						err = proto.Unmarshal(data, &out)
+					}
+					if err == nil && (resp.StatusCode != http.StatusOK || out.PartialSuccess != nil) {
+						err = fmt.Errorf("HTTP %d: %v", resp.StatusCode, out.PartialSuccess)
+					}
+					return err
+				}
+			}
+			var next atomic.Int64
+			var before, after runtime.MemStats
+			b.ReportAllocs()
+			b.SetParallelism(2) // 2 x GOMAXPROCS requests in flight
+			runtime.ReadMemStats(&before)
+			b.ResetTimer()
+			b.RunParallel(func(pb *testing.PB) {
+				for pb.Next() {
+					if err := send(int(next.Add(1))); err != nil {
+						b.Error(err)
+						return
+					}
+				}
+			})
+			b.StopTimer()
+			runtime.ReadMemStats(&after)
+			points := float64(b.N * benchBatch)
+			b.ReportMetric(points/b.Elapsed().Seconds(), "points/s")
+			b.ReportMetric(float64(after.Mallocs-before.Mallocs)/points, "allocs/point")
+		})
+	}
+}
+
+// otlpRequests turns events into 16 export requests of benchBatch data
+// points each, every host's points under a resource of its own.
+func otlpRequests(events []benchEvent, at time.Time) []*colmetricspb.ExportMetricsServiceRequest {
+	str := func(k, v string) *commonpb.KeyValue {
+		return &commonpb.KeyValue{Key: k, Value: &commonpb.AnyValue{Value: &commonpb.AnyValue_StringValue{StringValue: v}}}
+	}
+	out := make([]*colmetricspb.ExportMetricsServiceRequest, 16)
+	for i := range out {
+		byHost := map[string]*metricspb.Sum{}
+		req := &colmetricspb.ExportMetricsServiceRequest{}
+		for _, e := range events[i*benchBatch : (i+1)*benchBatch] {
+			s := byHost[e.host]
+			if s == nil {
+				s = &metricspb.Sum{AggregationTemporality: metricspb.AggregationTemporality_AGGREGATION_TEMPORALITY_DELTA, IsMonotonic: true}
+				byHost[e.host] = s
+				req.ResourceMetrics = append(req.ResourceMetrics, &metricspb.ResourceMetrics{
+					Resource: &resourcepb.Resource{Attributes: []*commonpb.KeyValue{str("service.name", "checkout"), str("datacenter", e.dc), str("cluster", e.cluster), str("host.name", e.host)}},
+					ScopeMetrics: []*metricspb.ScopeMetrics{{Scope: &commonpb.InstrumentationScope{Name: "bench"},
+						Metrics: []*metricspb.Metric{{Name: "requests", Unit: "{request}", Data: &metricspb.Metric_Sum{Sum: s}}}}},
+				})
+			}
+			status, _ := strconv.ParseInt(e.status, 10, 64)
+			s.DataPoints = append(s.DataPoints, &metricspb.NumberDataPoint{
+				StartTimeUnixNano: uint64(at.Add(-10 * time.Second).UnixNano()), TimeUnixNano: uint64(at.UnixNano()),
+				Value: &metricspb.NumberDataPoint_AsInt{AsInt: int64(e.value)},
+				Attributes: []*commonpb.KeyValue{str("http.route", e.txn),
+					{Key: "http.response.status_code", Value: &commonpb.AnyValue{Value: &commonpb.AnyValue_IntValue{IntValue: status}}}},
+			})
+		}
+		out[i] = req
+	}
+	return out
 }

@@ -25,11 +25,12 @@ type Config struct {
 	// write-ahead log (in wal/). The default is ./data.
 	DataDir string `yaml:"data_dir"`
 	// GRPCListen is the address of the public gRPC server: publishers'
-	// pushes, and nothing else. The cluster's own calls go to
-	// cluster.internal_listen. The default is 127.0.0.1:9400.
+	// pushes and OTLP metrics exports, nothing else. The cluster's own
+	// calls go to cluster.internal_listen. The default is 127.0.0.1:9400.
 	GRPCListen string `yaml:"grpc_listen"`
 	// HTTPListen is the address of the HTTP server (the Prometheus API, the
-	// cube slices and /metrics). The default is 127.0.0.1:9401.
+	// cube slices, OTLP/HTTP's POST /v1/metrics and /metrics). The default
+	// is 127.0.0.1:9401.
 	HTTPListen string `yaml:"http_listen"`
 	// TLS, when it names a certificate and key, serves the public gRPC and
 	// HTTP listeners over TLS; with a ca_file too, every client must
@@ -48,10 +49,11 @@ type Config struct {
 	// Name identifies the node in flush identities and logs. The default is
 	// the host name.
 	Name string `yaml:"name"`
-	// MaxBatchBytes bounds one message on the public gRPC listener: the
-	// bytes of one batch, decompressed. A larger one is refused with gRPC
-	// ResourceExhausted (and no RetryInfo: no retry mends it). The default
-	// is 16 MiB.
+	// MaxBatchBytes bounds one message on the public gRPC listener, and
+	// the body of an OTLP/HTTP export: the bytes of one batch,
+	// decompressed. A larger one is refused with gRPC ResourceExhausted
+	// (and no RetryInfo: no retry mends it) or HTTP 413. The default is
+	// 16 MiB.
 	MaxBatchBytes int `yaml:"max_batch_bytes"`
 	// MaxRecvBytes bounds one gRPC message between members on the internal
 	// listener (flushes, forwarded batches, reads). The default is 64 MiB.

@@ -20,6 +20,7 @@ import (
 	"google.golang.org/grpc/test/bufconn"
 
 	"github.com/dimsum/dimsum/aggregator"
+	"github.com/dimsum/dimsum/aggregator/otlp"
 	"github.com/dimsum/dimsum/cluster"
 	"github.com/dimsum/dimsum/combiner"
 	"github.com/dimsum/dimsum/internal/disk"
@@ -36,6 +37,7 @@ type Node struct {
 	log    *slog.Logger
 	db     *tsdb.DB               // the combiner role's store
 	agg    *aggregator.Aggregator // the aggregator role
+	otlp   *otlp.Receiver         // the aggregator role's OTLP ingest
 	member *cluster.Cluster       // in a cluster
 	topo   *topology              // in a cluster
 	conn   *grpc.ClientConn       // alone: the aggregator's connection to its combiner
@@ -141,6 +143,9 @@ func Start(cfg Config, version string, log *slog.Logger) (n *Node, err error) {
 			return nil, err
 		}
 	}
+	if n.otlp != nil {
+		mux.Handle("POST "+otlp.Path, n.otlp)
+	}
 	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
 	mux.HandleFunc("/-/healthy", n.serveHealth)
 	mux.HandleFunc("POST /-/reload", n.serveReload)
@@ -207,7 +212,9 @@ func (n *Node) listen() error {
 	} else {
 		n.internalLn = bufconn.Listen(1 << 20)
 	}
-	n.grpc = grpc.NewServer(append(append(n.trust.publicServerOptions(), grpc.MaxRecvMsgSize(cfg.MaxBatchBytes)), n.metrics.grpcOptions("public")...)...)
+	// OTLP's codec answers an export that does not decode with
+	// InvalidArgument; it is gRPC's own for every other call.
+	n.grpc = grpc.NewServer(append(append(n.trust.publicServerOptions(), grpc.MaxRecvMsgSize(cfg.MaxBatchBytes), otlp.ServerOption()), n.metrics.grpcOptions("public")...)...)
 	n.internal = grpc.NewServer(append(n.metrics.grpcOptions("internal"), n.trust.internalServerOption(), grpc.MaxRecvMsgSize(cfg.MaxRecvBytes))...)
 	return nil
 }
@@ -336,7 +343,7 @@ func (n *Node) startAggregator(s *schema.Schema, reg prometheus.Registerer) erro
 	n.health.log = n.agg.LogErr
 	if n.topo == nil {
 		n.agg.Register(n.grpc)
-		return nil
+		return n.startOTLP(s, n.agg, reg)
 	}
 	router, err := aggregator.NewRouter(aggregator.RouterOptions{
 		Local: n.agg, Self: cfg.Name, Owner: n.topo.Owner,
@@ -346,9 +353,26 @@ func (n *Node) startAggregator(s *schema.Schema, reg prometheus.Registerer) erro
 	}
 	router.Register(n.grpc)
 	router.RegisterInternal(n.internal)
+	if err := n.startOTLP(s, router, reg); err != nil {
+		return err
+	}
 	retry := n.agg.RetryNow
 	n.topo.returned.Store(&retry)
 	n.loops.Go(func() { gossipHandoff(n.member, n.agg, n.stop, n.log.With("component", "cluster")) })
+	return nil
+}
+
+// startOTLP serves OTLP metrics into push, the aggregator alone or the
+// router in a cluster, on the public gRPC listener; ServeHTTP's mux takes
+// OTLP/HTTP.
+func (n *Node) startOTLP(s *schema.Schema, push otlp.Pusher, reg prometheus.Registerer) error {
+	var err error
+	n.otlp, err = otlp.New(otlp.Options{Schema: s, Push: push, MaxBodyBytes: n.cfg.MaxBatchBytes,
+		Logger: n.log.With("component", "otlp"), Registerer: reg})
+	if err != nil {
+		return err
+	}
+	n.otlp.Register(n.grpc)
 	return nil
 }
 

@@ -16,6 +16,7 @@ import (
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 
+	"github.com/dimsum/dimsum/aggregator/otlp"
 	"github.com/dimsum/dimsum/cluster"
 	"github.com/dimsum/dimsum/internal/auth"
 	"github.com/dimsum/dimsum/wire/wirepb"
@@ -174,13 +175,14 @@ func (t *trust) publicServerOptions() []grpc.ServerOption {
 	return opts
 }
 
-// pushMethod is the one call publishers make.
+// pushMethod is the call publishers make.
 var pushMethod = "/" + wirepb.Ingest_ServiceDesc.ServiceName + "/Push"
 
-// grpcRight is the right a public gRPC method needs: Push for pushes,
-// Admin for anything else (the public server serves nothing else).
+// grpcRight is the right a public gRPC method needs: Push for pushes and
+// OTLP exports, Admin for anything else (the public server serves nothing
+// else).
 func grpcRight(method string) auth.Right {
-	if method == pushMethod {
+	if method == pushMethod || method == otlp.ExportMethod {
 		return auth.Push
 	}
 	return auth.Admin
@@ -213,12 +215,15 @@ func (t *trust) guardHTTP(mux http.Handler) http.Handler {
 }
 
 // httpRight is the right an HTTP request needs: none for the health check
-// (load balancers probe it), Admin for the node's own state, its profiles
-// and reload, Query for the rest (the API, slices, the explorer page).
+// (load balancers probe it), Push for OTLP exports, Admin for the node's
+// own state, its profiles and reload, Query for the rest (the API, slices,
+// the explorer page).
 func httpRight(r *http.Request) auth.Right {
 	switch r.URL.Path {
 	case "/-/healthy":
 		return 0
+	case otlp.Path:
+		return auth.Push
 	case "/metrics", "/-/reload", "/api/v1/status/cluster":
 		return auth.Admin
 	}
