@@ -222,6 +222,11 @@ func pebbleOptions(cache *pebble.Cache, log *slog.Logger) *pebble.Options {
 		Logger:             pebbleLogger{log},
 		EventListener:      eventListener(log),
 		FormatMajorVersion: pebble.FormatNewest,
+		// Pebble's log keeps up to four files for reuse, each the size of
+		// a memtable: on a store that is small for now, they are a good
+		// part of the directory. The writer's groups do not go through
+		// the log (table.go), so the memtable holds only Apply's batches.
+		MemTableSize: 2 << 20,
 	}
 	// Every Apply with an idempotency key looks it up, and almost every
 	// lookup misses: a Bloom filter answers most misses without reading a
