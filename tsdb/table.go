@@ -87,11 +87,12 @@ func (db *DB) ingest(t *groupTable) error {
 		}
 	}
 	path := filepath.Join(db.opts.Dir, ingestName)
-	f, err := vfs.Default.Create(path, vfs.WriteCategoryUnspecified)
+	f, err := db.popts.FS.Create(path, vfs.WriteCategoryUnspecified)
 	if err != nil {
 		return fmt.Errorf("tsdb: cannot create the group's table: %w", err)
 	}
-	defer os.Remove(path)
+	// Ingest links the file into the store: the name is not needed after.
+	defer db.popts.FS.Remove(path)
 	o := db.popts.MakeWriterOptions(0, db.pdb.TableFormat())
 	w := sstable.NewWriter(objstorageprovider.NewFileWritable(f), o)
 	for _, op := range t.ops {
