@@ -148,6 +148,28 @@ func BenchmarkMerge(b *testing.B) {
 	b.ReportMetric(float64(len(row))/schema.StepsPerRow, "B/step")
 }
 
+// BenchmarkMergeLone passes one folded hosted row (the 1m steps of six
+// hours and their 10s positions) through the merge operator alone, as a
+// compaction does when it moves a row that has no other operand.
+func BenchmarkMergeLone(b *testing.B) {
+	row, fine := randomHosted(rand.New(rand.NewPCG(3, 4)), 6)
+	value := appendHosted(nil, row, fine)
+	key := []byte("key")
+	b.ReportAllocs()
+	for range b.N {
+		vm, err := rowMerger.Merge(key, value)
+		if err != nil {
+			b.Fatal(err)
+		}
+		_, closer, err := vm.Finish(true)
+		if err != nil {
+			b.Fatal(err)
+		}
+		closer.Close()
+	}
+	b.ReportMetric(float64(len(value)), "B/row")
+}
+
 // fillBench applies windows batches of deltas, one every 10s up to now,
 // with varying counts, then writes the head and compacts the store; it
 // returns the first window's time.

@@ -27,6 +27,12 @@ var rowMerger = &pebble.Merger{
 	Merge: func(key, value []byte) (pebble.ValueMerger, error) {
 		m := mergerPool.Get().(*valueMerger)
 		m.key = append(m.key[:0], key...)
+		if folded(value) {
+			// Decoded only if another operand comes: a compaction that
+			// moves a row already folded keeps its bytes.
+			m.buf, m.held = append(m.buf[:0], value...), true
+			return m, nil
+		}
 		if err := addHosted(&m.row, &m.fine, value); err != nil {
 			err = corruptRowError(m.key, err)
 			m.release()
@@ -34,6 +40,19 @@ var rowMerger = &pebble.Merger{
 		}
 		return m, nil
 	},
+}
+
+// folded reports whether a row value is in a layout Finish writes, which a
+// lone operand may keep as it is: a hosted row, or a columnar one (not
+// version 2's entries).
+func folded(value []byte) bool {
+	switch {
+	case len(value) > 0 && value[0] == hostedMagic:
+		return true
+	case len(value) > 1 && value[0] == rowMagic:
+		return value[1]&slotsMask != slotsEntries
+	}
+	return false
 }
 
 // mergerPool recycles value mergers with their dense rows and output
@@ -49,6 +68,8 @@ type valueMerger struct {
 	row  denseRow
 	fine *denseFine // a hosted row's fine part, once an operand has one
 	buf  []byte
+	// held says that buf holds the first operand, not yet decoded.
+	held bool
 }
 
 func (m *valueMerger) MergeNewer(value []byte) error { return m.merge(value) }
@@ -56,6 +77,12 @@ func (m *valueMerger) MergeNewer(value []byte) error { return m.merge(value) }
 func (m *valueMerger) MergeOlder(value []byte) error { return m.merge(value) }
 
 func (m *valueMerger) merge(value []byte) error {
+	if m.held {
+		m.held = false
+		if err := addHosted(&m.row, &m.fine, m.buf); err != nil {
+			return corruptRowError(m.key, err)
+		}
+	}
 	if err := addHosted(&m.row, &m.fine, value); err != nil {
 		return corruptRowError(m.key, err)
 	}
@@ -65,9 +92,12 @@ func (m *valueMerger) merge(value []byte) error {
 // Finish encodes the folded row. The result does not depend on includesBase:
 // a row has no tombstone semantics, a partial fold is itself a valid operand.
 func (m *valueMerger) Finish(includesBase bool) ([]byte, io.Closer, error) {
-	if m.fine != nil && m.fine.any {
+	switch {
+	case m.held:
+		// One operand, in a layout Finish writes: kept as it is.
+	case m.fine != nil && m.fine.any:
 		m.buf = appendHosted(m.buf[:0], &m.row, m.fine)
-	} else {
+	default:
 		m.buf = m.row.appendTo(m.buf[:0])
 	}
 	return m.buf, m, nil
@@ -80,6 +110,7 @@ func (m *valueMerger) Close() error {
 }
 
 func (m *valueMerger) release() {
+	m.held = false
 	m.row.reset()
 	releaseFine(m.fine)
 	m.fine = nil
