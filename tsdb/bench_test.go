@@ -170,6 +170,31 @@ func BenchmarkMergeLone(b *testing.B) {
 	b.ReportMetric(float64(len(value)), "B/row")
 }
 
+// BenchmarkMergeHosted folds two hosted rows, as a compaction does when
+// a row has two operands.
+func BenchmarkMergeHosted(b *testing.B) {
+	rng := rand.New(rand.NewPCG(3, 4))
+	r1, f1 := randomHosted(rng, 6)
+	r2, f2 := randomHosted(rng, 6)
+	newer, older := appendHosted(nil, r1, f1), appendHosted(nil, r2, f2)
+	key := []byte("key")
+	b.ReportAllocs()
+	for range b.N {
+		vm, err := rowMerger.Merge(key, newer)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if err := vm.MergeOlder(older); err != nil {
+			b.Fatal(err)
+		}
+		_, closer, err := vm.Finish(true)
+		if err != nil {
+			b.Fatal(err)
+		}
+		closer.Close()
+	}
+}
+
 // fillBench applies windows batches of deltas, one every 10s up to now,
 // with varying counts, then writes the head and compacts the store; it
 // returns the first window's time.

@@ -45,6 +45,14 @@ type denseFine struct {
 	sum     [schema.StepsPerRow * maxHostedSubslots]float64
 	count   [schema.StepsPerRow * maxHostedSubslots]uint64
 	any     bool // some sub-slot is present
+	// scratch holds the slices appendHosted and addFine build, kept for
+	// the next row: a pooled denseFine then encodes and decodes without
+	// allocating.
+	scratch struct {
+		codes, masks, counts, sums []uint64
+		listed, subs               []int
+		coarse                     []byte
+	}
 }
 
 func (f *denseFine) add(i int, sum float64, count uint64) {
@@ -68,14 +76,17 @@ func (f *denseFine) reset() {
 
 // appendHosted appends the hosted row of coarse row c and its fine part f.
 func appendHosted(dst []byte, c *denseRow, f *denseFine) []byte {
+	sc := &f.scratch
+	codes := sc.codes[:0]
+	listed := sc.listed[:0] // coarse slots whose sub-slots are listed
+	masks, counts, sums := sc.masks[:0], sc.counts[:0], sc.sums[:0]
+	defer func() { sc.codes, sc.listed, sc.masks, sc.counts, sc.sums = codes, listed, masks, counts, sums }()
 	dst = append(dst, hostedMagic)
-	coarse := c.appendTo(nil)
-	dst = binary.AppendUvarint(dst, uint64(len(coarse)))
-	dst = append(dst, coarse...)
+	sc.coarse = c.appendTo(sc.coarse[:0])
+	dst = binary.AppendUvarint(dst, uint64(len(sc.coarse)))
+	dst = append(dst, sc.coarse...)
 	dst = append(dst, byte(f.k))
 	w := uint(bits.Len(uint(f.k)))
-	var codes []uint64
-	var listed []int // coarse slots whose sub-slots are listed
 	c.each(func(i int, sum float64, count uint64) {
 		code, ones := f.k, 0
 		for j := range f.k {
@@ -91,7 +102,6 @@ func appendHosted(dst []byte, c *denseRow, f *denseFine) []byte {
 		codes = append(codes, uint64(code))
 	})
 	dst = appendBits(dst, w, codes)
-	var masks, counts, sums []uint64
 	equal, whole := true, true
 	for _, i := range listed {
 		mask := uint64(0)
@@ -174,7 +184,8 @@ func (f *denseFine) addFine(fine []byte, coarse []byte) error {
 	}
 	codes := packedInts{width: w, mask: 1<<w - 1, packed: fine[1 : 1+size]}
 	rest := fine[1+size:]
-	var listed []int
+	listed := f.scratch.listed[:0]
+	defer func() { f.scratch.listed = listed }()
 	for {
 		slot, sum, count, ok := d.next()
 		if !ok {
@@ -199,7 +210,8 @@ func (f *denseFine) addFine(fine []byte, coarse []byte) error {
 	}
 	masks := packedInts{width: uint(k), mask: 1<<k - 1, packed: rest[:msize]}
 	rest = rest[msize:]
-	var subs []int
+	subs := f.scratch.subs[:0]
+	defer func() { f.scratch.subs = subs }()
 	for _, i := range listed {
 		mask := masks.next()
 		for j := range k {

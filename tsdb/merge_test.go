@@ -194,30 +194,40 @@ func TestMergeRejectsCorruptOperand(t *testing.T) {
 	})
 }
 
-// TestMergeAllocs pins the merge operator's hot path at zero allocations:
-// its dense rows and buffers come from a pool.
+// TestMergeAllocs pins the merge operator's hot path at zero allocations,
+// for plain and hosted rows: its dense rows and buffers come from a pool.
 func TestMergeAllocs(t *testing.T) {
 	if race.Enabled {
 		t.Skip("sync.Pool drops items under the race detector")
 	}
 	full := rowOf(schema.StepsPerRow, func(i int) (float64, uint64) { return float64(i), uint64(i) })
-	a, b := encodeRow(goldenRows[5].slots...), denseOf(full).appendTo(nil)
-	key := []byte("some key")
-	allocs := testing.AllocsPerRun(100, func() {
-		vm, err := rowMerger.Merge(key, a)
-		if err != nil {
-			t.Fatal(err)
+	rng := rand.New(rand.NewPCG(3, 4))
+	r1, f1 := randomHosted(rng, 6)
+	r2, f2 := randomHosted(rng, 6)
+	for _, tc := range []struct {
+		name string
+		a, b []byte
+	}{
+		{"columnar", encodeRow(goldenRows[5].slots...), denseOf(full).appendTo(nil)},
+		{"hosted", appendHosted(nil, r1, f1), appendHosted(nil, r2, f2)},
+	} {
+		key := []byte("some key")
+		allocs := testing.AllocsPerRun(100, func() {
+			vm, err := rowMerger.Merge(key, tc.a)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := vm.MergeOlder(tc.b); err != nil {
+				t.Fatal(err)
+			}
+			_, closer, err := vm.Finish(true)
+			if err != nil {
+				t.Fatal(err)
+			}
+			closer.Close()
+		})
+		if allocs != 0 {
+			t.Errorf("%s: %v allocations a merge, want 0", tc.name, allocs)
 		}
-		if err := vm.MergeOlder(b); err != nil {
-			t.Fatal(err)
-		}
-		_, closer, err := vm.Finish(true)
-		if err != nil {
-			t.Fatal(err)
-		}
-		closer.Close()
-	})
-	if allocs != 0 {
-		t.Fatalf("%v allocations a merge, want 0", allocs)
 	}
 }
