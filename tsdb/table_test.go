@@ -60,7 +60,7 @@ func TestGroupBypassesPebbleLog(t *testing.T) {
 		t.Fatal(err)
 	}
 	wrote := fileBytes(t, dir, ".sst") - tables
-	if wrote < 512<<10 {
+	if wrote < 256<<10 {
 		t.Fatalf("the group wrote %d bytes of tables; the test needs a larger group", wrote)
 	}
 	if grew > wrote/10 {
