@@ -1,6 +1,7 @@
 package cluster
 
 import (
+	"bytes"
 	"cmp"
 	"errors"
 	"fmt"
@@ -65,12 +66,18 @@ type Member struct {
 	Meta Meta
 	// State is alive, dead or left.
 	State State
-	// Since is when this node saw the member enter State.
+	// Since is when this node saw the member enter State, or, for a
+	// member it learned of from another, when that one did.
 	Since time.Time
+
+	// record is the gossiped bytes Meta was decoded from, handed on to
+	// joining members in push/pull (see state.go) once it is dead or left.
+	record []byte
 }
 
 // Cluster is this node's membership: a memberlist instance and a table of
-// every member it has seen, kept after memberlist forgets dead ones.
+// every member it has seen, kept after memberlist forgets dead ones, and
+// handed on to members that join later.
 type Cluster struct {
 	name   string
 	logger *slog.Logger
@@ -201,7 +208,8 @@ func (c *Cluster) Local() Member {
 }
 
 // Members returns every member this node has seen, itself included, sorted
-// by name. Dead and left members stay listed until they come back.
+// by name. Dead and left members stay listed until they come back, with
+// those it learned of from the others when it joined.
 func (c *Cluster) Members() []Member {
 	return c.filter(func(*Member) bool { return true })
 }
@@ -365,23 +373,28 @@ func (c *Cluster) set(node *memberlist.Node, state State) {
 	now := time.Now()
 	c.mu.Lock()
 	prev, seen := c.mu.members[node.Name]
-	m := &Member{Name: node.Name, Addr: node.Address(), Meta: meta, State: state, Since: now}
+	m := &Member{Name: node.Name, Addr: node.Address(), Meta: meta, State: state, Since: now, record: bytes.Clone(node.Meta)}
 	if seen && prev.State == state {
 		m.Since = prev.Since
 	}
 	c.mu.members[node.Name] = m
-	for sub := range c.mu.subs {
-		select {
-		case sub <- struct{}{}:
-		default: // a change is already pending
-		}
-	}
+	c.notifyLocked()
 	c.mu.Unlock()
 	switch {
 	case !seen || prev.State != state:
 		c.logger.Info("member state", "member", node.Name, "state", state, "addr", m.Addr, "meta", meta)
 	default:
 		c.logger.Debug("member updated", "member", node.Name, "meta", meta)
+	}
+}
+
+// notifyLocked wakes every subscriber; c.mu is held.
+func (c *Cluster) notifyLocked() {
+	for sub := range c.mu.subs {
+		select {
+		case sub <- struct{}{}:
+		default: // a change is already pending
+		}
 	}
 }
 
@@ -403,8 +416,8 @@ func leaveState(n *memberlist.Node) State {
 	return StateDead
 }
 
-// delegate hands memberlist this node's encoded meta. dimsum sends no user
-// messages and keeps no state of its own in push/pull.
+// delegate hands memberlist this node's encoded meta, and in push/pull its
+// table of dead and left members (state.go). dimsum sends no user messages.
 type delegate Cluster
 
 func (d *delegate) NodeMeta(limit int) []byte {
@@ -415,5 +428,3 @@ func (d *delegate) NodeMeta(limit int) []byte {
 
 func (d *delegate) NotifyMsg([]byte)                           {}
 func (d *delegate) GetBroadcasts(overhead, limit int) [][]byte { return nil }
-func (d *delegate) LocalState(join bool) []byte                { return nil }
-func (d *delegate) MergeRemoteState(buf []byte, join bool)     {}

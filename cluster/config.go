@@ -111,7 +111,8 @@ type Timing struct {
 
 	// GossipToTheDeadTime is how long a dead member still receives gossip,
 	// so that it can refute, before memberlist forgets it. Cluster keeps
-	// forgotten members in its own table as dead or left. LAN: 30s.
+	// forgotten members in its own table as dead or left, and hands them
+	// to members that join later in push/pull. LAN: 30s.
 	GossipToTheDeadTime time.Duration
 
 	// PushPullInterval is how often a node exchanges its full membership

@@ -23,7 +23,8 @@
 //
 // Members keeps every node it has seen, with its state: alive, dead (it
 // stopped answering and may come back under its name) or left (it said
-// goodbye). Owner and Replicas are pure functions of a key and a list of
+// goodbye); a node that joins learns the dead and left ones from the others
+// (state.go). Owner and Replicas are pure functions of a key and a list of
 // names (rendezvous hashing, see ring.go), so nodes that agree on the list
 // agree on owners without talking to each other.
 //

@@ -130,10 +130,6 @@ func AppendMeta(dst []byte, m *Meta) ([]byte, error) {
 	for _, r := range m.Roles {
 		roles |= 1 << slices.Index(roleBits, r)
 	}
-	var started int64
-	if !m.Started.IsZero() {
-		started = m.Started.UnixNano()
-	}
 	var flags byte
 	if m.Leaving {
 		flags |= flagLeaving
@@ -145,7 +141,7 @@ func AppendMeta(dst []byte, m *Meta) ([]byte, error) {
 	dst = append(dst, version, roles)
 	dst = appendString(dst, m.GRPCAddr)
 	dst = appendString(dst, m.HTTPAddr)
-	dst = binary.AppendVarint(dst, started)
+	dst = appendTime(dst, m.Started)
 	dst = append(dst, flags)
 	dst = binary.AppendUvarint(dst, uint64(len(m.PendingHandoff)))
 	for _, n := range m.PendingHandoff {
@@ -163,6 +159,15 @@ func AppendMeta(dst []byte, m *Meta) ([]byte, error) {
 func appendString(dst []byte, s string) []byte {
 	dst = binary.AppendUvarint(dst, uint64(len(s)))
 	return append(dst, s...)
+}
+
+// appendTime appends t as a varint of Unix nanoseconds, 0 for a zero t.
+func appendTime(dst []byte, t time.Time) []byte {
+	var ns int64
+	if !t.IsZero() {
+		ns = t.UnixNano()
+	}
+	return binary.AppendVarint(dst, ns)
 }
 
 // check reports the first field of m that cannot be gossiped.
@@ -217,7 +222,7 @@ func (m *Meta) encode() ([]byte, error) {
 // nodes of different versions understand each other; anything else that
 // does not decode is ErrCorruptMeta.
 func DecodeMeta(b []byte) (Meta, error) {
-	d := decoder{b: b}
+	d := decoder{b: b, corrupt: ErrCorruptMeta}
 	var m Meta
 	version := d.byte()
 	if d.err == nil && version < metaVersion1 {
@@ -231,9 +236,7 @@ func DecodeMeta(b []byte) (Meta, error) {
 	}
 	m.GRPCAddr = d.string()
 	m.HTTPAddr = d.string()
-	if ns := d.varint(); ns != 0 {
-		m.Started = time.Unix(0, ns)
-	}
+	m.Started = d.time()
 	m.Leaving = d.byte()&flagLeaving != 0
 	n := d.uvarint()
 	// Each name takes at least two bytes, which bounds n before allocating.
@@ -290,12 +293,14 @@ func (d *decoder) forward(handoff []string) []string {
 type decoder struct {
 	b   []byte
 	off int // bytes consumed, for error messages
-	err error
+	// corrupt is the sentinel the error wraps: what b was meant to be.
+	corrupt error
+	err     error
 }
 
 func (d *decoder) fail(format string, args ...any) {
 	if d.err == nil {
-		d.err = fmt.Errorf("%w: at byte %d: %s", ErrCorruptMeta, d.off, fmt.Sprintf(format, args...))
+		d.err = fmt.Errorf("%w: at byte %d: %s", d.corrupt, d.off, fmt.Sprintf(format, args...))
 	}
 }
 
@@ -341,6 +346,14 @@ func (d *decoder) varint() int64 {
 	}
 	d.advance(n)
 	return v
+}
+
+// time reads what appendTime wrote.
+func (d *decoder) time() time.Time {
+	if ns := d.varint(); ns != 0 {
+		return time.Unix(0, ns)
+	}
+	return time.Time{}
 }
 
 func (d *decoder) string() string {

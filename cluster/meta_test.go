@@ -190,10 +190,7 @@ func FuzzDecodeMeta(f *testing.F) {
 	f.Add([]byte{2, 0xff, 0, 0, 0, 0xff, 0, 1, 2, 3})
 	f.Fuzz(func(t *testing.T, b []byte) {
 		m, err := DecodeMeta(b)
-		if err != nil {
-			if !errors.Is(err, ErrCorruptMeta) {
-				t.Fatalf("DecodeMeta(%x) = %v, not ErrCorruptMeta", b, err)
-			}
+		if !decoded(t, b, err, ErrCorruptMeta) {
 			return
 		}
 		again, err := AppendMeta(nil, &m)
