@@ -3,6 +3,7 @@ package main
 import (
 	"encoding/json"
 	"fmt"
+	"io"
 	"maps"
 	"net/http"
 	"net/url"
@@ -29,6 +30,7 @@ type member struct {
 	name, role                            string
 	grpc, http, gossip, internal, dataDir string
 	cmd                                   *exec.Cmd
+	exited                                chan struct{} // closed once cmd has exited
 	log                                   *os.File
 }
 
@@ -51,7 +53,7 @@ func newTestCluster(t *testing.T, combiners ...string) *testCluster {
 		for _, m := range c.members {
 			if m.cmd != nil {
 				m.cmd.Process.Kill()
-				m.cmd.Wait()
+				<-m.exited
 			}
 		}
 		if t.Failed() {
@@ -72,7 +74,8 @@ func tail(s string, lines int) string {
 
 // add starts a new member with one role.
 func (c *testCluster) add(name, role string) *member {
-	m := &member{name: name, role: role, grpc: freeAddr(c.t), http: freeAddr(c.t), gossip: freeAddr(c.t), internal: freeAddr(c.t), dataDir: filepath.Join(c.dir, name)}
+	m := &member{name: name, role: role, dataDir: filepath.Join(c.dir, name)}
+	m.pickAddrs(c.t)
 	if c.seed == "" {
 		c.seed = m.gossip
 	}
@@ -81,8 +84,16 @@ func (c *testCluster) add(name, role string) *member {
 	return m
 }
 
+// pickAddrs gives m free loopback ports.
+func (m *member) pickAddrs(t *testing.T) {
+	m.grpc, m.http, m.gossip, m.internal = freeAddr(t), freeAddr(t), freeAddr(t), freeAddr(t)
+}
+
 // start runs (or runs again) a member's process and waits until it serves
-// HTTP.
+// HTTP. A port freeAddr found free may be taken by the time the process
+// binds it (by any connection's local port, with other tests running):
+// then the member starts again on other ports, as a node moved to another
+// address would.
 func (c *testCluster) start(m *member) {
 	c.t.Helper()
 	var err error
@@ -91,13 +102,61 @@ func (c *testCluster) start(m *member) {
 			c.t.Fatal(err)
 		}
 	}
-	m.cmd = exec.Command(c.bin, m.role, "-config", c.config, "-name", m.name, "-data", m.dataDir,
-		"-grpc", m.grpc, "-http", m.http, "-gossip", m.gossip, "-internal", m.internal, "-join", c.seed)
-	m.cmd.Stdout, m.cmd.Stderr = m.log, m.log
-	if err := m.cmd.Start(); err != nil {
-		c.t.Fatal(err)
+	for attempt := 1; ; attempt++ {
+		logged, err := m.log.Seek(0, io.SeekEnd)
+		if err != nil {
+			c.t.Fatal(err)
+		}
+		join := c.seed
+		if join == m.gossip {
+			join = c.otherGossip(m)
+		}
+		m.cmd = exec.Command(c.bin, m.role, "-config", c.config, "-name", m.name, "-data", m.dataDir,
+			"-grpc", m.grpc, "-http", m.http, "-gossip", m.gossip, "-internal", m.internal, "-join", join)
+		m.cmd.Stdout, m.cmd.Stderr = m.log, m.log
+		if err := m.cmd.Start(); err != nil {
+			c.t.Fatal(err)
+		}
+		m.exited = make(chan struct{})
+		go func(cmd *exec.Cmd, exited chan struct{}) {
+			cmd.Wait()
+			close(exited)
+		}(m.cmd, m.exited)
+		exited := false
+		waitFor(c.t, m.name+" to serve HTTP", func() bool {
+			select {
+			case <-m.exited:
+				exited = true
+				return true
+			default:
+				return healthy(http.DefaultClient, "http://"+m.http)
+			}
+		})
+		if !exited {
+			return
+		}
+		m.cmd = nil
+		out, _ := os.ReadFile(m.log.Name())
+		if attempt == 3 || !strings.Contains(string(out[min(int(logged), len(out)):]), "address already in use") {
+			c.t.Fatalf("%s exited at start", m.name)
+		}
+		seed := c.seed == m.gossip
+		m.pickAddrs(c.t)
+		if seed {
+			c.seed = m.gossip
+		}
 	}
-	waitFor(c.t, m.name+" to serve HTTP", func() bool { return healthy(http.DefaultClient, "http://"+m.http) })
+}
+
+// otherGossip returns the gossip address of a running member other than m,
+// for m to join through; m's own when there is none.
+func (c *testCluster) otherGossip(m *member) string {
+	for _, o := range c.members {
+		if o != m && o.cmd != nil {
+			return o.gossip
+		}
+	}
+	return m.gossip
 }
 
 // kill stops a member with SIGKILL.
@@ -106,7 +165,7 @@ func (c *testCluster) kill(m *member) {
 	if err := m.cmd.Process.Signal(syscall.SIGKILL); err != nil {
 		c.t.Fatal(err)
 	}
-	m.cmd.Wait()
+	<-m.exited
 	m.cmd = nil
 }
 
