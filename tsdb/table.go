@@ -44,7 +44,16 @@ const (
 	opDelete
 )
 
+// keepTableBytes bounds the room an emptied table keeps for the next
+// group: a group written in parts of a large live head may take hundreds of
+// megabytes once, which the writer must not hold from then on.
+const keepTableBytes = 16 << 20
+
 func (t *groupTable) reset() {
+	if cap(t.data) > keepTableBytes {
+		*t = groupTable{}
+		return
+	}
 	t.ops, t.data, t.dels = t.ops[:0], t.data[:0], t.dels[:0]
 }
 
