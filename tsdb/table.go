@@ -14,8 +14,8 @@ import (
 	"github.com/cockroachdb/pebble/v2/vfs"
 )
 
-// The writer writes a group as one sstable that it ingests into Pebble,
-// rather than as a batch: a group's rows are megabytes, and a batch goes
+// The writer writes a group as sstables that it ingests into Pebble at
+// once, rather than as a batch: a group's rows are megabytes, and a batch goes
 // through Pebble's write-ahead log, whose files Pebble keeps for reuse at
 // the size of the largest batch they held (docs/format/tsdb.md, "Why the
 // writer ingests a table"). Ingestion is atomic, and durable once it
@@ -82,12 +82,19 @@ func (t *groupTable) key(op tableOp) []byte { return t.data[op.k:op.v] }
 // empty reports whether the table holds no write.
 func (t *groupTable) empty() bool { return len(t.ops) == 0 && len(t.dels) == 0 }
 
-// ingestName is the file the writer builds a table in, in Pebble's
-// directory; ingest links it into the store and the name is removed. Open
-// removes one left by a crash.
-const ingestName = "dimsum-group.ingest"
+// ingestPrefix names the files the writer builds its tables in, in Pebble's
+// directory; ingest links them into the store and the names are removed.
+// Open removes any that a crash left.
+const ingestPrefix = "dimsum-group.ingest"
 
-// ingest writes t as an sstable, synced, and ingests it into Pebble.
+// ingest writes t as sstables, synced, and ingests them into Pebble at
+// once. The writes go into one table per kind of key (presence, written
+// marks, rows) and one for the range deletions: Pebble flushes its memtable
+// before an ingest whose table spans keys the memtable holds, and holds
+// every commit behind that flush, while the memtable holds only Apply's
+// staged batches, source records and dictionary entries, which the tables
+// then do not span (the staged batches deleted are older than those a
+// memtable holds).
 func (db *DB) ingest(t *groupTable) error {
 	slices.SortFunc(t.ops, func(a, b tableOp) int { return bytes.Compare(t.key(a), t.key(b)) })
 	for i := 1; i < len(t.ops); i++ {
@@ -95,17 +102,46 @@ func (db *DB) ingest(t *groupTable) error {
 			return fmt.Errorf("tsdb: the group writes key %x twice", t.key(t.ops[i]))
 		}
 	}
-	path := filepath.Join(db.opts.Dir, ingestName)
-	f, err := db.popts.FS.Create(path, vfs.WriteCategoryUnspecified)
-	if err != nil {
-		return fmt.Errorf("tsdb: cannot create the group's table: %w", err)
-	}
-	// Ingest links the file into the store: the name is not needed after.
-	defer db.popts.FS.Remove(path)
+	var paths []string
+	defer func() {
+		for _, p := range paths {
+			db.popts.FS.Remove(p)
+		}
+	}()
 	o := db.popts.MakeWriterOptions(0, db.pdb.TableFormat())
-	w := sstable.NewWriter(objstorageprovider.NewFileWritable(f), o)
-	for _, op := range t.ops {
+	var w *sstable.Writer
+	create := func() error {
+		path := filepath.Join(db.opts.Dir, fmt.Sprintf("%s.%d", ingestPrefix, len(paths)))
+		f, err := db.popts.FS.Create(path, vfs.WriteCategoryUnspecified)
+		if err != nil {
+			return fmt.Errorf("tsdb: cannot create the group's table: %w", err)
+		}
+		paths = append(paths, path)
+		w = sstable.NewWriter(objstorageprovider.NewFileWritable(f), o)
+		return nil
+	}
+	// finish closes, and so syncs, the table being written.
+	finish := func() error {
+		err := w.Close()
+		w = nil
+		if err != nil {
+			return fmt.Errorf("tsdb: cannot write the group's table: %w", err)
+		}
+		return nil
+	}
+	for i, op := range t.ops {
 		key, value := t.key(op), t.data[op.v:op.end]
+		if i == 0 || key[0] != t.key(t.ops[i-1])[0] {
+			if w != nil {
+				if err := finish(); err != nil {
+					return err
+				}
+			}
+			if err := create(); err != nil {
+				return err
+			}
+		}
+		var err error
 		switch op.kind {
 		case opSet:
 			err = w.Set(key, value)
@@ -115,33 +151,45 @@ func (db *DB) ingest(t *groupTable) error {
 			err = w.Delete(key)
 		}
 		if err != nil {
-			break
+			w.Close()
+			return fmt.Errorf("tsdb: cannot write the group's table: %w", err)
 		}
 	}
-	for _, d := range t.dels {
-		if err != nil {
-			break
+	if w != nil {
+		if err := finish(); err != nil {
+			return err
 		}
-		err = w.DeleteRange(t.data[d[0]:d[1]], t.data[d[2]:d[3]])
 	}
-	// Close syncs the file.
-	if cerr := w.Close(); err == nil {
-		err = cerr
+	if len(t.dels) > 0 {
+		if err := create(); err != nil {
+			return err
+		}
+		for _, d := range t.dels {
+			if err := w.DeleteRange(t.data[d[0]:d[1]], t.data[d[2]:d[3]]); err != nil {
+				w.Close()
+				return fmt.Errorf("tsdb: cannot write the group's table: %w", err)
+			}
+		}
+		if err := finish(); err != nil {
+			return err
+		}
 	}
-	if err != nil {
-		return fmt.Errorf("tsdb: cannot write the group's table: %w", err)
-	}
-	if err := db.pdb.Ingest(context.Background(), []string{path}); err != nil {
-		return fmt.Errorf("tsdb: cannot ingest the group's table: %w", err)
+	if err := db.pdb.Ingest(context.Background(), paths); err != nil {
+		return fmt.Errorf("tsdb: cannot ingest the group's tables: %w", err)
 	}
 	return nil
 }
 
-// removeIngestLeft removes a table a crash left half built in dir.
+// removeIngestLeft removes the tables a crash left half built in dir.
 func removeIngestLeft(dir string) error {
-	err := os.Remove(filepath.Join(dir, ingestName))
-	if err != nil && !errors.Is(err, os.ErrNotExist) {
-		return fmt.Errorf("tsdb: cannot remove %s: %w", ingestName, err)
+	left, err := filepath.Glob(filepath.Join(dir, ingestPrefix+".*"))
+	if err != nil {
+		return fmt.Errorf("tsdb: cannot list %s files: %w", ingestPrefix, err)
+	}
+	for _, p := range left {
+		if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("tsdb: cannot remove %s: %w", p, err)
+		}
 	}
 	return nil
 }

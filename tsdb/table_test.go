@@ -86,12 +86,12 @@ func TestOpenRemovesHalfBuiltTable(t *testing.T) {
 	dir := t.TempDir()
 	s := testSchema(t)
 	closeTest(t, openTest(t, dir, s))
-	left := filepath.Join(dir, ingestName)
+	left := filepath.Join(dir, ingestPrefix+".0")
 	if err := os.WriteFile(left, []byte("half a table"), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	closeTest(t, openTest(t, dir, s))
 	if _, err := os.Stat(left); !os.IsNotExist(err) {
-		t.Fatalf("%s after Open: %v; want it removed", ingestName, err)
+		t.Fatalf("%s after Open: %v; want it removed", left, err)
 	}
 }
