@@ -129,21 +129,7 @@ func BenchmarkMerge(b *testing.B) {
 	}
 	row, operand := denseOf(full).appendTo(nil), encodeRow(full...)
 	key := []byte("key")
-	b.ReportAllocs()
-	for range b.N {
-		vm, err := rowMerger.Merge(key, row)
-		if err != nil {
-			b.Fatal(err)
-		}
-		if err := vm.MergeNewer(operand); err != nil {
-			b.Fatal(err)
-		}
-		_, closer, err := vm.Finish(true)
-		if err != nil {
-			b.Fatal(err)
-		}
-		closer.Close()
-	}
+	mergeRows(b, key, row, operand)
 	b.ReportMetric(float64(b.N*2*schema.StepsPerRow)/b.Elapsed().Seconds(), "steps/s")
 	b.ReportMetric(float64(len(row))/schema.StepsPerRow, "B/step")
 }
@@ -154,19 +140,7 @@ func BenchmarkMerge(b *testing.B) {
 func BenchmarkMergeLone(b *testing.B) {
 	row, fine := randomHosted(rand.New(rand.NewPCG(3, 4)), 6)
 	value := appendHosted(nil, row, fine)
-	key := []byte("key")
-	b.ReportAllocs()
-	for range b.N {
-		vm, err := rowMerger.Merge(key, value)
-		if err != nil {
-			b.Fatal(err)
-		}
-		_, closer, err := vm.Finish(true)
-		if err != nil {
-			b.Fatal(err)
-		}
-		closer.Close()
-	}
+	mergeRows(b, []byte("key"), value)
 	b.ReportMetric(float64(len(value)), "B/row")
 }
 
@@ -176,16 +150,22 @@ func BenchmarkMergeHosted(b *testing.B) {
 	rng := rand.New(rand.NewPCG(3, 4))
 	r1, f1 := randomHosted(rng, 6)
 	r2, f2 := randomHosted(rng, 6)
-	newer, older := appendHosted(nil, r1, f1), appendHosted(nil, r2, f2)
-	key := []byte("key")
+	mergeRows(b, []byte("key"), appendHosted(nil, r1, f1), appendHosted(nil, r2, f2))
+}
+
+// mergeRows runs b.N merges of one key's operands, newest first, as
+// compactions do: Merge of the first, MergeOlder of the others, Finish.
+func mergeRows(b *testing.B, key []byte, ops ...[]byte) {
 	b.ReportAllocs()
 	for range b.N {
-		vm, err := rowMerger.Merge(key, newer)
+		vm, err := rowMerger.Merge(key, ops[0])
 		if err != nil {
 			b.Fatal(err)
 		}
-		if err := vm.MergeOlder(older); err != nil {
-			b.Fatal(err)
+		for _, op := range ops[1:] {
+			if err := vm.MergeOlder(op); err != nil {
+				b.Fatal(err)
+			}
 		}
 		_, closer, err := vm.Finish(true)
 		if err != nil {
