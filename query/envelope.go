@@ -118,18 +118,30 @@ func checkMethod(w http.ResponseWriter, r *http.Request) (bool, *apiError) {
 // write writes a handler's answer in the Prometheus JSON envelope. An error
 // carries no warnings, as in Prometheus.
 func (a *API) write(w http.ResponseWriter, r *http.Request, res result, aerr *apiError) {
-	w.Header().Set("Content-Type", "application/json")
 	resp := response{Status: "success", Data: res.data}
+	status := http.StatusOK
 	if aerr != nil {
 		resp = response{Status: "error", ErrorType: string(aerr.typ), Error: aerr.err.Error()}
-		w.WriteHeader(aerr.httpStatus())
+		status = aerr.httpStatus()
 		if aerr.typ == errInternal {
 			a.opts.Logger.Error("query failed", "path", r.URL.Path, "err", aerr.err)
 		}
 	} else {
 		resp.Warnings, resp.Infos = res.annos.AsStrings(r.FormValue("query"), 10, 10)
 	}
-	if err := json.NewEncoder(w).Encode(resp); err != nil {
+	if err := writeResponse(w, status, resp); err != nil {
 		a.opts.Logger.Debug("cannot write response", "err", err)
 	}
+}
+
+// WriteSuccess writes data as a successful answer in the Prometheus JSON
+// envelope, for the node's endpoints beside the query API's.
+func WriteSuccess(w http.ResponseWriter, data any) error {
+	return writeResponse(w, http.StatusOK, response{Status: "success", Data: data})
+}
+
+func writeResponse(w http.ResponseWriter, status int, resp response) error {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	return json.NewEncoder(w).Encode(resp)
 }

@@ -1,12 +1,12 @@
 package node
 
 import (
-	"encoding/json"
 	"net/http"
 	"slices"
 	"time"
 
 	"github.com/dimsum/dimsum/cluster"
+	"github.com/dimsum/dimsum/query"
 )
 
 // clusterStatus is the answer of /api/v1/status/cluster.
@@ -83,9 +83,5 @@ func (n *Node) serveClusterStatus(w http.ResponseWriter, _ *http.Request) {
 			st.Gaps = append(st.Gaps, gapStatus{Aggregator: g.Aggregator, Down: g.Down, WaitingAt: append([]string{}, g.WaitingAt...)})
 		}
 	}
-	w.Header().Set("Content-Type", "application/json")
-	json.NewEncoder(w).Encode(struct {
-		Status string        `json:"status"`
-		Data   clusterStatus `json:"data"`
-	}{"success", st})
+	query.WriteSuccess(w, st)
 }
