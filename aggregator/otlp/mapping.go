@@ -311,7 +311,7 @@ func (b *batch) context(n *names, f *schema.Family, res, scope []*commonpb.KeyVa
 			val, bad := b.value(kv.GetValue())
 			cl := ctxLabel{slot: slot, label: l, val: val, scope: isScope}
 			if bad != "" {
-				cl.bad, cl.detail = reasonBadAttribute, fmt.Sprintf("attribute %s has %s; a dimension takes a string, integer, boolean or double", aggregator.Quote(kv.GetKey()), bad)
+				cl.bad, cl.detail = reasonBadAttribute, badAttribute(kv.GetKey(), bad)
 			}
 			c = append(c, cl)
 		}
@@ -336,7 +336,7 @@ func (b *batch) pointLabels(n *names, f *schema.Family, ctx []ctxLabel, attrs []
 		}
 		val, bad := b.value(kv.GetValue())
 		if bad != "" {
-			return reasonBadAttribute, fmt.Sprintf("attribute %s has %s; a dimension takes a string, integer, boolean or double", aggregator.Quote(kv.GetKey()), bad)
+			return reasonBadAttribute, badAttribute(kv.GetKey(), bad)
 		}
 		b.labels = append(b.labels, l, val)
 	}
@@ -350,6 +350,11 @@ func (b *batch) pointLabels(n *names, f *schema.Family, ctx []ctxLabel, attrs []
 		b.labels = append(b.labels, c.label, c.val)
 	}
 	return "", ""
+}
+
+// badAttribute says why attribute key, whose value is bad, feeds no label.
+func badAttribute(key, bad string) string {
+	return fmt.Sprintf("attribute %s has %s; a dimension takes a string, integer, boolean or double", aggregator.Quote(key), bad)
 }
 
 // value writes an attribute value as a label value, or says why it
