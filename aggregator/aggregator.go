@@ -110,9 +110,13 @@ type Aggregator struct {
 		// window.reserve.
 		hint sizeHint
 		// spare holds flushed windows, emptied, for reuse, and spareRoom
-		// the leaves they have room for.
+		// the cells they have room for.
 		spare     []*window
 		spareRoom int
+		// cuttable counts the cells events created, since the last cut,
+		// in windows whose grace had passed: past cutCells, the flush
+		// loop cuts at once rather than at its next tick.
+		cuttable int
 		// sources remembers the recent batch sequences of each publisher
 		// source, so that a retried batch is counted once.
 		sources map[string]*seqWindow
@@ -153,8 +157,10 @@ type Aggregator struct {
 
 	flushMu sync.Mutex // one flush at a time: a cut, then its intent
 	encode  encodeScratch
-	stop    chan struct{}
-	done    chan struct{}
+	// cutNow wakes the flush loop for a cut before its tick.
+	cutNow chan struct{}
+	stop   chan struct{}
+	done   chan struct{}
 }
 
 // New builds an aggregator, replays its write-ahead log if it has one,
@@ -172,6 +178,7 @@ func New(opts Options) (*Aggregator, error) {
 		window: opts.Schema.Resolutions[0],
 		step:   opts.Schema.Window().Milliseconds(),
 		byName: map[string]int{},
+		cutNow: make(chan struct{}, 1),
 		stop:   make(chan struct{}),
 		done:   make(chan struct{}),
 	}
@@ -409,7 +416,8 @@ func (a *Aggregator) push(req *wirepb.PushRequest, owner func(*schema.Family, []
 		ev := &evs[i]
 		a.internEventLocked(ev, req.Dict, ids)
 		start := a.window.StepStart(ev.ts)
-		if reason := a.addLocked(ev, start, a.opts.MaxCellsPerWindow); reason != noReason {
+		cells, reason := a.addLocked(ev, start, a.opts.MaxCellsPerWindow)
+		if reason != noReason {
 			r := &wirepb.Reject{Index: uint32(ev.index), Reason: reason}
 			if reason == wirepb.RejectReason_REJECT_REASON_CARDINALITY_LIMIT {
 				r.Detail = fmt.Sprintf("family %q has %d cells in this window, the limit", a.fams[ev.fam].Name, a.opts.MaxCellsPerWindow)
@@ -421,12 +429,19 @@ func (a *Aggregator) push(req *wirepb.PushRequest, owner func(*schema.Family, []
 		}
 		if start+a.step+a.opts.Grace.Milliseconds() <= now {
 			late++
+			a.mu.cuttable += cells
 		}
 		maxStart = max(maxStart, start)
 		evs[kept] = *ev
 		kept++
 	}
 	evs = evs[:kept]
+	if a.mu.cuttable > cutCells {
+		select {
+		case a.cutNow <- struct{}{}:
+		default:
+		}
+	}
 	var pos wal.Pos
 	var logErr error
 	if rec != nil {

@@ -93,18 +93,22 @@ func newWindow(families int) *window {
 	return &window{leaves: map[cellKey]int32{}, cells: map[cellKey]int32{}, finest: make([]int, families)}
 }
 
-// spareLeaves bounds the room of the flushed windows the aggregator keeps
-// for reuse, in leaves (about 200 bytes each): a window's maps and slices
-// keep their room when cleared, so a backfill, which opens windows as fast
-// as it flushes them, allocates none.
-const spareLeaves = 1 << 19
+// spareCells bounds the room of the flushed windows the aggregator keeps
+// for reuse, in cells: a window's maps and slices keep their room when
+// cleared, so a backfill, which opens windows as fast as it flushes them,
+// allocates none. A cut takes at most about cutCells cells of such
+// windows, so that much room covers the windows the next one opens.
+const spareCells = cutCells
+
+// spareRoom is the room of a window kept for reuse, in cells.
+func (w *window) spareRoom() int { return max(cap(w.aggs), reserveAt) }
 
 // newWindowLocked returns an empty window, a spare one if there is one.
 func (a *Aggregator) newWindowLocked() *window {
 	if n := len(a.mu.spare); n > 0 {
 		w := a.mu.spare[n-1]
 		a.mu.spare = a.mu.spare[:n-1]
-		a.mu.spareRoom -= max(w.room, reserveAt)
+		a.mu.spareRoom -= w.spareRoom()
 		return w
 	}
 	return newWindow(len(a.fams))
@@ -116,10 +120,10 @@ func (a *Aggregator) recycle(todo []ready) {
 	defer a.mu.Unlock()
 	for _, r := range todo {
 		w := r.w
-		if a.mu.spareRoom+max(w.room, reserveAt) > spareLeaves {
+		if a.mu.spareRoom+w.spareRoom() > spareCells {
 			return
 		}
-		a.mu.spareRoom += max(w.room, reserveAt)
+		a.mu.spareRoom += w.spareRoom()
 		clear(w.leaves)
 		clear(w.cells)
 		clear(w.finest)
@@ -209,10 +213,10 @@ func (w *window) addLeaf(f *family, leaf cellKey) int32 {
 const MaxValue = 1 << 53
 
 // addLocked rolls one event up into every cuboid of its family in the window
-// starting at start. It changes nothing and returns a reject reason when the
-// event would create a finest cell beyond maxCells, or take a sum beyond
-// MaxValue.
-func (a *Aggregator) addLocked(ev *event, start int64, maxCells int) wirepb.RejectReason {
+// starting at start, and returns how many cells it created there. It changes
+// nothing and returns a reject reason when the event would create a finest
+// cell beyond maxCells, or take a sum beyond MaxValue.
+func (a *Aggregator) addLocked(ev *event, start int64, maxCells int) (int, wirepb.RejectReason) {
 	w := a.mu.windows[start]
 	if w == nil {
 		w = a.newWindowLocked()
@@ -234,11 +238,12 @@ func (a *Aggregator) addLocked(ev *event, start int64, maxCells int) wirepb.Reje
 		}
 	}
 	if hasApex && w.aggs[apex].sum+ev.value > MaxValue {
-		return wirepb.RejectReason_REJECT_REASON_VALUE_TOO_LARGE
+		return 0, wirepb.RejectReason_REJECT_REASON_VALUE_TOO_LARGE
 	}
+	cells := len(w.aggs)
 	if !ok {
 		if w.finest[ev.fam] >= maxCells {
-			return wirepb.RejectReason_REJECT_REASON_CARDINALITY_LIMIT
+			return 0, wirepb.RejectReason_REJECT_REASON_CARDINALITY_LIMIT
 		}
 		off = w.addLeaf(f, leaf)
 		if len(w.leaves) == reserveAt {
@@ -249,5 +254,5 @@ func (a *Aggregator) addLocked(ev *event, start int64, maxCells int) wirepb.Reje
 		w.aggs[i].sum += ev.value
 		w.aggs[i].count++
 	}
-	return noReason
+	return len(w.aggs) - cells, noReason
 }

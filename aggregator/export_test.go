@@ -35,3 +35,18 @@ func CrashAfterCut(a *Aggregator) {
 
 // Flush runs one loop flush: the windows whose grace has passed go out.
 func Flush(a *Aggregator) { a.flush(false) }
+
+// HeldRequestBytes is the size of the requests a's intents still hold.
+func HeldRequestBytes(a *Aggregator) int {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	n := 0
+	for it := range a.mu.intents {
+		for _, e := range it.entries {
+			if e.flush != nil {
+				n += len(e.flush.Data)
+			}
+		}
+	}
+	return n
+}

@@ -11,6 +11,13 @@ import (
 	"github.com/dimsum/dimsum/wire/wirepb"
 )
 
+// cutCells is how many cells the windows whose grace has passed may gain
+// before the flush loop cuts them without waiting for its tick: a backfill
+// fills such windows as fast as it sends, and a second of it at 300,000
+// events a second made some two hundred windows, 750,000 cells. At about
+// 150 bytes a cell this bounds them to some 40 MB, whatever the rate.
+const cutCells = 1 << 18
+
 // loop flushes closed windows until Close.
 func (a *Aggregator) loop() {
 	defer close(a.done)
@@ -19,6 +26,7 @@ func (a *Aggregator) loop() {
 		select {
 		case <-a.stop:
 			return
+		case <-a.cutNow:
 		case <-time.After(a.opts.FlushInterval + jitter):
 		}
 		a.forgetSources(a.opts.Now().UnixMilli())
@@ -37,6 +45,7 @@ type ready struct {
 // the record that says which they were.
 func (a *Aggregator) cutLocked(now int64, final bool) ([]ready, cutRecord) {
 	c := cutRecord{upto: now - a.step - a.opts.Grace.Milliseconds(), final: final}
+	a.mu.cuttable = 0
 	for start := range a.mu.windows {
 		if final || start <= c.upto {
 			c.starts = append(c.starts, start)

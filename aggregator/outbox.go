@@ -396,9 +396,17 @@ func (a *Aggregator) deliveredLocked(it *intent, index int, dest string) bool {
 		return false
 	}
 	delete(it.left[index], dest)
-	if e := it.entries[index]; e.untaken {
+	e := it.entries[index]
+	if e.untaken {
 		e.untaken = false
 		a.out.bytes.Add(-e.size)
+	}
+	if len(it.left[index]) == 0 {
+		// Every destination took it: the request is no longer needed,
+		// though its intent lives until all its requests are taken. A
+		// cut's intent holds the flushes of every window it took, which
+		// would otherwise stay in memory until the last is delivered.
+		e.flush, e.push = nil, nil
 	}
 	if it.remaining--; it.remaining == 0 {
 		a.completeLocked(it)

@@ -125,7 +125,7 @@ func (r *replay) batch(pos wal.Pos, b batchRecord) {
 		}
 		a.internEventLocked(&ev, b.dict, ids)
 		start := a.window.StepStart(ev.ts)
-		if a.addLocked(&ev, start, math.MaxInt) != noReason {
+		if _, reason := a.addLocked(&ev, start, math.MaxInt); reason != noReason {
 			a.opts.Logger.Error("logged event would overflow its window, left out", "segment", pos.Segment, "offset", pos.Offset, "event", i)
 			a.metrics.replaySkipped.Inc()
 			continue
