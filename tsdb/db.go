@@ -105,7 +105,8 @@ type DB struct {
 // writerState is the writer's: its goroutine's channels and its scratch.
 type writerState struct {
 	wake, stop, done chan struct{}
-	fine, coarse     denseRow
+	fine             denseRow
+	rows             []denseRow // by resolution, above the finest
 	hostFine         denseFine
 	buf              []byte
 	table            groupTable
