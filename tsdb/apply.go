@@ -168,6 +168,8 @@ func (db *DB) Apply(id BatchID, deltas []Delta) (applied bool, err error) {
 	db.metrics.cells.Add(float64(created))
 	db.metrics.headBytes.Set(float64(heldBytes))
 	db.metrics.stagedBytes.Add(float64(len(a.rowBuf)))
+	db.writer.staged.Add(int64(len(a.rowBuf)))
+	db.writer.lastApply.Store(now.UnixMilli())
 	db.metrics.applyDurations.Observe(time.Since(start).Seconds())
 	return true, nil
 }

@@ -8,6 +8,7 @@ import (
 	"math"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/RoaringBitmap/roaring/v2"
@@ -105,11 +106,15 @@ type DB struct {
 // writerState is the writer's: its goroutine's channels and its scratch.
 type writerState struct {
 	wake, stop, done chan struct{}
-	fine             denseRow
-	rows             []denseRow // by resolution, above the finest
-	hostFine         denseFine
-	buf              []byte
-	table            groupTable
+	// staged counts the bytes of staged batches applied since the writer
+	// last compacted their key range, and lastApply is when Apply last
+	// committed (unix ms): see compactStaged.
+	staged, lastApply atomic.Int64
+	fine              denseRow
+	rows              []denseRow // by resolution, above the finest
+	hostFine          denseFine
+	buf               []byte
+	table             groupTable
 }
 
 // resolution is a schema resolution with its figures in the units the hot

@@ -1,6 +1,9 @@
 package tsdb
 
 import (
+	"fmt"
+	"math"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -77,5 +80,59 @@ func TestOpenHostRowWrittenByRow(t *testing.T) {
 	}
 	if got := testutil.ToFloat64(db.metrics.groupsWritten.WithLabelValues("closed")); got != 1 {
 		t.Errorf("%v groups written, want the closed row's 1", got)
+	}
+}
+
+// Once the store has been idle, the writer compacts the staged batches it
+// deleted out of Pebble's files: no compaction would start on its own.
+func TestIdleStoreCompactsStaged(t *testing.T) {
+	s := testSchema(t)
+	finest := cuboidOf(t, s, "requests", "dc", "host", "txn")
+	var clock atomic.Int64
+	clock.Store(testNow.UnixMilli())
+	db := openTestAt(t, t.TempDir(), s, func() time.Time { return time.UnixMilli(clock.Load()) })
+	defer closeTest(t, db)
+	// Some 6 MB of staged batches: a delta every second of the last hour
+	// for 200 cells, in batches of a minute.
+	start := testNow.Add(-time.Hour).Truncate(time.Hour)
+	seq := uint64(0)
+	for m := range 60 {
+		var ds []Delta
+		for sec := range 60 {
+			for c := range 200 {
+				ts := start.Add(time.Duration(m)*time.Minute + time.Duration(sec)*time.Second)
+				ds = append(ds, Delta{Family: "requests", Cuboid: finest, Values: []string{"d1", fmt.Sprintf("h%d", c), "GET"}, Time: ts.UnixMilli(), Sum: float64(c) + float64(sec)/7, Count: 3})
+			}
+		}
+		seq++
+		if _, err := db.Apply(BatchID{Source: "s", Seq: seq}, ds); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := db.pdb.Flush(); err != nil { // the staged batches into files
+		t.Fatal(err)
+	}
+	if err := db.Flush(); err != nil { // every group written, its staged batches deleted
+		t.Fatal(err)
+	}
+	staged := func() uint64 {
+		n, err := db.pdb.EstimateDiskUsage(stagedKey(0), stagedKey(math.MaxUint64))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+	before := staged()
+	if before < 1<<20 {
+		t.Fatalf("staged batches take %d bytes of files before the compaction; the test needs more", before)
+	}
+	db.compactStaged()
+	if got := staged(); got != before {
+		t.Fatalf("the staged batches were compacted while the store was busy: %d bytes, were %d", got, before)
+	}
+	clock.Add(stagedCompactIdle.Milliseconds())
+	db.compactStaged()
+	if got := staged(); got > before/100 {
+		t.Errorf("staged batches take %d bytes of files after an idle compaction, %d before", got, before)
 	}
 }
