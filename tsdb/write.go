@@ -83,7 +83,7 @@ func (db *DB) startWriter() {
 // stagedCompactBytes of staged batches, the writer compacts their key
 // range.
 const (
-	stagedCompactIdle  = 10 * time.Second
+	stagedCompactIdle  = 3 * time.Second
 	stagedCompactBytes = 4 << 20
 )
 
