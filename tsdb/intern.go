@@ -19,9 +19,9 @@ type cellKey [schema.MaxLevels]uint32
 // its neighbours, most often one cache line; a Go map of the same keys
 // reads its control word and then the slot, two lines, and a map of the
 // encoded values a third for the string's bytes. On the sparse backfill a
-// flush's cells are spread over every cell of the store, so every lookup
-// misses the cache: the lines it reads are what it costs (BenchmarkApply of
-// package combiner).
+// flush's cells are spread over every cell of the store, so most lookups
+// miss the cache: the lines a lookup reads are what it costs
+// (BenchmarkApply of package combiner).
 type cellIndex struct {
 	width int          // numbers a key: the cuboid's labels
 	seed  maphash.Seed // random, so that no choice of values makes keys collide
@@ -173,12 +173,6 @@ func (t *valueTable) intern(v string) (uint32, string) {
 	}
 	t.nums[v] = n
 	return n, v
-}
-
-// hold counts one more label slot holding number n, and returns its value.
-func (t *valueTable) hold(n uint32) string {
-	t.refs[n]++
-	return t.strs[n]
 }
 
 // keyOf returns the key of a cell whose values are held.
