@@ -23,9 +23,9 @@ import (
 
 // Store is what the combiner needs of the cube store.
 type Store interface {
-	// Apply adds deltas to the store, unless the batch with the same id
-	// was applied before.
-	Apply(id tsdb.BatchID, deltas []tsdb.Delta) (applied bool, err error)
+	// ApplyDict adds deltas, whose strings are indexes into dict, to the
+	// store, unless the batch with the same id was applied before.
+	ApplyDict(id tsdb.BatchID, dict []string, deltas []tsdb.DictDelta) (applied bool, err error)
 }
 
 // Options configure a Combiner.
@@ -84,6 +84,7 @@ func New(opts Options) (*Combiner, error) {
 func (c *Combiner) Apply(req *wirepb.FlushRequest) (duplicate bool, err error) {
 	sc := scratchPool.Get().(*scratch)
 	defer scratchPool.Put(sc)
+	defer sc.clear()
 	deltas, err := c.deltas(req, sc)
 	if err != nil {
 		c.metrics.refused.Inc()
@@ -92,7 +93,7 @@ func (c *Combiner) Apply(req *wirepb.FlushRequest) (duplicate bool, err error) {
 	// An aggregator numbers its flushes across windows and sends each
 	// replica its flushes in that order, retrying one until it is taken,
 	// so the store's window of recent sequences recognises every retry.
-	applied, err := c.opts.Store.Apply(tsdb.BatchID{Source: req.Source, Seq: req.Sequence}, deltas)
+	applied, err := c.opts.Store.ApplyDict(tsdb.BatchID{Source: req.Source, Seq: req.Sequence}, req.Dict, deltas)
 	if errors.Is(err, tsdb.ErrBadInput) {
 		c.metrics.refused.Inc()
 		return false, fmt.Errorf("%w from %s: %w", ErrBadFlush, req.Source, err)
@@ -113,14 +114,23 @@ func (c *Combiner) Apply(req *wirepb.FlushRequest) (duplicate bool, err error) {
 // scratch is the room a flush's deltas take, reused: the store copies what
 // it keeps.
 type scratch struct {
-	deltas []tsdb.Delta
+	deltas []tsdb.DictDelta
 	values []string
 }
 
 var scratchPool = sync.Pool{New: func() any { return new(scratch) }}
 
-// deltas resolves a flush's cells into deltas, in sc's room.
-func (c *Combiner) deltas(req *wirepb.FlushRequest, sc *scratch) ([]tsdb.Delta, error) {
+// clear drops sc's references to a flush, which the pool would keep.
+func (sc *scratch) clear() {
+	clear(sc.deltas)
+	clear(sc.values)
+	sc.deltas, sc.values = sc.deltas[:0], sc.values[:0]
+}
+
+// deltas checks a flush's cells and returns them as deltas, in sc's room:
+// their strings stay indexes into the flush's dictionary, which the store
+// resolves once per string.
+func (c *Combiner) deltas(req *wirepb.FlushRequest, sc *scratch) ([]tsdb.DictDelta, error) {
 	if req.Source == "" {
 		return nil, fmt.Errorf("%w: no source", ErrBadFlush)
 	}
@@ -128,12 +138,7 @@ func (c *Combiner) deltas(req *wirepb.FlushRequest, sc *scratch) ([]tsdb.Delta, 
 	if int(req.Shard) >= shards {
 		return nil, fmt.Errorf("%w: shard %d out of %d", ErrBadFlush, req.Shard, shards)
 	}
-	str := func(i uint32) (string, error) {
-		if int(i) >= len(req.Dict) {
-			return "", fmt.Errorf("%w: index %d outside the dictionary of %d strings", ErrBadFlush, i, len(req.Dict))
-		}
-		return req.Dict[i], nil
-	}
+	dict := req.Dict
 	n := len(req.CellCounts)
 	if len(req.CellFamilies) != n || len(req.CellCuboids) != n || len(req.CellSums) != n {
 		return nil, fmt.Errorf("%w: the cell columns have %d families, %d cuboids, %d sums and %d counts", ErrBadFlush, len(req.CellFamilies), len(req.CellCuboids), len(req.CellSums), n)
@@ -141,43 +146,42 @@ func (c *Combiner) deltas(req *wirepb.FlushRequest, sc *scratch) ([]tsdb.Delta, 
 	if n > 0 && len(req.Cells) > 0 {
 		return nil, fmt.Errorf("%w: cells both in columns and as messages", ErrBadFlush)
 	}
-	nv := len(req.CellValues)
-	for _, cell := range req.Cells {
-		nv += len(cell.Values)
-	}
-	// Grown once: the deltas' values are slices of it.
-	values := slices.Grow(sc.values[:0], nv)
 	deltas := slices.Grow(sc.deltas[:0], n+len(req.Cells))
-	defer func() { sc.values, sc.deltas = values[:0], deltas[:0] }()
+	values := sc.values[:0] // a cell's values, for its shard
+	defer func() { sc.values, sc.deltas = values, deltas }()
 	// add appends cell i, its values the dictionary indexes vals.
 	add := func(i int, family, cuboid uint32, vals []uint32, sum float64, count uint64) error {
-		name, err := str(family)
-		if err != nil {
-			return err
+		if int(family) >= len(dict) {
+			return fmt.Errorf("%w: index %d outside the dictionary of %d strings", ErrBadFlush, family, len(dict))
 		}
 		if cuboid > math.MaxUint16 {
 			return fmt.Errorf("%w: cell %d: cuboid %d is out of range", ErrBadFlush, i, cuboid)
 		}
-		start := len(values)
 		for _, v := range vals {
-			s, err := str(v)
-			if err != nil {
-				return err
+			if int(v) >= len(dict) {
+				return fmt.Errorf("%w: index %d outside the dictionary of %d strings", ErrBadFlush, v, len(dict))
 			}
-			if s == "" {
+			if dict[v] == "" {
 				// Aggregators refuse events with an empty label, and
 				// PromQL would read one as an absent label.
-				return fmt.Errorf("%w: cell %d of %q has an empty value", ErrBadFlush, i, name)
+				return fmt.Errorf("%w: cell %d of %q has an empty value", ErrBadFlush, i, dict[family])
 			}
-			values = append(values, s)
 		}
-		if sh := schema.Shard(name, schema.CuboidID(cuboid), values[start:], shards); sh != req.Shard {
-			return fmt.Errorf("%w: cell %d of %q belongs to shard %d, the flush is for shard %d of %d", ErrBadFlush, i, name, sh, req.Shard, shards)
+		// With one shard every cell is in shard 0, which req.Shard is:
+		// the hash would tell nothing.
+		if shards > 1 {
+			values = values[:0]
+			for _, v := range vals {
+				values = append(values, dict[v])
+			}
+			if sh := schema.Shard(dict[family], schema.CuboidID(cuboid), values, shards); sh != req.Shard {
+				return fmt.Errorf("%w: cell %d of %q belongs to shard %d, the flush is for shard %d of %d", ErrBadFlush, i, dict[family], sh, req.Shard, shards)
+			}
 		}
-		deltas = append(deltas, tsdb.Delta{
-			Family: name,
+		deltas = append(deltas, tsdb.DictDelta{
+			Family: family,
 			Cuboid: schema.CuboidID(cuboid),
-			Values: values[start:len(values):len(values)],
+			Values: vals,
 			Time:   req.WindowStartMs,
 			Sum:    sum,
 			Count:  count,
@@ -203,12 +207,21 @@ func (c *Combiner) deltas(req *wirepb.FlushRequest, sc *scratch) ([]tsdb.Delta, 
 // in s. The columns must have one length.
 func eachColumnCell(s *schema.Schema, req *wirepb.FlushRequest, fn func(i int, vals []uint32) error) error {
 	rest := req.CellValues
+	// The family of the last cell: cells come in runs of one family.
+	var (
+		f      *schema.Family
+		fi     uint32
+		looked bool
+	)
 	for i, family := range req.CellFamilies {
 		if int(family) >= len(req.Dict) {
 			return fmt.Errorf("%w: index %d outside the dictionary of %d strings", ErrBadFlush, family, len(req.Dict))
 		}
+		if !looked || family != fi {
+			f, fi, looked = s.Family(req.Dict[family]), family, true
+		}
 		labels := 0
-		if f := s.Family(req.Dict[family]); f != nil {
+		if f != nil {
 			if cub, ok := f.Cuboid(schema.CuboidID(req.CellCuboids[i])); ok {
 				labels = len(cub.Labels)
 			}

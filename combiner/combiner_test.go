@@ -16,6 +16,7 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/dimsum/dimsum/internal/race"
 	"github.com/dimsum/dimsum/schema"
 	"github.com/dimsum/dimsum/tsdb"
 	"github.com/dimsum/dimsum/wire"
@@ -383,4 +384,54 @@ func FuzzApply(f *testing.F) {
 			t.Fatalf("unexpected error class: %v", err)
 		}
 	})
+}
+
+// TestDeltasAllocs pins the combiner's work a cell at zero allocations
+// once its scratch has grown: it checks the cells of a columnar flush and
+// hands them on with their dictionary indexes, sharded or not.
+func TestDeltasAllocs(t *testing.T) {
+	if race.Enabled {
+		t.Skip("allocations differ under the race detector")
+	}
+	c, _ := newCombiner(t)
+	for _, shards := range []int{1, 5} {
+		req := backfillFlushes(schema.Default(), 600)[0]
+		if shards > 1 {
+			// Only the cells of one shard.
+			var keep wirepb.FlushRequest
+			req.Shards = uint32(shards)
+			keep.Dict, keep.Shards = req.Dict, req.Shards
+			_ = eachColumnCell(c.opts.Schema, req, func(i int, vals []uint32) error {
+				var values []string
+				for _, v := range vals {
+					values = append(values, req.Dict[v])
+				}
+				if schema.Shard(req.Dict[req.CellFamilies[i]], schema.CuboidID(req.CellCuboids[i]), values, shards) == 0 {
+					keep.CellFamilies = append(keep.CellFamilies, req.CellFamilies[i])
+					keep.CellCuboids = append(keep.CellCuboids, req.CellCuboids[i])
+					keep.CellValues = append(keep.CellValues, vals...)
+					keep.CellSums = append(keep.CellSums, req.CellSums[i])
+					keep.CellCounts = append(keep.CellCounts, req.CellCounts[i])
+				}
+				return nil
+			})
+			req = &keep
+			req.Source = "agg/1"
+		}
+		sc := new(scratch)
+		if _, err := c.deltas(req, sc); err != nil {
+			t.Fatal(err)
+		}
+		sc.clear()
+		allocs := testing.AllocsPerRun(20, func() {
+			deltas, err := c.deltas(req, sc)
+			if err != nil || len(deltas) != len(req.CellCounts) || len(deltas) == 0 {
+				t.Fatalf("%d deltas of %d cells: %v", len(deltas), len(req.CellCounts), err)
+			}
+			sc.clear()
+		})
+		if allocs != 0 {
+			t.Errorf("%d shards: %v allocations a flush of %d cells, want 0", shards, allocs, len(req.CellCounts))
+		}
+	}
 }

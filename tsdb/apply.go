@@ -6,6 +6,7 @@ import (
 	"slices"
 	"time"
 
+	"github.com/cockroachdb/pebble/v2"
 	"github.com/dimsum/dimsum/internal/dedupe"
 	"github.com/dimsum/dimsum/schema"
 )
@@ -15,6 +16,19 @@ type Delta struct {
 	Family string
 	Cuboid schema.CuboidID
 	Values []string // one per label of the cuboid, in schema.Cuboid.Labels order
+	Time   int64    // unix milliseconds, any instant within the finest step
+	Sum    float64  // sum of the deltas
+	Count  uint64   // number of events
+}
+
+// DictDelta is a Delta whose strings are indexes into the dictionary of
+// its batch (ApplyDict): the form a combiner's flush arrives in, so that
+// the store resolves each distinct string of a batch once rather than once
+// a cell.
+type DictDelta struct {
+	Family uint32 // the index of the family's name
+	Cuboid schema.CuboidID
+	Values []uint32 // the indexes of the values, one per label of the cuboid, in schema.Cuboid.Labels order
 	Time   int64    // unix milliseconds, any instant within the finest step
 	Sum    float64  // sum of the deltas
 	Count  uint64   // number of events
@@ -59,6 +73,63 @@ func (db *DB) Apply(id BatchID, deltas []Delta) (applied bool, err error) {
 	start := time.Now()
 	db.apply.Lock()
 	defer db.apply.Unlock()
+	// The deltas' strings as a dictionary: a family's name once a run of
+	// deltas, and a value once a run of deltas that hold it in the same
+	// place (a batch of a cuboid's cells in order repeats their leading
+	// values). ApplyDict looks each string of the dictionary up in the
+	// store's interned values once.
+	a := &db.apply
+	n := len(deltas)
+	for i := range deltas {
+		n += len(deltas[i].Values)
+	}
+	if uint64(n) > math.MaxUint32 {
+		return false, fmt.Errorf("%w: %d strings in one batch, at most %d", ErrBadInput, n, uint32(math.MaxUint32))
+	}
+	dict := slices.Grow(a.strs[:0], n)
+	idx := slices.Grow(a.idx[:0], n)
+	dds := slices.Grow(a.dds[:0], len(deltas))
+	defer func() {
+		clear(dict) // keep none of the caller's strings
+		a.strs, a.idx, a.dds = dict[:0], idx[:0], dds[:0]
+	}()
+	var (
+		fam  uint32
+		prev []string // the previous delta's values, their indexes prevIdx
+	)
+	prevIdx := idx
+	for i := range deltas {
+		d := &deltas[i]
+		if i == 0 || d.Family != deltas[i-1].Family {
+			fam = uint32(len(dict))
+			dict = append(dict, d.Family)
+		}
+		first := len(idx)
+		for j, v := range d.Values {
+			if j < len(prev) && v == prev[j] {
+				idx = append(idx, prevIdx[j])
+				continue
+			}
+			idx = append(idx, uint32(len(dict)))
+			dict = append(dict, v)
+		}
+		prev, prevIdx = d.Values, idx[first:]
+		dds = append(dds, DictDelta{Family: fam, Cuboid: d.Cuboid, Values: idx[first:len(idx):len(idx)], Time: d.Time, Sum: d.Sum, Count: d.Count})
+	}
+	return db.applyDict(start, id, dict, dds)
+}
+
+// ApplyDict is Apply of deltas whose family names and values are indexes
+// into dict. An index outside dict is an error wrapping ErrBadInput too.
+func (db *DB) ApplyDict(id BatchID, dict []string, deltas []DictDelta) (applied bool, err error) {
+	start := time.Now()
+	db.apply.Lock()
+	defer db.apply.Unlock()
+	return db.applyDict(start, id, dict, deltas)
+}
+
+// applyDict is ApplyDict under DB.apply, from start on.
+func (db *DB) applyDict(start time.Time, id BatchID, dict []string, deltas []DictDelta) (applied bool, err error) {
 	db.state.RLock()
 	defer db.state.RUnlock()
 	if db.state.closed {
@@ -70,14 +141,22 @@ func (db *DB) Apply(id BatchID, deltas []Delta) (applied bool, err error) {
 		}
 	}()
 
+	a := &db.apply
+	a.run = familyRun{}
+	a.nums = slices.Grow(a.nums[:0], len(dict))[:len(dict)]
+	clear(a.nums)
+	defer func() {
+		clear(a.cellValues)
+		a.cellValues = a.cellValues[:0]
+	}()
+
 	// Validate everything first: a batch is applied whole or not at all.
 	for i := range deltas {
-		if err := db.check(&deltas[i]); err != nil {
+		if err := db.check(dict, &deltas[i]); err != nil {
 			return false, fmt.Errorf("%w: delta %d: %v", ErrBadInput, i, err)
 		}
 	}
 
-	a := &db.apply
 	var src source
 	if id.Source != "" {
 		if s := db.sources[id.Source]; s != nil {
@@ -110,15 +189,14 @@ func (db *DB) Apply(id BatchID, deltas []Delta) (applied bool, err error) {
 			expired++
 			continue
 		}
-		fs := db.families[d.Family]
-		dict := fs.cuboid(d.Cuboid)
-		a.cellBuf = appendCellValues(a.cellBuf[:0], d.Values)
-		cell, err := dict.assign(b, a.cellBuf, &a.keyBuf)
+		fs := db.family(dict, d.Family)
+		cd := fs.cuboids[d.Cuboid]
+		cell, err := db.cellID(b, cd, dict, d)
 		if err != nil {
 			return false, err
 		}
-		if dict.dirty() && !slices.Contains(a.touched, dict) {
-			a.touched = append(a.touched, dict)
+		if cd.dirty() && !slices.Contains(a.touched, cd) {
+			a.touched = append(a.touched, cd)
 		}
 		entries = append(entries, headEntry{fi: uint16(fs.idx), cuboid: d.Cuboid, cell: cell, time: d.Time, sum: d.Sum, count: d.Count})
 	}
@@ -233,30 +311,99 @@ func (db *DB) waitForRoom() error {
 	return nil
 }
 
-// check validates one delta against the schema.
-func (db *DB) check(d *Delta) error {
-	fs := db.families[d.Family]
+// familyRun is the family of the last delta Apply looked up: deltas come
+// in runs of one family, so a batch looks a family's name up once a run.
+type familyRun struct {
+	set bool
+	idx uint32 // the index of its name in the batch's dictionary
+	fs  *familyState
+}
+
+// family returns the family named dict[i], nil if the schema has none.
+func (db *DB) family(dict []string, i uint32) *familyState {
+	r := &db.apply.run
+	if !r.set || r.idx != i {
+		*r = familyRun{set: true, idx: i, fs: db.families[dict[i]]}
+	}
+	return r.fs
+}
+
+// check validates one delta against the schema and its batch's dictionary.
+func (db *DB) check(dict []string, d *DictDelta) error {
+	if int(d.Family) >= len(dict) {
+		return fmt.Errorf("family index %d outside the dictionary of %d strings", d.Family, len(dict))
+	}
+	fs := db.family(dict, d.Family)
 	if fs == nil {
-		return fmt.Errorf("unknown family %q", d.Family)
+		return fmt.Errorf("unknown family %q", dict[d.Family])
 	}
-	dict := fs.cuboid(d.Cuboid)
-	if dict == nil {
-		return fmt.Errorf("family %q has no cuboid %d", d.Family, d.Cuboid)
+	name := fs.fam.Name
+	cd := fs.cuboid(d.Cuboid)
+	if cd == nil {
+		return fmt.Errorf("family %q has no cuboid %d", name, d.Cuboid)
 	}
-	if len(d.Values) != len(dict.labels) {
-		return fmt.Errorf("family %q cuboid %d: %d values for labels %q", d.Family, d.Cuboid, len(d.Values), dict.labels)
+	if len(d.Values) != len(cd.labels) {
+		return fmt.Errorf("family %q cuboid %d: %d values for labels %q", name, d.Cuboid, len(d.Values), cd.labels)
+	}
+	for _, v := range d.Values {
+		if int(v) >= len(dict) {
+			return fmt.Errorf("family %q cuboid %d: value index %d outside the dictionary of %d strings", name, d.Cuboid, v, len(dict))
+		}
 	}
 	if d.Time > db.latestMs {
-		return fmt.Errorf("family %q: time %d is past the latest a row can hold, %d", d.Family, d.Time, db.latestMs)
+		return fmt.Errorf("family %q: time %d is past the latest a row can hold, %d", name, d.Time, db.latestMs)
 	}
 	// A NaN or infinity would poison every later sum of its step for good.
 	if math.IsNaN(d.Sum) || math.IsInf(d.Sum, 0) {
-		return fmt.Errorf("family %q: sum %v is not finite", d.Family, d.Sum)
+		return fmt.Errorf("family %q: sum %v is not finite", name, d.Sum)
 	}
 	if fs.fam.Kind == schema.KindCounter && d.Sum < 0 {
-		return fmt.Errorf("counter family %q: sum %v is negative", d.Family, d.Sum)
+		return fmt.Errorf("counter family %q: sum %v is negative", name, d.Sum)
 	}
 	return nil
+}
+
+// cellID returns the ID of a checked delta's cell in cd, the delta's
+// cuboid, assigning one and adding its dictionary entry to b when the cell
+// is new. Each string of the batch's dictionary is looked up in the
+// store's interned values once (DB.apply.nums); a cell is then a lookup of
+// its value numbers.
+func (db *DB) cellID(b *pebble.Batch, cd *cellDict, dict []string, d *DictDelta) (uint32, error) {
+	a := &db.apply
+	var key cellKey
+	for i, v := range d.Values {
+		n := a.nums[v]
+		if n == 0 {
+			num, ok := db.values.lookup(dict[v])
+			if !ok {
+				return db.newCell(b, cd, dict, d) // no cell holds the value
+			}
+			n = num + 1
+			a.nums[v] = n
+		}
+		key[i] = n - 1
+	}
+	if id, ok := cd.ids.get(&key); ok {
+		return id, nil
+	}
+	return db.newCell(b, cd, dict, d)
+}
+
+// newCell adds d's cell to cd.
+func (db *DB) newCell(b *pebble.Batch, cd *cellDict, dict []string, d *DictDelta) (uint32, error) {
+	a := &db.apply
+	a.cellValues = a.cellValues[:0]
+	for _, v := range d.Values {
+		a.cellValues = append(a.cellValues, dict[v])
+	}
+	id, key, err := cd.add(b, a.cellValues, &a.keyBuf, &a.cellBuf)
+	if err != nil {
+		return 0, err
+	}
+	for i, v := range d.Values {
+		a.nums[v] = key[i] + 1
+	}
+	return id, nil
 }
 
 // publish makes the dictionary changes of the committed batch visible to

@@ -45,44 +45,89 @@ func benchDeltas(s *schema.Schema, hosts, txns, statuses int, t int64) []Delta {
 // window 10s after the previous one, into every resolution of the default
 // schema (10s, 1m, 1h), and times the writer's writes with it: the head is
 // flushed before the timer stops. BenchmarkStoredSize measures what the
-// data takes on disk.
+// data takes on disk. dict=true applies the deltas as a combiner does, by
+// ApplyDict with one dictionary of the batch's distinct strings; dict=false
+// by Apply, each delta with its strings.
 func BenchmarkApply(b *testing.B) {
 	for _, sync := range []bool{false, true} {
-		b.Run(fmt.Sprintf("sync=%v", sync), func(b *testing.B) {
-			s := schema.Default()
-			now := testNow
-			db, err := Open(Options{Dir: b.TempDir(), Schema: s, NoSync: !sync, now: func() time.Time { return now }})
-			if err != nil {
-				b.Fatal(err)
-			}
-			defer db.Close()
-			start := now.Add(-7 * 24 * time.Hour).UnixMilli()
-			deltas := benchDeltas(s, 20, 10, 3, start)
-			// Create the cells first: the steady state has them all.
-			if _, err := db.Apply(BatchID{}, deltas); err != nil {
-				b.Fatal(err)
-			}
-			b.ReportAllocs()
-			b.ResetTimer()
-			rng := rand.New(rand.NewPCG(1, 2))
-			for i := range b.N {
-				t := start + int64(i%50000)*10000 // stay within the finest retention
-				for j := range deltas {
-					setWindow(rng, &deltas[j], t)
-				}
-				if _, err := db.Apply(BatchID{Source: "bench", Seq: uint64(i)}, deltas); err != nil {
-					b.Fatal(err)
-				}
-			}
-			// What the head still holds is written within the timing.
-			if err := db.Flush(); err != nil {
-				b.Fatal(err)
-			}
-			b.StopTimer()
-			b.ReportMetric(float64(b.N*len(deltas))/b.Elapsed().Seconds(), "deltas/s")
-			b.ReportMetric(float64(len(deltas)), "deltas/op")
-		})
+		for _, dict := range []bool{false, true} {
+			b.Run(fmt.Sprintf("sync=%v/dict=%v", sync, dict), func(b *testing.B) {
+				benchApply(b, sync, dict)
+			})
+		}
 	}
+}
+
+func benchApply(b *testing.B, sync, byDict bool) {
+	s := schema.Default()
+	now := testNow
+	db, err := Open(Options{Dir: b.TempDir(), Schema: s, NoSync: !sync, now: func() time.Time { return now }})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer db.Close()
+	start := now.Add(-7 * 24 * time.Hour).UnixMilli()
+	deltas := benchDeltas(s, 20, 10, 3, start)
+	dict, dds := dictOf(deltas)
+	apply := func(id BatchID) error {
+		var err error
+		if byDict {
+			for j := range dds {
+				dds[j].Time, dds[j].Sum, dds[j].Count = deltas[j].Time, deltas[j].Sum, deltas[j].Count
+			}
+			_, err = db.ApplyDict(id, dict, dds)
+		} else {
+			_, err = db.Apply(id, deltas)
+		}
+		return err
+	}
+	// Create the cells first: the steady state has them all.
+	if err := apply(BatchID{}); err != nil {
+		b.Fatal(err)
+	}
+	b.ReportAllocs()
+	b.ResetTimer()
+	rng := rand.New(rand.NewPCG(1, 2))
+	for i := range b.N {
+		t := start + int64(i%50000)*10000 // stay within the finest retention
+		for j := range deltas {
+			setWindow(rng, &deltas[j], t)
+		}
+		if err := apply(BatchID{Source: "bench", Seq: uint64(i)}); err != nil {
+			b.Fatal(err)
+		}
+	}
+	// What the head still holds is written within the timing.
+	if err := db.Flush(); err != nil {
+		b.Fatal(err)
+	}
+	b.StopTimer()
+	b.ReportMetric(float64(b.N*len(deltas))/b.Elapsed().Seconds(), "deltas/s")
+	b.ReportMetric(float64(len(deltas)), "deltas/op")
+}
+
+// dictOf returns deltas in ApplyDict's form, with one dictionary of their
+// distinct strings, as a combiner's flush holds them.
+func dictOf(deltas []Delta) ([]string, []DictDelta) {
+	var dict []string
+	index := map[string]uint32{}
+	ref := func(s string) uint32 {
+		i, ok := index[s]
+		if !ok {
+			i = uint32(len(dict))
+			index[s] = i
+			dict = append(dict, s)
+		}
+		return i
+	}
+	out := make([]DictDelta, len(deltas))
+	for i, d := range deltas {
+		out[i] = DictDelta{Family: ref(d.Family), Cuboid: d.Cuboid, Time: d.Time, Sum: d.Sum, Count: d.Count}
+		for _, v := range d.Values {
+			out[i].Values = append(out[i].Values, ref(v))
+		}
+	}
+	return dict, out
 }
 
 // BenchmarkSteps reads one cell over a day at each resolution of the

@@ -60,6 +60,9 @@ type DB struct {
 	// sources holds what each source of batches applied, for Apply's
 	// dedupe; guarded by apply.
 	sources map[string]*source
+	// values interns the label values of every cell of every cellDict;
+	// guarded by apply.
+	values *valueTable
 
 	state struct {
 		sync.RWMutex
@@ -75,10 +78,20 @@ type DB struct {
 		entries []headEntry
 		grouped []headEntry // entries grouped by cuboid
 		counts  []int       // groupByCuboid's counts, one per cuboid of the schema
-		cellBuf []byte      // a delta's encoded cell values
+		cellBuf []byte      // a new cell's encoded values
 		keyBuf  []byte      // dictionary and source keys
 		rowBuf  []byte      // the staged batch being encoded
 		touched []*cellDict
+		// nums holds, per string of the batch's dictionary, its number in
+		// values plus one, 0 before it was looked up or if no cell holds it.
+		nums []uint32
+		run  familyRun // the family of the last delta looked up
+		// cellValues holds a new cell's values; strs, idx and dds the
+		// deltas of an Apply as ApplyDict's.
+		cellValues []string
+		strs       []string
+		idx        []uint32
+		dds        []DictDelta
 	}
 	// write serializes the writer's group writes and the retention pass,
 	// which both write rows and presence.
@@ -168,6 +181,7 @@ func Open(opts Options) (*DB, error) {
 		byID:     make(map[uint16]*familyState, len(opts.Schema.Families)),
 		head:     newHead(),
 		sources:  map[string]*source{},
+		values:   newValueTable(),
 		orphans:  map[*cellDict]*roaring.Bitmap{},
 	}
 	for _, r := range opts.Schema.Resolutions {
@@ -412,7 +426,7 @@ func (db *DB) loadFamilies() error {
 		cuboids := fam.Cuboids()
 		fs := &familyState{id: st.id, idx: len(db.fams), fam: fam, cuboids: make([]*cellDict, len(cuboids))}
 		for _, c := range cuboids {
-			fs.cuboids[c.ID] = newCellDict(st.id, c)
+			fs.cuboids[c.ID] = newCellDict(st.id, c, db.values)
 		}
 		db.cuboidBase = append(db.cuboidBase, len(db.apply.counts))
 		db.apply.counts = append(db.apply.counts, make([]int, len(cuboids))...)

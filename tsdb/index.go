@@ -32,17 +32,18 @@ type cellDict struct {
 	labels []string
 
 	// Owned by Apply and the retention pass, which run under DB.apply.
-	ids     map[string]uint32 // a cell's encoded values → its ID, committed or pending
-	free    *roaring.Bitmap   // IDs below next that no committed or pending cell holds
-	next    uint32            // the lowest ID never assigned
-	added   []pendingCell     // cells the batch in flight adds
-	removed []uint32          // cells the batch in flight removes
-	staged  []stagedPostings  // postings lists the batch in flight replaces, published with it
+	values  *valueTable      // the store's interned values, shared by every cellDict
+	ids     cellIndex        // a cell's value numbers → its ID, committed or pending
+	free    *roaring.Bitmap  // IDs below next that no committed or pending cell holds
+	next    uint32           // the lowest ID never assigned
+	added   []pendingCell    // cells the batch in flight adds
+	removed []uint32         // cells the batch in flight removes
+	staged  []stagedPostings // postings lists the batch in flight replaces, published with it
 
 	mu sync.RWMutex
 	// cells holds each committed cell's values by ID, nil for a free ID.
-	// The values are substrings of the cell's encoded key: one allocation
-	// a cell.
+	// The values are the interned strings of d.values: one allocation a
+	// cell, its slice.
 	cells [][]string
 	// live holds the committed cell IDs.
 	live *roaring.Bitmap
@@ -59,7 +60,7 @@ type labelIndex struct {
 
 type pendingCell struct {
 	id     uint32
-	key    string
+	key    cellKey
 	values []string
 }
 
@@ -70,12 +71,13 @@ type stagedPostings struct {
 	list  *roaring.Bitmap
 }
 
-func newCellDict(fam uint16, c schema.Cuboid) *cellDict {
+func newCellDict(fam uint16, c schema.Cuboid, values *valueTable) *cellDict {
 	d := &cellDict{
 		fam:      fam,
 		cuboid:   c.ID,
 		labels:   c.Labels,
-		ids:      map[string]uint32{},
+		values:   values,
+		ids:      newCellIndex(len(c.Labels)),
 		free:     roaring.New(),
 		live:     roaring.New(),
 		postings: make([]labelIndex, len(c.Labels)),
@@ -86,36 +88,35 @@ func newCellDict(fam uint16, c schema.Cuboid) *cellDict {
 	return d
 }
 
-// assign returns the ID of the cell whose encoded values are key, assigning
-// one and adding its dictionary entry to b when the cell is new. A new cell
-// takes the lowest free ID, so IDs stay dense while cells come and go.
-func (d *cellDict) assign(b *pebble.Batch, key []byte, keyBuf *[]byte) (uint32, error) {
-	if id, ok := d.ids[string(key)]; ok {
-		return id, nil
-	}
-	var id uint32
+// add assigns an ID to a new cell whose values are values, adds its
+// dictionary entry to b, and returns the ID and the cell's key. The cell
+// takes the lowest free ID, so IDs stay dense while cells come and go, and
+// holds its values in d.values from then on.
+func (d *cellDict) add(b *pebble.Batch, values []string, keyBuf, valBuf *[]byte) (uint32, cellKey, error) {
+	id, fromFree := d.next, !d.free.IsEmpty()
 	switch {
-	case !d.free.IsEmpty():
+	case fromFree:
 		id = d.free.Minimum()
-		d.free.Remove(id)
 	case d.next == math.MaxUint32:
-		return 0, fmt.Errorf("tsdb: family ID %d cuboid %d: no cell ID left", d.fam, d.cuboid)
-	default:
-		id = d.next
-		d.next++
-	}
-	k := string(key)
-	values, err := decodeCellValues(k)
-	if err != nil {
-		return 0, fmt.Errorf("tsdb: cannot split cell values: %w", err) // cannot happen: the caller encoded them
+		return 0, cellKey{}, fmt.Errorf("tsdb: family ID %d cuboid %d: no cell ID left", d.fam, d.cuboid)
 	}
 	*keyBuf = appendCellKey((*keyBuf)[:0], d.fam, d.cuboid, id)
-	if err := b.Set(*keyBuf, key, nil); err != nil {
-		return 0, fmt.Errorf("tsdb: cannot add cell to batch: %w", err)
+	*valBuf = appendCellValues((*valBuf)[:0], values)
+	if err := b.Set(*keyBuf, *valBuf, nil); err != nil {
+		return 0, cellKey{}, fmt.Errorf("tsdb: cannot add cell to batch: %w", err)
 	}
-	d.ids[k] = id
-	d.added = append(d.added, pendingCell{id: id, key: k, values: values})
-	return id, nil
+	if fromFree {
+		d.free.Remove(id)
+	} else {
+		d.next++
+	}
+	c := pendingCell{id: id, values: make([]string, len(values))}
+	for i, v := range values {
+		c.key[i], c.values[i] = d.values.intern(v)
+	}
+	d.ids.put(&c.key, id)
+	d.added = append(d.added, c)
+	return id, c.key, nil
 }
 
 // remove adds to b the removal of committed cells' dictionary entries; stage
@@ -195,9 +196,9 @@ func (d *cellDict) publish() (added, removed int) {
 		d.cells[c.id] = c.values
 		d.live.Add(c.id)
 	}
-	var gone []string
-	for _, id := range d.removed {
-		gone = append(gone, string(appendCellValues(nil, d.cells[id])))
+	gone := make([]cellKey, len(d.removed))
+	for i, id := range d.removed {
+		gone[i] = d.values.keyOf(d.cells[id])
 		d.cells[id] = nil
 		d.live.Remove(id)
 	}
@@ -231,9 +232,11 @@ func (d *cellDict) publish() (added, removed int) {
 	}
 	d.mu.Unlock()
 
-	// The apply-owned side: the removed cells' IDs become free.
+	// The apply-owned side: the removed cells' IDs become free, and their
+	// values are released.
 	for i, id := range d.removed {
-		delete(d.ids, gone[i])
+		d.ids.delete(&gone[i])
+		d.values.releaseKey(&gone[i], len(d.labels))
 		d.free.Add(id)
 	}
 	added, removed = len(d.added), len(d.removed)
@@ -244,8 +247,10 @@ func (d *cellDict) publish() (added, removed int) {
 // rollback forgets the changes of a batch that did not commit: the IDs it
 // assigned become free again.
 func (d *cellDict) rollback() {
-	for _, c := range d.added {
-		delete(d.ids, c.key)
+	for i := range d.added {
+		c := &d.added[i]
+		d.ids.delete(&c.key)
+		d.values.releaseKey(&c.key, len(d.labels))
 		d.free.Add(c.id)
 	}
 	d.reset()
@@ -417,21 +422,26 @@ func (db *DB) loadCells() error {
 			// loadFamilies checked the dimensions, which fix the cuboids.
 			return fmt.Errorf("%w: cell dictionary key %x: family %q has no cuboid %d", ErrCorrupt, iter.Key(), fs.fam.Name, cuboid)
 		}
-		key := string(iter.Value())
-		values, err := decodeCellValues(key)
+		values, err := decodeCellValues(string(iter.Value()))
 		if err == nil && len(values) != len(d.labels) {
 			err = fmt.Errorf("%d values for %d labels", len(values), len(d.labels))
 		}
 		if err != nil {
 			return fmt.Errorf("%w: cell dictionary entry %x: %v", ErrCorrupt, iter.Key(), err)
 		}
-		if _, dup := d.ids[key]; dup {
+		// The cell holds the interned values, not substrings of the
+		// entry: a value is kept once however many cells hold it.
+		var key cellKey
+		for i, v := range values {
+			key[i], values[i] = db.values.intern(v)
+		}
+		if _, dup := d.ids.get(&key); dup {
 			return fmt.Errorf("%w: cell dictionary entry %x repeats an earlier cell", ErrCorrupt, iter.Key())
 		}
 		// Keys are ascending, so IDs are: the gaps are free IDs.
 		d.free.AddRange(uint64(d.next), uint64(cell))
 		d.next = cell + 1
-		d.ids[key] = cell
+		d.ids.put(&key, cell)
 		d.cells = append(d.cells, make([][]string, int(cell)+1-len(d.cells))...)
 		d.cells[cell] = values
 		d.live.Add(cell)
