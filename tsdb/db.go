@@ -123,8 +123,7 @@ type writerState struct {
 	// last compacted their key range, and lastApply is when Apply last
 	// committed (unix ms): see compactStaged.
 	staged, lastApply atomic.Int64
-	fine              denseRow
-	rows              []denseRow // by resolution, above the finest
+	fine, coarse      denseRow
 	hostFine          denseFine
 	buf               []byte
 	table             groupTable
@@ -212,6 +211,7 @@ func Open(opts Options) (*DB, error) {
 	}
 	db.popts = pebbleOptions(cache, db.log.With("component", "pebble"))
 	db.popts.EnsureDefaults()
+	db.popts.DisableAutomaticCompactions = opts.noCompactions
 	db.pdb, err = pebble.Open(opts.Dir, db.popts)
 	if err != nil {
 		m.unregister()

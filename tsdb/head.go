@@ -194,15 +194,15 @@ func (h *head) groups(fn func(g *group)) {
 	}
 }
 
-// lowest returns the lowest staged sequence a group not in except, or the
-// Apply in flight, still needs.
-func (h *head) lowest(except []*group) uint64 {
+// lowest returns the lowest staged sequence a group other than except, or
+// the Apply in flight, still needs.
+func (h *head) lowest(except *group) uint64 {
 	low := h.nextSeq
 	if h.inflight > 0 {
 		low = min(low, h.inflight-1)
 	}
 	h.groups(func(g *group) {
-		if !slices.Contains(except, g) {
+		if g != except {
 			low = min(low, g.minSeq)
 		}
 	})

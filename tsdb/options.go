@@ -99,6 +99,9 @@ type Options struct {
 	// now returns the current time; tests set it to pin retention. The
 	// default is time.Now.
 	now func() time.Time
+	// noCompactions stops Pebble's own compactions, for tests that look
+	// at what only an explicit one removes.
+	noCompactions bool
 }
 
 // EnsureDefaults fills in the default of every unset field.

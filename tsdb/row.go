@@ -564,9 +564,6 @@ func (r *denseRow) appendTo(dst []byte) []byte {
 // the sum and count of a slot that becomes present.
 func (r *denseRow) reset() { r.present = [len(r.present)]uint64{} }
 
-// empty reports whether no slot is present.
-func (r *denseRow) empty() bool { return r.present == [len(r.present)]uint64{} }
-
 // corruptRowError reports a row value that cannot be decoded, naming its key
 // so that an operator can find it with a Pebble tool.
 func corruptRowError(key []byte, err error) error {

@@ -1,11 +1,9 @@
 package tsdb
 
 import (
-	"cmp"
 	"context"
 	"encoding/binary"
 	"fmt"
-	"slices"
 	"time"
 
 	"github.com/RoaringBitmap/roaring/v2"
@@ -19,12 +17,11 @@ import (
 // clock when it was applied, if earlier), or before the wall clock when no
 // delta came for HeadHold; and, while the head holds more than three
 // quarters of Options.HeadMaxBytes, the oldest group is due whatever its
-// row. The groups of a host row that ended before the wall clock are written
-// together (takeDue). Writing groups is one ingested sstable (table.go): a
-// merge operand for each of their cells at every resolution that still
-// retains their rows, the coarser ones rolled up from the finest, the
-// presence bitmaps that gain cells, the written marks of their rows, and the
-// deletion of the staged batches no group needs any more.
+// row. Writing a group is one ingested sstable (table.go): a merge operand
+// for each of its cells at every resolution that still retains its row, the
+// coarser ones rolled up from the finest, the presence bitmaps that gain
+// cells, the written mark of its row, and the deletion of the staged
+// batches no group needs any more.
 
 // writerInterval is how often the writer looks for due groups when no Apply
 // wakes it: groups fall due by the wall clock too.
@@ -77,8 +74,8 @@ func (db *DB) startWriter() {
 // Staged batches reach Pebble's files before the writer deletes them (a
 // memtable of 2 MB fills in a fraction of a second on a backfill), and what
 // a range deletion covers leaves the files only when a compaction rewrites
-// them, which an idle store never starts: after the sparse backfill of
-// docs/benchmarks.md, 5.6 MB of a 55 MB store were staged batches already
+// them, which an idle store never starts: a store stopped after the sparse
+// backfill of docs/benchmarks.md still held 10 MB of staged batches it had
 // deleted. So once the store has been idle for stagedCompactIdle after
 // stagedCompactBytes of staged batches, the writer compacts their key
 // range.
@@ -138,11 +135,11 @@ func (db *DB) writeDue(all bool) error {
 	db.write.Lock()
 	defer db.write.Unlock()
 	for {
-		gs, why := db.takeDue(all)
-		if gs == nil {
+		g, why := db.takeDue(all)
+		if g == nil {
 			return nil
 		}
-		if err := db.writeGroups(gs, why); err != nil {
+		if err := db.writeGroup(g, why); err != nil {
 			db.metrics.writeErrors.Inc()
 			h := db.head
 			h.mu.Lock()
@@ -154,44 +151,24 @@ func (db *DB) writeDue(all bool) error {
 	}
 }
 
-// takeDue moves the next groups to write from the open ones to the closing
-// ones and returns them, or nil when none is due. Groups whose write failed
-// are retried first.
-//
-// A store that pairs its finest resolution with a host keeps the finest
-// steps in the host's rows, each of which spans several rows of the finest
-// (six hours of 1m against one of 10s). Writing each finest row on its own
-// gives each host row one merge operand per finest row, which compactions
-// then fold: on the sparse backfill of docs/benchmarks.md they took a sixth
-// of the node's CPU. So a closed group of a host row that ended before the
-// wall clock (a backfill, or late data) waits for the rest of that host row,
-// and they are written together, one operand a cell for the host row. The
-// host row being filled now is written finest row by finest row as each
-// closes: its rest may be hours away.
-func (db *DB) takeDue(all bool) ([]*group, writeReason) {
+// takeDue moves the next group to write from the open ones to the closing
+// ones and returns it, or nil when none is due. A group whose write failed
+// is retried first.
+func (db *DB) takeDue(all bool) (*group, writeReason) {
 	h := db.head
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if len(h.closing) > 0 {
-		return slices.Clone(h.closing), writeRetry
+		return h.closing[0], writeRetry
 	}
 	r := db.res[0]
-	host := r.keys() // r itself when unpaired
 	hold := db.opts.HeadHold.Milliseconds()
 	now := db.opts.now()
-	nowMs := now.UnixMilli()
-	closed := func(g *group, end int64) bool {
-		return end+hold <= h.clock || end+hold <= nowMs && now.Sub(g.last) >= db.opts.HeadHold
-	}
-	// hostPast reports whether g's host row ended before the wall clock.
-	hostPast := func(g *group) bool { return (host.Row(g.row*r.rowSpanMs)+1)*host.rowSpanMs <= nowMs }
 	var due, oldest *group
 	for _, g := range h.open {
-		ok := closed(g, (g.row+1)*r.rowSpanMs)
-		if ok && hostPast(g) {
-			ok = closed(g, (host.Row(g.row*r.rowSpanMs)+1)*host.rowSpanMs)
-		}
-		if (all || ok) && (due == nil || g.row < due.row) {
+		end := (g.row + 1) * r.rowSpanMs
+		closed := end+hold <= h.clock || end+hold <= now.UnixMilli() && now.Sub(g.last) >= db.opts.HeadHold
+		if (all || closed) && (due == nil || g.row < due.row) {
 			due = g
 		}
 		if oldest == nil || g.row < oldest.row {
@@ -208,56 +185,39 @@ func (db *DB) takeDue(all bool) ([]*group, writeReason) {
 	if due == nil {
 		return nil, 0
 	}
-	gs := []*group{due}
-	if why == writeFlush || why == writeClosed && hostPast(due) {
-		// Every group is due, or the host row closed, and with it all
-		// its groups.
-		first := host.Row(due.row*r.rowSpanMs) * host.rowSpanMs / r.rowSpanMs
-		for row := first; row < first+host.rowSpanMs/r.rowSpanMs; row++ {
-			if g := h.open[row]; g != nil && g != due {
-				gs = append(gs, g)
-			}
-		}
-		slices.SortFunc(gs, func(a, b *group) int { return cmp.Compare(a.row, b.row) })
-	}
-	for _, g := range gs {
-		delete(h.open, g.row)
-	}
-	h.closing = append(h.closing, gs...)
-	return gs, why
+	delete(h.open, due.row)
+	h.closing = append(h.closing, due)
+	return due, why
 }
 
-// writeGroups writes closing groups, of one host row, in one table. On
-// failure they stay closing, for the next attempt, and nothing of them is
-// in Pebble.
-func (db *DB) writeGroups(gs []*group, why writeReason) error {
+// writeGroup writes one closing group. On failure the group stays closing,
+// for the next attempt, and nothing of it is in Pebble.
+func (db *DB) writeGroup(g *group, why writeReason) error {
 	start := time.Now()
 	b := &db.writer.table
 	b.reset()
 	defer clear(db.presence.staged)
-	operands, err := db.encodeGroups(b, gs)
+	operands, err := db.encodeGroup(b, g)
 	if err != nil {
 		return err
 	}
 
 	h := db.head
 	h.mu.Lock()
-	low := h.lowest(gs)
+	low := h.lowest(g)
 	if low > h.stagedLow {
 		b.DeleteRange(stagedKey(h.stagedLow), stagedKey(low))
 	}
-	// A mark says which staged batches not to replay into its row: it is
-	// needed only while one of them is still stored.
+	// The mark says which staged batches not to replay into this row: it
+	// is needed only while one of them is still stored.
 	marks := map[int64]uint64{}
 	for row, seq := range h.written {
 		if seq >= low {
 			marks[row] = seq
 		}
 	}
-	for _, g := range gs {
-		if g.maxSeq >= low {
-			marks[g.row] = max(marks[g.row], g.maxSeq)
-		}
+	if g.maxSeq >= low {
+		marks[g.row] = max(marks[g.row], g.maxSeq)
 	}
 	step := db.res[0].stepSec
 	for row := range h.written {
@@ -265,30 +225,29 @@ func (db *DB) writeGroups(gs []*group, why writeReason) error {
 			b.Delete(writtenKey(step, row))
 		}
 	}
-	for _, g := range gs {
-		if seq, ok := marks[g.row]; ok {
-			b.Set(writtenKey(step, g.row), binary.AppendUvarint(nil, seq))
-		}
-		g.committing = true
+	if seq, ok := marks[g.row]; ok {
+		b.Set(writtenKey(step, g.row), binary.AppendUvarint(nil, seq))
 	}
+	g.committing = true
 	h.mu.Unlock()
 
 	// The rows, presence, marks and staged deletions go in at once: a
 	// crash before the table is ingested leaves the staged batches, and
-	// replay rebuilds the groups.
+	// replay rebuilds the group.
 	if !b.empty() {
 		err = db.ingest(b)
 	}
 
 	h.mu.Lock()
-	for _, g := range gs {
-		g.committing = false
-	}
+	g.committing = false
 	if err == nil {
-		h.closing = slices.DeleteFunc(h.closing, func(c *group) bool { return slices.Contains(gs, c) })
-		for _, g := range gs {
-			h.bytes -= g.bytes
+		for i, c := range h.closing {
+			if c == g {
+				h.closing = append(h.closing[:i], h.closing[i+1:]...)
+				break
+			}
 		}
+		h.bytes -= g.bytes
 		h.written = marks
 		h.stagedLow = max(h.stagedLow, low)
 		h.writeErr = nil
@@ -297,11 +256,11 @@ func (db *DB) writeGroups(gs []*group, why writeReason) error {
 	h.cond.Broadcast()
 	h.mu.Unlock()
 	if err != nil {
-		return fmt.Errorf("tsdb: cannot commit the rows of rows %d to %d: %w", gs[0].row, gs[len(gs)-1].row, err)
+		return fmt.Errorf("tsdb: cannot commit the rows of row %d: %w", g.row, err)
 	}
 	db.presence.publish()
 	m := db.metrics
-	m.groupsWritten.WithLabelValues(writeReasons[why]).Add(float64(len(gs)))
+	m.groupsWritten.WithLabelValues(writeReasons[why]).Inc()
 	m.operands.Add(float64(operands))
 	m.headBytes.Set(float64(held))
 	m.writeDurations.Observe(time.Since(start).Seconds())
@@ -324,130 +283,74 @@ func (db *DB) retainedRows(fineRow, now int64, rows []int64, keep []bool) bool {
 	return kept
 }
 
-// encodeGroups adds to b the rows of groups of one host row (one row of
-// the finest resolution when unpaired), ascending, at every resolution, and
-// the presence they add, and returns how many row operands it added. Each
-// cell has one operand a row of each resolution above the finest, the sum
-// of what every group holds of it.
-func (db *DB) encodeGroups(b *groupTable, all []*group) (int, error) {
+// encodeGroup adds to b the rows of a group at every resolution and the
+// presence they add, and returns how many row operands it added.
+func (db *DB) encodeGroup(b *groupTable, g *group) (int, error) {
 	w := &db.writer
 	fine := db.res[0]
-	hosted := fine.host != nil
-	now := db.opts.now().UnixMilli()
-	// rows[i] and keep[i] are the groups' rows of resolution i and whether
-	// it retains them: the same row for every group above the finest.
-	var gs []*group
-	var rows [][]int64
-	var keep [][]bool
-	for _, g := range all {
-		r, k := make([]int64, len(db.res)), make([]bool, len(db.res))
-		if !db.retainedRows(g.row, now, r, k) {
-			// The head held this row past every retention: nothing of
-			// it is written, and its cells may have no data anywhere;
-			// the next retention pass looks.
-			db.orphan(g)
-			continue
-		}
-		gs, rows, keep = append(gs, g), append(rows, r), append(keep, k)
-	}
-	if len(gs) == 0 {
+	base := g.row * fine.rowSpanMs
+	rows := make([]int64, len(db.res))
+	keep := make([]bool, len(db.res))
+	if !db.retainedRows(g.row, db.opts.now().UnixMilli(), rows, keep) {
+		// The head held this row past every retention: nothing of it is
+		// written, and its cells may have no data anywhere; the next
+		// retention pass looks.
+		db.orphan(g)
 		return 0, nil
 	}
-	if len(w.rows) != len(db.res) {
-		w.rows = make([]denseRow, len(db.res))
-	}
 	operands := 0
-	present := make([]*roaring.Bitmap, len(db.res)) // above the finest
-	presentFine := make([]*roaring.Bitmap, len(gs)) // the finest, by group
-	for fi := range db.fams {
+	present := make([]*roaring.Bitmap, len(db.res))
+	for fi, cuboids := range g.fams {
 		fs := db.fams[fi]
-		for cuboid := range fs.cuboids {
-			sets := make([]*cellSet, len(gs))
-			n := 0
-			for j, g := range gs {
-				if g.fams[fi] != nil && g.fams[fi][cuboid] != nil && g.fams[fi][cuboid].n > 0 {
-					sets[j] = g.fams[fi][cuboid]
-					n = max(n, len(sets[j].cells))
-				}
-			}
-			if n == 0 {
+		for cuboid, cs := range cuboids {
+			if cs == nil || cs.n == 0 {
 				continue
 			}
 			for i := range present {
 				present[i] = roaring.New()
 			}
-			for j := range presentFine {
-				presentFine[j] = roaring.New()
-			}
-			for cell := range n {
-				hasFine, any := false, false
-				for j, cs := range sets {
-					if cs == nil || cell >= len(cs.cells) || len(cs.cells[cell]) == 0 {
+			for cell, entries := range cs.cells {
+				if len(entries) == 0 {
+					continue
+				}
+				w.fine.addEntries(entries)
+				for i, r := range db.res {
+					if !keep[i] {
 						continue
 					}
-					any = true
-					w.fine.addEntries(cs.cells[cell])
-					base := gs[j].row * fine.rowSpanMs
-					if keep[j][0] {
-						presentFine[j].Add(uint32(cell))
-						if hosted {
-							hasFine = true
-							db.hostFine(w, base, rows[j][1])
-						} else {
-							w.buf = w.fine.appendTo(w.buf[:0])
-							key := makeDataKey(fine.stepSec, rows[j][0], fs.id, schema.CuboidID(cuboid), uint32(cell))
-							b.Merge(key[:], w.buf)
-							operands++
-						}
+					present[i].Add(uint32(cell))
+					if r.host != nil {
+						continue // its steps go into its host's row
 					}
-					for i := 1; i < len(db.res); i++ {
-						if !keep[j][i] {
-							continue
-						}
-						r, row := db.res[i], &w.rows[i]
-						coarseBase := rows[j][i] * r.rowSpanMs
+					row := &w.coarse
+					if i == 0 {
+						row = &w.fine
+					} else {
+						coarseBase := rows[i] * r.rowSpanMs
 						w.fine.each(func(slot int, sum float64, count uint64) {
 							t := r.StepStart(base + int64(slot)*fine.stepMs)
 							row.add(int((t-coarseBase)/r.stepMs), sum, count)
 						})
 					}
-					w.fine.reset()
-				}
-				if !any {
-					continue
-				}
-				for i := 1; i < len(db.res); i++ {
-					row := &w.rows[i]
-					if row.empty() {
-						continue
-					}
-					present[i].Add(uint32(cell))
-					if i == 1 && hasFine {
-						w.buf = appendHosted(w.buf[:0], row, &w.hostFine)
+					if i == 1 && fine.host != nil && keep[0] {
+						w.buf = appendHosted(w.buf[:0], row, db.hostFine(w, base, rows[1]))
 					} else {
 						w.buf = row.appendTo(w.buf[:0])
 					}
-					key := makeDataKey(db.res[i].stepSec, rows[0][i], fs.id, schema.CuboidID(cuboid), uint32(cell))
+					key := makeDataKey(r.stepSec, rows[i], fs.id, schema.CuboidID(cuboid), uint32(cell))
 					b.Merge(key[:], w.buf)
-					row.reset()
+					if i > 0 {
+						row.reset()
+					}
 					operands++
 				}
-				w.hostFine.reset()
+				w.fine.reset()
 			}
-			for j := range gs {
-				if !keep[j][0] {
+			for i, r := range db.res {
+				if !keep[i] {
 					continue
 				}
-				pk := presenceKey{stepSec: fine.stepSec, row: rows[j][0], fam: fs.id, cuboid: schema.CuboidID(cuboid)}
-				if err := db.stagePresence(b, pk, presentFine[j]); err != nil {
-					return 0, err
-				}
-			}
-			for i := 1; i < len(db.res); i++ {
-				if present[i].IsEmpty() {
-					continue
-				}
-				pk := presenceKey{stepSec: db.res[i].stepSec, row: rows[0][i], fam: fs.id, cuboid: schema.CuboidID(cuboid)}
+				pk := presenceKey{stepSec: r.stepSec, row: rows[i], fam: fs.id, cuboid: schema.CuboidID(cuboid)}
 				if err := db.stagePresence(b, pk, present[i]); err != nil {
 					return 0, err
 				}
@@ -479,15 +382,17 @@ func (db *DB) orphan(g *group) {
 	}
 }
 
-// hostFine adds the writer's fine row, which starts at base, to its fine
-// part of row hostRow of the finest resolution's host.
-func (db *DB) hostFine(w *writerState, base, hostRow int64) {
+// hostFine lays the writer's fine row, which starts at base, out as the
+// fine part of row hostRow of the finest resolution's host.
+func (db *DB) hostFine(w *writerState, base, hostRow int64) *denseFine {
 	fine, host := db.res[0], db.res[1]
 	f := &w.hostFine
+	f.reset()
 	f.k = int(host.stepMs / fine.stepMs)
 	hostBase := hostRow * host.rowSpanMs
 	w.fine.each(func(slot int, sum float64, count uint64) {
 		off := base + int64(slot)*fine.stepMs - hostBase
 		f.add(int(off/host.stepMs)*f.k+int(off%host.stepMs/fine.stepMs), sum, count)
 	})
+	return f
 }
