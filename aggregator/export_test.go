@@ -50,3 +50,6 @@ func HeldRequestBytes(a *Aggregator) int {
 	}
 	return n
 }
+
+// PendingBytes is the size of the flushes no destination has taken yet.
+func PendingBytes(a *Aggregator) int64 { return a.out.bytes.Load() }

@@ -575,7 +575,11 @@ func TestDownReplicaIsNotBehind(t *testing.T) {
 		want = add(want, tsdb.Step{Sum: float64(resp.Accepted), Count: resp.Accepted})
 		h.clock.Set(h.clock.Now().Add(10 * time.Second))
 		aggregator.Flush(a)
-		poll(t, "c1 to take the flush", func() bool { return sink.stores["c1"].total(t) == want })
+		// c1's store holds the flush a moment before the sender counts
+		// it taken.
+		poll(t, "c1 to take the flush", func() bool {
+			return sink.stores["c1"].total(t) == want && aggregator.PendingBytes(a) == 0
+		})
 	}
 	sink.set("c2", false, false)
 	a.RetryNow()
