@@ -150,16 +150,22 @@ func (c *Combiner) deltas(req *wirepb.FlushRequest, sc *scratch) ([]tsdb.DictDel
 	values := sc.values[:0] // a cell's values, for its shard
 	defer func() { sc.values, sc.deltas = values, deltas }()
 	// add appends cell i, its values the dictionary indexes vals.
+	outside := func(i uint32) error {
+		if int(i) >= len(dict) {
+			return fmt.Errorf("%w: index %d outside the dictionary of %d strings", ErrBadFlush, i, len(dict))
+		}
+		return nil
+	}
 	add := func(i int, family, cuboid uint32, vals []uint32, sum float64, count uint64) error {
-		if int(family) >= len(dict) {
-			return fmt.Errorf("%w: index %d outside the dictionary of %d strings", ErrBadFlush, family, len(dict))
+		if err := outside(family); err != nil {
+			return err
 		}
 		if cuboid > math.MaxUint16 {
 			return fmt.Errorf("%w: cell %d: cuboid %d is out of range", ErrBadFlush, i, cuboid)
 		}
 		for _, v := range vals {
-			if int(v) >= len(dict) {
-				return fmt.Errorf("%w: index %d outside the dictionary of %d strings", ErrBadFlush, v, len(dict))
+			if err := outside(v); err != nil {
+				return err
 			}
 			if dict[v] == "" {
 				// Aggregators refuse events with an empty label, and
