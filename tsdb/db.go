@@ -96,8 +96,10 @@ type DB struct {
 	// write serializes the writer's group writes and the retention pass,
 	// which both write rows and presence.
 	write sync.Mutex
-	// presence caches presence bitmaps for the writer; guarded by write.
+	// presence caches presence bitmaps for the writer, and aliases its
+	// alias rows; guarded by write.
 	presence presence
+	aliases  aliases
 	// orphans holds the cells of groups the writer wrote nothing of, their
 	// rows being past every retention, for the next retention pass;
 	// guarded by write. It lives in memory only: swept says that a pass
@@ -158,6 +160,9 @@ type familyState struct {
 	fam *schema.Family
 	// cuboids is indexed by CuboidID.
 	cuboids []*cellDict
+	// children holds, per CuboidID, the cuboids one level finer, which
+	// its cells' alias rows may name.
+	children [][]childCuboid
 }
 
 func (f *familyState) cuboid(id schema.CuboidID) *cellDict {
@@ -228,6 +233,11 @@ func Open(opts Options) (*DB, error) {
 		limit:  4 * len(db.res) * len(db.apply.counts),
 		cache:  map[presenceKey]*roaring.Bitmap{},
 		staged: map[presenceKey]*roaring.Bitmap{},
+	}
+	db.aliases = aliases{
+		limit:  db.presence.limit,
+		cache:  map[presenceKey]map[uint32]aliasRef{},
+		staged: map[presenceKey]map[uint32]aliasRef{},
 	}
 	db.startWriter()
 	db.startRetention()
@@ -424,7 +434,7 @@ func (db *DB) loadFamilies() error {
 			db.log.Info("added family", "family", fam.Name, "id", st.id)
 		}
 		cuboids := fam.Cuboids()
-		fs := &familyState{id: st.id, idx: len(db.fams), fam: fam, cuboids: make([]*cellDict, len(cuboids))}
+		fs := &familyState{id: st.id, idx: len(db.fams), fam: fam, cuboids: make([]*cellDict, len(cuboids)), children: cuboidChildren(fam)}
 		for _, c := range cuboids {
 			fs.cuboids[c.ID] = newCellDict(st.id, c, db.values)
 		}

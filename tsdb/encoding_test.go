@@ -153,6 +153,7 @@ func TestGolden(t *testing.T) {
 		hf.add(e.slot*6+e.sub, e.sum, e.count)
 	}
 	line("hosted row k=6: slot 0 in sub 2, slot 1 in subs 0 and 3", appendHosted(nil, &hc, hf))
+	line("alias row: cuboid 15, cell 300", appendAlias(nil, aliasRef{cuboid: 15, cell: 300}))
 	buf.WriteString("# rows (merged) and merge operands of a few slots\n")
 	for _, r := range goldenRows {
 		encodings := [][]byte{denseOf(r.slots).appendTo(nil)}

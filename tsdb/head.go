@@ -89,6 +89,20 @@ type cellSet struct {
 	n     int // cells with data
 }
 
+// entries returns the deltas g holds of the cell ref of family fi, nil if
+// none.
+func (g *group) entries(fi int, ref aliasRef) []byte {
+	cuboids := g.fams[fi]
+	if int(ref.cuboid) >= len(cuboids) || cuboids[ref.cuboid] == nil {
+		return nil
+	}
+	cells := cuboids[ref.cuboid].cells
+	if int(ref.cell) >= len(cells) {
+		return nil
+	}
+	return cells[ref.cell]
+}
+
 // cellSetBytes is the memory a cell costs in a cellSet beyond its
 // entries: its slice header.
 const cellSetBytes = 24

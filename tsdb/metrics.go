@@ -9,16 +9,18 @@ type metrics struct {
 	reg        prometheus.Registerer
 	collectors []prometheus.Collector
 
-	applies        prometheus.Counter
-	duplicates     prometheus.Counter
-	applyErrors    prometheus.Counter
-	deltas         prometheus.Counter
-	expired        prometheus.Counter
-	operands       prometheus.Counter
-	cellsCreated   prometheus.Counter
-	cells          prometheus.Gauge
-	corruptions    prometheus.Counter
-	applyDurations prometheus.Histogram
+	applies             prometheus.Counter
+	duplicates          prometheus.Counter
+	applyErrors         prometheus.Counter
+	deltas              prometheus.Counter
+	expired             prometheus.Counter
+	operands            prometheus.Counter
+	aliasRows           prometheus.Counter
+	aliasesMaterialized prometheus.Counter
+	cellsCreated        prometheus.Counter
+	cells               prometheus.Gauge
+	corruptions         prometheus.Counter
+	applyDurations      prometheus.Histogram
 
 	beyondDedupe     prometheus.Counter
 	applyWaits       prometheus.Counter
@@ -63,6 +65,14 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		operands: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "dimsum_tsdb_merge_operands_written_total",
 			Help: "Row merge operands written by the writer: one per cell and resolution of each group written.",
+		}),
+		aliasRows: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "dimsum_tsdb_alias_rows_written_total",
+			Help: "Rows written as an alias of a child cell's row, whose deltas were the same, instead of as rows of their own.",
+		}),
+		aliasesMaterialized: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "dimsum_tsdb_alias_rows_materialized_total",
+			Help: "Alias rows replaced by the whole row they stood for, once their cell gained deltas its child lacked.",
 		}),
 		cellsCreated: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "dimsum_tsdb_cells_created_total",
@@ -141,7 +151,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		}),
 	}
 	m.collectors = []prometheus.Collector{
-		m.applies, m.duplicates, m.applyErrors, m.deltas, m.expired, m.operands,
+		m.applies, m.duplicates, m.applyErrors, m.deltas, m.expired, m.operands, m.aliasRows, m.aliasesMaterialized,
 		m.cellsCreated, m.cells, m.corruptions, m.applyDurations,
 		m.beyondDedupe, m.applyWaits, m.applyWaitSeconds, m.stagedBytes, m.headBytes,
 		m.groupsWritten, m.writeErrors, m.writeDurations,

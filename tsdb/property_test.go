@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/dimsum/dimsum/schema"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	"github.com/prometheus/prometheus/model/labels"
 )
 
@@ -135,6 +136,31 @@ func randomDelta(rng *rand.Rand, s *schema.Schema, now int64) Delta {
 	}
 }
 
+// rolledUp returns d, taken to the finest cuboid of its family, and its
+// roll-up into every other cuboid.
+func rolledUp(f *schema.Family, d Delta) []Delta {
+	from, _ := f.Cuboid(d.Cuboid)
+	finest := f.Finest()
+	values := make([]string, len(finest.Labels))
+	for i, l := range finest.Labels {
+		if j := slices.Index(from.Labels, l); j >= 0 {
+			values[i] = d.Values[j]
+		} else {
+			values[i] = labelDomain[l][0]
+		}
+	}
+	var out []Delta
+	for _, c := range f.Cuboids() {
+		r := d
+		r.Cuboid, r.Values = c.ID, nil
+		for _, l := range c.Labels {
+			r.Values = append(r.Values, values[slices.Index(finest.Labels, l)])
+		}
+		out = append(out, r)
+	}
+	return out
+}
+
 type batch struct {
 	id     BatchID
 	deltas []Delta
@@ -164,7 +190,15 @@ func testProperty(t *testing.T, seed uint64) {
 	open := func() *DB { return openTestAt(t, dir, s, func() time.Time { return clock }) }
 	db := open()
 	defer func() { _ = db.Close() }()
+	// aliases and materialized count what the store did with its
+	// alias rows, so that the test shows it exercised them.
+	var aliases, materialized float64
+	count := func() {
+		aliases += testutil.ToFloat64(db.metrics.aliasRows)
+		materialized += testutil.ToFloat64(db.metrics.aliasesMaterialized)
+	}
 	reopen := func() {
+		count()
 		closeTest(t, db)
 		db = open()
 	}
@@ -211,6 +245,10 @@ func testProperty(t *testing.T, seed uint64) {
 	verify(t, db, m, rng)
 	reopen()
 	verify(t, db, m, rng)
+	if count(); aliases == 0 || materialized == 0 {
+		t.Fatalf("the store wrote %v alias rows and materialized %v: the test no longer exercises them", aliases, materialized)
+	}
+	t.Logf("%v alias rows written, %v materialized", aliases, materialized)
 }
 
 // applyRandom applies random batches at the model's clock, in random order,
@@ -226,7 +264,15 @@ func applyRandom(t *testing.T, db func() *DB, m *model, rng *rand.Rand, round in
 			b.id = BatchID{Source: fmt.Sprintf("agg-%d", rng.IntN(3)), Seq: uint64(1000*round + i)}
 		}
 		for range 1 + rng.IntN(30) {
-			b.deltas = append(b.deltas, randomDelta(rng, m.s, m.now))
+			d := randomDelta(rng, m.s, m.now)
+			if rng.IntN(2) == 0 {
+				// As a combiner's flushes carry them: rolled up into
+				// every cuboid, so that coarse cells with one child in
+				// a row are stored as aliases of it.
+				b.deltas = append(b.deltas, rolledUp(m.s.Family(d.Family), d)...)
+				continue
+			}
+			b.deltas = append(b.deltas, d)
 		}
 		batches = append(batches, b)
 	}

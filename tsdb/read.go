@@ -300,6 +300,8 @@ func (db *DB) seekRows(iter *pebble.Iterator, r resolution, d *cellDict, cells [
 	defer dec.release()
 	var hs headSteps
 	defer hs.release()
+	ar := aliasReader{from: iter}
+	defer ar.close()
 	for _, cell := range cells {
 		n := len(buf)
 		for row := first; row <= last; {
@@ -320,8 +322,12 @@ func (db *DB) seekRows(iter *pebble.Iterator, r resolution, d *cellDict, cells [
 			if err != nil {
 				return buf, errors.Join(err, iter.Close())
 			}
+			key, v, err := ar.resolve(iter.Key(), v)
+			if err != nil {
+				return buf, errors.Join(err, iter.Close())
+			}
 			if buf, err = dec.decode(r, row, v, mint, maxt, buf); err != nil {
-				return buf, errors.Join(corruptRowError(iter.Key(), err), iter.Close())
+				return buf, errors.Join(corruptRowError(key, err), iter.Close())
 			}
 			row++
 		}
@@ -439,6 +445,7 @@ type cursors struct {
 	cuboid schema.CuboidID
 	stepS  uint32
 	list   []*cursor
+	alias  aliasReader // follows alias rows, cloned from the first cursor
 }
 
 // openCursors opens a cursor on each row of [mint, maxt] that holds data
@@ -467,6 +474,9 @@ func (db *DB) openCursors(probe *pebble.Iterator, r resolution, d *cellDict, min
 			return cs, errors.Join(err, probe.Close())
 		}
 		c := &cursor{iter: iter, row: row}
+		if cs.alias.from == nil {
+			cs.alias.from = iter
+		}
 		c.set(iter.First())
 		cs.list = append(cs.list, c)
 		if c.err != nil {
@@ -550,8 +560,12 @@ func (cs *cursors) merge(fine, r resolution, cells []uint32, mint, maxt int64, v
 			if err != nil {
 				return err
 			}
+			key, v, err := cs.alias.resolve(c.iter.Key(), v)
+			if err != nil {
+				return err
+			}
 			if steps, err = dec.decode(r, c.row, v, mint, maxt, steps); err != nil {
-				return corruptRowError(c.iter.Key(), err)
+				return corruptRowError(key, err)
 			}
 			c.set(c.iter.Next())
 			if c.err != nil {
@@ -568,7 +582,7 @@ func (cs *cursors) merge(fine, r resolution, cells []uint32, mint, maxt int64, v
 }
 
 func (cs *cursors) close() error {
-	var err error
+	err := cs.alias.close()
 	for _, c := range cs.list {
 		err = errors.Join(err, c.iter.Close())
 	}

@@ -157,6 +157,7 @@ func (db *DB) RunRetention() (st RetentionStats, err error) {
 	st.Sources = len(quiet)
 	// The cache may hold bitmaps of deleted rows.
 	clear(db.presence.cache)
+	clear(db.aliases.cache)
 	return st, nil
 }
 

@@ -1,6 +1,7 @@
 package tsdb
 
 import (
+	"bytes"
 	"context"
 	"encoding/binary"
 	"fmt"
@@ -197,6 +198,7 @@ func (db *DB) writeGroup(g *group, why writeReason) error {
 	b := &db.writer.table
 	b.reset()
 	defer clear(db.presence.staged)
+	defer clear(db.aliases.staged)
 	operands, err := db.encodeGroup(b, g)
 	if err != nil {
 		return err
@@ -259,6 +261,7 @@ func (db *DB) writeGroup(g *group, why writeReason) error {
 		return fmt.Errorf("tsdb: cannot commit the rows of row %d: %w", g.row, err)
 	}
 	db.presence.publish()
+	db.aliases.publish()
 	m := db.metrics
 	m.groupsWritten.WithLabelValues(writeReasons[why]).Inc()
 	m.operands.Add(float64(operands))
@@ -284,7 +287,11 @@ func (db *DB) retainedRows(fineRow, now int64, rows []int64, keep []bool) bool {
 }
 
 // encodeGroup adds to b the rows of a group at every resolution and the
-// presence they add, and returns how many row operands it added.
+// presence they add, and returns how many row operands it added. A cell
+// the group first brings into a row is written as an alias of its child
+// when their deltas are the same; a cell already an alias in a row is
+// written nothing when its deltas are again its child's, and its whole row
+// otherwise (alias.go).
 func (db *DB) encodeGroup(b *groupTable, g *group) (int, error) {
 	w := &db.writer
 	fine := db.res[0]
@@ -300,14 +307,22 @@ func (db *DB) encodeGroup(b *groupTable, g *group) (int, error) {
 	}
 	operands := 0
 	present := make([]*roaring.Bitmap, len(db.res))
+	before := make([]*roaring.Bitmap, len(db.res))
 	for fi, cuboids := range g.fams {
 		fs := db.fams[fi]
+		candidates := db.aliasCandidates(fi, g)
 		for cuboid, cs := range cuboids {
 			if cs == nil || cs.n == 0 {
 				continue
 			}
-			for i := range present {
+			for i, r := range db.res {
 				present[i] = roaring.New()
+				if keep[i] {
+					var err error
+					if before[i], err = db.presenceList(presenceKey{stepSec: r.stepSec, row: rows[i], fam: fs.id, cuboid: schema.CuboidID(cuboid)}); err != nil {
+						return 0, err
+					}
+				}
 			}
 			for cell, entries := range cs.cells {
 				if len(entries) == 0 {
@@ -321,6 +336,27 @@ func (db *DB) encodeGroup(b *groupTable, g *group) (int, error) {
 					present[i].Add(uint32(cell))
 					if r.host != nil {
 						continue // its steps go into its host's row
+					}
+					key := makeDataKey(r.stepSec, rows[i], fs.id, schema.CuboidID(cuboid), uint32(cell))
+					pk := presenceOf(&key)
+					var alias aliasRef
+					isAlias := false
+					if before[i].Contains(uint32(cell)) {
+						m, err := db.rowAliases(pk)
+						if err != nil {
+							return 0, err
+						}
+						alias, isAlias = m[uint32(cell)]
+						if isAlias && g.entries(fi, alias) != nil && bytes.Equal(entries, g.entries(fi, alias)) {
+							continue // the child's row holds it
+						}
+					} else if ref, ok := db.newAlias(pk, candidates[cuboid][uint32(cell)]); ok {
+						b.Set(key[:], appendAlias(w.buf[:0], ref))
+						if err := db.stageAlias(pk, uint32(cell), ref, true); err != nil {
+							return 0, err
+						}
+						db.metrics.aliasRows.Inc()
+						continue
 					}
 					row := &w.coarse
 					if i == 0 {
@@ -337,11 +373,21 @@ func (db *DB) encodeGroup(b *groupTable, g *group) (int, error) {
 					} else {
 						w.buf = row.appendTo(w.buf[:0])
 					}
-					key := makeDataKey(r.stepSec, rows[i], fs.id, schema.CuboidID(cuboid), uint32(cell))
-					b.Merge(key[:], w.buf)
 					if i > 0 {
 						row.reset()
 					}
+					if isAlias {
+						// The cell gains deltas its child lacks: its row
+						// becomes its child's plus this group's.
+						if err := db.materialize(b, key, alias, w.buf); err != nil {
+							return 0, err
+						}
+						if err := db.stageAlias(pk, uint32(cell), alias, false); err != nil {
+							return 0, err
+						}
+						continue
+					}
+					b.Merge(key[:], w.buf)
 					operands++
 				}
 				w.fine.reset()
@@ -356,8 +402,91 @@ func (db *DB) encodeGroup(b *groupTable, g *group) (int, error) {
 				}
 			}
 		}
+		if err := db.unalias(b, fi, g, rows, keep); err != nil {
+			return 0, err
+		}
 	}
 	return operands, nil
+}
+
+// unalias writes the whole row of each alias whose child gains deltas in g
+// while its own cell gains none. A combiner's flushes never do that (each
+// delta comes rolled up into every coarser cuboid), but Apply takes any
+// deltas, and each cell must read as what it was given.
+func (db *DB) unalias(b *groupTable, fi int, g *group, rows []int64, keep []bool) error {
+	fs := db.fams[fi]
+	for q := range fs.children {
+		for i, r := range db.res {
+			if !keep[i] || r.host != nil {
+				continue
+			}
+			pk := presenceKey{stepSec: r.stepSec, row: rows[i], fam: fs.id, cuboid: schema.CuboidID(q)}
+			held, err := db.presenceList(pk)
+			if err != nil {
+				return err
+			}
+			if held.IsEmpty() {
+				continue
+			}
+			m, err := db.rowAliases(pk)
+			if err != nil {
+				return err
+			}
+			for cell, ref := range m {
+				if g.entries(fi, aliasRef{cuboid: pk.cuboid, cell: cell}) != nil || g.entries(fi, ref) == nil {
+					continue
+				}
+				if err := db.materialize(b, makeDataKey(r.stepSec, rows[i], fs.id, pk.cuboid, cell), ref, nil); err != nil {
+					return err
+				}
+				if err := db.stageAlias(pk, cell, ref, false); err != nil {
+					return err
+				}
+			}
+		}
+	}
+	return nil
+}
+
+// newAlias picks, among a cell's candidates, a child the row pk of its
+// cuboid can alias: one that has no data in the row yet, so that the row
+// the alias reads holds the group's deltas and nothing else. A child that
+// had data while its parent had none cannot come from the same flushes.
+// Children have larger cuboid IDs, whose presence this group has not
+// staged yet: presenceList returns the rows as committed.
+func (db *DB) newAlias(pk presenceKey, candidates []aliasRef) (aliasRef, bool) {
+	for _, ref := range candidates {
+		child := pk
+		child.cuboid = ref.cuboid
+		held, err := db.presenceList(child)
+		if err == nil && !held.Contains(ref.cell) {
+			return ref, true
+		}
+	}
+	return aliasRef{}, false
+}
+
+// materialize writes, in place of the alias row under key, the row it
+// stands for plus op, the cell's operand from the group being written (if
+// any).
+func (db *DB) materialize(b *groupTable, key dataKey, alias aliasRef, op []byte) error {
+	child := makeDataKey(0, 0, 0, alias.cuboid, alias.cell)
+	copy(child[:15], key[:15])
+	stored, err := db.storedRow(child[:])
+	if err == nil && stored == nil {
+		err = corruptRowError(key[:], errAliasMissing)
+	}
+	if err != nil {
+		return err
+	}
+	if op != nil {
+		if stored, err = foldRows(key[:], stored, op); err != nil {
+			return err
+		}
+	}
+	b.Set(key[:], stored)
+	db.metrics.aliasesMaterialized.Inc()
+	return nil
 }
 
 // orphan adds the cells of g to those the next retention pass looks at.
