@@ -35,12 +35,20 @@ type cellRef struct {
 // caller numbers them. Cells are grouped by shard first, so that one
 // request is built at a time. It runs under flushMu, which guards a.encode.
 func (a *Aggregator) flushRequests(start int64, w *window, values []string, shards int) []*wirepb.FlushRequest {
-	cells := a.encode.cells[:0]
+	// The cells in the order the window made them, each with its own
+	// aggregate (one a cell, numbered as made): every cuboid's cells then
+	// go in the order of their first events, and the store, which numbers
+	// new cells in the order they come, numbers a cell and its children
+	// alike, so that a read following alias rows from a cuboid to a finer
+	// one moves forward through it.
+	cells := slices.Grow(a.encode.cells[:0], len(w.aggs))[:len(w.aggs)]
 	for key, first := range w.cells {
-		cells = append(cells, cellRef{key, w.fan[first+int32(key.cuboid)]})
+		agg := w.fan[first+int32(key.cuboid)]
+		cells[agg] = cellRef{key, agg}
 	}
 	for key, off := range w.leaves {
-		cells = append(cells, cellRef{key, w.fan[off+int32(key.cuboid)]})
+		agg := w.fan[off+int32(key.cuboid)]
+		cells[agg] = cellRef{key, agg}
 	}
 	// shardOf[i] is the shard of cells[i]; a counting sort groups the
 	// cells by shard.

@@ -81,11 +81,16 @@ func aliasTarget(key, v []byte) (dataKey, error) {
 	return makeDataKey(k.stepSec, k.row, k.fam, a.cuboid, a.cell), nil
 }
 
-// aliasReader follows the alias rows a read meets, with a clone of the
-// read's iterator made at the first: the same view of the store.
+// aliasReader follows the alias rows a read meets, with clones of the
+// read's iterator: the same view of the store. It keeps one clone per
+// (row, cuboid) of the rows it reads, bounded to it, whose seeks then
+// mostly move forward: a cuboid's cells and their children are numbered
+// in much the same order (a flush lists them in the order their first
+// events came), and Pebble makes a seek to a later key a step from where
+// the iterator stands.
 type aliasReader struct {
-	from *pebble.Iterator
-	iter *pebble.Iterator
+	from  *pebble.Iterator
+	iters map[presenceKey]*pebble.Iterator
 }
 
 // resolve returns the key and value of the row that v, the value stored
@@ -97,31 +102,48 @@ func (a *aliasReader) resolve(key, v []byte) ([]byte, []byte, error) {
 		if err != nil {
 			return key, nil, err
 		}
-		if a.iter == nil {
-			if a.iter, err = a.from.Clone(pebble.CloneOptions{IterOptions: &pebble.IterOptions{}}); err != nil {
-				return key, nil, err
-			}
+		it, err := a.iter(presenceOf(&next))
+		if err != nil {
+			return key, nil, err
 		}
-		if !a.iter.SeekGE(next[:]) || !bytes.Equal(a.iter.Key(), next[:]) {
-			if err := a.iter.Error(); err != nil {
+		if !it.SeekGE(next[:]) || !bytes.Equal(it.Key(), next[:]) {
+			if err := it.Error(); err != nil {
 				return key, nil, err
 			}
 			return key, nil, corruptRowError(key, errAliasMissing)
 		}
-		key = a.iter.Key()
-		if v, err = a.iter.ValueAndErr(); err != nil {
+		key = it.Key()
+		if v, err = it.ValueAndErr(); err != nil {
 			return key, nil, err
 		}
 	}
 	return key, v, nil
 }
 
-func (a *aliasReader) close() error {
-	if a.iter == nil {
-		return nil
+// iter returns the clone that reads the cells of row pk.
+func (a *aliasReader) iter(pk presenceKey) (*pebble.Iterator, error) {
+	if it := a.iters[pk]; it != nil {
+		return it, nil
 	}
-	err := a.iter.Close()
-	a.iter = nil
+	it, err := a.from.Clone(pebble.CloneOptions{IterOptions: dataBounds(
+		makeDataKey(pk.stepSec, pk.row, pk.fam, pk.cuboid, 0),
+		makeDataKey(pk.stepSec, pk.row, pk.fam, pk.cuboid, math.MaxUint32))})
+	if err != nil {
+		return nil, err
+	}
+	if a.iters == nil {
+		a.iters = map[presenceKey]*pebble.Iterator{}
+	}
+	a.iters[pk] = it
+	return it, nil
+}
+
+func (a *aliasReader) close() error {
+	var err error
+	for _, it := range a.iters {
+		err = errors.Join(err, it.Close())
+	}
+	a.iters = nil
 	return err
 }
 
