@@ -168,7 +168,14 @@ func TestOpenRefuses(t *testing.T) {
 			prepare: func(t *testing.T, dir string) {
 				rawSet(t, dir, metaFormatKey, []byte{1})
 			},
-			want: "format version 1; this binary reads only version 3",
+			want: "format version 1; this binary reads only version 4",
+		},
+		{
+			name: "a newer format version",
+			prepare: func(t *testing.T, dir string) {
+				rawSet(t, dir, metaFormatKey, []byte{5})
+			},
+			want: "format version 5; this binary reads only version 4",
 		},
 		{
 			name: "garbage format record",

@@ -325,13 +325,29 @@ func (db *DB) checkFormat() error {
 	if n <= 0 || n != len(v) {
 		return fmt.Errorf("%w: format record %x holds %x", ErrCorrupt, metaFormatKey, v)
 	}
-	if got == 2 {
+	switch got {
+	case 2:
 		return db.upgradeFrom2()
-	}
-	if got != formatVersion {
+	case 3:
+		if err := db.setFormat(3); err != nil {
+			return err
+		}
+	case formatVersion:
+	default:
 		return fmt.Errorf("tsdb: %s has format version %d; this binary reads only version %d and has no migration from it: start from an empty directory (docs/format/tsdb.md)", db.opts.Dir, got, formatVersion)
 	}
 	return db.loadPairing()
+}
+
+// setFormat upgrades a store of version from, which holds nothing this
+// version reads otherwise (version 3 only lacks alias rows), by writing the
+// format record.
+func (db *DB) setFormat(from uint64) error {
+	if err := db.pdb.Set(metaFormatKey, binary.AppendUvarint(nil, formatVersion), pebble.Sync); err != nil {
+		return fmt.Errorf("tsdb: cannot upgrade the store to format %d: %w", formatVersion, err)
+	}
+	db.log.Info("upgraded the store", "dir", db.opts.Dir, "from", from, "to", formatVersion)
+	return nil
 }
 
 // pairable reports whether the schema's two finest resolutions can be

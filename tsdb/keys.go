@@ -34,11 +34,12 @@ const (
 
 // formatVersion is the version of the layout described in
 // docs/format/tsdb.md. Open writes it into an empty store, upgrades a store
-// of version 2 and refuses any other value, so that a binary never misreads
-// a layout it does not know. Version 1 ordered data keys cell-major and had
-// no postings or presence; version 2 wrote every batch into the rows at
-// once and kept an idempotency key pair a batch.
-const formatVersion = 3
+// of version 2 or 3 and refuses any other value, so that a binary never
+// misreads a layout it does not know. Version 1 ordered data keys
+// cell-major and had no postings or presence; version 2 wrote every batch
+// into the rows at once and kept an idempotency key pair a batch; version 3
+// had no alias rows.
+const formatVersion = 4
 
 // metaFormatKey is the key of the format-version record.
 var metaFormatKey = []byte{prefixMeta, 'f', 'o', 'r', 'm', 'a', 't'}
