@@ -1,6 +1,7 @@
 package aggregator
 
 import (
+	"cmp"
 	"math/bits"
 	"slices"
 
@@ -35,21 +36,19 @@ type cellRef struct {
 // caller numbers them. Cells are grouped by shard first, so that one
 // request is built at a time. It runs under flushMu, which guards a.encode.
 func (a *Aggregator) flushRequests(start int64, w *window, values []string, shards int) []*wirepb.FlushRequest {
-	// The cells in the order the window made them, each with its own
-	// aggregate (one a cell, numbered as made): every cuboid's cells then
-	// go in the order of their first events, and the store, which numbers
-	// new cells in the order they come, numbers a cell and its children
-	// alike, so that a read following alias rows from a cuboid to a finer
-	// one moves forward through it.
-	cells := slices.Grow(a.encode.cells[:0], len(w.aggs))[:len(w.aggs)]
+	// The cells in the order the window made them (their aggregates'
+	// order): every cuboid's cells then go in the order of their first
+	// events, and the store, which numbers new cells in the order they
+	// come, numbers a cell and its children alike, so that a read
+	// following alias rows from a cuboid to a finer one moves forward.
+	cells := a.encode.cells[:0]
 	for key, first := range w.cells {
-		agg := w.fan[first+int32(key.cuboid)]
-		cells[agg] = cellRef{key, agg}
+		cells = append(cells, cellRef{key, w.fan[first+int32(key.cuboid)]})
 	}
 	for key, off := range w.leaves {
-		agg := w.fan[off+int32(key.cuboid)]
-		cells[agg] = cellRef{key, agg}
+		cells = append(cells, cellRef{key, w.fan[off+int32(key.cuboid)]})
 	}
+	slices.SortFunc(cells, func(x, y cellRef) int { return cmp.Compare(x.agg, y.agg) })
 	// shardOf[i] is the shard of cells[i]; a counting sort groups the
 	// cells by shard.
 	shardOf := slices.Grow(a.encode.shardOf[:0], len(cells))[:len(cells)]
