@@ -252,11 +252,10 @@ func pebbleOptions(cache *pebble.Cache, log *slog.Logger) *pebble.Options {
 		Logger:             pebbleLogger{log},
 		EventListener:      eventListener(log),
 		FormatMajorVersion: pebble.FormatNewest,
-		// Pebble's log keeps up to four files for reuse, each the size of
-		// a memtable: on a store that is small for now, they are a good
-		// part of the directory. The writer's groups do not go through
-		// the log (table.go), so the memtable holds only Apply's batches.
+		// The writer's groups do not go through Pebble's log (table.go),
+		// so the memtable holds only Apply's batches.
 		MemTableSize: 2 << 20,
+		Cleaner:      walDeleter{},
 	}
 	// Every Apply with an idempotency key looks it up, and almost every
 	// lookup misses: a Bloom filter answers most misses without reading a
@@ -270,6 +269,21 @@ func pebbleOptions(cache *pebble.Cache, log *slog.Logger) *pebble.Options {
 	o.ApplyCompressionSettings(func() pebble.DBCompressionSettings { return pebble.DBCompressionBalanced })
 	return o
 }
+
+// walDeleter deletes the files Pebble no longer needs, as its default
+// cleaner does, but makes Pebble delete its obsolete log files too: with a
+// cleaner that does not read what it cleans, Pebble keeps up to three of
+// them for reuse, each the size of a memtable, and on the sparse backfill
+// they were a fifth of the settled directory. Pebble asks a cleaner for
+// that reading through a method it does not export, which the archiving
+// cleaner has: it is embedded one level down for that method alone, and
+// the deleting cleaner's Clean, one level up, is the one called.
+type walDeleter struct {
+	pebble.DeleteCleaner
+	readsFiles
+}
+
+type readsFiles struct{ pebble.ArchiveCleaner }
 
 // load checks the format version, loads the family and cell
 // dictionaries, then rebuilds the head from the staged batches.

@@ -3,6 +3,7 @@ package tsdb
 import (
 	"fmt"
 	"math"
+	"path/filepath"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -66,5 +67,31 @@ func TestIdleStoreCompactsStaged(t *testing.T) {
 	db.compactStaged()
 	if got := staged(); got > before/100 {
 		t.Errorf("staged batches take %d bytes of files after an idle compaction, %d before", got, before)
+	}
+}
+
+// Pebble's obsolete log files are deleted, not kept for reuse: each new
+// memtable starts a log file, and of those only the live one stays.
+func TestObsoleteLogsAreDeleted(t *testing.T) {
+	s := testSchema(t)
+	finest := cuboidOf(t, s, "requests", "dc", "host", "txn")
+	dir := t.TempDir()
+	db := openTest(t, dir, s)
+	defer closeTest(t, db)
+	for i := range 6 {
+		d := Delta{Family: "requests", Cuboid: finest, Values: []string{"d1", fmt.Sprintf("h%d", i), "GET"}, Time: testNow.UnixMilli(), Sum: 1, Count: 1}
+		if _, err := db.Apply(BatchID{}, []Delta{d}); err != nil {
+			t.Fatal(err)
+		}
+		if err := db.pdb.Flush(); err != nil { // a new memtable, a new log file
+			t.Fatal(err)
+		}
+	}
+	logs, err := filepath.Glob(filepath.Join(dir, "*.log"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(logs) != 1 {
+		t.Errorf("the store holds %d log files, want the live one: %v", len(logs), logs)
 	}
 }
