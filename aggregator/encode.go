@@ -1,7 +1,6 @@
 package aggregator
 
 import (
-	"cmp"
 	"math/bits"
 	"slices"
 
@@ -22,6 +21,8 @@ type encodeScratch struct {
 	number         uint32
 	cells          []cellRef
 	shardOf        []uint32
+	// at holds the counting sort's positions.
+	at []int32
 }
 
 // cellRef is a cell of a window being encoded, and its aggregate's index.
@@ -41,14 +42,34 @@ func (a *Aggregator) flushRequests(start int64, w *window, values []string, shar
 	// events, and the store, which numbers new cells in the order they
 	// come, numbers a cell and its children alike, so that a read
 	// following alias rows from a cuboid to a finer one moves forward.
-	cells := a.encode.cells[:0]
+	// A counting sort by aggregate, reading the window's maps twice: two
+	// cells may share one (a cluster's windows hold some), and sorting the
+	// cells themselves took an eighth of the node's CPU on the sparse
+	// backfill.
+	at := slices.Grow(a.encode.at[:0], len(w.aggs)+1)[:len(w.aggs)+1]
+	clear(at)
 	for key, first := range w.cells {
-		cells = append(cells, cellRef{key, w.fan[first+int32(key.cuboid)]})
+		at[w.fan[first+int32(key.cuboid)]+1]++
 	}
 	for key, off := range w.leaves {
-		cells = append(cells, cellRef{key, w.fan[off+int32(key.cuboid)]})
+		at[w.fan[off+int32(key.cuboid)]+1]++
 	}
-	slices.SortFunc(cells, func(x, y cellRef) int { return cmp.Compare(x.agg, y.agg) })
+	for i := 1; i < len(at); i++ {
+		at[i] += at[i-1]
+	}
+	n := len(w.cells) + len(w.leaves)
+	cells := slices.Grow(a.encode.cells[:0], n)[:n]
+	for key, first := range w.cells {
+		i := w.fan[first+int32(key.cuboid)]
+		cells[at[i]] = cellRef{key, i}
+		at[i]++
+	}
+	for key, off := range w.leaves {
+		i := w.fan[off+int32(key.cuboid)]
+		cells[at[i]] = cellRef{key, i}
+		at[i]++
+	}
+	a.encode.at = at[:0]
 	// shardOf[i] is the shard of cells[i]; a counting sort groups the
 	// cells by shard.
 	shardOf := slices.Grow(a.encode.shardOf[:0], len(cells))[:len(cells)]
