@@ -7,6 +7,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
 	"github.com/dimsum/dimsum/schema"
 )
 
@@ -104,6 +106,64 @@ func benchApply(b *testing.B, sync, byDict bool) {
 	b.StopTimer()
 	b.ReportMetric(float64(b.N*len(deltas))/b.Elapsed().Seconds(), "deltas/s")
 	b.ReportMetric(float64(len(deltas)), "deltas/op")
+}
+
+// BenchmarkApplyLate applies one window's partial cube per iteration to
+// rows already written, 10s apart over a day six days back (past the finest
+// retention, so that every group is due at once), and writes each group
+// before the next Apply. together=true applies a window whole, as a
+// combiner's flush holds it: a parent and its only child gain the same
+// deltas, and their alias rows stay. together=false applies each window in
+// two batches, every delta in one of them at random, so that a parent's
+// deltas and its child's often land in different groups, as writes out of
+// order do: aliases are materialized. One status value, as on the sparse
+// backfill, so that the cuboids with status repeat those without it. An op
+// is one window; materialized/op counts the alias rows the writer replaced
+// with whole rows.
+func BenchmarkApplyLate(b *testing.B) {
+	for _, together := range []bool{true, false} {
+		b.Run(fmt.Sprintf("together=%v", together), func(b *testing.B) {
+			s := schema.Default()
+			now := testNow
+			db, err := Open(Options{Dir: b.TempDir(), Schema: s, NoSync: true, RetentionInterval: -1, now: func() time.Time { return now }})
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer db.Close()
+			start := now.Add(-6 * 24 * time.Hour).UnixMilli()
+			deltas := benchDeltas(s, 20, 10, 1, start)
+			rng := rand.New(rand.NewPCG(3, 4))
+			parts := make([][]Delta, 2)
+			b.ReportAllocs()
+			b.ResetTimer()
+			for i := range b.N {
+				t := start + int64(i%8640)*10000
+				parts[0], parts[1] = parts[0][:0], parts[1][:0]
+				for _, d := range deltas {
+					d.Time = t
+					p := 0
+					if !together {
+						p = rng.IntN(2)
+					}
+					parts[p] = append(parts[p], d)
+				}
+				for _, part := range parts {
+					if len(part) == 0 {
+						continue
+					}
+					if _, err := db.Apply(BatchID{}, part); err != nil {
+						b.Fatal(err)
+					}
+					if err := db.Flush(); err != nil {
+						b.Fatal(err)
+					}
+				}
+			}
+			b.StopTimer()
+			b.ReportMetric(float64(b.N*len(deltas))/b.Elapsed().Seconds(), "deltas/s")
+			b.ReportMetric(testutil.ToFloat64(db.metrics.aliasesMaterialized)/float64(b.N), "materialized/op")
+		})
+	}
 }
 
 // dictOf returns deltas in ApplyDict's form, with one dictionary of their
