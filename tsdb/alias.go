@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"hash/maphash"
 	"maps"
 	"math"
 	"slices"
@@ -231,12 +232,43 @@ func cuboidChildren(f *schema.Family) [][]childCuboid {
 // the candidates, in the order of cuboidChildren. Such a cell's rows from g
 // would be its child's, at every resolution. A cell or child that is not
 // published yet (its first batch is still committing) is left out.
-func (db *DB) aliasCandidates(fi int, g *group) []map[uint32][]aliasRef {
+//
+// A child is found by a hash of its values on the parent's labels, and the
+// values are then compared: a collision costs at most an alias not taken.
+// Nothing is allocated a cell: with the candidates in string-keyed maps,
+// they were half of a group's allocations.
+func (db *DB) aliasCandidates(fi int, g *group) []map[uint32]aliasCandidates {
 	fs := db.fams[fi]
 	cuboids := g.fams[fi]
-	out := make([]map[uint32][]aliasRef, len(cuboids))
-	var key []byte
-	byParent := map[string]int64{}
+	out := make([]map[uint32]aliasCandidates, len(cuboids))
+	type childCell struct {
+		cell   uint32
+		values []string // the dictionary's, never modified while the cell lives
+	}
+	var (
+		children []childCell
+		seed     = maphash.MakeSeed()
+	)
+	byParent := map[uint64]int{} // an index into children; -1 when two share a hash
+	// hash hashes the values at the indexes proj, all of them when proj is
+	// nil.
+	hash := func(values []string, proj []int) uint64 {
+		var h maphash.Hash
+		h.SetSeed(seed)
+		n := len(values)
+		if proj != nil {
+			n = len(proj)
+		}
+		for j := range n {
+			v := values[j]
+			if proj != nil {
+				v = values[proj[j]]
+			}
+			h.WriteString(v)
+			h.WriteByte(0)
+		}
+		return h.Sum64()
+	}
 	for q, cs := range cuboids {
 		if cs == nil || cs.n == 0 {
 			continue
@@ -246,31 +278,49 @@ func (db *DB) aliasCandidates(fi int, g *group) []map[uint32][]aliasRef {
 			if ccs == nil || ccs.n == 0 {
 				continue
 			}
-			// The child's cells by their values on q's labels; -1 when
-			// two children share them.
 			clear(byParent)
+			children = children[:0]
 			fs.cuboids[child.id].eachValues(ccs, func(c uint32, values []string) {
-				key = appendProjected(key[:0], values, child.proj)
-				if _, ok := byParent[string(key)]; ok {
-					byParent[string(key)] = -1
+				k := hash(values, child.proj)
+				if _, ok := byParent[k]; ok {
+					byParent[k] = -1
 				} else {
-					byParent[string(key)] = int64(c)
+					byParent[k] = len(children)
+					children = append(children, childCell{c, values})
 				}
 			})
 			fs.cuboids[q].eachValues(cs, func(cell uint32, values []string) {
-				key = appendProjected(key[:0], values, nil)
-				c, ok := byParent[string(key)]
-				if !ok || c < 0 || !bytes.Equal(cs.cells[cell], ccs.cells[c]) {
+				i, ok := byParent[hash(values, nil)]
+				if !ok || i < 0 {
+					return
+				}
+				c := children[i]
+				for j, v := range values {
+					if c.values[child.proj[j]] != v {
+						return
+					}
+				}
+				if !bytes.Equal(cs.cells[cell], ccs.cells[c.cell]) {
 					return
 				}
 				if out[q] == nil {
-					out[q] = map[uint32][]aliasRef{}
+					out[q] = map[uint32]aliasCandidates{}
 				}
-				out[q][cell] = append(out[q][cell], aliasRef{cuboid: child.id, cell: uint32(c)})
+				a := out[q][cell]
+				a.refs[a.n] = aliasRef{cuboid: child.id, cell: c.cell}
+				a.n++
+				out[q][cell] = a
 			})
 		}
 	}
 	return out
+}
+
+// aliasCandidates are a cell's candidates: at most one child cuboid a
+// dimension, and a family has at most schema.MaxLevels labels.
+type aliasCandidates struct {
+	n    int
+	refs [schema.MaxLevels]aliasRef
 }
 
 // eachValues calls fn with each published cell of d that has deltas in cs,
@@ -283,23 +333,6 @@ func (d *cellDict) eachValues(cs *cellSet, fn func(cell uint32, values []string)
 			fn(uint32(c), d.cells[c])
 		}
 	}
-}
-
-// appendProjected appends the values at the indexes proj (all values when
-// proj is nil), each after its length.
-func appendProjected(dst []byte, values []string, proj []int) []byte {
-	if proj == nil {
-		for _, v := range values {
-			dst = binary.AppendUvarint(dst, uint64(len(v)))
-			dst = append(dst, v...)
-		}
-		return dst
-	}
-	for _, i := range proj {
-		dst = binary.AppendUvarint(dst, uint64(len(values[i])))
-		dst = append(dst, values[i]...)
-	}
-	return dst
 }
 
 // aliases is the writer's cache of the alias rows of recent rows, per
