@@ -274,7 +274,7 @@ func pebbleOptions(cache *pebble.Cache, log *slog.Logger) *pebble.Options {
 // cleaner does, but makes Pebble delete its obsolete log files too: with a
 // cleaner that does not read what it cleans, Pebble keeps up to three of
 // them for reuse, each the size of a memtable, and on the sparse backfill
-// they were a fifth of the settled directory. Pebble asks a cleaner for
+// they were a quarter of the settled directory. Pebble asks a cleaner for
 // that reading through a method it does not export, which the archiving
 // cleaner has: it is embedded one level down for that method alone, and
 // the deleting cleaner's Clean, one level up, is the one called.
