@@ -124,13 +124,9 @@ func BenchmarkApplyLate(b *testing.B) {
 	for _, together := range []bool{true, false} {
 		b.Run(fmt.Sprintf("together=%v", together), func(b *testing.B) {
 			s := schema.Default()
-			now := testNow
-			db, err := Open(Options{Dir: b.TempDir(), Schema: s, NoSync: true, RetentionInterval: -1, now: func() time.Time { return now }})
-			if err != nil {
-				b.Fatal(err)
-			}
-			defer db.Close()
-			start := now.Add(-6 * 24 * time.Hour).UnixMilli()
+			db := openTest(b, b.TempDir(), s)
+			defer closeTest(b, db)
+			start := testNow.Add(-6 * 24 * time.Hour).UnixMilli()
 			deltas := benchDeltas(s, 20, 10, 1, start)
 			rng := rand.New(rand.NewPCG(3, 4))
 			parts := make([][]Delta, 2)
