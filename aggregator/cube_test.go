@@ -64,6 +64,10 @@ func TestAddLeafWideLattice(t *testing.T) {
 		if len(got) != len(want) {
 			t.Fatalf("%d cuboids: %d cells, want %d", len(f.masks), len(got), len(want))
 		}
+		// A flush places each cell at its aggregate's index.
+		if len(w.aggs) != len(w.cells)+len(w.leaves) {
+			t.Fatalf("%d cuboids: %d aggregates for %d cells", len(f.masks), len(w.aggs), len(w.cells)+len(w.leaves))
+		}
 		for k, s := range want {
 			if got[k] != s {
 				t.Fatalf("%d cuboids: cell %d %v: %+v, want %+v", len(f.masks), k.cuboid, k.v, got[k], s)

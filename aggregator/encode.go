@@ -21,8 +21,6 @@ type encodeScratch struct {
 	number         uint32
 	cells          []cellRef
 	shardOf        []uint32
-	// at holds the counting sort's positions.
-	at []int32
 }
 
 // cellRef is a cell of a window being encoded, and its aggregate's index.
@@ -42,34 +40,17 @@ func (a *Aggregator) flushRequests(start int64, w *window, values []string, shar
 	// events, and the store, which numbers new cells in the order they
 	// come, numbers a cell and its children alike, so that a read
 	// following alias rows from a cuboid to a finer one moves forward.
-	// A counting sort by aggregate, reading the window's maps twice: two
-	// cells may share one (a cluster's windows hold some), and sorting the
-	// cells themselves took an eighth of the node's CPU on the sparse
-	// backfill.
-	at := slices.Grow(a.encode.at[:0], len(w.aggs)+1)[:len(w.aggs)+1]
-	clear(at)
-	for key, first := range w.cells {
-		at[w.fan[first+int32(key.cuboid)]+1]++
-	}
-	for key, off := range w.leaves {
-		at[w.fan[off+int32(key.cuboid)]+1]++
-	}
-	for i := 1; i < len(at); i++ {
-		at[i] += at[i-1]
-	}
-	n := len(w.cells) + len(w.leaves)
-	cells := slices.Grow(a.encode.cells[:0], n)[:n]
+	// Each cell has an aggregate of its own, appended when the cell was
+	// made (addLeaf), so its aggregate's index is its place: no sort.
+	cells := slices.Grow(a.encode.cells[:0], len(w.aggs))[:len(w.aggs)]
 	for key, first := range w.cells {
 		i := w.fan[first+int32(key.cuboid)]
-		cells[at[i]] = cellRef{key, i}
-		at[i]++
+		cells[i] = cellRef{key, i}
 	}
 	for key, off := range w.leaves {
 		i := w.fan[off+int32(key.cuboid)]
-		cells[at[i]] = cellRef{key, i}
-		at[i]++
+		cells[i] = cellRef{key, i}
 	}
-	a.encode.at = at[:0]
 	// shardOf[i] is the shard of cells[i]; a counting sort groups the
 	// cells by shard.
 	shardOf := slices.Grow(a.encode.shardOf[:0], len(cells))[:len(cells)]
