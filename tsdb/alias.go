@@ -5,7 +5,6 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"hash/maphash"
 	"maps"
 	"math"
 	"slices"
@@ -233,42 +232,15 @@ func cuboidChildren(f *schema.Family) [][]childCuboid {
 // would be its child's, at every resolution. A cell or child that is not
 // published yet (its first batch is still committing) is left out.
 //
-// A child is found by a hash of its values on the parent's labels, and the
-// values are then compared: a collision costs at most an alias not taken.
-// Nothing is allocated a cell: with the candidates in string-keyed maps,
-// they were half of a group's allocations.
-func (db *DB) aliasCandidates(fi int, g *group) []map[uint32]aliasCandidates {
+// A child is found by its values on the parent's labels, held as an array
+// of the dictionary's strings: a map keyed by it allocates nothing a cell,
+// where one keyed by the values' encoded bytes took half of a group's
+// allocations.
+func (db *DB) aliasCandidates(fi int, g *group) []map[uint32]childRefs {
 	fs := db.fams[fi]
 	cuboids := g.fams[fi]
-	out := make([]map[uint32]aliasCandidates, len(cuboids))
-	type childCell struct {
-		cell   uint32
-		values []string // the dictionary's, never modified while the cell lives
-	}
-	var (
-		children []childCell
-		seed     = maphash.MakeSeed()
-	)
-	byParent := map[uint64]int{} // an index into children; -1 when two share a hash
-	// hash hashes the values at the indexes proj, all of them when proj is
-	// nil.
-	hash := func(values []string, proj []int) uint64 {
-		var h maphash.Hash
-		h.SetSeed(seed)
-		n := len(values)
-		if proj != nil {
-			n = len(proj)
-		}
-		for j := range n {
-			v := values[j]
-			if proj != nil {
-				v = values[proj[j]]
-			}
-			h.WriteString(v)
-			h.WriteByte(0)
-		}
-		return h.Sum64()
-	}
+	out := make([]map[uint32]childRefs, len(cuboids))
+	byParent := map[projKey]int64{} // the child cell; -1 when two children share the values
 	for q, cs := range cuboids {
 		if cs == nil || cs.n == 0 {
 			continue
@@ -279,46 +251,43 @@ func (db *DB) aliasCandidates(fi int, g *group) []map[uint32]aliasCandidates {
 				continue
 			}
 			clear(byParent)
-			children = children[:0]
 			fs.cuboids[child.id].eachValues(ccs, func(c uint32, values []string) {
-				k := hash(values, child.proj)
+				var k projKey
+				for j, i := range child.proj {
+					k[j] = values[i]
+				}
 				if _, ok := byParent[k]; ok {
 					byParent[k] = -1
 				} else {
-					byParent[k] = len(children)
-					children = append(children, childCell{c, values})
+					byParent[k] = int64(c)
 				}
 			})
 			fs.cuboids[q].eachValues(cs, func(cell uint32, values []string) {
-				i, ok := byParent[hash(values, nil)]
-				if !ok || i < 0 {
-					return
-				}
-				c := children[i]
-				for j, v := range values {
-					if c.values[child.proj[j]] != v {
-						return
-					}
-				}
-				if !bytes.Equal(cs.cells[cell], ccs.cells[c.cell]) {
+				var k projKey
+				copy(k[:], values)
+				c, ok := byParent[k]
+				if !ok || c < 0 || !bytes.Equal(cs.cells[cell], ccs.cells[c]) {
 					return
 				}
 				if out[q] == nil {
-					out[q] = map[uint32]aliasCandidates{}
+					out[q] = map[uint32]childRefs{}
 				}
-				a := out[q][cell]
-				a.refs[a.n] = aliasRef{cuboid: child.id, cell: c.cell}
-				a.n++
-				out[q][cell] = a
+				refs := out[q][cell]
+				refs.refs[refs.n] = aliasRef{cuboid: child.id, cell: uint32(c)}
+				refs.n++
+				out[q][cell] = refs
 			})
 		}
 	}
 	return out
 }
 
-// aliasCandidates are a cell's candidates: at most one child cuboid a
-// dimension, and a family has at most schema.MaxLevels labels.
-type aliasCandidates struct {
+// projKey is a cell's values on a cuboid's labels, the rest empty.
+type projKey [schema.MaxLevels]string
+
+// childRefs are a cell's candidates: at most one child cuboid a dimension,
+// and a family has at most schema.MaxLevels labels.
+type childRefs struct {
 	n    int
 	refs [schema.MaxLevels]aliasRef
 }

@@ -454,7 +454,7 @@ func (db *DB) unalias(b *groupTable, fi int, g *group, rows []int64, keep []bool
 // had data while its parent had none cannot come from the same flushes.
 // Children have larger cuboid IDs, whose presence this group has not
 // staged yet: presenceList returns the rows as committed.
-func (db *DB) newAlias(pk presenceKey, candidates aliasCandidates) (aliasRef, bool) {
+func (db *DB) newAlias(pk presenceKey, candidates childRefs) (aliasRef, bool) {
 	for _, ref := range candidates.refs[:candidates.n] {
 		child := pk
 		child.cuboid = ref.cuboid
