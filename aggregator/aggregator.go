@@ -201,6 +201,7 @@ func New(opts Options) (*Aggregator, error) {
 			return nil, err
 		}
 	}
+	go a.confirmer()
 	go a.loop()
 	return a, nil
 }

@@ -103,11 +103,17 @@ type cutMark struct {
 type outbox struct {
 	mu struct {
 		sync.Mutex
-		cond *sync.Cond // signalled when a queue grows or shrinks, or on stop
+		cond *sync.Cond // signalled when a queue grows or shrinks, a delivery is made, or on stop
 		// queues holds, per destination, the entries it has not taken, in
 		// order. A destination's sender runs from its first entry on.
 		queues  map[string][]*entry
 		stopped bool
+		// confirmed holds the deliveries the senders made that the
+		// confirmer has yet to record, in the order they were made.
+		confirmed []delivery
+		// finished is set once the senders are gone: the confirmer then
+		// records what is left and returns.
+		finished bool
 		// wake is closed, and replaced, by RetryNow: senders waiting out a
 		// backoff try again at once.
 		wake chan struct{}
@@ -118,7 +124,15 @@ type outbox struct {
 	bytes  atomic.Int64
 	ctx    context.Context
 	cancel context.CancelFunc // stops the senders
-	wg     sync.WaitGroup
+	wg     sync.WaitGroup     // the senders
+	// confirmerDone is closed when the confirmer returned.
+	confirmerDone chan struct{}
+}
+
+// delivery is a request a destination took.
+type delivery struct {
+	e    *entry
+	dest string
 }
 
 func (o *outbox) init() {
@@ -126,6 +140,7 @@ func (o *outbox) init() {
 	o.mu.queues = map[string][]*entry{}
 	o.mu.wake = make(chan struct{})
 	o.closing = make(chan struct{})
+	o.confirmerDone = make(chan struct{})
 	o.ctx, o.cancel = context.WithCancel(context.Background())
 }
 
@@ -182,12 +197,38 @@ func (a *Aggregator) sender(dest string) {
 		if err := a.send(dest, e); err != nil {
 			return // the outbox is stopping
 		}
-		a.confirm(e, dest)
 		o.mu.Lock()
 		o.mu.queues[dest] = o.mu.queues[dest][1:]
+		o.mu.confirmed = append(o.mu.confirmed, delivery{e: e, dest: dest})
 		a.metrics.handoffPending.WithLabelValues(dest).Set(float64(len(o.mu.queues[dest])))
 		o.mu.cond.Broadcast()
 		o.mu.Unlock()
+	}
+}
+
+// confirmer records the senders' deliveries until the outbox has stopped
+// and they are gone: all those made since it last looked in one hold of the
+// cube's lock. A sender hands its delivery over and goes on to its next
+// request: waiting for that lock itself, which a push holds while it
+// counts a batch, took a quarter of the time of the sender to the node's
+// own combiner during a backfill.
+func (a *Aggregator) confirmer() {
+	o := &a.out
+	defer close(o.confirmerDone)
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	for {
+		for len(o.mu.confirmed) == 0 && !o.mu.finished {
+			o.mu.cond.Wait()
+		}
+		if len(o.mu.confirmed) == 0 {
+			return
+		}
+		ds := o.mu.confirmed
+		o.mu.confirmed = nil
+		o.mu.Unlock()
+		a.confirm(ds)
+		o.mu.Lock()
 	}
 }
 
@@ -278,6 +319,11 @@ func (a *Aggregator) drain(deadline time.Time) int {
 	o.mu.Unlock()
 	o.cancel()
 	o.wg.Wait()
+	o.mu.Lock()
+	o.mu.finished = true
+	o.mu.cond.Broadcast()
+	o.mu.Unlock()
+	<-o.confirmerDone
 	return n
 }
 
@@ -370,21 +416,24 @@ func describe(dest string, e *entry) []any {
 	return []any{"replica", dest, "window", time.UnixMilli(e.flush.WindowStartMs).UTC(), "sequence", e.flush.Sequence, "cells", e.flush.Cells}
 }
 
-// confirm records that dest took e. Once every destination has taken every
+// confirm records the deliveries ds. Once every destination has taken every
 // request of an intent, its cut covers the segments before it, and the log
 // drops what is consumed.
-func (a *Aggregator) confirm(e *entry, dest string) {
+func (a *Aggregator) confirm(ds []delivery) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	it := e.intent
-	if !a.deliveredLocked(it, e.index, dest) || a.wal == nil {
-		return
-	}
-	// Logged after the intent may have completed and its segment gone: a
-	// replay ignores the confirmation of an intent it does not know.
-	rec := appendDelivered(nil, deliveredRecord{intent: it.pos, index: e.index, dest: dest})
-	if _, err := a.wal.Append(recDelivered, rec); err != nil {
-		a.opts.Logger.Error("cannot log a delivery; the request will go out again after a restart", "err", err)
+	for _, d := range ds {
+		it := d.e.intent
+		if !a.deliveredLocked(it, d.e.index, d.dest) || a.wal == nil {
+			continue
+		}
+		// Logged after the intent may have completed and its segment
+		// gone: a replay ignores the confirmation of an intent it does
+		// not know.
+		rec := appendDelivered(nil, deliveredRecord{intent: it.pos, index: d.e.index, dest: d.dest})
+		if _, err := a.wal.Append(recDelivered, rec); err != nil {
+			a.opts.Logger.Error("cannot log a delivery; the request will go out again after a restart", "err", err)
+		}
 	}
 }
 
