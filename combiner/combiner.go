@@ -283,31 +283,76 @@ type server struct {
 }
 
 func (s server) Flush(ctx context.Context, req *wirepb.FlushRequest) (*wirepb.FlushResponse, error) {
+	dup, err := s.c.take(ctx, req)
+	if err != nil {
+		return nil, err
+	}
+	return &wirepb.FlushResponse{Duplicate: dup}, nil
+}
+
+// take applies a flush an aggregator delivered, by gRPC or in process,
+// once a slot is free and the node is ready, and answers with the status
+// the aggregator acts on: InvalidArgument for a flush no retry can make
+// acceptable, Unavailable (or the context's code) for one to retry.
+func (c *Combiner) take(ctx context.Context, req *wirepb.FlushRequest) (duplicate bool, err error) {
 	select {
-	case s.c.slots <- struct{}{}:
-		defer func() { <-s.c.slots }()
+	case c.slots <- struct{}{}:
+		defer func() { <-c.slots }()
 	case <-ctx.Done():
-		return nil, status.FromContextError(ctx.Err()).Err()
+		return false, status.FromContextError(ctx.Err()).Err()
 	}
 	if err := ctx.Err(); err != nil {
-		return nil, status.FromContextError(err).Err() // the aggregator retries it
+		return false, status.FromContextError(err).Err() // the aggregator retries it
 	}
-	if ready := s.c.opts.Ready; ready != nil {
+	if ready := c.opts.Ready; ready != nil {
 		if err := ready(); err != nil {
-			s.c.metrics.unready.Inc()
-			return nil, status.Error(codes.Unavailable, err.Error())
+			c.metrics.unready.Inc()
+			return false, status.Error(codes.Unavailable, err.Error())
 		}
 	}
-	dup, err := s.c.Apply(req)
+	dup, err := c.Apply(req)
 	switch {
 	case errors.Is(err, ErrBadFlush):
 		// No retry can make the flush acceptable.
-		return nil, status.Error(codes.InvalidArgument, err.Error())
+		return false, status.Error(codes.InvalidArgument, err.Error())
 	case err != nil:
-		s.c.opts.Logger.Error("flush not applied", "source", req.Source, "window", req.WindowStartMs, "err", err)
-		return nil, status.Error(codes.Unavailable, err.Error())
+		c.opts.Logger.Error("flush not applied", "source", req.Source, "window", req.WindowStartMs, "err", err)
+		return false, status.Error(codes.Unavailable, err.Error())
 	}
-	return &wirepb.FlushResponse{Duplicate: dup}, nil
+	return dup, nil
+}
+
+// Local is the aggregator's sink for a combiner in the same process: it
+// hands each flush to the combiner directly, decoded from the bytes it was
+// logged as, and answers with the status codes the combiner's gRPC server
+// would, so that the aggregator retries and gives up on exactly what it
+// would over the network. It saves the round trip through the gRPC stack
+// that otherwise stood between the aggregator and the store, in series
+// with every apply: a third of the time of the aggregator's sender during a
+// backfill. Like Client, it is one shard and one replica, which every
+// replica name reaches.
+type Local struct {
+	name string
+	c    *Combiner
+}
+
+// Local returns the in-process sink of c, a combiner named name.
+func (c *Combiner) Local(name string) *Local { return &Local{name: name, c: c} }
+
+// Shards is 1: the combiner holds the whole cube.
+func (l *Local) Shards() int { return 1 }
+
+// Replicas names the one combiner.
+func (l *Local) Replicas(uint32) []string { return []string{l.name} }
+
+// Flush applies one partial cube.
+func (l *Local) Flush(ctx context.Context, _ string, f *wire.Flush) error {
+	var req wirepb.FlushRequest
+	if err := proto.Unmarshal(f.Data, &req); err != nil {
+		return status.Errorf(codes.InvalidArgument, "combiner: the flush does not decode: %v", err)
+	}
+	_, err := l.c.take(ctx, &req)
+	return err
 }
 
 // FlushColumns is Flush: a combiner reads either layout by either method.

@@ -237,6 +237,81 @@ func TestGRPC(t *testing.T) {
 	}
 }
 
+// TestLocal: the in-process sink applies a flush once, whatever replica
+// name it is given, and answers as the gRPC server does: InvalidArgument
+// for a flush that does not decode or does not fit, which the aggregator
+// gives up on, and Unavailable while the node is not ready, which it
+// retries.
+func TestLocal(t *testing.T) {
+	s := schema.Default()
+	db, err := tsdb.Open(tsdb.Options{Dir: t.TempDir(), Schema: s, NoSync: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	var unready atomic.Bool
+	c, err := New(Options{Store: db, Schema: s, Ready: func() error {
+		if unready.Load() {
+			return errors.New("the store is opening")
+		}
+		return nil
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sink := c.Local("c1")
+	if sink.Shards() != 1 || fmt.Sprint(sink.Replicas(0)) != "[c1]" {
+		t.Fatalf("local sink holds %d shards on %v, want 1 on [c1]", sink.Shards(), sink.Replicas(0))
+	}
+	ctx := context.Background()
+	w := time.Now().Truncate(10 * time.Second).UnixMilli()
+	enc, err := wire.EncodeFlush(columnar(w, 1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range []string{"c1", "an-earlier-name"} {
+		if err := sink.Flush(ctx, name, enc); err != nil {
+			t.Fatalf("flush to %s: %v", name, err)
+		}
+	}
+	if got := apexSum(t, db, w); got != 5 {
+		t.Errorf("apex sum %v, want 5: the flush applied once", got)
+	}
+	bad := columnar(w, 2)
+	bad.Dict[0] = "nope"
+	badEnc, err := wire.EncodeFlush(bad)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name string
+		f    *wire.Flush
+		want codes.Code
+	}{
+		{"unknown family", badEnc, codes.InvalidArgument},
+		{"bytes that do not decode", &wire.Flush{Data: wire.Encoded{0xff, 0xff}}, codes.InvalidArgument},
+	} {
+		if err := sink.Flush(ctx, "c1", tc.f); status.Code(err) != tc.want {
+			t.Errorf("%s: %v, want %v", tc.name, err, tc.want)
+		}
+	}
+	unready.Store(true)
+	next, err := wire.EncodeFlush(columnar(w, 3))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := sink.Flush(ctx, "c1", next); status.Code(err) != codes.Unavailable {
+		t.Errorf("while not ready: %v, want Unavailable", err)
+	}
+	unready.Store(false)
+	if err := sink.Flush(ctx, "c1", next); err != nil {
+		t.Fatal(err)
+	}
+	if got := apexSum(t, db, w); got != 10 {
+		t.Errorf("apex sum %v, want 10: the refused flush applied on its retry", got)
+	}
+}
+
 // TestFlushToOlderCombiner: a combiner that predates the columnar layout
 // serves only Flush and reads only cells as messages, dropping the columns
 // as fields it does not know. The client flushes to it by Flush with the

@@ -237,10 +237,13 @@ func (t *topology) placement(shard int) []string {
 func (t *topology) Shards() int { return t.shards }
 
 // flushSink is the topology as the aggregator's sink, for a cube of
-// schema s.
+// schema s: the flushes for self, this node, go to local, its combiner, in
+// process, when it has the role.
 type flushSink struct {
-	t *topology
-	s *schema.Schema
+	t     *topology
+	s     *schema.Schema
+	self  string
+	local *combiner.Local
 }
 
 func (s flushSink) Shards() int { return s.t.shards }
@@ -248,6 +251,9 @@ func (s flushSink) Shards() int { return s.t.shards }
 func (s flushSink) Replicas(shard uint32) []string { return s.t.placement(int(shard)) }
 
 func (s flushSink) Flush(ctx context.Context, replica string, f *wire.Flush) error {
+	if replica == s.self && s.local != nil {
+		return s.local.Flush(ctx, replica, f)
+	}
 	c, err := s.t.conn(replica)
 	if err != nil {
 		return err

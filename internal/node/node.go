@@ -36,6 +36,7 @@ type Node struct {
 	cfg    Config
 	log    *slog.Logger
 	db     *tsdb.DB               // the combiner role's store
+	comb   *combiner.Combiner     // the combiner role
 	agg    *aggregator.Aggregator // the aggregator role
 	otlp   *otlp.Receiver         // the aggregator role's OTLP ingest
 	member *cluster.Cluster       // in a cluster
@@ -119,11 +120,11 @@ func Start(cfg Config, version string, log *slog.Logger) (n *Node, err error) {
 			return nil, fmt.Errorf("node: cannot open the store in %s: %w", cfg.DataDir, err)
 		}
 		n.health.floor = &disk.Floor{Dir: cube, Min: uint64(cfg.MinFreeBytes), Logger: log.With("component", "combiner"), What: "flushes"}
-		comb, err := combiner.New(combiner.Options{Store: n.db, Schema: s, Ready: n.health.storeReady, Logger: log.With("component", "combiner"), Registerer: reg})
+		n.comb, err = combiner.New(combiner.Options{Store: n.db, Schema: s, Ready: n.health.storeReady, Logger: log.With("component", "combiner"), Registerer: reg})
 		if err != nil {
 			return nil, err
 		}
-		comb.Register(n.internal)
+		n.comb.Register(n.internal)
 		combiner.NewReadServer(s, n.db).Register(n.internal)
 	}
 	if cfg.Clustered() {
@@ -291,13 +292,19 @@ func reachable(listen, advertise string) (string, error) {
 
 func (n *Node) startAggregator(s *schema.Schema, reg prometheus.Registerer) error {
 	cfg := n.cfg
+	// The aggregator hands the flushes for this node's own combiner to it
+	// in process, and sends the others over gRPC.
+	var local *combiner.Local
+	if n.comb != nil {
+		local = n.comb.Local(cfg.Name)
+	}
 	var sink aggregator.Sink
-	if n.topo != nil {
-		sink = flushSink{n.topo, s}
-	} else {
-		// Alone, the aggregator flushes to its combiner over gRPC too, so
-		// the path is the one a cluster takes, through the internal
-		// listener in this process.
+	switch {
+	case n.topo != nil:
+		sink = flushSink{t: n.topo, s: s, self: cfg.Name, local: local}
+	case local != nil:
+		sink = local
+	default:
 		var err error
 		n.conn, err = grpc.NewClient("passthrough:///internal", n.dialInternal()...)
 		if err != nil {

@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"regexp"
 	"runtime"
 	"strconv"
 	"strings"
@@ -381,19 +382,22 @@ func TestServerMetrics(t *testing.T) {
 	if code, body := fetch(n.HTTPAddr(), "/debug/pprof/"); code != http.StatusOK || !strings.Contains(body, "goroutine") {
 		t.Errorf("/debug/pprof/ with debug_pprof: HTTP %d", code)
 	}
-	// The flush reaches the combiner once the window and its grace end.
-	flushed := `dimsum_grpc_requests_total{code="OK",method="` + wirepb.Combiner_FlushColumns_FullMethodName + `",server="internal"}`
+	// The flush reaches the combiner, in process, once the window and its
+	// grace end.
+	flushed := regexp.MustCompile(`(?m)^dimsum_combiner_flushes_applied_total [1-9]`)
 	var metrics string
 	deadline := time.Now().Add(30 * time.Second)
-	for _, metrics = fetch(n.HTTPAddr(), "/metrics"); !strings.Contains(metrics, flushed) && time.Now().Before(deadline); _, metrics = fetch(n.HTTPAddr(), "/metrics") {
+	for _, metrics = fetch(n.HTTPAddr(), "/metrics"); !flushed.MatchString(metrics) && time.Now().Before(deadline); _, metrics = fetch(n.HTTPAddr(), "/metrics") {
 		time.Sleep(100 * time.Millisecond)
+	}
+	if !flushed.MatchString(metrics) {
+		t.Errorf("/metrics lacks %s", flushed)
 	}
 	for _, want := range []string{
 		`dimsum_http_requests_total{code="200",handler="/api/v1/query"} 1`,
 		`dimsum_http_requests_total{code="400",handler="/api/v1/query"} 1`,
 		`dimsum_http_request_duration_seconds_count{handler="/api/v1/query"} 2`,
 		`dimsum_grpc_requests_total{code="OK",method="` + wirepb.Ingest_Push_FullMethodName + `",server="public"}`,
-		flushed,
 		`dimsum_build_info{goversion="` + runtime.Version() + `",version="v9.8.7"} 1`,
 	} {
 		if !strings.Contains(metrics, want) {
