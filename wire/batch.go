@@ -12,6 +12,12 @@ type Batch struct {
 	// adding one costs no allocation in the common case.
 	block  []wirepb.Event
 	labels []uint32
+	// prev holds the labels of the event added last and prevIdx their
+	// indexes: a label equal to the one in the same place of the event
+	// before (its name, nearly always, and often its value) takes that
+	// index without a lookup in index.
+	prev    []string
+	prevIdx []uint32
 }
 
 // Add appends one event. labels alternate name, value, name, value.
@@ -30,8 +36,14 @@ func (b *Batch) Add(family string, timestampMS int64, value float64, labels ...s
 	ev.Labels = b.labels[:len(labels):len(labels)]
 	b.labels = b.labels[len(labels):]
 	for i, l := range labels {
+		if i < len(b.prev) && l == b.prev[i] {
+			ev.Labels[i] = b.prevIdx[i]
+			continue
+		}
 		ev.Labels[i] = b.intern(l)
 	}
+	// A copy: the caller may reuse its slice for the next event.
+	b.prev, b.prevIdx = append(b.prev[:0], labels...), ev.Labels
 	b.req.Events = append(b.req.Events, ev)
 }
 
@@ -67,4 +79,5 @@ func (b *Batch) Request() *wirepb.PushRequest { return &b.req }
 func (b *Batch) Reset() {
 	b.req = wirepb.PushRequest{}
 	clear(b.index)
+	b.prev, b.prevIdx = b.prev[:0], nil
 }

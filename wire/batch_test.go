@@ -51,6 +51,28 @@ func TestBatch(t *testing.T) {
 	}
 }
 
+// TestBatchReusedLabels: a caller may fill one slice of labels anew for
+// every event; each event keeps the values it was added with.
+func TestBatchReusedLabels(t *testing.T) {
+	var b Batch
+	labels := []string{"host", "h1", "status", "200"}
+	b.Add("requests", 1, 1, labels...)
+	labels[1], labels[3] = "h2", "500"
+	b.Add("requests", 2, 1, labels...)
+	labels[1] = "h1"
+	b.Add("requests", 3, 1, labels...)
+	req := b.Request()
+	for i, want := range [][]string{{"host", "h1", "status", "200"}, {"host", "h2", "status", "500"}, {"host", "h1", "status", "500"}} {
+		var got []string
+		for _, l := range req.Events[i].Labels {
+			got = append(got, req.Dict[l])
+		}
+		if !slices.Equal(got, want) {
+			t.Errorf("event %d decodes to %v, want %v", i, got, want)
+		}
+	}
+}
+
 // BenchmarkBatchAdd builds batches of 5,000 events of the default schema's
 // shape, as a publisher does for every Push.
 func BenchmarkBatchAdd(b *testing.B) {
