@@ -17,7 +17,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/test/bufconn"
 
 	"github.com/dimsum/dimsum/aggregator"
 	"github.com/dimsum/dimsum/aggregator/otlp"
@@ -41,7 +40,6 @@ type Node struct {
 	otlp   *otlp.Receiver         // the aggregator role's OTLP ingest
 	member *cluster.Cluster       // in a cluster
 	topo   *topology              // in a cluster
-	conn   *grpc.ClientConn       // alone: the aggregator's connection to its combiner
 	// grpc serves the public calls (pushes), internal those of the
 	// cluster (flushes, forwarded batches, reads): on a port of its own in
 	// a cluster, in this process alone.
@@ -124,8 +122,10 @@ func Start(cfg Config, version string, log *slog.Logger) (n *Node, err error) {
 		if err != nil {
 			return nil, err
 		}
-		n.comb.Register(n.internal)
-		combiner.NewReadServer(s, n.db).Register(n.internal)
+		if n.internal != nil {
+			n.comb.Register(n.internal)
+			combiner.NewReadServer(s, n.db).Register(n.internal)
+		}
 	}
 	if cfg.Clustered() {
 		if err := n.join(reg); err != nil {
@@ -165,7 +165,9 @@ func Start(cfg Config, version string, log *slog.Logger) (n *Node, err error) {
 		ErrorLog: slog.NewLogLogger(log.With("component", "http").Handler(), slog.LevelWarn)}
 
 	go func() { n.errc <- n.grpc.Serve(n.grpcLn) }()
-	go func() { n.errc <- n.internal.Serve(n.internalLn) }()
+	if n.internal != nil {
+		go func() { n.errc <- n.internal.Serve(n.internalLn) }()
+	}
 	go func() {
 		serve := n.http.Serve
 		if n.http.TLSConfig != nil {
@@ -206,29 +208,25 @@ func (n *Node) listen() error {
 	if n.httpLn, err = net.Listen("tcp", cfg.HTTPListen); err != nil {
 		return fmt.Errorf("node: cannot listen for HTTP: %w", err)
 	}
+	// OTLP's codec answers an export that does not decode with
+	// InvalidArgument; it is gRPC's own for every other call.
+	n.grpc = grpc.NewServer(append(append(n.trust.publicServerOptions(), grpc.MaxRecvMsgSize(cfg.MaxBatchBytes), otlp.ServerOption()), n.metrics.grpcOptions("public")...)...)
+	// Alone, a node has no internal listener: its aggregator flushes to
+	// its combiner in process and its queries read its store.
 	if cfg.Clustered() {
 		if n.internalLn, err = net.Listen("tcp", cfg.Cluster.InternalListen); err != nil {
 			return fmt.Errorf("node: cannot listen for the cluster's internal gRPC: %w", err)
 		}
-	} else {
-		n.internalLn = bufconn.Listen(1 << 20)
+		n.internal = grpc.NewServer(append(n.metrics.grpcOptions("internal"), n.trust.internalServerOption(), grpc.MaxRecvMsgSize(cfg.MaxRecvBytes))...)
 	}
-	// OTLP's codec answers an export that does not decode with
-	// InvalidArgument; it is gRPC's own for every other call.
-	n.grpc = grpc.NewServer(append(append(n.trust.publicServerOptions(), grpc.MaxRecvMsgSize(cfg.MaxBatchBytes), otlp.ServerOption()), n.metrics.grpcOptions("public")...)...)
-	n.internal = grpc.NewServer(append(n.metrics.grpcOptions("internal"), n.trust.internalServerOption(), grpc.MaxRecvMsgSize(cfg.MaxRecvBytes))...)
 	return nil
 }
 
 // dialInternal returns the options that reach another member's internal
-// listener (or, alone, this node's own).
+// listener.
 func (n *Node) dialInternal() []grpc.DialOption {
-	opts := []grpc.DialOption{n.trust.internalDialOption(),
+	return []grpc.DialOption{n.trust.internalDialOption(),
 		grpc.WithDefaultCallOptions(grpc.MaxCallSendMsgSize(n.cfg.MaxRecvBytes), grpc.MaxCallRecvMsgSize(n.cfg.MaxRecvBytes))}
-	if ln, ok := n.internalLn.(*bufconn.Listener); ok {
-		opts = append(opts, grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return ln.DialContext(ctx) }))
-	}
-	return opts
 }
 
 // join starts memberlist and the topology over it.
@@ -293,24 +291,15 @@ func reachable(listen, advertise string) (string, error) {
 func (n *Node) startAggregator(s *schema.Schema, reg prometheus.Registerer) error {
 	cfg := n.cfg
 	// The aggregator hands the flushes for this node's own combiner to it
-	// in process, and sends the others over gRPC.
+	// in process, and sends the others over gRPC. A node alone runs every
+	// role (Config.Validate).
 	var local *combiner.Local
 	if n.comb != nil {
 		local = n.comb.Local(cfg.Name)
 	}
-	var sink aggregator.Sink
-	switch {
-	case n.topo != nil:
+	var sink aggregator.Sink = local
+	if n.topo != nil {
 		sink = flushSink{t: n.topo, s: s, self: cfg.Name, local: local}
-	case local != nil:
-		sink = local
-	default:
-		var err error
-		n.conn, err = grpc.NewClient("passthrough:///internal", n.dialInternal()...)
-		if err != nil {
-			return fmt.Errorf("node: cannot dial the combiner: %w", err)
-		}
-		sink = combiner.NewClient(cfg.Name, n.conn, s)
 	}
 	ac := cfg.Aggregator
 	walDir := filepath.Join(cfg.DataDir, "wal")
@@ -425,9 +414,9 @@ func (n *Node) GRPCAddr() string { return n.grpcLn.Addr().String() }
 func (n *Node) HTTPAddr() string { return n.httpLn.Addr().String() }
 
 // InternalAddr is the address of the internal gRPC server in a cluster;
-// alone, "" (it listens in this process only).
+// alone, "" (it has none).
 func (n *Node) InternalAddr() string {
-	if _, ok := n.internalLn.(*bufconn.Listener); ok {
+	if n.internalLn == nil {
 		return ""
 	}
 	return n.internalLn.Addr().String()
@@ -512,9 +501,6 @@ func (n *Node) close() error {
 		if err := n.member.Leave(5 * time.Second); err != nil {
 			n.log.Warn("leave not confirmed; the others will find this node dead", "err", err)
 		}
-	}
-	if n.conn != nil {
-		errs = append(errs, n.conn.Close())
 	}
 	// The servers stop side by side: HTTP requests still running must not
 	// keep the gRPC ports open, where pushes would find only a closed
