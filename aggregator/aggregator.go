@@ -40,7 +40,8 @@ type Peers interface {
 	// Forward delivers one part to the aggregator that owns it, which
 	// counts it with PushForwarded. It must be safe to retry: the part
 	// carries the publisher's batch identity, and the owner counts an
-	// identity once.
+	// identity once. An error wrapping ErrNotSent says the request never
+	// left this node.
 	Forward(ctx context.Context, owner string, req *wirepb.PushRequest) (*wirepb.PushResponse, error)
 }
 
@@ -50,6 +51,12 @@ var (
 	ErrBatchTooLarge = errors.New("aggregator: batch too large")
 	// ErrClosed is returned by Push after Close.
 	ErrClosed = errors.New("aggregator: closed")
+	// ErrNotSent marks a Peers.Forward error for a request that never
+	// left this node (there was no connection to the owner), so the owner
+	// cannot have taken it. Only a part whose every failed delivery said
+	// so may be handed over to other owners (Router.HandOver): any other
+	// error may hide a delivery.
+	ErrNotSent = errors.New("aggregator: not sent")
 	// ErrLogFull is returned by Push while the write-ahead log is over
 	// WALMaxBytes: its windows cannot go out (a combiner is down), and
 	// taking more would grow the log without bound. Nothing of the batch
@@ -336,6 +343,11 @@ func (a *Aggregator) push(req *wirepb.PushRequest, owner func(*schema.Family, []
 		v = a.forwardedValidator(req.Dict, req.ReceivedMs, now)
 	}
 	fw := forwards{received: now}
+	if forwarded {
+		// The bounds of the first reception go on with a part handed
+		// over to other owners.
+		fw.received = req.ReceivedMs
+	}
 	var partition [schema.MaxLevels]string
 	for i, e := range req.Events {
 		ev := event{index: i}

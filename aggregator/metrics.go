@@ -75,7 +75,7 @@ func newMetrics(reg prometheus.Registerer, walBytes, pendingBytes, walFree func(
 		}),
 		forwarded: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "dimsum_aggregator_forwarded_events_total",
-			Help: "Events of batches taken here that another aggregator owns, by outcome: queued (logged here and acknowledged to the publisher), delivered (the owner took them), refused (the owner rejected them; each is logged).",
+			Help: "Events of batches taken here that another aggregator owns, by outcome: queued (logged here and acknowledged to the publisher), delivered (the owner took them), refused (the owner rejected them; each is logged), handed_over (their owner was declared dead and they went on to its keys' new owners).",
 		}, []string{"outcome"}),
 		forwardErrors: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "dimsum_aggregator_forward_errors_total",

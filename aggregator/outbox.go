@@ -2,6 +2,7 @@ package aggregator
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"math"
 	"slices"
@@ -38,6 +39,11 @@ type entry struct {
 	flush  *wire.Flush         // entryFlush
 	push   *wirepb.PushRequest // entryForward: one owner, in dests[0]
 	queued time.Time           // when it was first queued; guarded by outbox.mu
+	// sending marks a forwarded part its sender is delivering now, and
+	// reached one a failed delivery may have reached all the same (the
+	// error did not wrap ErrNotSent): neither may be handed over to
+	// another owner. Guarded by outbox.mu.
+	sending, reached bool
 	// size is the memory the request holds until every destination took
 	// it: the bytes of a flush, the encoded size of a forwarded part.
 	size int64
@@ -194,10 +200,14 @@ func (a *Aggregator) sender(dest string) {
 		}
 		e := o.mu.queues[dest][0]
 		o.mu.Unlock()
-		if err := a.send(dest, e); err != nil {
+		if err := a.send(dest, e); errors.Is(err, errHandedOver) {
+			continue
+		} else if err != nil {
 			return // the outbox is stopping
 		}
 		o.mu.Lock()
+		// A part being sent is never handed over, so e is still first.
+		e.sending = false
 		o.mu.queues[dest] = o.mu.queues[dest][1:]
 		o.mu.confirmed = append(o.mu.confirmed, delivery{e: e, dest: dest})
 		a.metrics.handoffPending.WithLabelValues(dest).Set(float64(len(o.mu.queues[dest])))
@@ -327,17 +337,27 @@ func (a *Aggregator) drain(deadline time.Time) int {
 	return n
 }
 
+// errHandedOver is send's error for a part that left dest's queue while it
+// waited to be retried: it went to the owners that took dest's keys.
+var errHandedOver = errors.New("aggregator: handed over")
+
 // send delivers one entry to one destination, retrying with backoff until
-// it is taken or the outbox stops. A request the destination refuses as
-// malformed (InvalidArgument) is logged and counts as delivered: no retry can
-// change the answer, and retrying would hold up every later request.
+// it is taken, the outbox stops, or (a forwarded part) it is handed over. A
+// request the destination refuses as malformed (InvalidArgument) is logged
+// and counts as delivered: no retry can change the answer, and retrying
+// would hold up every later request.
 func (a *Aggregator) send(dest string, e *entry) error {
 	o := &a.out
 	backoff := a.opts.RetryBackoff
 	closing := o.closing
 	for {
-		// Taken before the attempt, so that a RetryNow during it counts.
 		o.mu.Lock()
+		if q := o.mu.queues[dest]; len(q) == 0 || q[0] != e {
+			o.mu.Unlock()
+			return errHandedOver
+		}
+		e.sending = e.kind == entryForward
+		// Taken before the attempt, so that a RetryNow during it counts.
 		wake := o.mu.wake
 		o.mu.Unlock()
 		ctx, cancel := context.WithTimeout(o.ctx, flushTimeout)
@@ -354,6 +374,21 @@ func (a *Aggregator) send(dest string, e *entry) error {
 			return nil
 		}
 		a.opts.Logger.Warn("delivery failed, retrying", append(describe(dest, e), "backoff", backoff, "err", err)...)
+		if e.kind == entryForward {
+			// Marked reached before it stops being sent, and released
+			// only once this sender no longer reads it: a hand-over may
+			// take it from then on, until the next attempt.
+			o.mu.Lock()
+			reached := !e.reached && !errors.Is(err, ErrNotSent)
+			e.reached = e.reached || reached
+			o.mu.Unlock()
+			if reached {
+				a.logReached(dest, e)
+			}
+			o.mu.Lock()
+			e.sending = false
+			o.mu.Unlock()
+		}
 		select {
 		case <-o.ctx.Done():
 			return o.ctx.Err()
@@ -406,6 +441,25 @@ func (a *Aggregator) refused(dest string, e *entry, err error) {
 		return
 	}
 	a.opts.Logger.Error("partial cube lost: the combiner refused it", append(describe(dest, e), "err", err)...)
+}
+
+// logReached records, synced, that a delivery of the forwarded part e to
+// dest may have reached it, so that a restart keeps the part waiting for
+// dest rather than free to be handed over.
+func (a *Aggregator) logReached(dest string, e *entry) {
+	if a.wal == nil || e.intent.pos == (wal.Pos{}) {
+		return
+	}
+	rec := appendDelivered(nil, deliveredRecord{intent: e.intent.pos, index: e.index, dest: dest})
+	a.mu.Lock()
+	pos, err := a.wal.Append(recReached, rec)
+	a.mu.Unlock()
+	if err == nil {
+		err = a.wal.Sync(pos)
+	}
+	if err != nil {
+		a.opts.Logger.Error("cannot log that a forwarded part may have reached its owner; after a restart it could be handed over and count twice", append(describe(dest, e), "err", err)...)
+	}
 }
 
 // describe names a request and its destination for the log.

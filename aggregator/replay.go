@@ -84,6 +84,14 @@ func (r *replay) record(pos wal.Pos, typ wal.Type, payload []byte) error {
 		if it := r.intents[d.intent]; it != nil && d.index < len(it.entries) {
 			a.deliveredLocked(it, d.index, d.dest)
 		}
+	case recReached:
+		d, err := decodeDelivered(payload)
+		if err != nil {
+			return err
+		}
+		if it := r.intents[d.intent]; it != nil && d.index < len(it.entries) {
+			it.entries[d.index].reached = true
+		}
 	case recCheckpoint:
 		sources, err := decodeCheckpoint(payload)
 		if err != nil {

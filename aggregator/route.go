@@ -6,8 +6,8 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/peer"
 
-	"github.com/dimsum/dimsum/schema"
 	"github.com/dimsum/dimsum/wire/wirepb"
 )
 
@@ -34,10 +34,12 @@ type RouterOptions struct {
 	// schema.PartitionKey); Self is this node's name. Required.
 	//
 	// Owner must choose among the aggregators that did not leave the
-	// cluster, alive or dead, so that a crash moves no key: a dead owner's
-	// parts wait in the other aggregators' outboxes until it is back, and
-	// its log's dedupe state then counts a part it may already have taken
-	// once. Only a join or a leave moves keys.
+	// cluster, alive or dead, so that a brief crash moves no key: a dead
+	// owner's parts wait in the other aggregators' outboxes until it is
+	// back, and its log's dedupe state then counts a part it may already
+	// have taken once. Keys move at a join or a leave, and when a dead
+	// owner is handed over: then Owner no longer names it, and HandOver
+	// moves what waits for it.
 	Owner func(key uint64) string
 	Self  string
 }
@@ -94,12 +96,7 @@ func (r *Router) serve(ctx context.Context, req *wirepb.PushRequest) (*wirepb.Pu
 // read from its family and partition levels, as the validation resolved
 // them.
 func (r *Router) Push(req *wirepb.PushRequest) (*wirepb.PushResponse, error) {
-	return r.opts.Local.PushRouted(req, func(f *schema.Family, partition []string) string {
-		if owner := r.opts.Owner(schema.PartitionKey(f.Name, partition)); owner != r.opts.Self {
-			return owner
-		}
-		return ""
-	})
+	return r.opts.Local.PushRouted(req, r.owner)
 }
 
 // PeerClients is Peers over gRPC: it returns an Ingest client of the named
@@ -107,13 +104,21 @@ func (r *Router) Push(req *wirepb.PushRequest) (*wirepb.PushResponse, error) {
 // owner's Router counts it without routing it again.
 type PeerClients func(name string) (wirepb.IngestClient, error)
 
-// Forward sends one part to its owner.
+// Forward sends one part to its owner. A call that failed before gRPC
+// opened a stream to the owner (no connection: the owner is down, or has
+// no known address) never left this node, and its error wraps ErrNotSent.
 func (p PeerClients) Forward(ctx context.Context, owner string, req *wirepb.PushRequest) (*wirepb.PushResponse, error) {
 	c, err := p(owner)
 	if err != nil {
-		return nil, fmt.Errorf("aggregator %s: %w", owner, err)
+		return nil, fmt.Errorf("aggregator %s: %w: %w", owner, ErrNotSent, err)
 	}
-	resp, err := c.Push(metadata.AppendToOutgoingContext(ctx, forwardedKey, "1"), req)
+	// gRPC fills in the peer only for a call that had a stream on a
+	// connection to it.
+	var at peer.Peer
+	resp, err := c.Push(metadata.AppendToOutgoingContext(ctx, forwardedKey, "1"), req, grpc.Peer(&at))
+	if err != nil && at.Addr == nil {
+		return nil, fmt.Errorf("aggregator %s: %w: %w", owner, ErrNotSent, err)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("aggregator %s: %w", owner, err)
 	}

@@ -26,6 +26,7 @@ const (
 	recDelivered  wal.Type = 4 // one destination took one request of an intent
 	recCheckpoint wal.Type = 5 // the dedupe state, first record of every segment
 	recForward    wal.Type = 6 // the parts of one batch owned by other aggregators, with their owners
+	recReached    wal.Type = 7 // a delivery of a forwarded part failed after it left: its owner may hold it
 )
 
 // entryKind tells the requests of an intent apart. ONLY APPEND TO THIS LIST.
@@ -229,7 +230,8 @@ func readRequests(d *encoding.Decbuf) []*entry {
 	return entries
 }
 
-// deliveredRecord is a decoded recDelivered.
+// deliveredRecord is a decoded recDelivered or recReached: which request
+// of which record, and the destination.
 type deliveredRecord struct {
 	intent wal.Pos
 	index  int

@@ -1,0 +1,127 @@
+package aggregator_test
+
+import (
+	"testing"
+
+	"google.golang.org/grpc"
+
+	"github.com/dimsum/dimsum/wire/wirepb"
+)
+
+// TestRouterHandOver declares an owner dead while parts of batches wait
+// for it at two other aggregators, and hands its keys over: the parts that
+// cannot have reached it go to the new owners and are counted once, across
+// a restart of the aggregator that held them; the one whose delivery may
+// have reached it (it took the part, the reply was lost) waits for it,
+// across that restart too; and when it comes back it counts only that one,
+// once.
+func TestRouterHandOver(t *testing.T) {
+	r := newRing(t, "a", "b", "c")
+	before := byKey("a", "b", "c")
+	after := func(key uint64) string {
+		if o := before(key); o != "c" {
+			return o
+		}
+		return byKey("a", "b")(key)
+	}
+	r.setOwner(before)
+	a, b, c := r.nodes["a"], r.nodes["b"], r.nodes["c"]
+	ts := r.clock.Now().UnixMilli()
+
+	// c takes its part of batch 1 from a, but the reply is lost, and c
+	// dies: the part may be in c's log, and waits for c. Every reply to a
+	// is lost from now on, which its owners' dedupe makes harmless.
+	partC := 0
+	for h := range routeHosts {
+		if before(hostKey(h)) == "c" {
+			partC++
+		}
+	}
+	a.lossy.Store(true)
+	resp, err := r.push("a", routeBatch(ts, 1))
+	checkReply(t, resp, err)
+	poll(t, "c to count its part of batch 1", func() bool {
+		return c.h.counter(t, "dimsum_aggregator_events_accepted_total") == float64(partC)
+	})
+	poll(t, "a to miss c's reply", func() bool {
+		return a.h.counter(t, "dimsum_aggregator_forward_errors_total") > 0
+	})
+	c.crash()
+
+	// Batches 2 and 3 come while c is down: their parts for c never leave.
+	resp, err = r.push("a", routeBatch(ts, 2))
+	checkReply(t, resp, err)
+	resp, err = r.push("b", routeBatch(ts, 3))
+	checkReply(t, resp, err)
+	if p := a.agg.Pending(); p["c"] != 2 {
+		t.Fatalf("a holds %v, want two parts for c", p)
+	}
+	// a restarts on its log before the hand-over: what it knew of the
+	// first part's delivery survives.
+	a.crash()
+	a.restart()
+
+	// c is declared dead: its keys move to a and b, which hand over what
+	// they hold for it.
+	r.setOwner(after)
+	handOver(t, a, 1, 1) // the part that may have reached c stays
+	handOver(t, b, 1, 0)
+	if n := a.h.counter(t, "dimsum_aggregator_forwarded_events_total"); n == 0 {
+		t.Errorf("a counted no forwarded events")
+	}
+	// A second hand-over moves nothing, and a repeat of a moved part under
+	// its new identity, as a crash between the hand-over and its
+	// confirmation would make, counts nothing.
+	if n, err := a.router.HandOver("c"); err != nil || n != 0 {
+		t.Errorf("a second hand-over moved %d parts (%v), want none", n, err)
+	}
+	repeat := routeBatch(ts, 2)
+	repeat.Source = "pub via c"
+	resp, err = wirepb.NewIngestClient(a.srv.conn).Push(t.Context(), repeat, grpc.WaitForReady(true))
+	if err != nil || !resp.Duplicate {
+		t.Errorf("batch 2 under the identity of its part handed over from c: %v, %v; want a duplicate", resp, err)
+	}
+
+	// c comes back: it takes the part that waited for it as a repeat, and
+	// counts nothing else of batches 2 and 3. (a's replies were lost until
+	// now: each of its deliveries was taken, and retried until this.)
+	a.lossy.Store(false)
+	c.restart()
+	got := r.counts()
+	moved := 0
+	for h := range routeHosts {
+		first, now := before(hostKey(h)), after(hostKey(h))
+		want := map[string]uint64{first: 1}
+		want[now] += 2
+		if first != now {
+			moved++
+		}
+		for name, hosts := range got {
+			if hosts[h] != want[name] {
+				t.Errorf("host %d (owner %s, then %s): %s holds %d events, want %d", h, first, now, name, hosts[h], want[name])
+			}
+		}
+	}
+	if moved == 0 {
+		t.Fatal("c owned no host: the test shows nothing")
+	}
+}
+
+// handOver hands over, as the node does every half second, until n holds
+// keep parts for c, and checks that it moved want in all. A part whose
+// delivery is under way when it is looked at stays until the next time.
+func handOver(t *testing.T, n *ringNode, want, keep int) {
+	t.Helper()
+	moved := 0
+	poll(t, n.name+" to hand over what it holds for c", func() bool {
+		m, err := n.router.HandOver("c")
+		if err != nil {
+			t.Fatal(err)
+		}
+		moved += m
+		return n.agg.Pending()["c"] == keep
+	})
+	if moved != want {
+		t.Errorf("%s handed over %d parts, want %d", n.name, moved, want)
+	}
+}
