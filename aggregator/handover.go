@@ -73,7 +73,7 @@ func (a *Aggregator) handOver(gone string, owner func(*schema.Family, []string) 
 			a.opts.Logger.Error("events handed over from a dead owner were rejected", append(describe(gone, e),
 				"rejected", n, "first_reason", resp.Rejects[0].Reason.String(), "first_detail", resp.Rejects[0].Detail)...)
 		}
-		a.opts.Logger.Info("forwarded part handed over from a dead owner", append(describe(gone, e), "duplicate", resp.Duplicate)...)
+		a.opts.Logger.Debug("forwarded part handed over from a dead owner", append(describe(gone, e), "duplicate", resp.Duplicate)...)
 		a.confirm([]delivery{{e: e, dest: gone}})
 	}
 	return len(move), nil

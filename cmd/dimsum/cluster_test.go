@@ -17,11 +17,11 @@ import (
 )
 
 // clusterConfig is every test member's config, given the names of the
-// combiners: a 1s window so that data reaches the combiners quickly,
-// memberlist's fast timings, and few shards so that each combiner holds
-// several of them twice.
+// combiners and further cluster settings: a 1s window so that data reaches
+// the combiners quickly, memberlist's fast timings, and few shards so that
+// each combiner holds several of them twice.
 const clusterConfig = `aggregator: {grace: 1s, flush_interval: 100ms}
-cluster: {timing: fast, shards: 8, replication: 2, combiners: [%s], insecure: true}
+cluster: {timing: fast, shards: 8, replication: 2, combiners: [%s], insecure: true%s}
 schema: {resolutions: [1s:1d, 1m:35d]}
 `
 
@@ -46,8 +46,14 @@ type testCluster struct {
 // newTestCluster makes a test cluster whose combiners are the members of
 // the given names.
 func newTestCluster(t *testing.T, combiners ...string) *testCluster {
+	return newTestClusterWith(t, "", combiners...)
+}
+
+// newTestClusterWith is newTestCluster with more cluster settings, each
+// with a leading ", " (YAML flow style).
+func newTestClusterWith(t *testing.T, settings string, combiners ...string) *testCluster {
 	dir := t.TempDir()
-	config := writeConfig(t, dir, fmt.Sprintf(clusterConfig, strings.Join(combiners, ", ")))
+	config := writeConfig(t, dir, fmt.Sprintf(clusterConfig, strings.Join(combiners, ", "), settings))
 	c := &testCluster{t: t, bin: dimsumBinary(t), config: config, dir: dir, members: map[string]*member{}}
 	t.Cleanup(func() {
 		for _, m := range c.members {
@@ -196,8 +202,10 @@ type clusterStatus struct {
 		} `json:"replicas"`
 	} `json:"shards"`
 	Gaps []struct {
-		Aggregator string `json:"aggregator"`
-		Down       bool   `json:"down"`
+		Aggregator string   `json:"aggregator"`
+		Down       bool     `json:"down"`
+		HandedOver bool     `json:"handedOver"`
+		WaitingAt  []string `json:"waitingAt"`
 	} `json:"gaps"`
 }
 

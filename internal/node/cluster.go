@@ -34,6 +34,7 @@ type topology struct {
 	replication int
 	dial        []grpc.DialOption    // how to reach a member's internal listener
 	combiners   []string             // the configured combiners; nil: those seen
+	handover    time.Duration        // how long an aggregator is dead before its keys move
 	gauge       *prometheus.GaugeVec // members by role and state
 
 	view atomic.Pointer[members]
@@ -51,9 +52,13 @@ type topology struct {
 // members is one snapshot of the membership, by role.
 type members struct {
 	// aggregators are the owners of partition keys: alive or dead, not
-	// leaving or left. A dead one keeps its keys, and the parts forwarded
-	// to it wait in the other aggregators' outboxes.
+	// leaving or left, nor handed over. A dead one keeps its keys for
+	// handover, and the parts forwarded to it wait in the other
+	// aggregators' outboxes.
 	aggregators []string
+	// handedOver are the aggregators dead for handover or longer: their
+	// keys moved to the others, and so do the parts waiting for them.
+	handedOver map[string]bool
 	// combiners hold the shards: the configured ones, or those seen that
 	// did not leave, alive or dead. A dead one keeps its shards, and its
 	// flushes wait for it.
@@ -70,20 +75,26 @@ type members struct {
 
 func newTopology(self string, c *cluster.Cluster, cfg ClusterConfig, dial []grpc.DialOption, reg prometheus.Registerer) *topology {
 	t := &topology{self: self, members: c, shards: cfg.Shards, replication: cfg.Replication, dial: dial,
-		combiners: slices.Sorted(slices.Values(cfg.Combiners)),
-		stop:      make(chan struct{}), done: make(chan struct{})}
+		combiners: slices.Sorted(slices.Values(cfg.Combiners)), handover: time.Duration(cfg.HandoverAfter),
+		stop: make(chan struct{}), done: make(chan struct{})}
 	t.gauge = prometheus.NewGaugeVec(prometheus.GaugeOpts{
 		Name: "dimsum_cluster_members",
 		Help: "Members of the cluster as this node sees them, by role and state (alive, dead, left).",
 	}, []string{"role", "state"})
 	reg.MustRegister(t.gauge)
 	t.conns.byAddr = map[string]*grpc.ClientConn{}
-	t.refresh()
+	next := t.refresh()
 	changes, cancel := c.Subscribe()
 	go func() {
 		defer close(t.done)
 		defer cancel()
 		for {
+			// handover fires when the next dead aggregator is due to be
+			// handed over, a moment no membership change announces.
+			var handover <-chan time.Time
+			if next > 0 {
+				handover = time.After(next)
+			}
 			select {
 			case <-t.stop:
 				return
@@ -91,15 +102,18 @@ func newTopology(self string, c *cluster.Cluster, cfg ClusterConfig, dial []grpc
 				if !ok {
 					return
 				}
-				t.refresh()
+			case <-handover:
 			}
+			next = t.refresh()
 		}
 	}()
 	return t
 }
 
-func (t *topology) refresh() {
-	m := &members{behind: map[string]bool{}, state: map[string]cluster.State{}, grpc: map[string]string{}}
+// refresh rebuilds the view from the member table. It returns how long
+// until the next dead aggregator is handed over, 0 when none is dead.
+func (t *topology) refresh() (next time.Duration) {
+	m := &members{behind: map[string]bool{}, handedOver: map[string]bool{}, state: map[string]cluster.State{}, grpc: map[string]string{}}
 	gaps := map[string]*fanout.Gap{}
 	gap := func(name string) *fanout.Gap {
 		if gaps[name] == nil {
@@ -125,11 +139,21 @@ func (t *topology) refresh() {
 		}
 		if mm.Meta.HasRole(cluster.RoleAggregator) && mm.State == cluster.StateDead {
 			gap(mm.Name).Down = true
+			// Since is when the first member to see it dead did, so
+			// every node hands it over at about the same moment.
+			if left := t.handover - time.Since(mm.Since); left > 0 {
+				if next == 0 || left < next {
+					next = left
+				}
+			} else {
+				m.handedOver[mm.Name] = true
+			}
 		}
-		// Aggregators own keys until they leave: a dead one keeps them,
-		// and what others take for it waits until it returns, so a crash
-		// moves no key. One that announced its leave owns none.
-		if mm.Meta.HasRole(cluster.RoleAggregator) && mm.State != cluster.StateLeft && !mm.Meta.Leaving {
+		// Aggregators own keys until they leave or are handed over: a
+		// dead one keeps them for a while, and what others take for it
+		// waits until it returns, so a brief crash moves no key. One that
+		// announced its leave owns none.
+		if mm.Meta.HasRole(cluster.RoleAggregator) && mm.State != cluster.StateLeft && !mm.Meta.Leaving && !m.handedOver[mm.Name] {
 			m.aggregators = append(m.aggregators, mm.Name)
 		}
 		if mm.Meta.HasRole(cluster.RoleCombiner) && mm.State != cluster.StateLeft {
@@ -147,6 +171,7 @@ func (t *topology) refresh() {
 	if f := t.returned.Load(); f != nil && old != nil && cameBack(old, m) {
 		(*f)()
 	}
+	return next
 }
 
 // cameBack reports whether a member is alive in now and was not in before,
@@ -303,11 +328,33 @@ const handoffGossipInterval = 500 * time.Millisecond
 // milliseconds, one that is down or catching up keeps requests waiting.
 const behindAfter = time.Second
 
+// HandedOver reports whether an aggregator is dead for long enough that its
+// keys moved to the others.
+func (t *topology) HandedOver(name string) bool { return t.view.Load().handedOver[name] }
+
+// handOver gives what this aggregator holds for handed-over ones to their
+// keys' new owners. It runs every handoffGossipInterval: a part being sent
+// when it looks, or queued by a push that routed it just before the keys
+// moved, goes the next time.
+func handOver(t *topology, agg *aggregator.Aggregator, r *aggregator.Router, log *slog.Logger) {
+	for name := range agg.Pending() {
+		if !t.HandedOver(name) {
+			continue
+		}
+		if n, err := r.HandOver(name); err != nil {
+			log.Error("cannot hand over what waits for a dead aggregator", "aggregator", name, "err", err)
+		} else if n > 0 {
+			log.Warn("batches waiting for a dead aggregator handed over to its keys' new owners", "aggregator", name, "parts", n)
+		}
+	}
+}
+
 // gossipHandoff keeps this aggregator's PendingHandoff and PendingForward
 // meta up to date, so that query nodes prefer replicas that have every
 // flush and warn of the events waiting for an aggregator, and a leaving
-// aggregator waits for what others hold for it.
-func gossipHandoff(c *cluster.Cluster, agg *aggregator.Aggregator, stop <-chan struct{}, log *slog.Logger) {
+// aggregator waits for what others hold for it. It hands over, too, what
+// waits for aggregators declared dead for good (handOver).
+func gossipHandoff(c *cluster.Cluster, t *topology, agg *aggregator.Aggregator, r *aggregator.Router, stop <-chan struct{}, log *slog.Logger) {
 	var last, lastForwards []string
 	tick := time.NewTicker(handoffGossipInterval)
 	defer tick.Stop()
@@ -317,6 +364,7 @@ func gossipHandoff(c *cluster.Cluster, agg *aggregator.Aggregator, stop <-chan s
 			return
 		case <-tick.C:
 		}
+		handOver(t, agg, r, log)
 		names, forwards := agg.Waiting(behindAfter)
 		if slices.Equal(names, last) && slices.Equal(forwards, lastForwards) {
 			continue

@@ -197,6 +197,11 @@ type ClusterConfig struct {
 	// Timing is memberlist's timing profile: "lan" (the default) or "fast",
 	// which detects a dead member in about a second on loopback, for tests.
 	Timing string `yaml:"timing"`
+	// HandoverAfter is how long an aggregator stays dead before its keys
+	// move to the others: then the batches for its hosts are counted by
+	// their new owners, and what the others hold for it goes to them. Until
+	// then they wait for it, in case it comes back. The default is 1m.
+	HandoverAfter model.Duration `yaml:"handover_after"`
 }
 
 // QueryConfig mirrors query.Options; zero fields take its defaults.
@@ -292,6 +297,9 @@ func (c *Config) EnsureDefaults() {
 	}
 	if cl.Timing == "" {
 		cl.Timing = "lan"
+	}
+	if cl.HandoverAfter == 0 {
+		cl.HandoverAfter = model.Duration(time.Minute)
 	}
 	if c.Clustered() {
 		if host, _, err := net.SplitHostPort(c.GRPCListen); err == nil {

@@ -4,6 +4,9 @@ import (
 	"errors"
 	"strings"
 	"testing"
+	"time"
+
+	"github.com/prometheus/common/model"
 
 	"github.com/dimsum/dimsum/cluster"
 	"github.com/dimsum/dimsum/schema"
@@ -36,6 +39,7 @@ func TestParseConfig(t *testing.T) {
 		t.Fatal(err)
 	}
 	if !c.Clustered() || c.Cluster.GossipListen != "10.0.0.5:9402" || c.Cluster.InternalListen != "10.0.0.5:9403" || c.Cluster.Shards != 64 || c.Cluster.Replication != 2 ||
+		c.Cluster.HandoverAfter != model.Duration(time.Minute) ||
 		!c.HasRole(cluster.RoleCombiner) || c.HasRole(cluster.RoleQuery) {
 		t.Errorf("cluster member's defaults: %+v", c)
 	}
@@ -56,6 +60,7 @@ func TestParseConfig(t *testing.T) {
 		{"too many shards", "cluster: {shards: 1000}", "shards 1000"},
 		{"negative replication", "cluster: {replication: -1}", "replication -1"},
 		{"bad timing", "cluster: {timing: slow}", `"slow"`},
+		{"negative hand-over", "cluster: {handover_after: -1s}", `"-1s"`},
 		{"combiner named twice", "cluster: {combiners: [c1, c1]}", "distinct"},
 		{"member without trust", "cluster: {join: [a:1]}", "cluster.insecure: true"},
 		{"member with TLS but no gossip key", "cluster: {join: [a:1], tls: {ca_file: ca, cert_file: c, key_file: k}}", "gossip_key_file"},

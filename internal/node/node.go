@@ -354,7 +354,7 @@ func (n *Node) startAggregator(s *schema.Schema, reg prometheus.Registerer) erro
 	}
 	retry := n.agg.RetryNow
 	n.topo.returned.Store(&retry)
-	n.loops.Go(func() { gossipHandoff(n.member, n.agg, n.stop, n.log.With("component", "cluster")) })
+	n.loops.Go(func() { gossipHandoff(n.member, n.topo, n.agg, router, n.stop, n.log.With("component", "cluster")) })
 	return nil
 }
 

@@ -23,8 +23,11 @@ type clusterStatus struct {
 }
 
 type gapStatus struct {
-	Aggregator string   `json:"aggregator"`
-	Down       bool     `json:"down"`
+	Aggregator string `json:"aggregator"`
+	Down       bool   `json:"down"`
+	// HandedOver says its keys moved to the others: the batches for its
+	// hosts no longer wait for it.
+	HandedOver bool     `json:"handedOver"`
 	WaitingAt  []string `json:"waitingAt"`
 }
 
@@ -80,7 +83,8 @@ func (n *Node) serveClusterStatus(w http.ResponseWriter, _ *http.Request) {
 			st.Shards = append(st.Shards, sr)
 		}
 		for _, g := range view.gaps {
-			st.Gaps = append(st.Gaps, gapStatus{Aggregator: g.Aggregator, Down: g.Down, WaitingAt: append([]string{}, g.WaitingAt...)})
+			st.Gaps = append(st.Gaps, gapStatus{Aggregator: g.Aggregator, Down: g.Down, HandedOver: view.handedOver[g.Aggregator],
+				WaitingAt: append([]string{}, g.WaitingAt...)})
 		}
 	}
 	query.WriteSuccess(w, st)

@@ -1,0 +1,79 @@
+package main
+
+import (
+	"fmt"
+	"net/url"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+)
+
+// TestClusterHandOver runs three nodes with every role, kills one with
+// SIGKILL and keeps it down while a load goes through the others: the
+// batches for its hosts wait for it, then, once it has been dead for
+// handover_after, go to its keys' new owners, and the totals are exact
+// although it is still down (its store is the other replicas', and it took
+// none of the load). Answers still warn that it is down, since it might
+// have held events of its own. When it comes back, nothing is counted
+// twice and the warnings go.
+func TestClusterHandOver(t *testing.T) {
+	c := newTestClusterWith(t, ", handover_after: 3s", "n1", "n2", "n3")
+	for i := 1; i <= 3; i++ {
+		c.add(fmt.Sprint("n", i), "all")
+	}
+	n1, n2, n3 := c.members["n1"], c.members["n2"], c.members["n3"]
+	c.alive(n1)
+	c.alive(n3)
+	c.kill(n2)
+
+	report := filepath.Join(c.dir, "report.json")
+	if out, err := exec.Command(c.bin, "load", "-addr", n1.grpc+","+n3.grpc, "-http", n1.http, "-events", "3000", "-batch", "300",
+		"-seed", "22", "-late", "-1", "-report", report).CombinedOutput(); err != nil {
+		t.Fatalf("dimsum load: %v\n%s", err, tail(string(out), 20))
+	}
+	rep := readReport(t, report)
+	var sum float64
+	for _, v := range rep.ByDatacenter["requests"] {
+		sum += v
+	}
+
+	// Handed over: no batch waits for n2 any more, and every acknowledged
+	// event is counted, with n2 still down.
+	for _, m := range []*member{n1, n3} {
+		waitFor(t, m.name+" to hand n2's keys over", func() bool {
+			st, err := c.status(m)
+			return err == nil && len(st.Gaps) == 1 && st.Gaps[0].Aggregator == "n2" && st.Gaps[0].Down &&
+				st.Gaps[0].HandedOver && len(st.Gaps[0].WaitingAt) == 0
+		})
+	}
+	waitFor(t, "the total through n1 to be exact with n2 down", func() bool {
+		got, ok := total(t, n1.http)
+		return ok && got == sum
+	})
+	q := url.Values{"query": {"sum(sum_over_time(requests_delta[1h]))"}}
+	_, ws, _ := answer(t, n3.http, "/api/v1/query", q)
+	if !slices.ContainsFunc(ws, func(w string) bool {
+		return strings.HasPrefix(w, "aggregator n2 is down: the events it took and had not yet flushed or forwarded are in no answer;")
+	}) {
+		t.Errorf("warnings with n2 down and handed over: %q, want them to say only that n2 is down", ws)
+	}
+
+	// n2 comes back empty-handed: its keys return, and nothing counts
+	// twice.
+	c.start(n2)
+	waitFor(t, "the warnings to go", func() bool {
+		code, ws, _ := answer(t, n1.http, "/api/v1/query", q)
+		return code == 200 && len(ws) == 0
+	})
+	c.exact(n1, rep.ByDatacenter["requests"], rep.Accepted)
+	if got, ok := total(t, n2.http); !ok || got != sum {
+		t.Errorf("the total through n2 is %v (ok %v), want %v", got, ok, sum)
+	}
+	if st, err := c.status(n3); err != nil || len(st.Gaps) > 0 || slices.ContainsFunc(st.Members, func(m memberState) bool {
+		return !strings.EqualFold(m.State, "alive")
+	}) {
+		t.Errorf("status with n2 back: %+v, %v", st, err)
+	}
+}
