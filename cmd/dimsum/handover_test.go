@@ -2,12 +2,17 @@ package main
 
 import (
 	"fmt"
+	"io"
+	"maps"
+	"net/http"
 	"net/url"
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
+	"time"
 )
 
 // TestClusterHandOver runs three nodes with every role, kills one with
@@ -17,7 +22,9 @@ import (
 // although it is still down (its store is the other replicas', and it took
 // none of the load). Answers still warn that it is down, since it might
 // have held events of its own. When it comes back, nothing is counted
-// twice and the warnings go.
+// twice and the warnings go. Then it is killed again in the middle of a
+// load, holding events of its own and parts on their way to it, and kept
+// down past its hand-over: once back, it counts once what it held.
 func TestClusterHandOver(t *testing.T) {
 	c := newTestClusterWith(t, ", handover_after: 3s", "n1", "n2", "n3")
 	for i := 1; i <= 3; i++ {
@@ -76,4 +83,68 @@ func TestClusterHandOver(t *testing.T) {
 	}) {
 		t.Errorf("status with n2 back: %+v, %v", st, err)
 	}
+
+	first := handedOver(t, n1) + handedOver(t, n3)
+	if first == 0 {
+		t.Errorf("no event was handed over from n2")
+	}
+
+	// Now n2 dies in the middle of a load through all three, holding
+	// events of its own and with parts on their way to it, and stays down
+	// past its hand-over while the load goes on through the others. Once
+	// it is back, every event of both loads counts once.
+	report2 := filepath.Join(c.dir, "report2.json")
+	load := exec.Command(c.bin, "load", "-addr", n1.grpc+","+n2.grpc+","+n3.grpc, "-http", n1.http, "-events", "40000", "-rate", "5000",
+		"-diurnal", "-1", "-batch", "200", "-seed", "23", "-late", "-1", "-report", report2)
+	out := new(strings.Builder)
+	load.Stdout, load.Stderr = out, out
+	if err := load.Start(); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(3 * time.Second)
+	c.kill(n2)
+	if err := load.Wait(); err != nil {
+		t.Fatalf("dimsum load: %v\n%s", err, tail(out.String(), 20))
+	}
+	waitFor(t, "n1 to hand n2's keys over again", func() bool {
+		st, err := c.status(n1)
+		return err == nil && len(st.Gaps) == 1 && st.Gaps[0].HandedOver
+	})
+	handed := handedOver(t, n1) + handedOver(t, n3)
+	if handed <= first {
+		t.Errorf("no event was handed over from n2 the second time (%v in all, %v the first time)", handed, first)
+	}
+	rep2 := readReport(t, report2)
+	want := maps.Clone(rep.ByDatacenter["requests"])
+	for dc, v := range rep2.ByDatacenter["requests"] {
+		want[dc] += v
+	}
+	c.start(n2)
+	c.exact(n1, want, rep.Accepted+rep2.Accepted)
+	c.exact(n3, want, rep.Accepted+rep2.Accepted)
+}
+
+// handedOver reads from m's /metrics how many forwarded events it handed
+// over from a dead owner.
+func handedOver(t *testing.T, m *member) float64 {
+	t.Helper()
+	resp, err := http.Get("http://" + m.http + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(body), "\n") {
+		if v, ok := strings.CutPrefix(line, `dimsum_aggregator_forwarded_events_total{outcome="handed_over"} `); ok {
+			f, err := strconv.ParseFloat(v, 64)
+			if err != nil {
+				t.Fatal(err)
+			}
+			return f
+		}
+	}
+	return 0
 }
