@@ -294,7 +294,7 @@ var (
 // Duplicate set and not counted again. With a log, Push returns once the
 // batch is on disk.
 func (a *Aggregator) Push(req *wirepb.PushRequest) (*wirepb.PushResponse, error) {
-	return a.push(req, nil, false)
+	return a.push(req, nil, fromPublisher)
 }
 
 // PushRouted takes a batch for a cluster: owner(f, partition) names the
@@ -312,7 +312,7 @@ func (a *Aggregator) PushRouted(req *wirepb.PushRequest, owner func(f *schema.Fa
 	if a.opts.Peers == nil {
 		return nil, fmt.Errorf("%w: routing a batch needs Peers to forward parts to their owners", ErrOptions)
 	}
-	return a.push(req, owner, false)
+	return a.push(req, owner, fromPublisher)
 }
 
 // PushForwarded counts a part of a batch that another aggregator took and
@@ -322,16 +322,27 @@ func (a *Aggregator) PushRouted(req *wirepb.PushRequest, owner func(f *schema.Fa
 // was down. Events older than the finest resolution's retention are
 // rejected all the same, since they could not be stored.
 func (a *Aggregator) PushForwarded(req *wirepb.PushRequest) (*wirepb.PushResponse, error) {
-	return a.push(req, nil, true)
+	return a.push(req, nil, fromPeer)
 }
 
-// push is Push, PushRouted (owner set) and PushForwarded (forwarded set).
-func (a *Aggregator) push(req *wirepb.PushRequest, owner func(*schema.Family, []string) string, forwarded bool) (*wirepb.PushResponse, error) {
+// origin is where push takes a batch from.
+type origin int
+
+const (
+	fromPublisher origin = iota // Push and PushRouted
+	fromPeer                    // PushForwarded: a part another aggregator took
+	fromHandOver                // a part handed over from a dead owner (handOver)
+)
+
+// push is Push, PushRouted (owner set) and PushForwarded, and takes the
+// parts handOver moves (owner set).
+func (a *Aggregator) push(req *wirepb.PushRequest, owner func(*schema.Family, []string) string, from origin) (*wirepb.PushResponse, error) {
+	forwarded := from != fromPublisher
 	if n := len(req.Events); n > a.opts.MaxBatchEvents {
 		a.metrics.batchesRefused.Inc()
 		return nil, fmt.Errorf("%w: %d events, at most %d", ErrBatchTooLarge, n, a.opts.MaxBatchEvents)
 	}
-	if err := a.checkLog(); err != nil {
+	if err := a.checkLog(from == fromHandOver); err != nil {
 		return nil, err
 	}
 	now := a.opts.Now().UnixMilli()
@@ -539,24 +550,19 @@ func (a *Aggregator) LogErr() error {
 // holds more than MaxPendingBytes, while the log is broken (so that nothing
 // is counted that cannot be logged), its filesystem below the free-space
 // floor or the log over WALMaxBytes, logging the reason when a stretch of
-// refusals begins and ends.
-func (a *Aggregator) checkLog() error {
+// refusals begins and ends. A hand-over is held back by neither bound of
+// the backlog: it moves what the log holds already, and the backlog for a
+// dead owner is what keeps the log over its bound.
+func (a *Aggregator) checkLog(handOver bool) error {
 	if a.opts.Ready != nil {
 		if err := a.opts.Ready(); err != nil {
 			return fmt.Errorf("%w: %w", ErrNotReady, err)
 		}
 	}
-	pending := a.out.bytes.Load()
-	if pending > a.opts.MaxPendingBytes {
-		a.metrics.batchesBackpressured.WithLabelValues("behind").Inc()
-		if a.behind.CompareAndSwap(false, true) {
-			a.opts.Logger.Warn("the combiners take less than this aggregator takes: refusing batches until the flushes waiting for them fall below the limit",
-				"pending_bytes", pending, "limit", a.opts.MaxPendingBytes, "pending", a.Pending())
+	if !handOver {
+		if err := a.checkPending(); err != nil {
+			return err
 		}
-		return fmt.Errorf("%w: %d bytes of flushes wait for the combiners, the limit is %d", ErrBehind, pending, a.opts.MaxPendingBytes)
-	}
-	if a.behind.CompareAndSwap(true, false) {
-		a.opts.Logger.Info("the combiners caught up: taking batches", "pending_bytes", pending, "limit", a.opts.MaxPendingBytes)
 	}
 	if a.wal == nil {
 		return nil
@@ -567,6 +573,9 @@ func (a *Aggregator) checkLog() error {
 	if err := a.floor.Check(); err != nil {
 		a.metrics.batchesLowDisk.Inc()
 		return fmt.Errorf("%w: %w", ErrDiskLow, err)
+	}
+	if handOver {
+		return nil
 	}
 	size := a.wal.Size()
 	if size <= a.opts.WALMaxBytes {
@@ -581,6 +590,24 @@ func (a *Aggregator) checkLog() error {
 			"bytes", size, "limit", a.opts.WALMaxBytes, "pending", a.Pending())
 	}
 	return fmt.Errorf("%w: %d bytes, the limit is %d; windows wait for %v", ErrLogFull, size, a.opts.WALMaxBytes, a.Pending())
+}
+
+// checkPending refuses a batch while the outbox holds more than
+// MaxPendingBytes of flushes.
+func (a *Aggregator) checkPending() error {
+	pending := a.out.bytes.Load()
+	if pending > a.opts.MaxPendingBytes {
+		a.metrics.batchesBackpressured.WithLabelValues("behind").Inc()
+		if a.behind.CompareAndSwap(false, true) {
+			a.opts.Logger.Warn("the combiners take less than this aggregator takes: refusing batches until the flushes waiting for them fall below the limit",
+				"pending_bytes", pending, "limit", a.opts.MaxPendingBytes, "pending", a.Pending())
+		}
+		return fmt.Errorf("%w: %d bytes of flushes wait for the combiners, the limit is %d", ErrBehind, pending, a.opts.MaxPendingBytes)
+	}
+	if a.behind.CompareAndSwap(true, false) {
+		a.opts.Logger.Info("the combiners caught up: taking batches", "pending_bytes", pending, "limit", a.opts.MaxPendingBytes)
+	}
+	return nil
 }
 
 func (a *Aggregator) internLocked(s string) uint32 {

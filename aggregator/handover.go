@@ -55,7 +55,7 @@ func (a *Aggregator) handOver(gone string, owner func(*schema.Family, []string) 
 	for i, e := range move {
 		req := &wirepb.PushRequest{Source: e.push.Source + " via " + gone, BatchSeq: e.push.BatchSeq,
 			ReceivedMs: e.push.ReceivedMs, Dict: e.push.Dict, Events: e.push.Events}
-		resp, err := a.push(req, owner, true)
+		resp, err := a.push(req, owner, fromHandOver)
 		if err != nil {
 			// The log failed or the aggregator closes: the parts not
 			// moved wait for gone again (forwarded parts carry their own

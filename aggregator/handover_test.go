@@ -4,6 +4,8 @@ import (
 	"testing"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	"github.com/dimsum/dimsum/wire/wirepb"
 )
@@ -57,9 +59,15 @@ func TestRouterHandOver(t *testing.T) {
 		t.Fatalf("a holds %v, want two parts for c", p)
 	}
 	// a restarts on its log before the hand-over: what it knew of the
-	// first part's delivery survives.
+	// first part's delivery survives. It comes back with a log over its
+	// bound, as a long backlog for c would make it: it refuses batches,
+	// but hands over all the same.
+	a.walMax = 1
 	a.crash()
 	a.restart()
+	if _, err := wirepb.NewIngestClient(a.srv.conn).Push(t.Context(), routeBatch(ts, 4), grpc.WaitForReady(true)); status.Code(err) != codes.ResourceExhausted {
+		t.Fatalf("a push to a with its log over its bound: %v, want ResourceExhausted", err)
+	}
 
 	// c is declared dead: its keys move to a and b, which hand over what
 	// they hold for it.
@@ -69,9 +77,12 @@ func TestRouterHandOver(t *testing.T) {
 	if n := a.h.counter(t, "dimsum_aggregator_forwarded_events_total"); n == 0 {
 		t.Errorf("a counted no forwarded events")
 	}
-	// A second hand-over moves nothing, and a repeat of a moved part under
-	// its new identity, as a crash between the hand-over and its
-	// confirmation would make, counts nothing.
+	// After a restart, a second hand-over moves nothing, and a repeat of a
+	// moved part under its new identity, as a crash between the hand-over
+	// and its confirmation would make, counts nothing.
+	a.walMax = 0
+	a.crash()
+	a.restart()
 	if n, err := a.router.HandOver("c"); err != nil || n != 0 {
 		t.Errorf("a second hand-over moved %d parts (%v), want none", n, err)
 	}

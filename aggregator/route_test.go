@@ -94,7 +94,10 @@ type ringNode struct {
 	srv  *peer
 	// lossy makes the delivery of every forward lose its reply, after
 	// the owner took it, as a connection cut at the wrong moment does.
-	lossy  atomic.Bool
+	lossy atomic.Bool
+	// walMax is the WALMaxBytes of its next incarnation, 0 for the
+	// default.
+	walMax int64
 	agg    *aggregator.Aggregator
 	router *aggregator.Router
 }
@@ -126,7 +129,7 @@ func (n *ringNode) open() {
 	a, err := aggregator.New(aggregator.Options{
 		Schema: n.h.schema, Sink: n.h.sink, Name: n.name, Now: n.r.clock.Now, WALDir: n.dir,
 		FlushInterval: time.Hour, RetryBackoff: time.Millisecond, Registerer: n.h.reg,
-		Peers: ringPeers{n},
+		Peers: ringPeers{n}, WALMaxBytes: n.walMax,
 	})
 	if err != nil {
 		t.Fatal(err)
