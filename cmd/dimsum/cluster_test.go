@@ -78,6 +78,22 @@ func tail(s string, lines int) string {
 	return strings.Join(l[max(0, len(l)-lines):], "\n")
 }
 
+// threeOneDown starts three nodes with every role, n1 to n3 (each a
+// combiner), waits until n1 and n3 see them all alive, and kills n2 with
+// SIGKILL.
+func threeOneDown(t *testing.T, settings string) (c *testCluster, n1, n2, n3 *member) {
+	t.Helper()
+	c = newTestClusterWith(t, settings, "n1", "n2", "n3")
+	for i := 1; i <= 3; i++ {
+		c.add(fmt.Sprint("n", i), "all")
+	}
+	n1, n2, n3 = c.members["n1"], c.members["n2"], c.members["n3"]
+	c.alive(n1)
+	c.alive(n3)
+	c.kill(n2)
+	return c, n1, n2, n3
+}
+
 // add starts a new member with one role.
 func (c *testCluster) add(name, role string) *member {
 	m := &member{name: name, role: role, dataDir: filepath.Join(c.dir, name)}

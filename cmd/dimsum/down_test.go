@@ -46,14 +46,7 @@ func answer(t *testing.T, httpAddr, path string, p url.Values) (int, []string, s
 // the cluster status lists the node as dead. Once the node is back, the
 // warnings go and the totals are exact.
 func TestClusterMemberDown(t *testing.T) {
-	c := newTestCluster(t, "n1", "n2", "n3")
-	for i := 1; i <= 3; i++ {
-		c.add(fmt.Sprint("n", i), "all")
-	}
-	n1, n2, n3 := c.members["n1"], c.members["n2"], c.members["n3"]
-	c.alive(n1)
-	c.alive(n3)
-	c.kill(n2)
+	c, n1, n2, n3 := threeOneDown(t, "")
 
 	report := filepath.Join(c.dir, "report.json")
 	out, err := exec.Command(c.bin, "load", "-addr", n1.grpc+","+n3.grpc, "-http", n1.http, "-events", "3000", "-batch", "300",

@@ -1,10 +1,7 @@
 package main
 
 import (
-	"fmt"
-	"io"
 	"maps"
-	"net/http"
 	"net/url"
 	"os/exec"
 	"path/filepath"
@@ -26,14 +23,7 @@ import (
 // load, holding events of its own and parts on their way to it, and kept
 // down past its hand-over: once back, it counts once what it held.
 func TestClusterHandOver(t *testing.T) {
-	c := newTestClusterWith(t, ", handover_after: 3s", "n1", "n2", "n3")
-	for i := 1; i <= 3; i++ {
-		c.add(fmt.Sprint("n", i), "all")
-	}
-	n1, n2, n3 := c.members["n1"], c.members["n2"], c.members["n3"]
-	c.alive(n1)
-	c.alive(n3)
-	c.kill(n2)
+	c, n1, n2, n3 := threeOneDown(t, ", handover_after: 3s")
 
 	report := filepath.Join(c.dir, "report.json")
 	if out, err := exec.Command(c.bin, "load", "-addr", n1.grpc+","+n3.grpc, "-http", n1.http, "-events", "3000", "-batch", "300",
@@ -128,16 +118,7 @@ func TestClusterHandOver(t *testing.T) {
 // over from a dead owner.
 func handedOver(t *testing.T, m *member) float64 {
 	t.Helper()
-	resp, err := http.Get("http://" + m.http + "/metrics")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	body, err := io.ReadAll(resp.Body)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, line := range strings.Split(string(body), "\n") {
+	for _, line := range strings.Split(string(get(t, "http://"+m.http+"/metrics")), "\n") {
 		if v, ok := strings.CutPrefix(line, `dimsum_aggregator_forwarded_events_total{outcome="handed_over"} `); ok {
 			f, err := strconv.ParseFloat(v, 64)
 			if err != nil {

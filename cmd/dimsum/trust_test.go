@@ -6,7 +6,6 @@ import (
 	"crypto/tls"
 	"encoding/hex"
 	"fmt"
-	"io"
 	"net/http"
 	"net/url"
 	"os"
@@ -76,15 +75,7 @@ func TestPublicPortRefusesClusterCalls(t *testing.T) {
 		return ok && v == 1
 	})
 	q := url.Values{"query": {"sum by (datacenter) (sum_over_time(requests_delta[2d]))"}}
-	resp, err := http.Get("http://" + httpAddr + "/api/v1/query?" + q.Encode())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	body, err := io.ReadAll(resp.Body)
-	if err != nil {
-		t.Fatal(err)
-	}
+	body := get(t, "http://"+httpAddr+"/api/v1/query?"+q.Encode())
 	if strings.Contains(string(body), "injected") || strings.Contains(string(body), "forged") || !strings.Contains(string(body), "dc1") {
 		t.Errorf("the cube holds what an anonymous client sent, or not the good event: %s", body)
 	}
