@@ -82,6 +82,10 @@ var (
 	// aggregator on a listener that is not the cluster's internal one:
 	// only a member may say that a batch was checked already.
 	ErrNotInternal = errors.New("aggregator: a forwarded batch is taken only on the internal listener")
+	// errNotLogged marks a push whose log failed after it counted the
+	// batch: its events are in the cube and its parts queued, though not
+	// durable.
+	errNotLogged = errors.New("batch not logged")
 )
 
 // Aggregator validates events, rolls each one up into every cuboid of its
@@ -507,7 +511,7 @@ func (a *Aggregator) push(req *wirepb.PushRequest, owner func(*schema.Family, []
 		// a crash before then would lose them: the publisher must not
 		// take the batch as safe.
 		a.opts.Logger.Error("batch not acknowledged: the write-ahead log failed", "err", logErr)
-		return nil, fmt.Errorf("%w: batch not logged: %w", ErrLogFailed, logErr)
+		return nil, fmt.Errorf("%w: %w: %w", ErrLogFailed, errNotLogged, logErr)
 	}
 
 	slices.SortFunc(resp.Rejects, func(x, y *wirepb.Reject) int { return int(x.Index) - int(y.Index) })

@@ -1,9 +1,11 @@
 package aggregator
 
 import (
+	"errors"
 	"fmt"
 
 	"github.com/dimsum/dimsum/schema"
+	"github.com/dimsum/dimsum/wal"
 	"github.com/dimsum/dimsum/wire/wirepb"
 )
 
@@ -59,13 +61,19 @@ func (a *Aggregator) handOver(gone string, owner func(*schema.Family, []string) 
 		if err != nil {
 			// The log failed or the aggregator closes: the parts not
 			// moved wait for gone again (forwarded parts carry their own
-			// identities, so their order does not matter).
+			// identities, so their order does not matter). A push whose
+			// log failed after it counted the part moved it all the same.
+			rest := move[i:]
+			if errors.Is(err, errNotLogged) {
+				a.confirm([]delivery{{e: e, dest: gone}})
+				rest = move[i+1:]
+			}
 			o.mu.Lock()
-			o.mu.queues[gone] = append(o.mu.queues[gone], move[i:]...)
+			o.mu.queues[gone] = append(o.mu.queues[gone], rest...)
 			a.metrics.handoffPending.WithLabelValues(gone).Set(float64(len(o.mu.queues[gone])))
 			o.mu.cond.Broadcast()
 			o.mu.Unlock()
-			return i, fmt.Errorf("aggregator: cannot hand over the parts queued for %s: %w", gone, err)
+			return len(move) - len(rest), fmt.Errorf("aggregator: cannot hand over the parts queued for %s: %w", gone, err)
 		}
 		events := len(e.push.Events)
 		a.metrics.forwarded.WithLabelValues("handed_over").Add(float64(events))
@@ -76,7 +84,83 @@ func (a *Aggregator) handOver(gone string, owner func(*schema.Family, []string) 
 		a.opts.Logger.Debug("forwarded part handed over from a dead owner", append(describe(gone, e), "duplicate", resp.Duplicate)...)
 		a.confirm([]delivery{{e: e, dest: gone}})
 	}
+	if err := a.carry(gone); err != nil {
+		return len(move), err
+	}
 	return len(move), nil
+}
+
+// carry logs again, in the log's newest segment, each part that stays
+// queued for gone because it may have reached it, and confirms its first
+// record as if gone took it: an owner that never returns would otherwise
+// keep the segment of every such part, and every later one, until the log
+// fills. The new record is a carried one, which a replay queues as reached,
+// synced before the first is confirmed: a crash between the two leaves
+// two copies of the part for gone, which counts its identity once.
+func (a *Aggregator) carry(gone string) error {
+	if a.wal == nil {
+		return nil
+	}
+	segs := a.wal.Segments()
+	newest := segs[len(segs)-1]
+	o := &a.out
+	// The parts carried leave gone's queue meanwhile, so that its sender
+	// does not deliver a part whose record is changing.
+	o.mu.Lock()
+	var keep, old []*entry
+	for _, e := range o.mu.queues[gone] {
+		if e.kind == entryForward && e.reached && !e.sending && e.intent.pos != (wal.Pos{}) && e.intent.pos.Segment < newest {
+			old = append(old, e)
+		} else {
+			keep = append(keep, e)
+		}
+	}
+	o.mu.queues[gone] = keep
+	o.mu.Unlock()
+	if len(old) == 0 {
+		return nil
+	}
+	carried := make([]*entry, 0, len(old))
+	var err error
+	var last wal.Pos
+	a.mu.Lock()
+	for _, e := range old {
+		c := &entry{kind: entryForward, dests: []string{gone}, push: e.push, size: e.size, queued: e.queued, reached: true}
+		var rec []byte
+		if rec, err = appendForward(nil, forwardRecord{source: e.push.Source, batchSeq: e.push.BatchSeq, nowMS: e.push.ReceivedMs, entries: []*entry{c}}); err != nil {
+			break
+		}
+		if last, err = a.wal.Append(recCarried, rec); err != nil {
+			break
+		}
+		a.mu.intents[a.newIntent(last, cutMark{}, []*entry{c})] = struct{}{}
+		carried = append(carried, c)
+	}
+	a.mu.Unlock()
+	if err == nil {
+		err = a.wal.Sync(last)
+	}
+	if err != nil {
+		// Every part stays as it was, and those carried are queued beside
+		// them: a repeat, which gone counts once.
+		carried = append(carried, old...)
+		old = nil
+	}
+	o.mu.Lock()
+	o.mu.queues[gone] = append(carried, o.mu.queues[gone]...)
+	a.metrics.handoffPending.WithLabelValues(gone).Set(float64(len(o.mu.queues[gone])))
+	o.mu.cond.Broadcast()
+	o.mu.Unlock()
+	if err != nil {
+		return fmt.Errorf("aggregator: cannot carry the parts that may have reached %s to a newer log segment: %w", gone, err)
+	}
+	ds := make([]delivery, len(old))
+	for i, e := range old {
+		ds[i] = delivery{e: e, dest: gone}
+	}
+	a.confirm(ds)
+	a.opts.Logger.Debug("parts that may have reached a dead owner carried to a newer log segment", "owner", gone, "parts", len(old))
+	return nil
 }
 
 // owner names the aggregator that owns a valid event of family f whose

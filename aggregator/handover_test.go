@@ -2,11 +2,13 @@ package aggregator_test
 
 import (
 	"testing"
+	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/dimsum/dimsum/aggregator"
 	"github.com/dimsum/dimsum/wire/wirepb"
 )
 
@@ -134,5 +136,102 @@ func handOver(t *testing.T, n *ringNode, want, keep int) {
 	})
 	if moved != want {
 		t.Errorf("%s handed over %d parts, want %d", n.name, moved, want)
+	}
+}
+
+// TestHandOverCarriesReachedPart keeps a part that may have reached a dead
+// owner for good: the owner never comes back while the log moves on, and
+// the segment the part was logged in, with every one after it, must still
+// go once its windows are out; the part waits for its owner across a
+// restart all the same, and when the owner does come back it counts it
+// once.
+func TestHandOverCarriesReachedPart(t *testing.T) {
+	r := newRing(t, "a", "b")
+	before := byKey("a", "b")
+	r.setOwner(before)
+	a, b := r.nodes["a"], r.nodes["b"]
+	a.segBytes = 4 << 10
+	a.crash()
+	a.restart()
+	ts := r.clock.Now().UnixMilli()
+
+	partB := 0
+	for h := range routeHosts {
+		if before(hostKey(h)) == "b" {
+			partB++
+		}
+	}
+	a.lossy.Store(true)
+	resp, err := r.push("a", routeBatch(ts, 1))
+	checkReply(t, resp, err)
+	poll(t, "a to miss b's reply", func() bool {
+		return a.h.counter(t, "dimsum_aggregator_forward_errors_total") > 0
+	})
+	b.crash()
+	a.lossy.Store(false)
+	r.setOwner(byKey("a"))
+	if n, err := a.router.HandOver("b"); err != nil || n != 0 {
+		t.Fatalf("a hand-over moved %d parts (%v), want none", n, err)
+	}
+
+	// a goes on alone: its windows go out to its store, the log moves to
+	// new segments, and each hand-over carries the part along.
+	for seq := uint64(2); seq < 40; seq++ {
+		resp, err := r.push("a", routeBatch(ts, seq))
+		checkReply(t, resp, err)
+		if seq%8 == 0 {
+			r.clock.Set(r.clock.Now().Add(time.Minute))
+			aggregator.Flush(a.agg)
+			poll(t, "a's flushes to be delivered", func() bool { p := a.agg.Pending(); return len(p) == 1 && p["b"] == 1 })
+			if _, err := a.router.HandOver("b"); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	r.clock.Set(r.clock.Now().Add(time.Minute))
+	aggregator.Flush(a.agg)
+	poll(t, "a's log to drop the segments behind the part it keeps for b", func() bool {
+		if _, err := a.router.HandOver("b"); err != nil {
+			t.Fatal(err)
+		}
+		aggregator.Flush(a.agg)
+		return segments(t, a.dir) <= 2
+	})
+	if p := a.agg.Pending(); p["b"] != 1 {
+		t.Fatalf("a holds %v, want the one part for b", p)
+	}
+
+	// Across a restart the part still waits for b, never handed over
+	// (the hand-overs are those of the node's gossip loop, faster).
+	a.crash()
+	a.restart()
+	for range 20 {
+		if n, err := a.router.HandOver("b"); err != nil || n != 0 {
+			t.Fatalf("after a restart a hand-over moved %d parts (%v), want none", n, err)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if p := a.agg.Pending(); p["b"] != 1 {
+		t.Fatalf("a holds %v after a restart, want the one part for b", p)
+	}
+
+	// b comes back: it had counted the part, and counts it no more.
+	b.restart()
+	got := r.counts()
+	for h := range routeHosts {
+		want := map[string]uint64{"a": 38}
+		if before(hostKey(h)) == "b" {
+			want["b"] = 1
+		} else {
+			want["a"]++
+		}
+		for name, hosts := range got {
+			if hosts[h] != want[name] {
+				t.Errorf("host %d: %s holds %d events, want %d", h, name, hosts[h], want[name])
+			}
+		}
+	}
+	if partB == 0 {
+		t.Fatal("b owned no host: the test shows nothing")
 	}
 }

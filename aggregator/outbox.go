@@ -237,7 +237,15 @@ func (a *Aggregator) confirmer() {
 		ds := o.mu.confirmed
 		o.mu.confirmed = nil
 		o.mu.Unlock()
-		a.confirm(ds)
+		if pos := a.confirm(ds); pos != (wal.Pos{}) {
+			// A forwarded part's delivery is synced: were it lost in a
+			// crash, the part would be pending again here, and once its
+			// owner died, handed over to another owner while the first
+			// counted it too. A flush delivered twice is a duplicate.
+			if err := a.wal.Sync(pos); err != nil {
+				a.opts.Logger.Error("cannot sync the deliveries of forwarded parts; after a crash they could be handed over and count twice", "err", err)
+			}
+		}
 		o.mu.Lock()
 	}
 }
@@ -280,20 +288,21 @@ func (a *Aggregator) Waiting(age time.Duration) (names, forwards []string) {
 	o.mu.Lock()
 	defer o.mu.Unlock()
 	for d, q := range o.mu.queues {
-		if len(q) == 0 || time.Since(q[0].queued) <= age {
-			continue
-		}
-		names = append(names, d)
-		// A queue is in the order its entries were queued: the search
-		// ends at the first one younger than age.
+		// A queue is mostly in the order its entries were queued, but a
+		// hand-over that failed puts parts back at its end: every entry
+		// is looked at.
+		old, forward := false, false
 		for _, e := range q {
-			if time.Since(e.queued) <= age {
-				break
+			if time.Since(e.queued) > age {
+				old = true
+				forward = forward || e.kind == entryForward
 			}
-			if e.kind == entryForward {
-				forwards = append(forwards, d)
-				break
-			}
+		}
+		if old {
+			names = append(names, d)
+		}
+		if forward {
+			forwards = append(forwards, d)
 		}
 	}
 	slices.Sort(names)
@@ -363,21 +372,20 @@ func (a *Aggregator) send(dest string, e *entry) error {
 		ctx, cancel := context.WithTimeout(o.ctx, flushTimeout)
 		err := a.attempt(ctx, dest, e)
 		cancel()
-		if o.ctx.Err() != nil {
-			return o.ctx.Err()
-		}
 		if err == nil {
 			return nil
 		}
-		if status.Code(err) == codes.InvalidArgument {
+		stopping := o.ctx.Err() != nil
+		if !stopping && status.Code(err) == codes.InvalidArgument {
 			a.refused(dest, e, err)
 			return nil
 		}
-		a.opts.Logger.Warn("delivery failed, retrying", append(describe(dest, e), "backoff", backoff, "err", err)...)
 		if e.kind == entryForward {
 			// Marked reached before it stops being sent, and released
 			// only once this sender no longer reads it: a hand-over may
-			// take it from then on, until the next attempt.
+			// take it from then on, until the next attempt. An attempt
+			// the outbox's stop cut short is marked too: it may have
+			// reached its owner just the same.
 			o.mu.Lock()
 			reached := !e.reached && !errors.Is(err, ErrNotSent)
 			e.reached = e.reached || reached
@@ -389,6 +397,10 @@ func (a *Aggregator) send(dest string, e *entry) error {
 			e.sending = false
 			o.mu.Unlock()
 		}
+		if stopping {
+			return o.ctx.Err()
+		}
+		a.opts.Logger.Warn("delivery failed, retrying", append(describe(dest, e), "backoff", backoff, "err", err)...)
 		select {
 		case <-o.ctx.Done():
 			return o.ctx.Err()
@@ -472,8 +484,9 @@ func describe(dest string, e *entry) []any {
 
 // confirm records the deliveries ds. Once every destination has taken every
 // request of an intent, its cut covers the segments before it, and the log
-// drops what is consumed.
-func (a *Aggregator) confirm(ds []delivery) {
+// drops what is consumed. It returns the position of the last delivery of
+// a forwarded part it logged, zero if none, for the caller to sync.
+func (a *Aggregator) confirm(ds []delivery) (forwarded wal.Pos) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	for _, d := range ds {
@@ -485,10 +498,14 @@ func (a *Aggregator) confirm(ds []delivery) {
 		// gone: a replay ignores the confirmation of an intent it does
 		// not know.
 		rec := appendDelivered(nil, deliveredRecord{intent: it.pos, index: d.e.index, dest: d.dest})
-		if _, err := a.wal.Append(recDelivered, rec); err != nil {
+		pos, err := a.wal.Append(recDelivered, rec)
+		if err != nil {
 			a.opts.Logger.Error("cannot log a delivery; the request will go out again after a restart", "err", err)
+		} else if d.e.kind == entryForward {
+			forwarded = pos
 		}
 	}
+	return forwarded
 }
 
 // deliveredLocked records that dest took request index of it, completes the

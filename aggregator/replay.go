@@ -74,6 +74,16 @@ func (r *replay) record(pos wal.Pos, typ wal.Type, payload []byte) error {
 			}
 		}
 		r.intent(pos, cutMark{}, f.entries)
+	case recCarried:
+		f, err := decodeForward(payload)
+		if err != nil {
+			return err
+		}
+		// Its identity was marked by its first record.
+		for _, e := range f.entries {
+			e.reached = true
+		}
+		r.intent(pos, cutMark{}, f.entries)
 	case recDelivered:
 		d, err := decodeDelivered(payload)
 		if err != nil {

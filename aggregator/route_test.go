@@ -98,8 +98,11 @@ type ringNode struct {
 	// walMax is the WALMaxBytes of its next incarnation, 0 for the
 	// default.
 	walMax int64
-	agg    *aggregator.Aggregator
-	router *aggregator.Router
+	// segBytes is the WALSegmentBytes of its next incarnation, 0 for the
+	// default.
+	segBytes int64
+	agg      *aggregator.Aggregator
+	router   *aggregator.Router
 }
 
 func newRing(t *testing.T, names ...string) *ring {
@@ -129,7 +132,7 @@ func (n *ringNode) open() {
 	a, err := aggregator.New(aggregator.Options{
 		Schema: n.h.schema, Sink: n.h.sink, Name: n.name, Now: n.r.clock.Now, WALDir: n.dir,
 		FlushInterval: time.Hour, RetryBackoff: time.Millisecond, Registerer: n.h.reg,
-		Peers: ringPeers{n}, WALMaxBytes: n.walMax,
+		Peers: ringPeers{n}, WALMaxBytes: n.walMax, WALSegmentBytes: n.segBytes,
 	})
 	if err != nil {
 		t.Fatal(err)

@@ -27,6 +27,7 @@ const (
 	recCheckpoint wal.Type = 5 // the dedupe state, first record of every segment
 	recForward    wal.Type = 6 // the parts of one batch owned by other aggregators, with their owners
 	recReached    wal.Type = 7 // a delivery of a forwarded part failed after it left: its owner may hold it
+	recCarried    wal.Type = 8 // a forwarded part its owner may hold, logged again for a newer segment
 )
 
 // entryKind tells the requests of an intent apart. ONLY APPEND TO THIS LIST.
