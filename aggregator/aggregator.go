@@ -115,11 +115,13 @@ type Aggregator struct {
 		// header taken under mu stays valid outside it.
 		intern map[string]uint32
 		values []string
+		// reg numbers the cells of the windows.
+		reg *registry
 		// windows holds the open (and late) windows by start time.
 		windows map[int64]*window
-		// hint is the size of the largest window the last cut took, for
-		// window.reserve.
-		hint sizeHint
+		// hint is the cells of the largest window the last cut took, the
+		// room a growing window takes at once (window.addFan).
+		hint int
 		// spare holds flushed windows, emptied, for reuse, and spareRoom
 		// the cells they have room for.
 		spare     []*window
@@ -199,6 +201,7 @@ func New(opts Options) (*Aggregator, error) {
 	}
 	a.mu.intern = map[string]uint32{}
 	a.mu.values = []string{""}
+	a.mu.reg = newRegistry()
 	a.mu.windows = map[int64]*window{}
 	a.mu.sources = map[string]*seqWindow{}
 	a.mu.segMax = map[uint64]int64{}

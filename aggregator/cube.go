@@ -70,38 +70,196 @@ type agg struct {
 	count uint64
 }
 
-// window is the cube of one window. An event's finest cell (a leaf) is found
-// with one map lookup; the leaf's fan lists where its value goes in every
-// cuboid, so an event of a known leaf costs one lookup, not one per cuboid.
-type window struct {
-	// leaves maps a finest cell to the offset of its fan in fan.
+// registry numbers the cells of the aggregator's windows, across windows: a
+// finest cell (a leaf) keeps its number, and its fan, the numbers of its
+// cells in every cuboid, from window to window. A window finds an event's
+// cells by one lookup of its leaf here and an index a cuboid, however new
+// the leaf is to the window: a sparse backfill, whose every event is a leaf
+// new in its window, otherwise looked up the leaf's coarser cells anew in
+// every window. Its cells outlive their windows until compactLocked drops
+// those no open window holds.
+type registry struct {
+	// leaves maps a leaf to the offset of its fan in fan.
 	leaves map[cellKey]int32
-	// fan holds, per leaf, the aggs index of the leaf's cell in each
-	// cuboid, by cuboid ID.
+	// fan holds, per leaf, the number of the leaf's cell in each cuboid,
+	// by cuboid ID.
 	fan []int32
 	// cells maps each cell of every cuboid but the finest to the fan of
-	// the first leaf that reached it, which holds the cell's aggs index
-	// and those of every cell below it (cells of cuboids keeping a subset
-	// of its labels).
-	cells  map[cellKey]int32
+	// the first leaf that reached it, which holds the cell's number and
+	// those of every cell below it (cells of cuboids keeping a subset of
+	// its labels).
+	cells map[cellKey]int32
+	// keys holds each cell's key, by number. It only grows, and its
+	// elements never change, so a copy of the slice header taken under
+	// the aggregator's lock stays valid outside it: compactLocked builds
+	// a new registry rather than reuse this one.
+	keys []cellKey
+}
+
+func newRegistry() *registry {
+	return &registry{leaves: map[cellKey]int32{}, cells: map[cellKey]int32{}}
+}
+
+// add registers a leaf, finding or numbering its cell in every cuboid, and
+// returns the offset of its fan. The cuboids are looked at most labels
+// first: a cell found takes the fan of the leaf that first reached it, and
+// with it the cells below, which then need no lookup of their own. A new
+// leaf whose coarse cells exist already costs a few lookups instead of one
+// per cuboid.
+func (r *registry) add(f *family, leaf cellKey) int32 {
+	off := int32(len(r.fan))
+	r.fan = slices.Grow(r.fan, len(f.masks))[:int(off)+len(f.masks)]
+	fan := r.fan[off:]
+	fan[f.finest] = int32(len(r.keys))
+	r.keys = append(r.keys, leaf)
+	var done cuboidSet
+	key := leaf
+	for _, c := range f.order {
+		if done.has(c) {
+			continue
+		}
+		key.cuboid = c
+		mask := f.masks[c]
+		for j := range key.v {
+			if mask&(1<<j) != 0 {
+				key.v[j] = leaf.v[j]
+			} else {
+				key.v[j] = 0
+			}
+		}
+		if first, ok := r.cells[key]; ok {
+			for _, sub := range f.below[c] {
+				fan[sub] = r.fan[first+int32(sub)]
+				done.add(sub)
+			}
+			continue
+		}
+		fan[c] = int32(len(r.keys))
+		r.keys = append(r.keys, key)
+		r.cells[key] = off
+	}
+	r.leaves[leaf] = off
+	return off
+}
+
+// number is the number of a registered cell.
+func (r *registry) number(f *family, k cellKey) int32 {
+	if k.cuboid == f.finest {
+		return r.fan[r.leaves[k]+int32(f.finest)]
+	}
+	return r.fan[r.cells[k]+int32(k.cuboid)]
+}
+
+// window is the cube of one window: an aggregate for each cell it holds, in
+// the order the window made them, found by the cell's number in the
+// registry.
+type window struct {
+	// slot maps a cell's number to 1 + the index of its aggregate, 0 for
+	// a cell the window lacks. A window with fewer than reserveAt cells
+	// (a few late events) holds the same in sparse instead, and slot is
+	// nil: a slot a registered cell would take more room than its cells.
+	slot   []int32
+	sparse map[int32]int32
+	ids    []int32 // the number of each aggregate's cell
 	aggs   []agg
 	finest []int // leaves per family, for the cardinality limit
-	room   int   // leaves its maps were made for by reserve
 }
 
 func newWindow(families int) *window {
-	return &window{leaves: map[cellKey]int32{}, cells: map[cellKey]int32{}, finest: make([]int, families)}
+	return &window{sparse: map[int32]int32{}, finest: make([]int, families)}
+}
+
+// index is 1 + the index of the aggregate of cell id, 0 if the window
+// lacks it.
+func (w *window) index(id int32) int32 {
+	if w.slot == nil {
+		return w.sparse[id]
+	}
+	if int(id) < len(w.slot) {
+		return w.slot[id]
+	}
+	return 0
+}
+
+// sum is the sum of cell id in the window, 0 if it lacks it.
+func (w *window) sum(id int32) float64 {
+	if i := w.index(id); i > 0 {
+		return w.aggs[i-1].sum
+	}
+	return 0
+}
+
+// add gives cell id an aggregate and returns 1 + its index; cells is the
+// registry's size, to which a full slot grows.
+func (w *window) add(id int32, cells int) int32 {
+	w.ids = append(w.ids, id)
+	w.aggs = append(w.aggs, agg{})
+	i := int32(len(w.aggs))
+	w.set(id, i, cells)
+	return i
+}
+
+func (w *window) set(id, i int32, cells int) {
+	if w.slot == nil {
+		w.sparse[id] = i
+		return
+	}
+	if int(id) >= len(w.slot) {
+		w.slot = slices.Grow(w.slot, cells-len(w.slot))[:cells]
+	}
+	w.slot[id] = i
+}
+
+// addFan adds (sum, count) to every cell of the leaf whose fan is at off,
+// making those the window lacks, and returns how many it made. A window
+// reaching reserveAt cells takes a full slot, and the room the last cut's
+// largest window needed, at once: growing a slice of a million entries step
+// by step copies it many times over, while a window of a few late events
+// must not take a full window's room.
+func (w *window) addFan(r *registry, f *family, off int32, sum float64, count uint64, hint int) int {
+	made := len(w.aggs)
+	for _, id := range r.fan[off : off+int32(len(f.masks))] {
+		i := w.index(id)
+		if i == 0 {
+			i = w.add(id, len(r.keys))
+		}
+		w.aggs[i-1].sum += sum
+		w.aggs[i-1].count += count
+	}
+	if w.slot == nil && len(w.aggs) >= reserveAt {
+		w.slot = make([]int32, len(r.keys))
+		for id, i := range w.sparse {
+			w.slot[id] = i
+		}
+		clear(w.sparse)
+		w.ids = slices.Grow(w.ids, max(hint-len(w.ids), 0))
+		w.aggs = slices.Grow(w.aggs, max(hint-len(w.aggs), 0))
+	}
+	return len(w.aggs) - made
+}
+
+// reset empties the window for reuse, keeping its room.
+func (w *window) reset() {
+	if w.slot != nil {
+		for _, id := range w.ids {
+			w.slot[id] = 0
+		}
+	}
+	clear(w.sparse)
+	clear(w.finest)
+	w.ids, w.aggs = w.ids[:0], w.aggs[:0]
 }
 
 // spareCells bounds the room of the flushed windows the aggregator keeps
-// for reuse, in cells: a window's maps and slices keep their room when
-// cleared, so a backfill, which opens windows as fast as it flushes them,
-// allocates none. A cut takes at most about cutCells cells of such
-// windows, so that much room covers the windows the next one opens.
+// for reuse, in cells: a window's slices keep their room when emptied, so a
+// backfill, which opens windows as fast as it flushes them, allocates none.
+// A cut takes at most about cutCells cells of such windows, so that much
+// room covers the windows the next one opens.
 const spareCells = cutCells
 
-// spareRoom is the room of a window kept for reuse, in cells.
-func (w *window) spareRoom() int { return max(cap(w.aggs), reserveAt) }
+// spareRoom is the room of a window kept for reuse, in cells; a slot takes
+// about a fifth of a cell's room (its aggregate and number).
+func (w *window) spareRoom() int { return max(cap(w.aggs), reserveAt) + cap(w.slot)/5 }
 
 // newWindowLocked returns an empty window, a spare one if there is one.
 func (a *Aggregator) newWindowLocked() *window {
@@ -124,83 +282,60 @@ func (a *Aggregator) recycle(todo []ready) {
 			return
 		}
 		a.mu.spareRoom += w.spareRoom()
-		clear(w.leaves)
-		clear(w.cells)
-		clear(w.finest)
-		w.fan, w.aggs = w.fan[:0], w.aggs[:0]
+		w.reset()
 		a.mu.spare = append(a.mu.spare, w)
 	}
 }
 
-// reserveAt is the number of leaves at which a window that is growing takes
-// the room the last cut's largest window needed, at once: growing a map or
-// slice of a million entries step by step copies it many times over, while
-// a window of a few late events must not take a full window's room.
+// reserveAt is the number of cells at which a window that is growing takes
+// a full slot and the room the last cut's largest window needed.
 const reserveAt = 256
 
-// sizeHint is the size of the largest window the last cut took.
-type sizeHint struct{ leaves, cells, fan int }
+// compactFloor is the registry size, in cells, below which compactLocked
+// leaves it alone: some megabytes.
+const compactFloor = 1 << 16
 
-// reserve makes room for h at once, unless the window has it.
-func (w *window) reserve(h sizeHint) {
-	if h.leaves <= max(len(w.leaves), w.room) {
+// compactLocked renumbers the registry once it holds more than twice the
+// cells of the open windows, keeping only theirs: the series that stopped
+// sending leave it. Each open window's cells take their new numbers. The
+// windows being flushed keep the keys of the registry they were made in.
+func (a *Aggregator) compactLocked() {
+	old := a.mu.reg
+	live := 0
+	for _, w := range a.mu.windows {
+		live += len(w.aggs)
+	}
+	if len(old.keys) <= 2*live+compactFloor {
 		return
 	}
-	w.room = h.leaves
-	leaves := make(map[cellKey]int32, h.leaves)
-	for k, v := range w.leaves {
-		leaves[k] = v
-	}
-	cells := make(map[cellKey]int32, h.cells)
-	for k, v := range w.cells {
-		cells[k] = v
-	}
-	w.leaves, w.cells = leaves, cells
-	w.fan = slices.Grow(w.fan, h.fan-len(w.fan))
-	w.aggs = slices.Grow(w.aggs, h.cells+h.leaves-len(w.aggs))
-}
-
-// addLeaf creates a leaf, finding or creating its cell in every cuboid, and
-// returns the offset of its fan. The cuboids are looked at most labels
-// first: a cell found takes the fan of the leaf that first reached it, and
-// with it the cells below, which then need no lookup of their own. A new
-// leaf of a sparse window, whose coarse cells exist already, costs a few
-// lookups instead of one per cuboid.
-func (w *window) addLeaf(f *family, leaf cellKey) int32 {
-	off := int32(len(w.fan))
-	w.fan = slices.Grow(w.fan, len(f.masks))[:int(off)+len(f.masks)]
-	fan := w.fan[off:]
-	fan[f.finest] = int32(len(w.aggs))
-	w.aggs = append(w.aggs, agg{})
-	var done cuboidSet
-	key := leaf
-	for _, c := range f.order {
-		if done.has(c) {
-			continue
-		}
-		key.cuboid = c
-		mask := f.masks[c]
-		for j := range key.v {
-			if mask&(1<<j) != 0 {
-				key.v[j] = leaf.v[j]
-			} else {
-				key.v[j] = 0
+	r := newRegistry()
+	for _, w := range a.mu.windows {
+		for _, id := range w.ids {
+			k := old.keys[id]
+			if f := a.fams[k.fam]; k.cuboid == f.finest {
+				if _, ok := r.leaves[k]; !ok {
+					r.add(f, k)
+				}
 			}
 		}
-		if first, ok := w.cells[key]; ok {
-			for _, sub := range f.below[c] {
-				fan[sub] = w.fan[first+int32(sub)]
-				done.add(sub)
-			}
-			continue
-		}
-		fan[c] = int32(len(w.aggs))
-		w.aggs = append(w.aggs, agg{})
-		w.cells[key] = off
 	}
-	w.leaves[leaf] = off
-	w.finest[leaf.fam]++
-	return off
+	for _, w := range a.mu.windows {
+		if w.slot != nil {
+			for _, id := range w.ids {
+				w.slot[id] = 0
+			}
+			if len(w.slot) > 2*len(r.keys) {
+				w.slot = make([]int32, len(r.keys))
+			}
+		}
+		clear(w.sparse)
+		for i, id := range w.ids {
+			k := old.keys[id]
+			w.ids[i] = r.number(a.fams[k.fam], k)
+			w.set(w.ids[i], int32(i+1), len(r.keys))
+		}
+	}
+	a.mu.reg = r
 }
 
 // MaxValue bounds the magnitude of an event's value and of a cell's sum for
@@ -223,36 +358,29 @@ func (a *Aggregator) addLocked(ev *event, start int64, maxCells int) (int, wirep
 		a.mu.windows[start] = w
 	}
 	f := a.fams[ev.fam]
+	r := a.mu.reg
 	leaf := cellKey{fam: uint16(ev.fam), cuboid: f.finest, v: ev.vals}
-	off, ok := w.leaves[leaf]
+	off, known := r.leaves[leaf]
 	// Counter values are non-negative, so the apex cell (cuboid 0, every
 	// label absent) holds the largest sum of the family's window: if it
 	// stays finite, every cell does.
-	apex, hasApex := int32(0), true
-	if ok {
-		apex = w.fan[off]
-	} else {
-		var first int32
-		if first, hasApex = w.cells[cellKey{fam: uint16(ev.fam)}]; hasApex {
-			apex = w.fan[first]
-		}
+	var apex float64
+	if known {
+		apex = w.sum(r.fan[off])
+	} else if first, ok := r.cells[cellKey{fam: uint16(ev.fam)}]; ok {
+		apex = w.sum(r.fan[first])
 	}
-	if hasApex && w.aggs[apex].sum+ev.value > MaxValue {
+	if apex+ev.value > MaxValue {
 		return 0, wirepb.RejectReason_REJECT_REASON_VALUE_TOO_LARGE
 	}
-	cells := len(w.aggs)
-	if !ok {
+	if !known || w.index(r.fan[off+int32(f.finest)]) == 0 {
 		if w.finest[ev.fam] >= maxCells {
 			return 0, wirepb.RejectReason_REJECT_REASON_CARDINALITY_LIMIT
 		}
-		off = w.addLeaf(f, leaf)
-		if len(w.leaves) == reserveAt {
-			w.reserve(a.mu.hint)
+		if !known {
+			off = r.add(f, leaf)
 		}
+		w.finest[ev.fam]++
 	}
-	for _, i := range w.fan[off : off+int32(len(f.masks))] {
-		w.aggs[i].sum += ev.value
-		w.aggs[i].count++
-	}
-	return len(w.aggs) - cells, noReason
+	return w.addFan(r, f, off, ev.value, 1, a.mu.hint), noReason
 }

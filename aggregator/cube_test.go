@@ -7,12 +7,13 @@ import (
 	"github.com/dimsum/dimsum/schema"
 )
 
-// TestAddLeafWideLattice adds random leaves to a window of a family of
-// eight flat dimensions (256 cuboids, so the cuboid sets span several
-// words) and of one with hierarchies, and checks every cuboid against a
-// brute-force roll-up: each cell the sum of the leaves that project onto
-// it, and every leaf's fan pointing at its projections.
-func TestAddLeafWideLattice(t *testing.T) {
+// TestRegistryWideLattice adds random leaves to two windows, through one
+// registry, of a family of eight flat dimensions (256 cuboids, so the
+// cuboid sets span several words) and of one with hierarchies, and checks
+// every cuboid of each window against a brute-force roll-up: each cell the
+// sum of the window's leaves that project onto it, and every leaf's fan
+// pointing at its projections.
+func TestRegistryWideLattice(t *testing.T) {
 	for _, yaml := range []string{
 		"resolutions: [\"10s:1h\"]\nfamilies: [{name: f, dimensions: [a, b, c, d, e, g, h, i]}]\n",
 		"resolutions: [\"10s:1h\"]\nfamilies: [{name: f, dimensions: [dc/cluster/host, txn, status/code]}]\n",
@@ -22,57 +23,115 @@ func TestAddLeafWideLattice(t *testing.T) {
 			t.Fatal(err)
 		}
 		f := newFamily(s.Families[0])
-		w := newWindow(1)
+		r := newRegistry()
 		rng := rand.New(rand.NewPCG(3, 4))
 		type sum struct {
 			v float64
 			n uint64
 		}
-		want := map[cellKey]sum{}
-		for range 3000 {
-			leaf := cellKey{cuboid: f.finest}
-			for j := range f.Labels {
-				leaf.v[j] = 1 + uint32(rng.IntN(3))
+		// The second window takes fewer events, which leaves it sparse
+		// (under reserveAt cells) in the flat family.
+		for _, events := range []int{3000, 40} {
+			w := newWindow(1)
+			want := map[cellKey]sum{}
+			for range events {
+				leaf := cellKey{cuboid: f.finest}
+				for j := range f.Labels {
+					leaf.v[j] = 1 + uint32(rng.IntN(3))
+				}
+				off, ok := r.leaves[leaf]
+				if !ok {
+					off = r.add(f, leaf)
+				}
+				v := float64(1 + rng.IntN(9))
+				w.addFan(r, f, off, v, 1, 0)
+				for c := range f.masks {
+					k := project(f, leaf, schema.CuboidID(c))
+					want[k] = sum{want[k].v + v, want[k].n + 1}
+				}
 			}
-			off, ok := w.leaves[leaf]
-			if !ok {
-				off = w.addLeaf(f, leaf)
+			got := map[cellKey]sum{}
+			for i, id := range w.ids {
+				k := r.keys[id]
+				if _, dup := got[k]; dup {
+					t.Fatalf("%d cuboids: cell %v twice in the window", len(f.masks), k)
+				}
+				got[k] = sum{w.aggs[i].sum, w.aggs[i].count}
+				if w.index(id) != int32(i+1) {
+					t.Fatalf("%d cuboids: cell %v found at %d, it is at %d", len(f.masks), k, w.index(id)-1, i)
+				}
 			}
-			v := float64(1 + rng.IntN(9))
-			for c := range f.masks {
-				w.aggs[w.fan[off+int32(c)]].sum += v
-				w.aggs[w.fan[off+int32(c)]].count++
-				k := project(f, leaf, schema.CuboidID(c))
-				want[k] = sum{want[k].v + v, want[k].n + 1}
+			for leaf, off := range r.leaves {
+				for c := range f.masks {
+					if k := project(f, leaf, schema.CuboidID(c)); r.keys[r.fan[off+int32(c)]] != k {
+						t.Fatalf("%d cuboids: leaf %v's fan at cuboid %d is not its cell %v", len(f.masks), leaf.v, c, k.v)
+					}
+				}
 			}
-		}
-		got := map[cellKey]sum{}
-		for k, first := range w.cells {
-			a := w.aggs[w.fan[first+int32(k.cuboid)]]
-			got[k] = sum{a.sum, a.count}
-		}
-		for leaf, off := range w.leaves {
-			a := w.aggs[w.fan[off+int32(f.finest)]]
-			got[leaf] = sum{a.sum, a.count}
-			for c := range f.masks {
-				k := project(f, leaf, schema.CuboidID(c))
-				if c != int(f.finest) && w.fan[off+int32(c)] != w.fan[w.cells[k]+int32(c)] {
-					t.Fatalf("%d cuboids: leaf %v's fan at cuboid %d is not its cell %v", len(f.masks), leaf.v, c, k.v)
+			if len(got) != len(want) {
+				t.Fatalf("%d cuboids, %d events: %d cells, want %d", len(f.masks), events, len(got), len(want))
+			}
+			for k, s := range want {
+				if got[k] != s {
+					t.Fatalf("%d cuboids: cell %d %v: %+v, want %+v", len(f.masks), k.cuboid, k.v, got[k], s)
 				}
 			}
 		}
-		if len(got) != len(want) {
-			t.Fatalf("%d cuboids: %d cells, want %d", len(f.masks), len(got), len(want))
+	}
+}
+
+// TestCompactRegistry fills a window with many leaves and flushes it while
+// another window holds a few of them and some of its own: once the registry
+// is compacted it holds only the open window's cells, under new numbers,
+// and the window's sums stay with their cells and keep adding up.
+func TestCompactRegistry(t *testing.T) {
+	a := &Aggregator{fams: []*family{newFamily(schema.Default().Families[0])}}
+	f := a.fams[0]
+	a.mu.reg = newRegistry()
+	a.mu.windows = map[int64]*window{}
+	leaf := func(host, txn int) cellKey {
+		return cellKey{cuboid: f.finest, v: [schema.MaxLevels]uint32{1 + uint32(host/100), 10 + uint32(host/20), 100 + uint32(host), 1000 + uint32(txn), 2000}}
+	}
+	add := func(start int64, k cellKey, v float64) {
+		ev := event{fam: 0, vals: k.v, value: v}
+		if _, reason := a.addLocked(&ev, start, 1<<30); reason != noReason {
+			t.Fatal(reason)
 		}
-		// A flush places each cell at its aggregate's index.
-		if len(w.aggs) != len(w.cells)+len(w.leaves) {
-			t.Fatalf("%d cuboids: %d aggregates for %d cells", len(f.masks), len(w.aggs), len(w.cells)+len(w.leaves))
+	}
+	for host := range 2000 {
+		for txn := range 20 {
+			add(0, leaf(host, txn), 1)
 		}
-		for k, s := range want {
-			if got[k] != s {
-				t.Fatalf("%d cuboids: cell %d %v: %+v, want %+v", len(f.masks), k.cuboid, k.v, got[k], s)
-			}
+	}
+	add(10, leaf(5, 5), 2)
+	add(10, leaf(3000, 1), 3)
+	registered := len(a.mu.reg.keys)
+	a.compactLocked()
+	if len(a.mu.reg.keys) != registered {
+		t.Fatalf("compacted to %d cells of %d while the big window is open", len(a.mu.reg.keys), registered)
+	}
+	delete(a.mu.windows, 0)
+	a.compactLocked()
+	w := a.mu.windows[10]
+	if n := len(a.mu.reg.keys); n != len(w.aggs) {
+		t.Fatalf("registry holds %d cells after compaction, the open window %d", n, len(w.aggs))
+	}
+	add(10, leaf(5, 5), 4)
+	add(10, leaf(3000, 2), 5)
+	r := a.mu.reg
+	sums := map[cellKey]float64{}
+	for i, id := range w.ids {
+		sums[r.keys[id]] = w.aggs[i].sum
+		if w.index(id) != int32(i+1) {
+			t.Fatalf("cell %v not found at its aggregate", r.keys[id])
 		}
+	}
+	apex := cellKey{cuboid: 0}
+	if sums[leaf(5, 5)] != 6 || sums[leaf(3000, 1)] != 3 || sums[leaf(3000, 2)] != 5 || sums[apex] != 14 {
+		t.Fatalf("sums after compaction: %v %v %v apex %v, want 6 3 5 14", sums[leaf(5, 5)], sums[leaf(3000, 1)], sums[leaf(3000, 2)], sums[apex])
+	}
+	if w.finest[0] != 3 {
+		t.Fatalf("the window counts %d leaves, want 3", w.finest[0])
 	}
 }
 
@@ -87,32 +146,30 @@ func project(f *family, leaf cellKey, c schema.CuboidID) cellKey {
 	return k
 }
 
-// BenchmarkCubeNewLeaves measures addLeaf on a sparse window, where every
-// event is a finest cell new in its window while its coarser cells mostly
-// exist: a backfill of one count per series a step. An op fills an emptied
-// window with the 15,000 finest cells of 300 hosts (3 datacenters of 5
-// clusters of 20), 50 transactions and one status of the default schema, in
-// random order.
+// BenchmarkCubeNewLeaves measures a sparse window, where every event is a
+// finest cell new in its window while the registry knows it: a backfill of
+// one count per series a step. An op fills an emptied window with the
+// 15,000 finest cells of 300 hosts (3 datacenters of 5 clusters of 20), 50
+// transactions and one status of the default schema, in random order.
 func BenchmarkCubeNewLeaves(b *testing.B) {
-	f := newFamily(schema.Default().Families[0])
-	var leaves []cellKey
+	a := &Aggregator{fams: []*family{newFamily(schema.Default().Families[0])}}
+	a.mu.reg = newRegistry()
+	a.mu.windows = map[int64]*window{}
+	var events []event
 	for host := range 300 {
 		for txn := range 50 {
 			// Interned values: one ID per distinct value of each label.
-			leaf := cellKey{cuboid: f.finest, v: [schema.MaxLevels]uint32{1 + uint32(host/100), 10 + uint32(host/20), 100 + uint32(host), 1000 + uint32(txn), 2000}}
-			leaves = append(leaves, leaf)
+			events = append(events, event{value: 1, vals: [schema.MaxLevels]uint32{1 + uint32(host/100), 10 + uint32(host/20), 100 + uint32(host), 1000 + uint32(txn), 2000}})
 		}
 	}
-	rand.New(rand.NewPCG(5, 6)).Shuffle(len(leaves), func(i, j int) { leaves[i], leaves[j] = leaves[j], leaves[i] })
-	w := newWindow(1)
+	rand.New(rand.NewPCG(5, 6)).Shuffle(len(events), func(i, j int) { events[i], events[j] = events[j], events[i] })
 	for b.Loop() {
-		clear(w.leaves)
-		clear(w.cells)
-		clear(w.finest)
-		w.fan, w.aggs = w.fan[:0], w.aggs[:0]
-		for _, leaf := range leaves {
-			w.addLeaf(f, leaf)
+		for i := range events {
+			a.addLocked(&events[i], 0, 1<<30)
 		}
+		a.mu.hint = len(a.mu.windows[0].aggs)
+		a.recycle([]ready{{w: a.mu.windows[0]}})
+		delete(a.mu.windows, 0)
 	}
-	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*len(leaves)), "ns/leaf")
+	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*len(events)), "ns/leaf")
 }

@@ -29,27 +29,20 @@ type cellRef struct {
 	agg int32
 }
 
-// flushRequests encodes one window's cells as requests in the columnar
+// flushRequests encodes one window's cells, whose keys are in keys, as requests in the columnar
 // layout, one or more per shard of the global cube (schema.Shard), each of
 // at most maxFlushCells cells and with its own string dictionary. The
 // caller numbers them. Cells are grouped by shard first, so that one
 // request is built at a time. It runs under flushMu, which guards a.encode.
-func (a *Aggregator) flushRequests(start int64, w *window, values []string, shards int) []*wirepb.FlushRequest {
+func (a *Aggregator) flushRequests(start int64, w *window, keys []cellKey, values []string, shards int) []*wirepb.FlushRequest {
 	// The cells in the order the window made them (their aggregates'
 	// order): every cuboid's cells then go in the order of their first
 	// events, and the store, which numbers new cells in the order they
 	// come, numbers a cell and its children alike, so that a read
 	// following alias rows from a cuboid to a finer one moves forward.
-	// Each cell has an aggregate of its own, appended when the cell was
-	// made (addLeaf), so its aggregate's index is its place: no sort.
 	cells := slices.Grow(a.encode.cells[:0], len(w.aggs))[:len(w.aggs)]
-	for key, first := range w.cells {
-		i := w.fan[first+int32(key.cuboid)]
-		cells[i] = cellRef{key, i}
-	}
-	for key, off := range w.leaves {
-		i := w.fan[off+int32(key.cuboid)]
-		cells[i] = cellRef{key, i}
+	for i, id := range w.ids {
+		cells[i] = cellRef{keys[id], int32(i)}
 	}
 	// shardOf[i] is the shard of cells[i]; a counting sort groups the
 	// cells by shard.

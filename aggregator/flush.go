@@ -59,14 +59,12 @@ func (a *Aggregator) cutLocked(now int64, final bool) ([]ready, cutRecord) {
 // live process took whatever the options are now.
 func (a *Aggregator) takeLocked(starts []int64) []ready {
 	var todo []ready
-	var hint sizeHint
+	hint := 0
 	for _, start := range starts {
 		if w := a.mu.windows[start]; w != nil {
 			todo = append(todo, ready{start: start, w: w})
 			delete(a.mu.windows, start)
-			if len(w.leaves) > hint.leaves {
-				hint = sizeHint{leaves: len(w.leaves), cells: len(w.cells), fan: len(w.fan)}
-			}
+			hint = max(hint, len(w.aggs))
 		}
 	}
 	if len(todo) > 0 {
@@ -105,7 +103,9 @@ func (a *Aggregator) flush(final bool) {
 		}
 		cut.pos = pos
 	}
-	values := a.mu.values
+	// The windows cut keep the keys of the registry they were made in.
+	values, keys := a.mu.values, a.mu.reg.keys
+	a.compactLocked()
 	open, live := len(a.mu.windows), 0
 	for _, w := range a.mu.windows {
 		live += len(w.aggs)
@@ -124,7 +124,7 @@ func (a *Aggregator) flush(final bool) {
 
 	var reqs []*wirepb.FlushRequest
 	for _, r := range todo {
-		reqs = append(reqs, a.flushRequests(r.start, r.w, values, shards)...)
+		reqs = append(reqs, a.flushRequests(r.start, r.w, keys, values, shards)...)
 	}
 	a.recycle(todo)
 	a.mu.Lock()

@@ -191,16 +191,17 @@ func (a *Aggregator) mergeWindowLocked(start int64, w *window) {
 		a.mu.windows[start] = w
 		return
 	}
-	for leaf, off := range w.leaves {
+	r := a.mu.reg
+	for i, id := range w.ids {
+		leaf := r.keys[id]
 		f := a.fams[leaf.fam]
-		src := w.aggs[w.fan[off+int32(f.finest)]]
-		doff, ok := dst.leaves[leaf]
-		if !ok {
-			doff = dst.addLeaf(f, leaf)
+		if leaf.cuboid != f.finest {
+			continue
 		}
-		for _, i := range dst.fan[doff : doff+int32(len(f.masks))] {
-			dst.aggs[i].sum += src.sum
-			dst.aggs[i].count += src.count
+		if dst.index(id) == 0 {
+			dst.finest[leaf.fam]++
 		}
+		src := w.aggs[i]
+		dst.addFan(r, f, r.leaves[leaf], src.sum, src.count, a.mu.hint)
 	}
 }
