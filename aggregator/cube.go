@@ -79,26 +79,27 @@ type agg struct {
 // every window. Its cells outlive their windows until compactLocked drops
 // those no open window holds.
 type registry struct {
-	// leaves maps a leaf to the offset of its fan in fan.
-	leaves map[cellKey]int32
-	// fan holds, per leaf, the number of the leaf's cell in each cuboid,
-	// by cuboid ID.
-	fan []int32
-	// cells maps each cell of every cuboid but the finest to the fan of
-	// the first leaf that reached it, which holds the cell's number and
-	// those of every cell below it (cells of cuboids keeping a subset of
-	// its labels).
-	cells map[cellKey]int32
 	// keys holds each cell's key, by number. It only grows, and its
 	// elements never change, so a copy of the slice header taken under
 	// the aggregator's lock stays valid outside it: compactLocked builds
 	// a new registry rather than reuse this one.
 	keys []cellKey
+	// fanOf holds, by number, the offset in fan of a leaf's own fan, and
+	// for a cell of a coarser cuboid that of the first leaf that reached
+	// it, which holds the cell's number and those of every cell below it
+	// (cells of cuboids keeping a subset of its labels).
+	fanOf []int32
+	// fan holds, per leaf, the number of the leaf's cell in each cuboid,
+	// by cuboid ID.
+	fan []int32
+	// table finds a cell's number by its key.
+	table cellTable
 }
 
-func newRegistry() *registry {
-	return &registry{leaves: map[cellKey]int32{}, cells: map[cellKey]int32{}}
-}
+func newRegistry() *registry { return &registry{} }
+
+// find returns the number of the cell of key k.
+func (r *registry) find(k cellKey) (int32, bool) { return r.table.find(r.keys, k) }
 
 // add registers a leaf, finding or numbering its cell in every cuboid, and
 // returns the offset of its fan. The cuboids are looked at most labels
@@ -110,8 +111,7 @@ func (r *registry) add(f *family, leaf cellKey) int32 {
 	off := int32(len(r.fan))
 	r.fan = slices.Grow(r.fan, len(f.masks))[:int(off)+len(f.masks)]
 	fan := r.fan[off:]
-	fan[f.finest] = int32(len(r.keys))
-	r.keys = append(r.keys, leaf)
+	fan[f.finest] = r.number(leaf, off)
 	var done cuboidSet
 	key := leaf
 	for _, c := range f.order {
@@ -127,27 +127,95 @@ func (r *registry) add(f *family, leaf cellKey) int32 {
 				key.v[j] = 0
 			}
 		}
-		if first, ok := r.cells[key]; ok {
+		if n, ok := r.find(key); ok {
+			first := r.fanOf[n]
 			for _, sub := range f.below[c] {
 				fan[sub] = r.fan[first+int32(sub)]
 				done.add(sub)
 			}
 			continue
 		}
-		fan[c] = int32(len(r.keys))
-		r.keys = append(r.keys, key)
-		r.cells[key] = off
+		fan[c] = r.number(key, off)
 	}
-	r.leaves[leaf] = off
 	return off
 }
 
-// number is the number of a registered cell.
-func (r *registry) number(f *family, k cellKey) int32 {
-	if k.cuboid == f.finest {
-		return r.fan[r.leaves[k]+int32(f.finest)]
+// number numbers a new cell whose fan is at off.
+func (r *registry) number(k cellKey, off int32) int32 {
+	n := int32(len(r.keys))
+	r.keys = append(r.keys, k)
+	r.fanOf = append(r.fanOf, off)
+	r.table.insert(r.keys, n)
+	return n
+}
+
+// cellTable maps cell keys to their numbers in a registry: open addressing
+// with linear probing over a power-of-two array of slots, at most half
+// full. A slot holds a number plus one (0: empty) and the high bits of its
+// key's hash, so that a probe reads a key only when those match: most
+// lookups of a new cell's coarser cells miss, and a miss then reads no key.
+// It takes about 24 bytes a cell, where a Go map holding the keys took
+// some 60.
+type cellTable struct {
+	slots []tableSlot
+	n     int
+}
+
+type tableSlot struct{ num, tag uint32 }
+
+// hash mixes a key's words: a multiply and a shift a word.
+func (k *cellKey) hash() uint64 {
+	h := uint64(k.fam) | uint64(k.cuboid)<<16 | uint64(k.v[0])<<32
+	h *= 0x9e3779b97f4a7c15
+	for j := 1; j < len(k.v); j += 2 {
+		w := uint64(k.v[j])
+		if j+1 < len(k.v) {
+			w |= uint64(k.v[j+1]) << 32
+		}
+		h = (h ^ h>>29 ^ w) * 0xbf58476d1ce4e5b9
 	}
-	return r.fan[r.cells[k]+int32(k.cuboid)]
+	return h ^ h>>32
+}
+
+func (t *cellTable) find(keys []cellKey, k cellKey) (int32, bool) {
+	if len(t.slots) == 0 {
+		return 0, false
+	}
+	h := k.hash()
+	tag, mask := uint32(h>>32), uint64(len(t.slots)-1)
+	for i := h & mask; ; i = (i + 1) & mask {
+		s := t.slots[i]
+		if s.num == 0 {
+			return 0, false
+		}
+		if s.tag == tag && keys[s.num-1] == k {
+			return int32(s.num - 1), true
+		}
+	}
+}
+
+// insert adds number n, whose key is keys[n] and not in the table.
+func (t *cellTable) insert(keys []cellKey, n int32) {
+	if 2*(t.n+1) > len(t.slots) {
+		old := t.slots
+		t.slots = make([]tableSlot, max(2*len(old), 64))
+		for _, s := range old {
+			if s.num != 0 {
+				t.place(keys[s.num-1].hash(), s.num)
+			}
+		}
+	}
+	t.place(keys[n].hash(), uint32(n)+1)
+	t.n++
+}
+
+func (t *cellTable) place(h uint64, num uint32) {
+	mask := uint64(len(t.slots) - 1)
+	i := h & mask
+	for t.slots[i].num != 0 {
+		i = (i + 1) & mask
+	}
+	t.slots[i] = tableSlot{num: num, tag: uint32(h >> 32)}
 }
 
 // window is the cube of one window: an aggregate for each cell it holds, in
@@ -313,7 +381,7 @@ func (a *Aggregator) compactLocked() {
 		for _, id := range w.ids {
 			k := old.keys[id]
 			if f := a.fams[k.fam]; k.cuboid == f.finest {
-				if _, ok := r.leaves[k]; !ok {
+				if _, ok := r.find(k); !ok {
 					r.add(f, k)
 				}
 			}
@@ -331,7 +399,7 @@ func (a *Aggregator) compactLocked() {
 		clear(w.sparse)
 		for i, id := range w.ids {
 			k := old.keys[id]
-			w.ids[i] = r.number(a.fams[k.fam], k)
+			w.ids[i], _ = r.find(k)
 			w.set(w.ids[i], int32(i+1), len(r.keys))
 		}
 	}
@@ -360,20 +428,24 @@ func (a *Aggregator) addLocked(ev *event, start int64, maxCells int) (int, wirep
 	f := a.fams[ev.fam]
 	r := a.mu.reg
 	leaf := cellKey{fam: uint16(ev.fam), cuboid: f.finest, v: ev.vals}
-	off, known := r.leaves[leaf]
+	n, known := r.find(leaf)
+	off := int32(0)
+	if known {
+		off = r.fanOf[n]
+	}
 	// Counter values are non-negative, so the apex cell (cuboid 0, every
 	// label absent) holds the largest sum of the family's window: if it
 	// stays finite, every cell does.
 	var apex float64
 	if known {
 		apex = w.sum(r.fan[off])
-	} else if first, ok := r.cells[cellKey{fam: uint16(ev.fam)}]; ok {
-		apex = w.sum(r.fan[first])
+	} else if n, ok := r.find(cellKey{fam: uint16(ev.fam)}); ok {
+		apex = w.sum(n)
 	}
 	if apex+ev.value > MaxValue {
 		return 0, wirepb.RejectReason_REJECT_REASON_VALUE_TOO_LARGE
 	}
-	if !known || w.index(r.fan[off+int32(f.finest)]) == 0 {
+	if !known || w.index(n) == 0 {
 		if w.finest[ev.fam] >= maxCells {
 			return 0, wirepb.RejectReason_REJECT_REASON_CARDINALITY_LIMIT
 		}

@@ -39,8 +39,10 @@ func TestRegistryWideLattice(t *testing.T) {
 				for j := range f.Labels {
 					leaf.v[j] = 1 + uint32(rng.IntN(3))
 				}
-				off, ok := r.leaves[leaf]
-				if !ok {
+				var off int32
+				if n, ok := r.find(leaf); ok {
+					off = r.fanOf[n]
+				} else {
 					off = r.add(f, leaf)
 				}
 				v := float64(1 + rng.IntN(9))
@@ -61,7 +63,11 @@ func TestRegistryWideLattice(t *testing.T) {
 					t.Fatalf("%d cuboids: cell %v found at %d, it is at %d", len(f.masks), k, w.index(id)-1, i)
 				}
 			}
-			for leaf, off := range r.leaves {
+			for n, leaf := range r.keys {
+				if leaf.cuboid != f.finest {
+					continue
+				}
+				off := r.fanOf[n]
 				for c := range f.masks {
 					if k := project(f, leaf, schema.CuboidID(c)); r.keys[r.fan[off+int32(c)]] != k {
 						t.Fatalf("%d cuboids: leaf %v's fan at cuboid %d is not its cell %v", len(f.masks), leaf.v, c, k.v)

@@ -202,6 +202,6 @@ func (a *Aggregator) mergeWindowLocked(start int64, w *window) {
 			dst.finest[leaf.fam]++
 		}
 		src := w.aggs[i]
-		dst.addFan(r, f, r.leaves[leaf], src.sum, src.count, a.mu.hint)
+		dst.addFan(r, f, r.fanOf[id], src.sum, src.count, a.mu.hint)
 	}
 }
