@@ -219,7 +219,7 @@ func readRequests(d *encoding.Decbuf) []*entry {
 			e.flush, err = wire.DecodeFlush(slices.Clone(enc))
 		case entryForward:
 			e.push = &wirepb.PushRequest{}
-			err = proto.Unmarshal(enc, e.push)
+			err = wire.UnmarshalPush(enc, e.push)
 		default:
 			d.Fail(fmt.Sprintf("request %d of unknown kind %d", i, e.kind))
 		}

@@ -5,10 +5,10 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/encoding"
-	"google.golang.org/protobuf/proto"
 	// The proto codec registers itself under "proto"; Codec wraps it.
 	_ "google.golang.org/grpc/encoding/proto"
 	"google.golang.org/grpc/mem"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/dimsum/dimsum/wire/wirepb"
 )
@@ -30,11 +30,28 @@ func (c codec) Marshal(v any) (mem.BufferSlice, error) {
 	return c.proto.Marshal(v)
 }
 
-func (c codec) Unmarshal(data mem.BufferSlice, v any) error { return c.proto.Unmarshal(data, v) }
+// Unmarshal decodes a PushRequest by UnmarshalPush, any other message as
+// the proto codec does.
+func (c codec) Unmarshal(data mem.BufferSlice, v any) error {
+	m, ok := v.(*wirepb.PushRequest)
+	if !ok {
+		return c.proto.Unmarshal(data, v)
+	}
+	buf := data.MaterializeToBuffer(mem.DefaultBufferPool())
+	defer buf.Free()
+	return UnmarshalPush(buf.ReadOnlyData(), m)
+}
 
 func (c codec) Name() string { return c.proto.Name() }
 
-var encodedCodec = grpc.ForceCodecV2(codec{proto: encoding.GetCodecV2("proto")})
+var (
+	protoCodec   = codec{proto: encoding.GetCodecV2("proto")}
+	encodedCodec = grpc.ForceCodecV2(protoCodec)
+)
+
+// ServerCodec is gRPC's proto codec with the fast path of PushRequest: the
+// codec of every server that takes pushes (grpc.ForceServerCodecV2).
+func ServerCodec() encoding.CodecV2 { return protoCodec }
 
 // Invoke calls the unary method of conn with a request already marshalled,
 // and decodes the reply into resp.

@@ -12,7 +12,6 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/encoding"
-	protoenc "google.golang.org/grpc/encoding/proto"
 	"google.golang.org/grpc/mem"
 	"google.golang.org/grpc/status"
 
@@ -219,9 +218,9 @@ type exportRequest struct {
 // must be built with, so that a request that does not decode gets
 // InvalidArgument, as OTLP says, not the Internal that gRPC gives (it
 // answers a message that does not decode before any handler runs). It is
-// gRPC's protobuf codec for every other message.
+// wire.ServerCodec for every other message.
 func ServerOption() grpc.ServerOption {
-	return grpc.ForceServerCodecV2(serverCodec{encoding.GetCodecV2(protoenc.Name)})
+	return grpc.ForceServerCodecV2(serverCodec{wire.ServerCodec()})
 }
 
 type serverCodec struct{ encoding.CodecV2 }

@@ -27,6 +27,7 @@ import (
 	"github.com/dimsum/dimsum/query/fanout"
 	"github.com/dimsum/dimsum/schema"
 	"github.com/dimsum/dimsum/tsdb"
+	"github.com/dimsum/dimsum/wire"
 )
 
 // Node is a dimsum process: some or all of the aggregator, combiner and
@@ -217,7 +218,7 @@ func (n *Node) listen() error {
 		if n.internalLn, err = net.Listen("tcp", cfg.Cluster.InternalListen); err != nil {
 			return fmt.Errorf("node: cannot listen for the cluster's internal gRPC: %w", err)
 		}
-		n.internal = grpc.NewServer(append(n.metrics.grpcOptions("internal"), n.trust.internalServerOption(), grpc.MaxRecvMsgSize(cfg.MaxRecvBytes))...)
+		n.internal = grpc.NewServer(append(n.metrics.grpcOptions("internal"), n.trust.internalServerOption(), grpc.MaxRecvMsgSize(cfg.MaxRecvBytes), grpc.ForceServerCodecV2(wire.ServerCodec()))...)
 	}
 	return nil
 }

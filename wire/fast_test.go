@@ -1,0 +1,134 @@
+package wire
+
+import (
+	"math"
+	"math/rand/v2"
+	"testing"
+
+	"google.golang.org/protobuf/encoding/protowire"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/dimsum/dimsum/wire/wirepb"
+)
+
+func randomPush(rng *rand.Rand) *wirepb.PushRequest {
+	m := &wirepb.PushRequest{Source: "pub-" + string(rune('a'+rng.IntN(26))), BatchSeq: rng.Uint64N(1 << 40), ReceivedMs: rng.Int64() - math.MaxInt64/2}
+	for range rng.IntN(20) {
+		m.Dict = append(m.Dict, string([]rune{'é', rune('a' + rng.IntN(26))}))
+	}
+	for range rng.IntN(50) {
+		e := &wirepb.Event{Family: rng.Uint32N(300), TimestampMs: rng.Int64N(1<<45) - 1<<44, Value: rng.Float64() * 1e6}
+		for range rng.IntN(12) {
+			e.Labels = append(e.Labels, rng.Uint32())
+		}
+		m.Events = append(m.Events, e)
+	}
+	return m
+}
+
+// TestUnmarshalPush decodes random pushes by the fast path, which must take
+// them (no fallback) and give what proto gives.
+func TestUnmarshalPush(t *testing.T) {
+	rng := rand.New(rand.NewPCG(1, 2))
+	for range 500 {
+		push := randomPush(rng)
+		b, err := proto.Marshal(push)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var got wirepb.PushRequest
+		if !decodePush(b, &got) {
+			t.Fatalf("the fast path refused a push proto wrote")
+		}
+		if !proto.Equal(&got, push) {
+			t.Fatalf("push decoded as %v, want %v", &got, push)
+		}
+	}
+}
+
+// TestUnmarshalPushFallBack feeds the decoder what the fast path leaves to
+// proto, and what it takes that proto's writer never writes: the result is
+// proto's either way.
+func TestUnmarshalPushFallBack(t *testing.T) {
+	// An event's labels unpacked, one varint each: the fast path takes
+	// them.
+	var ev []byte
+	ev = protowire.AppendTag(ev, 1, protowire.VarintType)
+	ev = protowire.AppendVarint(ev, 2)
+	for _, l := range []uint64{3, 4, 1 << 33} {
+		ev = protowire.AppendTag(ev, 3, protowire.VarintType)
+		ev = protowire.AppendVarint(ev, l)
+	}
+	var unpacked []byte
+	unpacked = protowire.AppendTag(unpacked, 2, protowire.BytesType)
+	unpacked = protowire.AppendBytes(unpacked, ev)
+	var fast wirepb.PushRequest
+	if !decodePush(unpacked, &fast) {
+		t.Error("the fast path refused unpacked labels")
+	}
+	// An unknown field, kept by proto; invalid UTF-8; another message; a
+	// truncated one.
+	unknown := protowire.AppendTag(append([]byte(nil), unpacked...), 99, protowire.VarintType)
+	unknown = protowire.AppendVarint(unknown, 7)
+	badUTF8 := protowire.AppendTag(nil, 1, protowire.BytesType)
+	badUTF8 = protowire.AppendBytes(badUTF8, []byte{0xff, 0xfe})
+	flush, err := proto.Marshal(&wirepb.FlushRequest{Source: "s", Cells: []*wirepb.FlushCell{{Family: 1, Values: []uint32{2}, Sum: 3, Count: 4}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, b := range map[string][]byte{"unpacked": unpacked, "unknown field": unknown, "invalid UTF-8": badUTF8, "a flush": flush, "truncated": unpacked[:len(unpacked)-1]} {
+		checkPush(t, name, b)
+	}
+}
+
+func checkPush(t *testing.T, name string, b []byte) {
+	t.Helper()
+	var got, want wirepb.PushRequest
+	gotErr, wantErr := UnmarshalPush(b, &got), proto.Unmarshal(b, &want)
+	if (gotErr == nil) != (wantErr == nil) || wantErr == nil && !proto.Equal(&got, &want) {
+		t.Errorf("%s: push decoded as %v, %v; proto gives %v, %v", name, &got, gotErr, &want, wantErr)
+	}
+}
+
+// FuzzUnmarshalPush checks that any input decodes as proto decodes it.
+func FuzzUnmarshalPush(f *testing.F) {
+	rng := rand.New(rand.NewPCG(3, 4))
+	for range 4 {
+		b, _ := proto.Marshal(randomPush(rng))
+		f.Add(b)
+	}
+	f.Fuzz(func(t *testing.T, b []byte) { checkPush(t, "fuzzed", b) })
+}
+
+// BenchmarkUnmarshalPush decodes a batch of 5,000 events of ten labels,
+// by the fast path and by proto.
+func BenchmarkUnmarshalPush(b *testing.B) {
+	rng := rand.New(rand.NewPCG(7, 8))
+	m := &wirepb.PushRequest{Source: "pub", BatchSeq: 1}
+	for range 5000 {
+		e := &wirepb.Event{Family: 0, TimestampMs: 1_700_000_000_000 + rng.Int64N(60_000), Value: float64(rng.IntN(20))}
+		for range 10 {
+			e.Labels = append(e.Labels, rng.Uint32N(200))
+		}
+		m.Events = append(m.Events, e)
+	}
+	data, err := proto.Marshal(m)
+	if err != nil {
+		b.Fatal(err)
+	}
+	for _, c := range []struct {
+		name string
+		fn   func([]byte, *wirepb.PushRequest) error
+	}{{"fast", UnmarshalPush}, {"proto", func(b []byte, m *wirepb.PushRequest) error { return proto.Unmarshal(b, m) }}} {
+		b.Run(c.name, func(b *testing.B) {
+			b.ReportAllocs()
+			for b.Loop() {
+				var got wirepb.PushRequest
+				if err := c.fn(data, &got); err != nil {
+					b.Fatal(err)
+				}
+			}
+			b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*len(m.Events)), "ns/event")
+		})
+	}
+}
