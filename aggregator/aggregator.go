@@ -201,7 +201,7 @@ func New(opts Options) (*Aggregator, error) {
 	}
 	a.mu.intern = map[string]uint32{}
 	a.mu.values = []string{""}
-	a.mu.reg = newRegistry()
+	a.mu.reg = newRegistry(1)
 	a.mu.windows = map[int64]*window{}
 	a.mu.sources = map[string]*seqWindow{}
 	a.mu.segMax = map[uint64]int64{}

@@ -79,6 +79,10 @@ type agg struct {
 // every window. Its cells outlive their windows until compactLocked drops
 // those no open window holds.
 type registry struct {
+	// numbering tells this registry's numbers from those of the one it
+	// replaced (compactLocked): a number names one cell within a numbering
+	// of an incarnation, which the flushes carry for the combiners.
+	numbering uint64
 	// keys holds each cell's key, by number. It only grows, and its
 	// elements never change, so a copy of the slice header taken under
 	// the aggregator's lock stays valid outside it: compactLocked builds
@@ -96,7 +100,7 @@ type registry struct {
 	table cellTable
 }
 
-func newRegistry() *registry { return &registry{} }
+func newRegistry(numbering uint64) *registry { return &registry{numbering: numbering} }
 
 // find returns the number of the cell of key k.
 func (r *registry) find(k cellKey) (int32, bool) { return r.table.find(r.keys, k) }
@@ -376,7 +380,7 @@ func (a *Aggregator) compactLocked() {
 	if len(old.keys) <= 2*live+compactFloor {
 		return
 	}
-	r := newRegistry()
+	r := newRegistry(old.numbering + 1)
 	for _, w := range a.mu.windows {
 		for _, id := range w.ids {
 			k := old.keys[id]

@@ -1,7 +1,9 @@
 package aggregator
 
 import (
+	"fmt"
 	"math/rand/v2"
+	"strings"
 	"testing"
 
 	"github.com/dimsum/dimsum/schema"
@@ -23,7 +25,7 @@ func TestRegistryWideLattice(t *testing.T) {
 			t.Fatal(err)
 		}
 		f := newFamily(s.Families[0])
-		r := newRegistry()
+		r := newRegistry(1)
 		rng := rand.New(rand.NewPCG(3, 4))
 		type sum struct {
 			v float64
@@ -93,7 +95,7 @@ func TestRegistryWideLattice(t *testing.T) {
 func TestCompactRegistry(t *testing.T) {
 	a := &Aggregator{fams: []*family{newFamily(schema.Default().Families[0])}}
 	f := a.fams[0]
-	a.mu.reg = newRegistry()
+	a.mu.reg = newRegistry(1)
 	a.mu.windows = map[int64]*window{}
 	leaf := func(host, txn int) cellKey {
 		return cellKey{cuboid: f.finest, v: [schema.MaxLevels]uint32{1 + uint32(host/100), 10 + uint32(host/20), 100 + uint32(host), 1000 + uint32(txn), 2000}}
@@ -159,7 +161,7 @@ func project(f *family, leaf cellKey, c schema.CuboidID) cellKey {
 // transactions and one status of the default schema, in random order.
 func BenchmarkCubeNewLeaves(b *testing.B) {
 	a := &Aggregator{fams: []*family{newFamily(schema.Default().Families[0])}}
-	a.mu.reg = newRegistry()
+	a.mu.reg = newRegistry(1)
 	a.mu.windows = map[int64]*window{}
 	var events []event
 	for host := range 300 {
@@ -178,4 +180,63 @@ func BenchmarkCubeNewLeaves(b *testing.B) {
 		delete(a.mu.windows, 0)
 	}
 	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*len(events)), "ns/leaf")
+}
+
+// TestFlushNumbers flushes two windows of the same cells: each cell goes
+// out under the same number in both, in the registry's numbering, and a
+// compacted registry numbers anew under a numbering of its own.
+func TestFlushNumbers(t *testing.T) {
+	a := &Aggregator{fams: []*family{newFamily(schema.Default().Families[0])}, source: "agg/1"}
+	a.mu.reg = newRegistry(1)
+	a.mu.windows = map[int64]*window{}
+	values := []string{""}
+	for i := range 100 {
+		values = append(values, fmt.Sprint("v", i))
+	}
+	for _, start := range []int64{0, 10_000} {
+		for host := range 10 {
+			ev := event{vals: [schema.MaxLevels]uint32{1, 2, 3 + uint32(host), 20, 30}, value: 1}
+			if _, reason := a.addLocked(&ev, start, 1<<30); reason != noReason {
+				t.Fatal(reason)
+			}
+		}
+	}
+	numberOf := func(start int64) map[string]uint32 {
+		reqs := a.flushRequests(start, a.mu.windows[start], a.mu.reg.keys, a.mu.reg.numbering, values, 1)
+		out := map[string]uint32{}
+		for _, req := range reqs {
+			if req.Numbering != a.mu.reg.numbering || len(req.CellNumbers) != len(req.CellCounts) {
+				t.Fatalf("a flush of numbering %d with %d numbers for %d cells, want numbering %d", req.Numbering, len(req.CellNumbers), len(req.CellCounts), a.mu.reg.numbering)
+			}
+			vals := req.CellValues
+			for i, n := range req.CellNumbers {
+				// Named by its strings: the dictionary indexes differ from
+				// flush to flush.
+				names := []string{fmt.Sprint(req.CellCuboids[i])}
+				for range a.fams[0].Cuboids()[req.CellCuboids[i]].Slots {
+					names, vals = append(names, req.Dict[vals[0]]), vals[1:]
+				}
+				out[strings.Join(names, "/")] = n
+			}
+		}
+		return out
+	}
+	first, second := numberOf(0), numberOf(10_000)
+	if len(first) == 0 || len(first) != len(second) {
+		t.Fatalf("%d and %d cells flushed", len(first), len(second))
+	}
+	for cell, n := range first {
+		if second[cell] != n {
+			t.Errorf("cell %s numbered %d, then %d", cell, n, second[cell])
+		}
+	}
+	delete(a.mu.windows, 0)
+	delete(a.mu.windows, 10_000)
+	for range compactFloor + 1 {
+		a.mu.reg.number(cellKey{cuboid: 99, v: [schema.MaxLevels]uint32{uint32(len(a.mu.reg.keys))}}, 0)
+	}
+	a.compactLocked()
+	if a.mu.reg.numbering != 2 {
+		t.Errorf("a compacted registry has numbering %d, want 2", a.mu.reg.numbering)
+	}
 }

@@ -29,12 +29,13 @@ type cellRef struct {
 	agg int32
 }
 
-// flushRequests encodes one window's cells, whose keys are in keys, as requests in the columnar
+// flushRequests encodes one window's cells, whose keys are in keys and
+// whose numbers are of numbering, as requests in the columnar
 // layout, one or more per shard of the global cube (schema.Shard), each of
 // at most maxFlushCells cells and with its own string dictionary. The
 // caller numbers them. Cells are grouped by shard first, so that one
 // request is built at a time. It runs under flushMu, which guards a.encode.
-func (a *Aggregator) flushRequests(start int64, w *window, keys []cellKey, values []string, shards int) []*wirepb.FlushRequest {
+func (a *Aggregator) flushRequests(start int64, w *window, keys []cellKey, numbering uint64, values []string, shards int) []*wirepb.FlushRequest {
 	// The cells in the order the window made them (their aggregates'
 	// order): every cuboid's cells then go in the order of their first
 	// events, and the store, which numbers new cells in the order they
@@ -92,11 +93,12 @@ func (a *Aggregator) flushRequests(start int64, w *window, keys []cellKey, value
 		}
 		n := hi - lo
 		req := &wirepb.FlushRequest{
-			Source: a.source, WindowStartMs: start, Shard: shard, Shards: uint32(shards),
+			Source: a.source, WindowStartMs: start, Shard: shard, Shards: uint32(shards), Numbering: numbering,
 			CellFamilies: make([]uint32, 0, n),
 			CellCuboids:  make([]uint32, 0, n),
 			CellSums:     make([]float64, 0, n),
 			CellCounts:   make([]uint64, 0, n),
+			CellNumbers:  make([]uint32, 0, n),
 		}
 		sc.number++
 		if sc.number == 0 { // wrapped around: no stamp may match
@@ -133,6 +135,7 @@ func (a *Aggregator) flushRequests(start int64, w *window, keys []cellKey, value
 			}
 			req.CellSums = append(req.CellSums, w.aggs[c.agg].sum)
 			req.CellCounts = append(req.CellCounts, w.aggs[c.agg].count)
+			req.CellNumbers = append(req.CellNumbers, uint32(w.ids[c.agg]))
 		}
 		reqs = append(reqs, req)
 		lo = hi

@@ -103,8 +103,8 @@ func (a *Aggregator) flush(final bool) {
 		}
 		cut.pos = pos
 	}
-	// The windows cut keep the keys of the registry they were made in.
-	values, keys := a.mu.values, a.mu.reg.keys
+	// The windows cut keep the numbers of the registry they were made in.
+	values, keys, numbering := a.mu.values, a.mu.reg.keys, a.mu.reg.numbering
 	a.compactLocked()
 	open, live := len(a.mu.windows), 0
 	for _, w := range a.mu.windows {
@@ -124,7 +124,7 @@ func (a *Aggregator) flush(final bool) {
 
 	var reqs []*wirepb.FlushRequest
 	for _, r := range todo {
-		reqs = append(reqs, a.flushRequests(r.start, r.w, keys, values, shards)...)
+		reqs = append(reqs, a.flushRequests(r.start, r.w, keys, numbering, values, shards)...)
 	}
 	a.recycle(todo)
 	a.mu.Lock()

@@ -93,7 +93,7 @@ func (c *Combiner) Apply(req *wirepb.FlushRequest) (duplicate bool, err error) {
 	// An aggregator numbers its flushes across windows and sends each
 	// replica its flushes in that order, retrying one until it is taken,
 	// so the store's window of recent sequences recognises every retry.
-	applied, err := c.opts.Store.ApplyDict(tsdb.BatchID{Source: req.Source, Seq: req.Sequence}, req.Dict, deltas)
+	applied, err := c.opts.Store.ApplyDict(tsdb.BatchID{Source: req.Source, Seq: req.Sequence, Numbering: req.Numbering}, req.Dict, deltas)
 	if errors.Is(err, tsdb.ErrBadInput) {
 		c.metrics.refused.Inc()
 		return false, fmt.Errorf("%w from %s: %w", ErrBadFlush, req.Source, err)
@@ -145,6 +145,10 @@ func (c *Combiner) deltas(req *wirepb.FlushRequest, sc *scratch) ([]tsdb.DictDel
 	}
 	if n > 0 && len(req.Cells) > 0 {
 		return nil, fmt.Errorf("%w: cells both in columns and as messages", ErrBadFlush)
+	}
+	numbered := req.Numbering != 0 && len(req.CellNumbers) > 0
+	if numbered && len(req.CellNumbers) != n {
+		return nil, fmt.Errorf("%w: %d cell numbers for %d cells", ErrBadFlush, len(req.CellNumbers), n)
 	}
 	deltas := slices.Grow(sc.deltas[:0], n+len(req.Cells))
 	values := sc.values[:0] // a cell's values, for its shard
@@ -200,7 +204,13 @@ func (c *Combiner) deltas(req *wirepb.FlushRequest, sc *scratch) ([]tsdb.DictDel
 		}
 	}
 	err := eachColumnCell(c.opts.Schema, req, func(i int, vals []uint32) error {
-		return add(i, req.CellFamilies[i], req.CellCuboids[i], vals, req.CellSums[i], req.CellCounts[i])
+		if err := add(i, req.CellFamilies[i], req.CellCuboids[i], vals, req.CellSums[i], req.CellCounts[i]); err != nil {
+			return err
+		}
+		if numbered && req.CellNumbers[i] < math.MaxUint32 {
+			deltas[len(deltas)-1].Number = req.CellNumbers[i] + 1
+		}
+		return nil
 	})
 	if err != nil {
 		return nil, err

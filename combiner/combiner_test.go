@@ -156,6 +156,7 @@ func TestBadFlush(t *testing.T) {
 		{"a sum short", func(r *wirepb.FlushRequest) { r.CellSums = r.CellSums[:1] }},
 		{"a family short", func(r *wirepb.FlushRequest) { r.CellFamilies = r.CellFamilies[:1] }},
 		{"cells in both layouts", func(r *wirepb.FlushRequest) { r.Cells = flush(w, 0).Cells }},
+		{"a number short", func(r *wirepb.FlushRequest) { r.Numbering, r.CellNumbers = 1, make([]uint32, len(r.CellCounts)-1) }},
 	} {
 		t.Run("columns/"+tc.name, func(t *testing.T) {
 			c, db := newCombiner(t)

@@ -19,6 +19,11 @@ type Delta struct {
 	Time   int64    // unix milliseconds, any instant within the finest step
 	Sum    float64  // sum of the deltas
 	Count  uint64   // number of events
+	// Number is the cell's number in the batch's numbering
+	// (BatchID.Numbering) plus one, or 0. The store remembers where a
+	// numbered cell is, and finds it by its number the next time, checking
+	// that its values hash alike.
+	Number uint32
 }
 
 // DictDelta is a Delta whose strings are indexes into the dictionary of
@@ -32,6 +37,11 @@ type DictDelta struct {
 	Time   int64    // unix milliseconds, any instant within the finest step
 	Sum    float64  // sum of the deltas
 	Count  uint64   // number of events
+	// Number is the cell's number in the batch's numbering
+	// (BatchID.Numbering) plus one, or 0. The store remembers where a
+	// numbered cell is, and finds it by its number the next time, checking
+	// that its values hash alike.
+	Number uint32
 }
 
 // BatchID identifies a batch for Apply: the source that sends it and its
@@ -43,6 +53,10 @@ type DictDelta struct {
 type BatchID struct {
 	Source string
 	Seq    uint64
+	// Numbering, when not 0, names the numbering of the batch's cells
+	// (DictDelta.Number) among the source's: a number names the same cell
+	// in every batch of one source and numbering.
+	Numbering uint64
 }
 
 // Apply adds deltas to the store. It logs them in one atomic Pebble batch
@@ -183,6 +197,7 @@ func (db *DB) applyDict(start time.Time, id BatchID, dict []string, deltas []Dic
 	oldest := now.UnixMilli() - db.maxRetentionMs
 	expired := 0
 	entries := a.entries[:0]
+	numbers := a.numbered.of(id)
 	for i := range deltas {
 		d := &deltas[i]
 		if d.Time < oldest {
@@ -191,7 +206,7 @@ func (db *DB) applyDict(start time.Time, id BatchID, dict []string, deltas []Dic
 		}
 		fs := db.family(dict, d.Family)
 		cd := fs.cuboids[d.Cuboid]
-		cell, err := db.cellID(b, cd, dict, d)
+		cell, err := db.cellID(b, cd, dict, d, numbers)
 		if err != nil {
 			return false, err
 		}
@@ -368,7 +383,9 @@ func (db *DB) check(dict []string, d *DictDelta) error {
 // is new. Each string of the batch's dictionary is looked up in the
 // store's interned values once (DB.apply.nums); a cell is then a lookup of
 // its value numbers.
-func (db *DB) cellID(b *pebble.Batch, cd *cellDict, dict []string, d *DictDelta) (uint32, error) {
+// A numbered delta's cell is looked for first among the cells of its source's
+// numbering (numbered.go); one found in the cuboid's index is remembered.
+func (db *DB) cellID(b *pebble.Batch, cd *cellDict, dict []string, d *DictDelta, numbers *numbering) (uint32, error) {
 	a := &db.apply
 	var key cellKey
 	for i, v := range d.Values {
@@ -383,7 +400,17 @@ func (db *DB) cellID(b *pebble.Batch, cd *cellDict, dict []string, d *DictDelta)
 		}
 		key[i] = n - 1
 	}
+	var check uint64
+	if numbers != nil && d.Number != 0 {
+		check = a.numbered.check(cd, &key)
+		if id, ok := numbers.get(d.Number-1, check); ok {
+			return id, nil
+		}
+	}
 	if id, ok := cd.ids.get(&key); ok {
+		if numbers != nil && d.Number != 0 {
+			a.numbered.put(numbers, d.Number-1, check, id)
+		}
 		return id, nil
 	}
 	return db.newCell(b, cd, dict, d)
@@ -414,6 +441,10 @@ func (db *DB) publish() (added, removed int) {
 		added += a
 		removed += r
 	}
+	if removed > 0 {
+		// Their IDs are free, to name other cells.
+		db.apply.numbered.forget()
+	}
 	clear(db.apply.touched)
 	db.apply.touched = db.apply.touched[:0]
 	return added, removed
@@ -423,6 +454,11 @@ func (db *DB) publish() (added, removed int) {
 // committed. After publish it has nothing to do.
 func (db *DB) rollback() {
 	for _, d := range db.apply.touched {
+		if len(d.added) > 0 {
+			// A cell the batch added may be remembered by its number,
+			// under an ID now free.
+			db.apply.numbered.forget()
+		}
 		d.rollback()
 	}
 	clear(db.apply.touched)

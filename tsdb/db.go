@@ -92,6 +92,7 @@ type DB struct {
 		strs       []string
 		idx        []uint32
 		dds        []DictDelta
+		numbered   numberedCells
 	}
 	// write serializes the writer's group writes and the retention pass,
 	// which both write rows and presence.

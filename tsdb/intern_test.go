@@ -320,7 +320,7 @@ func TestCellIDAllocs(t *testing.T) {
 			if err := db.check(dict, d); err != nil {
 				t.Fatal(err)
 			}
-			cell, err := db.cellID(b, db.family(dict, d.Family).cuboids[d.Cuboid], dict, d)
+			cell, err := db.cellID(b, db.family(dict, d.Family).cuboids[d.Cuboid], dict, d, nil)
 			if err != nil || cell != uint32(i) {
 				t.Fatalf("delta %d: cell %d, %v", i, cell, err)
 			}

@@ -440,11 +440,20 @@ type FlushRequest struct {
 	// The five lists describe the same cells, so the four per-cell lists have
 	// one length. A flush holds its cells either here or in cells: aggregators
 	// write these; combiners read both.
-	CellFamilies  []uint32  `protobuf:"varint,8,rep,packed,name=cell_families,json=cellFamilies,proto3" json:"cell_families,omitempty"`
-	CellCuboids   []uint32  `protobuf:"varint,9,rep,packed,name=cell_cuboids,json=cellCuboids,proto3" json:"cell_cuboids,omitempty"`
-	CellValues    []uint32  `protobuf:"varint,10,rep,packed,name=cell_values,json=cellValues,proto3" json:"cell_values,omitempty"`
-	CellSums      []float64 `protobuf:"fixed64,11,rep,packed,name=cell_sums,json=cellSums,proto3" json:"cell_sums,omitempty"`
-	CellCounts    []uint64  `protobuf:"varint,12,rep,packed,name=cell_counts,json=cellCounts,proto3" json:"cell_counts,omitempty"`
+	CellFamilies []uint32  `protobuf:"varint,8,rep,packed,name=cell_families,json=cellFamilies,proto3" json:"cell_families,omitempty"`
+	CellCuboids  []uint32  `protobuf:"varint,9,rep,packed,name=cell_cuboids,json=cellCuboids,proto3" json:"cell_cuboids,omitempty"`
+	CellValues   []uint32  `protobuf:"varint,10,rep,packed,name=cell_values,json=cellValues,proto3" json:"cell_values,omitempty"`
+	CellSums     []float64 `protobuf:"fixed64,11,rep,packed,name=cell_sums,json=cellSums,proto3" json:"cell_sums,omitempty"`
+	CellCounts   []uint64  `protobuf:"varint,12,rep,packed,name=cell_counts,json=cellCounts,proto3" json:"cell_counts,omitempty"`
+	// cell_numbers, when present, has one entry a cell of the columns: the
+	// cell's number in the sending aggregator's numbering, which names the
+	// same cell in every flush of the same source and numbering. A combiner
+	// may remember where it keeps a numbered cell, and find it by its number
+	// the next time rather than by its values; it checks the values all the
+	// same, so a wrong number costs a lookup, never a wrong cell. numbering is
+	// 0 when the cells are not numbered.
+	CellNumbers   []uint32 `protobuf:"varint,13,rep,packed,name=cell_numbers,json=cellNumbers,proto3" json:"cell_numbers,omitempty"`
+	Numbering     uint64   `protobuf:"varint,14,opt,name=numbering,proto3" json:"numbering,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -561,6 +570,20 @@ func (x *FlushRequest) GetCellCounts() []uint64 {
 		return x.CellCounts
 	}
 	return nil
+}
+
+func (x *FlushRequest) GetCellNumbers() []uint32 {
+	if x != nil {
+		return x.CellNumbers
+	}
+	return nil
+}
+
+func (x *FlushRequest) GetNumbering() uint64 {
+	if x != nil {
+		return x.Numbering
+	}
+	return 0
 }
 
 type FlushCell struct {
@@ -711,7 +734,7 @@ const file_dimsum_proto_rawDesc = "" +
 	"\x06Reject\x12\x14\n" +
 	"\x05index\x18\x01 \x01(\rR\x05index\x124\n" +
 	"\x06reason\x18\x02 \x01(\x0e2\x1c.dimsum.wire.v1.RejectReasonR\x06reason\x12\x16\n" +
-	"\x06detail\x18\x03 \x01(\tR\x06detail\"\x84\x03\n" +
+	"\x06detail\x18\x03 \x01(\tR\x06detail\"\xc5\x03\n" +
 	"\fFlushRequest\x12\x16\n" +
 	"\x06source\x18\x01 \x01(\tR\x06source\x12&\n" +
 	"\x0fwindow_start_ms\x18\x02 \x01(\x03R\rwindowStartMs\x12\x1a\n" +
@@ -727,7 +750,9 @@ const file_dimsum_proto_rawDesc = "" +
 	"cellValues\x12\x1b\n" +
 	"\tcell_sums\x18\v \x03(\x01R\bcellSums\x12\x1f\n" +
 	"\vcell_counts\x18\f \x03(\x04R\n" +
-	"cellCounts\"{\n" +
+	"cellCounts\x12!\n" +
+	"\fcell_numbers\x18\r \x03(\rR\vcellNumbers\x12\x1c\n" +
+	"\tnumbering\x18\x0e \x01(\x04R\tnumbering\"{\n" +
 	"\tFlushCell\x12\x16\n" +
 	"\x06family\x18\x01 \x01(\rR\x06family\x12\x16\n" +
 	"\x06cuboid\x18\x02 \x01(\rR\x06cuboid\x12\x16\n" +
