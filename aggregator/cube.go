@@ -227,28 +227,37 @@ func (t *cellTable) place(h uint64, num uint32) {
 // registry.
 type window struct {
 	// slot maps a cell's number to 1 + the index of its aggregate, 0 for
-	// a cell the window lacks. A window with fewer than reserveAt cells
-	// (a few late events) holds the same in sparse instead, and slot is
-	// nil: a slot a registered cell would take more room than its cells.
-	slot   []int32
-	sparse map[int32]int32
+	// a cell the window lacks, in pages of slotPage numbers, each made
+	// when the window first holds a cell of its numbers: a window of a
+	// few late events takes a few pages, not a slot for every registered
+	// cell.
+	slot   []*[slotPage]int32
 	ids    []int32 // the number of each aggregate's cell
 	aggs   []agg
 	finest []int // leaves per family, for the cardinality limit
+	leaves int   // all its families'
 }
 
+// slotPage is the numbers of a page of a window's slot (2 KiB), a power of
+// two: a number's page is its high bits, its place in the page the low ones.
+const (
+	slotBits = 9
+	slotPage = 1 << slotBits
+	slotMask = slotPage - 1
+)
+
+// noPage stands for every page a window has not made: empty, never written.
+var noPage = new([slotPage]int32)
+
 func newWindow(families int) *window {
-	return &window{sparse: map[int32]int32{}, finest: make([]int, families)}
+	return &window{finest: make([]int, families)}
 }
 
 // index is 1 + the index of the aggregate of cell id, 0 if the window
 // lacks it.
 func (w *window) index(id int32) int32 {
-	if w.slot == nil {
-		return w.sparse[id]
-	}
-	if int(id) < len(w.slot) {
-		return w.slot[id]
+	if p := uint32(id) >> slotBits; p < uint32(len(w.slot)) {
+		return w.slot[p][uint32(id)&slotMask]
 	}
 	return 0
 }
@@ -261,64 +270,61 @@ func (w *window) sum(id int32) float64 {
 	return 0
 }
 
-// add gives cell id an aggregate and returns 1 + its index; cells is the
-// registry's size, to which a full slot grows.
-func (w *window) add(id int32, cells int) int32 {
+// add gives cell id an aggregate and returns 1 + its index.
+func (w *window) add(id int32) int32 {
 	w.ids = append(w.ids, id)
 	w.aggs = append(w.aggs, agg{})
 	i := int32(len(w.aggs))
-	w.set(id, i, cells)
+	w.set(id, i)
 	return i
 }
 
-func (w *window) set(id, i int32, cells int) {
-	if w.slot == nil {
-		w.sparse[id] = i
-		return
+func (w *window) set(id, i int32) {
+	p := int(uint32(id) >> slotBits)
+	for len(w.slot) <= p {
+		w.slot = append(w.slot, noPage)
 	}
-	if int(id) >= len(w.slot) {
-		w.slot = slices.Grow(w.slot, cells-len(w.slot))[:cells]
+	if w.slot[p] == noPage {
+		w.slot[p] = new([slotPage]int32)
 	}
-	w.slot[id] = i
+	w.slot[p][uint32(id)&slotMask] = i
 }
 
 // addFan adds (sum, count) to every cell of the leaf whose fan is at off,
-// making those the window lacks, and returns how many it made. A window
-// reaching reserveAt cells takes a full slot, and the room the last cut's
-// largest window needed, at once: growing a slice of a million entries step
-// by step copies it many times over, while a window of a few late events
-// must not take a full window's room.
-func (w *window) addFan(r *registry, f *family, off int32, sum float64, count uint64, hint int) int {
+// making those the window lacks, and returns how many it made.
+func (w *window) addFan(r *registry, f *family, off int32, sum float64, count uint64) int {
 	made := len(w.aggs)
 	for _, id := range r.fan[off : off+int32(len(f.masks))] {
 		i := w.index(id)
 		if i == 0 {
-			i = w.add(id, len(r.keys))
+			i = w.add(id)
 		}
 		w.aggs[i-1].sum += sum
 		w.aggs[i-1].count += count
 	}
-	if w.slot == nil && len(w.aggs) >= reserveAt {
-		w.slot = make([]int32, len(r.keys))
-		for id, i := range w.sparse {
-			w.slot[id] = i
-		}
-		clear(w.sparse)
+	return len(w.aggs) - made
+}
+
+// newLeaf counts a leaf new to the window. A window reaching reserveAt
+// leaves takes the room the last cut's largest window needed (hint cells)
+// at once: growing a slice of a million entries step by step copies it many
+// times over, while a window of a few late events must not take a full
+// window's room.
+func (w *window) newLeaf(fam, hint int) {
+	w.finest[fam]++
+	if w.leaves++; w.leaves == reserveAt {
 		w.ids = slices.Grow(w.ids, max(hint-len(w.ids), 0))
 		w.aggs = slices.Grow(w.aggs, max(hint-len(w.aggs), 0))
 	}
-	return len(w.aggs) - made
 }
 
 // reset empties the window for reuse, keeping its room.
 func (w *window) reset() {
-	if w.slot != nil {
-		for _, id := range w.ids {
-			w.slot[id] = 0
-		}
+	for _, id := range w.ids {
+		w.slot[uint32(id)>>slotBits][uint32(id)&slotMask] = 0
 	}
-	clear(w.sparse)
 	clear(w.finest)
+	w.leaves = 0
 	w.ids, w.aggs = w.ids[:0], w.aggs[:0]
 }
 
@@ -331,7 +337,15 @@ const spareCells = cutCells
 
 // spareRoom is the room of a window kept for reuse, in cells; a slot takes
 // about a fifth of a cell's room (its aggregate and number).
-func (w *window) spareRoom() int { return max(cap(w.aggs), reserveAt) + cap(w.slot)/5 }
+func (w *window) spareRoom() int {
+	pages := 0
+	for _, p := range w.slot {
+		if p != noPage {
+			pages++
+		}
+	}
+	return max(cap(w.aggs), reserveAt) + pages*slotPage/5
+}
 
 // newWindowLocked returns an empty window, a spare one if there is one.
 func (a *Aggregator) newWindowLocked() *window {
@@ -359,8 +373,8 @@ func (a *Aggregator) recycle(todo []ready) {
 	}
 }
 
-// reserveAt is the number of cells at which a window that is growing takes
-// a full slot and the room the last cut's largest window needed.
+// reserveAt is the number of leaves at which a window that is growing takes
+// the room the last cut's largest window needed.
 const reserveAt = 256
 
 // compactFloor is the registry size, in cells, below which compactLocked
@@ -368,12 +382,15 @@ const reserveAt = 256
 const compactFloor = 1 << 16
 
 // compactLocked renumbers the registry once it holds more than twice the
-// cells of the open windows, keeping only theirs: the series that stopped
-// sending leave it. Each open window's cells take their new numbers. The
-// windows being flushed keep the keys of the registry they were made in.
-func (a *Aggregator) compactLocked() {
+// cells of the windows in memory (those open, and the cut's, whose cells
+// counts) plus compactFloor, keeping only the open windows' cells: the
+// series that stopped sending leave it. Each open window's cells take
+// their new numbers. The windows being flushed keep the keys of the
+// registry they were made in. Counting the cut's cells keeps a backfill,
+// whose cuts leave few cells open, from compacting at every cut.
+func (a *Aggregator) compactLocked(cut int) {
 	old := a.mu.reg
-	live := 0
+	live := cut
 	for _, w := range a.mu.windows {
 		live += len(w.aggs)
 	}
@@ -392,19 +409,18 @@ func (a *Aggregator) compactLocked() {
 		}
 	}
 	for _, w := range a.mu.windows {
-		if w.slot != nil {
-			for _, id := range w.ids {
-				w.slot[id] = 0
-			}
-			if len(w.slot) > 2*len(r.keys) {
-				w.slot = make([]int32, len(r.keys))
-			}
+		for _, id := range w.ids {
+			w.slot[uint32(id)>>slotBits][uint32(id)&slotMask] = 0
 		}
-		clear(w.sparse)
+		// Pages past the new numbers would stay empty.
+		if pages := len(r.keys)>>slotBits + 1; len(w.slot) > pages {
+			clear(w.slot[pages:])
+			w.slot = w.slot[:pages]
+		}
 		for i, id := range w.ids {
 			k := old.keys[id]
 			w.ids[i], _ = r.find(k)
-			w.set(w.ids[i], int32(i+1), len(r.keys))
+			w.set(w.ids[i], int32(i+1))
 		}
 	}
 	a.mu.reg = r
@@ -456,7 +472,7 @@ func (a *Aggregator) addLocked(ev *event, start int64, maxCells int) (int, wirep
 		if !known {
 			off = r.add(f, leaf)
 		}
-		w.finest[ev.fam]++
+		w.newLeaf(ev.fam, a.mu.hint)
 	}
-	return w.addFan(r, f, off, ev.value, 1, a.mu.hint), noReason
+	return w.addFan(r, f, off, ev.value, 1), noReason
 }

@@ -31,8 +31,8 @@ func TestRegistryWideLattice(t *testing.T) {
 			v float64
 			n uint64
 		}
-		// The second window takes fewer events, which leaves it sparse
-		// (under reserveAt cells) in the flat family.
+		// The second window takes fewer events, and fewer pages of its
+		// slot in the flat family.
 		for _, events := range []int{3000, 40} {
 			w := newWindow(1)
 			want := map[cellKey]sum{}
@@ -48,7 +48,7 @@ func TestRegistryWideLattice(t *testing.T) {
 					off = r.add(f, leaf)
 				}
 				v := float64(1 + rng.IntN(9))
-				w.addFan(r, f, off, v, 1, 0)
+				w.addFan(r, f, off, v, 1)
 				for c := range f.masks {
 					k := project(f, leaf, schema.CuboidID(c))
 					want[k] = sum{want[k].v + v, want[k].n + 1}
@@ -114,12 +114,22 @@ func TestCompactRegistry(t *testing.T) {
 	add(10, leaf(5, 5), 2)
 	add(10, leaf(3000, 1), 3)
 	registered := len(a.mu.reg.keys)
-	a.compactLocked()
+	a.compactLocked(0)
 	if len(a.mu.reg.keys) != registered {
 		t.Fatalf("compacted to %d cells of %d while the big window is open", len(a.mu.reg.keys), registered)
 	}
+	// The big window cut, its cells count for the cut that took it.
+	big := len(a.mu.windows[0].aggs)
 	delete(a.mu.windows, 0)
-	a.compactLocked()
+	a.compactLocked(big)
+	if len(a.mu.reg.keys) != registered {
+		t.Fatalf("compacted to %d cells of %d by the cut of the big window", len(a.mu.reg.keys), registered)
+	}
+	// A window of two late events holds pages of its slot for them only.
+	if pages := a.mu.windows[10].spareRoom() - reserveAt; pages > 2*16*slotPage/5 {
+		t.Errorf("a window of two events holds %d cells' room of slot pages", pages)
+	}
+	a.compactLocked(0)
 	w := a.mu.windows[10]
 	if n := len(a.mu.reg.keys); n != len(w.aggs) {
 		t.Fatalf("registry holds %d cells after compaction, the open window %d", n, len(w.aggs))
@@ -235,7 +245,7 @@ func TestFlushNumbers(t *testing.T) {
 	for range compactFloor + 1 {
 		a.mu.reg.number(cellKey{cuboid: 99, v: [schema.MaxLevels]uint32{uint32(len(a.mu.reg.keys))}}, 0)
 	}
-	a.compactLocked()
+	a.compactLocked(0)
 	if a.mu.reg.numbering != 2 {
 		t.Errorf("a compacted registry has numbering %d, want 2", a.mu.reg.numbering)
 	}

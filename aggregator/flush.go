@@ -105,7 +105,11 @@ func (a *Aggregator) flush(final bool) {
 	}
 	// The windows cut keep the numbers of the registry they were made in.
 	values, keys, numbering := a.mu.values, a.mu.reg.keys, a.mu.reg.numbering
-	a.compactLocked()
+	cells := 0
+	for _, r := range todo {
+		cells += len(r.w.aggs)
+	}
+	a.compactLocked(cells)
 	open, live := len(a.mu.windows), 0
 	for _, w := range a.mu.windows {
 		live += len(w.aggs)

@@ -199,9 +199,9 @@ func (a *Aggregator) mergeWindowLocked(start int64, w *window) {
 			continue
 		}
 		if dst.index(id) == 0 {
-			dst.finest[leaf.fam]++
+			dst.newLeaf(int(leaf.fam), a.mu.hint)
 		}
 		src := w.aggs[i]
-		dst.addFan(r, f, r.fanOf[id], src.sum, src.count, a.mu.hint)
+		dst.addFan(r, f, r.fanOf[id], src.sum, src.count)
 	}
 }
