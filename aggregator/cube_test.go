@@ -111,8 +111,14 @@ func TestCompactRegistry(t *testing.T) {
 			add(0, leaf(host, txn), 1)
 		}
 	}
+	// Two late events, after a cut of a big window: they take no big
+	// window's room.
+	a.mu.hint = 1 << 20
 	add(10, leaf(5, 5), 2)
 	add(10, leaf(3000, 1), 3)
+	if c := cap(a.mu.windows[10].aggs); c >= 1<<20 {
+		t.Errorf("a window of two events took room for %d cells", c)
+	}
 	registered := len(a.mu.reg.keys)
 	a.compactLocked(0)
 	if len(a.mu.reg.keys) != registered {
