@@ -119,6 +119,8 @@ func New(opts Options) (*Publisher, error) {
 		p.conns = append(p.conns, conn)
 		p.clients = append(p.clients, wirepb.NewIngestClient(conn))
 	}
+	// Pushes marshal without protobuf's reflection (wire.CallCodec).
+	p.callOpts = append(p.callOpts, wire.CallCodec())
 	if opts.Compression == Gzip {
 		p.callOpts = append(p.callOpts, grpc.UseCompressor(gzip.Name))
 	}

@@ -8,10 +8,13 @@ import "github.com/dimsum/dimsum/wire/wirepb"
 type Batch struct {
 	req   wirepb.PushRequest
 	index map[string]uint32
-	// events and their label indexes are allocated in blocks so that
-	// adding one costs no allocation in the common case.
-	block  []wirepb.Event
-	labels []uint32
+	// events and their label indexes are allocated in blocks, which Reset
+	// keeps for the next batch: adding an event costs no allocation once
+	// a batch as large was built, and leaves the collector nothing.
+	blocks       [][]wirepb.Event
+	block, used  int // the block being filled, and its events used
+	labels       [][]uint32
+	label, lused int
 	// prev holds the labels of the event added last and prevIdx their
 	// indexes: a label equal to the one in the same place of the event
 	// before (its name, nearly always, and often its value) takes that
@@ -22,19 +25,11 @@ type Batch struct {
 
 // Add appends one event. labels alternate name, value, name, value.
 func (b *Batch) Add(family string, timestampMS int64, value float64, labels ...string) {
-	if len(b.block) == 0 {
-		b.block = make([]wirepb.Event, 256)
-	}
-	ev := &b.block[0]
-	b.block = b.block[1:]
+	ev := b.event()
 	ev.Family = b.intern(family)
 	ev.TimestampMs = timestampMS
 	ev.Value = value
-	if len(b.labels) < len(labels) {
-		b.labels = make([]uint32, max(4096, len(labels)))
-	}
-	ev.Labels = b.labels[:len(labels):len(labels)]
-	b.labels = b.labels[len(labels):]
+	ev.Labels = b.labelRoom(len(labels))
 	for i, l := range labels {
 		if i < len(b.prev) && l == b.prev[i] {
 			ev.Labels[i] = b.prevIdx[i]
@@ -45,6 +40,34 @@ func (b *Batch) Add(family string, timestampMS int64, value float64, labels ...s
 	// A copy: the caller may reuse its slice for the next event.
 	b.prev, b.prevIdx = append(b.prev[:0], labels...), ev.Labels
 	b.req.Events = append(b.req.Events, ev)
+}
+
+// event returns the next event of the blocks, a block of 256 made when
+// they are all used.
+func (b *Batch) event() *wirepb.Event {
+	if b.block < len(b.blocks) && b.used == len(b.blocks[b.block]) {
+		b.block, b.used = b.block+1, 0
+	}
+	if b.block == len(b.blocks) {
+		b.blocks = append(b.blocks, make([]wirepb.Event, 256))
+	}
+	ev := &b.blocks[b.block][b.used]
+	b.used++
+	return ev
+}
+
+// labelRoom returns room for n label indexes from the blocks, a block of
+// at least 4,096 made when the one being filled lacks it.
+func (b *Batch) labelRoom(n int) []uint32 {
+	for b.label < len(b.labels) && len(b.labels[b.label])-b.lused < n {
+		b.label, b.lused = b.label+1, 0
+	}
+	if b.label == len(b.labels) {
+		b.labels = append(b.labels, make([]uint32, max(4096, n)))
+	}
+	room := b.labels[b.label][b.lused : b.lused+n : b.lused+n]
+	b.lused += n
+	return room
 }
 
 func (b *Batch) intern(s string) uint32 {
@@ -75,9 +98,15 @@ func (b *Batch) Len() int { return len(b.req.Events) }
 // while the request is in use; call Reset to start the next one.
 func (b *Batch) Request() *wirepb.PushRequest { return &b.req }
 
-// Reset empties the batch for reuse.
+// Reset empties the batch for reuse. The request it returned before must
+// no longer be in use: its events' room serves the next batch.
 func (b *Batch) Reset() {
-	b.req = wirepb.PushRequest{}
+	// Emptied, so that the next batch's room holds none of this one's
+	// strings.
+	clear(b.req.Events)
+	clear(b.req.Dict)
+	b.req = wirepb.PushRequest{Events: b.req.Events[:0], Dict: b.req.Dict[:0]}
 	clear(b.index)
 	b.prev, b.prevIdx = b.prev[:0], nil
+	b.block, b.used, b.label, b.lused = 0, 0, 0, 0
 }

@@ -24,8 +24,15 @@ type Encoded []byte
 type codec struct{ proto encoding.CodecV2 }
 
 func (c codec) Marshal(v any) (mem.BufferSlice, error) {
-	if e, ok := v.(*Encoded); ok {
-		return mem.BufferSlice{mem.SliceBuffer(*e)}, nil
+	switch m := v.(type) {
+	case *Encoded:
+		return mem.BufferSlice{mem.SliceBuffer(*m)}, nil
+	case *wirepb.PushRequest:
+		b, err := marshalPush(m)
+		if err != nil {
+			return nil, err
+		}
+		return mem.BufferSlice{mem.SliceBuffer(b)}, nil
 	}
 	return c.proto.Marshal(v)
 }
@@ -52,6 +59,10 @@ var (
 // ServerCodec is gRPC's proto codec with the fast path of PushRequest: the
 // codec of every server that takes pushes (grpc.ForceServerCodecV2).
 func ServerCodec() encoding.CodecV2 { return protoCodec }
+
+// CallCodec is the call option of a client that pushes: gRPC's proto codec
+// with the fast path of PushRequest.
+func CallCodec() grpc.CallOption { return encodedCodec }
 
 // Invoke calls the unary method of conn with a request already marshalled,
 // and decodes the reply into resp.

@@ -1,6 +1,7 @@
 package wire
 
 import (
+	"bytes"
 	"math"
 	"math/rand/v2"
 	"testing"
@@ -18,6 +19,12 @@ func randomPush(rng *rand.Rand) *wirepb.PushRequest {
 	}
 	for range rng.IntN(50) {
 		e := &wirepb.Event{Family: rng.Uint32N(300), TimestampMs: rng.Int64N(1<<45) - 1<<44, Value: rng.Float64() * 1e6}
+		switch rng.IntN(8) {
+		case 0:
+			e.Value = math.Copysign(0, -1)
+		case 1:
+			e.Value, e.Family, e.TimestampMs = 0, 0, 0
+		}
 		for range rng.IntN(12) {
 			e.Labels = append(e.Labels, rng.Uint32())
 		}
@@ -27,7 +34,8 @@ func randomPush(rng *rand.Rand) *wirepb.PushRequest {
 }
 
 // TestUnmarshalPush decodes random pushes by the fast path, which must take
-// them (no fallback) and give what proto gives.
+// them (no fallback) and give what proto gives, and encodes them as proto
+// does, byte for byte.
 func TestUnmarshalPush(t *testing.T) {
 	rng := rand.New(rand.NewPCG(1, 2))
 	for range 500 {
@@ -42,6 +50,13 @@ func TestUnmarshalPush(t *testing.T) {
 		}
 		if !proto.Equal(&got, push) {
 			t.Fatalf("push decoded as %v, want %v", &got, push)
+		}
+		enc, err := marshalPush(push)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(enc, b) {
+			t.Fatalf("push encoded as %x, proto encodes %x", enc, b)
 		}
 	}
 }
