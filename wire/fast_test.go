@@ -115,9 +115,8 @@ func FuzzUnmarshalPush(f *testing.F) {
 	f.Fuzz(func(t *testing.T, b []byte) { checkPush(t, "fuzzed", b) })
 }
 
-// BenchmarkUnmarshalPush decodes a batch of 5,000 events of ten labels,
-// by the fast path and by proto.
-func BenchmarkUnmarshalPush(b *testing.B) {
+// benchPush is a batch of 5,000 events of ten labels.
+func benchPush() *wirepb.PushRequest {
 	rng := rand.New(rand.NewPCG(7, 8))
 	m := &wirepb.PushRequest{Source: "pub", BatchSeq: 1}
 	for range 5000 {
@@ -127,6 +126,31 @@ func BenchmarkUnmarshalPush(b *testing.B) {
 		}
 		m.Events = append(m.Events, e)
 	}
+	return m
+}
+
+// BenchmarkMarshalPush encodes benchPush by the fast path and by proto.
+func BenchmarkMarshalPush(b *testing.B) {
+	m := benchPush()
+	for _, c := range []struct {
+		name string
+		fn   func(*wirepb.PushRequest) ([]byte, error)
+	}{{"fast", marshalPush}, {"proto", func(m *wirepb.PushRequest) ([]byte, error) { return proto.Marshal(m) }}} {
+		b.Run(c.name, func(b *testing.B) {
+			b.ReportAllocs()
+			for b.Loop() {
+				if _, err := c.fn(m); err != nil {
+					b.Fatal(err)
+				}
+			}
+			b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*len(m.Events)), "ns/event")
+		})
+	}
+}
+
+// BenchmarkUnmarshalPush decodes benchPush by the fast path and by proto.
+func BenchmarkUnmarshalPush(b *testing.B) {
+	m := benchPush()
 	data, err := proto.Marshal(m)
 	if err != nil {
 		b.Fatal(err)
