@@ -84,7 +84,7 @@ func (a *Aggregator) newIntent(pos wal.Pos, cut cutMark, entries []*entry) *inte
 		}
 		if e.size == 0 {
 			if e.kind == entryFlush {
-				e.size = int64(len(e.flush.Data))
+				e.size = e.flush.Size()
 			} else {
 				e.size = int64(proto.Size(e.push))
 			}

@@ -357,11 +357,14 @@ func (l *Local) Replicas(uint32) []string { return []string{l.name} }
 
 // Flush applies one partial cube.
 func (l *Local) Flush(ctx context.Context, _ string, f *wire.Flush) error {
-	var req wirepb.FlushRequest
-	if err := proto.Unmarshal(f.Data, &req); err != nil {
-		return status.Errorf(codes.InvalidArgument, "combiner: the flush does not decode: %v", err)
+	req := f.Request
+	if req == nil {
+		req = new(wirepb.FlushRequest)
+		if err := proto.Unmarshal(f.Data, req); err != nil {
+			return status.Errorf(codes.InvalidArgument, "combiner: the flush does not decode: %v", err)
+		}
 	}
-	_, err := l.c.take(ctx, &req)
+	_, err := l.c.take(ctx, req)
 	return err
 }
 

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"math"
 	"net"
+	"slices"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -278,6 +279,27 @@ func TestLocal(t *testing.T) {
 	if got := apexSum(t, db, w); got != 5 {
 		t.Errorf("apex sum %v, want 5: the flush applied once", got)
 	}
+	// A flush read back from a log has its bytes only; one built in this
+	// process is applied from its request.
+	logged, err := wire.DecodeFlush(slices.Clone(enc.Data))
+	if err != nil || logged.Request != nil {
+		t.Fatalf("a flush read back keeps request %v (%v), want none", logged.Request, err)
+	}
+	logged.Data = func() wire.Encoded { e, _ := wire.EncodeFlush(columnar(w, 4)); return e.Data }()
+	if err := sink.Flush(ctx, "c1", logged); err != nil {
+		t.Fatal(err)
+	}
+	built, err := wire.EncodeFlush(columnar(w, 5))
+	if err != nil {
+		t.Fatal(err)
+	}
+	built.Data = wire.Encoded{0xff, 0xff}
+	if err := sink.Flush(ctx, "c1", built); err != nil {
+		t.Fatalf("a flush built here, its bytes spoiled: %v, want it applied from its request", err)
+	}
+	if got := apexSum(t, db, w); got != 15 {
+		t.Errorf("apex sum %v, want 15: three flushes of 5", got)
+	}
 	bad := columnar(w, 2)
 	bad.Dict[0] = "nope"
 	badEnc, err := wire.EncodeFlush(bad)
@@ -308,8 +330,8 @@ func TestLocal(t *testing.T) {
 	if err := sink.Flush(ctx, "c1", next); err != nil {
 		t.Fatal(err)
 	}
-	if got := apexSum(t, db, w); got != 10 {
-		t.Errorf("apex sum %v, want 10: the refused flush applied on its retry", got)
+	if got := apexSum(t, db, w); got != 20 {
+		t.Errorf("apex sum %v, want 20: the refused flush applied on its retry", got)
 	}
 }
 

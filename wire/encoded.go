@@ -80,15 +80,33 @@ type Flush struct {
 	Cells         int
 	// Data is the marshalled wirepb.FlushRequest.
 	Data Encoded
+	// Request is the request Data encodes, when this process built it
+	// (EncodeFlush): a combiner in the same process applies it as it is,
+	// rather than decode Data. Nil for a flush read back from a log. It
+	// must not be changed.
+	Request *wirepb.FlushRequest
 }
 
-// EncodeFlush marshals a flush request.
+// EncodeFlush marshals a flush request, and keeps it.
 func EncodeFlush(req *wirepb.FlushRequest) (*Flush, error) {
 	data, err := proto.Marshal(req)
 	if err != nil {
 		return nil, err
 	}
-	return &Flush{WindowStartMs: req.WindowStartMs, Sequence: req.Sequence, Shard: req.Shard, Cells: flushCells(req), Data: data}, nil
+	return &Flush{WindowStartMs: req.WindowStartMs, Sequence: req.Sequence, Shard: req.Shard, Cells: flushCells(req), Data: data, Request: req}, nil
+}
+
+// Size is the memory the flush holds: its bytes, and the request they
+// encode while it is kept.
+func (f *Flush) Size() int64 {
+	n := int64(len(f.Data))
+	if r := f.Request; r != nil {
+		n += int64(4*(len(r.CellFamilies)+len(r.CellCuboids)+len(r.CellValues)+len(r.CellNumbers)) + 8*(len(r.CellSums)+len(r.CellCounts)))
+		for _, s := range r.Dict {
+			n += int64(len(s)) + 16
+		}
+	}
+	return n
 }
 
 // DecodeFlush reads back what EncodeFlush marshalled; the Flush keeps data.
