@@ -4,6 +4,7 @@ import (
 	"math/bits"
 	"slices"
 
+	"github.com/dimsum/dimsum/internal/mix"
 	"github.com/dimsum/dimsum/schema"
 	"github.com/dimsum/dimsum/wire/wirepb"
 )
@@ -167,19 +168,8 @@ type cellTable struct {
 
 type tableSlot struct{ num, tag uint32 }
 
-// hash mixes a key's words: a multiply and a shift a word.
-func (k *cellKey) hash() uint64 {
-	h := uint64(k.fam) | uint64(k.cuboid)<<16 | uint64(k.v[0])<<32
-	h *= 0x9e3779b97f4a7c15
-	for j := 1; j < len(k.v); j += 2 {
-		w := uint64(k.v[j])
-		if j+1 < len(k.v) {
-			w |= uint64(k.v[j+1]) << 32
-		}
-		h = (h ^ h>>29 ^ w) * 0xbf58476d1ce4e5b9
-	}
-	return h ^ h>>32
-}
+// hash is the key's hash for the registry's table.
+func (k *cellKey) hash() uint64 { return mix.Words(uint64(k.fam)|uint64(k.cuboid)<<16, k.v[:]) }
 
 func (t *cellTable) find(keys []cellKey, k cellKey) (int32, bool) {
 	if len(t.slots) == 0 {
@@ -459,8 +449,8 @@ func (a *Aggregator) addLocked(ev *event, start int64, maxCells int) (int, wirep
 	var apex float64
 	if known {
 		apex = w.sum(r.fan[off])
-	} else if n, ok := r.find(cellKey{fam: uint16(ev.fam)}); ok {
-		apex = w.sum(n)
+	} else if c, ok := r.find(cellKey{fam: uint16(ev.fam)}); ok {
+		apex = w.sum(c)
 	}
 	if apex+ev.value > MaxValue {
 		return 0, wirepb.RejectReason_REJECT_REASON_VALUE_TOO_LARGE

@@ -84,10 +84,7 @@ func (a *Aggregator) handOver(gone string, owner func(*schema.Family, []string) 
 		a.opts.Logger.Debug("forwarded part handed over from a dead owner", append(describe(gone, e), "duplicate", resp.Duplicate)...)
 		a.confirm([]delivery{{e: e, dest: gone}})
 	}
-	if err := a.carry(gone); err != nil {
-		return len(move), err
-	}
-	return len(move), nil
+	return len(move), a.carry(gone)
 }
 
 // carry logs again, in the log's newest segment, each part that stays

@@ -19,11 +19,6 @@ type Delta struct {
 	Time   int64    // unix milliseconds, any instant within the finest step
 	Sum    float64  // sum of the deltas
 	Count  uint64   // number of events
-	// Number is the cell's number in the batch's numbering
-	// (BatchID.Numbering) plus one, or 0. The store remembers where a
-	// numbered cell is, and finds it by its number the next time, checking
-	// that its values hash alike.
-	Number uint32
 }
 
 // DictDelta is a Delta whose strings are indexes into the dictionary of

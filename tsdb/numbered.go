@@ -1,6 +1,10 @@
 package tsdb
 
-import "math/rand/v2"
+import (
+	"math/rand/v2"
+
+	"github.com/dimsum/dimsum/internal/mix"
+)
 
 // Numbered cells: an aggregator numbers the cells it flushes, and a number
 // names the same cell in every flush of one source and numbering
@@ -71,18 +75,9 @@ func (n *numberedCells) forget() {
 	n.slots = 0
 }
 
-// check hashes a cell's family, cuboid and value numbers with the seed: a
-// multiply and a shift a word, for it runs once a numbered delta.
+// check hashes a cell's family, cuboid and value numbers with the seed.
 func (n *numberedCells) check(cd *cellDict, key *cellKey) uint64 {
-	h := (n.seed ^ uint64(cd.fam) ^ uint64(cd.cuboid)<<16) * 0x9e3779b97f4a7c15
-	for j := 0; j < len(key); j += 2 {
-		w := uint64(key[j])
-		if j+1 < len(key) {
-			w |= uint64(key[j+1]) << 32
-		}
-		h = (h ^ h>>29 ^ w) * 0xbf58476d1ce4e5b9
-	}
-	return h ^ h>>32
+	return mix.Words(n.seed^uint64(cd.fam)^uint64(cd.cuboid)<<16, key[:])
 }
 
 // get returns the cell number names in s, if s remembers it with check.
