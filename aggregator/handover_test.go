@@ -35,25 +35,11 @@ func TestRouterHandOver(t *testing.T) {
 	// c takes its part of batch 1 from a, but the reply is lost, and c
 	// dies: the part may be in c's log, and waits for c. Every reply to a
 	// is lost from now on, which its owners' dedupe makes harmless.
-	partC := 0
-	for h := range routeHosts {
-		if before(hostKey(h)) == "c" {
-			partC++
-		}
-	}
-	a.lossy.Store(true)
-	resp, err := r.push("a", routeBatch(ts, 1))
-	checkReply(t, resp, err)
-	poll(t, "c to count its part of batch 1", func() bool {
-		return c.h.counter(t, "dimsum_aggregator_events_accepted_total") == float64(partC)
-	})
-	poll(t, "a to miss c's reply", func() bool {
-		return a.h.counter(t, "dimsum_aggregator_forward_errors_total") > 0
-	})
+	lostReply(t, r, a, c, before, ts)
 	c.crash()
 
 	// Batches 2 and 3 come while c is down: their parts for c never leave.
-	resp, err = r.push("a", routeBatch(ts, 2))
+	resp, err := r.push("a", routeBatch(ts, 2))
 	checkReply(t, resp, err)
 	resp, err = r.push("b", routeBatch(ts, 3))
 	checkReply(t, resp, err)
@@ -155,18 +141,7 @@ func TestHandOverCarriesReachedPart(t *testing.T) {
 	a.restart()
 	ts := r.clock.Now().UnixMilli()
 
-	partB := 0
-	for h := range routeHosts {
-		if before(hostKey(h)) == "b" {
-			partB++
-		}
-	}
-	a.lossy.Store(true)
-	resp, err := r.push("a", routeBatch(ts, 1))
-	checkReply(t, resp, err)
-	poll(t, "a to miss b's reply", func() bool {
-		return a.h.counter(t, "dimsum_aggregator_forward_errors_total") > 0
-	})
+	lostReply(t, r, a, b, before, ts)
 	b.crash()
 	a.lossy.Store(false)
 	r.setOwner(byKey("a"))
@@ -231,7 +206,30 @@ func TestHandOverCarriesReachedPart(t *testing.T) {
 			}
 		}
 	}
-	if partB == 0 {
-		t.Fatal("b owned no host: the test shows nothing")
+}
+
+// lostReply pushes batch 1 through from with every reply to from lost, and
+// waits until to has counted its part of it (to must own some host, under
+// owner) and from has missed the reply, which leaves the part marked as
+// possibly reached. Replies to from stay lost.
+func lostReply(t *testing.T, r *ring, from, to *ringNode, owner func(uint64) string, ts int64) {
+	t.Helper()
+	part := 0
+	for h := range routeHosts {
+		if owner(hostKey(h)) == to.name {
+			part++
+		}
 	}
+	if part == 0 {
+		t.Fatalf("%s owns no host: the test shows nothing", to.name)
+	}
+	from.lossy.Store(true)
+	resp, err := r.push(from.name, routeBatch(ts, 1))
+	checkReply(t, resp, err)
+	poll(t, to.name+" to count its part of batch 1", func() bool {
+		return to.h.counter(t, "dimsum_aggregator_events_accepted_total") == float64(part)
+	})
+	poll(t, from.name+" to miss "+to.name+"'s reply", func() bool {
+		return from.h.counter(t, "dimsum_aggregator_forward_errors_total") > 0
+	})
 }
