@@ -142,8 +142,10 @@ func TestHandOverCarriesReachedPart(t *testing.T) {
 	ts := r.clock.Now().UnixMilli()
 
 	lostReply(t, r, a, b, before, ts)
+	// Replies stay lost until b is back: a retry that reached b just
+	// before it died would otherwise count as delivered, and leave the
+	// test no part to carry.
 	b.crash()
-	a.lossy.Store(false)
 	r.setOwner(byKey("a"))
 	if n, err := a.router.HandOver("b"); err != nil || n != 0 {
 		t.Fatalf("a hand-over moved %d parts (%v), want none", n, err)
@@ -191,6 +193,7 @@ func TestHandOverCarriesReachedPart(t *testing.T) {
 	}
 
 	// b comes back: it had counted the part, and counts it no more.
+	a.lossy.Store(false)
 	b.restart()
 	got := r.counts()
 	for h := range routeHosts {
