@@ -33,6 +33,16 @@ type Sink interface {
 	Flush(ctx context.Context, replica string, f *wire.Flush) error
 }
 
+// Syncer is a Sink some of whose replicas take a flush before it is
+// durable: a combiner in the same process (combiner.Local), which a crash
+// takes down with the aggregator. The aggregator calls Sync(replica)
+// before it records that such a replica took flushes, and its log keeps
+// them until then, so that a restart delivers them again; one Sync covers
+// every flush the replica took before it.
+type Syncer interface {
+	Sync(replica string) error
+}
+
 // Peers delivers the parts of a batch that other aggregators own (see
 // PushRouted): in a node, gRPC clients of the other aggregators
 // (PeerClients).

@@ -237,7 +237,7 @@ func (a *Aggregator) confirmer() {
 		ds := o.mu.confirmed
 		o.mu.confirmed = nil
 		o.mu.Unlock()
-		if pos := a.confirm(ds); pos != (wal.Pos{}) {
+		if pos := a.confirm(a.synced(ds)); pos != (wal.Pos{}) {
 			// A forwarded part's delivery is synced: were it lost in a
 			// crash, the part would be pending again here, and once its
 			// owner died, handed over to another owner while the first
@@ -248,6 +248,35 @@ func (a *Aggregator) confirmer() {
 		}
 		o.mu.Lock()
 	}
+}
+
+// synced returns the deliveries of ds that are durable at their
+// destinations: with a Syncer sink, each destination of a flush in ds
+// syncs once, and the flush deliveries of one that fails are left out,
+// unconfirmed, to go out again after a restart.
+func (a *Aggregator) synced(ds []delivery) []delivery {
+	s, ok := a.opts.Sink.(Syncer)
+	if !ok {
+		return ds
+	}
+	var done, failed []string
+	kept := ds[:0]
+	for _, d := range ds {
+		if d.e.kind == entryFlush {
+			if !slices.Contains(done, d.dest) {
+				done = append(done, d.dest)
+				if err := s.Sync(d.dest); err != nil {
+					failed = append(failed, d.dest)
+					a.opts.Logger.Error("cannot make the flushes a combiner took durable; they stay in the log and go out again after a restart", "combiner", d.dest, "err", err)
+				}
+			}
+			if slices.Contains(failed, d.dest) {
+				continue
+			}
+		}
+		kept = append(kept, d)
+	}
+	return kept
 }
 
 // Pending returns, per destination, how many requests wait for it: the

@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -15,6 +16,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/dimsum/dimsum/aggregator"
+	"github.com/dimsum/dimsum/combiner"
 	"github.com/dimsum/dimsum/schema"
 	"github.com/dimsum/dimsum/tsdb"
 	"github.com/dimsum/dimsum/wal"
@@ -586,5 +588,68 @@ func TestDownReplicaIsNotBehind(t *testing.T) {
 	poll(t, "c2 to catch up", func() bool { return len(a.Pending()) == 0 })
 	if got := sink.stores["c2"].total(t); got != want {
 		t.Errorf("c2 holds %+v after it came back, acknowledged %+v", got, want)
+	}
+}
+
+// localSink is the node's own combiner as the sink (combiner.Local), whose
+// Sync fails while failing is set.
+type localSink struct {
+	*combiner.Local
+	failing        atomic.Bool
+	flushes, syncs atomic.Int64
+}
+
+func (s *localSink) Flush(ctx context.Context, replica string, f *wire.Flush) error {
+	s.flushes.Add(1)
+	return s.Local.Flush(ctx, replica, f)
+}
+
+func (s *localSink) Sync(replica string) error {
+	s.syncs.Add(1)
+	if s.failing.Load() {
+		return errors.New("sync failed")
+	}
+	return s.Local.Sync(replica)
+}
+
+// A combiner in the same process takes a flush before it is durable: the
+// aggregator records the delivery only once the combiner's Sync returned,
+// and a flush it could not sync goes out again after a restart, counted
+// once.
+func TestWALKeepsUnsyncedFlushes(t *testing.T) {
+	h := newHarness(t, schema.Default())
+	dir := t.TempDir()
+	sink := &localSink{Local: h.sink.c.Local("c")}
+	sink.failing.Store(true)
+	a := walAggregator(t, h, dir, sink, aggregator.Options{Grace: time.Second})
+	want := acked(t, h, a, "pub", 1, h.ms(0), 25, 4)
+	h.clock.Set(h.window.Add(12 * time.Second))
+	aggregator.Flush(a)
+	poll(t, "a failed sync", func() bool { return sink.syncs.Load() > 0 })
+	if err := a.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if got := h.total(t); got != want {
+		t.Fatalf("store holds %+v, acknowledged %+v", got, want)
+	}
+	delivered := sink.flushes.Load()
+
+	sink.failing.Store(false)
+	b := walAggregator(t, h, dir, sink, aggregator.Options{Grace: time.Second})
+	poll(t, "the flush sent again", func() bool { return sink.flushes.Load() > delivered && len(b.Pending()) == 0 })
+	if err := b.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if got := h.total(t); got != want {
+		t.Errorf("store holds %+v after the restart, acknowledged %+v", got, want)
+	}
+	// Synced, the delivery is recorded: a third start sends nothing.
+	resent := sink.flushes.Load()
+	c := walAggregator(t, h, dir, sink, aggregator.Options{Grace: time.Second})
+	if err := c.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if n := sink.flushes.Load(); n != resent {
+		t.Errorf("%d flushes went out again after a synced delivery", n-resent)
 	}
 }

@@ -93,7 +93,14 @@ type DB struct {
 		idx        []uint32
 		dds        []DictDelta
 		numbered   numberedCells
+		unsynced   bool // the Apply in progress is ApplyDictUnsynced
 	}
+	// unsynced is set by an ApplyDictUnsynced whose batch no sync has made
+	// durable yet; syncMu serializes syncLog, so that it returns only once
+	// every batch committed before it is on disk, even while another is
+	// under way. Pebble's Close syncs what is left.
+	unsynced atomic.Bool
+	syncMu   sync.Mutex
 	// write serializes the writer's group writes and the retention pass,
 	// which both write rows and presence.
 	write sync.Mutex
@@ -211,12 +218,13 @@ func Open(opts Options) (*DB, error) {
 
 	cache := pebble.NewCache(opts.CacheSize)
 	defer cache.Unref()
-	if err := removeIngestLeft(opts.Dir); err != nil {
+	db.popts = pebbleOptions(cache, db.log.With("component", "pebble"))
+	db.popts.FS = opts.fs
+	db.popts.EnsureDefaults()
+	if err := removeIngestLeft(db.popts.FS, opts.Dir); err != nil {
 		m.unregister()
 		return nil, err
 	}
-	db.popts = pebbleOptions(cache, db.log.With("component", "pebble"))
-	db.popts.EnsureDefaults()
 	db.popts.DisableAutomaticCompactions = opts.noCompactions
 	db.pdb, err = pebble.Open(opts.Dir, db.popts)
 	if err != nil {

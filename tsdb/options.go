@@ -7,6 +7,7 @@ import (
 	"math"
 	"time"
 
+	"github.com/cockroachdb/pebble/v2/vfs"
 	"github.com/dimsum/dimsum/schema"
 	"github.com/prometheus/client_golang/prometheus"
 )
@@ -102,6 +103,9 @@ type Options struct {
 	// noCompactions stops Pebble's own compactions, for tests that look
 	// at what only an explicit one removes.
 	noCompactions bool
+	// fs is the file system the store lives in; tests set a crashable
+	// one, to see what a machine crash leaves. The default is the disk.
+	fs vfs.FS
 }
 
 // EnsureDefaults fills in the default of every unset field.

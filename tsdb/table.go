@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 
 	"github.com/cockroachdb/pebble/v2/objstorage/objstorageprovider"
 	"github.com/cockroachdb/pebble/v2/sstable"
@@ -181,13 +182,20 @@ func (db *DB) ingest(t *groupTable) error {
 }
 
 // removeIngestLeft removes the tables a crash left half built in dir.
-func removeIngestLeft(dir string) error {
-	left, err := filepath.Glob(filepath.Join(dir, ingestPrefix+".*"))
+func removeIngestLeft(fs vfs.FS, dir string) error {
+	names, err := fs.List(dir)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil // a new store
+	}
 	if err != nil {
 		return fmt.Errorf("tsdb: cannot list %s files: %w", ingestPrefix, err)
 	}
-	for _, p := range left {
-		if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
+	for _, name := range names {
+		if !strings.HasPrefix(name, ingestPrefix+".") {
+			continue
+		}
+		p := filepath.Join(dir, name)
+		if err := fs.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
 			return fmt.Errorf("tsdb: cannot remove %s: %w", p, err)
 		}
 	}

@@ -236,8 +236,15 @@ func (db *DB) writeGroup(g *group, why writeReason) error {
 	// The rows, presence, marks and staged deletions go in at once: a
 	// crash before the table is ingested leaves the staged batches, and
 	// replay rebuilds the group.
+	// The rows may hold the deltas of batches applied unsynced: those
+	// batches go to disk first, with their cells' dictionary entries and
+	// their source records, so that a crash cannot leave rows naming
+	// unknown cells, or a source that would send their deltas again.
 	if !b.empty() {
-		err = db.ingest(b)
+		err = db.syncLog()
+		if err == nil {
+			err = db.ingest(b)
+		}
 	}
 
 	h.mu.Lock()

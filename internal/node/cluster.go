@@ -286,6 +286,15 @@ func (s flushSink) Flush(ctx context.Context, replica string, f *wire.Flush) err
 	return combiner.NewClient(replica, c, s.s).Flush(ctx, replica, f)
 }
 
+// Sync makes the flushes the node's own combiner took durable; a remote
+// combiner's are when it answers.
+func (s flushSink) Sync(replica string) error {
+	if replica == s.self && s.local != nil {
+		return s.local.Sync(replica)
+	}
+	return nil
+}
+
 // Replicas lists, for the query fan-out, the combiners of a shard that are
 // alive: first those no aggregator holds flushes for, then those still
 // catching up. Dead ones are left out; a shard with none is missing.

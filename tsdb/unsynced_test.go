@@ -1,0 +1,89 @@
+package tsdb
+
+import (
+	"math/rand/v2"
+	"testing"
+	"time"
+
+	"github.com/cockroachdb/pebble/v2/vfs"
+)
+
+// TestUnsyncedCrash applies batches with ApplyDictUnsynced into a store on
+// a file system that can crash, and takes at random moments the state a
+// machine crash would leave: every file as last synced, with none or half
+// of what was written since. After each crash, every batch applied before a
+// Sync, or before a Flush whose writer wrote the rows it feeds, must still
+// be there, its identity remembered; the others may be lost whole, never in
+// part, so that applying them again, as the aggregator that keeps them
+// does, leaves the store exact, with nothing read as corrupt.
+func TestUnsyncedCrash(t *testing.T) {
+	seed := uint64(time.Now().UnixNano())
+	t.Logf("seed %d", seed)
+	rng := rand.New(rand.NewPCG(seed, 2))
+	s := testSchema(t)
+	open := func(fs vfs.FS) *DB {
+		t.Helper()
+		db, err := Open(Options{Dir: "/store", Schema: s, RetentionInterval: -1, now: func() time.Time { return testNow }, fs: fs})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return db
+	}
+	fs := vfs.NewCrashableMem()
+	db := open(fs)
+	m := &model{s: s, now: testNow.UnixMilli(), steps: map[modelKey]Step{}}
+	durable := -1 // the last batch that must survive a crash
+	next := 0
+	for round := range 8 {
+		n := 1 + rng.IntN(40)
+		for i := next; i < next+n; i++ {
+			key, deltas := crashBatch(s, i)
+			dict, dds := dictOf(deltas)
+			if applied, err := db.ApplyDictUnsynced(key, dict, dds); err != nil || !applied {
+				t.Fatalf("batch %d: applied %v, %v", i, applied, err)
+			}
+			m.apply(deltas)
+			switch rng.IntN(12) {
+			case 0:
+				if err := db.Sync(); err != nil {
+					t.Fatal(err)
+				}
+				durable = i
+			case 1:
+				// The writer writes every group, and with the rows the
+				// batches that fed them.
+				if err := db.Flush(); err != nil {
+					t.Fatal(err)
+				}
+				durable = i
+			}
+		}
+		next += n
+		percent := 50 * rng.IntN(2)
+		crashed := fs.CrashClone(vfs.CrashCloneCfg{UnsyncedDataPercent: percent, RNG: rand.New(rand.NewPCG(seed, uint64(round)))})
+		closeTest(t, db)
+		fs = crashed
+		db = open(fs)
+		lost := 0
+		for i := next - 1; i > durable; i-- {
+			key, deltas := crashBatch(s, i)
+			applied, err := db.Apply(key, deltas)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if applied {
+				lost++
+			}
+		}
+		for i := max(0, durable-8); i <= durable; i++ {
+			key, deltas := crashBatch(s, i)
+			if applied, err := db.Apply(key, deltas); err != nil || applied {
+				t.Fatalf("round %d: batch %d, durable before the crash, was lost (applied again: %v, %v)", round, i, applied, err)
+			}
+		}
+		verify(t, db, m, rng)
+		t.Logf("round %d: batches 0 to %d, the first %d durable; the crash with %d%% of the unsynced writes lost %d", round, next-1, durable+1, percent, lost)
+		durable = next - 1 // Apply synced what it applied again
+	}
+	closeTest(t, db)
+}
