@@ -263,7 +263,7 @@ func pebbleOptions(cache *pebble.Cache, log *slog.Logger) *pebble.Options {
 		FormatMajorVersion: pebble.FormatNewest,
 		// The writer's groups do not go through Pebble's log (table.go),
 		// so the memtable holds only Apply's batches.
-		MemTableSize: 2 << 20,
+		MemTableSize: 32 << 20,
 		Cleaner:      walDeleter{},
 	}
 	// Every Apply with an idempotency key looks it up, and almost every
@@ -578,7 +578,11 @@ func eventListener(l *slog.Logger) *pebble.EventListener {
 				l.Error("flush failed", "err", info.Err)
 				return
 			}
-			l.Debug("flushed", "job", info.JobID, "bytes", info.InputBytes, "duration", info.TotalDuration)
+			var written uint64
+			for _, t := range info.Output {
+				written += t.Size
+			}
+			l.Debug("flushed", "job", info.JobID, "bytes", info.InputBytes, "written", written, "duration", info.TotalDuration)
 		},
 		CompactionEnd: func(info pebble.CompactionInfo) {
 			if info.Err != nil {

@@ -41,6 +41,9 @@ func (db *DB) loadHead() error {
 			return nil
 		}
 		h.written[row] = seq
+		// A mark may outlive the staged batches it names (the writer
+		// deletes them after the rows): new batches number on above it.
+		h.nextSeq = max(h.nextSeq, seq+1)
 		return nil
 	})
 	if err != nil {
@@ -65,7 +68,7 @@ func (db *DB) loadHead() error {
 		if first {
 			h.stagedLow, first = seq, false
 		}
-		h.nextSeq = seq + 1
+		h.nextSeq = max(h.nextSeq, seq+1)
 		batches++
 		if entries, err = decodeStaged(entries[:0], v); err != nil {
 			return fmt.Errorf("staged batch %x: %w", k, err)

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/RoaringBitmap/roaring/v2"
+	"github.com/cockroachdb/pebble/v2"
 
 	"github.com/dimsum/dimsum/schema"
 )
@@ -206,19 +207,18 @@ func (db *DB) writeGroup(g *group, why writeReason) error {
 
 	h := db.head
 	h.mu.Lock()
-	low := h.lowest(g)
-	if low > h.stagedLow {
-		b.DeleteRange(stagedKey(h.stagedLow), stagedKey(low))
-	}
+	low, deleted := h.lowest(g), h.stagedLow
 	// The mark says which staged batches not to replay into this row: it
-	// is needed only while one of them is still stored.
+	// is needed while one of them may still be stored. The staged batches
+	// below deleted went in a deletion that the sync before this group's
+	// tables makes durable.
 	marks := map[int64]uint64{}
 	for row, seq := range h.written {
-		if seq >= low {
+		if seq >= deleted {
 			marks[row] = seq
 		}
 	}
-	if g.maxSeq >= low {
+	if g.maxSeq >= deleted {
 		marks[g.row] = max(marks[g.row], g.maxSeq)
 	}
 	step := db.res[0].stepSec
@@ -246,6 +246,23 @@ func (db *DB) writeGroup(g *group, why writeReason) error {
 			err = db.ingest(b)
 		}
 	}
+	// The staged batches no remaining group needs go after the rows, in
+	// a batch of their own: in the memtable, where most of them still
+	// are, so that Pebble's flush drops them rather than write them out
+	// (and no ingested table spans the memtable's keys, which would make
+	// Pebble flush it first). It need not be synced: a crash that loses
+	// it leaves batches that replay skips by their marks, which stay
+	// until the next group's sync.
+	// The group is written whether or not the deletion fails: the next
+	// group deletes them.
+	var delErr error
+	if err == nil && low > deleted {
+		if delErr = db.pdb.DeleteRange(stagedKey(deleted), stagedKey(low), pebble.NoSync); delErr == nil {
+			db.unsynced.Store(true)
+		} else {
+			db.log.Warn("cannot delete the written staged batches; the next group's write tries again", "err", delErr)
+		}
+	}
 
 	h.mu.Lock()
 	g.committing = false
@@ -258,7 +275,9 @@ func (db *DB) writeGroup(g *group, why writeReason) error {
 		}
 		h.bytes -= g.bytes
 		h.written = marks
-		h.stagedLow = max(h.stagedLow, low)
+		if delErr == nil {
+			h.stagedLow = max(h.stagedLow, low)
+		}
 		h.writeErr = nil
 	}
 	held := h.bytes
