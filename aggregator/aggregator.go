@@ -33,13 +33,16 @@ type Sink interface {
 	Flush(ctx context.Context, replica string, f *wire.Flush) error
 }
 
-// Syncer is a Sink some of whose replicas take a flush before it is
-// durable: a combiner in the same process (combiner.Local), which a crash
-// takes down with the aggregator. The aggregator calls Sync(replica)
-// before it records that such a replica took flushes, and its log keeps
-// them until then, so that a restart delivers them again; one Sync covers
-// every flush the replica took before it.
-type Syncer interface {
+// InProcess is a Sink some of whose replicas are combiners in the same
+// process (combiner.Local), which a crash takes down with the aggregator.
+// Such a replica takes a flush before it is durable: the aggregator calls
+// Sync(replica) before it records that the replica took flushes, and its
+// log keeps them until then, so that a restart delivers them again; one
+// Sync covers every flush the replica took before it. It also reads every
+// field this aggregator writes, so flushes meant only for such replicas
+// carry their sums in the smaller layout (wire.WholeSums).
+type InProcess interface {
+	InProcess(replica string) bool
 	Sync(replica string) error
 }
 

@@ -139,6 +139,9 @@ func (a *Aggregator) flush(final bool) {
 	a.mu.Unlock()
 	entries := make([]*entry, len(reqs))
 	for i, req := range reqs {
+		if a.inProcess(replicas[req.Shard]) {
+			wire.WholeSums(req)
+		}
 		f, err := wire.EncodeFlush(req)
 		if err != nil {
 			// A message of well-formed fields always marshals.
@@ -181,3 +184,18 @@ const (
 	flushTimeout      = 10 * time.Second
 	finalFlushTimeout = 30 * time.Second
 )
+
+// inProcess reports whether every one of replicas is a combiner in this
+// process (InProcess).
+func (a *Aggregator) inProcess(replicas []string) bool {
+	s, ok := a.opts.Sink.(InProcess)
+	if !ok {
+		return false
+	}
+	for _, r := range replicas {
+		if !s.InProcess(r) {
+			return false
+		}
+	}
+	return true
+}

@@ -251,18 +251,18 @@ func (a *Aggregator) confirmer() {
 }
 
 // synced returns the deliveries of ds that are durable at their
-// destinations: with a Syncer sink, each destination of a flush in ds
-// syncs once, and the flush deliveries of one that fails are left out,
-// unconfirmed, to go out again after a restart.
+// destinations: each in-process destination of a flush in ds syncs once,
+// and the flush deliveries of one that fails are left out, unconfirmed, to
+// go out again after a restart.
 func (a *Aggregator) synced(ds []delivery) []delivery {
-	s, ok := a.opts.Sink.(Syncer)
+	s, ok := a.opts.Sink.(InProcess)
 	if !ok {
 		return ds
 	}
 	var done, failed []string
 	kept := ds[:0]
 	for _, d := range ds {
-		if d.e.kind == entryFlush {
+		if d.e.kind == entryFlush && s.InProcess(d.dest) {
 			if !slices.Contains(done, d.dest) {
 				done = append(done, d.dest)
 				if err := s.Sync(d.dest); err != nil {

@@ -191,6 +191,9 @@ func TestWALIntentResentWithSameIdentity(t *testing.T) {
 	r1 := sink.stores["r1"]
 	poll(t, "a first attempt", func() bool { return len(r1.sink.flushes()) > 0 })
 	first := r1.sink.flushes()[0]
+	if len(first.CellSums) == 0 || first.CellWholeSums != nil {
+		t.Errorf("a flush to a combiner in another process has %d sums and %d whole sums: it must keep them as doubles", len(first.CellSums), len(first.CellWholeSums))
+	}
 	aggregator.Crash(a)
 
 	sink.set("r1", false, false)
@@ -595,12 +598,15 @@ func TestDownReplicaIsNotBehind(t *testing.T) {
 // Sync fails while failing is set.
 type localSink struct {
 	*combiner.Local
-	failing        atomic.Bool
-	flushes, syncs atomic.Int64
+	failing               atomic.Bool
+	flushes, syncs, whole atomic.Int64
 }
 
 func (s *localSink) Flush(ctx context.Context, replica string, f *wire.Flush) error {
 	s.flushes.Add(1)
+	if f.Request != nil && len(f.Request.CellWholeSums) > 0 {
+		s.whole.Add(1)
+	}
 	return s.Local.Flush(ctx, replica, f)
 }
 
@@ -615,7 +621,8 @@ func (s *localSink) Sync(replica string) error {
 // A combiner in the same process takes a flush before it is durable: the
 // aggregator records the delivery only once the combiner's Sync returned,
 // and a flush it could not sync goes out again after a restart, counted
-// once.
+// once. Its flushes carry whole sums as varints, read back from the log
+// after the restart.
 func TestWALKeepsUnsyncedFlushes(t *testing.T) {
 	h := newHarness(t, schema.Default())
 	dir := t.TempDir()
@@ -633,6 +640,9 @@ func TestWALKeepsUnsyncedFlushes(t *testing.T) {
 		t.Fatalf("store holds %+v, acknowledged %+v", got, want)
 	}
 	delivered := sink.flushes.Load()
+	if sink.whole.Load() == 0 {
+		t.Error("no flush to the combiner in process carried whole sums")
+	}
 
 	sink.failing.Store(false)
 	b := walAggregator(t, h, dir, sink, aggregator.Options{Grace: time.Second})

@@ -150,8 +150,15 @@ func (c *Combiner) deltas(req *wirepb.FlushRequest, sc *scratch) ([]tsdb.DictDel
 	}
 	dict := req.Dict
 	n := len(req.CellCounts)
-	if len(req.CellFamilies) != n || len(req.CellCuboids) != n || len(req.CellSums) != n {
-		return nil, fmt.Errorf("%w: the cell columns have %d families, %d cuboids, %d sums and %d counts", ErrBadFlush, len(req.CellFamilies), len(req.CellCuboids), len(req.CellSums), n)
+	sums, whole := len(req.CellSums), req.CellWholeSums
+	if len(whole) > 0 {
+		if sums > 0 {
+			return nil, fmt.Errorf("%w: %d sums and %d whole sums", ErrBadFlush, sums, len(whole))
+		}
+		sums = len(whole)
+	}
+	if len(req.CellFamilies) != n || len(req.CellCuboids) != n || sums != n {
+		return nil, fmt.Errorf("%w: the cell columns have %d families, %d cuboids, %d sums and %d counts", ErrBadFlush, len(req.CellFamilies), len(req.CellCuboids), sums, n)
 	}
 	if n > 0 && len(req.Cells) > 0 {
 		return nil, fmt.Errorf("%w: cells both in columns and as messages", ErrBadFlush)
@@ -214,7 +221,13 @@ func (c *Combiner) deltas(req *wirepb.FlushRequest, sc *scratch) ([]tsdb.DictDel
 		}
 	}
 	err := eachColumnCell(c.opts.Schema, req, func(i int, vals []uint32) error {
-		if err := add(i, req.CellFamilies[i], req.CellCuboids[i], vals, req.CellSums[i], req.CellCounts[i]); err != nil {
+		var sum float64
+		if whole != nil {
+			sum = float64(whole[i])
+		} else {
+			sum = req.CellSums[i]
+		}
+		if err := add(i, req.CellFamilies[i], req.CellCuboids[i], vals, sum, req.CellCounts[i]); err != nil {
 			return err
 		}
 		if numbered && req.CellNumbers[i] < math.MaxUint32 {
@@ -384,6 +397,9 @@ func (l *Local) Flush(ctx context.Context, _ string, f *wire.Flush) error {
 	_, err := l.c.take(ctx, req, l.apply)
 	return err
 }
+
+// InProcess is true: the combiner is in the aggregator's process.
+func (l *Local) InProcess(string) bool { return true }
 
 // apply applies a flush unsynced.
 func (l *Local) apply(req *wirepb.FlushRequest) (bool, error) {

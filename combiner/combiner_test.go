@@ -158,6 +158,8 @@ func TestBadFlush(t *testing.T) {
 		{"a family short", func(r *wirepb.FlushRequest) { r.CellFamilies = r.CellFamilies[:1] }},
 		{"cells in both layouts", func(r *wirepb.FlushRequest) { r.Cells = flush(w, 0).Cells }},
 		{"a number short", func(r *wirepb.FlushRequest) { r.Numbering, r.CellNumbers = 1, make([]uint32, len(r.CellCounts)-1) }},
+		{"sums and whole sums", func(r *wirepb.FlushRequest) { r.CellWholeSums = []uint64{5, 5} }},
+		{"a whole sum short", func(r *wirepb.FlushRequest) { r.CellSums, r.CellWholeSums = nil, []uint64{5} }},
 	} {
 		t.Run("columns/"+tc.name, func(t *testing.T) {
 			c, db := newCombiner(t)
@@ -170,6 +172,33 @@ func TestBadFlush(t *testing.T) {
 				t.Errorf("a refused flush wrote %v", got)
 			}
 		})
+	}
+}
+
+// A flush whose sums are whole numbers, as an aggregator sends them to the
+// combiner in its process, reads as the same flush with its sums as doubles.
+func TestWholeSums(t *testing.T) {
+	w := time.Now().Truncate(10 * time.Second).UnixMilli()
+	req := columnar(w, 0)
+	wire.WholeSums(req)
+	if req.CellSums != nil || !slices.Equal(req.CellWholeSums, []uint64{5, 5}) {
+		t.Fatalf("sums %v, whole sums %v", req.CellSums, req.CellWholeSums)
+	}
+	c, db := newCombiner(t)
+	if _, err := c.Apply(req); err != nil {
+		t.Fatal(err)
+	}
+	if got := apexSum(t, db, w); got != 5 {
+		t.Errorf("apex sum %v, want 5", got)
+	}
+	// Any sum that is not such a number keeps them all as doubles.
+	for _, sum := range []float64{0.5, -1, math.Copysign(0, -1), 1<<53 + 2, math.Inf(1), math.NaN()} {
+		req := columnar(w, 0)
+		req.CellSums[1] = sum
+		wire.WholeSums(req)
+		if len(req.CellSums) != 2 || req.CellWholeSums != nil {
+			t.Errorf("sum %v: sums %v, whole sums %v", sum, req.CellSums, req.CellWholeSums)
+		}
 	}
 }
 

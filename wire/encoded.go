@@ -2,6 +2,7 @@ package wire
 
 import (
 	"context"
+	"math"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/encoding"
@@ -96,12 +97,32 @@ func EncodeFlush(req *wirepb.FlushRequest) (*Flush, error) {
 	return &Flush{WindowStartMs: req.WindowStartMs, Sequence: req.Sequence, Shard: req.Shard, Cells: flushCells(req), Data: data, Request: req}, nil
 }
 
+// WholeSums moves the column sums of req into cell_whole_sums when every one
+// is a whole number from 0 to 2^53 (but -0), as a varint of a byte or two each
+// instead of 8 bytes. Only combiners that read that field may get it
+// (aggregator.InProcess).
+func WholeSums(req *wirepb.FlushRequest) {
+	if len(req.CellSums) == 0 {
+		return
+	}
+	for _, s := range req.CellSums {
+		if !(s >= 0 && s <= 1<<53 && s == math.Trunc(s)) || math.Signbit(s) {
+			return
+		}
+	}
+	whole := make([]uint64, len(req.CellSums))
+	for i, s := range req.CellSums {
+		whole[i] = uint64(s)
+	}
+	req.CellSums, req.CellWholeSums = nil, whole
+}
+
 // Size is the memory the flush holds: its bytes, and the request they
 // encode while it is kept.
 func (f *Flush) Size() int64 {
 	n := int64(len(f.Data))
 	if r := f.Request; r != nil {
-		n += int64(4*(len(r.CellFamilies)+len(r.CellCuboids)+len(r.CellValues)+len(r.CellNumbers)) + 8*(len(r.CellSums)+len(r.CellCounts)))
+		n += int64(4*(len(r.CellFamilies)+len(r.CellCuboids)+len(r.CellValues)+len(r.CellNumbers)) + 8*(len(r.CellSums)+len(r.CellWholeSums)+len(r.CellCounts)))
 		for _, s := range r.Dict {
 			n += int64(len(s)) + 16
 		}

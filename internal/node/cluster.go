@@ -286,10 +286,13 @@ func (s flushSink) Flush(ctx context.Context, replica string, f *wire.Flush) err
 	return combiner.NewClient(replica, c, s.s).Flush(ctx, replica, f)
 }
 
+// InProcess reports whether replica is the node's own combiner.
+func (s flushSink) InProcess(replica string) bool { return replica == s.self && s.local != nil }
+
 // Sync makes the flushes the node's own combiner took durable; a remote
 // combiner's are when it answers.
 func (s flushSink) Sync(replica string) error {
-	if replica == s.self && s.local != nil {
+	if s.InProcess(replica) {
 		return s.local.Sync(replica)
 	}
 	return nil

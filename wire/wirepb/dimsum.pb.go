@@ -452,8 +452,15 @@ type FlushRequest struct {
 	// the next time rather than by its values; it checks the values all the
 	// same, so a wrong number costs a lookup, never a wrong cell. numbering is
 	// 0 when the cells are not numbered.
-	CellNumbers   []uint32 `protobuf:"varint,13,rep,packed,name=cell_numbers,json=cellNumbers,proto3" json:"cell_numbers,omitempty"`
-	Numbering     uint64   `protobuf:"varint,14,opt,name=numbering,proto3" json:"numbering,omitempty"`
+	CellNumbers []uint32 `protobuf:"varint,13,rep,packed,name=cell_numbers,json=cellNumbers,proto3" json:"cell_numbers,omitempty"`
+	Numbering   uint64   `protobuf:"varint,14,opt,name=numbering,proto3" json:"numbering,omitempty"`
+	// cell_whole_sums, when it has one entry a cell of the columns, holds
+	// their sums in place of cell_sums, which is then empty: each a whole
+	// number, not negative, as a varint rather than 8 bytes. An aggregator
+	// writes it only for the node's own combiner, and only when every sum is
+	// such a number: a combiner older than the field would refuse the flush
+	// (it would read no sums). Combiners read either.
+	CellWholeSums []uint64 `protobuf:"varint,15,rep,packed,name=cell_whole_sums,json=cellWholeSums,proto3" json:"cell_whole_sums,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -584,6 +591,13 @@ func (x *FlushRequest) GetNumbering() uint64 {
 		return x.Numbering
 	}
 	return 0
+}
+
+func (x *FlushRequest) GetCellWholeSums() []uint64 {
+	if x != nil {
+		return x.CellWholeSums
+	}
+	return nil
 }
 
 type FlushCell struct {
@@ -734,7 +748,7 @@ const file_dimsum_proto_rawDesc = "" +
 	"\x06Reject\x12\x14\n" +
 	"\x05index\x18\x01 \x01(\rR\x05index\x124\n" +
 	"\x06reason\x18\x02 \x01(\x0e2\x1c.dimsum.wire.v1.RejectReasonR\x06reason\x12\x16\n" +
-	"\x06detail\x18\x03 \x01(\tR\x06detail\"\xc5\x03\n" +
+	"\x06detail\x18\x03 \x01(\tR\x06detail\"\xed\x03\n" +
 	"\fFlushRequest\x12\x16\n" +
 	"\x06source\x18\x01 \x01(\tR\x06source\x12&\n" +
 	"\x0fwindow_start_ms\x18\x02 \x01(\x03R\rwindowStartMs\x12\x1a\n" +
@@ -752,7 +766,8 @@ const file_dimsum_proto_rawDesc = "" +
 	"\vcell_counts\x18\f \x03(\x04R\n" +
 	"cellCounts\x12!\n" +
 	"\fcell_numbers\x18\r \x03(\rR\vcellNumbers\x12\x1c\n" +
-	"\tnumbering\x18\x0e \x01(\x04R\tnumbering\"{\n" +
+	"\tnumbering\x18\x0e \x01(\x04R\tnumbering\x12&\n" +
+	"\x0fcell_whole_sums\x18\x0f \x03(\x04R\rcellWholeSums\"{\n" +
 	"\tFlushCell\x12\x16\n" +
 	"\x06family\x18\x01 \x01(\rR\x06family\x12\x16\n" +
 	"\x06cuboid\x18\x02 \x01(\rR\x06cuboid\x12\x16\n" +
