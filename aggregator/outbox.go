@@ -227,6 +227,7 @@ func (a *Aggregator) confirmer() {
 	defer close(o.confirmerDone)
 	o.mu.Lock()
 	defer o.mu.Unlock()
+	syncFailing := false
 	for {
 		for len(o.mu.confirmed) == 0 && !o.mu.finished {
 			o.mu.cond.Wait()
@@ -237,7 +238,15 @@ func (a *Aggregator) confirmer() {
 		ds := o.mu.confirmed
 		o.mu.confirmed = nil
 		o.mu.Unlock()
-		if pos := a.confirm(a.synced(ds)); pos != (wal.Pos{}) {
+		synced, unsynced, err := a.synced(ds)
+		switch {
+		case err != nil && !syncFailing:
+			a.opts.Logger.Error("cannot make the flushes the node's own combiner took durable; trying again, and they stay in the log until then", "err", err)
+		case err == nil && syncFailing:
+			a.opts.Logger.Info("the node's own combiner syncs again")
+		}
+		syncFailing = err != nil
+		if pos := a.confirm(synced); pos != (wal.Pos{}) {
 			// A forwarded part's delivery is synced: were it lost in a
 			// crash, the part would be pending again here, and once its
 			// owner died, handed over to another owner while the first
@@ -246,37 +255,53 @@ func (a *Aggregator) confirmer() {
 				a.opts.Logger.Error("cannot sync the deliveries of forwarded parts; after a crash they could be handed over and count twice", "err", err)
 			}
 		}
+		if len(unsynced) > 0 {
+			// Tried again until the store syncs them, or until the
+			// senders are gone: then they stay in the log.
+			time.Sleep(syncRetry)
+		}
 		o.mu.Lock()
+		switch {
+		case len(unsynced) == 0:
+		case o.mu.finished:
+			a.opts.Logger.Warn("flushes the node's own combiner did not sync stay in the write-ahead log for the next start", "requests", len(unsynced))
+		default:
+			o.mu.confirmed = append(unsynced, o.mu.confirmed...)
+		}
 	}
 }
 
-// synced returns the deliveries of ds that are durable at their
-// destinations: each in-process destination of a flush in ds syncs once,
-// and the flush deliveries of one that fails are left out, unconfirmed, to
-// go out again after a restart.
-func (a *Aggregator) synced(ds []delivery) []delivery {
+// syncRetry is how long the confirmer waits before it asks a combiner in
+// process again to sync the flushes it took.
+const syncRetry = 100 * time.Millisecond
+
+// synced splits ds into the deliveries that are durable at their
+// destinations and those that are not yet: each in-process destination of
+// a flush in ds syncs once, and the flush deliveries of one that fails
+// are not; err is the last failure.
+func (a *Aggregator) synced(ds []delivery) (synced, unsynced []delivery, err error) {
 	s, ok := a.opts.Sink.(InProcess)
 	if !ok {
-		return ds
+		return ds, nil, nil
 	}
 	var done, failed []string
-	kept := ds[:0]
 	for _, d := range ds {
 		if d.e.kind == entryFlush && s.InProcess(d.dest) {
 			if !slices.Contains(done, d.dest) {
 				done = append(done, d.dest)
-				if err := s.Sync(d.dest); err != nil {
+				if e := s.Sync(d.dest); e != nil {
 					failed = append(failed, d.dest)
-					a.opts.Logger.Error("cannot make the flushes a combiner took durable; they stay in the log and go out again after a restart", "combiner", d.dest, "err", err)
+					err = fmt.Errorf("combiner %s: %w", d.dest, e)
 				}
 			}
 			if slices.Contains(failed, d.dest) {
+				unsynced = append(unsynced, d)
 				continue
 			}
 		}
-		kept = append(kept, d)
+		synced = append(synced, d)
 	}
-	return kept
+	return synced, unsynced, err
 }
 
 // Pending returns, per destination, how many requests wait for it: the

@@ -598,8 +598,8 @@ func TestDownReplicaIsNotBehind(t *testing.T) {
 // Sync fails while failing is set.
 type localSink struct {
 	*combiner.Local
-	failing               atomic.Bool
-	flushes, syncs, whole atomic.Int64
+	failing                       atomic.Bool
+	flushes, syncs, synced, whole atomic.Int64
 }
 
 func (s *localSink) Flush(ctx context.Context, replica string, f *wire.Flush) error {
@@ -615,14 +615,16 @@ func (s *localSink) Sync(replica string) error {
 	if s.failing.Load() {
 		return errors.New("sync failed")
 	}
+	s.synced.Add(1)
 	return s.Local.Sync(replica)
 }
 
 // A combiner in the same process takes a flush before it is durable: the
 // aggregator records the delivery only once the combiner's Sync returned,
-// and a flush it could not sync goes out again after a restart, counted
-// once. Its flushes carry whole sums as varints, read back from the log
-// after the restart.
+// and a flush it could not sync stays in its log, to go out again after a
+// restart. Its flushes carry whole sums as varints: here the restarted
+// aggregator's combiner has a store of its own, which counts the flush
+// only if it reads it from the log whole.
 func TestWALKeepsUnsyncedFlushes(t *testing.T) {
 	h := newHarness(t, schema.Default())
 	dir := t.TempDir()
@@ -632,34 +634,53 @@ func TestWALKeepsUnsyncedFlushes(t *testing.T) {
 	want := acked(t, h, a, "pub", 1, h.ms(0), 25, 4)
 	h.clock.Set(h.window.Add(12 * time.Second))
 	aggregator.Flush(a)
-	poll(t, "a failed sync", func() bool { return sink.syncs.Load() > 0 })
+	poll(t, "the failed sync tried again", func() bool { return sink.syncs.Load() > 1 })
 	if err := a.Close(); err != nil {
 		t.Fatal(err)
 	}
-	if got := h.total(t); got != want {
-		t.Fatalf("store holds %+v, acknowledged %+v", got, want)
-	}
-	delivered := sink.flushes.Load()
 	if sink.whole.Load() == 0 {
 		t.Error("no flush to the combiner in process carried whole sums")
 	}
 
-	sink.failing.Store(false)
-	b := walAggregator(t, h, dir, sink, aggregator.Options{Grace: time.Second})
-	poll(t, "the flush sent again", func() bool { return sink.flushes.Load() > delivered && len(b.Pending()) == 0 })
+	fresh := newHarness(t, h.schema)
+	fresh.window, fresh.clock = h.window, h.clock
+	again := &localSink{Local: fresh.sink.c.Local("c")}
+	b := walAggregator(t, fresh, dir, again, aggregator.Options{Grace: time.Second})
+	poll(t, "the flush sent again", func() bool { return again.synced.Load() > 0 && len(b.Pending()) == 0 })
 	if err := b.Close(); err != nil {
 		t.Fatal(err)
 	}
-	if got := h.total(t); got != want {
-		t.Errorf("store holds %+v after the restart, acknowledged %+v", got, want)
+	if got := fresh.total(t); got != want {
+		t.Errorf("the store the flush went to again holds %+v, acknowledged %+v", got, want)
 	}
-	// Synced, the delivery is recorded: a third start sends nothing.
-	resent := sink.flushes.Load()
-	c := walAggregator(t, h, dir, sink, aggregator.Options{Grace: time.Second})
-	if err := c.Close(); err != nil {
+}
+
+// A failed Sync is tried again: once it succeeds the delivery is recorded,
+// and a restart sends nothing.
+func TestWALRetriesFailedSync(t *testing.T) {
+	h := newHarness(t, schema.Default())
+	dir := t.TempDir()
+	sink := &localSink{Local: h.sink.c.Local("c")}
+	sink.failing.Store(true)
+	a := walAggregator(t, h, dir, sink, aggregator.Options{Grace: time.Second})
+	want := acked(t, h, a, "pub", 1, h.ms(0), 25, 4)
+	h.clock.Set(h.window.Add(12 * time.Second))
+	aggregator.Flush(a)
+	poll(t, "a failed sync", func() bool { return sink.syncs.Load() > 0 })
+	sink.failing.Store(false)
+	poll(t, "a sync that succeeds", func() bool { return sink.synced.Load() > 0 })
+	if err := a.Close(); err != nil {
 		t.Fatal(err)
 	}
-	if n := sink.flushes.Load(); n != resent {
-		t.Errorf("%d flushes went out again after a synced delivery", n-resent)
+	sent := sink.flushes.Load()
+	b := walAggregator(t, h, dir, sink, aggregator.Options{Grace: time.Second})
+	if err := b.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if n := sink.flushes.Load() - sent; n != 0 {
+		t.Errorf("%d flushes went out again after the sync that succeeded", n)
+	}
+	if got := h.total(t); got != want {
+		t.Errorf("store holds %+v, acknowledged %+v", got, want)
 	}
 }

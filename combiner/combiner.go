@@ -305,6 +305,21 @@ func cellsLayout(s *schema.Schema, data wire.Encoded) (wire.Encoded, error) {
 	return proto.Marshal(&req)
 }
 
+// doubleSums is a logged flush with its whole sums (wire.WholeSums) back
+// in cell_sums, as doubles.
+func doubleSums(data wire.Encoded) (wire.Encoded, error) {
+	var req wirepb.FlushRequest
+	if err := proto.Unmarshal(data, &req); err != nil {
+		return nil, fmt.Errorf("combiner: cannot decode a logged flush: %w", err)
+	}
+	req.CellSums = make([]float64, len(req.CellWholeSums))
+	for i, s := range req.CellWholeSums {
+		req.CellSums[i] = float64(s)
+	}
+	req.CellWholeSums = nil
+	return proto.Marshal(&req)
+}
+
 // Register serves the Combiner service on s.
 func (c *Combiner) Register(s *grpc.Server) {
 	wirepb.RegisterCombinerServer(s, server{c: c})
@@ -442,11 +457,21 @@ func (c *Client) Replicas(uint32) []string { return []string{c.name} }
 // the node (the host name, when a container restarts under a new one) must
 // still be delivered, and the combiner holds the whole cube.
 func (c *Client) Flush(ctx context.Context, _ string, f *wire.Flush) error {
-	err := wire.Invoke(ctx, c.conn, wirepb.Combiner_FlushColumns_FullMethodName, f.Data, new(wirepb.FlushResponse))
+	data := f.Data
+	if f.WholeSums {
+		// Logged for the node's own combiner, which is now another
+		// node's (the node was renamed, or gave up the role): sent as
+		// every combiner reads it.
+		var err error
+		if data, err = doubleSums(data); err != nil {
+			return err
+		}
+	}
+	err := wire.Invoke(ctx, c.conn, wirepb.Combiner_FlushColumns_FullMethodName, data, new(wirepb.FlushResponse))
 	if status.Code(err) != codes.Unimplemented {
 		return err
 	}
-	data, err := cellsLayout(c.schema, f.Data)
+	data, err = cellsLayout(c.schema, data)
 	if err != nil {
 		return err
 	}

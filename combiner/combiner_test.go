@@ -412,6 +412,59 @@ func TestFlushToOlderCombiner(t *testing.T) {
 	}
 }
 
+// A flush logged with whole sums for the node's own combiner, sent to a
+// combiner in another node (the node renamed, or its role gone), arrives
+// with its sums as doubles: a combiner that predates cell_whole_sums drops
+// it as a field it does not know, and would find no sums.
+func TestWholeSumsToAnotherNode(t *testing.T) {
+	c, db := newCombiner(t)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := grpc.NewServer()
+	srv.RegisterService(&grpc.ServiceDesc{
+		ServiceName: "dimsum.wire.v1.Combiner",
+		HandlerType: (*any)(nil),
+		Methods: []grpc.MethodDesc{{MethodName: "FlushColumns", Handler: func(_ any, _ context.Context, dec func(any) error, _ grpc.UnaryServerInterceptor) (any, error) {
+			var req wirepb.FlushRequest
+			if err := dec(&req); err != nil {
+				return nil, err
+			}
+			req.CellWholeSums = nil
+			dup, err := c.Apply(&req)
+			return &wirepb.FlushResponse{Duplicate: dup}, err
+		}}},
+	}, struct{}{})
+	go srv.Serve(ln)
+	defer srv.Stop()
+	conn, err := grpc.NewClient("passthrough:///"+ln.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	w := time.Now().Truncate(10 * time.Second).UnixMilli()
+	req := columnar(w, 1)
+	wire.WholeSums(req)
+	enc, err := wire.EncodeFlush(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	logged, err := wire.DecodeFlush(enc.Data) // as a restart reads it back
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !logged.WholeSums {
+		t.Fatal("the flush read back does not say it holds whole sums")
+	}
+	if err := NewClient("other", conn, schema.Default()).Flush(context.Background(), "other", logged); err != nil {
+		t.Fatal(err)
+	}
+	if got := apexSum(t, db, w); got != 5 {
+		t.Errorf("the other combiner holds an apex sum of %v, want 5", got)
+	}
+}
+
 // TestFlushSlots: while the store holds the flushes it is applying (a full
 // head parks them; here Ready does), a further flush waits for a slot only
 // until its caller gives up, and is then neither held nor applied, so that

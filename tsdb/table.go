@@ -26,8 +26,6 @@ import (
 type groupTable struct {
 	ops  []tableOp
 	data []byte // the keys and values of ops
-	// dels holds the range deletions, as start and end offsets into data.
-	dels [][4]int
 }
 
 // tableOp is one point write: its key and value are data[k:v] and
@@ -55,7 +53,7 @@ func (t *groupTable) reset() {
 		*t = groupTable{}
 		return
 	}
-	t.ops, t.data, t.dels = t.ops[:0], t.data[:0], t.dels[:0]
+	t.ops, t.data = t.ops[:0], t.data[:0]
 }
 
 func (t *groupTable) add(kind opKind, key, value []byte) {
@@ -70,18 +68,10 @@ func (t *groupTable) Set(key, value []byte)   { t.add(opSet, key, value) }
 func (t *groupTable) Merge(key, value []byte) { t.add(opMerge, key, value) }
 func (t *groupTable) Delete(key []byte)       { t.add(opDelete, key, nil) }
 
-func (t *groupTable) DeleteRange(start, end []byte) {
-	s := len(t.data)
-	t.data = append(t.data, start...)
-	e := len(t.data)
-	t.data = append(t.data, end...)
-	t.dels = append(t.dels, [4]int{s, e, e, len(t.data)})
-}
-
 func (t *groupTable) key(op tableOp) []byte { return t.data[op.k:op.v] }
 
 // empty reports whether the table holds no write.
-func (t *groupTable) empty() bool { return len(t.ops) == 0 && len(t.dels) == 0 }
+func (t *groupTable) empty() bool { return len(t.ops) == 0 }
 
 // ingestPrefix names the files the writer builds its tables in, in Pebble's
 // directory; ingest links them into the store and the names are removed.
@@ -90,12 +80,11 @@ const ingestPrefix = "dimsum-group.ingest"
 
 // ingest writes t as sstables, synced, and ingests them into Pebble at
 // once. The writes go into one table per kind of key (presence, written
-// marks, rows) and one for the range deletions: Pebble flushes its memtable
-// before an ingest whose table spans keys the memtable holds, and holds
-// every commit behind that flush, while the memtable holds only Apply's
-// staged batches, source records and dictionary entries, which the tables
-// then do not span (the staged batches deleted are older than those a
-// memtable holds).
+// marks, rows): Pebble flushes its memtable before an ingest whose table
+// spans keys the memtable holds, and holds every commit behind that flush,
+// while the memtable most often holds only Apply's staged batches, source
+// records and dictionary entries, and the deletions of staged batches,
+// which the tables do not span.
 func (db *DB) ingest(t *groupTable) error {
 	slices.SortFunc(t.ops, func(a, b tableOp) int { return bytes.Compare(t.key(a), t.key(b)) })
 	for i := 1; i < len(t.ops); i++ {
@@ -157,20 +146,6 @@ func (db *DB) ingest(t *groupTable) error {
 		}
 	}
 	if w != nil {
-		if err := finish(); err != nil {
-			return err
-		}
-	}
-	if len(t.dels) > 0 {
-		if err := create(); err != nil {
-			return err
-		}
-		for _, d := range t.dels {
-			if err := w.DeleteRange(t.data[d[0]:d[1]], t.data[d[2]:d[3]]); err != nil {
-				w.Close()
-				return fmt.Errorf("tsdb: cannot write the group's table: %w", err)
-			}
-		}
 		if err := finish(); err != nil {
 			return err
 		}

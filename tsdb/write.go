@@ -19,11 +19,11 @@ import (
 // clock when it was applied, if earlier), or before the wall clock when no
 // delta came for HeadHold; and, while the head holds more than three
 // quarters of Options.HeadMaxBytes, the oldest group is due whatever its
-// row. Writing a group is one ingested sstable (table.go): a merge operand
-// for each of its cells at every resolution that still retains its row, the
-// coarser ones rolled up from the finest, the presence bitmaps that gain
-// cells, the written mark of its row, and the deletion of the staged
-// batches no group needs any more.
+// row. Writing a group is a set of sstables ingested at once (table.go): a
+// merge operand for each of its cells at every resolution that still
+// retains its row, the coarser ones rolled up from the finest, the presence
+// bitmaps that gain cells and the written mark of its row; then, in a
+// Pebble batch, the deletion of the staged batches no group needs any more.
 
 // writerInterval is how often the writer looks for due groups when no Apply
 // wakes it: groups fall due by the wall clock too.
@@ -73,8 +73,8 @@ func (db *DB) startWriter() {
 	}()
 }
 
-// Staged batches reach Pebble's files before the writer deletes them (a
-// memtable of 2 MB fills in a fraction of a second on a backfill), and what
+// Staged batches may reach Pebble's files before the writer deletes them (a
+// live stream's hour outlasts a memtable), and what
 // a range deletion covers leaves the files only when a compaction rewrites
 // them, which an idle store never starts: a store stopped after the sparse
 // backfill of docs/benchmarks.md still held 10 MB of staged batches it had
@@ -233,13 +233,13 @@ func (db *DB) writeGroup(g *group, why writeReason) error {
 	g.committing = true
 	h.mu.Unlock()
 
-	// The rows, presence, marks and staged deletions go in at once: a
-	// crash before the table is ingested leaves the staged batches, and
-	// replay rebuilds the group.
-	// The rows may hold the deltas of batches applied unsynced: those
-	// batches go to disk first, with their cells' dictionary entries and
-	// their source records, so that a crash cannot leave rows naming
-	// unknown cells, or a source that would send their deltas again.
+	// The rows, presence and marks go in at once: a crash before the
+	// tables are ingested leaves the staged batches, and replay rebuilds
+	// the group. The rows may hold the deltas of batches applied
+	// unsynced: those batches go to disk first, with their cells'
+	// dictionary entries and their source records, so that a crash cannot
+	// leave rows naming unknown cells, or a source that would send their
+	// deltas again.
 	if !b.empty() {
 		err = db.syncLog()
 		if err == nil {

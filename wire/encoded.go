@@ -86,6 +86,9 @@ type Flush struct {
 	// rather than decode Data. Nil for a flush read back from a log. It
 	// must not be changed.
 	Request *wirepb.FlushRequest
+	// WholeSums says that the request holds its sums in cell_whole_sums
+	// (WholeSums), which combiners older than the field cannot read.
+	WholeSums bool
 }
 
 // EncodeFlush marshals a flush request, and keeps it.
@@ -94,7 +97,7 @@ func EncodeFlush(req *wirepb.FlushRequest) (*Flush, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Flush{WindowStartMs: req.WindowStartMs, Sequence: req.Sequence, Shard: req.Shard, Cells: flushCells(req), Data: data, Request: req}, nil
+	return &Flush{WindowStartMs: req.WindowStartMs, Sequence: req.Sequence, Shard: req.Shard, Cells: flushCells(req), Data: data, Request: req, WholeSums: req.CellWholeSums != nil}, nil
 }
 
 // WholeSums moves the column sums of req into cell_whole_sums when every one
@@ -136,7 +139,7 @@ func DecodeFlush(data []byte) (*Flush, error) {
 	if err := proto.Unmarshal(data, &req); err != nil {
 		return nil, err
 	}
-	return &Flush{WindowStartMs: req.WindowStartMs, Sequence: req.Sequence, Shard: req.Shard, Cells: flushCells(&req), Data: data}, nil
+	return &Flush{WindowStartMs: req.WindowStartMs, Sequence: req.Sequence, Shard: req.Shard, Cells: flushCells(&req), Data: data, WholeSums: req.CellWholeSums != nil}, nil
 }
 
 // flushCells is the number of cells of a request, in either layout.
