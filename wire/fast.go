@@ -257,3 +257,114 @@ func labelsSize(labels []uint32) int {
 	}
 	return n
 }
+
+// marshalFlush encodes a flush in the columnar layout as proto.Marshal
+// does, byte for byte, in one pass over each column: a packed column is
+// appended after room for the longest length prefix, which is then written
+// and the column moved up to it. A flush with cells as messages, or with
+// unknown fields, goes through proto.
+func marshalFlush(m *wirepb.FlushRequest) ([]byte, error) {
+	if len(m.Cells) > 0 || len(m.ProtoReflect().GetUnknown()) > 0 {
+		return proto.Marshal(m)
+	}
+	// Room for what a flush most often holds: small families, cuboids,
+	// counts and whole sums, values under 2^14, numbers under 2^21. The
+	// buffer is kept while the flush waits for its replicas, so it is not
+	// sized for the worst case: append grows it past what this misses.
+	size := 64 + len(m.Source) + 7*packedRoom + len(m.CellFamilies) + len(m.CellCuboids) + 2*len(m.CellValues) + 8*len(m.CellSums) + len(m.CellCounts) + 3*len(m.CellNumbers) + len(m.CellWholeSums)
+	for _, s := range m.Dict {
+		size += 1 + protowire.SizeBytes(len(s))
+	}
+	b := make([]byte, 0, size)
+	if m.Source != "" {
+		b = protowire.AppendTag(b, 1, protowire.BytesType)
+		b = protowire.AppendString(b, m.Source)
+	}
+	if m.WindowStartMs != 0 {
+		b = protowire.AppendTag(b, 2, protowire.VarintType)
+		b = protowire.AppendVarint(b, uint64(m.WindowStartMs))
+	}
+	if m.Sequence != 0 {
+		b = protowire.AppendTag(b, 3, protowire.VarintType)
+		b = protowire.AppendVarint(b, m.Sequence)
+	}
+	for _, s := range m.Dict {
+		b = protowire.AppendTag(b, 4, protowire.BytesType)
+		b = protowire.AppendString(b, s)
+	}
+	if m.Shard != 0 {
+		b = protowire.AppendTag(b, 6, protowire.VarintType)
+		b = protowire.AppendVarint(b, uint64(m.Shard))
+	}
+	if m.Shards != 0 {
+		b = protowire.AppendTag(b, 7, protowire.VarintType)
+		b = protowire.AppendVarint(b, uint64(m.Shards))
+	}
+	b = appendPacked32(b, 8, m.CellFamilies)
+	b = appendPacked32(b, 9, m.CellCuboids)
+	b = appendPacked32(b, 10, m.CellValues)
+	if len(m.CellSums) > 0 {
+		b = protowire.AppendTag(b, 11, protowire.BytesType)
+		b = protowire.AppendVarint(b, uint64(8*len(m.CellSums)))
+		for _, s := range m.CellSums {
+			b = binary.LittleEndian.AppendUint64(b, math.Float64bits(s))
+		}
+	}
+	b = appendPacked64(b, 12, m.CellCounts)
+	b = appendPacked32(b, 13, m.CellNumbers)
+	if m.Numbering != 0 {
+		b = protowire.AppendTag(b, 14, protowire.VarintType)
+		b = protowire.AppendVarint(b, m.Numbering)
+	}
+	b = appendPacked64(b, 15, m.CellWholeSums)
+	return b, nil
+}
+
+// packedRoom is the room left for the length of a packed column, which
+// packedLength fills: a varint up to 2^35 bytes.
+const packedRoom = binary.MaxVarintLen32
+
+// appendPacked32 appends field num, packed varints, unless vs is empty.
+func appendPacked32(b []byte, num protowire.Number, vs []uint32) []byte {
+	if len(vs) == 0 {
+		return b
+	}
+	b = protowire.AppendTag(b, num, protowire.BytesType)
+	at := len(b)
+	b = append(b, make([]byte, packedRoom)...)
+	for _, v := range vs {
+		for v >= 0x80 {
+			b = append(b, byte(v)|0x80)
+			v >>= 7
+		}
+		b = append(b, byte(v))
+	}
+	return packedLength(b, at)
+}
+
+// appendPacked64 is appendPacked32 of 64-bit varints.
+func appendPacked64(b []byte, num protowire.Number, vs []uint64) []byte {
+	if len(vs) == 0 {
+		return b
+	}
+	b = protowire.AppendTag(b, num, protowire.BytesType)
+	at := len(b)
+	b = append(b, make([]byte, packedRoom)...)
+	for _, v := range vs {
+		for v >= 0x80 {
+			b = append(b, byte(v)|0x80)
+			v >>= 7
+		}
+		b = append(b, byte(v))
+	}
+	return packedLength(b, at)
+}
+
+// packedLength writes, at b[at:], the length of the column that follows
+// packedRoom bytes later, and moves the column up to it.
+func packedLength(b []byte, at int) []byte {
+	n := len(b) - at - packedRoom
+	l := protowire.AppendVarint(b[at:at], uint64(n))
+	copy(b[at+len(l):], b[at+packedRoom:])
+	return b[:at+len(l)+n]
+}
