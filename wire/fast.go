@@ -262,10 +262,16 @@ func labelsSize(labels []uint32) int {
 // does, byte for byte, in one pass over each column: a packed column is
 // appended after room for the longest length prefix, which is then written
 // and the column moved up to it. A flush with cells as messages, or with
-// unknown fields, goes through proto.
+// unknown fields, or with a string proto refuses (not UTF-8), goes through
+// proto.
 func marshalFlush(m *wirepb.FlushRequest) ([]byte, error) {
-	if len(m.Cells) > 0 || len(m.ProtoReflect().GetUnknown()) > 0 {
+	if len(m.Cells) > 0 || len(m.ProtoReflect().GetUnknown()) > 0 || !utf8.ValidString(m.Source) {
 		return proto.Marshal(m)
+	}
+	for _, s := range m.Dict {
+		if !utf8.ValidString(s) {
+			return proto.Marshal(m)
+		}
 	}
 	// Room for what a flush most often holds: small families, cuboids,
 	// counts and whole sums, values under 2^14, numbers under 2^21. The

@@ -293,4 +293,11 @@ func TestMarshalFlush(t *testing.T) {
 	unknown := randomFlush(rng)
 	unknown.ProtoReflect().SetUnknown(protowire.AppendVarint(protowire.AppendTag(nil, 99, protowire.VarintType), 7))
 	check(unknown)
+	// A string that is not UTF-8: proto refuses it, and so does the fast
+	// path, through proto.
+	bad := randomFlush(rng)
+	bad.Dict = append(bad.Dict, "\xff")
+	if _, err := marshalFlush(bad); err == nil {
+		t.Error("a dictionary string that is not UTF-8 marshalled")
+	}
 }
