@@ -143,11 +143,17 @@ func TestWALReplayAfterCrash(t *testing.T) {
 	// The windows went out: a third start replays nothing pending and
 	// counts nothing again.
 	c := walAggregator(t, h, dir, h.sink, aggregator.Options{})
-	if err := c.Close(); err != nil {
+	closedHolds(t, h, c, want, "after a clean restart")
+}
+
+// closedHolds closes a and fails the test unless h's store then holds want.
+func closedHolds(t *testing.T, h *harness, a *aggregator.Aggregator, want tsdb.Step, when string) {
+	t.Helper()
+	if err := a.Close(); err != nil {
 		t.Fatal(err)
 	}
 	if got := h.total(t); got != want {
-		t.Errorf("after a clean restart the store holds %+v, want %+v", got, want)
+		t.Errorf("%s the store holds %+v, acknowledged %+v", when, got, want)
 	}
 }
 
@@ -619,13 +625,10 @@ func (s *localSink) Sync(replica string) error {
 	return s.Local.Sync(replica)
 }
 
-// A combiner in the same process takes a flush before it is durable: the
-// aggregator records the delivery only once the combiner's Sync returned,
-// and a flush it could not sync stays in its log, to go out again after a
-// restart. Its flushes carry whole sums as varints: here the restarted
-// aggregator's combiner has a store of its own, which counts the flush
-// only if it reads it from the log whole.
-func TestWALKeepsUnsyncedFlushes(t *testing.T) {
+// syncFailing starts an aggregator with a log flushing into the combiner in
+// its process, whose Sync fails, and has it flush one acknowledged batch.
+func syncFailing(t *testing.T) (*harness, string, *localSink, *aggregator.Aggregator, tsdb.Step) {
+	t.Helper()
 	h := newHarness(t, schema.Default())
 	dir := t.TempDir()
 	sink := &localSink{Local: h.sink.c.Local("c")}
@@ -634,6 +637,17 @@ func TestWALKeepsUnsyncedFlushes(t *testing.T) {
 	want := acked(t, h, a, "pub", 1, h.ms(0), 25, 4)
 	h.clock.Set(h.window.Add(12 * time.Second))
 	aggregator.Flush(a)
+	return h, dir, sink, a, want
+}
+
+// A combiner in the same process takes a flush before it is durable: the
+// aggregator records the delivery only once the combiner's Sync returned,
+// and a flush it could not sync stays in its log, to go out again after a
+// restart. Its flushes carry whole sums as varints: here the restarted
+// aggregator's combiner has a store of its own, which counts the flush
+// only if it reads it from the log whole.
+func TestWALKeepsUnsyncedFlushes(t *testing.T) {
+	h, dir, sink, a, want := syncFailing(t)
 	poll(t, "the failed sync tried again", func() bool { return sink.syncs.Load() > 1 })
 	if err := a.Close(); err != nil {
 		t.Fatal(err)
@@ -647,25 +661,13 @@ func TestWALKeepsUnsyncedFlushes(t *testing.T) {
 	again := &localSink{Local: fresh.sink.c.Local("c")}
 	b := walAggregator(t, fresh, dir, again, aggregator.Options{Grace: time.Second})
 	poll(t, "the flush sent again", func() bool { return again.synced.Load() > 0 && len(b.Pending()) == 0 })
-	if err := b.Close(); err != nil {
-		t.Fatal(err)
-	}
-	if got := fresh.total(t); got != want {
-		t.Errorf("the store the flush went to again holds %+v, acknowledged %+v", got, want)
-	}
+	closedHolds(t, fresh, b, want, "where the flush went again,")
 }
 
 // A failed Sync is tried again: once it succeeds the delivery is recorded,
 // and a restart sends nothing.
 func TestWALRetriesFailedSync(t *testing.T) {
-	h := newHarness(t, schema.Default())
-	dir := t.TempDir()
-	sink := &localSink{Local: h.sink.c.Local("c")}
-	sink.failing.Store(true)
-	a := walAggregator(t, h, dir, sink, aggregator.Options{Grace: time.Second})
-	want := acked(t, h, a, "pub", 1, h.ms(0), 25, 4)
-	h.clock.Set(h.window.Add(12 * time.Second))
-	aggregator.Flush(a)
+	h, dir, sink, a, want := syncFailing(t)
 	poll(t, "a failed sync", func() bool { return sink.syncs.Load() > 0 })
 	sink.failing.Store(false)
 	poll(t, "a sync that succeeds", func() bool { return sink.synced.Load() > 0 })
@@ -673,14 +675,8 @@ func TestWALRetriesFailedSync(t *testing.T) {
 		t.Fatal(err)
 	}
 	sent := sink.flushes.Load()
-	b := walAggregator(t, h, dir, sink, aggregator.Options{Grace: time.Second})
-	if err := b.Close(); err != nil {
-		t.Fatal(err)
-	}
+	closedHolds(t, h, walAggregator(t, h, dir, sink, aggregator.Options{Grace: time.Second}), want, "after a restart")
 	if n := sink.flushes.Load() - sent; n != 0 {
 		t.Errorf("%d flushes went out again after the sync that succeeded", n)
-	}
-	if got := h.total(t); got != want {
-		t.Errorf("store holds %+v, acknowledged %+v", got, want)
 	}
 }

@@ -370,31 +370,9 @@ func TestLocal(t *testing.T) {
 // cells as messages, so that nothing is lost during a rolling upgrade.
 func TestFlushToOlderCombiner(t *testing.T) {
 	c, db := newCombiner(t)
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv := grpc.NewServer()
-	srv.RegisterService(&grpc.ServiceDesc{
-		ServiceName: "dimsum.wire.v1.Combiner",
-		HandlerType: (*any)(nil),
-		Methods: []grpc.MethodDesc{{MethodName: "Flush", Handler: func(_ any, _ context.Context, dec func(any) error, _ grpc.UnaryServerInterceptor) (any, error) {
-			var req wirepb.FlushRequest
-			if err := dec(&req); err != nil {
-				return nil, err
-			}
-			req.CellFamilies, req.CellCuboids, req.CellValues, req.CellSums, req.CellCounts = nil, nil, nil, nil, nil
-			dup, err := c.Apply(&req)
-			return &wirepb.FlushResponse{Duplicate: dup}, err
-		}}},
-	}, struct{}{})
-	go srv.Serve(ln)
-	defer srv.Stop()
-	conn, err := grpc.NewClient("passthrough:///"+ln.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
+	conn := olderCombiner(t, c, "Flush", func(req *wirepb.FlushRequest) {
+		req.CellFamilies, req.CellCuboids, req.CellValues, req.CellSums, req.CellCounts = nil, nil, nil, nil, nil
+	})
 	w := time.Now().Truncate(10 * time.Second).UnixMilli()
 	enc, err := wire.EncodeFlush(columnar(w, 1))
 	if err != nil {
@@ -418,31 +396,7 @@ func TestFlushToOlderCombiner(t *testing.T) {
 // it as a field it does not know, and would find no sums.
 func TestWholeSumsToAnotherNode(t *testing.T) {
 	c, db := newCombiner(t)
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv := grpc.NewServer()
-	srv.RegisterService(&grpc.ServiceDesc{
-		ServiceName: "dimsum.wire.v1.Combiner",
-		HandlerType: (*any)(nil),
-		Methods: []grpc.MethodDesc{{MethodName: "FlushColumns", Handler: func(_ any, _ context.Context, dec func(any) error, _ grpc.UnaryServerInterceptor) (any, error) {
-			var req wirepb.FlushRequest
-			if err := dec(&req); err != nil {
-				return nil, err
-			}
-			req.CellWholeSums = nil
-			dup, err := c.Apply(&req)
-			return &wirepb.FlushResponse{Duplicate: dup}, err
-		}}},
-	}, struct{}{})
-	go srv.Serve(ln)
-	defer srv.Stop()
-	conn, err := grpc.NewClient("passthrough:///"+ln.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
+	conn := olderCombiner(t, c, "FlushColumns", func(req *wirepb.FlushRequest) { req.CellWholeSums = nil })
 	w := time.Now().Truncate(10 * time.Second).UnixMilli()
 	req := columnar(w, 1)
 	wire.WholeSums(req)
@@ -463,6 +417,40 @@ func TestWholeSumsToAnotherNode(t *testing.T) {
 	if got := apexSum(t, db, w); got != 5 {
 		t.Errorf("the other combiner holds an apex sum of %v, want 5", got)
 	}
+}
+
+// olderCombiner serves c over loopback as a combiner of an older version
+// would: only method, and without the fields forget drops from each
+// request, as fields it does not know. It returns a connection to it,
+// closed at the end of the test.
+func olderCombiner(t *testing.T, c *Combiner, method string, forget func(*wirepb.FlushRequest)) *grpc.ClientConn {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := grpc.NewServer()
+	srv.RegisterService(&grpc.ServiceDesc{
+		ServiceName: "dimsum.wire.v1.Combiner",
+		HandlerType: (*any)(nil),
+		Methods: []grpc.MethodDesc{{MethodName: method, Handler: func(_ any, _ context.Context, dec func(any) error, _ grpc.UnaryServerInterceptor) (any, error) {
+			var req wirepb.FlushRequest
+			if err := dec(&req); err != nil {
+				return nil, err
+			}
+			forget(&req)
+			dup, err := c.Apply(&req)
+			return &wirepb.FlushResponse{Duplicate: dup}, err
+		}}},
+	}, struct{}{})
+	go srv.Serve(ln)
+	t.Cleanup(srv.Stop)
+	conn, err := grpc.NewClient("passthrough:///"+ln.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	return conn
 }
 
 // TestFlushSlots: while the store holds the flushes it is applying (a full

@@ -90,9 +90,7 @@ func crashBatch(s *schema.Schema, i int) (BatchID, []Delta) {
 // still remembers must be refused as duplicates, before and after a
 // compaction.
 func TestCrash(t *testing.T) {
-	seed := uint64(time.Now().UnixNano())
-	t.Logf("seed %d", seed)
-	rng := rand.New(rand.NewPCG(seed, 1))
+	rng := seeded(t)
 	s := testSchema(t)
 	dir := t.TempDir()
 	m := &model{s: s, now: testNow.UnixMilli(), steps: map[modelKey]Step{}}
@@ -138,6 +136,14 @@ func TestCrash(t *testing.T) {
 		t.Fatal(err)
 	}
 	verify(t, db, m, rng)
+}
+
+// seeded returns a generator seeded from the clock, and logs the seed, so
+// that a failing run can be told apart and replayed.
+func seeded(t *testing.T) *rand.Rand {
+	seed := uint64(time.Now().UnixNano())
+	t.Logf("seed %d", seed)
+	return rand.New(rand.NewPCG(seed, 1))
 }
 
 // crashRound starts a writer from batch first, kills it after a random

@@ -6,6 +6,8 @@ import (
 	"time"
 
 	"github.com/cockroachdb/pebble/v2/vfs"
+
+	"github.com/dimsum/dimsum/schema"
 )
 
 // TestUnsyncedCrash applies batches with ApplyDictUnsynced into a store on
@@ -17,20 +19,10 @@ import (
 // part, so that applying them again, as the aggregator that keeps them
 // does, leaves the store exact, with nothing read as corrupt.
 func TestUnsyncedCrash(t *testing.T) {
-	seed := uint64(time.Now().UnixNano())
-	t.Logf("seed %d", seed)
-	rng := rand.New(rand.NewPCG(seed, 2))
+	rng := seeded(t)
 	s := testSchema(t)
-	open := func(fs vfs.FS) *DB {
-		t.Helper()
-		db, err := Open(Options{Dir: "/store", Schema: s, RetentionInterval: -1, now: func() time.Time { return testNow }, fs: fs})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return db
-	}
 	fs := vfs.NewCrashableMem()
-	db := open(fs)
+	db := openOn(t, fs, s)
 	m := &model{s: s, now: testNow.UnixMilli(), steps: map[modelKey]Step{}}
 	durable := -1 // the last batch that must survive a crash
 	next := 0
@@ -60,10 +52,10 @@ func TestUnsyncedCrash(t *testing.T) {
 		}
 		next += n
 		percent := 50 * rng.IntN(2)
-		crashed := fs.CrashClone(vfs.CrashCloneCfg{UnsyncedDataPercent: percent, RNG: rand.New(rand.NewPCG(seed, uint64(round)))})
+		crashed := fs.CrashClone(vfs.CrashCloneCfg{UnsyncedDataPercent: percent, RNG: rand.New(rand.NewPCG(rng.Uint64(), 0))})
 		closeTest(t, db)
 		fs = crashed
-		db = open(fs)
+		db = openOn(t, fs, s)
 		lost := 0
 		for i := next - 1; i > durable; i-- {
 			key, deltas := crashBatch(s, i)
@@ -96,23 +88,15 @@ func TestUnsyncedCrash(t *testing.T) {
 func TestUnsyncedCrashAroundWrite(t *testing.T) {
 	s := testSchema(t)
 	rng := rand.New(rand.NewPCG(7, 7))
-	open := func(fs vfs.FS) *DB {
-		t.Helper()
-		db, err := Open(Options{Dir: "/store", Schema: s, RetentionInterval: -1, now: func() time.Time { return testNow }, fs: fs})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return db
-	}
 	crash := func(fs *vfs.MemFS, db *DB) (*vfs.MemFS, *DB) {
 		t.Helper()
 		crashed := fs.CrashClone(vfs.CrashCloneCfg{})
 		closeTest(t, db)
-		return crashed, open(crashed)
+		return crashed, openOn(t, crashed, s)
 	}
 	m := &model{s: s, now: testNow.UnixMilli(), steps: map[modelKey]Step{}}
 	fs := vfs.NewCrashableMem()
-	db := open(fs)
+	db := openOn(t, fs, s)
 	for i := range 5 {
 		key, deltas := crashBatch(s, i)
 		dict, dds := dictOf(deltas)
@@ -158,4 +142,15 @@ func TestUnsyncedCrashAroundWrite(t *testing.T) {
 	_, db = crash(fs, db)
 	verify(t, db, m, rng)
 	closeTest(t, db)
+}
+
+// openOn opens a store of schema s in fs, its clock at testNow, with no
+// periodic retention pass.
+func openOn(t *testing.T, fs vfs.FS, s *schema.Schema) *DB {
+	t.Helper()
+	db, err := Open(Options{Dir: "/store", Schema: s, RetentionInterval: -1, now: func() time.Time { return testNow }, fs: fs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return db
 }

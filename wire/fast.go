@@ -193,14 +193,8 @@ func marshalPush(m *wirepb.PushRequest) ([]byte, error) {
 	for _, e := range m.Events {
 		b = protowire.AppendTag(b, 2, protowire.BytesType)
 		b = protowire.AppendVarint(b, uint64(eventSize(e)))
-		if e.Family != 0 {
-			b = protowire.AppendTag(b, 1, protowire.VarintType)
-			b = protowire.AppendVarint(b, uint64(e.Family))
-		}
-		if e.TimestampMs != 0 {
-			b = protowire.AppendTag(b, 2, protowire.VarintType)
-			b = protowire.AppendVarint(b, uint64(e.TimestampMs))
-		}
+		b = appendVarintField(b, 1, uint64(e.Family))
+		b = appendVarintField(b, 2, uint64(e.TimestampMs))
 		if len(e.Labels) > 0 {
 			b = protowire.AppendTag(b, 3, protowire.BytesType)
 			b = protowire.AppendVarint(b, uint64(labelsSize(e.Labels)))
@@ -221,14 +215,8 @@ func marshalPush(m *wirepb.PushRequest) ([]byte, error) {
 		b = protowire.AppendTag(b, 3, protowire.BytesType)
 		b = protowire.AppendString(b, m.Source)
 	}
-	if m.BatchSeq != 0 {
-		b = protowire.AppendTag(b, 4, protowire.VarintType)
-		b = protowire.AppendVarint(b, m.BatchSeq)
-	}
-	if m.ReceivedMs != 0 {
-		b = protowire.AppendTag(b, 5, protowire.VarintType)
-		b = protowire.AppendVarint(b, uint64(m.ReceivedMs))
-	}
+	b = appendVarintField(b, 4, m.BatchSeq)
+	b = appendVarintField(b, 5, uint64(m.ReceivedMs))
 	return b, nil
 }
 
@@ -286,29 +274,17 @@ func marshalFlush(m *wirepb.FlushRequest) ([]byte, error) {
 		b = protowire.AppendTag(b, 1, protowire.BytesType)
 		b = protowire.AppendString(b, m.Source)
 	}
-	if m.WindowStartMs != 0 {
-		b = protowire.AppendTag(b, 2, protowire.VarintType)
-		b = protowire.AppendVarint(b, uint64(m.WindowStartMs))
-	}
-	if m.Sequence != 0 {
-		b = protowire.AppendTag(b, 3, protowire.VarintType)
-		b = protowire.AppendVarint(b, m.Sequence)
-	}
+	b = appendVarintField(b, 2, uint64(m.WindowStartMs))
+	b = appendVarintField(b, 3, m.Sequence)
 	for _, s := range m.Dict {
 		b = protowire.AppendTag(b, 4, protowire.BytesType)
 		b = protowire.AppendString(b, s)
 	}
-	if m.Shard != 0 {
-		b = protowire.AppendTag(b, 6, protowire.VarintType)
-		b = protowire.AppendVarint(b, uint64(m.Shard))
-	}
-	if m.Shards != 0 {
-		b = protowire.AppendTag(b, 7, protowire.VarintType)
-		b = protowire.AppendVarint(b, uint64(m.Shards))
-	}
-	b = appendPacked32(b, 8, m.CellFamilies)
-	b = appendPacked32(b, 9, m.CellCuboids)
-	b = appendPacked32(b, 10, m.CellValues)
+	b = appendVarintField(b, 6, uint64(m.Shard))
+	b = appendVarintField(b, 7, uint64(m.Shards))
+	b = appendPacked(b, 8, m.CellFamilies)
+	b = appendPacked(b, 9, m.CellCuboids)
+	b = appendPacked(b, 10, m.CellValues)
 	if len(m.CellSums) > 0 {
 		b = protowire.AppendTag(b, 11, protowire.BytesType)
 		b = protowire.AppendVarint(b, uint64(8*len(m.CellSums)))
@@ -316,40 +292,29 @@ func marshalFlush(m *wirepb.FlushRequest) ([]byte, error) {
 			b = binary.LittleEndian.AppendUint64(b, math.Float64bits(s))
 		}
 	}
-	b = appendPacked64(b, 12, m.CellCounts)
-	b = appendPacked32(b, 13, m.CellNumbers)
-	if m.Numbering != 0 {
-		b = protowire.AppendTag(b, 14, protowire.VarintType)
-		b = protowire.AppendVarint(b, m.Numbering)
-	}
-	b = appendPacked64(b, 15, m.CellWholeSums)
+	b = appendPacked(b, 12, m.CellCounts)
+	b = appendPacked(b, 13, m.CellNumbers)
+	b = appendVarintField(b, 14, m.Numbering)
+	b = appendPacked(b, 15, m.CellWholeSums)
 	return b, nil
+}
+
+// appendVarintField appends field num as a varint, unless v is 0, which
+// proto leaves out.
+func appendVarintField(b []byte, num protowire.Number, v uint64) []byte {
+	if v == 0 {
+		return b
+	}
+	b = protowire.AppendTag(b, num, protowire.VarintType)
+	return protowire.AppendVarint(b, v)
 }
 
 // packedRoom is the room left for the length of a packed column, which
 // packedLength fills: a varint up to 2^35 bytes.
 const packedRoom = binary.MaxVarintLen32
 
-// appendPacked32 appends field num, packed varints, unless vs is empty.
-func appendPacked32(b []byte, num protowire.Number, vs []uint32) []byte {
-	if len(vs) == 0 {
-		return b
-	}
-	b = protowire.AppendTag(b, num, protowire.BytesType)
-	at := len(b)
-	b = append(b, make([]byte, packedRoom)...)
-	for _, v := range vs {
-		for v >= 0x80 {
-			b = append(b, byte(v)|0x80)
-			v >>= 7
-		}
-		b = append(b, byte(v))
-	}
-	return packedLength(b, at)
-}
-
-// appendPacked64 is appendPacked32 of 64-bit varints.
-func appendPacked64(b []byte, num protowire.Number, vs []uint64) []byte {
+// appendPacked appends field num, packed varints, unless vs is empty.
+func appendPacked[T uint32 | uint64](b []byte, num protowire.Number, vs []T) []byte {
 	if len(vs) == 0 {
 		return b
 	}
