@@ -395,27 +395,39 @@ func TestFlushToOlderCombiner(t *testing.T) {
 // with its sums as doubles: a combiner that predates cell_whole_sums drops
 // it as a field it does not know, and would find no sums.
 func TestWholeSumsToAnotherNode(t *testing.T) {
-	c, db := newCombiner(t)
-	conn := olderCombiner(t, c, "FlushColumns", func(req *wirepb.FlushRequest) { req.CellWholeSums = nil })
-	w := time.Now().Truncate(10 * time.Second).UnixMilli()
-	req := columnar(w, 1)
-	wire.WholeSums(req)
-	enc, err := wire.EncodeFlush(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	logged, err := wire.DecodeFlush(enc.Data) // as a restart reads it back
-	if err != nil {
-		t.Fatal(err)
-	}
-	if !logged.WholeSums {
-		t.Fatal("the flush read back does not say it holds whole sums")
-	}
-	if err := NewClient("other", conn, schema.Default()).Flush(context.Background(), "other", logged); err != nil {
-		t.Fatal(err)
-	}
-	if got := apexSum(t, db, w); got != 5 {
-		t.Errorf("the other combiner holds an apex sum of %v, want 5", got)
+	for _, older := range []struct {
+		name, method string
+		forget       func(*wirepb.FlushRequest)
+	}{
+		{"before whole sums", "FlushColumns", func(req *wirepb.FlushRequest) { req.CellWholeSums = nil }},
+		{"before columns", "Flush", func(req *wirepb.FlushRequest) {
+			req.CellFamilies, req.CellCuboids, req.CellValues, req.CellSums, req.CellCounts, req.CellWholeSums = nil, nil, nil, nil, nil, nil
+		}},
+	} {
+		t.Run(older.name, func(t *testing.T) {
+			c, db := newCombiner(t)
+			conn := olderCombiner(t, c, older.method, older.forget)
+			w := time.Now().Truncate(10 * time.Second).UnixMilli()
+			req := columnar(w, 1)
+			wire.WholeSums(req)
+			enc, err := wire.EncodeFlush(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			logged, err := wire.DecodeFlush(enc.Data) // as a restart reads it back
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !logged.WholeSums {
+				t.Fatal("the flush read back does not say it holds whole sums")
+			}
+			if err := NewClient("other", conn, schema.Default()).Flush(context.Background(), "other", logged); err != nil {
+				t.Fatal(err)
+			}
+			if got := apexSum(t, db, w); got != 5 {
+				t.Errorf("the other combiner holds an apex sum of %v, want 5", got)
+			}
+		})
 	}
 }
 

@@ -284,9 +284,13 @@ func TestMarshalFlush(t *testing.T) {
 		check(randomFlush(rng))
 	}
 	check(&wirepb.FlushRequest{})
+	check(&wirepb.FlushRequest{Dict: []string{"", "é"}, Source: "nœud", WindowStartMs: -1})
 	big := randomFlush(rng)
-	big.CellValues = make([]uint32, 1<<15) // a length prefix of three bytes
+	big.CellValues = make([]uint32, 1<<21) // a length prefix of four bytes
 	check(big)
+	if enc, _ := marshalFlush(big); cap(enc) > len(enc)+len(enc)/8 {
+		t.Errorf("a flush of %d bytes holds %d", len(enc), cap(enc))
+	}
 	withCells := randomFlush(rng)
 	withCells.Cells = []*wirepb.FlushCell{{Family: 1, Values: []uint32{2, 3}, Sum: 4, Count: 5}}
 	check(withCells)
@@ -299,5 +303,10 @@ func TestMarshalFlush(t *testing.T) {
 	bad.Dict = append(bad.Dict, "\xff")
 	if _, err := marshalFlush(bad); err == nil {
 		t.Error("a dictionary string that is not UTF-8 marshalled")
+	}
+	bad = randomFlush(rng)
+	bad.Source = "\xff"
+	if _, err := marshalFlush(bad); err == nil {
+		t.Error("a source that is not UTF-8 marshalled")
 	}
 }
