@@ -87,11 +87,12 @@ func New(opts Options) (*Combiner, error) {
 // whole with an error wrapping ErrBadFlush. The flush is durable when Apply
 // returns.
 func (c *Combiner) Apply(req *wirepb.FlushRequest) (duplicate bool, err error) {
-	return c.apply(req, c.opts.Store.ApplyDict)
+	return c.apply(req, true)
 }
 
-// apply is Apply through the store's method of applying.
-func (c *Combiner) apply(req *wirepb.FlushRequest, applyDict func(tsdb.BatchID, []string, []tsdb.DictDelta) (bool, error)) (duplicate bool, err error) {
+// apply is Apply, which returns before the flush is durable unless synced
+// (the store's ApplyDictUnsynced).
+func (c *Combiner) apply(req *wirepb.FlushRequest, synced bool) (duplicate bool, err error) {
 	sc := scratchPool.Get().(*scratch)
 	defer scratchPool.Put(sc)
 	defer sc.clear()
@@ -103,6 +104,10 @@ func (c *Combiner) apply(req *wirepb.FlushRequest, applyDict func(tsdb.BatchID, 
 	// An aggregator numbers its flushes across windows and sends each
 	// replica its flushes in that order, retrying one until it is taken,
 	// so the store's window of recent sequences recognises every retry.
+	applyDict := c.opts.Store.ApplyDict
+	if !synced {
+		applyDict = c.opts.Store.ApplyDictUnsynced
+	}
 	applied, err := applyDict(tsdb.BatchID{Source: req.Source, Seq: req.Sequence, Numbering: req.Numbering}, req.Dict, deltas)
 	if errors.Is(err, tsdb.ErrBadInput) {
 		c.metrics.refused.Inc()
@@ -331,7 +336,7 @@ type server struct {
 }
 
 func (s server) Flush(ctx context.Context, req *wirepb.FlushRequest) (*wirepb.FlushResponse, error) {
-	dup, err := s.c.take(ctx, req, s.c.Apply)
+	dup, err := s.c.take(ctx, req, true)
 	if err != nil {
 		return nil, err
 	}
@@ -341,8 +346,9 @@ func (s server) Flush(ctx context.Context, req *wirepb.FlushRequest) (*wirepb.Fl
 // take applies a flush an aggregator delivered, by gRPC or in process,
 // once a slot is free and the node is ready, and answers with the status
 // the aggregator acts on: InvalidArgument for a flush no retry can make
-// acceptable, Unavailable (or the context's code) for one to retry.
-func (c *Combiner) take(ctx context.Context, req *wirepb.FlushRequest, apply func(*wirepb.FlushRequest) (bool, error)) (duplicate bool, err error) {
+// acceptable, Unavailable (or the context's code) for one to retry. An
+// unsynced flush is durable only once the store's Sync returns (Local).
+func (c *Combiner) take(ctx context.Context, req *wirepb.FlushRequest, synced bool) (duplicate bool, err error) {
 	select {
 	case c.slots <- struct{}{}:
 		defer func() { <-c.slots }()
@@ -358,7 +364,7 @@ func (c *Combiner) take(ctx context.Context, req *wirepb.FlushRequest, apply fun
 			return false, status.Error(codes.Unavailable, err.Error())
 		}
 	}
-	dup, err := apply(req)
+	dup, err := c.apply(req, synced)
 	switch {
 	case errors.Is(err, ErrBadFlush):
 		// No retry can make the flush acceptable.
@@ -409,17 +415,12 @@ func (l *Local) Flush(ctx context.Context, _ string, f *wire.Flush) error {
 			return status.Errorf(codes.InvalidArgument, "combiner: the flush does not decode: %v", err)
 		}
 	}
-	_, err := l.c.take(ctx, req, l.apply)
+	_, err := l.c.take(ctx, req, false)
 	return err
 }
 
 // InProcess is true: the combiner is in the aggregator's process.
 func (l *Local) InProcess(string) bool { return true }
-
-// apply applies a flush unsynced.
-func (l *Local) apply(req *wirepb.FlushRequest) (bool, error) {
-	return l.c.apply(req, l.c.opts.Store.ApplyDictUnsynced)
-}
 
 // Sync makes every flush applied before it durable.
 func (l *Local) Sync(string) error { return l.c.opts.Store.Sync() }

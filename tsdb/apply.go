@@ -125,7 +125,7 @@ func (db *DB) Apply(id BatchID, deltas []Delta) (applied bool, err error) {
 		prev, prevIdx = d.Values, idx[first:]
 		dds = append(dds, DictDelta{Family: fam, Cuboid: d.Cuboid, Values: idx[first:len(idx):len(idx)], Time: d.Time, Sum: d.Sum, Count: d.Count})
 	}
-	return db.applyDict(start, id, dict, dds)
+	return db.applyDict(start, id, dict, dds, true)
 }
 
 // ApplyDict is Apply of deltas whose family names and values are indexes
@@ -134,7 +134,7 @@ func (db *DB) ApplyDict(id BatchID, dict []string, deltas []DictDelta) (applied 
 	start := time.Now()
 	db.apply.Lock()
 	defer db.apply.Unlock()
-	return db.applyDict(start, id, dict, deltas)
+	return db.applyDict(start, id, dict, deltas, true)
 }
 
 // ApplyDictUnsynced is ApplyDict, but returns before its Pebble batch is
@@ -149,9 +149,7 @@ func (db *DB) ApplyDictUnsynced(id BatchID, dict []string, deltas []DictDelta) (
 	start := time.Now()
 	db.apply.Lock()
 	defer db.apply.Unlock()
-	db.apply.unsynced = true
-	defer func() { db.apply.unsynced = false }()
-	return db.applyDict(start, id, dict, deltas)
+	return db.applyDict(start, id, dict, deltas, false)
 }
 
 // Sync makes every batch applied before it durable: those of
@@ -181,8 +179,9 @@ func (db *DB) syncLog() error {
 	return nil
 }
 
-// applyDict is ApplyDict under DB.apply, from start on.
-func (db *DB) applyDict(start time.Time, id BatchID, dict []string, deltas []DictDelta) (applied bool, err error) {
+// applyDict is ApplyDict under DB.apply, from start on; unless sync, it
+// does not wait for its batch to be on disk.
+func (db *DB) applyDict(start time.Time, id BatchID, dict []string, deltas []DictDelta, sync bool) (applied bool, err error) {
 	db.state.RLock()
 	defer db.state.RUnlock()
 	if db.state.closed {
@@ -278,13 +277,13 @@ func (db *DB) applyDict(start time.Time, id BatchID, dict []string, deltas []Dic
 		}
 	}
 	mode := db.syncMode()
-	if a.unsynced {
+	if !sync {
 		mode = pebble.NoSync
 	}
 	if err := b.Commit(mode); err != nil {
 		return false, db.abandon(fmt.Errorf("tsdb: cannot commit batch: %w", err))
 	}
-	if a.unsynced {
+	if !sync {
 		db.unsynced.Store(true)
 	}
 	// The data first, then the new cells: a reader finds a cell only once

@@ -93,7 +93,6 @@ type DB struct {
 		idx        []uint32
 		dds        []DictDelta
 		numbered   numberedCells
-		unsynced   bool // the Apply in progress is ApplyDictUnsynced
 	}
 	// unsynced is set by an ApplyDictUnsynced whose batch no sync has made
 	// durable yet; syncMu serializes syncLog, so that it returns only once
