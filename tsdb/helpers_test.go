@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/dimsum/dimsum/internal/encoding"
 	"github.com/dimsum/dimsum/schema"
 )
 
@@ -103,7 +104,7 @@ func (e *rowEncoder) add(slot int, sum float64, count uint64) {
 	case sumIsCount(sum, count):
 		e.buf = binary.AppendUvarint(e.buf, gap|entrySumCount)
 		e.buf = binary.AppendUvarint(e.buf, count)
-	case sumIsWhole(sum):
+	case encoding.Whole(sum):
 		e.buf = binary.AppendUvarint(e.buf, gap|entrySumWhole)
 		e.buf = binary.AppendUvarint(e.buf, count)
 		e.buf = binary.AppendUvarint(e.buf, uint64(sum))

@@ -7,6 +7,7 @@ import (
 	"math/bits"
 	"sync"
 
+	"github.com/dimsum/dimsum/internal/encoding"
 	"github.com/dimsum/dimsum/schema"
 )
 
@@ -111,7 +112,7 @@ func appendHosted(dst []byte, c *denseRow, f *denseFine) []byte {
 				counts = append(counts, f.count[s])
 				sums = append(sums, uint64(f.sum[s]))
 				equal = equal && sumIsCount(f.sum[s], f.count[s])
-				whole = whole && sumIsWhole(f.sum[s])
+				whole = whole && encoding.Whole(f.sum[s])
 			}
 		}
 		masks = append(masks, mask)

@@ -7,6 +7,7 @@ import (
 	"math"
 	"math/bits"
 
+	"github.com/dimsum/dimsum/internal/encoding"
 	"github.com/dimsum/dimsum/schema"
 )
 
@@ -64,17 +65,6 @@ const (
 	presenceWords = (schema.StepsPerRow + 63) / 64
 	bitmapBytes   = (schema.StepsPerRow + 7) / 8
 )
-
-// maxExactUint is 2^53: every integer below it is a float64 exactly, so a
-// sum below it that is a whole number is stored as an integer instead of
-// eight IEEE bytes. Counter sums are mostly such numbers.
-const maxExactUint = 1 << 53
-
-// sumIsWhole reports whether sum survives as an unsigned integer. Negative
-// zero does not: it would come back as positive zero.
-func sumIsWhole(sum float64) bool {
-	return sum >= 0 && sum < maxExactUint && sum == math.Trunc(sum) && !math.Signbit(sum)
-}
 
 // sumIsCount reports whether sum is float64(count) bit for bit, so that the
 // sum need not be stored: every event of a log-derived counter is 1.
@@ -500,7 +490,7 @@ func (r *denseRow) appendTo(dst []byte) []byte {
 			counts[n] = count
 			sums[n] = uint64(sum)
 			equal = equal && sumIsCount(sum, count)
-			whole = whole && sumIsWhole(sum)
+			whole = whole && encoding.Whole(sum)
 			listSize += uvarintLen(uint64(slot - prev - 1))
 			prev = slot
 			n++

@@ -36,7 +36,7 @@ func sumKind(sum float64, count uint64) uint64 {
 	switch {
 	case sumIsCount(sum, count):
 		return entrySumCount
-	case sumIsWhole(sum):
+	case encoding.Whole(sum):
 		return entrySumWhole
 	}
 	return entrySumIEEE

@@ -2,7 +2,6 @@ package wire
 
 import (
 	"context"
-	"math"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/encoding"
@@ -11,6 +10,7 @@ import (
 	"google.golang.org/grpc/mem"
 	"google.golang.org/protobuf/proto"
 
+	records "github.com/dimsum/dimsum/internal/encoding"
 	"github.com/dimsum/dimsum/wire/wirepb"
 )
 
@@ -102,7 +102,7 @@ func EncodeFlush(req *wirepb.FlushRequest) (*Flush, error) {
 }
 
 // WholeSums moves the column sums of req into cell_whole_sums when every one
-// is a whole number from 0 to 2^53 (but -0), as a varint of a byte or two each
+// is a whole number (records.Whole), as a varint of a byte or two each
 // instead of 8 bytes. Only combiners that read that field may get it
 // (aggregator.InProcess).
 func WholeSums(req *wirepb.FlushRequest) {
@@ -110,7 +110,7 @@ func WholeSums(req *wirepb.FlushRequest) {
 		return
 	}
 	for _, s := range req.CellSums {
-		if !(s >= 0 && s <= 1<<53 && s == math.Trunc(s)) || math.Signbit(s) {
+		if !records.Whole(s) {
 			return
 		}
 	}

@@ -15,7 +15,19 @@ package encoding
 import (
 	"encoding/binary"
 	"fmt"
+	"math"
 )
+
+// maxExactUint is 2^53: every integer below it is a float64 exactly.
+const maxExactUint = 1 << 53
+
+// Whole reports whether f survives as an unsigned integer, so that it may
+// go as a uvarint instead of eight IEEE bytes: a whole number from 0 to
+// below 2^53, but negative zero, which would come back as positive zero.
+// Counter sums are mostly such numbers.
+func Whole(f float64) bool {
+	return f >= 0 && f < maxExactUint && f == math.Trunc(f) && !math.Signbit(f)
+}
 
 // AppendString appends s as a uvarint length and its bytes.
 func AppendString(b []byte, s string) []byte {
