@@ -227,7 +227,7 @@ func (c *Combiner) deltas(req *wirepb.FlushRequest, sc *scratch) ([]tsdb.DictDel
 	}
 	err := eachColumnCell(c.opts.Schema, req, func(i int, vals []uint32) error {
 		var sum float64
-		if whole != nil {
+		if len(whole) > 0 {
 			sum = float64(whole[i])
 		} else {
 			sum = req.CellSums[i]

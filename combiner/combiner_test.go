@@ -191,6 +191,15 @@ func TestWholeSums(t *testing.T) {
 	if got := apexSum(t, db, w); got != 5 {
 		t.Errorf("apex sum %v, want 5", got)
 	}
+	// An empty list of whole sums is no list: the sums are the doubles.
+	req = columnar(w, 1)
+	req.CellWholeSums = []uint64{}
+	if _, err := c.Apply(req); err != nil {
+		t.Fatal(err)
+	}
+	if got := apexSum(t, db, w); got != 10 {
+		t.Errorf("apex sum %v, want 10", got)
+	}
 	// Any sum that is not such a number keeps them all as doubles.
 	for _, sum := range []float64{0.5, -1, math.Copysign(0, -1), 1<<53 + 2, math.Inf(1), math.NaN()} {
 		req := columnar(w, 0)
