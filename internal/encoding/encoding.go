@@ -1,5 +1,6 @@
 // Package encoding holds the decoder of dimsum's binary records: the
-// aggregator's log records and the store's staged batches. Values are
+// aggregator's log records and the store's staged batches, and which sums
+// are written as integers there, in rows and in flushes (Whole). Values are
 // appended with encoding/binary's Append functions and AppendString; a
 // Decbuf reads them back with a sticky error, as Prometheus' tsdb/encoding
 // does, so that a decoder checks once, at the end, whether the record was
