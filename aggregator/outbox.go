@@ -434,6 +434,9 @@ func (a *Aggregator) send(dest string, e *entry) error {
 			a.refused(dest, e, err)
 			return nil
 		}
+		// Described while it is still being sent: once it is not, a
+		// hand-over may deliver it elsewhere and drop its request.
+		desc := describe(dest, e)
 		if e.kind == entryForward {
 			// Marked reached before it stops being sent, and released
 			// only once this sender no longer reads it: a hand-over may
@@ -454,7 +457,7 @@ func (a *Aggregator) send(dest string, e *entry) error {
 		if stopping {
 			return o.ctx.Err()
 		}
-		a.opts.Logger.Warn("delivery failed, retrying", append(describe(dest, e), "backoff", backoff, "err", err)...)
+		a.opts.Logger.Warn("delivery failed, retrying", append(desc, "backoff", backoff, "err", err)...)
 		select {
 		case <-o.ctx.Done():
 			return o.ctx.Err()
