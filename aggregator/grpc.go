@@ -3,6 +3,7 @@ package aggregator
 import (
 	"context"
 	"errors"
+	"sync"
 	"time"
 
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
@@ -20,9 +21,41 @@ import (
 // Register serves the aggregator's Ingest service on s, a public listener:
 // a batch marked as forwarded is refused (ErrNotInternal).
 func (a *Aggregator) Register(s *grpc.Server) {
-	wirepb.RegisterIngestServer(s, ingestServer{push: func(_ context.Context, req *wirepb.PushRequest) (*wirepb.PushResponse, error) {
+	registerIngest(s, ingestServer{push: func(_ context.Context, req *wirepb.PushRequest) (*wirepb.PushResponse, error) {
 		return a.Push(req)
 	}})
+}
+
+// registerIngest serves Ingest on s with srv. Its Push handler is the
+// generated one, except that it decodes each batch into a request an
+// earlier batch was decoded into (pushRequests), whose events the codec
+// reuses (wire.UnmarshalPush), and keeps it for the next once the call is
+// over: nothing a push keeps refers to its request (the parts it forwards
+// copy their events).
+func registerIngest(s *grpc.Server, srv ingestServer) {
+	s.RegisterService(&grpc.ServiceDesc{
+		ServiceName: wirepb.Ingest_ServiceDesc.ServiceName,
+		HandlerType: (*wirepb.IngestServer)(nil),
+		Methods:     []grpc.MethodDesc{{MethodName: "Push", Handler: pushHandler}},
+		Metadata:    wirepb.Ingest_ServiceDesc.Metadata,
+	}, srv)
+}
+
+var pushRequests = sync.Pool{New: func() any { return new(wirepb.PushRequest) }}
+
+func pushHandler(srv any, ctx context.Context, dec func(any) error, interceptor grpc.UnaryServerInterceptor) (any, error) {
+	in := pushRequests.Get().(*wirepb.PushRequest)
+	defer pushRequests.Put(in)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	push := func(ctx context.Context, req any) (any, error) {
+		return srv.(ingestServer).Push(ctx, req.(*wirepb.PushRequest))
+	}
+	if interceptor == nil {
+		return push(ctx, in)
+	}
+	return interceptor(ctx, in, &grpc.UnaryServerInfo{Server: srv, FullMethod: wirepb.Ingest_Push_FullMethodName}, push)
 }
 
 // ingestServer serves Ingest with push, mapping its errors to the statuses

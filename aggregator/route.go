@@ -71,7 +71,7 @@ func NewRouter(opts RouterOptions) (*Router, error) {
 // Register serves Ingest through the router on s, a public listener, for
 // publishers: a batch marked as forwarded is refused (ErrNotInternal).
 func (r *Router) Register(s *grpc.Server) {
-	wirepb.RegisterIngestServer(s, ingestServer{push: func(_ context.Context, req *wirepb.PushRequest) (*wirepb.PushResponse, error) {
+	registerIngest(s, ingestServer{push: func(_ context.Context, req *wirepb.PushRequest) (*wirepb.PushResponse, error) {
 		return r.Push(req)
 	}})
 }
@@ -80,7 +80,7 @@ func (r *Router) Register(s *grpc.Server) {
 // internal listener, where the other aggregators deliver the parts they
 // forward.
 func (r *Router) RegisterInternal(s *grpc.Server) {
-	wirepb.RegisterIngestServer(s, ingestServer{push: r.serve, internal: true})
+	registerIngest(s, ingestServer{push: r.serve, internal: true})
 }
 
 // serve counts a batch another aggregator forwarded here as it is, and

@@ -23,16 +23,26 @@ import (
 // a hand-written decoder did.)
 
 // UnmarshalPush decodes b into m as proto.Unmarshal does. The events share
-// two allocations, one for the events and one for their labels.
+// two allocations, one for the events and one for their labels. A request
+// that holds events from an earlier UnmarshalPush is decoded into them, and
+// each into its labels' room, as long as they last: a server that keeps its
+// requests for the next batches (the aggregator's Ingest service) allocates
+// nothing an event. A batch of 50,000 events took 5 MB of new memory, which
+// the runtime zeroed, scanned and gave back to the system, a sixth of a
+// node's CPU during a backfill pushed in such batches.
 func UnmarshalPush(b []byte, m *wirepb.PushRequest) error {
+	room := m.Events[:cap(m.Events)]
 	m.Reset()
-	if decodePush(b, m) {
+	if decodePush(b, m, room) {
 		return nil
 	}
 	return proto.Unmarshal(b, m)
 }
 
-func decodePush(b []byte, m *wirepb.PushRequest) bool {
+// decodePush decodes b into m, which is reset, reusing the events of room
+// (those an earlier decodePush made, with their labels) when there are
+// enough of them.
+func decodePush(b []byte, m *wirepb.PushRequest, room []*wirepb.Event) bool {
 	dict, events, labelBytes := 0, 0, 0
 	for p := b; len(p) > 0; {
 		num, typ, n := protowire.ConsumeTag(p)
@@ -58,11 +68,15 @@ func decodePush(b []byte, m *wirepb.PushRequest) bool {
 	}
 	var slab []wirepb.Event
 	var labels []uint32
-	if events > 0 {
+	reuse := events > 0 && len(room) >= events && room[events-1] != nil
+	switch {
+	case reuse:
+		m.Events = room[:0]
+	case events > 0:
 		slab = make([]wirepb.Event, events)
 		m.Events = make([]*wirepb.Event, 0, events)
 		// A label takes a byte or more: the events' bytes bound them.
-		labels = make([]uint32, 0, labelBytes/3)
+		labels = make([]uint32, 0, labelBytes/2)
 	}
 	for p := b; len(p) > 0; {
 		num, typ, n := protowire.ConsumeTag(p)
@@ -81,12 +95,24 @@ func decodePush(b []byte, m *wirepb.PushRequest) bool {
 		switch {
 		case num == 1 && typ == protowire.BytesType && utf8.Valid(v):
 			m.Dict = append(m.Dict, string(v))
+		case num == 2 && typ == protowire.BytesType && reuse:
+			// The event's own labels' room, which no other event shares.
+			e := room[len(m.Events)]
+			own := e.Labels[:0]
+			*e = wirepb.Event{}
+			if _, ok := decodeEvent(v, e, own); !ok {
+				return false
+			}
+			m.Events = append(m.Events, e)
 		case num == 2 && typ == protowire.BytesType:
 			e := &slab[len(m.Events)]
 			var ok bool
 			if labels, ok = decodeEvent(v, e, labels); !ok {
 				return false
 			}
+			// Capped, so that appending to one event's labels never
+			// writes into the next one's.
+			e.Labels = e.Labels[:len(e.Labels):len(e.Labels)]
 			m.Events = append(m.Events, e)
 		case num == 3 && typ == protowire.BytesType && utf8.Valid(v):
 			m.Source = string(v)
@@ -101,8 +127,8 @@ func decodePush(b []byte, m *wirepb.PushRequest) bool {
 	return true
 }
 
-// decodeEvent decodes one event, appending its labels to labels; false
-// when the event needs proto.
+// decodeEvent decodes one event, appending its labels to labels and
+// pointing its Labels at them; false when the event needs proto.
 func decodeEvent(b []byte, e *wirepb.Event, labels []uint32) ([]uint32, bool) {
 	start := len(labels)
 	for len(b) > 0 {
@@ -149,9 +175,7 @@ func decodeEvent(b []byte, e *wirepb.Event, labels []uint32) ([]uint32, bool) {
 		b = b[n:]
 	}
 	if len(labels) > start {
-		// Capped, so that appending to one event's labels never writes
-		// into the next one's.
-		e.Labels = labels[start:len(labels):len(labels)]
+		e.Labels = labels[start:]
 	}
 	return labels, true
 }

@@ -6,6 +6,7 @@ import (
 	"math"
 	"math/bits"
 	"math/rand/v2"
+	"slices"
 	"testing"
 
 	"google.golang.org/protobuf/encoding/protowire"
@@ -47,7 +48,7 @@ func TestUnmarshalPush(t *testing.T) {
 			t.Fatal(err)
 		}
 		var got wirepb.PushRequest
-		if !decodePush(b, &got) {
+		if !decodePush(b, &got, nil) {
 			t.Fatalf("the fast path refused a push proto wrote")
 		}
 		if !proto.Equal(&got, push) {
@@ -60,6 +61,56 @@ func TestUnmarshalPush(t *testing.T) {
 		if !bytes.Equal(enc, b) {
 			t.Fatalf("push encoded as %x, proto encodes %x", enc, b)
 		}
+	}
+}
+
+// TestUnmarshalPushReuse decodes random pushes one after the other into one
+// request, as the aggregator's Ingest service does: each must decode as
+// proto decodes it, whatever the request held before, and a request that
+// held as many events before takes no allocation for them.
+func TestUnmarshalPushReuse(t *testing.T) {
+	rng := rand.New(rand.NewPCG(5, 6))
+	var m wirepb.PushRequest
+	for i := range 500 {
+		push := randomPush(rng)
+		b, err := proto.Marshal(push)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := UnmarshalPush(b, &m); err != nil {
+			t.Fatal(err)
+		}
+		if !proto.Equal(&m, push) {
+			t.Fatalf("push %d decoded as %v, want %v", i, &m, push)
+		}
+		// An event's labels are its own: appending to them changes no
+		// other event.
+		if len(m.Events) > 1 {
+			second := slices.Clone(m.Events[1].Labels)
+			_ = append(m.Events[0].Labels, 1, 2, 3)
+			if !slices.Equal(m.Events[1].Labels, second) {
+				t.Fatalf("push %d: appending to the first event's labels changed the second's to %v", i, m.Events[1].Labels)
+			}
+		}
+	}
+	push := benchPush()
+	b, err := proto.Marshal(push)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := UnmarshalPush(b, &m); err != nil {
+		t.Fatal(err)
+	}
+	// The source's string is all a batch without a dictionary allocates.
+	if n := testing.AllocsPerRun(10, func() {
+		if err := UnmarshalPush(b, &m); err != nil {
+			t.Fatal(err)
+		}
+	}); n > 1 {
+		t.Errorf("decoding %d events into a request that held as many took %v allocations, want 1", len(push.Events), n)
+	}
+	if !proto.Equal(&m, push) {
+		t.Fatal("the reused request does not hold the batch")
 	}
 }
 
@@ -80,7 +131,7 @@ func TestUnmarshalPushFallBack(t *testing.T) {
 	unpacked = protowire.AppendTag(unpacked, 2, protowire.BytesType)
 	unpacked = protowire.AppendBytes(unpacked, ev)
 	var fast wirepb.PushRequest
-	if !decodePush(unpacked, &fast) {
+	if !decodePush(unpacked, &fast, nil) {
 		t.Error("the fast path refused unpacked labels")
 	}
 	// An unknown field, kept by proto; invalid UTF-8; another message; a
@@ -114,7 +165,23 @@ func FuzzUnmarshalPush(f *testing.F) {
 		b, _ := proto.Marshal(randomPush(rng))
 		f.Add(b)
 	}
-	f.Fuzz(func(t *testing.T, b []byte) { checkPush(t, "fuzzed", b) })
+	f0, err := proto.Marshal(benchPush())
+	if err != nil {
+		f.Fatal(err)
+	}
+	f.Fuzz(func(t *testing.T, b []byte) {
+		checkPush(t, "fuzzed", b)
+		// Into a request that held a batch before, too.
+		var m wirepb.PushRequest
+		if err := UnmarshalPush(f0, &m); err != nil {
+			t.Fatal(err)
+		}
+		var want wirepb.PushRequest
+		gotErr, wantErr := UnmarshalPush(b, &m), proto.Unmarshal(b, &want)
+		if (gotErr == nil) != (wantErr == nil) || wantErr == nil && !proto.Equal(&m, &want) {
+			t.Errorf("push decoded into a used request as %v, %v; proto gives %v, %v", &m, gotErr, &want, wantErr)
+		}
+	})
 }
 
 // benchPush is a batch of 5,000 events of ten labels.
@@ -150,7 +217,8 @@ func BenchmarkMarshalPush(b *testing.B) {
 	}
 }
 
-// BenchmarkUnmarshalPush decodes benchPush by the fast path and by proto.
+// BenchmarkUnmarshalPush decodes benchPush by the fast path, into a new
+// request or one that held it before, and by proto.
 func BenchmarkUnmarshalPush(b *testing.B) {
 	m := benchPush()
 	data, err := proto.Marshal(m)
@@ -158,13 +226,17 @@ func BenchmarkUnmarshalPush(b *testing.B) {
 		b.Fatal(err)
 	}
 	for _, c := range []struct {
-		name string
-		fn   func([]byte, *wirepb.PushRequest) error
-	}{{"fast", UnmarshalPush}, {"proto", func(b []byte, m *wirepb.PushRequest) error { return proto.Unmarshal(b, m) }}} {
+		name  string
+		fn    func([]byte, *wirepb.PushRequest) error
+		reuse bool
+	}{{"fast", UnmarshalPush, false}, {"fast/reused", UnmarshalPush, true}, {"proto", func(b []byte, m *wirepb.PushRequest) error { return proto.Unmarshal(b, m) }, false}} {
 		b.Run(c.name, func(b *testing.B) {
 			b.ReportAllocs()
+			var got wirepb.PushRequest
 			for b.Loop() {
-				var got wirepb.PushRequest
+				if !c.reuse {
+					got = wirepb.PushRequest{}
+				}
 				if err := c.fn(data, &got); err != nil {
 					b.Fatal(err)
 				}
