@@ -9,24 +9,26 @@
 # stopped changing (compactions done) and again after a clean stop.
 # docs/benchmarks.md records its figures.
 #
-#   loadtest/backfill-bench.sh [-series 10000] [-backfill 24h] [-step 1m] [-runs 1] [-only dimsum|victoriametrics]
+#   loadtest/backfill-bench.sh [-series 10000] [-backfill 24h] [-step 1m] [-batch 5000] [-concurrency 4] [-runs 1] [-only dimsum|victoriametrics]
 #
 # It installs Debian's victoria-metrics when it is missing, builds dimsum
 # from this tree, and runs both servers on loopback (ports 19400, 19401 and
 # 18428; set DIMSUM_GRPC, DIMSUM_HTTP and VM_HTTP to move them). Both are
-# pushed without compression, batches of 5,000 samples, four in flight. It
-# is not part of `go test ./...`.
+# pushed alike, without compression, in batches of -batch samples (5,000),
+# -concurrency of them in flight (four). It is not part of `go test ./...`.
 set -euo pipefail
 
-series=10000 backfill=24h step=1m runs=1 only=""
+series=10000 backfill=24h step=1m batch=5000 concurrency=4 runs=1 only=""
 while [ $# -gt 0 ]; do
 	case "$1" in
 	-series) series=$2 ;;
 	-backfill) backfill=$2 ;;
 	-step) step=$2 ;;
+	-batch) batch=$2 ;;
+	-concurrency) concurrency=$2 ;;
 	-runs) runs=$2 ;;
 	-only) only=$2 ;;
-	*) echo "usage: $0 [-series N] [-backfill D] [-step S] [-runs R] [-only dimsum|victoriametrics]" >&2; exit 2 ;;
+	*) echo "usage: $0 [-series N] [-backfill D] [-step S] [-batch B] [-concurrency C] [-runs R] [-only dimsum|victoriametrics]" >&2; exit 2 ;;
 	esac
 	shift 2
 done
@@ -72,7 +74,7 @@ settle() {
 }
 
 load() {
-	"$work/dimsum" load -series "$series" -backfill "$backfill" -step "$step" -compression none \
+	"$work/dimsum" load -series "$series" -backfill "$backfill" -step "$step" -batch "$batch" -concurrency "$concurrency" -compression none \
 		-verify -verify-timeout 2h -report "$work/report.json" "$@" >"$work/load.out" 2>"$work/load.err" ||
 		{ cat "$work/load.out" "$work/load.err" >&2; exit 1; }
 }
@@ -125,7 +127,7 @@ run_victoria() {
 	report victoriametrics "$(echo "$c1 - $c0" | bc)" "$mem" "$settled" "$stopped"
 }
 
-echo "backfill of $series series, one sample a $step over $backfill, $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "backfill of $series series, one sample a $step over $backfill, batches of $batch, $concurrency in flight, $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg)"
 for run in $(seq "$runs"); do
 	[ "$only" = victoriametrics ] || run_dimsum
 	[ "$only" = dimsum ] || run_victoria
