@@ -202,6 +202,12 @@ type ClusterConfig struct {
 	// their new owners, and what the others hold for it goes to them. Until
 	// then they wait for it, in case it comes back. The default is 1m.
 	HandoverAfter model.Duration `yaml:"handover_after"`
+	// CompareInterval is how often a combiner compares the shards it holds
+	// with their other replicas, by digests of what they hold where no
+	// flush can change it any more (docs/architecture.md, "Replicas
+	// compare themselves"). A pass reads all of it once. The default is
+	// 1h.
+	CompareInterval model.Duration `yaml:"compare_interval"`
 }
 
 // QueryConfig mirrors query.Options; zero fields take its defaults.
@@ -300,6 +306,9 @@ func (c *Config) EnsureDefaults() {
 	}
 	if cl.HandoverAfter == 0 {
 		cl.HandoverAfter = model.Duration(time.Minute)
+	}
+	if cl.CompareInterval == 0 {
+		cl.CompareInterval = model.Duration(time.Hour)
 	}
 	if c.Clustered() {
 		if host, _, err := net.SplitHostPort(c.GRPCListen); err == nil {

@@ -37,6 +37,7 @@ type Node struct {
 	log    *slog.Logger
 	db     *tsdb.DB               // the combiner role's store
 	comb   *combiner.Combiner     // the combiner role
+	read   *combiner.ReadServer   // the combiner role's reads, in a cluster
 	agg    *aggregator.Aggregator // the aggregator role
 	otlp   *otlp.Receiver         // the aggregator role's OTLP ingest
 	member *cluster.Cluster       // in a cluster
@@ -125,12 +126,22 @@ func Start(cfg Config, version string, log *slog.Logger) (n *Node, err error) {
 		}
 		if n.internal != nil {
 			n.comb.Register(n.internal)
-			combiner.NewReadServer(s, n.db).Register(n.internal)
+			n.read = combiner.NewReadServer(s, n.db)
+			n.read.Register(n.internal)
 		}
 	}
 	if cfg.Clustered() {
 		if err := n.join(reg); err != nil {
 			return nil, err
+		}
+		if n.read != nil {
+			// No flush changes a step once its events are older than the
+			// aggregators take, and their window is flushed.
+			ao := aggregator.Options{Grace: time.Duration(cfg.Aggregator.Grace), MaxLateness: time.Duration(cfg.Aggregator.MaxLateness)}
+			ao.EnsureDefaults()
+			settle := ao.MaxLateness + ao.Grace + 2*s.Resolutions[0].Step
+			c := newComparer(n.topo, n.read, s, cfg.Name, settle, time.Duration(cfg.Cluster.CompareInterval), reg, n.log.With("component", "cluster"))
+			n.loops.Go(func() { c.run(n.stop) })
 		}
 	}
 	if cfg.HasRole(cluster.RoleAggregator) {

@@ -716,6 +716,193 @@ func (x *LabelsResponse) GetValues() []string {
 	return nil
 }
 
+type DigestRequest struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Shards *ShardSet              `protobuf:"bytes,1,opt,name=shards,proto3" json:"shards,omitempty"`
+	// resolution indexes the schema's resolutions, finest first.
+	Resolution uint32 `protobuf:"varint,2,opt,name=resolution,proto3" json:"resolution,omitempty"`
+	// Steps whose start lies in [mint_ms, maxt_ms] count.
+	MintMs        int64 `protobuf:"varint,3,opt,name=mint_ms,json=mintMs,proto3" json:"mint_ms,omitempty"`
+	MaxtMs        int64 `protobuf:"varint,4,opt,name=maxt_ms,json=maxtMs,proto3" json:"maxt_ms,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DigestRequest) Reset() {
+	*x = DigestRequest{}
+	mi := &file_read_proto_msgTypes[10]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DigestRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DigestRequest) ProtoMessage() {}
+
+func (x *DigestRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_read_proto_msgTypes[10]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DigestRequest.ProtoReflect.Descriptor instead.
+func (*DigestRequest) Descriptor() ([]byte, []int) {
+	return file_read_proto_rawDescGZIP(), []int{10}
+}
+
+func (x *DigestRequest) GetShards() *ShardSet {
+	if x != nil {
+		return x.Shards
+	}
+	return nil
+}
+
+func (x *DigestRequest) GetResolution() uint32 {
+	if x != nil {
+		return x.Resolution
+	}
+	return 0
+}
+
+func (x *DigestRequest) GetMintMs() int64 {
+	if x != nil {
+		return x.MintMs
+	}
+	return 0
+}
+
+func (x *DigestRequest) GetMaxtMs() int64 {
+	if x != nil {
+		return x.MaxtMs
+	}
+	return 0
+}
+
+type DigestResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// shards has one entry for each shard listed, in the order listed.
+	Shards        []*ShardDigest `protobuf:"bytes,1,rep,name=shards,proto3" json:"shards,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DigestResponse) Reset() {
+	*x = DigestResponse{}
+	mi := &file_read_proto_msgTypes[11]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DigestResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DigestResponse) ProtoMessage() {}
+
+func (x *DigestResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_read_proto_msgTypes[11]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DigestResponse.ProtoReflect.Descriptor instead.
+func (*DigestResponse) Descriptor() ([]byte, []int) {
+	return file_read_proto_rawDescGZIP(), []int{11}
+}
+
+func (x *DigestResponse) GetShards() []*ShardDigest {
+	if x != nil {
+		return x.Shards
+	}
+	return nil
+}
+
+// ShardDigest is what one shard holds over a digest's range: the number of
+// its cells with a step in the range, of those steps, and the sum, modulo
+// 2^64, of a 64-bit FNV-1a hash of each step (docs/architecture.md,
+// "Replicas compare themselves").
+type ShardDigest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Shard         uint32                 `protobuf:"varint,1,opt,name=shard,proto3" json:"shard,omitempty"`
+	Cells         uint64                 `protobuf:"varint,2,opt,name=cells,proto3" json:"cells,omitempty"`
+	Steps         uint64                 `protobuf:"varint,3,opt,name=steps,proto3" json:"steps,omitempty"`
+	Sum           uint64                 `protobuf:"fixed64,4,opt,name=sum,proto3" json:"sum,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ShardDigest) Reset() {
+	*x = ShardDigest{}
+	mi := &file_read_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ShardDigest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ShardDigest) ProtoMessage() {}
+
+func (x *ShardDigest) ProtoReflect() protoreflect.Message {
+	mi := &file_read_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ShardDigest.ProtoReflect.Descriptor instead.
+func (*ShardDigest) Descriptor() ([]byte, []int) {
+	return file_read_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *ShardDigest) GetShard() uint32 {
+	if x != nil {
+		return x.Shard
+	}
+	return 0
+}
+
+func (x *ShardDigest) GetCells() uint64 {
+	if x != nil {
+		return x.Cells
+	}
+	return 0
+}
+
+func (x *ShardDigest) GetSteps() uint64 {
+	if x != nil {
+		return x.Steps
+	}
+	return 0
+}
+
+func (x *ShardDigest) GetSum() uint64 {
+	if x != nil {
+		return x.Sum
+	}
+	return 0
+}
+
 var File_read_proto protoreflect.FileDescriptor
 
 const file_read_proto_rawDesc = "" +
@@ -766,18 +953,33 @@ const file_read_proto_rawDesc = "" +
 	"\bmatchers\x18\a \x03(\v2\x17.dimsum.wire.v1.MatcherR\bmatchers\x120\n" +
 	"\x06shards\x18\b \x01(\v2\x18.dimsum.wire.v1.ShardSetR\x06shards\"(\n" +
 	"\x0eLabelsResponse\x12\x16\n" +
-	"\x06values\x18\x01 \x03(\tR\x06values*m\n" +
+	"\x06values\x18\x01 \x03(\tR\x06values\"\x93\x01\n" +
+	"\rDigestRequest\x120\n" +
+	"\x06shards\x18\x01 \x01(\v2\x18.dimsum.wire.v1.ShardSetR\x06shards\x12\x1e\n" +
+	"\n" +
+	"resolution\x18\x02 \x01(\rR\n" +
+	"resolution\x12\x17\n" +
+	"\amint_ms\x18\x03 \x01(\x03R\x06mintMs\x12\x17\n" +
+	"\amaxt_ms\x18\x04 \x01(\x03R\x06maxtMs\"E\n" +
+	"\x0eDigestResponse\x123\n" +
+	"\x06shards\x18\x01 \x03(\v2\x1b.dimsum.wire.v1.ShardDigestR\x06shards\"a\n" +
+	"\vShardDigest\x12\x14\n" +
+	"\x05shard\x18\x01 \x01(\rR\x05shard\x12\x14\n" +
+	"\x05cells\x18\x02 \x01(\x04R\x05cells\x12\x14\n" +
+	"\x05steps\x18\x03 \x01(\x04R\x05steps\x12\x10\n" +
+	"\x03sum\x18\x04 \x01(\x06R\x03sum*m\n" +
 	"\tMatchType\x12\x14\n" +
 	"\x10MATCH_TYPE_EQUAL\x10\x00\x12\x18\n" +
 	"\x14MATCH_TYPE_NOT_EQUAL\x10\x01\x12\x15\n" +
 	"\x11MATCH_TYPE_REGEXP\x10\x02\x12\x19\n" +
-	"\x15MATCH_TYPE_NOT_REGEXP\x10\x032\xa8\x02\n" +
+	"\x15MATCH_TYPE_NOT_REGEXP\x10\x032\xf1\x02\n" +
 	"\x04Read\x12C\n" +
 	"\x05Cells\x12\x1c.dimsum.wire.v1.CellsRequest\x1a\x1a.dimsum.wire.v1.CellsChunk0\x01\x12@\n" +
 	"\x04Scan\x12\x1b.dimsum.wire.v1.ScanRequest\x1a\x19.dimsum.wire.v1.ScanChunk0\x01\x12K\n" +
 	"\n" +
 	"LabelNames\x12\x1d.dimsum.wire.v1.LabelsRequest\x1a\x1e.dimsum.wire.v1.LabelsResponse\x12L\n" +
-	"\vLabelValues\x12\x1d.dimsum.wire.v1.LabelsRequest\x1a\x1e.dimsum.wire.v1.LabelsResponseB&Z$github.com/dimsum/dimsum/wire/wirepbb\x06proto3"
+	"\vLabelValues\x12\x1d.dimsum.wire.v1.LabelsRequest\x1a\x1e.dimsum.wire.v1.LabelsResponse\x12G\n" +
+	"\x06Digest\x12\x1d.dimsum.wire.v1.DigestRequest\x1a\x1e.dimsum.wire.v1.DigestResponseB&Z$github.com/dimsum/dimsum/wire/wirepbb\x06proto3"
 
 var (
 	file_read_proto_rawDescOnce sync.Once
@@ -792,7 +994,7 @@ func file_read_proto_rawDescGZIP() []byte {
 }
 
 var file_read_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_read_proto_msgTypes = make([]protoimpl.MessageInfo, 10)
+var file_read_proto_msgTypes = make([]protoimpl.MessageInfo, 13)
 var file_read_proto_goTypes = []any{
 	(MatchType)(0),         // 0: dimsum.wire.v1.MatchType
 	(*Matcher)(nil),        // 1: dimsum.wire.v1.Matcher
@@ -805,6 +1007,9 @@ var file_read_proto_goTypes = []any{
 	(*ScanCell)(nil),       // 8: dimsum.wire.v1.ScanCell
 	(*LabelsRequest)(nil),  // 9: dimsum.wire.v1.LabelsRequest
 	(*LabelsResponse)(nil), // 10: dimsum.wire.v1.LabelsResponse
+	(*DigestRequest)(nil),  // 11: dimsum.wire.v1.DigestRequest
+	(*DigestResponse)(nil), // 12: dimsum.wire.v1.DigestResponse
+	(*ShardDigest)(nil),    // 13: dimsum.wire.v1.ShardDigest
 }
 var file_read_proto_depIdxs = []int32{
 	0,  // 0: dimsum.wire.v1.Matcher.type:type_name -> dimsum.wire.v1.MatchType
@@ -814,19 +1019,23 @@ var file_read_proto_depIdxs = []int32{
 	8,  // 4: dimsum.wire.v1.ScanChunk.cells:type_name -> dimsum.wire.v1.ScanCell
 	1,  // 5: dimsum.wire.v1.LabelsRequest.matchers:type_name -> dimsum.wire.v1.Matcher
 	2,  // 6: dimsum.wire.v1.LabelsRequest.shards:type_name -> dimsum.wire.v1.ShardSet
-	3,  // 7: dimsum.wire.v1.Read.Cells:input_type -> dimsum.wire.v1.CellsRequest
-	6,  // 8: dimsum.wire.v1.Read.Scan:input_type -> dimsum.wire.v1.ScanRequest
-	9,  // 9: dimsum.wire.v1.Read.LabelNames:input_type -> dimsum.wire.v1.LabelsRequest
-	9,  // 10: dimsum.wire.v1.Read.LabelValues:input_type -> dimsum.wire.v1.LabelsRequest
-	4,  // 11: dimsum.wire.v1.Read.Cells:output_type -> dimsum.wire.v1.CellsChunk
-	7,  // 12: dimsum.wire.v1.Read.Scan:output_type -> dimsum.wire.v1.ScanChunk
-	10, // 13: dimsum.wire.v1.Read.LabelNames:output_type -> dimsum.wire.v1.LabelsResponse
-	10, // 14: dimsum.wire.v1.Read.LabelValues:output_type -> dimsum.wire.v1.LabelsResponse
-	11, // [11:15] is the sub-list for method output_type
-	7,  // [7:11] is the sub-list for method input_type
-	7,  // [7:7] is the sub-list for extension type_name
-	7,  // [7:7] is the sub-list for extension extendee
-	0,  // [0:7] is the sub-list for field type_name
+	2,  // 7: dimsum.wire.v1.DigestRequest.shards:type_name -> dimsum.wire.v1.ShardSet
+	13, // 8: dimsum.wire.v1.DigestResponse.shards:type_name -> dimsum.wire.v1.ShardDigest
+	3,  // 9: dimsum.wire.v1.Read.Cells:input_type -> dimsum.wire.v1.CellsRequest
+	6,  // 10: dimsum.wire.v1.Read.Scan:input_type -> dimsum.wire.v1.ScanRequest
+	9,  // 11: dimsum.wire.v1.Read.LabelNames:input_type -> dimsum.wire.v1.LabelsRequest
+	9,  // 12: dimsum.wire.v1.Read.LabelValues:input_type -> dimsum.wire.v1.LabelsRequest
+	11, // 13: dimsum.wire.v1.Read.Digest:input_type -> dimsum.wire.v1.DigestRequest
+	4,  // 14: dimsum.wire.v1.Read.Cells:output_type -> dimsum.wire.v1.CellsChunk
+	7,  // 15: dimsum.wire.v1.Read.Scan:output_type -> dimsum.wire.v1.ScanChunk
+	10, // 16: dimsum.wire.v1.Read.LabelNames:output_type -> dimsum.wire.v1.LabelsResponse
+	10, // 17: dimsum.wire.v1.Read.LabelValues:output_type -> dimsum.wire.v1.LabelsResponse
+	12, // 18: dimsum.wire.v1.Read.Digest:output_type -> dimsum.wire.v1.DigestResponse
+	14, // [14:19] is the sub-list for method output_type
+	9,  // [9:14] is the sub-list for method input_type
+	9,  // [9:9] is the sub-list for extension type_name
+	9,  // [9:9] is the sub-list for extension extendee
+	0,  // [0:9] is the sub-list for field type_name
 }
 
 func init() { file_read_proto_init() }
@@ -840,7 +1049,7 @@ func file_read_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_read_proto_rawDesc), len(file_read_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   10,
+			NumMessages:   13,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -30,6 +30,7 @@ const (
 	Read_Scan_FullMethodName        = "/dimsum.wire.v1.Read/Scan"
 	Read_LabelNames_FullMethodName  = "/dimsum.wire.v1.Read/LabelNames"
 	Read_LabelValues_FullMethodName = "/dimsum.wire.v1.Read/LabelValues"
+	Read_Digest_FullMethodName      = "/dimsum.wire.v1.Read/Digest"
 )
 
 // ReadClient is the client API for Read service.
@@ -51,6 +52,10 @@ type ReadClient interface {
 	// LabelNames and LabelValues answer from the index of the listed shards.
 	LabelNames(ctx context.Context, in *LabelsRequest, opts ...grpc.CallOption) (*LabelsResponse, error)
 	LabelValues(ctx context.Context, in *LabelsRequest, opts ...grpc.CallOption) (*LabelsResponse, error)
+	// Digest sums up what the listed shards hold over a time range at one
+	// resolution, shard by shard, so that two replicas of a shard can tell
+	// whether they hold the same without sending it.
+	Digest(ctx context.Context, in *DigestRequest, opts ...grpc.CallOption) (*DigestResponse, error)
 }
 
 type readClient struct {
@@ -119,6 +124,16 @@ func (c *readClient) LabelValues(ctx context.Context, in *LabelsRequest, opts ..
 	return out, nil
 }
 
+func (c *readClient) Digest(ctx context.Context, in *DigestRequest, opts ...grpc.CallOption) (*DigestResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(DigestResponse)
+	err := c.cc.Invoke(ctx, Read_Digest_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // ReadServer is the server API for Read service.
 // All implementations must embed UnimplementedReadServer
 // for forward compatibility.
@@ -138,6 +153,10 @@ type ReadServer interface {
 	// LabelNames and LabelValues answer from the index of the listed shards.
 	LabelNames(context.Context, *LabelsRequest) (*LabelsResponse, error)
 	LabelValues(context.Context, *LabelsRequest) (*LabelsResponse, error)
+	// Digest sums up what the listed shards hold over a time range at one
+	// resolution, shard by shard, so that two replicas of a shard can tell
+	// whether they hold the same without sending it.
+	Digest(context.Context, *DigestRequest) (*DigestResponse, error)
 	mustEmbedUnimplementedReadServer()
 }
 
@@ -159,6 +178,9 @@ func (UnimplementedReadServer) LabelNames(context.Context, *LabelsRequest) (*Lab
 }
 func (UnimplementedReadServer) LabelValues(context.Context, *LabelsRequest) (*LabelsResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method LabelValues not implemented")
+}
+func (UnimplementedReadServer) Digest(context.Context, *DigestRequest) (*DigestResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method Digest not implemented")
 }
 func (UnimplementedReadServer) mustEmbedUnimplementedReadServer() {}
 func (UnimplementedReadServer) testEmbeddedByValue()              {}
@@ -239,6 +261,24 @@ func _Read_LabelValues_Handler(srv interface{}, ctx context.Context, dec func(in
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Read_Digest_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(DigestRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ReadServer).Digest(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Read_Digest_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ReadServer).Digest(ctx, req.(*DigestRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Read_ServiceDesc is the grpc.ServiceDesc for Read service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -253,6 +293,10 @@ var Read_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "LabelValues",
 			Handler:    _Read_LabelValues_Handler,
+		},
+		{
+			MethodName: "Digest",
+			Handler:    _Read_Digest_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

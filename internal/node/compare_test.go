@@ -1,0 +1,70 @@
+package node
+
+import (
+	"context"
+	"net/http"
+	"os"
+	"testing"
+	"time"
+
+	"github.com/prometheus/common/model"
+
+	"github.com/dimsum/dimsum/cluster"
+	"github.com/dimsum/dimsum/loadtest"
+)
+
+// TestReplicasCompare runs two combiners holding every shard twice and an
+// aggregator, on real gossip and gRPC. Once the events are past what the
+// aggregators take, the combiners compare their shards and find them the
+// same. Then c2 loses its data directory and comes back empty under its
+// name: it catches up on nothing (no flush waited for it), and the
+// comparison finds the shards it lacks.
+func TestReplicasCompare(t *testing.T) {
+	config := func(name string, seed *Node, roles ...cluster.Role) Config {
+		cfg := memberConfig(t, name, seed, roles...)
+		cfg.Aggregator.MaxLateness = model.Duration(2 * time.Second)
+		cfg.Cluster.CompareInterval = model.Duration(300 * time.Millisecond)
+		return cfg
+	}
+	c1 := startMember(t, config("c1", nil, cluster.RoleCombiner))
+	c2cfg := config("c2", c1, cluster.RoleCombiner)
+	c2 := startMember(t, c2cfg)
+	a1 := startMember(t, config("a1", c1, cluster.RoleAggregator, cluster.RoleQuery))
+	waitFor(t, "a1 to see both combiners", func() bool {
+		st := states(t, a1)
+		return st["c1"] == "alive" && st["c2"] == "alive"
+	})
+	rep, err := loadtest.Run(context.Background(), loadtest.Options{
+		Addrs: []string{a1.GRPCAddr()}, HTTPAddrs: []string{a1.HTTPAddr()},
+		Events: 5_000, BatchSize: 500, Seed: 3, LateFraction: -1, Diurnal: -1,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the events to be read back and every flush to reach both combiners", func() bool {
+		_, count, warnings, code := totals(t, a1, false)
+		return code == http.StatusOK && len(warnings) == 0 && count == float64(rep.Accepted) && len(a1.agg.Pending()) == 0
+	})
+	// Once the events are past what the aggregators take, a comparison
+	// covers them.
+	time.Sleep(5 * time.Second)
+	same := metricValue(t, c1.HTTPAddr(), `dimsum_cluster_replica_comparisons_total{outcome="same"}`)
+	waitFor(t, "c1 to compare its shards with c2's again", func() bool {
+		return metricValue(t, c1.HTTPAddr(), `dimsum_cluster_replica_comparisons_total{outcome="same"}`) > same
+	})
+	if got := metricValue(t, c1.HTTPAddr(), `dimsum_cluster_replica_divergent_shards{replica="c2"}`); got != 0 {
+		t.Fatalf("c1 found %v shards different from c2's before c2 lost anything", got)
+	}
+	if got := metricValue(t, c1.HTTPAddr(), `dimsum_cluster_replica_comparisons_total{outcome="different"}`); got > 0 {
+		t.Fatalf("c1 found %v comparisons different before c2 lost anything", got)
+	}
+
+	c2.Close()
+	if err := os.RemoveAll(c2cfg.DataDir); err != nil {
+		t.Fatal(err)
+	}
+	startMember(t, c2cfg)
+	waitFor(t, "c1 to find the shards c2 lost", func() bool {
+		return metricValue(t, c1.HTTPAddr(), `dimsum_cluster_replica_divergent_shards{replica="c2"}`) > 0
+	})
+}
