@@ -4,14 +4,11 @@ import (
 	"context"
 	"fmt"
 	"math"
-	"net"
 	"slices"
 	"testing"
 	"time"
 
-	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 
 	"github.com/dimsum/dimsum/schema"
@@ -19,8 +16,8 @@ import (
 	"github.com/dimsum/dimsum/wire/wirepb"
 )
 
-// digestReplica is a real store and its read service over gRPC on
-// loopback.
+// digestReplica is a real store and a client of its read service over
+// gRPC on loopback.
 type digestReplica struct {
 	db     *tsdb.DB
 	client wirepb.ReadClient
@@ -33,20 +30,7 @@ func newDigestReplica(t *testing.T, s *schema.Schema) *digestReplica {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { db.Close() })
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv := grpc.NewServer()
-	NewReadServer(s, db).Register(srv)
-	go srv.Serve(ln)
-	t.Cleanup(srv.Stop)
-	conn, err := grpc.NewClient("passthrough:///"+ln.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { conn.Close() })
-	return &digestReplica{db: db, client: wirepb.NewReadClient(conn)}
+	return &digestReplica{db: db, client: serveRead(t, s, db)}
 }
 
 func (r *digestReplica) digest(t *testing.T, req *wirepb.DigestRequest) []*wirepb.ShardDigest {

@@ -50,6 +50,13 @@ func newReadWorld(t *testing.T) *readWorld {
 	if _, err := db.Apply(tsdb.BatchID{}, deltas); err != nil {
 		t.Fatal(err)
 	}
+	return &readWorld{db: db, client: serveRead(t, s, db), finest: finest, now: now}
+}
+
+// serveRead serves the read service over db on loopback until the test
+// ends, and returns a client of it.
+func serveRead(t *testing.T, s *schema.Schema, db *tsdb.DB) wirepb.ReadClient {
+	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -63,7 +70,7 @@ func newReadWorld(t *testing.T) *readWorld {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { conn.Close() })
-	return &readWorld{db: db, client: wirepb.NewReadClient(conn), finest: finest, now: now}
+	return wirepb.NewReadClient(conn)
 }
 
 // recvAll reads a stream to its end, returning every message.
