@@ -75,7 +75,9 @@ func decodePush(b []byte, m *wirepb.PushRequest, room []*wirepb.Event) bool {
 	case events > 0:
 		slab = make([]wirepb.Event, events)
 		m.Events = make([]*wirepb.Event, 0, events)
-		// A label takes a byte or more: the events' bytes bound them.
+		// A label takes a byte or more, and an event's other fields some
+		// twenty: half the events' bytes holds their labels but in a rare
+		// batch, which grows the slice.
 		labels = make([]uint32, 0, labelBytes/2)
 	}
 	for p := b; len(p) > 0; {
