@@ -434,8 +434,9 @@ func (a *Aggregator) send(dest string, e *entry) error {
 			a.refused(dest, e, err)
 			return nil
 		}
-		// Described while it is still being sent: once it is not, a
-		// hand-over may deliver it elsewhere and drop its request.
+		// Described before a forwarded part stops being sent: then a
+		// hand-over may deliver it elsewhere and drop its request. (A
+		// flush keeps its request until this destination takes it.)
 		desc := describe(dest, e)
 		if e.kind == entryForward {
 			// Marked reached before it stops being sent, and released

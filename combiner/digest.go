@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/binary"
 	"hash/fnv"
-	"math"
 
 	"google.golang.org/grpc/status"
 
@@ -19,10 +18,10 @@ import (
 // steps, and the sum of a hash of each step. Two replicas of a shard that
 // hold the same data give the same digest, whatever the order they applied
 // it in and the IDs their stores gave its cells. A step's hash covers its
-// family, cuboid, label values, start and count, and its sum when the sum
-// is a whole number (encoding.Whole): a sum with a fraction may differ in
-// its last bits between replicas that added the same flushes in another
-// order, and its count tells as much of a missing flush.
+// family, cuboid, label values, start and count, not its sum: replicas that
+// added the same fractional values in another order may hold sums that
+// differ in their last bits (or that are whole at one only), and every
+// event a replica lacks is missing from a count.
 func (r *ReadServer) Digest(ctx context.Context, req *wirepb.DigestRequest) (*wirepb.DigestResponse, error) {
 	if int(req.Resolution) >= len(r.schema.Resolutions) {
 		return nil, invalid("resolution %d is out of range: the schema has %d", req.Resolution, len(r.schema.Resolutions))
@@ -45,18 +44,23 @@ func (r *ReadServer) Digest(ctx context.Context, req *wirepb.DigestRequest) (*wi
 		of[s] = d
 	}
 	var buf []byte
+	h := fnv.New64a()
 	for _, f := range r.schema.Families {
 		for _, c := range f.Cuboids() {
 			cells, err := r.store.Cells(f.Name, c.ID, nil)
 			if err != nil {
 				return nil, storeError(err)
 			}
+			type digested struct {
+				values []string
+				d      *wirepb.ShardDigest
+			}
 			var ids []uint32
-			cellOf := map[uint32]tsdb.Cell{}
+			cellOf := map[uint32]digested{}
 			for _, cell := range cells {
-				if of[schema.Shard(f.Name, c.ID, cell.Values, count)] != nil {
+				if d := of[schema.Shard(f.Name, c.ID, cell.Values, count)]; d != nil {
 					ids = append(ids, cell.ID)
-					cellOf[cell.ID] = cell
+					cellOf[cell.ID] = digested{cell.Values, d}
 				}
 			}
 			if len(ids) == 0 {
@@ -67,14 +71,13 @@ func (r *ReadServer) Digest(ctx context.Context, req *wirepb.DigestRequest) (*wi
 					return status.FromContextError(err).Err() // the caller is gone
 				}
 				cell := cellOf[id]
-				d := of[schema.Shard(f.Name, c.ID, cell.Values, count)]
-				d.Cells++
+				cell.d.Cells++
 				for _, st := range steps {
-					buf = appendStepRecord(buf[:0], f.Name, c.ID, cell.Values, st)
-					h := fnv.New64a()
+					buf = appendStepRecord(buf[:0], f.Name, c.ID, cell.values, st)
+					h.Reset()
 					h.Write(buf)
-					d.Steps++
-					d.Sum += h.Sum64()
+					cell.d.Steps++
+					cell.d.Sum += h.Sum64()
 				}
 				return nil
 			})
@@ -90,9 +93,8 @@ func (r *ReadServer) Digest(ctx context.Context, req *wirepb.DigestRequest) (*wi
 }
 
 // appendStepRecord appends what a step's digest hash covers: its family,
-// cuboid and values as length-prefixed strings and a uvarint, its start,
-// its count, and its sum's bits when whole, a 0 byte otherwise (a 1 byte
-// before the bits).
+// cuboid and values as length-prefixed strings and a uvarint, its start and
+// its count.
 func appendStepRecord(dst []byte, family string, cuboid schema.CuboidID, values []string, st tsdb.Step) []byte {
 	dst = encoding.AppendString(dst, family)
 	dst = binary.AppendUvarint(dst, uint64(cuboid))
@@ -100,9 +102,5 @@ func appendStepRecord(dst []byte, family string, cuboid schema.CuboidID, values 
 		dst = encoding.AppendString(dst, v)
 	}
 	dst = binary.AppendVarint(dst, st.T)
-	dst = binary.AppendUvarint(dst, st.Count)
-	if !encoding.Whole(st.Sum) {
-		return append(dst, 0)
-	}
-	return binary.LittleEndian.AppendUint64(append(dst, 1), math.Float64bits(st.Sum))
+	return binary.AppendUvarint(dst, st.Count)
 }

@@ -10,6 +10,7 @@ import (
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/dimsum/dimsum/schema"
 	"github.com/dimsum/dimsum/tsdb"
@@ -44,9 +45,9 @@ func (r *digestReplica) digest(t *testing.T, req *wirepb.DigestRequest) []*wirep
 
 // TestDigest applies the same batches to two stores in opposite orders, so
 // that their cells get other IDs and their fractional sums other last bits:
-// the digests of every shard agree, at every resolution. One more batch in
-// one store changes the digest of its cell's shard, and of that shard
-// alone.
+// the digests of every shard agree, at every resolution, and a digest of
+// some shards is theirs in a digest of all. One more batch in one store
+// changes the digest of its cell's shard, and of that shard alone.
 func TestDigest(t *testing.T) {
 	s := schema.Default()
 	a, b := newDigestReplica(t, s), newDigestReplica(t, s)
@@ -71,7 +72,8 @@ func TestDigest(t *testing.T) {
 	}
 	// The same step of one cell in three batches, in two orders.
 	h0 := []string{"dc1", "c1", "h00", "get", "200"}
-	for i, order := range [][]float64{{0.1, 0.2, 0.3}, {0.3, 0.2, 0.1}} {
+	// (0.1+0.2)+0.7 is 1, (0.7+0.2)+0.1 is not.
+	for i, order := range [][]float64{{0.1, 0.2, 0.7}, {0.7, 0.2, 0.1}} {
 		for _, sum := range order {
 			if _, err := []*digestReplica{a, b}[i].db.Apply(tsdb.BatchID{}, []tsdb.Delta{{Family: "requests", Cuboid: finest.ID, Values: h0, Time: now - 30*60_000, Sum: sum, Count: 1}}); err != nil {
 				t.Fatal(err)
@@ -93,6 +95,10 @@ func TestDigest(t *testing.T) {
 			}
 			cells += da[i].Cells
 			steps += da[i].Steps
+		}
+		some := a.digest(t, &wirepb.DigestRequest{Shards: &wirepb.ShardSet{Count: shards, Shards: []uint32{3, 1}}, Resolution: uint32(res), MintMs: req.MintMs, MaxtMs: req.MaxtMs})
+		if len(some) != 2 || !proto.Equal(some[0], da[3]) || !proto.Equal(some[1], da[1]) {
+			t.Errorf("resolution %d: the digests of shards 3 and 1 are %v, in the digest of all %v and %v", res, some, da[3], da[1])
 		}
 		if cells != 30 || steps < cells {
 			t.Errorf("resolution %d: %d cells and %d steps digested, want the 30 hosts' cells", res, cells, steps)

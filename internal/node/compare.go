@@ -8,7 +8,6 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
-	"google.golang.org/grpc"
 
 	"github.com/dimsum/dimsum/cluster"
 	"github.com/dimsum/dimsum/combiner"
@@ -34,6 +33,7 @@ type comparer struct {
 
 	comparisons *prometheus.CounterVec
 	divergent   *prometheus.GaugeVec
+	gauged      map[string]bool // the replicas divergent holds a series of
 }
 
 // compareRetry is how long the comparer waits before it asks again for
@@ -73,116 +73,169 @@ func (c *comparer) run(stop <-chan struct{}) {
 	}
 }
 
+// compareTimeout bounds one digest call: a replica that stops answering
+// holds up the comparer no longer.
+const compareTimeout = 10 * time.Minute
+
 // pass compares the shards this combiner holds with each of their other
-// replicas, at every resolution, as of now.
+// replicas, at every resolution, as of now: its own digests once a
+// resolution, each replica's for the shards they share.
 func (c *comparer) pass(ctx context.Context, now time.Time) {
-	view := c.t.view.Load()
-	if view.behind[c.self] {
+	if c.t.view.Load().behind[c.self] {
 		return // catching up: what it lacks is on its way
 	}
 	byReplica := map[string][]uint32{}
+	var held []uint32
 	for shard := range c.t.shards {
 		reps := c.t.placement(shard)
 		if !slices.Contains(reps, c.self) {
 			continue
 		}
+		shared := false
 		for _, r := range reps {
-			if r != c.self && view.state[r] == cluster.StateAlive && !view.behind[r] {
+			if r != c.self && c.ready(r) {
 				byReplica[r] = append(byReplica[r], uint32(shard))
+				shared = true
 			}
 		}
-	}
-	for name := range view.state {
-		if _, ok := byReplica[name]; !ok {
-			c.divergent.DeleteLabelValues(name)
+		if shared {
+			held = append(held, uint32(shard))
 		}
 	}
-	for r, shards := range byReplica {
-		conn, err := c.t.conn(r)
-		if err != nil {
-			c.comparisons.WithLabelValues("failed").Add(float64(len(shards)))
-			continue
-		}
-		c.divergent.WithLabelValues(r).Set(float64(len(c.compare(ctx, r, conn, shards, now))))
-	}
-}
-
-// compare compares shards with replica r at every resolution, and returns
-// those that differ at some resolution.
-func (c *comparer) compare(ctx context.Context, r string, conn grpc.ClientConnInterface, shards []uint32, now time.Time) []uint32 {
-	client := wirepb.NewReadClient(conn)
-	var differ []uint32
+	differ := map[string]map[uint32]bool{}
 	for res, rs := range c.schema.Resolutions {
+		if ctx.Err() != nil {
+			return // stopping
+		}
 		step := rs.Step.Milliseconds()
 		// The oldest rows may be gone at one replica and not yet at the
 		// other, and the newest may still gain late flushes.
 		mint := (now.Add(-rs.Retention).UnixMilli()/rs.RowSpan().Milliseconds() + 2) * rs.RowSpan().Milliseconds()
 		maxt := now.Add(-c.settle).UnixMilli()/step*step - 1
-		if mint > maxt {
+		if mint > maxt || len(held) == 0 {
 			continue
 		}
-		req := &wirepb.DigestRequest{Shards: &wirepb.ShardSet{Count: uint32(c.t.shards), Shards: shards}, Resolution: uint32(res), MintMs: mint, MaxtMs: maxt}
-		diff, err := c.differ(ctx, client, req)
-		if err == nil && len(diff) > 0 {
-			select {
-			case <-ctx.Done():
-				return differ
-			case <-time.After(compareRetry):
-			}
-			req.Shards.Shards = nil
-			for _, d := range diff {
-				req.Shards.Shards = append(req.Shards.Shards, d.mine.Shard)
-			}
-			diff, err = c.differ(ctx, client, req)
-		}
+		mine, err := c.digest(ctx, c.local.Digest, res, mint, maxt, held)
 		if err != nil {
-			c.comparisons.WithLabelValues("failed").Add(float64(len(req.Shards.Shards)))
-			c.log.Warn("cannot compare shards with another replica", "replica", r, "resolution", rs.Step, "err", err)
+			if ctx.Err() == nil {
+				c.log.Warn("cannot digest the shards this combiner holds", "resolution", rs.Step, "err", err)
+			}
 			continue
 		}
-		c.comparisons.WithLabelValues("same").Add(float64(len(shards) - len(diff)))
-		c.comparisons.WithLabelValues("different").Add(float64(len(diff)))
-		for _, d := range diff {
-			c.log.Warn("replicas of a shard hold different data: the one with fewer cells or steps most likely lacks some (its data directory lost?); see docs/operations.md, \"Replicas that differ\"",
-				"shard", d.mine.Shard, "replica", r, "resolution", rs.Step,
-				"from", time.UnixMilli(mint).UTC(), "to", time.UnixMilli(maxt).UTC(),
-				"cells", d.mine.Cells, "steps", d.mine.Steps, "replica_cells", d.theirs.Cells, "replica_steps", d.theirs.Steps)
-			if !slices.Contains(differ, d.mine.Shard) {
-				differ = append(differ, d.mine.Shard)
+		for r, shards := range byReplica {
+			diff, err := c.compare(ctx, r, mine, res, mint, maxt, shards)
+			if ctx.Err() != nil {
+				return
+			}
+			if err != nil {
+				c.comparisons.WithLabelValues("failed").Add(float64(len(shards)))
+				c.log.Warn("cannot compare shards with another replica", "replica", r, "resolution", rs.Step, "err", err)
+				continue
+			}
+			if differ[r] == nil {
+				differ[r] = map[uint32]bool{}
+			}
+			for _, d := range diff {
+				differ[r][d] = true
 			}
 		}
 	}
-	slices.Sort(differ)
-	return differ
+	for r := range c.gauged {
+		if differ[r] == nil {
+			c.divergent.DeleteLabelValues(r)
+		}
+	}
+	c.gauged = map[string]bool{}
+	for r, shards := range differ {
+		c.divergent.WithLabelValues(r).Set(float64(len(shards)))
+		c.gauged[r] = true
+	}
 }
 
-// shardDiff is a shard whose digests differ: this combiner's and the
-// other replica's.
-type shardDiff struct{ mine, theirs *wirepb.ShardDigest }
+// ready reports whether replica r is alive and neither it nor this
+// combiner is catching up: only then do their digests tell a divergence.
+func (c *comparer) ready(r string) bool {
+	v := c.t.view.Load()
+	return v.state[r] == cluster.StateAlive && !v.behind[r] && !v.behind[c.self]
+}
 
-// differ asks this combiner and the replica for the digests of req's
-// shards, and returns those that differ.
-func (c *comparer) differ(ctx context.Context, client wirepb.ReadClient, req *wirepb.DigestRequest) ([]shardDiff, error) {
-	mine, err := c.local.Digest(ctx, req)
-	if err != nil {
-		return nil, fmt.Errorf("this combiner's digest: %w", err)
-	}
-	theirs, err := client.Digest(ctx, req)
+// digest asks one side, this combiner's read service or a replica's, for
+// the digests of shards.
+func (c *comparer) digest(ctx context.Context, ask func(context.Context, *wirepb.DigestRequest) (*wirepb.DigestResponse, error), res int, mint, maxt int64, shards []uint32) (map[uint32]*wirepb.ShardDigest, error) {
+	ctx, cancel := context.WithTimeout(ctx, compareTimeout)
+	defer cancel()
+	resp, err := ask(ctx, &wirepb.DigestRequest{Shards: &wirepb.ShardSet{Count: uint32(c.t.shards), Shards: shards}, Resolution: uint32(res), MintMs: mint, MaxtMs: maxt})
 	if err != nil {
 		return nil, err
 	}
-	if len(theirs.Shards) != len(mine.Shards) {
-		return nil, fmt.Errorf("%d digests for %d shards", len(theirs.Shards), len(mine.Shards))
+	if len(resp.Shards) != len(shards) {
+		return nil, fmt.Errorf("%d digests for %d shards", len(resp.Shards), len(shards))
 	}
-	var diff []shardDiff
-	for i, m := range mine.Shards {
-		o := theirs.Shards[i]
-		if o.Shard != m.Shard {
-			return nil, fmt.Errorf("the digest of shard %d where shard %d was asked for", o.Shard, m.Shard)
+	out := map[uint32]*wirepb.ShardDigest{}
+	for i, d := range resp.Shards {
+		if d.Shard != shards[i] {
+			return nil, fmt.Errorf("the digest of shard %d where shard %d was asked for", d.Shard, shards[i])
 		}
-		if o.Cells != m.Cells || o.Steps != m.Steps || o.Sum != m.Sum {
-			diff = append(diff, shardDiff{m, o})
+		out[d.Shard] = d
+	}
+	return out, nil
+}
+
+// compare compares shards with replica r at resolution res, against mine,
+// this combiner's digests. Those that differ are asked of both again after
+// compareRetry, and those that differ twice, while both are still ready,
+// are logged, counted and returned.
+func (c *comparer) compare(ctx context.Context, r string, mine map[uint32]*wirepb.ShardDigest, res int, mint, maxt int64, shards []uint32) ([]uint32, error) {
+	conn, err := c.t.conn(r)
+	if err != nil {
+		return nil, err
+	}
+	client := wirepb.NewReadClient(conn)
+	ask := func(ctx context.Context, req *wirepb.DigestRequest) (*wirepb.DigestResponse, error) {
+		return client.Digest(ctx, req)
+	}
+	theirs, err := c.digest(ctx, ask, res, mint, maxt, shards)
+	if err != nil {
+		return nil, err
+	}
+	diff := differing(mine, theirs, shards)
+	if len(diff) > 0 {
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-time.After(compareRetry):
 		}
+		if mine, err = c.digest(ctx, c.local.Digest, res, mint, maxt, diff); err != nil {
+			return nil, err
+		}
+		if theirs, err = c.digest(ctx, ask, res, mint, maxt, diff); err != nil {
+			return nil, err
+		}
+		if !c.ready(r) {
+			return nil, fmt.Errorf("replica %s stopped being ready during the comparison", r)
+		}
+		diff = differing(mine, theirs, diff)
+	}
+	c.comparisons.WithLabelValues("same").Add(float64(len(shards) - len(diff)))
+	c.comparisons.WithLabelValues("different").Add(float64(len(diff)))
+	rs := c.schema.Resolutions[res]
+	for _, d := range diff {
+		c.log.Warn("replicas of a shard hold different data: the one with fewer cells or steps most likely lacks some (its data directory lost?); see docs/operations.md, \"Replicas that differ\"",
+			"shard", d, "replica", r, "resolution", rs.Step,
+			"from", time.UnixMilli(mint).UTC(), "to", time.UnixMilli(maxt).UTC(),
+			"cells", mine[d].Cells, "steps", mine[d].Steps, "replica_cells", theirs[d].Cells, "replica_steps", theirs[d].Steps)
 	}
 	return diff, nil
+}
+
+// differing lists the shards whose digests differ.
+func differing(mine, theirs map[uint32]*wirepb.ShardDigest, shards []uint32) []uint32 {
+	var diff []uint32
+	for _, s := range shards {
+		m, o := mine[s], theirs[s]
+		if m.Cells != o.Cells || m.Steps != o.Steps || m.Sum != o.Sum {
+			diff = append(diff, s)
+		}
+	}
+	return diff
 }
