@@ -58,7 +58,10 @@ func (p *peer) up() {
 		p.t.Fatal(err)
 	}
 	p.addr = lis.Addr().String()
-	srv := grpc.NewServer()
+	// The node's codec, which decodes each batch into a request an earlier
+	// one was decoded into: what a part waiting for its owner holds must
+	// not be that request's.
+	srv := grpc.NewServer(grpc.ForceServerCodecV2(wire.ServerCodec()))
 	p.register(srv)
 	go srv.Serve(lis)
 	p.mu.Lock()
