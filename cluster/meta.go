@@ -73,6 +73,11 @@ type Meta struct {
 	// includes forwarded parts of batches: aggregators owning events that
 	// are in no cube until they take them.
 	PendingForward []string
+	// Lacking lists, ascending, the shards this combiner found it holds
+	// less of than another replica when it compared them: a read of them
+	// from it may lack some, so readers prefer the other replicas. Shards
+	// number at most 256 in a cluster; it is gossiped as a bitmap.
+	Lacking []uint32
 	// Leaving says the node is leaving the cluster for good. Leave sets it
 	// and gossips it before announcing the leave, so that the others record
 	// the member as left rather than dead: memberlist reports both the same
@@ -88,16 +93,19 @@ func (m Meta) clone() Meta {
 	m.Roles = slices.Clone(m.Roles)
 	m.PendingHandoff = slices.Clone(m.PendingHandoff)
 	m.PendingForward = slices.Clone(m.PendingForward)
+	m.Lacking = slices.Clone(m.Lacking)
 	return m
 }
 
 // metaVersion is the first byte of an encoded Meta. Fields are only ever
 // appended; a later version appends fields after the ones below, which this
-// version's decoder skips. Version 2 appends the forward indexes; a Meta
-// without them is written as version 1, which every version reads.
+// version's decoder skips. Version 2 appends the forward indexes, version 3
+// the shards lacking; a Meta is written in the lowest version that holds
+// it, so that a node of an earlier version reads it whenever it can.
 const (
 	metaVersion1 = 1
-	metaVersion  = 2
+	metaVersion2 = 2
+	metaVersion  = 3
 )
 
 const flagLeaving = 1 << 0
@@ -109,11 +117,17 @@ const flagLeaving = 1 << 0
 //	| 1 byte  | 1 byte| uvarint   | uvarint  | varint  | 1 byte| uvarint | uvarint len + |
 //	| 1 or 2  | bits  | len+bytes | len+bytes| unix ns |       | count   | bytes, each   |
 //	+---------+-------+-----------+----------+---------+-------+---------+---------------+
-//	then, in version 2 only:
+//	then, from version 2:
 //	+---------+-----------------+
 //	| forward | forward indexes |
 //	| uvarint | uvarint each,   |
 //	| count   | into handoff    |
+//	+---------+-----------------+
+//	then, from version 3:
+//	+---------+-----------------+
+//	| lacking | shards lacking: |
+//	| uvarint | bit s%8 of byte |
+//	| bytes   | s/8 for shard s |
 //	+---------+-----------------+
 //
 // Role bits follow roleBits (bit 0 aggregator, 1 combiner, 2 query); flag
@@ -135,8 +149,11 @@ func AppendMeta(dst []byte, m *Meta) ([]byte, error) {
 		flags |= flagLeaving
 	}
 	version := byte(metaVersion1)
-	if len(m.PendingForward) > 0 {
+	switch {
+	case len(m.Lacking) > 0:
 		version = metaVersion
+	case len(m.PendingForward) > 0:
+		version = metaVersion2
 	}
 	dst = append(dst, version, roles)
 	dst = appendString(dst, m.GRPCAddr)
@@ -147,11 +164,19 @@ func AppendMeta(dst []byte, m *Meta) ([]byte, error) {
 	for _, n := range m.PendingHandoff {
 		dst = appendString(dst, n)
 	}
-	if version == metaVersion {
+	if version >= metaVersion2 {
 		dst = binary.AppendUvarint(dst, uint64(len(m.PendingForward)))
 		for _, n := range m.PendingForward {
 			dst = binary.AppendUvarint(dst, uint64(slices.Index(m.PendingHandoff, n)))
 		}
+	}
+	if version >= metaVersion {
+		bits := make([]byte, m.Lacking[len(m.Lacking)-1]/8+1)
+		for _, s := range m.Lacking {
+			bits[s/8] |= 1 << (s % 8)
+		}
+		dst = binary.AppendUvarint(dst, uint64(len(bits)))
+		dst = append(dst, bits...)
 	}
 	return dst, nil
 }
@@ -191,6 +216,11 @@ func (m *Meta) check() error {
 	for i, n := range m.PendingHandoff {
 		if n == "" {
 			return fmt.Errorf("PendingHandoff[%d] is empty", i)
+		}
+	}
+	for i := 1; i < len(m.Lacking); i++ {
+		if m.Lacking[i] <= m.Lacking[i-1] {
+			return fmt.Errorf("Lacking is not ascending at %d", i)
 		}
 	}
 	for i, n := range m.PendingForward {
@@ -249,8 +279,11 @@ func DecodeMeta(b []byte) (Meta, error) {
 			m.PendingHandoff[i] = d.string()
 		}
 	}
-	if d.err == nil && version >= metaVersion {
+	if d.err == nil && version >= metaVersion2 {
 		m.PendingForward = d.forward(m.PendingHandoff)
+	}
+	if d.err == nil && version >= metaVersion {
+		m.Lacking = d.lacking()
 	}
 	if d.err == nil && version <= metaVersion && len(d.b) > 0 {
 		d.fail("%d bytes after the last field", len(d.b))
@@ -262,6 +295,27 @@ func DecodeMeta(b []byte) (Meta, error) {
 		return Meta{}, fmt.Errorf("%w: %v", ErrCorruptMeta, err)
 	}
 	return m, nil
+}
+
+// lacking reads the shards lacking.
+func (d *decoder) lacking() []uint32 {
+	n := d.uvarint()
+	if d.err == nil && n > uint64(len(d.b)) {
+		d.fail("%d bytes of shards lacking in %d bytes", n, len(d.b))
+	}
+	if d.err != nil {
+		return nil
+	}
+	var out []uint32
+	for i, c := range d.b[:n] {
+		for bit := range 8 {
+			if c&(1<<bit) != 0 {
+				out = append(out, uint32(i*8+bit))
+			}
+		}
+	}
+	d.advance(int(n))
+	return out
 }
 
 // forward reads the forward indexes into handoff.

@@ -14,7 +14,7 @@ import (
 func sameMeta(a, b Meta) bool {
 	return slices.Equal(a.Roles, b.Roles) && a.GRPCAddr == b.GRPCAddr && a.HTTPAddr == b.HTTPAddr &&
 		a.Started.Equal(b.Started) && slices.Equal(a.PendingHandoff, b.PendingHandoff) &&
-		slices.Equal(a.PendingForward, b.PendingForward) && a.Leaving == b.Leaving
+		slices.Equal(a.PendingForward, b.PendingForward) && slices.Equal(a.Lacking, b.Lacking) && a.Leaving == b.Leaving
 }
 
 func TestMetaRoundTrip(t *testing.T) {
@@ -33,6 +33,10 @@ func TestMetaRoundTrip(t *testing.T) {
 			Started: time.Unix(0, 1), Leaving: true,
 		},
 		"before-1970": {Roles: []Role{RoleQuery}, Started: time.Unix(-5, 0)},
+		"lacking":     {Roles: []Role{RoleCombiner}, GRPCAddr: "10.0.0.8:9090", Lacking: []uint32{0, 7, 8, 200, 255}},
+		"lacking and forwards": {
+			Roles: []Role{RoleAggregator, RoleCombiner}, PendingHandoff: []string{"n1"}, PendingForward: []string{"n1"}, Lacking: []uint32{3},
+		},
 	} {
 		t.Run(name, func(t *testing.T) {
 			b, err := m.encode()
@@ -151,13 +155,18 @@ func TestMetaVersion1WithoutForwards(t *testing.T) {
 	if b[0] != 2 || string(b[len(b)-2:]) != "\x01\x00" {
 		t.Errorf("with a forward: %x, want version 2 ending with one index, 0", b)
 	}
+	m.PendingForward, m.Lacking = nil, []uint32{5}
+	b, _ = AppendMeta(nil, &m)
+	if b[0] != 3 || string(b[len(b)-3:]) != "\x00\x01\x20" {
+		t.Errorf("with a shard lacking: %x, want version 3 ending with no forward, one byte of bitmap, bit 5", b)
+	}
 }
 
 // TestDecodeMetaLaterVersion checks that a node reads the meta of a later
 // version, which may append fields and use role and flag bits it does not
 // know.
 func TestDecodeMetaLaterVersion(t *testing.T) {
-	m := Meta{Roles: []Role{RoleAggregator}, HTTPAddr: "q:80", PendingHandoff: []string{"a"}, PendingForward: []string{"a"}, Leaving: true}
+	m := Meta{Roles: []Role{RoleAggregator}, HTTPAddr: "q:80", PendingHandoff: []string{"a"}, PendingForward: []string{"a"}, Lacking: []uint32{2}, Leaving: true}
 	b, _ := AppendMeta(nil, &m)
 	b[0] = metaVersion + 1
 	b[1] |= 1 << 7 // a role this version does not know
@@ -183,6 +192,7 @@ func FuzzDecodeMeta(f *testing.F) {
 		{},
 		{Roles: []Role{RoleAggregator, RoleQuery}, GRPCAddr: "10.0.0.7:9090", HTTPAddr: "[::1]:80",
 			Started: time.Unix(1_760_000_000, 5), PendingHandoff: []string{"a", "bb"}, PendingForward: []string{"bb"}, Leaving: true},
+		{Roles: []Role{RoleCombiner}, Lacking: []uint32{1, 9, 250}},
 	} {
 		b, _ := AppendMeta(nil, &m)
 		f.Add(b)

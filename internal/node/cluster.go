@@ -66,6 +66,9 @@ type members struct {
 	// behind lists the members for which a request has waited at some
 	// alive aggregator for over behindAfter: down, or catching up.
 	behind map[string]bool
+	// lacking holds, by combiner, the shards it found it holds less of
+	// than another replica (cluster.Meta.Lacking).
+	lacking map[string]map[int]bool
 	// gaps are the events acknowledged to the cluster that no combiner
 	// may hold yet, by aggregator: see Gaps.
 	gaps  []fanout.Gap
@@ -113,7 +116,7 @@ func newTopology(self string, c *cluster.Cluster, cfg ClusterConfig, dial []grpc
 // refresh rebuilds the view from the member table. It returns how long
 // until the next dead aggregator is handed over, 0 when none is dead.
 func (t *topology) refresh() (next time.Duration) {
-	m := &members{behind: map[string]bool{}, handedOver: map[string]bool{}, state: map[string]cluster.State{}, grpc: map[string]string{}}
+	m := &members{behind: map[string]bool{}, lacking: map[string]map[int]bool{}, handedOver: map[string]bool{}, state: map[string]cluster.State{}, grpc: map[string]string{}}
 	gaps := map[string]*fanout.Gap{}
 	gap := func(name string) *fanout.Gap {
 		if gaps[name] == nil {
@@ -158,6 +161,12 @@ func (t *topology) refresh() (next time.Duration) {
 		}
 		if mm.Meta.HasRole(cluster.RoleCombiner) && mm.State != cluster.StateLeft {
 			m.combiners = append(m.combiners, mm.Name)
+			for _, s := range mm.Meta.Lacking {
+				if m.lacking[mm.Name] == nil {
+					m.lacking[mm.Name] = map[int]bool{}
+				}
+				m.lacking[mm.Name][int(s)] = true
+			}
 		}
 	}
 	if t.combiners != nil {
@@ -299,15 +308,16 @@ func (s flushSink) Sync(replica string) error {
 }
 
 // Replicas lists, for the query fan-out, the combiners of a shard that are
-// alive: first those no aggregator holds flushes for, then those still
-// catching up. Dead ones are left out; a shard with none is missing.
+// alive: first those that hold all of it as far as is known, then those
+// that may lack some (Behind). Dead ones are left out; a shard with none is
+// missing.
 func (t *topology) Replicas(shard int) []string {
 	m := t.view.Load()
 	var ready, behind []string
 	for _, name := range t.placement(shard) {
 		switch {
 		case m.state[name] != cluster.StateAlive:
-		case m.behind[name]:
+		case m.behind[name] || m.lacking[name][shard]:
 			behind = append(behind, name)
 		default:
 			ready = append(ready, name)
@@ -316,9 +326,14 @@ func (t *topology) Replicas(shard int) []string {
 	return append(ready, behind...)
 }
 
-// Behind reports whether some alive aggregator holds writes for a member:
-// a combiner that was down and is catching up.
-func (t *topology) Behind(name string) bool { return t.view.Load().behind[name] }
+// Behind reports whether a shard read from a member may lack some: some
+// alive aggregator holds writes for it (a combiner that was down and is
+// catching up), or it found it holds less of the shard than another
+// replica.
+func (t *topology) Behind(name string, shard int) bool {
+	m := t.view.Load()
+	return m.behind[name] || m.lacking[name][shard]
+}
 
 // Gaps lists, for the query fan-out, what no combiner may hold yet: for
 // each aggregator that is dead, the events it took and had not passed on, and

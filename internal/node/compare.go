@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"maps"
 	"slices"
 	"time"
 
@@ -34,6 +35,7 @@ type comparer struct {
 	comparisons *prometheus.CounterVec
 	divergent   *prometheus.GaugeVec
 	gauged      map[string]bool // the replicas divergent holds a series of
+	lacking     []uint32        // the shards last gossiped as lacking
 }
 
 // compareRetry is how long the comparer waits before it asks again for
@@ -103,6 +105,9 @@ func (c *comparer) pass(ctx context.Context, now time.Time) {
 		}
 	}
 	differ := map[string]map[uint32]bool{}
+	// The shards found lacking here, and those compared: a shard not
+	// compared this pass keeps what the last one found.
+	lacking, compared := map[uint32]bool{}, map[uint32]bool{}
 	for res, rs := range c.schema.Resolutions {
 		if ctx.Err() != nil {
 			return // stopping
@@ -123,7 +128,7 @@ func (c *comparer) pass(ctx context.Context, now time.Time) {
 			continue
 		}
 		for r, shards := range byReplica {
-			diff, err := c.compare(ctx, r, mine, res, mint, maxt, shards)
+			diff, less, err := c.compare(ctx, r, mine, res, mint, maxt, shards)
 			if ctx.Err() != nil {
 				return
 			}
@@ -138,8 +143,20 @@ func (c *comparer) pass(ctx context.Context, now time.Time) {
 			for _, d := range diff {
 				differ[r][d] = true
 			}
+			for _, s := range shards {
+				compared[s] = true
+			}
+			for _, s := range less {
+				lacking[s] = true
+			}
 		}
 	}
+	for _, s := range c.lacking {
+		if !compared[s] {
+			lacking[s] = true
+		}
+	}
+	c.announce(slices.Sorted(maps.Keys(lacking)))
 	for r := range c.gauged {
 		if differ[r] == nil {
 			c.divergent.DeleteLabelValues(r)
@@ -184,11 +201,12 @@ func (c *comparer) digest(ctx context.Context, ask func(context.Context, *wirepb
 // compare compares shards with replica r at resolution res, against mine,
 // this combiner's digests. Those that differ are asked of both again after
 // compareRetry, and those that differ twice, while both are still ready,
-// are logged, counted and returned.
-func (c *comparer) compare(ctx context.Context, r string, mine map[uint32]*wirepb.ShardDigest, res int, mint, maxt int64, shards []uint32) ([]uint32, error) {
+// are logged, counted and returned, with those of them this combiner holds
+// fewer cells or steps of: less.
+func (c *comparer) compare(ctx context.Context, r string, mine map[uint32]*wirepb.ShardDigest, res int, mint, maxt int64, shards []uint32) (diff, less []uint32, err error) {
 	conn, err := c.t.conn(r)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	client := wirepb.NewReadClient(conn)
 	ask := func(ctx context.Context, req *wirepb.DigestRequest) (*wirepb.DigestResponse, error) {
@@ -196,23 +214,23 @@ func (c *comparer) compare(ctx context.Context, r string, mine map[uint32]*wirep
 	}
 	theirs, err := c.digest(ctx, ask, res, mint, maxt, shards)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
-	diff := differing(mine, theirs, shards)
+	diff = differing(mine, theirs, shards)
 	if len(diff) > 0 {
 		select {
 		case <-ctx.Done():
-			return nil, ctx.Err()
+			return nil, nil, ctx.Err()
 		case <-time.After(compareRetry):
 		}
 		if mine, err = c.digest(ctx, c.local.Digest, res, mint, maxt, diff); err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		if theirs, err = c.digest(ctx, ask, res, mint, maxt, diff); err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		if !c.ready(r) {
-			return nil, fmt.Errorf("replica %s stopped being ready during the comparison", r)
+			return nil, nil, fmt.Errorf("replica %s stopped being ready during the comparison", r)
 		}
 		diff = differing(mine, theirs, diff)
 	}
@@ -224,8 +242,28 @@ func (c *comparer) compare(ctx context.Context, r string, mine map[uint32]*wirep
 			"shard", d, "replica", r, "resolution", rs.Step,
 			"from", time.UnixMilli(mint).UTC(), "to", time.UnixMilli(maxt).UTC(),
 			"cells", mine[d].Cells, "steps", mine[d].Steps, "replica_cells", theirs[d].Cells, "replica_steps", theirs[d].Steps)
+		if mine[d].Cells < theirs[d].Cells || mine[d].Steps < theirs[d].Steps {
+			less = append(less, d)
+		}
 	}
-	return diff, nil
+	return diff, less, nil
+}
+
+// announce gossips the shards this combiner lacks when they changed, so
+// that readers prefer the other replicas for them, and warn when only it
+// can be read (cluster.Meta.Lacking).
+func (c *comparer) announce(lacking []uint32) {
+	if slices.Equal(lacking, c.lacking) {
+		return
+	}
+	if err := c.t.members.UpdateMeta(func(m *cluster.Meta) { m.Lacking = lacking }); err != nil {
+		c.log.Warn("cannot gossip the shards this combiner lacks", "shards", lacking, "err", err)
+		return
+	}
+	if len(lacking) > 0 {
+		c.log.Warn("this combiner holds less of some shards than another replica: queries read them from the others, and warn when only it can answer", "shards", lacking)
+	}
+	c.lacking = lacking
 }
 
 // differing lists the shards whose digests differ.

@@ -4,6 +4,7 @@ import (
 	"context"
 	"net/http"
 	"os"
+	"strings"
 	"testing"
 	"time"
 
@@ -18,7 +19,8 @@ import (
 // aggregators take, the combiners compare their shards and find them the
 // same. Then c2 loses its data directory and comes back empty under its
 // name: it catches up on nothing (no flush waited for it), and the
-// comparison finds the shards it lacks.
+// comparison finds the shards it lacks. c2 gossips them: answers come
+// from c1, and once c1 is down, from c2 with a warning.
 func TestReplicasCompare(t *testing.T) {
 	config := func(name string, seed *Node, roles ...cluster.Role) Config {
 		cfg := memberConfig(t, name, seed, roles...)
@@ -67,4 +69,27 @@ func TestReplicasCompare(t *testing.T) {
 	waitFor(t, "c1 to find the shards c2 lost", func() bool {
 		return metricValue(t, c1.HTTPAddr(), `dimsum_cluster_replica_divergent_shards{replica="c2"}`) > 0
 	})
+	// c2 finds it lacks them too, and says so: the query node then reads
+	// them from c1, and warns when only c2 can answer.
+	waitFor(t, "a1 to learn the shards c2 lacks", func() bool {
+		for s := range a1.topo.Shards() {
+			if a1.topo.Behind("c2", s) {
+				return true
+			}
+		}
+		return false
+	})
+	for range 5 {
+		if _, count, warnings, code := totals(t, a1, false); code != http.StatusOK || len(warnings) > 0 || count != float64(rep.Accepted) {
+			t.Fatalf("with c2 lacking shards: %v events, warnings %v, HTTP %d; want %d events", count, warnings, code, rep.Accepted)
+		}
+	}
+	c1.Close()
+	waitFor(t, "a1 to see c1 down", func() bool { return states(t, a1)["c1"] == "dead" })
+	if _, _, _, code := totals(t, a1, false); code != http.StatusServiceUnavailable {
+		t.Fatalf("with only c2, which lacks shards, and partial_response=false: HTTP %d, want 503", code)
+	}
+	if _, _, warnings, code := totals(t, a1, true); code != http.StatusOK || len(warnings) == 0 || !strings.Contains(strings.Join(warnings, " "), "may lack") {
+		t.Fatalf("with only c2, which lacks shards: HTTP %d, warnings %v; want a warning that the answer may lack data", code, warnings)
+	}
 }

@@ -51,7 +51,7 @@ const lostWarning = "shards 0, 3, 6 have no reachable replica; the result is par
 
 // behindWarning is the warning for the lost shards while c1, back, catches
 // up.
-const behindWarning = "shards 0, 3, 6 could only be read from a replica still receiving the writes it missed while down; the result may be partial"
+const behindWarning = "shards 0, 3, 6 could only be read from a replica that may lack some of them (still receiving the writes it missed while down, or found holding less than another replica); the result may be partial"
 
 // cluster is the combiners and the topology the fan-out reads them by.
 type cluster struct {
@@ -83,9 +83,9 @@ func (c *cluster) Replicas(s int) []string {
 	reps := replicasOf(s)
 	slices.SortStableFunc(reps, func(a, b string) int {
 		switch {
-		case c.Behind(a) == c.Behind(b):
+		case c.Behind(a, s) == c.Behind(b, s):
 			return 0
-		case c.Behind(b):
+		case c.Behind(b, s):
 			return -1
 		}
 		return 1
@@ -93,7 +93,7 @@ func (c *cluster) Replicas(s int) []string {
 	return reps
 }
 
-func (c *cluster) Behind(name string) bool {
+func (c *cluster) Behind(name string, _ int) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	return c.behind[name]
@@ -510,7 +510,7 @@ func TestFanOut(t *testing.T) {
 	// is asked for.
 	w.start("c1")
 	w.warned(t, "one combiner back, catching up", func(on bool) { w.behind = map[string]bool{"c1": on} },
-		behindWarning, "shards 0, 3, 6 could only be read from a replica still receiving")
+		behindWarning, "shards 0, 3, 6 could only be read from a replica that may lack some")
 	t.Run("one combiner back", func(t *testing.T) { w.same(t, w.ref, "") })
 
 	// Events wait for an aggregator that is down: every answer that reads

@@ -31,9 +31,10 @@ type Topology interface {
 	Shards() int
 	// Replicas names the combiners holding a shard, preferred first.
 	Replicas(shard int) []string
-	// Behind reports whether a combiner is still receiving writes it
-	// missed while it was down: a shard read from it may lack some.
-	Behind(replica string) bool
+	// Behind reports whether a shard read from a combiner may lack some:
+	// the combiner is still receiving writes it missed while it was down,
+	// or found it holds less of the shard than another replica.
+	Behind(replica string, shard int) bool
 	// Conn returns a connection to a combiner, by name.
 	Conn(replica string) (grpc.ClientConnInterface, error)
 	// Gaps lists, by aggregator, the events the cluster acknowledged that
@@ -225,12 +226,11 @@ func (v *view) settle(rep string, shards []int, failed, pin bool) {
 		}
 		return
 	}
-	behind := v.r.opts.Topology.Behind(rep)
 	for _, s := range shards {
 		if pin {
 			v.mu.pinned[s] = rep
 		}
-		v.mu.behind[s] = v.mu.behind[s] || behind
+		v.mu.behind[s] = v.mu.behind[s] || v.r.opts.Topology.Behind(rep, s)
 	}
 }
 
@@ -357,7 +357,7 @@ func missingText(shards []int) string {
 }
 
 func behindText(shards []int) string {
-	return shardsText(shards) + " could only be read from a replica still receiving the writes it missed while down"
+	return shardsText(shards) + " could only be read from a replica that may lack some of them (still receiving the writes it missed while down, or found holding less than another replica)"
 }
 
 func gapsText(gaps []Gap) string {
