@@ -57,6 +57,12 @@ func newComparer(t *topology, local *combiner.ReadServer, s *schema.Schema, self
 	return c
 }
 
+// compareSoon is how long the comparer waits before its first pass, and
+// before the next one when it could not compare (it was catching up): a
+// combiner back on an empty data directory is found within about that,
+// not an interval later.
+const compareSoon = 30 * time.Second
+
 // run compares every interval until stop is closed.
 func (c *comparer) run(stop <-chan struct{}) {
 	ctx, cancel := context.WithCancel(context.Background())
@@ -65,13 +71,17 @@ func (c *comparer) run(stop <-chan struct{}) {
 		<-stop
 		cancel()
 	}()
+	wait := min(c.interval, compareSoon)
 	for {
 		select {
 		case <-stop:
 			return
-		case <-time.After(c.interval):
+		case <-time.After(wait):
 		}
-		c.pass(ctx, time.Now())
+		wait = c.interval
+		if !c.pass(ctx, time.Now()) {
+			wait = min(c.interval, compareSoon)
+		}
 	}
 }
 
@@ -81,10 +91,12 @@ const compareTimeout = 10 * time.Minute
 
 // pass compares the shards this combiner holds with each of their other
 // replicas, at every resolution, as of now: its own digests once a
-// resolution, each replica's for the shards they share.
-func (c *comparer) pass(ctx context.Context, now time.Time) {
+// resolution, each replica's for the shards they share. It reports false
+// when it had nothing to compare: this combiner is catching up, or no other
+// replica of its shards is ready.
+func (c *comparer) pass(ctx context.Context, now time.Time) bool {
 	if c.t.view.Load().behind[c.self] {
-		return // catching up: what it lacks is on its way
+		return false // catching up: what it lacks is on its way
 	}
 	byReplica := map[string][]uint32{}
 	var held []uint32
@@ -110,7 +122,7 @@ func (c *comparer) pass(ctx context.Context, now time.Time) {
 	lacking, compared := map[uint32]bool{}, map[uint32]bool{}
 	for res, rs := range c.schema.Resolutions {
 		if ctx.Err() != nil {
-			return // stopping
+			return true // stopping
 		}
 		step := rs.Step.Milliseconds()
 		// The oldest rows may be gone at one replica and not yet at the
@@ -130,7 +142,7 @@ func (c *comparer) pass(ctx context.Context, now time.Time) {
 		for r, shards := range byReplica {
 			diff, less, err := c.compare(ctx, r, mine, res, mint, maxt, shards)
 			if ctx.Err() != nil {
-				return
+				return true
 			}
 			if err != nil {
 				c.comparisons.WithLabelValues("failed").Add(float64(len(shards)))
@@ -167,6 +179,7 @@ func (c *comparer) pass(ctx context.Context, now time.Time) {
 		c.divergent.WithLabelValues(r).Set(float64(len(shards)))
 		c.gauged[r] = true
 	}
+	return len(held) > 0
 }
 
 // ready reports whether replica r is alive and neither it nor this
