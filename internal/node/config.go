@@ -205,8 +205,9 @@ type ClusterConfig struct {
 	// CompareInterval is how often a combiner compares the shards it holds
 	// with their other replicas, by digests of what they hold where no
 	// flush can change it any more (docs/architecture.md, "Replicas
-	// compare themselves"). A pass reads all of it once. The default is
-	// 1h.
+	// compare themselves"); the first pass is 30s after it starts. A pass
+	// reads the store once a resolution, and once more for each replica
+	// that compares with it. The default is 1h.
 	CompareInterval model.Duration `yaml:"compare_interval"`
 }
 
