@@ -218,9 +218,12 @@ func (m *Meta) check() error {
 			return fmt.Errorf("PendingHandoff[%d] is empty", i)
 		}
 	}
-	for i := 1; i < len(m.Lacking); i++ {
-		if m.Lacking[i] <= m.Lacking[i-1] {
+	for i, s := range m.Lacking {
+		if i > 0 && s <= m.Lacking[i-1] {
 			return fmt.Errorf("Lacking is not ascending at %d", i)
+		}
+		if s >= 8*MetaMaxSize {
+			return fmt.Errorf("Lacking[%d] is shard %d: no bitmap of shards fits", i, s)
 		}
 	}
 	for i, n := range m.PendingForward {
@@ -440,6 +443,9 @@ func (m Meta) String() string {
 	}
 	if len(m.PendingHandoff) > 0 {
 		sb.WriteString(" pending_handoff=" + strings.Join(m.PendingHandoff, ","))
+	}
+	if len(m.Lacking) > 0 {
+		sb.WriteString(fmt.Sprintf(" lacking=%v", m.Lacking))
 	}
 	if len(m.PendingForward) > 0 {
 		sb.WriteString(" pending_forward=" + strings.Join(m.PendingForward, ","))

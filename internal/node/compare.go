@@ -92,19 +92,23 @@ const compareTimeout = 10 * time.Minute
 // pass compares the shards this combiner holds with each of their other
 // replicas, at every resolution, as of now: its own digests once a
 // resolution, each replica's for the shards they share. It reports false
-// when it had nothing to compare: this combiner is catching up, or no other
-// replica of its shards is ready.
+// when it compared nothing: this combiner is catching up, no other replica
+// of its shards is ready, or no comparison succeeded.
 func (c *comparer) pass(ctx context.Context, now time.Time) bool {
 	if c.t.view.Load().behind[c.self] {
 		return false // catching up: what it lacks is on its way
 	}
 	byReplica := map[string][]uint32{}
+	// held are the shards this combiner holds that another replica ready
+	// shares, mine all it holds.
 	var held []uint32
+	mine := map[uint32]bool{}
 	for shard := range c.t.shards {
 		reps := c.t.placement(shard)
 		if !slices.Contains(reps, c.self) {
 			continue
 		}
+		mine[uint32(shard)] = true
 		shared := false
 		for _, r := range reps {
 			if r != c.self && c.ready(r) {
@@ -117,9 +121,12 @@ func (c *comparer) pass(ctx context.Context, now time.Time) bool {
 		}
 	}
 	differ := map[string]map[uint32]bool{}
-	// The shards found lacking here, and those compared: a shard not
-	// compared this pass keeps what the last one found.
-	lacking, compared := map[uint32]bool{}, map[uint32]bool{}
+	// The shards found lacking here; those some comparison found whole,
+	// against a replica that does not itself lack them; and those some
+	// comparison could not tell. A shard clears only when found whole and
+	// never untold: its loss may show at one resolution alone.
+	lacking, whole, untold := map[uint32]bool{}, map[uint32]bool{}, map[uint32]bool{}
+	told := false // whether some comparison succeeded
 	for res, rs := range c.schema.Resolutions {
 		if ctx.Err() != nil {
 			return true // stopping
@@ -132,39 +139,51 @@ func (c *comparer) pass(ctx context.Context, now time.Time) bool {
 		if mint > maxt || len(held) == 0 {
 			continue
 		}
-		mine, err := c.digest(ctx, c.local.Digest, res, mint, maxt, held)
+		digests, err := c.digest(ctx, c.local.Digest, res, mint, maxt, held)
 		if err != nil {
 			if ctx.Err() == nil {
 				c.log.Warn("cannot digest the shards this combiner holds", "resolution", rs.Step, "err", err)
 			}
+			for _, s := range held {
+				untold[s] = true
+			}
 			continue
 		}
 		for r, shards := range byReplica {
-			diff, less, err := c.compare(ctx, r, mine, res, mint, maxt, shards)
+			diff, less, err := c.compare(ctx, r, digests, res, mint, maxt, shards)
 			if ctx.Err() != nil {
 				return true
 			}
 			if err != nil {
 				c.comparisons.WithLabelValues("failed").Add(float64(len(shards)))
 				c.log.Warn("cannot compare shards with another replica", "replica", r, "resolution", rs.Step, "err", err)
+				for _, s := range shards {
+					untold[s] = true
+				}
 				continue
 			}
+			told = true
 			if differ[r] == nil {
 				differ[r] = map[uint32]bool{}
 			}
 			for _, d := range diff {
 				differ[r][d] = true
 			}
+			view := c.t.view.Load()
 			for _, s := range shards {
-				compared[s] = true
+				if !slices.Contains(diff, s) && !view.lacking[r][int(s)] {
+					whole[s] = true
+				}
 			}
 			for _, s := range less {
 				lacking[s] = true
 			}
+			// Said at once: the rest of the pass may take long.
+			c.announce(slices.Sorted(maps.Keys(merged(lacking, c.lacking))))
 		}
 	}
 	for _, s := range c.lacking {
-		if !compared[s] {
+		if mine[s] && (!whole[s] || untold[s]) {
 			lacking[s] = true
 		}
 	}
@@ -179,7 +198,16 @@ func (c *comparer) pass(ctx context.Context, now time.Time) bool {
 		c.divergent.WithLabelValues(r).Set(float64(len(shards)))
 		c.gauged[r] = true
 	}
-	return len(held) > 0
+	return told
+}
+
+// merged is the set of found and the shards of was.
+func merged(found map[uint32]bool, was []uint32) map[uint32]bool {
+	out := maps.Clone(found)
+	for _, s := range was {
+		out[s] = true
+	}
+	return out
 }
 
 // ready reports whether replica r is alive and neither it nor this

@@ -79,6 +79,15 @@ func TestReplicasCompare(t *testing.T) {
 		}
 		return false
 	})
+	lackingInStatus := false
+	for _, sh := range status(t, a1).Shards {
+		for _, r := range sh.Replicas {
+			lackingInStatus = lackingInStatus || r.Name == "c2" && r.Lacking
+		}
+	}
+	if !lackingInStatus {
+		t.Error("the cluster status shows no shard c2 lacks")
+	}
 	for range 5 {
 		if _, count, warnings, code := totals(t, a1, false); code != http.StatusOK || len(warnings) > 0 || count != float64(rep.Accepted) {
 			t.Fatalf("with c2 lacking shards: %v events, warnings %v, HTTP %d; want %d events", count, warnings, code, rep.Accepted)

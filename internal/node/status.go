@@ -53,6 +53,9 @@ type replicaStatus struct {
 	State string `json:"state"`
 	// Behind says some aggregator holds flushes for the replica.
 	Behind bool `json:"behind"`
+	// Lacking says the replica found it holds less of the shard than
+	// another when it compared them.
+	Lacking bool `json:"lacking"`
 }
 
 // serveClusterStatus answers with this node's view of the cluster: its
@@ -78,7 +81,7 @@ func (n *Node) serveClusterStatus(w http.ResponseWriter, _ *http.Request) {
 		for shard := range n.cfg.Cluster.Shards {
 			sr := shardReplicas{Shard: shard, Replicas: []replicaStatus{}}
 			for _, name := range n.topo.placement(shard) {
-				sr.Replicas = append(sr.Replicas, replicaStatus{Name: name, State: view.state[name].String(), Behind: view.behind[name]})
+				sr.Replicas = append(sr.Replicas, replicaStatus{Name: name, State: view.state[name].String(), Behind: view.behind[name], Lacking: view.lacking[name][shard]})
 			}
 			st.Shards = append(st.Shards, sr)
 		}

@@ -151,8 +151,8 @@ type view struct {
 		dead map[string]bool
 		// missing marks the shards no replica answered for.
 		missing []bool
-		// behind marks the shards answered for by a replica that was
-		// still catching up.
+		// behind marks the shards answered for by a replica that may
+		// lack some of them (Topology.Behind).
 		behind []bool
 		// read says a fan-out ran: the answer holds what the cube holds,
 		// so it lacks the gaps.
@@ -239,7 +239,7 @@ func (v *view) settle(rep string, shards []int, failed, pin bool) {
 // failed, unless the shard was pinned. It returns the answers of the
 // replicas that answered; the shards none answered for are missing. With a
 // partial answer refused, a missing shard fails the read, as do a shard
-// read from a replica still catching up and the view's gaps. A replica
+// read from a replica that may lack some of it and the view's gaps. A replica
 // that refuses the request fails the read too: every replica would.
 func fanOut[T any](v *view, method string, todo []int, pin bool, call func(ctx context.Context, c wirepb.ReadClient, shards []int) (T, error)) ([]*part[T], error) {
 	v.mu.Lock()
@@ -319,7 +319,8 @@ func ask[T any](v *view, method, rep string, shards []int, call func(ctx context
 // missing lists the shards no replica answered for.
 func (v *view) missing() []int { return v.marked(func(s int) bool { return v.mu.missing[s] }) }
 
-// behind lists the shards a replica still catching up answered for.
+// behind lists the shards a replica that may lack some of them answered
+// for.
 func (v *view) behind() []int {
 	return v.marked(func(s int) bool { return v.mu.behind[s] && !v.mu.missing[s] })
 }
@@ -368,8 +369,8 @@ func gapsText(gaps []Gap) string {
 	return strings.Join(texts, "; ")
 }
 
-// Warnings names the missing shards, those read from a replica that was
-// still catching up, and, once anything was read, the events no combiner
+// Warnings names the missing shards, those read from a replica that may
+// lack some of them, and, once anything was read, the events no combiner
 // may hold yet.
 func (v *view) Warnings() annotations.Annotations {
 	var a annotations.Annotations
