@@ -130,6 +130,8 @@ func TestDecodeMetaCorrupt(t *testing.T) {
 		{"forward-index", []byte{2, 0, 0, 0, 0, 0, 1, 1, 'a', 1, 1}, "forward index 1 of 1 pending handoff names"},
 		{"forward-twice", []byte{2, 0, 0, 0, 0, 0, 1, 1, 'a', 2, 0, 0}, `PendingForward[1] "a" listed twice`},
 		{"forward-trailing", []byte{2, 0, 0, 0, 0, 0, 1, 1, 'a', 1, 0, 0}, "1 bytes after the last field"},
+		{"lacking-past-end", []byte{3, 0, 0, 0, 0, 0, 0, 0, 5, 1}, "5 bytes of shards lacking in 1 bytes"},
+		{"lacking-trailing", []byte{3, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0}, "1 bytes after the last field"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			_, err := DecodeMeta(c.b)
