@@ -53,6 +53,10 @@ const lostWarning = "shards 0, 3, 6 have no reachable replica; the result is par
 // up.
 const behindWarning = "shards 0, 3, 6 could only be read from a replica that may lack some of them (still receiving the writes it missed while down, or found holding less than another replica); the result may be partial"
 
+// lackingWarning is the warning for shard 3 alone, which c1, back, found
+// it holds less of than another replica.
+const lackingWarning = "shard 3 could only be read from a replica that may lack some of them (still receiving the writes it missed while down, or found holding less than another replica); the result may be partial"
+
 // cluster is the combiners and the topology the fan-out reads them by.
 type cluster struct {
 	t      testing.TB
@@ -63,8 +67,10 @@ type cluster struct {
 	mu   sync.Mutex
 	// nodes holds the running combiners by name.
 	nodes map[string]*node
-	// behind holds the combiners that say they are catching up.
-	behind map[string]bool
+	// behind holds the combiners that say they are catching up, and
+	// lacking the shards each says it holds less of than another replica.
+	behind  map[string]bool
+	lacking map[string]map[int]bool
 	// gaps are the events the topology says no combiner holds yet.
 	gaps []fanout.Gap
 }
@@ -93,10 +99,10 @@ func (c *cluster) Replicas(s int) []string {
 	return reps
 }
 
-func (c *cluster) Behind(name string, _ int) bool {
+func (c *cluster) Behind(name string, shard int) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	return c.behind[name]
+	return c.behind[name] || c.lacking[name][shard]
 }
 
 func (c *cluster) Gaps() []fanout.Gap {
@@ -511,6 +517,10 @@ func TestFanOut(t *testing.T) {
 	w.start("c1")
 	w.warned(t, "one combiner back, catching up", func(on bool) { w.behind = map[string]bool{"c1": on} },
 		behindWarning, "shards 0, 3, 6 could only be read from a replica that may lack some")
+	// c1 says it lacks shard 3 only: that shard is answered with a
+	// warning, the others it alone serves are not.
+	w.warned(t, "one combiner back, lacking a shard", func(on bool) { w.lacking = map[string]map[int]bool{"c1": {3: on}} },
+		lackingWarning, "shard 3 could only be read from a replica that may lack some")
 	t.Run("one combiner back", func(t *testing.T) { w.same(t, w.ref, "") })
 
 	// Events wait for an aggregator that is down: every answer that reads
