@@ -2,10 +2,15 @@ package node
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"maps"
+	"os"
 	"slices"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -36,14 +41,60 @@ type comparer struct {
 	divergent   *prometheus.GaugeVec
 	gauged      map[string]bool // the replicas divergent holds a series of
 	lacking     []uint32        // the shards last gossiped as lacking
+	// file keeps lacking across restarts (lackingFile in the data
+	// directory).
+	file string
+}
+
+// lackingFile is the file in the data directory that keeps the shards a
+// combiner found it lacks, so that it gossips them from its start: a
+// restart must not have it read as whole until its next comparison. It
+// holds their numbers as text, separated by spaces.
+const lackingFile = "lacking-shards"
+
+// loadLacking reads the shards file keeps, ascending, each below shards;
+// none when there is no file.
+func loadLacking(file string, shards int) ([]uint32, error) {
+	b, err := os.ReadFile(file)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	var out []uint32
+	for _, f := range strings.Fields(string(b)) {
+		s, err := strconv.ParseUint(f, 10, 32)
+		if err != nil || s >= uint64(shards) {
+			return nil, fmt.Errorf("%s: %q is not a shard of %d", file, f, shards)
+		}
+		out = append(out, uint32(s))
+	}
+	slices.Sort(out)
+	return slices.Compact(out), nil
+}
+
+// saveLacking replaces what file keeps with shards, by a rename.
+func saveLacking(file string, shards []uint32) error {
+	text := make([]string, len(shards))
+	for i, s := range shards {
+		text[i] = strconv.FormatUint(uint64(s), 10)
+	}
+	tmp := file + ".tmp"
+	if err := os.WriteFile(tmp, []byte(strings.Join(text, " ")+"\n"), 0o644); err != nil {
+		return err
+	}
+	return os.Rename(tmp, file)
 }
 
 // compareRetry is how long the comparer waits before it asks again for
 // the digests of a shard that differed.
 const compareRetry = 2 * time.Second
 
-func newComparer(t *topology, local *combiner.ReadServer, s *schema.Schema, self string, settle, interval time.Duration, reg prometheus.Registerer, log *slog.Logger) *comparer {
-	c := &comparer{t: t, local: local, schema: s, self: self, settle: settle, interval: interval, log: log,
+// newComparer returns the comparer of combiner self, which gossips lacking,
+// kept in file, from its start.
+func newComparer(t *topology, local *combiner.ReadServer, s *schema.Schema, self string, settle, interval time.Duration, file string, lacking []uint32, reg prometheus.Registerer, log *slog.Logger) *comparer {
+	c := &comparer{t: t, local: local, schema: s, self: self, settle: settle, interval: interval, log: log, file: file, lacking: lacking,
 		comparisons: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "dimsum_cluster_replica_comparisons_total",
 			Help: "Comparisons of a shard's digest at one resolution with another replica's, by outcome: same, different (twice in a row), failed (the replica did not answer).",
@@ -300,6 +351,9 @@ func (c *comparer) announce(lacking []uint32) {
 	if err := c.t.members.UpdateMeta(func(m *cluster.Meta) { m.Lacking = lacking }); err != nil {
 		c.log.Warn("cannot gossip the shards this combiner lacks", "shards", lacking, "err", err)
 		return
+	}
+	if err := saveLacking(c.file, lacking); err != nil {
+		c.log.Warn("cannot keep the shards this combiner lacks: after a restart it is read as whole until it compares itself again", "shards", lacking, "err", err)
 	}
 	if len(lacking) > 0 {
 		c.log.Warn("this combiner holds less of some shards than another replica: queries read them from the others, and warn when only it can answer", "shards", lacking)

@@ -65,7 +65,7 @@ func TestReplicasCompare(t *testing.T) {
 	if err := os.RemoveAll(c2cfg.DataDir); err != nil {
 		t.Fatal(err)
 	}
-	startMember(t, c2cfg)
+	c2 = startMember(t, c2cfg)
 	waitFor(t, "c1 to find the shards c2 lost", func() bool {
 		return metricValue(t, c1.HTTPAddr(), `dimsum_cluster_replica_divergent_shards{replica="c2"}`) > 0
 	})
@@ -92,6 +92,16 @@ func TestReplicasCompare(t *testing.T) {
 		if _, count, warnings, code := totals(t, a1, false); code != http.StatusOK || len(warnings) > 0 || count != float64(rep.Accepted) {
 			t.Fatalf("with c2 lacking shards: %v events, warnings %v, HTTP %d; want %d events", count, warnings, code, rep.Accepted)
 		}
+	}
+	// A restart keeps what c2 found: it gossips it from its start, well
+	// before its first comparison (30 s after it starts).
+	c2.Close()
+	waitFor(t, "a1 to see c2 down", func() bool { return states(t, a1)["c2"] == "dead" })
+	c2cfg.Cluster.CompareInterval = model.Duration(time.Hour)
+	c2 = startMember(t, c2cfg)
+	waitFor(t, "a1 to see c2 back", func() bool { return states(t, a1)["c2"] == "alive" })
+	if len(a1.topo.view.Load().lacking["c2"]) == 0 {
+		t.Fatal("c2, restarted, gossips no shard it lacks")
 	}
 	c1.Close()
 	waitFor(t, "a1 to see c1 down", func() bool { return states(t, a1)["c1"] == "dead" })

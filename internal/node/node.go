@@ -33,15 +33,18 @@ import (
 // Node is a dimsum process: some or all of the aggregator, combiner and
 // query roles, alone or as a member of a cluster, serving gRPC and HTTP.
 type Node struct {
-	cfg    Config
-	log    *slog.Logger
-	db     *tsdb.DB               // the combiner role's store
-	comb   *combiner.Combiner     // the combiner role
-	read   *combiner.ReadServer   // the combiner role's reads, in a cluster
-	agg    *aggregator.Aggregator // the aggregator role
-	otlp   *otlp.Receiver         // the aggregator role's OTLP ingest
-	member *cluster.Cluster       // in a cluster
-	topo   *topology              // in a cluster
+	cfg  Config
+	log  *slog.Logger
+	db   *tsdb.DB             // the combiner role's store
+	comb *combiner.Combiner   // the combiner role
+	read *combiner.ReadServer // the combiner role's reads, in a cluster
+	// lacking are the shards the combiner found it lacks, as kept from its
+	// last run (loadLacking).
+	lacking []uint32
+	agg     *aggregator.Aggregator // the aggregator role
+	otlp    *otlp.Receiver         // the aggregator role's OTLP ingest
+	member  *cluster.Cluster       // in a cluster
+	topo    *topology              // in a cluster
 	// grpc serves the public calls (pushes), internal those of the
 	// cluster (flushes, forwarded batches, reads): on a port of its own in
 	// a cluster, in this process alone.
@@ -140,7 +143,7 @@ func Start(cfg Config, version string, log *slog.Logger) (n *Node, err error) {
 			ao := aggregator.Options{Grace: time.Duration(cfg.Aggregator.Grace), MaxLateness: time.Duration(cfg.Aggregator.MaxLateness)}
 			ao.EnsureDefaults()
 			settle := ao.MaxLateness + ao.Grace + 2*s.Resolutions[0].Step
-			c := newComparer(n.topo, n.read, s, cfg.Name, settle, time.Duration(cfg.Cluster.CompareInterval), reg, n.log.With("component", "cluster"))
+			c := newComparer(n.topo, n.read, s, cfg.Name, settle, time.Duration(cfg.Cluster.CompareInterval), n.lackingFile(), n.lacking, reg, n.log.With("component", "cluster"))
 			n.loops.Go(func() { c.run(n.stop) })
 		}
 	}
@@ -258,6 +261,14 @@ func (n *Node) join(reg prometheus.Registerer) error {
 		return err
 	}
 	meta.Started = time.Now()
+	if n.read != nil {
+		// What the combiner found it lacks before a restart is gossiped
+		// from the start, not once it has compared itself again.
+		if n.lacking, err = loadLacking(n.lackingFile(), cfg.Cluster.Shards); err != nil {
+			n.log.Warn("cannot read the shards this combiner found it lacks: it is read as whole until it compares itself again", "err", err)
+		}
+		meta.Lacking = n.lacking
+	}
 	timing := cluster.LANTiming()
 	if cfg.Cluster.Timing == "fast" {
 		timing = cluster.FastTiming()
@@ -281,6 +292,9 @@ func (n *Node) join(reg prometheus.Registerer) error {
 	n.topo = newTopology(cfg.Name, n.member, cfg.Cluster, n.dialInternal(), reg)
 	return nil
 }
+
+// lackingFile is the file that keeps the shards the combiner lacks.
+func (n *Node) lackingFile() string { return filepath.Join(n.cfg.DataDir, lackingFile) }
 
 // reachable is the address other members reach a listener at: the listen
 // address, or its port on the advertised host when it listens on every
