@@ -317,7 +317,7 @@ func (t *topology) Replicas(shard int) []string {
 	for _, name := range t.placement(shard) {
 		switch {
 		case m.state[name] != cluster.StateAlive:
-		case m.behind[name] || m.lacking[name][shard]:
+		case m.mayLack(name, shard):
 			behind = append(behind, name)
 		default:
 			ready = append(ready, name)
@@ -326,12 +326,15 @@ func (t *topology) Replicas(shard int) []string {
 	return append(ready, behind...)
 }
 
-// Behind reports whether a shard read from a member may lack some: some
-// alive aggregator holds writes for it (a combiner that was down and is
-// catching up), or it found it holds less of the shard than another
-// replica.
-func (t *topology) Behind(name string, shard int) bool {
-	m := t.view.Load()
+// Behind reports whether a shard read from a member may lack some
+// (mayLack): a combiner that was down and is catching up, or one that found
+// it holds less of the shard than another replica.
+func (t *topology) Behind(name string, shard int) bool { return t.view.Load().mayLack(name, shard) }
+
+// mayLack reports whether a shard read from a member may lack some: some
+// alive aggregator holds writes for it, or it found it holds less of the
+// shard than another replica.
+func (m *members) mayLack(name string, shard int) bool {
 	return m.behind[name] || m.lacking[name][shard]
 }
 
