@@ -229,8 +229,10 @@ func (c *comparer) pass(ctx context.Context, now time.Time) bool {
 			for _, s := range less {
 				lacking[s] = true
 			}
-			// Said at once: the rest of the pass may take long.
-			c.announce(slices.Sorted(maps.Keys(merged(lacking, c.lacking))))
+			if len(less) > 0 {
+				// Said at once: the rest of the pass may take long.
+				c.announce(slices.Sorted(maps.Keys(merged(lacking, c.lacking))))
+			}
 		}
 	}
 	for _, s := range c.lacking {
